@@ -1,0 +1,9 @@
+//! skiff-core: the domain. Pipelines and their loader, expressions, runs and their states, the
+//! Store and its SQLite backend. Knows nothing of HTTP, Docker or AWS.
+
+pub mod actions;
+pub mod diag;
+pub mod duration;
+pub mod expr;
+pub mod pipeline;
+pub mod yaml;

@@ -1,0 +1,1054 @@
+//! Loading a pipeline file: YAML tree -> checked model, collecting every diagnostic.
+//!
+//! Pure: the only input is the text given. Pass 1 walks the tree, checking shapes and types and
+//! parsing expressions; pass 2 checks what the expressions refer to, once every step id is known.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+
+use super::*;
+use crate::actions::{self, FieldKind};
+use crate::diag::{Diagnostic, Pos, did_you_mean};
+use crate::duration;
+use crate::expr::{self, Expr, ExprError, Template};
+use crate::yaml::{self, Key, Node, Style, Value};
+
+const TOP_KEYS: &[&str] =
+    &["name", "description", "on", "params", "env", "runs_on", "concurrency", "timeout", "steps", "finally"];
+const STEP_KEYS: &[&str] = &[
+    "id",
+    "name",
+    "run",
+    "uses",
+    "with",
+    "if",
+    "env",
+    "timeout",
+    "retry",
+    "continue_on_error",
+    "working_directory",
+];
+const PARAM_KEYS: &[&str] = &["type", "default", "description", "options", "required"];
+const ON_KEYS: &[&str] = &["manual", "webhook", "schedule"];
+const WEBHOOK_KEYS: &[&str] = &["secret", "events", "branches"];
+const WEBHOOK_EVENTS: &[&str] = &["push", "pull_request", "tag", "release", "ping"];
+const SCHEDULE_KEYS: &[&str] = &["cron", "timezone", "params"];
+const RETRY_KEYS: &[&str] = &["count", "backoff"];
+const RUN_FIELDS: &[&str] = &["id", "number", "pipeline", "status", "trigger"];
+const ROOTS: &[&str] = &["params", "env", "secrets", "steps", "run"];
+const MAX_STEPS: usize = 1000;
+const MAX_RETRIES: u32 = 100;
+
+/// Whether `name` may name a pipeline (it appears in URLs): a letter or digit, then letters,
+/// digits, `-`, `_` or `.`, at most 100 characters.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.len() <= 100
+}
+
+fn valid_ident(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Loads a pipeline from its text. `default_name` (the file stem) names it when the file has no
+/// `name:`. Returns the pipeline, or every problem found, ordered by position.
+pub fn load(source: &str, default_name: &str) -> Result<Pipeline, Vec<Diagnostic>> {
+    let (root, yaml_diags) = yaml::parse(source, &yaml::Limits::default())?;
+    let mut cx = Cx { src: source, diags: yaml_diags, sites: Vec::new() };
+    let pipeline = cx.pipeline(&root, default_name);
+    let sites = std::mem::take(&mut cx.sites);
+    if let Some(p) = &pipeline {
+        for site in &sites {
+            cx.check_refs(p, site);
+        }
+    }
+    let mut diags = cx.diags;
+    diags.sort_by_key(|d| d.pos);
+    diags.dedup();
+    match pipeline {
+        Some(p) if diags.is_empty() => Ok(p),
+        _ => Err(diags),
+    }
+}
+
+/// Where an expression stands, which decides what it may refer to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ctx {
+    /// Pipeline `env:` and `concurrency:`.
+    Pipeline,
+    /// `on.webhook.secret`: secrets only.
+    WebhookSecret,
+    /// A step's fields; `condition` is true for its `if:`, where status functions are allowed.
+    Step { phase: Phase, index: usize, condition: bool },
+}
+
+struct Site<'n> {
+    node: &'n Node,
+    /// Byte offset of the expression's `${{` in the scalar (0 for a bare `if:`).
+    offset: usize,
+    expr: Expr,
+    ctx: Ctx,
+}
+
+struct Cx<'s, 'n> {
+    src: &'s str,
+    diags: Vec<Diagnostic>,
+    sites: Vec<Site<'n>>,
+}
+
+/// The entries of a mapping whose keys were checked against an allowed list.
+struct Fields<'n> {
+    entries: &'n [(Key, Node)],
+}
+
+impl<'n> Fields<'n> {
+    fn get(&self, name: &str) -> Option<&'n Node> {
+        self.entries.iter().find(|(k, _)| k.name == name).map(|(_, v)| v)
+    }
+
+    /// Like `get`, but a null value (`key:` with nothing after it) counts as absent.
+    fn value(&self, name: &str) -> Option<&'n Node> {
+        self.get(name).filter(|n| !n.is_null())
+    }
+
+    fn key(&self, name: &str) -> Option<&'n Key> {
+        self.entries.iter().find(|(k, _)| k.name == name).map(|(k, _)| k)
+    }
+}
+
+impl<'s, 'n> Cx<'s, 'n> {
+    fn error(&mut self, pos: Pos, msg: impl Into<String>) -> &mut Diagnostic {
+        self.diags.push(Diagnostic::new(pos, msg));
+        self.diags.last_mut().expect("just pushed")
+    }
+
+    fn type_error(&mut self, node: &Node, what: &str, expected: &str) {
+        let found = match node.as_scalar() {
+            Some((text, _)) if !node.is_null() => format!("`{}`", truncate(text, 40)),
+            _ => node.kind_name().to_string(),
+        };
+        self.error(node.pos, format!("{what} must be {expected}, found {found}"));
+    }
+
+    /// Checks that `node` is a mapping with only `allowed` keys; reports every unknown key.
+    fn map(&mut self, node: &'n Node, what: &str, allowed: &[&str]) -> Option<Fields<'n>> {
+        match &node.value {
+            Value::Map(entries) => {
+                for (k, _) in entries {
+                    if !allowed.contains(&k.name.as_str()) {
+                        let help = did_you_mean(&k.name, allowed.iter().copied())
+                            .unwrap_or_else(|| format!("{what} takes: {}", allowed.join(", ")));
+                        self.error(k.pos, format!("unknown key `{}` in {what}", k.name))
+                            .with_len_mut(k.name.chars().count())
+                            .help = Some(help);
+                    }
+                }
+                Some(Fields { entries })
+            }
+            _ => {
+                self.type_error(node, what, "a mapping");
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        match node.as_scalar() {
+            Some((text, _)) if !node.is_null() => Some(text.to_string()),
+            _ => {
+                self.type_error(node, what, "a string");
+                None
+            }
+        }
+    }
+
+    /// A string that holds no expression.
+    fn literal(&mut self, node: &Node, what: &str) -> Option<String> {
+        let s = self.string(node, what)?;
+        if let Some(k) = s.find("${{") {
+            let pos = node.pos_in_scalar(self.src, k, "${{");
+            self.error(pos, format!("{what} cannot hold an expression")).with_len_mut(3);
+            return None;
+        }
+        Some(s)
+    }
+
+    fn bool(&mut self, node: &Node, what: &str) -> Option<bool> {
+        match node.as_scalar() {
+            Some(("true", Style::Plain)) => Some(true),
+            Some(("false", Style::Plain)) => Some(false),
+            Some((text, Style::Plain)) if is_yaml11_bool(text) => {
+                let meant = matches!(text.to_ascii_lowercase().as_str(), "yes" | "y" | "on" | "true");
+                self.error(node.pos, format!("{what} must be true or false, found `{text}`"))
+                    .with_len_mut(text.len())
+                    .help = Some(format!("`{text}` is not a boolean in skiff's YAML; write `{meant}`"));
+                None
+            }
+            _ => {
+                self.type_error(node, what, "true or false");
+                None
+            }
+        }
+    }
+
+    fn uint(&mut self, node: &Node, what: &str, max: u32) -> Option<u32> {
+        match node.as_scalar() {
+            Some((text, Style::Plain)) if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() => {
+                match text.parse::<u32>() {
+                    Ok(n) if n <= max => Some(n),
+                    _ => {
+                        self.error(node.pos, format!("{what} must be at most {max}, found `{text}`"));
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.type_error(node, what, "a whole number");
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, node: &Node, what: &str) -> Option<std::time::Duration> {
+        let text = self.string(node, what)?;
+        match duration::parse(&text) {
+            Ok(d) => Some(d),
+            Err(msg) => {
+                self.error(node.pos, format!("{what}: {msg}")).with_len_mut(text.chars().count());
+                None
+            }
+        }
+    }
+
+    /// A string, or a list of strings; a single string stands for a list of one.
+    fn string_list(&mut self, node: &'n Node, what: &str) -> Vec<String> {
+        match &node.value {
+            Value::Seq(items) => items.iter().filter_map(|i| self.string(i, what)).collect(),
+            _ if node.is_null() => Vec::new(),
+            _ => self.string(node, what).into_iter().collect(),
+        }
+    }
+
+    fn expr_error(&mut self, node: &Node, base: usize, e: ExprError) {
+        let text = node.as_scalar().map(|(t, _)| t).unwrap_or("");
+        let start = base + e.start;
+        let needle = text.get(start..(start + e.len).min(text.len())).unwrap_or("");
+        let pos = node.pos_in_scalar(self.src, start, needle);
+        self.error(pos, e.message).with_len_mut(e.len).help = e.help;
+    }
+
+    /// A string that may hold expressions; records them for the reference pass.
+    fn template(&mut self, node: &'n Node, what: &str, ctx: Ctx) -> Option<Template> {
+        let text = match node.as_scalar() {
+            Some((text, _)) => text,
+            None => {
+                self.type_error(node, what, "a string");
+                return None;
+            }
+        };
+        match Template::parse(text) {
+            Ok(t) => {
+                for (e, offset) in t.exprs() {
+                    self.sites.push(Site { node, offset, expr: e.clone(), ctx });
+                }
+                Some(t)
+            }
+            Err(errors) => {
+                for e in errors {
+                    self.expr_error(node, 0, e);
+                }
+                None
+            }
+        }
+    }
+
+    fn env(&mut self, node: &'n Node, what: &str, ctx: Ctx) -> Vec<EnvVar> {
+        let Value::Map(entries) = &node.value else {
+            if !node.is_null() {
+                self.type_error(node, what, "a mapping of NAME: value");
+            }
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (k, v) in entries {
+            if !valid_env_name(&k.name) {
+                self.error(k.pos, format!("`{}` is not a valid environment variable name", k.name))
+                    .with_len_mut(k.name.chars().count())
+                    .help = Some("use letters, digits and `_`, not starting with a digit".into());
+                continue;
+            }
+            if k.name.starts_with("SKIFF_") {
+                self.error(k.pos, format!("`{}`: names starting with SKIFF_ are set by skiff", k.name))
+                    .with_len_mut(k.name.chars().count());
+                continue;
+            }
+            if matches!(v.value, Value::Seq(_) | Value::Map(_)) {
+                self.type_error(v, &format!("env `{}`", k.name), "a string");
+                continue;
+            }
+            let value = if v.is_null() {
+                Some(Template::literal(""))
+            } else {
+                self.template(v, &format!("env `{}`", k.name), ctx)
+            };
+            if let Some(value) = value {
+                out.push(EnvVar { name: k.name.clone(), value });
+            }
+        }
+        out
+    }
+
+    fn pipeline(&mut self, root: &'n Node, default_name: &str) -> Option<Pipeline> {
+        let top = self.map(root, "the pipeline", TOP_KEYS)?;
+        let name = match top.value("name") {
+            Some(n) => {
+                let name = self.literal(n, "`name`").unwrap_or_default();
+                if !name.is_empty() && !valid_name(&name) {
+                    self.error(n.pos, format!("pipeline name `{name}` is not valid"))
+                        .with_len_mut(name.chars().count())
+                        .help = Some("use letters, digits, `-`, `_` and `.`, starting with a letter or digit".into());
+                }
+                name
+            }
+            None => {
+                if !valid_name(default_name) {
+                    self.error(Pos::new(1, 1), format!("the file name `{default_name}` is not a valid pipeline name"))
+                        .help = Some("add `name:` with letters, digits, `-`, `_` and `.`".into());
+                }
+                default_name.to_string()
+            }
+        };
+        let description = top.value("description").and_then(|n| self.literal(n, "`description`"));
+        let params = top.value("params").map(|n| self.params(n)).unwrap_or_default();
+        let env = top.value("env").map(|n| self.env(n, "`env`", Ctx::Pipeline)).unwrap_or_default();
+        let runs_on = top.value("runs_on").map(|n| self.string_list(n, "`runs_on`")).unwrap_or_default();
+        let concurrency = top.value("concurrency").and_then(|n| self.template(n, "`concurrency`", Ctx::Pipeline));
+        let timeout = top.value("timeout").and_then(|n| self.duration(n, "`timeout`"));
+        let on = match top.get("on") {
+            Some(n) => self.triggers(n, &params),
+            None => Triggers { manual: true, ..Triggers::default() },
+        };
+        let steps = match top.value("steps") {
+            Some(n) => self.steps(n, Phase::Main),
+            None => {
+                let pos = top.key("steps").map_or(Pos::new(1, 1), |k| k.pos);
+                self.error(pos, "a pipeline needs at least one step in `steps`");
+                Vec::new()
+            }
+        };
+        let finally = top.value("finally").map(|n| self.steps(n, Phase::Finally)).unwrap_or_default();
+        self.check_step_ids(&steps, &finally, &top);
+        Some(Pipeline { name, description, on, params, env, runs_on, concurrency, timeout, steps, finally })
+    }
+
+    fn params(&mut self, node: &'n Node) -> Vec<Param> {
+        let Value::Map(entries) = &node.value else {
+            self.type_error(node, "`params`", "a mapping of param names");
+            return Vec::new();
+        };
+        let mut out: Vec<Param> = Vec::new();
+        for (k, v) in entries {
+            if !valid_ident(&k.name) {
+                self.error(k.pos, format!("`{}` is not a valid param name", k.name))
+                    .help = Some("use letters, digits, `_` and `-`, starting with a letter".into());
+                continue;
+            }
+            if let Some(other) = out.iter().find(|p| env_key(&p.name) == env_key(&k.name)) {
+                self.error(k.pos, format!("params `{}` and `{}` would share the variable SKIFF_PARAM_{}", other.name, k.name, env_key(&k.name)));
+                continue;
+            }
+            if let Some(p) = self.param(&k.name, v) {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn param(&mut self, name: &str, node: &'n Node) -> Option<Param> {
+        let what = format!("param `{name}`");
+        let mut p = Param {
+            name: name.to_string(),
+            kind: ParamKind::String,
+            description: None,
+            default: None,
+            options: Vec::new(),
+            required: false,
+        };
+        if node.is_null() {
+            return Some(p);
+        }
+        if let Some((text, _)) = node.as_scalar() {
+            // `who: world` is short for `who: { default: world }`.
+            p.default = Some(text.to_string());
+            return Some(p);
+        }
+        let f = self.map(node, &what, PARAM_KEYS)?;
+        p.description = f.value("description").and_then(|n| self.literal(n, "`description`"));
+        p.required = f.value("required").and_then(|n| self.bool(n, "`required`")).unwrap_or(false);
+        if let Some(n) = f.value("options") {
+            match &n.value {
+                Value::Seq(items) if !items.is_empty() => {
+                    p.options = items.iter().filter_map(|i| self.literal(i, "an option")).collect();
+                }
+                _ => self.type_error(n, "`options`", "a non-empty list"),
+            }
+        }
+        let declared = f.value("type").and_then(|n| {
+            let text = self.string(n, "`type`")?;
+            let kind = match text.as_str() {
+                "string" => ParamKind::String,
+                "boolean" => ParamKind::Boolean,
+                "number" => ParamKind::Number,
+                "choice" => ParamKind::Choice,
+                other => {
+                    let help = did_you_mean(other, ["string", "boolean", "number", "choice"]);
+                    self.error(n.pos, format!("unknown param type `{other}`")).with_len_mut(other.len()).help =
+                        help.or_else(|| Some("types: string, boolean, number, choice".into()));
+                    return None;
+                }
+            };
+            Some((kind, n))
+        });
+        p.kind = match declared {
+            Some((ParamKind::Choice, n)) if p.options.is_empty() => {
+                self.error(n.pos, format!("{what} is a choice but has no `options`"));
+                ParamKind::Choice
+            }
+            Some((kind, n)) if kind != ParamKind::Choice && !p.options.is_empty() => {
+                self.error(n.pos, format!("{what} has `options`, so its type is `choice`, not `{}`", kind.as_str()));
+                kind
+            }
+            Some((kind, _)) => kind,
+            None if !p.options.is_empty() => ParamKind::Choice,
+            None => ParamKind::String,
+        };
+        if let Some(n) = f.value("default") {
+            if let Some(text) = self.string(n, "`default`") {
+                if let Err(msg) = params::check_value(&p, &text) {
+                    let help = if p.kind == ParamKind::Choice { did_you_mean(&text, p.options.iter().map(String::as_str)) } else { None };
+                    self.error(n.pos, format!("default of {what}: {msg}")).with_len_mut(text.chars().count()).help = help;
+                }
+                p.default = Some(text);
+            }
+        }
+        Some(p)
+    }
+
+    fn triggers(&mut self, node: &'n Node, params: &[Param]) -> Triggers {
+        let mut t = Triggers { manual: true, ..Triggers::default() };
+        if node.is_null() {
+            return t;
+        }
+        let Some(f) = self.map(node, "`on`", ON_KEYS) else { return t };
+        if let Some(n) = f.value("manual") {
+            t.manual = self.bool(n, "`on.manual`").unwrap_or(true);
+        }
+        if let Some(n) = f.value("webhook") {
+            t.webhook = self.webhook(n);
+        }
+        if let Some(n) = f.value("schedule") {
+            let items: Vec<&'n Node> = match &n.value {
+                Value::Seq(items) => items.iter().collect(),
+                _ => vec![n],
+            };
+            t.schedules = items.into_iter().filter_map(|i| self.schedule(i, params)).collect();
+        }
+        t
+    }
+
+    fn webhook(&mut self, node: &'n Node) -> Option<Webhook> {
+        let f = self.map(node, "`on.webhook`", WEBHOOK_KEYS)?;
+        let secret = match f.value("secret") {
+            None => {
+                self.error(node.pos, "a webhook needs a `secret` to check signatures with")
+                    .help = Some("add `secret: ${{ secrets.HOOK_SECRET }}`".into());
+                None
+            }
+            Some(n) => {
+                let t = self.template(n, "`on.webhook.secret`", Ctx::WebhookSecret);
+                let only_secret = t.as_ref().is_some_and(|t| matches!(t.parts.as_slice(),
+                    [expr::Part::Expr(Expr::Ref { path, .. }, _)] if path.first().is_some_and(|r| r == "secrets")));
+                if t.is_some() && !only_secret {
+                    self.error(n.pos, "`on.webhook.secret` must be a secret reference, not text in the file")
+                        .help = Some("write `secret: ${{ secrets.HOOK_SECRET }}` and provide SKIFF_SECRET_HOOK_SECRET".into());
+                }
+                t.filter(|_| only_secret)
+            }
+        };
+        let events = match f.value("events") {
+            Some(n) => {
+                let mut events = Vec::new();
+                let items: Vec<&Node> = match &n.value {
+                    Value::Seq(items) => items.iter().collect(),
+                    _ => vec![n],
+                };
+                for i in items {
+                    let Some(e) = self.string(i, "an event") else { continue };
+                    if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                        let help = did_you_mean(&e, WEBHOOK_EVENTS.iter().copied())
+                            .unwrap_or_else(|| format!("events: {}", WEBHOOK_EVENTS.join(", ")));
+                        self.error(i.pos, format!("unknown webhook event `{e}`")).with_len_mut(e.len()).help = Some(help);
+                    }
+                    events.push(e);
+                }
+                events
+            }
+            None => vec!["push".to_string()],
+        };
+        let branches = f.value("branches").map(|n| self.string_list(n, "a branch")).unwrap_or_default();
+        Some(Webhook { secret: secret?, events, branches })
+    }
+
+    fn schedule(&mut self, node: &'n Node, params: &[Param]) -> Option<Schedule> {
+        let (cron_node, tz_node, params_node) = match &node.value {
+            Value::Scalar { .. } => (node, None, None),
+            _ => {
+                let f = self.map(node, "a schedule", SCHEDULE_KEYS)?;
+                let Some(c) = f.value("cron") else {
+                    self.error(node.pos, "a schedule needs `cron`").help = Some("for example `cron: \"0 2 * * *\"`".into());
+                    return None;
+                };
+                (c, f.value("timezone"), f.value("params"))
+            }
+        };
+        let cron_text = self.literal(cron_node, "`cron`")?;
+        let cron_ok = match check_cron(&cron_text) {
+            Ok(()) => true,
+            Err(msg) => {
+                self.error(cron_node.pos, format!("bad cron expression `{cron_text}`: {msg}"))
+                    .with_len_mut(cron_text.chars().count())
+                    .help = Some("five fields: minute hour day-of-month month day-of-week, e.g. `0 2 * * *`, or @daily, @hourly...".into());
+                false
+            }
+        };
+        let timezone = match tz_node {
+            None => None,
+            Some(n) => {
+                let text = self.literal(n, "`timezone`")?;
+                match chrono_tz::Tz::from_str(&text) {
+                    Ok(tz) => Some(tz),
+                    Err(_) => {
+                        let help = did_you_mean(&text, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()))
+                            .unwrap_or_else(|| "use an IANA name such as Europe/Madrid or UTC".into());
+                        self.error(n.pos, format!("unknown timezone `{text}`")).with_len_mut(text.chars().count()).help = Some(help);
+                        return None;
+                    }
+                }
+            }
+        };
+        let mut values = Vec::new();
+        if let Some(n) = params_node {
+            if let Value::Map(entries) = &n.value {
+                for (k, v) in entries {
+                    let Some(text) = self.literal(v, "a param value") else { continue };
+                    match params.iter().find(|p| p.name == k.name) {
+                        None => {
+                            let help = did_you_mean(&k.name, params.iter().map(|p| p.name.as_str()));
+                            self.error(k.pos, format!("unknown param `{}`", k.name)).with_len_mut(k.name.len()).help = help;
+                        }
+                        Some(p) => {
+                            if let Err(msg) = params::check_value(p, &text) {
+                                self.error(v.pos, format!("param `{}`: {msg}", k.name));
+                            }
+                        }
+                    }
+                    values.push((k.name.clone(), text));
+                }
+            } else {
+                self.type_error(n, "schedule `params`", "a mapping");
+            }
+        }
+        cron_ok.then_some(Schedule { cron: cron_text, timezone, params: values })
+    }
+
+    fn steps(&mut self, node: &'n Node, phase: Phase) -> Vec<Step> {
+        let key = if phase == Phase::Main { "`steps`" } else { "`finally`" };
+        let Value::Seq(items) = &node.value else {
+            self.type_error(node, key, "a list of steps");
+            return Vec::new();
+        };
+        if items.len() > MAX_STEPS {
+            self.error(node.pos, format!("{key} has {} steps, more than the limit of {MAX_STEPS}", items.len()));
+            return Vec::new();
+        }
+        if items.is_empty() && phase == Phase::Main {
+            self.error(node.pos, "a pipeline needs at least one step in `steps`");
+        }
+        items.iter().enumerate().filter_map(|(i, n)| self.step(n, phase, i)).collect()
+    }
+
+    fn step(&mut self, node: &'n Node, phase: Phase, index: usize) -> Option<Step> {
+        let what = format!("{} step {}", phase.as_str(), index + 1);
+        let f = self.map(node, &format!("a step ({what})"), STEP_KEYS)?;
+        let ctx = Ctx::Step { phase, index, condition: false };
+        let id = match f.value("id") {
+            Some(n) => {
+                let id = self.literal(n, "`id`")?;
+                if !valid_ident(&id) {
+                    self.error(n.pos, format!("step id `{id}` is not valid")).with_len_mut(id.chars().count()).help =
+                        Some("use letters, digits, `_` and `-`, starting with a letter or `_`".into());
+                }
+                id
+            }
+            None => match phase {
+                Phase::Main => format!("step-{}", index + 1),
+                Phase::Finally => format!("finally-{}", index + 1),
+            },
+        };
+        let action = match (f.get("run"), f.get("uses")) {
+            (Some(_), Some(_)) => {
+                let k = f.key("uses").map_or(node.pos, |k| k.pos);
+                self.error(k, "a step has either `run` or `uses`, not both");
+                None
+            }
+            (None, None) => {
+                self.error(node.pos, format!("{what} has neither `run` nor `uses`"))
+                    .help = Some("add `run: <shell script>` or `uses: <action>`".into());
+                None
+            }
+            (Some(run), None) => {
+                if let Some(w) = f.key("with") {
+                    self.error(w.pos, "`with` goes with `uses`, not with `run`").with_len_mut(4);
+                }
+                self.script(run).map(|script| StepAction::Run { script })
+            }
+            (None, Some(uses)) => self.uses(uses, f.get("with"), ctx),
+        };
+        let name = match f.value("name") {
+            Some(n) => self.literal(n, "`name`").unwrap_or_default(),
+            None => match &action {
+                Some(StepAction::Run { script }) => default_name_for_script(script),
+                Some(StepAction::Uses { action, .. }) => action.name.to_string(),
+                None => id.clone(),
+            },
+        };
+        let condition = f.get("if").and_then(|n| self.condition(n, Ctx::Step { phase, index, condition: true }));
+        let env = f.value("env").map(|n| self.env(n, "step `env`", ctx)).unwrap_or_default();
+        let timeout = f.value("timeout").and_then(|n| self.duration(n, "`timeout`"));
+        let retry = f.value("retry").and_then(|n| self.retry(n)).unwrap_or_default();
+        let continue_on_error = f.value("continue_on_error").and_then(|n| self.bool(n, "`continue_on_error`")).unwrap_or(false);
+        let working_directory = f.value("working_directory").and_then(|n| self.template(n, "`working_directory`", ctx));
+        Some(Step { id, name, phase, condition, env, timeout, retry, continue_on_error, working_directory, action: action? })
+    }
+
+    fn script(&mut self, node: &'n Node) -> Option<String> {
+        let script = self.string(node, "`run`")?;
+        if script.trim().is_empty() {
+            self.error(node.pos, "`run` is empty");
+            return None;
+        }
+        match expr::find_expressions(&script) {
+            Err(_) => {}
+            Ok(found) => {
+                for f in found {
+                    let pos = node.pos_in_scalar(self.src, f.start, "${{");
+                    let help = expr::parse(f.inner).ok().map(|e| env_form(&e)).unwrap_or_else(|| {
+                        "pass the value through the step's `env:` and use the variable".into()
+                    });
+                    self.error(pos, "`${{ ... }}` is not expanded inside `run:`, so untrusted text never becomes shell code")
+                        .with_len_mut(f.end - f.start)
+                        .help = Some(help);
+                }
+            }
+        }
+        Some(script)
+    }
+
+    fn uses(&mut self, node: &'n Node, with: Option<&'n Node>, ctx: Ctx) -> Option<StepAction> {
+        let name = self.literal(node, "`uses`")?;
+        let Some(spec) = actions::find(&name) else {
+            let help = did_you_mean(&name, actions::ACTIONS.iter().map(|a| a.name)).unwrap_or_else(|| {
+                format!("built-in actions: {}", actions::ACTIONS.iter().map(|a| a.name).collect::<Vec<_>>().join(", "))
+            });
+            self.error(node.pos, format!("unknown action `{name}`")).with_len_mut(name.chars().count()).help = Some(help);
+            return None;
+        };
+        let mut values = Vec::new();
+        let entries: &[(Key, Node)] = match with.map(|w| &w.value) {
+            None => &[],
+            Some(Value::Map(entries)) => entries,
+            Some(_) if with.is_some_and(Node::is_null) => &[],
+            Some(_) => {
+                if let Some(w) = with {
+                    self.type_error(w, "`with`", "a mapping");
+                }
+                return None;
+            }
+        };
+        let mut ok = true;
+        for (k, v) in entries {
+            let Some(field) = spec.field(&k.name) else {
+                let help = did_you_mean(&k.name, spec.fields.iter().map(|f| f.name)).unwrap_or_else(|| {
+                    format!("`{}` takes: {}", spec.name, spec.fields.iter().map(|f| f.name).collect::<Vec<_>>().join(", "))
+                });
+                self.error(k.pos, format!("unknown field `{}` for `{}`", k.name, spec.name))
+                    .with_len_mut(k.name.chars().count())
+                    .help = Some(help);
+                ok = false;
+                continue;
+            };
+            let what = format!("`with.{}`", k.name);
+            let value = match (field.kind, &v.value) {
+                (FieldKind::StringList, Value::Seq(items)) => {
+                    let list: Option<Vec<Template>> = items.iter().map(|i| self.template(i, &what, ctx)).collect();
+                    list.map(WithValue::List)
+                }
+                (FieldKind::StringList, _) => {
+                    self.type_error(v, &what, field.kind.describe());
+                    None
+                }
+                (_, Value::Scalar { .. }) if !v.is_null() => self.template(v, &what, ctx).and_then(|t| {
+                    self.check_literal(&t, v, &what, field.kind).then_some(WithValue::Scalar(t))
+                }),
+                _ => {
+                    self.type_error(v, &what, field.kind.describe());
+                    None
+                }
+            };
+            match value {
+                Some(value) => values.push((k.name.clone(), value)),
+                None => ok = false,
+            }
+        }
+        for field in spec.fields.iter().filter(|f| f.required) {
+            if !entries.iter().any(|(k, _)| k.name == field.name) {
+                let pos = with.map_or(node.pos, |w| w.pos);
+                self.error(pos, format!("`{}` needs `with.{}` ({})", spec.name, field.name, field.doc));
+                ok = false;
+            }
+        }
+        ok.then_some(StepAction::Uses { action: spec, with: values })
+    }
+
+    /// Type-checks a `with` value that holds no expression; templated values are checked when
+    /// the step runs.
+    fn check_literal(&mut self, t: &Template, node: &Node, what: &str, kind: FieldKind) -> bool {
+        if !t.is_literal() {
+            return true;
+        }
+        let Some((text, style)) = node.as_scalar() else { return true };
+        let ok = match kind {
+            FieldKind::String | FieldKind::StringList => true,
+            FieldKind::Int => style == Style::Plain && text.parse::<i64>().is_ok(),
+            FieldKind::Bool => style == Style::Plain && matches!(text, "true" | "false"),
+            FieldKind::Duration => match duration::parse(text) {
+                Ok(_) => true,
+                Err(msg) => {
+                    self.error(node.pos, format!("{what}: {msg}"));
+                    return false;
+                }
+            },
+        };
+        if !ok {
+            self.type_error(node, what, kind.describe());
+        }
+        ok
+    }
+
+    fn condition(&mut self, node: &'n Node, ctx: Ctx) -> Option<Condition> {
+        let (text, style) = match node.as_scalar() {
+            Some(s) if !node.is_null() => s,
+            _ => {
+                self.type_error(node, "`if`", "an expression");
+                return None;
+            }
+        };
+        if style == Style::Plain && matches!(text, "true" | "false") {
+            return Some(Condition { expr: Expr::Lit(expr::Value::Bool(text == "true")), text: text.into() });
+        }
+        let trimmed = text.trim();
+        let lead = text.len() - text.trim_start().len();
+        let (inner, offset, base) = if trimmed.starts_with("${{") {
+            let found = match expr::find_expressions(text) {
+                Ok(found) => found,
+                Err(e) => {
+                    self.expr_error(node, 0, e);
+                    return None;
+                }
+            };
+            match found.as_slice() {
+                [f] if f.start == lead && f.end == lead + trimmed.len() => (f.inner, f.start, f.inner_start),
+                _ => {
+                    self.error(node.pos, "`if` must be one expression")
+                        .help = Some("write the whole condition inside one `${{ ... }}`".into());
+                    return None;
+                }
+            }
+        } else {
+            (text, 0, 0)
+        };
+        match expr::parse(inner) {
+            Ok(e) => {
+                self.sites.push(Site { node, offset, expr: e.clone(), ctx });
+                Some(Condition { expr: e, text: inner.trim().to_string() })
+            }
+            Err(e) => {
+                self.expr_error(node, base, e);
+                None
+            }
+        }
+    }
+
+    fn retry(&mut self, node: &'n Node) -> Option<Retry> {
+        if node.as_scalar().is_some() {
+            let count = self.uint(node, "`retry`", MAX_RETRIES)?;
+            return Some(Retry { count, backoff: std::time::Duration::from_secs(1) });
+        }
+        let f = self.map(node, "`retry`", RETRY_KEYS)?;
+        let count = match f.value("count") {
+            Some(n) => self.uint(n, "`retry.count`", MAX_RETRIES)?,
+            None => {
+                self.error(node.pos, "`retry` needs `count`");
+                return None;
+            }
+        };
+        let backoff = match f.value("backoff") {
+            Some(n) => self.duration(n, "`retry.backoff`")?,
+            None => std::time::Duration::from_secs(1),
+        };
+        Some(Retry { count, backoff })
+    }
+
+    fn check_step_ids(&mut self, steps: &[Step], finally: &[Step], top: &Fields<'n>) {
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut env_keys: HashSet<String> = HashSet::new();
+        for step in steps.iter().chain(finally) {
+            if !seen.insert(&step.id) {
+                // Find the id's node for the position: the second occurrence in the file.
+                let pos = find_id_pos(top, &step.id).unwrap_or(Pos::new(1, 1));
+                self.error(pos, format!("duplicate step id `{}`", step.id)).with_len_mut(step.id.chars().count());
+            } else if !env_keys.insert(env_key(&step.id)) {
+                let pos = find_id_pos(top, &step.id).unwrap_or(Pos::new(1, 1));
+                self.error(pos, format!("step id `{}` would share its SKIFF_STEP_ variables with another step", step.id));
+            }
+        }
+    }
+
+    /// Pass 2: what an expression refers to must exist and be visible from where it stands.
+    fn check_refs(&mut self, p: &Pipeline, site: &Site<'n>) {
+        let mut problems: Vec<(usize, usize, String, Option<String>)> = Vec::new();
+        expr::walk(&site.expr, &mut |e| match e {
+            Expr::Ref { path, start, end } => {
+                if let Err((msg, help)) = check_ref(p, site.ctx, path) {
+                    problems.push((*start, *end - *start, msg, help));
+                }
+            }
+            Expr::Call { name, args, start, end } => {
+                let status_fn = matches!(name.as_str(), "success" | "failure" | "always" | "cancelled");
+                match expr::FUNCTIONS.iter().find(|(n, _, _)| n == name) {
+                    None => {
+                        let help = did_you_mean(name, expr::FUNCTIONS.iter().map(|(n, _, _)| *n));
+                        problems.push((*start, name.len(), format!("unknown function `{name}`"), help));
+                    }
+                    Some((_, min, max)) if args.len() < *min || args.len() > *max => {
+                        let want = if min == max { format!("{min}") } else { format!("{min} to {max}") };
+                        problems.push((*start, *end - *start, format!("`{name}` takes {want} arguments, given {}", args.len()), None));
+                    }
+                    Some(_) if status_fn && !matches!(site.ctx, Ctx::Step { condition: true, .. }) => {
+                        problems.push((*start, *end - *start, format!("`{name}()` can only be used in a step's `if`"), None));
+                    }
+                    Some(_) => {}
+                }
+            }
+            _ => {}
+        });
+        let text = site.node.as_scalar().map(|(t, _)| t).unwrap_or("");
+        // Offsets in the Expr are relative to the expression's inner text.
+        let inner_base = if text[site.offset..].starts_with("${{") { site.offset + 3 } else { site.offset };
+        for (start, len, msg, help) in problems {
+            self.expr_error(site.node, inner_base, ExprError { start, len, message: msg, help });
+        }
+    }
+}
+
+trait DiagExt {
+    fn with_len_mut(&mut self, len: usize) -> &mut Self;
+}
+
+impl DiagExt for Diagnostic {
+    fn with_len_mut(&mut self, len: usize) -> &mut Self {
+        self.len = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
+        self
+    }
+}
+
+fn check_ref(p: &Pipeline, ctx: Ctx, path: &[String]) -> Result<(), (String, Option<String>)> {
+    let root = path[0].as_str();
+    let full = path.join(".");
+    let want = |n: usize, form: &str| -> Result<(), (String, Option<String>)> {
+        if path.len() == n { Ok(()) } else { Err((format!("`{full}` is not a valid reference"), Some(format!("write {form}")))) }
+    };
+    if ctx == Ctx::WebhookSecret && root != "secrets" {
+        return Err((format!("`{full}`: a webhook secret can only refer to `secrets`"), None));
+    }
+    match root {
+        "params" => {
+            want(2, "`params.NAME`")?;
+            if p.param(&path[1]).is_none() {
+                let help = did_you_mean(&path[1], p.params.iter().map(|p| p.name.as_str()))
+                    .or_else(|| Some(if p.params.is_empty() { "this pipeline declares no params".into() } else {
+                        format!("declared params: {}", p.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))
+                    }));
+                return Err((format!("unknown param `{}`", path[1]), help));
+            }
+        }
+        "secrets" => {
+            want(2, "`secrets.NAME`")?;
+            if !valid_env_name(&path[1]) {
+                return Err((format!("`{}` is not a valid secret name", path[1]), Some("use letters, digits and `_`".into())));
+            }
+        }
+        "env" => {
+            want(2, "`env.NAME`")?;
+            let step_env = match ctx {
+                Ctx::Step { phase, index, .. } => step_at(p, phase, index).map(|s| s.env.as_slice()).unwrap_or(&[]),
+                _ => &[],
+            };
+            let names = p.env.iter().chain(step_env).map(|e| e.name.as_str());
+            if !p.env.iter().chain(step_env).any(|e| e.name == path[1]) {
+                let help = did_you_mean(&path[1], names).or_else(|| Some("`env.NAME` refers to variables set in an `env:` of this file".into()));
+                return Err((format!("unknown env `{}`", path[1]), help));
+            }
+        }
+        "run" => {
+            want(2, "`run.FIELD`")?;
+            if !RUN_FIELDS.contains(&path[1].as_str()) {
+                let help = did_you_mean(&path[1], RUN_FIELDS.iter().copied()).or_else(|| Some(format!("run has: {}", RUN_FIELDS.join(", "))));
+                return Err((format!("unknown field `run.{}`", path[1]), help));
+            }
+        }
+        "steps" => {
+            let Ctx::Step { phase, index, .. } = ctx else {
+                return Err((format!("`{full}`: steps can only be referred to from a step"), None));
+            };
+            if path.len() < 3 {
+                return Err((format!("`{full}` is not a valid reference"), Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into())));
+            }
+            let visible: Vec<&Step> = match phase {
+                Phase::Main => p.steps.iter().take(index).collect(),
+                Phase::Finally => p.steps.iter().chain(p.finally.iter().take(index)).collect(),
+            };
+            let Some(step) = visible.iter().find(|s| s.id == path[1]) else {
+                if p.all_steps().any(|s| s.id == path[1]) {
+                    return Err((format!("step `{}` has not run yet at this point", path[1]), Some("a step can only use steps before it".into())));
+                }
+                let help = did_you_mean(&path[1], visible.iter().map(|s| s.id.as_str()));
+                return Err((format!("unknown step `{}`", path[1]), help));
+            };
+            match (path[2].as_str(), path.len()) {
+                ("status", 3) => {}
+                ("outputs", 4) => {
+                    if let StepAction::Uses { action, .. } = &step.action {
+                        if !action.outputs.contains(&path[3].as_str()) {
+                            let help = did_you_mean(&path[3], action.outputs.iter().copied())
+                                .or_else(|| Some(format!("`{}` outputs: {}", action.name, action.outputs.join(", "))));
+                            return Err((format!("`{}` has no output `{}`", action.name, path[3]), help));
+                        }
+                    }
+                }
+                _ => {
+                    return Err((format!("`{full}` is not a valid reference"), Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into())));
+                }
+            }
+        }
+        other => {
+            let help = did_you_mean(other, ROOTS.iter().copied()).unwrap_or_else(|| format!("expressions can use: {}", ROOTS.join(", ")));
+            return Err((format!("unknown name `{other}`"), Some(help)));
+        }
+    }
+    Ok(())
+}
+
+fn step_at(p: &Pipeline, phase: Phase, index: usize) -> Option<&Step> {
+    match phase {
+        Phase::Main => p.steps.get(index),
+        Phase::Finally => p.finally.get(index),
+    }
+}
+
+/// The position of the second step with this id (the one that duplicates).
+fn find_id_pos(top: &Fields<'_>, id: &str) -> Option<Pos> {
+    let mut hits = ["steps", "finally"]
+        .iter()
+        .filter_map(|k| top.value(k))
+        .filter_map(|n| match &n.value {
+            Value::Seq(items) => Some(items),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|step| match &step.value {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.name == "id").map(|(_, v)| v),
+            _ => None,
+        })
+        .filter(|v| v.as_scalar().is_some_and(|(t, _)| t == id))
+        .map(|v| v.pos);
+    hits.next();
+    hits.next()
+}
+
+/// How to get an expression's value into a script without splicing it into the script text.
+fn env_form(e: &Expr) -> String {
+    let simple = match e {
+        Expr::Ref { path, .. } => match path.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["params", name] => Some(format!("SKIFF_PARAM_{}", env_key(name))),
+            ["steps", id, "outputs", out] => Some(format!("SKIFF_STEP_{}_{}", env_key(id), env_key(out))),
+            ["env", name] => Some((*name).to_string()),
+            ["run", "id"] => Some("SKIFF_RUN_ID".into()),
+            ["run", "number"] => Some("SKIFF_RUN_NUMBER".into()),
+            ["run", "pipeline"] => Some("SKIFF_PIPELINE".into()),
+            ["run", "trigger"] => Some("SKIFF_TRIGGER".into()),
+            ["secrets", name] => {
+                return format!("map the secret in the step's `env:` (`{name}: ${{{{ secrets.{name} }}}}`) and use \"${name}\" in the script");
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    match simple {
+        Some(var) => format!("use the environment variable instead: \"${var}\""),
+        None => "set it in the step's `env:` (`VALUE: ${{ ... }}`) and use \"$VALUE\" in the script".into(),
+    }
+}
+
+fn default_name_for_script(script: &str) -> String {
+    let first = script.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("run");
+    truncate(first, 60)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max { s.to_string() } else { format!("{}…", s.chars().take(max - 1).collect::<String>()) }
+}
+
+/// The YAML 1.1 spellings of booleans that YAML 1.2 (and skiff) read as plain strings.
+fn is_yaml11_bool(text: &str) -> bool {
+    matches!(
+        text,
+        "yes" | "Yes" | "YES" | "no" | "No" | "NO" | "on" | "On" | "ON" | "off" | "Off" | "OFF" | "y" | "Y" | "n" | "N"
+            | "True" | "TRUE" | "False" | "FALSE"
+    )
+}
+
+const CRON_NICKNAMES: &[&str] = &["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"];
+
+fn check_cron(text: &str) -> Result<(), String> {
+    let trimmed = text.trim();
+    if trimmed.starts_with('@') && !CRON_NICKNAMES.contains(&trimmed) {
+        let hint = did_you_mean(trimmed, CRON_NICKNAMES.iter().copied())
+            .unwrap_or_else(|| format!("known: {}", CRON_NICKNAMES.join(", ")));
+        return Err(format!("unknown nickname; {hint}"));
+    }
+    let fields = text.split_whitespace().count();
+    if !text.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
+        return Err(format!("it has {fields} fields; a crontab line has 5 (or 6 with seconds first)"));
+    }
+    croner::Cron::from_str(text).map(|_| ()).map_err(|e| e.to_string())
+}

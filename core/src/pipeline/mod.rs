@@ -1,0 +1,166 @@
+//! The pipeline model: what a pipeline file means once it has been loaded and checked.
+
+mod load;
+mod params;
+
+use std::time::Duration;
+
+use crate::expr::{Expr, Template};
+
+pub use load::{load, valid_name};
+pub use params::{ParamError, resolve_params};
+
+/// How long a run may take when its pipeline does not say.
+pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub name: String,
+    pub description: Option<String>,
+    pub on: Triggers,
+    pub params: Vec<Param>,
+    pub env: Vec<EnvVar>,
+    pub runs_on: Vec<String>,
+    pub concurrency: Option<Template>,
+    pub timeout: Option<Duration>,
+    pub steps: Vec<Step>,
+    pub finally: Vec<Step>,
+}
+
+impl Pipeline {
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Main steps then `finally` steps, in the order they are numbered in a run.
+    pub fn all_steps(&self) -> impl Iterator<Item = &Step> {
+        self.steps.iter().chain(&self.finally)
+    }
+
+    pub fn run_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_RUN_TIMEOUT)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Triggers {
+    pub manual: bool,
+    pub webhook: Option<Webhook>,
+    pub schedules: Vec<Schedule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// Always a `${{ secrets.NAME }}` reference: a secret is never written in the file.
+    pub secret: Template,
+    pub events: Vec<String>,
+    pub branches: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub cron: String,
+    pub timezone: Option<chrono_tz::Tz>,
+    pub params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    String,
+    Boolean,
+    Number,
+    Choice,
+}
+
+impl ParamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamKind::String => "string",
+            ParamKind::Boolean => "boolean",
+            ParamKind::Number => "number",
+            ParamKind::Choice => "choice",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub kind: ParamKind,
+    pub description: Option<String>,
+    pub default: Option<String>,
+    pub options: Vec<String>,
+    pub required: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: Template,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Main,
+    Finally,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Main => "main",
+            Phase::Finally => "finally",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The id given in the file, or `step-N` / `finally-N` (1-based) when none was.
+    pub id: String,
+    pub name: String,
+    pub phase: Phase,
+    /// The `if:`; `None` means the default (`success()` for main steps, always for `finally`).
+    pub condition: Option<Condition>,
+    pub env: Vec<EnvVar>,
+    pub timeout: Option<Duration>,
+    pub retry: Retry,
+    pub continue_on_error: bool,
+    pub working_directory: Option<Template>,
+    pub action: StepAction,
+}
+
+#[derive(Debug, Clone)]
+pub struct Condition {
+    pub expr: Expr,
+    /// The expression as written, for display.
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retry {
+    /// Extra attempts after the first one fails.
+    pub count: u32,
+    /// The pause before the first retry; each further retry waits twice as long as the last.
+    pub backoff: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum StepAction {
+    /// A shell script, run with `bash -eo pipefail` (or `sh -e` where bash is missing).
+    Run { script: String },
+    /// A built-in action and its `with` inputs.
+    Uses { action: &'static crate::actions::ActionSpec, with: Vec<(String, WithValue)> },
+}
+
+#[derive(Debug, Clone)]
+pub enum WithValue {
+    Scalar(Template),
+    List(Vec<Template>),
+}
+
+/// The environment variable name under which a param, an output or a step id reaches a script:
+/// upper case, anything but letters and digits turned into `_`.
+pub fn env_key(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+}

@@ -1,0 +1,96 @@
+//! The loader's diagnostics over many small bad inputs, as snapshots of what `skiff validate`
+//! prints.
+
+use skiff_core::diag::Report;
+use skiff_core::pipeline::load;
+
+fn render(source: &str) -> String {
+    match load(source, "case") {
+        Ok(_) => "(valid)".to_string(),
+        Err(diags) => Report { file: "case.yml", source, diagnostics: &diags }.to_string(),
+    }
+}
+
+macro_rules! cases {
+    ($($name:ident: $src:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                insta::assert_snapshot!(stringify!($name), render($src));
+            }
+        )*
+    };
+}
+
+cases! {
+    syntax_error: "steps:\n  - run: echo hi\n   bad: [\n";
+    unclosed_flow: "steps: [ { run: x }\n";
+    unknown_top_key: "name: demo\nstpes:\n  - run: echo hi\n";
+    unknown_step_key: "steps:\n  - run: echo hi\n    retries: 2\n";
+    missing_steps: "name: demo\n";
+    empty_steps: "steps: []\n";
+    wrong_types: "name: [a, b]\ntimeout: 5\nsteps:\n  - run: [echo]\n    continue_on_error: maybe\n";
+    yaml11_booleans: "on:\n  manual: yes\nsteps:\n  - run: echo hi\n    continue_on_error: NO\n";
+    run_and_uses: "steps:\n  - run: echo hi\n    uses: http/wait\n";
+    neither_run_nor_uses: "steps:\n  - name: nothing\n";
+    unknown_action: "steps:\n  - uses: http/wiat\n    with: { url: http://x }\n";
+    unknown_with_field: "steps:\n  - uses: http/wait\n    with:\n      url: http://127.0.0.1/\n      statsu: 200\n";
+    missing_required_with: "steps:\n  - uses: http/wait\n    with: { status: 200 }\n";
+    with_wrong_type: "steps:\n  - uses: http/wait\n    with: { url: http://x/, status: ok, timeout: soon }\n";
+    duplicate_step_ids: "steps:\n  - id: build\n    run: make\n  - id: build\n    run: make again\n";
+    duplicate_keys: "steps:\n  - run: a\n    run: b\n";
+    unknown_param_ref: "params:\n  who: world\nsteps:\n  - run: echo\n    env:\n      WHO: ${{ params.woh }}\n";
+    unknown_step_ref: "steps:\n  - id: a\n    run: echo\n  - run: echo\n    if: steps.b.outputs.x == 'y'\n";
+    later_step_ref: "steps:\n  - run: echo\n    if: ${{ steps.later.status == 'succeeded' }}\n  - id: later\n    run: echo\n";
+    unknown_action_output: "steps:\n  - id: wait\n    uses: http/wait\n    with: { url: http://x/ }\n  - run: echo\n    env: { S: \"${{ steps.wait.outputs.code }}\" }\n";
+    unknown_root: "steps:\n  - run: echo\n    env: { X: \"${{ parms.x }}\" }\n";
+    unknown_function: "steps:\n  - run: echo\n    if: startswith('a', 'b') && lenght('x')\n";
+    status_fn_outside_if: "env:\n  X: ${{ failure() }}\nsteps:\n  - run: echo\n";
+    expr_syntax_errors: "steps:\n  - run: echo\n    if: ${{ github.ref = 'main' }}\n  - run: echo\n    env:\n      A: ${{ 'unterminated }}\n      B: \"${{ (1 == 1 }}\"\n      C: ${{ }}\n";
+    expr_in_run: "params:\n  branch: main\nsteps:\n  - run: |\n      echo building\n      git checkout ${{ params.branch }}\n      curl -H \"$T\" ${{ secrets.TOKEN }}\n";
+    bad_durations: "timeout: 30\nsteps:\n  - run: echo\n    timeout: 5 minutes\n    retry: { count: 2, backoff: 1x }\n";
+    bad_cron: "on:\n  schedule:\n    - cron: \"0 2 * *\"\n    - cron: \"61 * * * *\"\n      timezone: Europe/Madird\n    - cron: \"@dialy\"\nsteps:\n  - run: echo\n";
+    good_cron: "on:\n  schedule:\n    - cron: \"0 2 * * *\"\n      timezone: Europe/Madrid\n    - \"@daily\"\n    - cron: \"*/5 * * * 1-5\"\nsteps:\n  - run: echo\n";
+    bad_param_defaults: "params:\n  env:\n    options: [dev, prod]\n    default: staging\n  flag: { type: boolean, default: yes }\n  n: { type: number, default: many }\n  t: { type: strnig }\nsteps:\n  - run: echo\n";
+    webhook_problems: "on:\n  webhook:\n    secret: hunter2\n    events: [psuh]\nsteps:\n  - run: echo\n";
+    webhook_without_secret: "on:\n  webhook: { events: [push] }\nsteps:\n  - run: echo\n";
+    env_problems: "env:\n  1BAD: x\n  SKIFF_X: y\n  OK: [a]\nsteps:\n  - run: echo\n    env: { Y: \"${{ env.MISSING }}\" }\n";
+    bad_step_id: "steps:\n  - id: 9lives\n    run: echo\n";
+    bad_name: "name: has spaces\nsteps:\n  - run: echo\n";
+    multiple_documents: "steps:\n  - run: a\n---\nsteps:\n  - run: b\n";
+    not_a_mapping: "- run: echo\n";
+    tags_refused: "steps:\n  - run: !!binary aGk=\n";
+    merge_keys_refused: "x: &base { run: echo }\nsteps:\n  - <<: *base\n";
+    alias_bomb: "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]\n";
+    many_problems_at_once: "nmae: x\nparams:\n  tag: { default: latest }\nsteps:\n  - id: a\n    run: echo ${{ params.tag }}\n    timeout: forever\n  - uses: docker/nope\n  - run: echo\n    if: ${{ params.tga == 'x' }}\nfinally:\n  - id: a\n    run: echo\n";
+    valid_full: "name: full\ndescription: everything\non:\n  manual: true\n  webhook: { secret: \"${{ secrets.HOOK }}\", events: [push], branches: [main] }\n  schedule: [{ cron: \"0 2 * * *\", timezone: UTC, params: { tag: nightly } }]\nparams:\n  tag: { default: latest, description: Image tag }\n  mode: { options: [fast, slow], default: fast }\nenv: { APP: demo }\nruns_on: [docker]\nconcurrency: deploy-${{ params.tag }}\ntimeout: 30m\nsteps:\n  - id: build\n    run: echo \"$SKIFF_PARAM_TAG\"\n    retry: { count: 2, backoff: 1s }\n  - uses: http/wait\n    id: wait\n    with: { url: \"http://127.0.0.1:1/${{ params.tag }}\", timeout: 2s }\n    if: params.mode == 'fast' && steps.build.outputs.x != ''\n    continue_on_error: true\nfinally:\n  - if: ${{ run.status != 'succeeded' }}\n    run: echo cleanup\n    env: { STATUS: \"${{ steps.wait.status }}\" }\n";
+}
+
+#[test]
+fn deep_nesting_is_refused_quickly() {
+    let src = format!("steps: {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
+    let start = std::time::Instant::now();
+    let out = render(&src);
+    assert!(out.contains("nesting deeper than") || out.contains("recursion limit"), "{out}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn huge_scalar_is_refused() {
+    let src = format!("steps:\n  - run: \"{}\"\n", "x".repeat(300 << 10));
+    assert!(render(&src).contains("over the limit"));
+}
+
+#[test]
+fn alias_bomb_is_refused_quickly() {
+    // A billion-laughs document: 10^9 nodes if expanded.
+    let mut src = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        src.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{p}"); 10].join(", ")));
+    }
+    let start = std::time::Instant::now();
+    let out = render(&src);
+    assert!(out.contains("alias bomb"), "{out}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(1));
+}
