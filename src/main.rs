@@ -1,1 +1,54 @@
-fn main(){}
+//! The `skiff` binary: subcommands that call into the crates.
+
+mod cli_run;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "skiff", version, about = "A self-hosted job runner: YAML pipelines, a queue, workers, a web UI.")]
+#[command(propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline on this machine, showing its steps and log live
+    Run(cli_run::RunArgs),
+    /// Check pipeline files and print every problem found, with file, line and column
+    Validate(validate::ValidateArgs),
+}
+
+/// Options shared by subcommands that keep state.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Folder for skiff's database and run workspaces
+    #[arg(long = "data", env = "SKIFF_DATA", default_value = ".skiff", value_name = "DIR")]
+    pub data: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => cli_run::main(args),
+        Command::Validate(args) => validate::main(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("skiff: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

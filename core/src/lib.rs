@@ -5,5 +5,8 @@ pub mod actions;
 pub mod diag;
 pub mod duration;
 pub mod expr;
+pub mod kv;
 pub mod pipeline;
 pub mod yaml;
+pub mod run;
+pub mod store;

@@ -1,0 +1,11 @@
+//! skiff-worker: executes runs. The step runner, process handling, log capture and masking,
+//! secrets, and the built-in actions.
+
+pub mod actions;
+pub mod logs;
+mod process;
+pub mod runner;
+pub mod secrets;
+
+pub use logs::RunObserver;
+pub use runner::{RunOptions, RunOutcome, execute_run};

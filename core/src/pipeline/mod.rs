@@ -164,3 +164,18 @@ pub enum WithValue {
 pub fn env_key(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
 }
+
+impl Pipeline {
+    /// The steps a run of this pipeline will have, numbered in order.
+    pub fn plan(&self) -> Vec<crate::run::StepPlan> {
+        self.all_steps()
+            .enumerate()
+            .map(|(i, s)| crate::run::StepPlan {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                id: s.id.clone(),
+                name: s.name.clone(),
+                phase: s.phase,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,232 @@
+//! Runs and steps: their identities, states and the legal moves between states.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+
+use crate::pipeline::Phase;
+
+/// A run's id: a UUIDv7, so ids sort by creation time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunId(String);
+
+impl RunId {
+    pub fn generate() -> Self {
+        RunId(uuid::Uuid::now_v7().to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RunId {
+    type Err = String;
+
+    /// Accepts only the canonical UUID text, so an id from a URL is never anything stranger.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s).map(|u| RunId(u.to_string())).map_err(|_| format!("`{s}` is not a run id"))
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),* }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)*
+                    other => Err(format!("unknown {} `{other}`", stringify!($name))),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// The state of a run.
+    RunStatus {
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+        TimedOut = "timed_out",
+    }
+);
+
+string_enum!(
+    /// The state of one step of a run.
+    StepStatus {
+        Pending = "pending",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Skipped = "skipped",
+        Cancelled = "cancelled",
+        TimedOut = "timed_out",
+    }
+);
+
+string_enum!(
+    /// What started a run.
+    TriggerKind {
+        Manual = "manual",
+        Api = "api",
+        Cli = "cli",
+        Webhook = "webhook",
+        Schedule = "schedule",
+        Rerun = "rerun",
+    }
+);
+
+impl RunStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+
+    /// The legal moves: queued -> running or cancelled; running -> any end state. End states
+    /// are final.
+    pub fn can_move_to(self, next: RunStatus) -> bool {
+        match self {
+            RunStatus::Queued => matches!(next, RunStatus::Running | RunStatus::Cancelled),
+            RunStatus::Running => next.is_terminal(),
+            _ => false,
+        }
+    }
+}
+
+impl StepStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, StepStatus::Pending | StepStatus::Running)
+    }
+}
+
+/// Who or what started a run: the kind, and the user, hook or schedule behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    pub kind: TriggerKind,
+    pub actor: String,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} by {}", self.kind, self.actor)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: RunId,
+    pub pipeline: String,
+    /// 1, 2, 3... per pipeline.
+    pub number: u64,
+    pub status: RunStatus,
+    pub trigger: Trigger,
+    pub params: BTreeMap<String, String>,
+    /// The pipeline file's text when the run was created: a rerun runs exactly this.
+    pub source: String,
+    pub rerun_of: Option<RunId>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Why the run ended as it did, for failed, cancelled and timed-out runs.
+    pub reason: Option<String>,
+    /// Bytes of log written so far.
+    pub log_len: u64,
+}
+
+/// A step of a run as planned when the run is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepPlan {
+    pub index: u32,
+    pub id: String,
+    pub name: String,
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub index: u32,
+    pub id: String,
+    pub name: String,
+    pub phase: Phase,
+    pub status: StepStatus,
+    /// 1 for the first attempt, 2 for the first retry...
+    pub attempt: u32,
+    pub exit_code: Option<i32>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+    pub outputs: BTreeMap<String, String>,
+}
+
+impl StepRecord {
+    pub fn planned(plan: &StepPlan) -> Self {
+        StepRecord {
+            index: plan.index,
+            id: plan.id.clone(),
+            name: plan.name.clone(),
+            phase: plan.phase,
+            status: StepStatus::Pending,
+            attempt: 0,
+            exit_code: None,
+            started_at: None,
+            finished_at: None,
+            reason: None,
+            outputs: BTreeMap::new(),
+        }
+    }
+}
+
+/// Everything needed to create a run.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub pipeline: String,
+    pub trigger: Trigger,
+    pub params: BTreeMap<String, String>,
+    pub source: String,
+    pub steps: Vec<StepPlan>,
+    pub rerun_of: Option<RunId>,
+}
+
+/// Log bytes to append, belonging to a step (or to the run itself when `step` is `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    pub step: Option<u32>,
+    pub data: Vec<u8>,
+}
+
+/// Log bytes as stored, at their offset in the run's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub offset: u64,
+    pub step: Option<u32>,
+    pub data: Vec<u8>,
+}

@@ -1,0 +1,448 @@
+//! The embedded Store: one SQLite file in WAL mode.
+//!
+//! `synchronous=NORMAL`: a commit is durable against a process crash (the WAL is written before
+//! the call returns) and costs no fsync, which a step-per-millisecond runner needs. A power cut
+//! can lose the last commits, never corrupt the file.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+
+use super::{LogRead, Result, RunPage, RunQuery, Store, StoreError, params_from_json, params_to_json};
+use crate::pipeline::Phase;
+use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS runs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        pipeline TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        trigger_kind TEXT NOT NULL,
+        trigger_actor TEXT NOT NULL,
+        params TEXT NOT NULL,
+        source TEXT NOT NULL,
+        rerun_of TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        reason TEXT,
+        log_len INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (pipeline, number)
+    )",
+    "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
+    "CREATE TABLE IF NOT EXISTS run_numbers (pipeline TEXT PRIMARY KEY, last INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS steps (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        idx INTEGER NOT NULL,
+        step_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        exit_code INTEGER,
+        started_at INTEGER,
+        finished_at INTEGER,
+        reason TEXT,
+        outputs TEXT NOT NULL,
+        PRIMARY KEY (run_id, idx)
+    ) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS log_chunks (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        offset INTEGER NOT NULL,
+        step INTEGER,
+        data BLOB NOT NULL
+    )",
+    "CREATE UNIQUE INDEX IF NOT EXISTS log_chunks_by_offset ON log_chunks (run_id, offset)",
+];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn backend(e: sqlx::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_millis(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+}
+
+fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
+    move |e| StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await.map_err(backend)?;
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool (the queue shares the same file and pool).
+    pub async fn from_pool(pool: SqlitePool) -> Result<Self> {
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A transaction that takes the write lock at once. A deferred one that reads first and
+    /// writes later fails with SQLITE_BUSY_SNAPSHOT when another writer got in between, and the
+    /// busy timeout cannot help it.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(backend)
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        let version: i64 = sqlx::query("PRAGMA user_version").fetch_one(&mut *tx).await.map_err(backend)?.get(0);
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Backend(format!(
+                "the database has schema version {version}, newer than this skiff knows ({SCHEMA_VERSION})"
+            )));
+        }
+        for statement in SCHEMA {
+            sqlx::query(*statement).execute(&mut *tx).await.map_err(backend)?;
+        }
+        sqlx::query("PRAGMA user_version = 1").execute(&mut *tx).await.map_err(backend)?;
+        tx.commit().await.map_err(backend)
+    }
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<Run> {
+    let get_s = |c: &str| row.try_get::<String, _>(c).map_err(backend);
+    Ok(Run {
+        id: RunId::from_str(&get_s("id")?).map_err(corrupt("run id"))?,
+        pipeline: get_s("pipeline")?,
+        number: row.try_get::<i64, _>("number").map_err(backend)? as u64,
+        status: RunStatus::from_str(&get_s("status")?).map_err(corrupt("run status"))?,
+        trigger: Trigger {
+            kind: TriggerKind::from_str(&get_s("trigger_kind")?).map_err(corrupt("trigger"))?,
+            actor: get_s("trigger_actor")?,
+        },
+        params: params_from_json(&get_s("params")?)?,
+        source: get_s("source")?,
+        rerun_of: row
+            .try_get::<Option<String>, _>("rerun_of")
+            .map_err(backend)?
+            .map(|s| RunId::from_str(&s).map_err(corrupt("rerun_of")))
+            .transpose()?,
+        created_at: from_millis(row.try_get("created_at").map_err(backend)?).unwrap_or_default(),
+        started_at: from_millis(row.try_get("started_at").map_err(backend)?),
+        finished_at: from_millis(row.try_get("finished_at").map_err(backend)?),
+        reason: row.try_get("reason").map_err(backend)?,
+        log_len: row.try_get::<i64, _>("log_len").map_err(backend)? as u64,
+    })
+}
+
+fn step_from_row(row: &SqliteRow) -> Result<StepRecord> {
+    let phase: String = row.try_get("phase").map_err(backend)?;
+    let status: String = row.try_get("status").map_err(backend)?;
+    let outputs: String = row.try_get("outputs").map_err(backend)?;
+    Ok(StepRecord {
+        index: row.try_get::<i64, _>("idx").map_err(backend)? as u32,
+        id: row.try_get("step_id").map_err(backend)?,
+        name: row.try_get("name").map_err(backend)?,
+        phase: if phase == "finally" { Phase::Finally } else { Phase::Main },
+        status: status.parse().map_err(corrupt("step status"))?,
+        attempt: row.try_get::<i64, _>("attempt").map_err(backend)? as u32,
+        exit_code: row.try_get("exit_code").map_err(backend)?,
+        started_at: from_millis(row.try_get("started_at").map_err(backend)?),
+        finished_at: from_millis(row.try_get("finished_at").map_err(backend)?),
+        reason: row.try_get("reason").map_err(backend)?,
+        outputs: params_from_json(&outputs)?,
+    })
+}
+
+/// A `SELECT` of every run column, followed by `$tail`.
+macro_rules! select_runs {
+    ($tail:literal) => {
+        concat!(
+            "SELECT seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
+            "rerun_of, created_at, started_at, finished_at, reason, log_len FROM runs ",
+            $tail
+        )
+    };
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_run(&self, new: NewRun) -> Result<Run> {
+        let id = RunId::generate();
+        let now = Utc::now();
+        let mut tx = self.write_tx().await?;
+        let number: i64 = sqlx::query(
+            "INSERT INTO run_numbers (pipeline, last) VALUES (?1, 1)
+             ON CONFLICT (pipeline) DO UPDATE SET last = last + 1 RETURNING last",
+        )
+        .bind(&new.pipeline)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?
+        .get(0);
+        sqlx::query(
+            "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .bind(id.as_str())
+        .bind(&new.pipeline)
+        .bind(number)
+        .bind(new.trigger.kind.as_str())
+        .bind(&new.trigger.actor)
+        .bind(params_to_json(&new.params))
+        .bind(&new.source)
+        .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        for plan in &new.steps {
+            sqlx::query(
+                "INSERT INTO steps (run_id, idx, step_id, name, phase, status, attempt, outputs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, '{}')",
+            )
+            .bind(id.as_str())
+            .bind(i64::from(plan.index))
+            .bind(&plan.id)
+            .bind(&plan.name)
+            .bind(plan.phase.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(Run {
+            id,
+            pipeline: new.pipeline,
+            number: number as u64,
+            status: RunStatus::Queued,
+            trigger: new.trigger,
+            params: new.params,
+            source: new.source,
+            rerun_of: new.rerun_of,
+            created_at: from_millis(Some(millis(now))).unwrap_or(now),
+            started_at: None,
+            finished_at: None,
+            reason: None,
+            log_len: 0,
+        })
+    }
+
+    async fn get_run(&self, id: &RunId) -> Result<Option<Run>> {
+        let row = sqlx::query(select_runs!("WHERE id = ?1")).bind(id.as_str()).fetch_optional(&self.pool).await.map_err(backend)?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage> {
+        const Q: &str = select_runs!(
+            "WHERE (?1 IS NULL OR pipeline = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR seq < ?3) \
+             ORDER BY seq DESC LIMIT ?4"
+        );
+        let limit = match query.limit {
+            0 => super::DEFAULT_PAGE,
+            n => n.min(super::MAX_PAGE),
+        };
+        let before: Option<i64> = match &query.cursor {
+            None => None,
+            Some(c) => Some(c.parse().ok().filter(|n: &i64| *n > 0).ok_or_else(|| StoreError::BadCursor(c.clone()))?),
+        };
+        let rows = sqlx::query(Q)
+            .bind(query.pipeline.as_deref())
+            .bind(query.status.map(RunStatus::as_str))
+            .bind(before)
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        let more = rows.len() > limit as usize;
+        let mut runs = Vec::with_capacity(rows.len().min(limit as usize));
+        let mut last_seq = 0i64;
+        for row in rows.iter().take(limit as usize) {
+            last_seq = row.try_get("seq").map_err(backend)?;
+            runs.push(run_from_row(row)?);
+        }
+        Ok(RunPage { runs, next: more.then(|| last_seq.to_string()) })
+    }
+
+    async fn steps(&self, id: &RunId) -> Result<Vec<StepRecord>> {
+        let rows = sqlx::query(
+            "SELECT idx, step_id, name, phase, status, attempt, exit_code, started_at, finished_at, reason, outputs
+             FROM steps WHERE run_id = ?1 ORDER BY idx",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(step_from_row).collect()
+    }
+
+    async fn set_status(&self, id: &RunId, status: RunStatus, reason: Option<&str>) -> Result<Run> {
+        let mut tx = self.write_tx().await?;
+        let current: Option<String> = sqlx::query("SELECT status FROM runs WHERE id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?
+            .map(|r| r.get(0));
+        let current: RunStatus = current
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?
+            .parse()
+            .map_err(corrupt("run status"))?;
+        if !current.can_move_to(status) {
+            return Err(StoreError::InvalidTransition { id: id.clone(), from: current, to: status });
+        }
+        let now = millis(Utc::now());
+        sqlx::query(
+            "UPDATE runs SET status = ?2,
+                started_at = CASE WHEN ?2 = 'running' THEN ?3 ELSE started_at END,
+                finished_at = CASE WHEN ?2 NOT IN ('queued', 'running') THEN ?3 ELSE finished_at END,
+                reason = COALESCE(?4, reason)
+             WHERE id = ?1",
+        )
+        .bind(id.as_str())
+        .bind(status.as_str())
+        .bind(now)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let row = sqlx::query(select_runs!("WHERE id = ?1")).bind(id.as_str()).fetch_one(&mut *tx).await.map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        run_from_row(&row)
+    }
+
+    async fn update_step(&self, id: &RunId, step: &StepRecord) -> Result<()> {
+        let outputs = params_to_json(&step.outputs);
+        let done = sqlx::query(
+            "UPDATE steps SET status = ?3, attempt = ?4, exit_code = ?5, started_at = ?6, finished_at = ?7,
+                reason = ?8, outputs = ?9
+             WHERE run_id = ?1 AND idx = ?2",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(step.index))
+        .bind(step.status.as_str())
+        .bind(i64::from(step.attempt))
+        .bind(step.exit_code)
+        .bind(step.started_at.map(millis))
+        .bind(step.finished_at.map(millis))
+        .bind(step.reason.as_deref())
+        .bind(outputs)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn append_logs(&self, id: &RunId, chunks: &[LogChunk]) -> Result<u64> {
+        let mut tx = self.write_tx().await?;
+        let len: i64 = sqlx::query("SELECT log_len FROM runs WHERE id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?
+            .get(0);
+        let mut offset = len;
+        for chunk in chunks.iter().filter(|c| !c.data.is_empty()) {
+            sqlx::query("INSERT INTO log_chunks (run_id, offset, step, data) VALUES (?1, ?2, ?3, ?4)")
+                .bind(id.as_str())
+                .bind(offset)
+                .bind(chunk.step.map(i64::from))
+                .bind(chunk.data.as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            offset += chunk.data.len() as i64;
+        }
+        if offset != len {
+            sqlx::query("UPDATE runs SET log_len = ?2 WHERE id = ?1")
+                .bind(id.as_str())
+                .bind(offset)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(offset as u64)
+    }
+
+    async fn read_logs(&self, id: &RunId, offset: u64, max_bytes: usize) -> Result<LogRead> {
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
+        let len: i64 = sqlx::query("SELECT log_len FROM runs WHERE id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?
+            .get(0);
+        let len = len as u64;
+        if offset > len {
+            return Err(StoreError::OffsetOutOfRange { offset, len });
+        }
+        let offset_i = i64::try_from(offset).unwrap_or(i64::MAX);
+        // The chunk holding `offset`, then the ones after it, until `max_bytes` is reached.
+        let rows = sqlx::query(
+            "SELECT offset, step, data FROM log_chunks WHERE run_id = ?1 AND offset >= COALESCE(
+                 (SELECT MAX(offset) FROM log_chunks WHERE run_id = ?1 AND offset <= ?2), 0)
+             ORDER BY offset LIMIT 256",
+        )
+        .bind(id.as_str())
+        .bind(offset_i)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?;
+        let mut chunks = Vec::new();
+        let mut total = 0usize;
+        let mut next = offset;
+        for row in rows {
+            let start: i64 = row.try_get("offset").map_err(backend)?;
+            let step: Option<i64> = row.try_get("step").map_err(backend)?;
+            let mut data: Vec<u8> = row.try_get("data").map_err(backend)?;
+            let start = start as u64;
+            if start + data.len() as u64 <= offset {
+                continue;
+            }
+            if start < offset {
+                data.drain(..(offset - start) as usize);
+            }
+            let chunk_start = start.max(offset);
+            if total > 0 && total + data.len() > max_bytes {
+                break;
+            }
+            total += data.len();
+            next = chunk_start + data.len() as u64;
+            chunks.push(StoredChunk { offset: chunk_start, step: step.map(|s| s as u32), data });
+            if total >= max_bytes {
+                break;
+            }
+        }
+        Ok(LogRead { chunks, next_offset: next, len })
+    }
+}

@@ -1,0 +1,244 @@
+//! `skiff run`: run a pipeline here, with live output in the terminal, recorded in the data folder.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use skiff_core::diag::Report;
+use skiff_core::duration::human;
+use skiff_core::pipeline::{Phase, resolve_params};
+use skiff_core::run::{NewRun, RunStatus, StepRecord, StepStatus, Trigger, TriggerKind};
+use skiff_core::store::{SqliteStore, Store};
+use skiff_worker::secrets::Secrets;
+use skiff_worker::{RunObserver, RunOptions, execute_run};
+use tokio_util::sync::CancellationToken;
+
+use crate::DataArgs;
+use crate::validate::load_file;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The pipeline file to run
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// A param for the run, as NAME=VALUE (repeat for more)
+    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    /// A file of secrets as NAME=value lines, readable by its owner only (mode 600)
+    #[arg(long, env = "SKIFF_SECRETS_FILE", value_name = "FILE")]
+    secrets: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Keep the run's workspace folder after it ends (it is removed by default)
+    #[arg(long)]
+    keep_workspace: bool,
+    /// Time a stopped step gets between SIGTERM and SIGKILL
+    #[arg(long, env = "SKIFF_KILL_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    kill_grace: Duration,
+    /// Colour the output: auto (when stdout is a terminal and NO_COLOR is unset), always, never
+    #[arg(long, default_value = "auto", value_name = "WHEN")]
+    color: ColorChoice,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    skiff_core::duration::parse(s)
+}
+
+pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (source, loaded) = load_file(&args.file);
+    let shown = args.file.display().to_string();
+    let pipeline = match loaded {
+        Ok(p) => p,
+        Err(diags) => {
+            eprint!("{}", Report { file: &shown, source: &source, diagnostics: &diags });
+            bail!("{shown} is not a valid pipeline ({} problems)", diags.len());
+        }
+    };
+    let mut given = BTreeMap::new();
+    for (k, v) in args.params {
+        given.insert(k, v);
+    }
+    let params = match resolve_params(&pipeline, &given) {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("skiff: param `{}`: {}", e.param, e.message);
+            }
+            bail!("the params do not fit pipeline `{}`", pipeline.name);
+        }
+    };
+    let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
+    std::fs::create_dir_all(&args.data.data).with_context(|| format!("creating {}", args.data.data.display()))?;
+    let store = SqliteStore::open(&args.data.data.join("skiff.db")).await.context("opening the store")?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let run = store
+        .create_run(NewRun {
+            pipeline: pipeline.name.clone(),
+            trigger: Trigger { kind: TriggerKind::Cli, actor },
+            params,
+            source,
+            steps: pipeline.plan(),
+            rerun_of: None,
+        })
+        .await?;
+
+    let color = match args.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let term = Arc::new(Terminal::new(color));
+    term.header(&format!("{} #{}", run.pipeline, run.number), &run.params);
+
+    let cancel = CancellationToken::new();
+    let abort = CancellationToken::new();
+    tokio::spawn(watch_signals(cancel.clone(), abort.clone(), term.clone()));
+    let opts = RunOptions {
+        workspace_root: args.data.data.join("workspaces"),
+        keep_workspace: args.keep_workspace,
+        kill_grace: args.kill_grace,
+        secrets,
+        cancel,
+        abort,
+    };
+    let started = std::time::Instant::now();
+    let outcome = execute_run(store.clone(), &run, &pipeline, &opts, term.clone()).await?;
+    term.footer(&format!("{} #{}", run.pipeline, run.number), outcome.status, outcome.reason.as_deref(), started.elapsed());
+    eprintln!("run {} recorded in {}", run.id, args.data.data.display());
+    Ok(if outcome.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// First Ctrl-C (or SIGTERM) cancels the run, which still runs `finally`; a second one stops
+/// `finally` too.
+async fn watch_signals(cancel: CancellationToken, abort: CancellationToken, term: Arc<Terminal>) {
+    let Ok(mut term_signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+    for round in 0..2 {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => if r.is_err() { return },
+            _ = term_signal.recv() => {}
+        }
+        if round == 0 {
+            term.note("cancelling: stopping the current step, then running finally steps (again to stop those too)");
+            cancel.cancel();
+        } else {
+            term.note("stopping finally steps");
+            abort.cancel();
+        }
+    }
+}
+
+/// Prints a run to the terminal: step headers, log lines, results.
+struct Terminal {
+    color: bool,
+    out: Mutex<std::io::BufWriter<std::io::Stdout>>,
+}
+
+const RESET: &str = "\x1b[0m";
+
+impl Terminal {
+    fn new(color: bool) -> Self {
+        Terminal { color, out: Mutex::new(std::io::BufWriter::with_capacity(64 << 10, std::io::stdout())) }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color { format!("\x1b[{code}m{text}{RESET}") } else { text.to_string() }
+    }
+
+    fn write(&self, text: &str) {
+        if let Ok(mut out) = self.out.lock() {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+    }
+
+    fn header(&self, title: &str, params: &BTreeMap<String, String>) {
+        let mut s = format!("{} {}\n", self.paint("1;36", "▶"), self.paint("1", title));
+        if !params.is_empty() {
+            let list: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            s.push_str(&format!("  {}\n", self.paint("2", &format!("params: {}", list.join(" ")))));
+        }
+        self.write(&s);
+    }
+
+    fn note(&self, text: &str) {
+        self.write(&format!("{}\n", self.paint("33", &format!("skiff: {text}"))));
+    }
+
+    fn footer(&self, title: &str, status: RunStatus, reason: Option<&str>, took: Duration) {
+        let (symbol, code) = match status {
+            RunStatus::Succeeded => ("✓", "1;32"),
+            RunStatus::Cancelled => ("⊘", "1;33"),
+            RunStatus::TimedOut => ("⏱", "1;35"),
+            _ => ("✗", "1;31"),
+        };
+        let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+        self.write(&format!("{} {title} {status} in {}{why}\n", self.paint(code, symbol), human(took)));
+    }
+}
+
+impl RunObserver for Terminal {
+    fn log(&self, _step: Option<u32>, data: &[u8]) {
+        let Ok(mut out) = self.out.lock() else { return };
+        let prefix: &[u8] = if self.color { "  \x1b[2m│\x1b[0m ".as_bytes() } else { "  │ ".as_bytes() };
+        for line in data.split_inclusive(|b| *b == b'\n') {
+            let _ = out.write_all(prefix);
+            if self.color && line.starts_with(b"[skiff] ") {
+                let _ = out.write_all(b"\x1b[33m");
+                let _ = out.write_all(line.strip_suffix(b"\n").unwrap_or(line));
+                let _ = out.write_all(b"\x1b[0m\n");
+            } else {
+                let _ = out.write_all(line);
+            }
+        }
+        let _ = out.flush();
+    }
+
+    fn step_changed(&self, step: &StepRecord) {
+        let took = match (step.started_at, step.finished_at) {
+            (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
+            _ => String::new(),
+        };
+        let why = step.reason.as_deref().map(|r| format!(" — {r}")).unwrap_or_default();
+        let line = match step.status {
+            StepStatus::Running if step.attempt == 1 => {
+                let tag = if step.phase == Phase::Finally { self.paint("2", " (finally)") } else { String::new() };
+                format!("{} {}{tag}\n", self.paint("36", "●"), self.paint("1", &step.name))
+            }
+            StepStatus::Running | StepStatus::Pending => return,
+            StepStatus::Succeeded => format!("{} {} {}\n", self.paint("32", "✓"), step.name, self.paint("2", &took)),
+            StepStatus::Failed => format!("{} {}{why} {}\n", self.paint("31", "✗"), step.name, self.paint("2", &took)),
+            StepStatus::TimedOut => format!("{} {}{why} {}\n", self.paint("35", "⏱"), step.name, self.paint("2", &took)),
+            StepStatus::Cancelled => format!("{} {}{why}\n", self.paint("33", "⊘"), step.name),
+            StepStatus::Skipped => format!("{} {}{}\n", self.paint("2", "○"), self.paint("2", &step.name), self.paint("2", &format!(" skipped{why}"))),
+        };
+        self.write(&line);
+    }
+}

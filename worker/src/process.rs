@@ -1,0 +1,139 @@
+//! Running one process tree for a step: its own process group, output captured through one pipe,
+//! and an end that takes the whole group with it (SIGTERM, a grace period, then SIGKILL).
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::logs::{LineSplitter, LogSender, Masker};
+
+/// How a process ended.
+#[derive(Debug)]
+pub enum Ended {
+    Exited(ExitStatus),
+    /// Its deadline passed and it was killed.
+    DeadlineReached,
+    /// The stop token fired and it was killed.
+    Stopped,
+}
+
+pub struct Spawn<'a> {
+    pub program: &'a Path,
+    pub args: &'a [&'a std::ffi::OsStr],
+    pub cwd: &'a Path,
+    pub env: &'a [(String, String)],
+}
+
+/// How long to wait for output still buffered in the pipe after the process group is gone.
+/// Only a process that left the group (`setsid`) can hold the pipe open longer.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+const READ_BUF: usize = 64 << 10;
+
+fn signal_group(pgid: Pid, signal: Signal) {
+    // ESRCH (no such group) means everything is already gone.
+    let _ = killpg(pgid, signal);
+}
+
+/// Runs the process to its end, sending its masked output to `log` as `step`'s.
+pub async fn run(
+    spec: Spawn<'_>,
+    log: &LogSender,
+    step: u32,
+    masker: &Masker,
+    deadline: Option<Instant>,
+    stop: &CancellationToken,
+    grace: Duration,
+) -> std::io::Result<Ended> {
+    let (writer, reader) = tokio::net::unix::pipe::pipe()?;
+    let out = writer.into_blocking_fd()?;
+    let err = out.try_clone()?;
+    let mut cmd = tokio::process::Command::new(spec.program);
+    cmd.args(spec.args)
+        .current_dir(spec.cwd)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    // Close this process's copies of the pipe's write end, so the reader sees the end of the
+    // output once the step's processes are gone.
+    drop(cmd);
+    let pgid = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
+
+    let mut reader_task = tokio::spawn(read_output(reader, log.clone(), step, masker.clone()));
+
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        status = child.wait() => Ended::Exited(status?),
+        () = sleep => {
+            terminate(&mut child, pgid, grace).await;
+            Ended::DeadlineReached
+        }
+        () = stop.cancelled() => {
+            terminate(&mut child, pgid, grace).await;
+            Ended::Stopped
+        }
+    };
+    // Whatever the step left running in its group (`sleep 1000 &`) ends with it.
+    if pgid.as_raw() > 0 {
+        signal_group(pgid, Signal::SIGKILL);
+    }
+    match tokio::time::timeout(DRAIN_WAIT, &mut reader_task).await {
+        Ok(_) => {}
+        Err(_) => {
+            reader_task.abort();
+            log.note(Some(step), "a process that left the step's process group still holds its output open; its further output is not captured").await;
+        }
+    }
+    Ok(ended)
+}
+
+/// SIGTERM to the group, up to `grace` for the leader to exit, then SIGKILL.
+async fn terminate(child: &mut tokio::process::Child, pgid: Pid, grace: Duration) {
+    if pgid.as_raw() <= 0 {
+        let _ = child.kill().await;
+        return;
+    }
+    signal_group(pgid, Signal::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        signal_group(pgid, Signal::SIGKILL);
+        let _ = child.wait().await;
+    }
+}
+
+async fn read_output(mut reader: tokio::net::unix::pipe::Receiver, log: LogSender, step: u32, masker: Masker) {
+    let mut splitter = LineSplitter::new(masker);
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                let mut out = Vec::with_capacity(n + 64);
+                splitter.push(&buf[..n], &mut out);
+                log.send(Some(step), out).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading step output failed");
+                break;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    splitter.finish(&mut out);
+    log.send(Some(step), out).await;
+}

@@ -1,0 +1,625 @@
+//! Executing a run: its steps in order, their conditions, retries, timeouts and `finally`, with
+//! every state change written to the Store as it happens.
+//!
+//! A failed step is data: it is stored with its reason and the run goes on to decide what runs
+//! next. Only infrastructure faults (the Store, the workspace) are errors here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chrono::Utc;
+use skiff_core::duration::human;
+use skiff_core::expr::{self, EvalError, Scope, Value};
+use skiff_core::pipeline::{EnvVar, Phase, Pipeline, Step, StepAction, env_key};
+use skiff_core::run::{Run, RunStatus, StepRecord, StepStatus};
+use skiff_core::store::{Store, StoreError};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::actions::{self, ActionContext};
+use crate::logs::{LogSender, Masker, RunObserver, start_writer};
+use crate::process::{self, Ended, Spawn};
+use crate::secrets::Secrets;
+
+/// How long a `finally` step may take when it does not say.
+pub const FINALLY_DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// The longest pause between two retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// Environment variables a step inherits from the worker; everything else is cleared, so the
+/// worker's own credentials never reach a script.
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM"];
+
+pub struct RunOptions {
+    /// Each run gets a workspace directory (named by its id) under this folder.
+    pub workspace_root: PathBuf,
+    pub keep_workspace: bool,
+    /// Time between SIGTERM and SIGKILL when a step is stopped.
+    pub kill_grace: Duration,
+    pub secrets: Secrets,
+    /// Cancels the run: the current step is stopped and `finally` runs.
+    pub cancel: CancellationToken,
+    /// Stops everything, `finally` included (a second Ctrl-C).
+    pub abort: CancellationToken,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub status: RunStatus,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("workspace {path}: {source}")]
+    Workspace { path: String, source: std::io::Error },
+    #[error("the stored steps of run {0} do not match its pipeline")]
+    Plan(String),
+}
+
+/// Why the main steps stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupt {
+    Cancelled,
+    TimedOut,
+}
+
+struct StepState {
+    status: StepStatus,
+    outputs: BTreeMap<String, String>,
+}
+
+/// What expressions see during a run.
+struct RunScope<'a> {
+    run: &'a Run,
+    env: &'a [(String, String)],
+    secrets: &'a Secrets,
+    steps: &'a HashMap<String, StepState>,
+    failed: bool,
+    cancelled: bool,
+    run_status: &'a str,
+}
+
+impl Scope for RunScope<'_> {
+    fn lookup(&self, path: &[String]) -> Result<Value, EvalError> {
+        let s = |v: &str| Value::String(v.to_string());
+        let name = path.get(1).map(String::as_str).unwrap_or("");
+        Ok(match path[0].as_str() {
+            "params" => self.run.params.get(name).map_or(Value::Null, |v| s(v)),
+            "env" => self.env.iter().rev().find(|(k, _)| k == name).map_or(Value::Null, |(_, v)| s(v)),
+            "secrets" => match self.secrets.get(name) {
+                Some(v) => s(v),
+                None => {
+                    return Err(EvalError(format!(
+                        "secret `{name}` is not provided (set SKIFF_SECRET_{name} or add it to the secrets file)"
+                    )));
+                }
+            },
+            "steps" => match (self.steps.get(name), path.get(2).map(String::as_str)) {
+                (Some(st), Some("status")) => s(st.status.as_str()),
+                (Some(st), Some("outputs")) => path.get(3).and_then(|o| st.outputs.get(o)).map_or(Value::Null, |v| s(v)),
+                (None, Some("status")) => s(StepStatus::Pending.as_str()),
+                _ => Value::Null,
+            },
+            "run" => match name {
+                "id" => s(self.run.id.as_str()),
+                "number" => Value::Number(self.run.number as f64),
+                "pipeline" => s(&self.run.pipeline),
+                "status" => s(self.run_status),
+                "trigger" => s(self.run.trigger.kind.as_str()),
+                _ => Value::Null,
+            },
+            _ => Value::Null,
+        })
+    }
+
+    fn failed(&self) -> bool {
+        self.failed
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancelled
+    }
+}
+
+/// The shell that runs `run:` scripts: bash with `-eo pipefail`, or `sh -e` where there is no bash.
+fn shell() -> &'static (PathBuf, Vec<&'static str>) {
+    static SHELL: std::sync::OnceLock<(PathBuf, Vec<&'static str>)> = std::sync::OnceLock::new();
+    SHELL.get_or_init(|| {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let bash = std::env::split_paths(&path).map(|d| d.join("bash")).find(|p| p.is_file());
+        match bash {
+            Some(bash) => (bash, vec!["--noprofile", "--norc", "-eo", "pipefail"]),
+            None => (PathBuf::from("/bin/sh"), vec!["-e"]),
+        }
+    })
+}
+
+struct Runner<'a> {
+    store: Arc<dyn Store>,
+    run: &'a Run,
+    pipeline: &'a Pipeline,
+    opts: &'a RunOptions,
+    log: LogSender,
+    masker: Masker,
+    workspace: PathBuf,
+    meta: PathBuf,
+    base_env: Vec<(String, String)>,
+    steps: HashMap<String, StepState>,
+    records: Vec<StepRecord>,
+    failed: bool,
+    first_failure: Option<String>,
+    interrupt: Option<Interrupt>,
+    /// Stops main steps: fired by a cancel or by the run's deadline.
+    stop: CancellationToken,
+    deadline_hit: Arc<AtomicBool>,
+    deadline: Instant,
+}
+
+/// Executes `run` (already created in the Store, normally `queued`) to its end and stores its
+/// final state.
+pub async fn execute_run(
+    store: Arc<dyn Store>,
+    run: &Run,
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    observer: Arc<dyn RunObserver>,
+) -> Result<RunOutcome, RunnerError> {
+    let records = store.steps(&run.id).await?;
+    if records.len() != pipeline.steps.len() + pipeline.finally.len() {
+        return Err(RunnerError::Plan(run.id.to_string()));
+    }
+    let workspace = opts.workspace_root.join(run.id.as_str());
+    let meta = opts.workspace_root.join(format!("{}.meta", run.id));
+    for dir in [&workspace, &meta] {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| RunnerError::Workspace { path: dir.display().to_string(), source })?;
+    }
+    store.set_status(&run.id, RunStatus::Running, None).await?;
+
+    let (log, writer) = start_writer(store.clone(), run.id.clone(), observer.clone());
+    let stop = opts.cancel.child_token();
+    let deadline = Instant::now() + pipeline.run_timeout();
+    let deadline_hit = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let (stop, hit) = (stop.clone(), deadline_hit.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            hit.store(true, Ordering::SeqCst);
+            stop.cancel();
+        })
+    };
+    let mut runner = Runner {
+        store: store.clone(),
+        run,
+        pipeline,
+        opts,
+        log,
+        masker: Masker::new(opts.secrets.values()),
+        base_env: Vec::new(),
+        workspace,
+        meta,
+        steps: HashMap::new(),
+        records,
+        failed: false,
+        first_failure: None,
+        interrupt: None,
+        stop,
+        deadline_hit,
+        deadline,
+    };
+    let outcome = runner.execute().await;
+    timer.abort();
+    let Runner { log, workspace, meta, .. } = runner;
+    drop(log);
+    let log_result = writer.await.unwrap_or(Ok(()));
+    let outcome = outcome?;
+    if !opts.keep_workspace {
+        for dir in [&workspace, &meta] {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "removing the workspace failed");
+            }
+        }
+    }
+    store.set_status(&run.id, outcome.status, outcome.reason.as_deref()).await?;
+    log_result?;
+    Ok(outcome)
+}
+
+impl Runner<'_> {
+    async fn execute(&mut self) -> Result<RunOutcome, RunnerError> {
+        self.base_env = self.base_env();
+        let pipeline_env = self.pipeline.env.clone();
+        let env = match self.eval_env(&pipeline_env, self.base_env.clone(), "running") {
+            Ok(env) => env,
+            Err(e) => {
+                let reason = format!("pipeline env: {e}");
+                self.log.note(None, &reason).await;
+                self.failed = true;
+                self.first_failure = Some(reason);
+                self.base_env.clone()
+            }
+        };
+        self.base_env = env;
+
+        let main: Vec<Step> = self.pipeline.steps.clone();
+        for (i, step) in main.iter().enumerate() {
+            if let Some(why) = self.interrupt {
+                let reason = if why == Interrupt::Cancelled { "run cancelled" } else { "run timed out" };
+                self.finish_unrun(i, StepStatus::Skipped, reason).await?;
+                continue;
+            }
+            self.run_step(i, step).await?;
+        }
+
+        let finally: Vec<Step> = self.pipeline.finally.clone();
+        let offset = main.len();
+        for (i, step) in finally.iter().enumerate() {
+            if self.opts.abort.is_cancelled() {
+                self.finish_unrun(offset + i, StepStatus::Skipped, "run aborted").await?;
+                continue;
+            }
+            self.run_step(offset + i, step).await?;
+        }
+
+        let (status, reason) = if self.opts.abort.is_cancelled() {
+            (RunStatus::Cancelled, Some("aborted; finally steps were stopped".to_string()))
+        } else {
+            match self.interrupt {
+                Some(Interrupt::Cancelled) => (RunStatus::Cancelled, Some("cancelled".to_string())),
+                Some(Interrupt::TimedOut) => (
+                    RunStatus::TimedOut,
+                    Some(format!("the run timed out after {}", human(self.pipeline.run_timeout()))),
+                ),
+                None if self.failed => (RunStatus::Failed, self.first_failure.clone()),
+                None => (RunStatus::Succeeded, None),
+            }
+        };
+        Ok(RunOutcome { status, reason })
+    }
+
+    /// The status `run.status` shows: `running` during main steps, the would-be final status
+    /// during `finally`.
+    fn visible_status(&self, phase: Phase) -> &'static str {
+        match (phase, self.interrupt) {
+            (Phase::Main, _) => "running",
+            (_, Some(Interrupt::Cancelled)) => "cancelled",
+            (_, Some(Interrupt::TimedOut)) => "timed_out",
+            _ if self.failed => "failed",
+            _ => "succeeded",
+        }
+    }
+
+    fn scope<'s>(&'s self, env: &'s [(String, String)], status: &'s str) -> RunScope<'s> {
+        RunScope {
+            run: self.run,
+            env,
+            secrets: &self.opts.secrets,
+            steps: &self.steps,
+            failed: self.failed,
+            cancelled: self.interrupt.is_some() || self.opts.abort.is_cancelled(),
+            run_status: status,
+        }
+    }
+
+    /// Evaluates `vars` in order on top of `env`; each sees the ones before it.
+    fn eval_env(&self, vars: &[EnvVar], mut env: Vec<(String, String)>, status: &str) -> Result<Vec<(String, String)>, String> {
+        for var in vars {
+            let value = var.value.eval_string(&self.scope(&env, status)).map_err(|e| format!("env `{}`: {e}", var.name))?;
+            env.retain(|(k, _)| *k != var.name);
+            env.push((var.name.clone(), value));
+        }
+        Ok(env)
+    }
+
+    fn base_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> =
+            INHERITED_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v))).collect();
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+        }
+        env.extend([
+            ("CI".to_string(), "true".to_string()),
+            ("SKIFF".into(), "true".into()),
+            ("SKIFF_RUN_ID".into(), self.run.id.to_string()),
+            ("SKIFF_RUN_NUMBER".into(), self.run.number.to_string()),
+            ("SKIFF_PIPELINE".into(), self.run.pipeline.clone()),
+            ("SKIFF_TRIGGER".into(), self.run.trigger.kind.to_string()),
+            ("SKIFF_WORKSPACE".into(), self.workspace.display().to_string()),
+        ]);
+        for (name, value) in &self.run.params {
+            env.push((format!("SKIFF_PARAM_{}", env_key(name)), value.clone()));
+        }
+        env
+    }
+
+    async fn save(&mut self, index: usize) -> Result<(), RunnerError> {
+        let record = &self.records[index];
+        self.store.update_step(&self.run.id, record).await?;
+        self.log.step_changed(record).await;
+        Ok(())
+    }
+
+    async fn finish_unrun(&mut self, index: usize, status: StepStatus, reason: &str) -> Result<(), RunnerError> {
+        let record = &mut self.records[index];
+        record.status = status;
+        record.reason = Some(reason.to_string());
+        let id = record.id.clone();
+        self.steps.insert(id, StepState { status, outputs: BTreeMap::new() });
+        self.save(index).await
+    }
+
+    /// Decides whether the step runs, runs it with its retries, and records the result.
+    async fn run_step(&mut self, index: usize, step: &Step) -> Result<(), RunnerError> {
+        let status_text = self.visible_status(step.phase);
+        let runs = match &step.condition {
+            None => step.phase == Phase::Finally || (!self.failed && self.interrupt.is_none()),
+            Some(cond) => {
+                let env = self.base_env.clone();
+                let scope = self.scope(&env, status_text);
+                let implicit = step.phase == Phase::Main && !expr::uses_status_function(&cond.expr);
+                match expr::eval(&cond.expr, &scope) {
+                    Ok(v) => v.truthy() && (!implicit || (!self.failed && self.interrupt.is_none())),
+                    Err(e) => {
+                        let reason = format!("`if: {}`: {e}", cond.text);
+                        self.log.note(Some(index as u32), &reason).await;
+                        return self.record_failure(index, step, StepStatus::Failed, reason).await;
+                    }
+                }
+            }
+        };
+        if !runs {
+            let reason = match &step.condition {
+                Some(c) => format!("`if: {}` was false", c.text),
+                None => "an earlier step failed".to_string(),
+            };
+            return self.finish_unrun(index, StepStatus::Skipped, &reason).await;
+        }
+
+        let env = match self.eval_env(&step.env, self.base_env.clone(), status_text) {
+            Ok(mut env) => {
+                for (id, st) in &self.steps {
+                    for (k, v) in &st.outputs {
+                        env.push((format!("SKIFF_STEP_{}_{}", env_key(id), env_key(k)), v.clone()));
+                    }
+                }
+                env.push(("SKIFF_STEP_ID".into(), step.id.clone()));
+                env.push(("SKIFF_RUN_STATUS".into(), status_text.to_string()));
+                env
+            }
+            Err(reason) => {
+                self.log.note(Some(index as u32), &reason).await;
+                return self.record_failure(index, step, StepStatus::Failed, reason).await;
+            }
+        };
+
+        let mut backoff = step.retry.backoff;
+        let attempts = step.retry.count + 1;
+        let mut result;
+        let started = Utc::now();
+        let mut attempt = 1;
+        loop {
+            let record = &mut self.records[index];
+            record.status = StepStatus::Running;
+            record.attempt = attempt;
+            record.started_at = Some(started);
+            record.exit_code = None;
+            record.reason = None;
+            self.save(index).await?;
+            if attempt > 1 {
+                self.log.note(Some(index as u32), &format!("attempt {attempt} of {attempts}")).await;
+            }
+            result = self.attempt(index, step, &env, status_text).await?;
+            let retryable = matches!(result.status, StepStatus::Failed | StepStatus::TimedOut) && !result.stopped;
+            if !retryable || attempt >= attempts {
+                break;
+            }
+            self.log
+                .note(
+                    Some(index as u32),
+                    &format!("{}; retrying in {}", result.reason.as_deref().unwrap_or("failed"), human(backoff)),
+                )
+                .await;
+            let stop = self.stop_token(step.phase);
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => {
+                    result = self.stopped_result(step.phase);
+                    break;
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            attempt += 1;
+        }
+
+        let record = &mut self.records[index];
+        record.status = result.status;
+        record.exit_code = result.exit_code;
+        record.finished_at = Some(Utc::now());
+        record.reason = result.reason.clone();
+        record.outputs = result.outputs.clone();
+        self.steps.insert(step.id.clone(), StepState { status: result.status, outputs: result.outputs });
+        self.save(index).await?;
+
+        if result.stopped && step.phase == Phase::Main {
+            self.interrupt = Some(if self.deadline_hit.load(Ordering::SeqCst) {
+                Interrupt::TimedOut
+            } else {
+                Interrupt::Cancelled
+            });
+        } else if matches!(result.status, StepStatus::Failed | StepStatus::TimedOut) && !step.continue_on_error {
+            self.failed = true;
+            if self.first_failure.is_none() {
+                self.first_failure = Some(format!(
+                    "step `{}` {}",
+                    step.name,
+                    result.reason.as_deref().unwrap_or("failed")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn record_failure(&mut self, index: usize, step: &Step, status: StepStatus, reason: String) -> Result<(), RunnerError> {
+        let now = Utc::now();
+        let record = &mut self.records[index];
+        record.status = status;
+        record.started_at = Some(now);
+        record.finished_at = Some(now);
+        record.reason = Some(reason.clone());
+        self.steps.insert(step.id.clone(), StepState { status, outputs: BTreeMap::new() });
+        self.save(index).await?;
+        if !step.continue_on_error {
+            self.failed = true;
+            self.first_failure.get_or_insert(format!("step `{}`: {reason}", step.name));
+        }
+        Ok(())
+    }
+
+    fn stop_token(&self, phase: Phase) -> CancellationToken {
+        match phase {
+            Phase::Main => self.stop.clone(),
+            Phase::Finally => self.opts.abort.clone(),
+        }
+    }
+
+    fn stopped_result(&self, phase: Phase) -> AttemptResult {
+        let timed_out = phase == Phase::Main && self.deadline_hit.load(Ordering::SeqCst);
+        AttemptResult {
+            status: if timed_out { StepStatus::TimedOut } else { StepStatus::Cancelled },
+            exit_code: None,
+            reason: Some(if timed_out { "the run timed out".into() } else { "cancelled".into() }),
+            outputs: BTreeMap::new(),
+            stopped: true,
+        }
+    }
+
+    /// One attempt of a step.
+    async fn attempt(&self, index: usize, step: &Step, env: &[(String, String)], status: &str) -> Result<AttemptResult, RunnerError> {
+        let stop = self.stop_token(step.phase);
+        let step_deadline = match (step.phase, step.timeout) {
+            (Phase::Main, Some(t)) => Some((Instant::now() + t).min(self.deadline)),
+            (Phase::Main, None) => Some(self.deadline),
+            (Phase::Finally, t) => Some(Instant::now() + t.unwrap_or(FINALLY_DEFAULT_TIMEOUT)),
+        };
+        let step_timeout_hit = |now: Instant| step.phase == Phase::Finally || now < self.deadline;
+        let scope = self.scope(env, status);
+        let cwd = match &step.working_directory {
+            None => self.workspace.clone(),
+            Some(t) => match t.eval_string(&scope) {
+                Ok(dir) => self.workspace.join(dir),
+                Err(e) => return Ok(AttemptResult::failed(format!("working_directory: {e}"))),
+            },
+        };
+        if !cwd.is_dir() {
+            return Ok(AttemptResult::failed(format!("working directory {} does not exist", cwd.display())));
+        }
+        match &step.action {
+            StepAction::Run { script } => {
+                let script_path = self.meta.join(format!("step-{index}.sh"));
+                let output_path = self.meta.join(format!("step-{index}.out"));
+                write_file(&script_path, script.as_bytes())?;
+                write_file(&output_path, b"")?;
+                let mut env = env.to_vec();
+                env.push(("SKIFF_OUTPUT".into(), output_path.display().to_string()));
+                let (program, args) = shell();
+                let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+                argv.push(script_path.as_os_str());
+                let spec = Spawn { program, args: &argv, cwd: &cwd, env: &env };
+                let ended =
+                    process::run(spec, &self.log, index as u32, &self.masker, step_deadline, &stop, self.opts.kill_grace).await;
+                let (mut outputs, problems) = read_outputs(&output_path);
+                if !self.masker.is_empty() {
+                    outputs.values_mut().for_each(|v| *v = self.masker.mask_str(v));
+                }
+                for p in problems {
+                    self.log.note(Some(index as u32), &p).await;
+                }
+                Ok(match ended {
+                    Err(e) => AttemptResult::failed(format!("could not start the shell {}: {e}", program.display())),
+                    Ok(Ended::Exited(status)) => match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+                        (Some(0), _) => AttemptResult::succeeded(outputs),
+                        (Some(code), _) => AttemptResult { exit_code: Some(code), ..AttemptResult::failed(format!("failed with exit code {code}")) },
+                        (None, Some(sig)) => AttemptResult::failed(format!("was killed by signal {sig}")),
+                        (None, None) => AttemptResult::failed("ended abnormally".to_string()),
+                    },
+                    Ok(Ended::DeadlineReached) if step_timeout_hit(Instant::now()) => AttemptResult {
+                        status: StepStatus::TimedOut,
+                        ..AttemptResult::failed(format!("timed out after {}", human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT))))
+                    },
+                    Ok(Ended::DeadlineReached | Ended::Stopped) => self.stopped_result(step.phase),
+                })
+            }
+            StepAction::Uses { action, with } => {
+                let inputs = match actions::eval_inputs(action, with, &scope) {
+                    Ok(inputs) => inputs,
+                    Err(e) => return Ok(AttemptResult::failed(e)),
+                };
+                let cx = ActionContext { log: &self.log, step: index as u32, stop: &stop, deadline: step_deadline };
+                let work = actions::run(action.name, inputs, &cx);
+                let sleep = async {
+                    match step_deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                Ok(tokio::select! {
+                    r = work => match r {
+                        Ok(outputs) => AttemptResult::succeeded(outputs),
+                        Err(reason) => AttemptResult::failed(reason),
+                    },
+                    () = sleep, if step_timeout_hit(step_deadline.unwrap_or_else(Instant::now)) => AttemptResult {
+                        status: StepStatus::TimedOut,
+                        ..AttemptResult::failed(format!("timed out after {}", human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT))))
+                    },
+                    () = stop.cancelled() => self.stopped_result(step.phase),
+                })
+            }
+        }
+    }
+}
+
+struct AttemptResult {
+    status: StepStatus,
+    exit_code: Option<i32>,
+    reason: Option<String>,
+    outputs: BTreeMap<String, String>,
+    /// Ended by a cancel or the run's deadline (not retried).
+    stopped: bool,
+}
+
+impl AttemptResult {
+    fn succeeded(outputs: BTreeMap<String, String>) -> Self {
+        AttemptResult { status: StepStatus::Succeeded, exit_code: Some(0), reason: None, outputs, stopped: false }
+    }
+
+    fn failed(reason: String) -> Self {
+        AttemptResult { status: StepStatus::Failed, exit_code: None, reason: Some(reason), outputs: BTreeMap::new(), stopped: false }
+    }
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<(), RunnerError> {
+    std::fs::write(path, data).map_err(|source| RunnerError::Workspace { path: path.display().to_string(), source })
+}
+
+/// The most output text a step may leave in `$SKIFF_OUTPUT`.
+const MAX_OUTPUT_BYTES: u64 = 1 << 20;
+
+/// Reads a step's `$SKIFF_OUTPUT` file; problems come back as log lines.
+fn read_outputs(path: &Path) -> (BTreeMap<String, String>, Vec<String>) {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if size > MAX_OUTPUT_BYTES {
+        return (BTreeMap::new(), vec![format!("$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES}; outputs ignored")]);
+    }
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => return (BTreeMap::new(), Vec::new()),
+    };
+    let (values, errors) = skiff_core::kv::parse(&text);
+    let problems = errors.into_iter().map(|e| format!("$SKIFF_OUTPUT line {}: {}", e.line, e.message)).collect();
+    (values.into_iter().collect(), problems)
+}
