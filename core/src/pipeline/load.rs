@@ -340,8 +340,12 @@ impl<'s, 'n> Cx<'s, 'n> {
         let steps = match top.value("steps") {
             Some(n) => self.steps(n, Phase::Main),
             None => {
-                let pos = top.key("steps").map_or(Pos::new(1, 1), |k| k.pos);
-                self.error(pos, "a pipeline needs at least one step in `steps`");
+                // A misspelt `steps` is already reported with a suggestion; do not say it twice.
+                let misspelt = top.entries.iter().any(|(k, _)| k.name != "steps" && crate::diag::suggest(&k.name, ["steps"]).is_some());
+                if !misspelt {
+                    let pos = top.key("steps").map_or(Pos::new(1, 1), |k| k.pos);
+                    self.error(pos, "a pipeline needs at least one step in `steps`");
+                }
                 Vec::new()
             }
         };

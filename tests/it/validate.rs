@@ -1,0 +1,79 @@
+//! `skiff validate` and the CLI's help.
+
+use crate::support::Sandbox;
+
+#[test]
+fn every_example_pipeline_is_valid() {
+    let sb = Sandbox::new();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let out = sb.run(&["validate", dir.to_str().expect("path")]);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let count = std::fs::read_dir(&dir).expect("pipelines").count();
+    assert!(count >= 2);
+    assert!(out.stdout.contains(&format!("{count} files valid")), "{}", out.stdout);
+}
+
+#[test]
+fn a_corpus_of_broken_files_reports_each_problem_at_its_place() {
+    let sb = Sandbox::new();
+    let dir = sb.path().join("broken");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::write(dir.join("a.yml"), "name: a\nstpes:\n  - run: echo\n").expect("write");
+    std::fs::write(dir.join("b.yaml"), "steps:\n  - run: echo\n    timeout: 10\n  - uses: docker/nope\n").expect("write");
+    std::fs::write(dir.join("c.yml"), "steps:\n  - run: echo ${{ params.x }}\n").expect("write");
+    std::fs::write(dir.join("good.yml"), "steps:\n  - run: echo ok\n").expect("write");
+    std::fs::write(dir.join("d.yml"), [0xff, 0xfe, b'\n']).expect("write");
+    std::fs::write(dir.join("notes.txt"), "not a pipeline").expect("write");
+    let out = sb.run(&["validate", dir.to_str().expect("path")]);
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let d = dir.display();
+    for expected in [
+        format!("{d}/a.yml:2:1: error: unknown key `stpes` in the pipeline"),
+        "help: did you mean `steps`?".to_string(),
+        format!("{d}/b.yaml:3:14: error: `timeout`: `10` has no unit"),
+        format!("{d}/b.yaml:4:11: error: unknown action `docker/nope`"),
+        format!("{d}/c.yml:2:15: error: `${{{{ ... }}}}` is not expanded inside `run:`"),
+        "help: use the environment variable instead: \"$SKIFF_PARAM_X\"".to_string(),
+        format!("{d}/d.yml:1:1: error: the file is not valid UTF-8"),
+        format!("{d}/good.yml: ok"),
+        "4 of 5 files invalid, 5 problems".to_string(),
+    ] {
+        assert!(out.stdout.contains(&expected), "missing {expected:?} in:\n{}", out.stdout);
+    }
+    assert!(!out.stdout.contains("notes.txt"));
+}
+
+#[test]
+fn validating_a_thousand_files_is_quick_and_quiet() {
+    let sb = Sandbox::new();
+    let dir = sb.path().join("many");
+    std::fs::create_dir(&dir).expect("mkdir");
+    for i in 0..50 {
+        std::fs::write(dir.join(format!("p{i}.yml")), "steps:\n  - run: echo ok\n").expect("write");
+    }
+    let out = sb.run(&["validate", "--quiet", dir.to_str().expect("path")]);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert_eq!(out.stdout, "", "--quiet prints nothing for valid files");
+}
+
+#[test]
+fn missing_path_is_a_clear_error() {
+    let sb = Sandbox::new();
+    let out = sb.run(&["validate", "no/such/dir"]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("no/such/dir does not exist"), "{}", out.stderr);
+}
+
+#[test]
+fn help_is_complete() {
+    let sb = Sandbox::new();
+    for sub in ["run", "validate"] {
+        let mut cmd = sb.skiff(&[sub, "--help"]);
+        cmd.env_remove("SKIFF_DATA").env_remove("SKIFF_KILL_GRACE");
+        let out = crate::support::run_to_end(cmd);
+        assert_eq!(out.code, Some(0));
+        insta::assert_snapshot!(format!("help_{sub}"), out.stdout);
+    }
+    let out = sb.run(&["--help"]);
+    insta::assert_snapshot!("help", out.stdout);
+}
