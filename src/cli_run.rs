@@ -206,18 +206,24 @@ impl Terminal {
 
 impl RunObserver for Terminal {
     fn log(&self, _step: Option<u32>, data: &[u8]) {
-        let Ok(mut out) = self.out.lock() else { return };
         let prefix: &[u8] = if self.color { "  \x1b[2m│\x1b[0m ".as_bytes() } else { "  │ ".as_bytes() };
-        for line in data.split_inclusive(|b| *b == b'\n') {
-            let _ = out.write_all(prefix);
+        // Build the whole block first: one write per chunk, not two per line.
+        let mut block = Vec::with_capacity(data.len() + data.len() / 8 + prefix.len());
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', data).map(|i| i + 1).chain((data.len() > 0 && !data.ends_with(b"\n")).then_some(data.len())) {
+            let line = &data[start..end];
+            start = end;
+            block.extend_from_slice(prefix);
             if self.color && line.starts_with(b"[skiff] ") {
-                let _ = out.write_all(b"\x1b[33m");
-                let _ = out.write_all(line.strip_suffix(b"\n").unwrap_or(line));
-                let _ = out.write_all(b"\x1b[0m\n");
+                block.extend_from_slice(b"\x1b[33m");
+                block.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
+                block.extend_from_slice(b"\x1b[0m\n");
             } else {
-                let _ = out.write_all(line);
+                block.extend_from_slice(line);
             }
         }
+        let Ok(mut out) = self.out.lock() else { return };
+        let _ = out.write_all(&block);
         let _ = out.flush();
     }
 

@@ -176,9 +176,14 @@ impl LogSender {
     }
 }
 
-/// How many chunks may wait for the writer: the bound on a run's log memory (with 64 KiB
-/// chunks, about 4 MiB) and the back-pressure that slows a step only when the Store cannot keep up.
-const CHANNEL_CHUNKS: usize = 64;
+/// How many chunks may wait for the writer: the bound on a run's log memory (with chunks of at
+/// most 320 KiB, 5 MiB) and the back-pressure that slows a step only when the Store cannot keep up.
+const CHANNEL_CHUNKS: usize = 16;
+/// How long log output may wait to be written to the Store (observers see it at once): one
+/// write per interval, not one per burst of output.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// The largest log chunk stored as one piece.
+const STORED_CHUNK_BYTES: usize = 512 << 10;
 /// The most bytes written to the Store in one transaction.
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -192,37 +197,63 @@ pub fn start_writer(
     let (tx, mut rx) = mpsc::channel::<Event>(CHANNEL_CHUNKS);
     let handle = tokio::spawn(async move {
         let mut batch: Vec<LogChunk> = Vec::new();
+        let mut bytes = 0usize;
         let mut failure = None;
-        while let Some(first) = rx.recv().await {
-            let mut bytes = 0;
-            let mut next = Some(first);
-            while let Some(event) = next.take() {
-                match event {
-                    Event::Log(chunk) => {
-                        observer.log(chunk.step, &chunk.data);
-                        bytes += chunk.data.len();
-                        batch.push(chunk);
+        // When the pending batch must be written even if no more comes.
+        let mut flush_at: Option<tokio::time::Instant> = None;
+        loop {
+            let flush_due = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                event = rx.recv() => event,
+                () = flush_due => {
+                    flush(&*store, &run, &mut batch, &mut failure).await;
+                    (bytes, flush_at) = (0, None);
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
+            match event {
+                Event::Log(chunk) => {
+                    observer.log(chunk.step, &chunk.data);
+                    bytes += chunk.data.len();
+                    // Neighbouring chunks of one step are stored as one.
+                    match batch.last_mut() {
+                        Some(last) if last.step == chunk.step && last.data.len() + chunk.data.len() <= STORED_CHUNK_BYTES => {
+                            last.data.extend_from_slice(&chunk.data);
+                        }
+                        _ => batch.push(chunk),
                     }
-                    Event::Step(record) => observer.step_changed(&record),
+                    flush_at.get_or_insert_with(|| tokio::time::Instant::now() + FLUSH_EVERY);
                 }
-                if bytes < BATCH_BYTES {
-                    next = rx.try_recv().ok();
-                }
+                Event::Step(record) => observer.step_changed(&record),
             }
-            if batch.is_empty() {
-                continue;
+            if bytes >= BATCH_BYTES {
+                flush(&*store, &run, &mut batch, &mut failure).await;
+                (bytes, flush_at) = (0, None);
             }
-            if failure.is_none() {
-                if let Err(e) = store.append_logs(&run, &batch).await {
-                    tracing::error!(run_id = %run, error = %e, "writing logs failed");
-                    failure = Some(e);
-                }
-            }
-            batch.clear();
         }
+        flush(&*store, &run, &mut batch, &mut failure).await;
         failure.map_or(Ok(()), Err)
     });
     (LogSender { tx }, handle)
+}
+
+async fn flush(store: &dyn Store, run: &RunId, batch: &mut Vec<LogChunk>, failure: &mut Option<skiff_core::store::StoreError>) {
+    if batch.is_empty() {
+        return;
+    }
+    if failure.is_none() {
+        if let Err(e) = store.append_logs(run, batch).await {
+            tracing::error!(run_id = %run, error = %e, "writing logs failed");
+            *failure = Some(e);
+        }
+    }
+    batch.clear();
 }
 
 #[cfg(test)]

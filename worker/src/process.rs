@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +33,10 @@ pub struct Spawn<'a> {
 /// Only a process that left the group (`setsid`) can hold the pipe open longer.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 const READ_BUF: usize = 64 << 10;
+/// Output is passed on in chunks of about this size (or less, when no more is ready).
+const CHUNK_BYTES: usize = 256 << 10;
+/// The pipe's kernel buffer: a step that prints fast blocks less often.
+const PIPE_BYTES: i32 = 1 << 20;
 
 fn signal_group(pgid: Pid, signal: Signal) {
     // ESRCH (no such group) means everything is already gone.
@@ -51,6 +54,8 @@ pub async fn run(
     grace: Duration,
 ) -> std::io::Result<Ended> {
     let (writer, reader) = tokio::net::unix::pipe::pipe()?;
+    // A bigger buffer is an optimisation; the default (64 KiB) works too.
+    let _ = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
     let out = writer.into_blocking_fd()?;
     let err = out.try_clone()?;
     let mut cmd = tokio::process::Command::new(spec.program);
@@ -115,25 +120,41 @@ async fn terminate(child: &mut tokio::process::Child, pgid: Pid, grace: Duration
     }
 }
 
-async fn read_output(mut reader: tokio::net::unix::pipe::Receiver, log: LogSender, step: u32, masker: Masker) {
+async fn read_output(reader: tokio::net::unix::pipe::Receiver, log: LogSender, step: u32, masker: Masker) {
     let mut splitter = LineSplitter::new(masker);
     let mut buf = vec![0u8; READ_BUF];
+    let mut out = Vec::with_capacity(CHUNK_BYTES + READ_BUF);
     loop {
-        match reader.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                let mut out = Vec::with_capacity(n + 64);
-                splitter.push(&buf[..n], &mut out);
-                log.send(Some(step), out).await;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "reading step output failed");
-                break;
+        // Wait for output, then take all that is ready (up to a chunk) before passing it on:
+        // a producer writing 4 KiB at a time then costs one log chunk per 256 KiB, not per write.
+        if let Err(e) = reader.readable().await {
+            tracing::warn!(error = %e, "waiting for step output failed");
+            break;
+        }
+        let mut ended = false;
+        while out.len() < CHUNK_BYTES {
+            match reader.try_read(&mut buf) {
+                Ok(0) => {
+                    ended = true;
+                    break;
+                }
+                Ok(n) => splitter.push(&buf[..n], &mut out),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading step output failed");
+                    ended = true;
+                    break;
+                }
             }
         }
+        if ended {
+            break;
+        }
+        if !out.is_empty() {
+            log.send(Some(step), std::mem::replace(&mut out, Vec::with_capacity(CHUNK_BYTES + READ_BUF))).await;
+        }
     }
-    let mut out = Vec::new();
     splitter.finish(&mut out);
     log.send(Some(step), out).await;
 }

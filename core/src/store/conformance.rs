@@ -151,6 +151,8 @@ async fn logs(store: &Arc<dyn Store>) {
     let small = store.read_logs(&run.id, 0, 6).await.expect("small read");
     assert_eq!(small.chunks.len(), 1, "max_bytes limits a read");
     assert_eq!(small.next_offset, 6);
+    let part = store.read_logs(&run.id, 12, 100).await.expect("read part of a big chunk");
+    assert_eq!((part.chunks.len(), part.chunks[0].data.len(), part.next_offset), (1, 100, 112), "a big chunk is read in parts");
     let tail = store.read_logs(&run.id, 1012, 1024).await.expect("read at the end");
     assert!(tail.chunks.is_empty() && tail.next_offset == 1012, "reading at the end gives nothing");
     let err = store.read_logs(&run.id, 1013, 1024).await.expect_err("past the end");
