@@ -18,7 +18,7 @@ use skiff_worker::{RunObserver, RunOptions, execute_run};
 use tokio_util::sync::CancellationToken;
 
 use crate::DataArgs;
-use crate::validate::load_file;
+use skiff_core::catalog::load_file;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {

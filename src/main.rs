@@ -1,6 +1,8 @@
 //! The `skiff` binary: subcommands that call into the crates.
 
 mod cli_run;
+mod metrics;
+mod serve;
 mod validate;
 
 use std::path::PathBuf;
@@ -22,6 +24,8 @@ enum Command {
     Run(cli_run::RunArgs),
     /// Check pipeline files and print every problem found, with file, line and column
     Validate(validate::ValidateArgs),
+    /// Start the server with its web UI, API and in-process workers (the embedded deployment)
+    Serve(serve::ServeArgs),
 }
 
 /// Options shared by subcommands that keep state.
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => cli_run::main(args),
         Command::Validate(args) => validate::main(args),
+        Command::Serve(args) => serve::main(args),
     };
     match result {
         Ok(code) => code,

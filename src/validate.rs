@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use skiff_core::diag::{Diagnostic, Pos, Report};
-use skiff_core::pipeline;
+use skiff_core::catalog::{self, load_file};
+use skiff_core::diag::Report;
 
 #[derive(clap::Args, Debug)]
 pub struct ValidateArgs {
@@ -19,44 +19,11 @@ pub struct ValidateArgs {
 }
 
 /// The pipeline files a path stands for: itself, or the YAML files in a folder, sorted.
-pub fn pipeline_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn pipeline_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
-        let p = entry?.path();
-        if p.is_file() && p.extension().is_some_and(|e| e == "yml" || e == "yaml") {
-            files.push(p);
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// The name a file gives a pipeline that has no `name:`: its stem.
-pub fn default_name(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// Reads and loads one file; an unreadable file is a diagnostic too.
-pub fn load_file(path: &Path) -> (String, Result<pipeline::Pipeline, Vec<Diagnostic>>) {
-    match std::fs::read(path) {
-        Err(e) => (String::new(), Err(vec![Diagnostic::new(Pos::new(1, 1), format!("cannot read the file: {e}"))])),
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Err(e) => {
-                let at = e.utf8_error().valid_up_to();
-                let text = String::from_utf8_lossy(&e.into_bytes()[..at]).into_owned();
-                let line = text.matches('\n').count() as u32 + 1;
-                let col = text.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u32 + 1;
-                (text, Err(vec![Diagnostic::new(Pos::new(line, col), "the file is not valid UTF-8")]))
-            }
-            Ok(text) => {
-                let loaded = pipeline::load(&text, &default_name(path));
-                (text, loaded)
-            }
-        },
-    }
+    catalog::pipeline_files(path).with_context(|| format!("reading {}", path.display()))
 }
 
 pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {

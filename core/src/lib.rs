@@ -2,11 +2,14 @@
 //! Store and its SQLite backend. Knows nothing of HTTP, Docker or AWS.
 
 pub mod actions;
+pub mod catalog;
 pub mod diag;
+pub mod dispatch;
 pub mod duration;
 pub mod expr;
 pub mod kv;
 pub mod pipeline;
+pub mod queue;
 pub mod yaml;
 pub mod run;
 pub mod store;

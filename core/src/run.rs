@@ -160,6 +160,8 @@ pub struct Run {
     pub reason: Option<String>,
     /// Bytes of log written so far.
     pub log_len: u64,
+    /// Someone asked for this running run to be cancelled; its worker stops it.
+    pub cancel_requested: bool,
 }
 
 /// A step of a run as planned when the run is created.

@@ -3,6 +3,7 @@
 
 pub mod actions;
 pub mod logs;
+pub mod pool;
 mod process;
 pub mod runner;
 pub mod secrets;

@@ -225,6 +225,13 @@ pub async fn execute_run(
             }
         }
     }
+    let mut outcome = outcome;
+    if outcome.status == RunStatus::Cancelled {
+        // A cancel requested through the Store carries its own reason (who cancelled); keep it.
+        if let Some(reason) = store.get_run(&run.id).await?.and_then(|r| r.reason) {
+            outcome.reason = Some(reason);
+        }
+    }
     store.set_status(&run.id, outcome.status, outcome.reason.as_deref()).await?;
     log_result?;
     Ok(outcome)

@@ -36,6 +36,41 @@ pub async fn conformance(store: Arc<dyn Store>) {
     logs(&store).await;
     listing(&store).await;
     missing(&store).await;
+    cancelling(&store).await;
+    counting(&store).await;
+}
+
+async fn cancelling(store: &Arc<dyn Store>) {
+    let mut changes = store.changes();
+    let queued = store.create_run(new_run("cancel", 2)).await.expect("create");
+    let run = store.request_cancel(&queued.id, "cancelled by admin").await.expect("cancel queued");
+    assert_eq!(run.status, RunStatus::Cancelled, "a queued run is cancelled at once");
+    assert_eq!(run.reason.as_deref(), Some("cancelled by admin"));
+    assert!(run.finished_at.is_some());
+    let steps = store.steps(&run.id).await.expect("steps");
+    assert!(steps.iter().all(|s| s.status == StepStatus::Skipped), "its steps never run: {steps:?}");
+    let changed = tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv()).await;
+    assert!(matches!(changed, Ok(Ok(_))), "a change is announced");
+
+    let running = store.create_run(new_run("cancel", 1)).await.expect("create");
+    store.set_status(&running.id, RunStatus::Running, None).await.expect("run");
+    let run = store.request_cancel(&running.id, "cancelled by admin").await.expect("cancel running");
+    assert_eq!((run.status, run.cancel_requested), (RunStatus::Running, true), "a running run is marked for its worker");
+    let got = store.get_run(&running.id).await.expect("get").expect("exists");
+    assert!(got.cancel_requested);
+    let done = store.set_status(&running.id, RunStatus::Cancelled, None).await.expect("worker cancels");
+    assert_eq!(done.reason.as_deref(), Some("cancelled by admin"), "the request's reason is kept");
+    let again = store.request_cancel(&running.id, "too late").await.expect("cancel ended");
+    assert_eq!((again.status, again.reason.as_deref()), (RunStatus::Cancelled, Some("cancelled by admin")), "an ended run is left as it is");
+    assert!(matches!(store.request_cancel(&RunId::generate(), "x").await, Err(StoreError::NotFound(_))));
+}
+
+async fn counting(store: &Arc<dyn Store>) {
+    let counts = store.status_counts().await.expect("counts");
+    let queued = counts.iter().find(|(s, _)| *s == RunStatus::Queued).map_or(0, |(_, n)| *n);
+    let all = store.list_runs(&RunQuery { status: Some(RunStatus::Queued), limit: 500, ..RunQuery::default() }).await.expect("list");
+    assert_eq!(queued, all.runs.len() as u64, "counts agree with listing");
+    assert!(counts.iter().all(|(_, n)| *n > 0));
 }
 
 async fn numbering(store: &Arc<dyn Store>) {

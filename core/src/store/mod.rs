@@ -1,8 +1,10 @@
 //! The Store: where runs, steps, outputs and logs live. One trait, a backend per deployment
 //! (SQLite embedded; Redis distributed), one conformance suite that every backend passes.
 
+pub mod auth;
 mod conformance;
 mod sqlite;
+mod sqlite_auth;
 
 use std::collections::BTreeMap;
 
@@ -10,6 +12,7 @@ use async_trait::async_trait;
 
 use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk};
 
+pub use auth::{ApiToken, AuthStore, Session};
 pub use conformance::conformance;
 pub use sqlite::SqliteStore;
 
@@ -77,6 +80,15 @@ pub trait Store: Send + Sync + 'static {
     async fn append_logs(&self, id: &RunId, chunks: &[LogChunk]) -> Result<u64>;
     /// Reads from `offset`, about `max_bytes` at most (always at least one chunk if any).
     async fn read_logs(&self, id: &RunId, offset: u64, max_bytes: usize) -> Result<LogRead>;
+    /// Asks for a run to be cancelled: a queued run is cancelled at once; a running one is
+    /// marked so that its worker stops it (and runs its `finally`). An ended run is left as it
+    /// is. Returns the run as it now is.
+    async fn request_cancel(&self, id: &RunId, reason: &str) -> Result<Run>;
+    /// How many runs are in each state (states with none are left out).
+    async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>>;
+    /// The ids of runs as they change (state, steps, log, cancel requests). A receiver that
+    /// falls behind misses ids and should re-read what it follows.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<RunId>;
 }
 
 pub(crate) fn params_to_json(params: &BTreeMap<String, String>) -> String {

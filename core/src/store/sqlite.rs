@@ -17,7 +17,7 @@ use super::{LogRead, Result, RunPage, RunQuery, Store, StoreError, params_from_j
 use crate::pipeline::Phase;
 use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind};
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS runs (
@@ -36,6 +36,7 @@ const SCHEMA: &[&str] = &[
         finished_at INTEGER,
         reason TEXT,
         log_len INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
         UNIQUE (pipeline, number)
     )",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
@@ -62,6 +63,26 @@ const SCHEMA: &[&str] = &[
         len INTEGER NOT NULL
     )",
     "CREATE UNIQUE INDEX IF NOT EXISTS log_chunks_by_offset ON log_chunks (run_id, offset)",
+    "CREATE TABLE IF NOT EXISTS admin (id INTEGER PRIMARY KEY CHECK (id = 1), password_hash TEXT)",
+    "CREATE TABLE IF NOT EXISTS api_tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        last_used_at INTEGER,
+        revoked_at INTEGER
+    )",
+    "CREATE TABLE IF NOT EXISTS sessions (
+        hash TEXT PRIMARY KEY,
+        csrf TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS login_links (
+        hash TEXT PRIMARY KEY,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+    ) WITHOUT ROWID",
 ];
 
 /// The embedded Store. Run state lives in SQLite; log bytes live in one append-only file per
@@ -70,19 +91,20 @@ const SCHEMA: &[&str] = &[
 /// checkpoint copy) and lets readers stream with plain positioned reads.
 #[derive(Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
     logs: PathBuf,
+    changes: tokio::sync::broadcast::Sender<RunId>,
 }
 
-fn backend(e: sqlx::Error) -> StoreError {
+pub(super) fn backend(e: sqlx::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn millis(t: DateTime<Utc>) -> i64 {
+pub(super) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-fn from_millis(ms: Option<i64>) -> Option<DateTime<Utc>> {
+pub(super) fn from_millis(ms: Option<i64>) -> Option<DateTime<Utc>> {
     ms.and_then(|ms| Utc.timestamp_millis_opt(ms).single())
 }
 
@@ -108,9 +130,15 @@ impl SqliteStore {
     /// Uses an existing pool (the queue shares the same file and pool); log files go to `logs`.
     pub async fn from_pool(pool: SqlitePool, logs: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&logs).map_err(|e| StoreError::Backend(format!("creating {}: {e}", logs.display())))?;
-        let store = SqliteStore { pool, logs };
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        let store = SqliteStore { pool, logs, changes };
         store.migrate().await?;
         Ok(store)
+    }
+
+    fn changed(&self, id: &RunId) {
+        // No receivers is fine: nobody is following.
+        let _ = self.changes.send(id.clone());
     }
 
     fn log_path(&self, id: &RunId) -> PathBuf {
@@ -121,7 +149,7 @@ impl SqliteStore {
     /// A transaction that takes the write lock at once. A deferred one that reads first and
     /// writes later fails with SQLITE_BUSY_SNAPSHOT when another writer got in between, and the
     /// busy timeout cannot help it.
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    pub(super) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
         self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(backend)
     }
 
@@ -140,7 +168,13 @@ impl SqliteStore {
         for statement in SCHEMA {
             sqlx::query(*statement).execute(&mut *tx).await.map_err(backend)?;
         }
-        sqlx::query("PRAGMA user_version = 1").execute(&mut *tx).await.map_err(backend)?;
+        if version == 1 {
+            sqlx::query("ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        sqlx::query("PRAGMA user_version = 2").execute(&mut *tx).await.map_err(backend)?;
         tx.commit().await.map_err(backend)
     }
 }
@@ -168,6 +202,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         finished_at: from_millis(row.try_get("finished_at").map_err(backend)?),
         reason: row.try_get("reason").map_err(backend)?,
         log_len: row.try_get::<i64, _>("log_len").map_err(backend)? as u64,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested").map_err(backend)? != 0,
     })
 }
 
@@ -195,7 +230,7 @@ macro_rules! select_runs {
     ($tail:literal) => {
         concat!(
             "SELECT seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
-            "rerun_of, created_at, started_at, finished_at, reason, log_len FROM runs ",
+            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested FROM runs ",
             $tail
         )
     };
@@ -261,6 +296,7 @@ impl Store for SqliteStore {
             finished_at: None,
             reason: None,
             log_len: 0,
+            cancel_requested: false,
         })
     }
 
@@ -344,6 +380,7 @@ impl Store for SqliteStore {
         .map_err(backend)?;
         let row = sqlx::query(select_runs!("WHERE id = ?1")).bind(id.as_str()).fetch_one(&mut *tx).await.map_err(backend)?;
         tx.commit().await.map_err(backend)?;
+        self.changed(id);
         run_from_row(&row)
     }
 
@@ -369,6 +406,7 @@ impl Store for SqliteStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(id.clone()));
         }
+        self.changed(id);
         Ok(())
     }
 
@@ -418,6 +456,7 @@ impl Store for SqliteStore {
             .await
             .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
+        self.changed(id);
         Ok(offset as u64)
     }
 
@@ -493,5 +532,59 @@ impl Store for SqliteStore {
         .map_err(|e| StoreError::Backend(e.to_string()))?
         .map_err(|e| StoreError::Corrupt(format!("reading the log of run {id}: {e}")))?;
         Ok(LogRead { chunks, next_offset, len })
+    }
+
+    async fn request_cancel(&self, id: &RunId, reason: &str) -> Result<Run> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "UPDATE runs SET
+                cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE cancel_requested END,
+                status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+                finished_at = CASE WHEN status = 'queued' THEN ?2 ELSE finished_at END,
+                reason = CASE WHEN status IN ('queued', 'running') THEN ?3 ELSE reason END
+             WHERE id = ?1",
+        )
+        .bind(id.as_str())
+        .bind(millis(Utc::now()))
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let row = sqlx::query(select_runs!("WHERE id = ?1"))
+            .bind(id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?
+            .ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        let run = run_from_row(&row)?;
+        if run.status == RunStatus::Cancelled {
+            // A queued run's steps never start.
+            sqlx::query("UPDATE steps SET status = 'skipped', reason = 'run cancelled' WHERE run_id = ?1 AND status = 'pending'")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        self.changed(id);
+        Ok(run)
+    }
+
+    async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) FROM runs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.get(0);
+                let n: i64 = r.get(1);
+                Ok((status.parse().map_err(corrupt("run status"))?, n as u64))
+            })
+            .collect()
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<RunId> {
+        self.changes.subscribe()
     }
 }

@@ -1,0 +1,167 @@
+//! The pipelines folder: every file loaded and checked, kept current as files change.
+//!
+//! A bad file never takes the others down: it is listed as invalid, with its diagnostics.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::diag::{Diagnostic, Pos};
+use crate::pipeline::{self, Pipeline};
+
+/// One pipeline file.
+#[derive(Debug)]
+pub struct Entry {
+    /// The pipeline's name (for an invalid file that names none, its file stem).
+    pub name: String,
+    pub file: PathBuf,
+    pub source: String,
+    /// The loaded pipeline, when the file is valid.
+    pub pipeline: Option<Arc<Pipeline>>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Entry {
+    pub fn is_valid(&self) -> bool {
+        self.pipeline.is_some()
+    }
+}
+
+/// A consistent view of the folder at one moment.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub dir: PathBuf,
+    entries: BTreeMap<String, Arc<Entry>>,
+    /// What the folder looked like when loaded: (file, modified, size).
+    stamp: Vec<(PathBuf, Option<SystemTime>, u64)>,
+}
+
+/// The YAML files of a folder (not its subfolders), sorted.
+pub fn pipeline_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_file() && p.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The name a file gives a pipeline that has no `name:`: its stem.
+pub fn default_name(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Reads and loads one file; an unreadable or non-UTF-8 file is a diagnostic too.
+pub fn load_file(path: &Path) -> (String, Result<Pipeline, Vec<Diagnostic>>) {
+    match std::fs::read(path) {
+        Err(e) => (String::new(), Err(vec![Diagnostic::new(Pos::new(1, 1), format!("cannot read the file: {e}"))])),
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let text = String::from_utf8_lossy(&e.into_bytes()[..at]).into_owned();
+                let line = text.matches('\n').count() as u32 + 1;
+                let col = text.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u32 + 1;
+                (text, Err(vec![Diagnostic::new(Pos::new(line, col), "the file is not valid UTF-8")]))
+            }
+            Ok(text) => {
+                let loaded = pipeline::load(&text, &default_name(path));
+                (text, loaded)
+            }
+        },
+    }
+}
+
+fn stamp_of(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    files
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(f).ok();
+            (f.clone(), meta.as_ref().and_then(|m| m.modified().ok()), meta.map_or(0, |m| m.len()))
+        })
+        .collect()
+}
+
+/// A best guess at the `name:` of a file that did not load, so it keeps its place in lists.
+fn guess_name(source: &str, file: &Path) -> String {
+    source
+        .lines()
+        .find_map(|l| l.strip_prefix("name:"))
+        .map(|n| n.trim().trim_matches(['"', '\'']).to_string())
+        .filter(|n| pipeline::valid_name(n))
+        .unwrap_or_else(|| default_name(file))
+}
+
+impl Catalog {
+    /// Loads every pipeline file in `dir`. A missing folder is an empty catalog.
+    pub fn load(dir: &Path) -> Catalog {
+        let files = pipeline_files(dir).unwrap_or_default();
+        let stamp = stamp_of(&files);
+        let mut entries: BTreeMap<String, Arc<Entry>> = BTreeMap::new();
+        for file in files {
+            let (source, loaded) = load_file(&file);
+            let mut entry = match loaded {
+                Ok(p) => Entry { name: p.name.clone(), file, source, pipeline: Some(Arc::new(p)), diagnostics: Vec::new() },
+                Err(diagnostics) => Entry { name: guess_name(&source, &file), file, source, pipeline: None, diagnostics },
+            };
+            if let Some(first) = entries.get(&entry.name) {
+                let taken = format!("the name `{}` is already used by {}", entry.name, first.file.display());
+                entry.diagnostics.insert(0, Diagnostic::new(Pos::new(1, 1), taken));
+                entry.pipeline = None;
+                entry.name = format!("{} ({})", entry.name, entry.file.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
+            }
+            entries.insert(entry.name.clone(), Arc::new(entry));
+        }
+        Catalog { dir: dir.to_path_buf(), entries, stamp }
+    }
+
+    /// Whether the folder changed since this catalog was loaded.
+    pub fn is_stale(&self) -> bool {
+        let files = pipeline_files(&self.dir).unwrap_or_default();
+        stamp_of(&files) != self.stamp
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Entry>> {
+        self.entries.get(name)
+    }
+
+    /// Every entry, by name.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.entries.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_a_folder_and_notices_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.yml"), "steps:\n  - run: echo a\n").expect("write");
+        std::fs::write(dir.path().join("b.yml"), "name: a\nsteps:\n  - run: echo b\n").expect("write");
+        std::fs::write(dir.path().join("bad.yaml"), "name: broken\nstpes: []\n").expect("write");
+        std::fs::write(dir.path().join("notes.md"), "ignored").expect("write");
+        let c = Catalog::load(dir.path());
+        assert_eq!(c.len(), 3);
+        assert!(c.get("a").is_some_and(|e| e.is_valid()));
+        let dup = c.entries().find(|e| e.file.ends_with("b.yml")).expect("b");
+        assert!(!dup.is_valid() && dup.diagnostics[0].message.contains("already used"));
+        let broken = c.get("broken").expect("invalid files keep their name");
+        assert!(!broken.is_valid() && !broken.diagnostics.is_empty());
+        assert!(!c.is_stale());
+        std::fs::write(dir.path().join("c.yml"), "steps:\n  - run: echo c\n").expect("write");
+        assert!(c.is_stale());
+    }
+}

@@ -1,0 +1,105 @@
+//! Starting runs: check the params, create the run in the Store, push its job on the queue. Every
+//! trigger (the API, the UI's Run button, webhooks, schedules) comes through here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::catalog::Entry;
+use crate::pipeline::{ParamError, resolve_params};
+use crate::run::{NewRun, Run, RunId, Trigger};
+use crate::store::{Store, StoreError};
+
+/// The job a queue carries: which run to execute, and when it was pushed (for the queue-wait
+/// metric).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunJob {
+    pub run_id: String,
+    /// Microseconds since the Unix epoch when the job was pushed.
+    pub pushed_at_us: u64,
+}
+
+impl RunJob {
+    pub fn new(run: &RunId) -> Self {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        RunJob { run_id: run.to_string(), pushed_at_us: u64::try_from(now.as_micros()).unwrap_or(u64::MAX) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("queue: {0}")]
+pub struct QueueError(pub String);
+
+/// Where jobs go to be picked up by workers.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Pushes a job; it is durable when this returns.
+    async fn push(&self, job: RunJob) -> Result<(), QueueError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("pipeline `{0}` is not valid")]
+    InvalidPipeline(String),
+    #[error("the params do not fit the pipeline")]
+    Params(Vec<ParamError>),
+    #[error("the snapshot of run {0} no longer loads")]
+    BadSnapshot(RunId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+}
+
+impl Dispatcher {
+    /// Starts a run of a catalog entry with the given params.
+    pub async fn trigger(
+        &self,
+        entry: &Entry,
+        given: &BTreeMap<String, String>,
+        trigger: Trigger,
+    ) -> Result<Run, DispatchError> {
+        let pipeline = entry.pipeline.as_ref().ok_or_else(|| DispatchError::InvalidPipeline(entry.name.clone()))?;
+        let params = resolve_params(pipeline, given).map_err(DispatchError::Params)?;
+        self.start(NewRun {
+            pipeline: pipeline.name.clone(),
+            trigger,
+            params,
+            source: entry.source.clone(),
+            steps: pipeline.plan(),
+            rerun_of: None,
+        })
+        .await
+    }
+
+    /// Starts a new run with the same pipeline snapshot and params as `run`.
+    pub async fn rerun(&self, run: &Run, trigger: Trigger) -> Result<Run, DispatchError> {
+        let pipeline = crate::pipeline::load(&run.source, &run.pipeline).map_err(|_| DispatchError::BadSnapshot(run.id.clone()))?;
+        self.start(NewRun {
+            pipeline: run.pipeline.clone(),
+            trigger,
+            params: run.params.clone(),
+            source: run.source.clone(),
+            steps: pipeline.plan(),
+            rerun_of: Some(run.id.clone()),
+        })
+        .await
+    }
+
+    async fn start(&self, new: NewRun) -> Result<Run, DispatchError> {
+        let run = self.store.create_run(new).await?;
+        if let Err(e) = self.queue.push(RunJob::new(&run.id)).await {
+            // The run would wait forever: record why it never started.
+            let _ = self.store.request_cancel(&run.id, &format!("could not be queued: {e}")).await;
+            return Err(e.into());
+        }
+        Ok(run)
+    }
+}

@@ -1,0 +1,182 @@
+//! Who is asking: an API token (`Authorization: Bearer`), the admin token given in
+//! `SKIFF_ADMIN_TOKEN`, or a UI session cookie (with a CSRF token for anything that changes state).
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, header};
+use chrono::{Duration, Utc};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+pub const SESSION_COOKIE: &str = "skiff_session";
+pub const CSRF_HEADER: &str = "x-csrf-token";
+pub const SESSION_DAYS: i64 = 14;
+pub const LOGIN_LINK_MINUTES: i64 = 60;
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The admin, signed in through the UI; `csrf` must accompany state-changing requests.
+    Session { csrf: String },
+    /// A named API token.
+    Token { name: String },
+    /// The token from `SKIFF_ADMIN_TOKEN`.
+    AdminToken,
+}
+
+impl Principal {
+    /// How runs record who triggered them.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Session { .. } => "admin".into(),
+            Principal::Token { name } => format!("token:{name}"),
+            Principal::AdminToken => "admin-token".into(),
+        }
+    }
+}
+
+/// A new random secret: 32 bytes, URL-safe text.
+pub fn random_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No randomness means no safe credential: stop rather than issue a guessable one.
+        panic!("the operating system's random source failed");
+    }
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::from(prefix);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// How tokens, session ids and login links are stored: SHA-256, hex. They are long random
+/// secrets, so a fast hash is enough; passwords use argon2.
+pub fn hash_secret(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn hash_password(password: &str) -> Result<String, ApiError> {
+    use argon2::password_hash::PasswordHasher;
+    use argon2::password_hash::phc::PasswordHash;
+    let hash: PasswordHash = argon2::Argon2::default()
+        .hash_password(password.as_bytes())
+        .map_err(|e| ApiError::internal("hashing a password", e))?;
+    Ok(hash.to_string())
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    use argon2::password_hash::PasswordVerifier;
+    use argon2::password_hash::phc::PasswordHash;
+    PasswordHash::new(hash).is_ok_and(|h| argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+}
+
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+fn cookie(parts: &Parts, name: &str) -> Option<String> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Finds the principal of a request, if any.
+pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Principal>, ApiError> {
+    if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+        let token = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+        if token.is_empty() {
+            return Ok(None);
+        }
+        if let Some(admin) = &state.config.admin_token_hash {
+            if constant_time_eq(&hash_secret(token), admin) {
+                return Ok(Some(Principal::AdminToken));
+            }
+        }
+        let found = state.auth.find_token(&hash_secret(token)).await?;
+        return Ok(found.map(|t| Principal::Token { name: t.name }));
+    }
+    if let Some(session) = cookie(parts, SESSION_COOKIE) {
+        if let Some(s) = state.auth.find_session(&hash_secret(&session)).await? {
+            return Ok(Some(Principal::Session { csrf: s.csrf }));
+        }
+    }
+    Ok(None)
+}
+
+/// Requires a principal for an API route (401 otherwise). A session (cookie) request that
+/// changes state must carry the session's CSRF token in `X-CSRF-Token`.
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let principal = identify(parts, state).await?.ok_or_else(ApiError::unauthorized)?;
+        if let Principal::Session { csrf } = &principal {
+            let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+            let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if !safe && !constant_time_eq(sent, csrf) {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "csrf", "missing or wrong X-CSRF-Token"));
+            }
+        }
+        Ok(Auth(principal))
+    }
+}
+
+/// Issues a session: returns the cookie value to set and the session's CSRF token.
+pub async fn start_session(state: &AppState) -> Result<(String, String), ApiError> {
+    let session = random_token("");
+    let csrf = random_token("");
+    let expires = Utc::now() + Duration::days(SESSION_DAYS);
+    state.auth.create_session(&hash_secret(&session), &csrf, expires).await?;
+    let cookie = format!(
+        "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        SESSION_DAYS * 24 * 3600
+    );
+    Ok((cookie, csrf))
+}
+
+pub fn clear_session_cookie() -> String {
+    format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+}
+
+pub fn session_cookie_value(parts: &Parts) -> Option<String> {
+    cookie(parts, SESSION_COOKIE)
+}
+
+/// Creates a one-time login link token (valid for an hour) and returns it.
+pub async fn issue_login_link(auth: &dyn skiff_core::store::AuthStore) -> Result<String, skiff_core::store::StoreError> {
+    let token = random_token("");
+    auth.create_login_link(&hash_secret(&token), Utc::now() + Duration::minutes(LOGIN_LINK_MINUTES)).await?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_and_hashes() {
+        let a = random_token("skiff_");
+        assert!(a.starts_with("skiff_") && a.len() == 6 + 43, "{a}");
+        assert_ne!(a, random_token("skiff_"));
+        assert_eq!(hash_secret("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let h = hash_password("correct horse").expect("hash");
+        assert!(verify_password("correct horse", &h) && !verify_password("wrong", &h));
+        assert!(constant_time_eq("abc", "abc") && !constant_time_eq("abc", "abd") && !constant_time_eq("abc", "ab"));
+    }
+}

@@ -1,0 +1,550 @@
+//! The web UI: server-rendered pages (askama templates from `web/templates`), plain forms with
+//! CSRF tokens, and a little JS for live logs.
+
+use std::collections::BTreeMap;
+
+use askama::Template;
+use askama_web::WebTemplate;
+use axum::Form;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use rust_embed::RustEmbed;
+use serde::Deserialize;
+use skiff_core::catalog::Entry;
+use skiff_core::diag::Report;
+use skiff_core::duration::human;
+use skiff_core::run::{Run, StepRecord, TriggerKind};
+use skiff_core::store::{ApiToken, RunQuery};
+
+use crate::AppState;
+use crate::api::{load_run, trigger_of};
+use crate::auth::{self, Principal, constant_time_eq, hash_secret, identify};
+use crate::error::ApiError;
+
+#[derive(RustEmbed)]
+#[folder = "../web/static/"]
+struct Static;
+
+pub async fn static_file(Path(path): Path<String>) -> Response {
+    match Static::get(&path) {
+        Some(file) => (
+            [(header::CONTENT_TYPE, file.metadata.mimetype().to_string()), (header::CACHE_CONTROL, "public, max-age=300".to_string())],
+            file.data,
+        )
+            .into_response(),
+        None => ApiError::not_found(format!("no static file {path}")).into_response(),
+    }
+}
+
+/// A signed-in UI user; anyone else is sent to the login page.
+pub struct Page {
+    csrf: String,
+    principal: Principal,
+}
+
+pub struct ToLogin;
+
+impl IntoResponse for ToLogin {
+    fn into_response(self) -> Response {
+        Redirect::to("/login").into_response()
+    }
+}
+
+impl FromRequestParts<AppState> for Page {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        match identify(parts, state).await {
+            Ok(Some(principal)) => {
+                let csrf = match &principal {
+                    Principal::Session { csrf } => csrf.clone(),
+                    _ => String::new(),
+                };
+                Ok(Page { csrf, principal })
+            }
+            Ok(None) => Err(ToLogin.into_response()),
+            Err(e) => Err(e.into_response()),
+        }
+    }
+}
+
+impl Page {
+    /// Checks a form's CSRF token (forms only come from sessions).
+    fn check(&self, sent: &str) -> Result<(), ApiError> {
+        match &self.principal {
+            Principal::Session { csrf } if constant_time_eq(sent, csrf) => Ok(()),
+            Principal::Session { .. } => Err(ApiError::new(StatusCode::FORBIDDEN, "csrf", "the form's CSRF token is missing or wrong; reload the page")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a template needs to show a run in a list.
+pub struct RunRow {
+    pub id: String,
+    pub number: u64,
+    pub pipeline: String,
+    pub status: &'static str,
+    pub trigger: String,
+    pub created: String,
+    pub took: String,
+    pub reason: String,
+}
+
+fn took(run: &Run) -> String {
+    match (run.started_at, run.finished_at) {
+        (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
+        (Some(a), None) => format!("{} so far", human((chrono::Utc::now() - a).to_std().unwrap_or_default())),
+        _ => String::new(),
+    }
+}
+
+fn row(run: &Run) -> RunRow {
+    RunRow {
+        id: run.id.to_string(),
+        number: run.number,
+        pipeline: run.pipeline.clone(),
+        status: run.status.as_str(),
+        trigger: run.trigger.to_string(),
+        created: run.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        took: took(run),
+        reason: run.reason.clone().unwrap_or_default(),
+    }
+}
+
+pub struct PipelineCard {
+    pub name: String,
+    pub description: String,
+    pub valid: bool,
+    pub problems: usize,
+    pub manual: bool,
+    /// Runs straight from the dashboard (no param needs a value).
+    pub one_click: bool,
+    pub recent: Vec<RunRow>,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "dashboard.html")]
+pub struct Dashboard {
+    csrf: String,
+    cards: Vec<PipelineCard>,
+}
+
+pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dashboard, ApiError> {
+    let catalog = state.catalog.current();
+    let mut cards = Vec::new();
+    for e in catalog.entries() {
+        let recent = state
+            .store
+            .list_runs(&RunQuery { pipeline: Some(e.name.clone()), limit: 8, ..RunQuery::default() })
+            .await?
+            .runs
+            .iter()
+            .map(row)
+            .collect();
+        let p = e.pipeline.as_deref();
+        cards.push(PipelineCard {
+            name: e.name.clone(),
+            description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
+            valid: p.is_some(),
+            problems: e.diagnostics.len(),
+            manual: p.is_some_and(|p| p.on.manual),
+            one_click: p.is_some_and(|p| p.params.iter().all(|q| q.default.is_some() || !q.required)),
+            recent,
+        });
+    }
+    Ok(Dashboard { csrf: page.csrf, cards })
+}
+
+pub struct ParamField {
+    pub name: String,
+    pub kind: &'static str,
+    pub value: String,
+    pub description: String,
+    pub options: Vec<String>,
+    pub required: bool,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "pipeline.html")]
+pub struct PipelinePage {
+    csrf: String,
+    name: String,
+    file: String,
+    description: String,
+    valid: bool,
+    diagnostics: String,
+    manual: bool,
+    triggers: Vec<String>,
+    fields: Vec<ParamField>,
+    runs: Vec<RunRow>,
+    errors: Vec<String>,
+}
+
+fn entry_or_404(state: &AppState, name: &str) -> Result<std::sync::Arc<Entry>, ApiError> {
+    state.catalog.current().get(name).cloned().ok_or_else(|| ApiError::not_found(format!("no pipeline `{name}`")))
+}
+
+async fn pipeline_page(
+    page: &Page,
+    state: &AppState,
+    name: &str,
+    given: &BTreeMap<String, String>,
+    errors: Vec<String>,
+) -> Result<PipelinePage, ApiError> {
+    let e = entry_or_404(state, name)?;
+    let p = e.pipeline.as_deref();
+    let runs = state
+        .store
+        .list_runs(&RunQuery { pipeline: Some(e.name.clone()), limit: 50, ..RunQuery::default() })
+        .await?
+        .runs
+        .iter()
+        .map(row)
+        .collect();
+    let mut triggers = Vec::new();
+    if let Some(p) = p {
+        if p.on.manual {
+            triggers.push("manual (the Run button, the API)".to_string());
+        }
+        if let Some(w) = &p.on.webhook {
+            let branches = if w.branches.is_empty() { String::new() } else { format!(" on {}", w.branches.join(", ")) };
+            triggers.push(format!("webhook: {}{branches}", w.events.join(", ")));
+        }
+        for s in &p.on.schedules {
+            triggers.push(format!("schedule: {} ({})", s.cron, s.timezone.map_or("UTC", |t| t.name())));
+        }
+    }
+    let file = e.file.display().to_string();
+    Ok(PipelinePage {
+        csrf: page.csrf.clone(),
+        name: e.name.clone(),
+        file: file.clone(),
+        description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
+        valid: p.is_some(),
+        diagnostics: Report { file: &file, source: &e.source, diagnostics: &e.diagnostics }.to_string(),
+        manual: p.is_some_and(|p| p.on.manual),
+        triggers,
+        fields: p
+            .map(|p| {
+                p.params
+                    .iter()
+                    .map(|q| ParamField {
+                        name: q.name.clone(),
+                        kind: q.kind.as_str(),
+                        value: given.get(&q.name).cloned().or_else(|| q.default.clone()).unwrap_or_default(),
+                        description: q.description.clone().unwrap_or_default(),
+                        options: q.options.clone(),
+                        required: q.required,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        runs,
+        errors,
+    })
+}
+
+pub async fn pipeline(page: Page, State(state): State<AppState>, Path(name): Path<String>) -> Result<PipelinePage, ApiError> {
+    pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new()).await
+}
+
+/// The Run form: `csrf` plus `param.NAME` fields.
+pub async fn run_pipeline(
+    page: Page,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Form(form): Form<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    page.check(form.get("csrf").map(String::as_str).unwrap_or(""))?;
+    let e = entry_or_404(&state, &name)?;
+    let given: BTreeMap<String, String> =
+        form.iter().filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone()))).collect();
+    // A checkbox sends nothing when unticked: that means false.
+    let mut given = given;
+    if let Some(p) = e.pipeline.as_deref() {
+        for q in p.params.iter().filter(|q| q.kind == skiff_core::pipeline::ParamKind::Boolean) {
+            given.entry(q.name.clone()).or_insert_with(|| "false".into());
+        }
+    }
+    match state.dispatcher.trigger(&e, &given, trigger_of(&page.principal, TriggerKind::Manual)).await {
+        Ok(run) => Ok(Redirect::to(&format!("/runs/{}", run.id)).into_response()),
+        Err(skiff_core::dispatch::DispatchError::Params(errors)) => {
+            let errors = errors.iter().map(|e| format!("{}: {}", e.param, e.message)).collect();
+            let mut page = pipeline_page(&page, &state, &name, &given, errors).await?.into_response();
+            *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+            Ok(page)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub struct StepRow {
+    pub index: u32,
+    pub name: String,
+    pub status: &'static str,
+    pub phase: &'static str,
+    pub took: String,
+    pub reason: String,
+    pub attempt: u32,
+}
+
+fn step_row(s: &StepRecord) -> StepRow {
+    StepRow {
+        index: s.index,
+        name: s.name.clone(),
+        status: s.status.as_str(),
+        phase: s.phase.as_str(),
+        took: match (s.started_at, s.finished_at) {
+            (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
+            _ => String::new(),
+        },
+        reason: s.reason.clone().unwrap_or_default(),
+        attempt: s.attempt,
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "run.html")]
+pub struct RunPage {
+    csrf: String,
+    run: RunRow,
+    params: Vec<(String, String)>,
+    steps: Vec<StepRow>,
+    active: bool,
+    cancel_requested: bool,
+    rerun_of: String,
+}
+
+pub async fn run(page: Page, State(state): State<AppState>, Path(id): Path<String>) -> Result<RunPage, ApiError> {
+    let run = load_run(&state, &id).await?;
+    let steps = state.store.steps(&run.id).await?;
+    Ok(RunPage {
+        csrf: page.csrf,
+        params: run.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        steps: steps.iter().map(step_row).collect(),
+        active: !run.status.is_terminal(),
+        cancel_requested: run.cancel_requested,
+        rerun_of: run.rerun_of.as_ref().map(ToString::to_string).unwrap_or_default(),
+        run: row(&run),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+pub async fn cancel_run(page: Page, State(state): State<AppState>, Path(id): Path<String>, Form(form): Form<CsrfForm>) -> Result<Redirect, ApiError> {
+    page.check(&form.csrf)?;
+    let run = load_run(&state, &id).await?;
+    if !run.status.is_terminal() {
+        state.store.request_cancel(&run.id, &format!("cancelled by {}", page.principal.actor())).await?;
+    }
+    Ok(Redirect::to(&format!("/runs/{}", run.id)))
+}
+
+pub async fn rerun_run(page: Page, State(state): State<AppState>, Path(id): Path<String>, Form(form): Form<CsrfForm>) -> Result<Redirect, ApiError> {
+    page.check(&form.csrf)?;
+    let run = load_run(&state, &id).await?;
+    let new = state.dispatcher.rerun(&run, trigger_of(&page.principal, TriggerKind::Rerun)).await?;
+    Ok(Redirect::to(&format!("/runs/{}", new.id)))
+}
+
+// ---- login ----
+
+#[derive(Template, WebTemplate)]
+#[template(path = "login.html")]
+pub struct LoginPage {
+    error: String,
+    has_password: bool,
+}
+
+pub async fn login_form(State(state): State<AppState>) -> Result<LoginPage, ApiError> {
+    Ok(LoginPage { error: String::new(), has_password: state.auth.password_hash().await?.is_some() })
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    #[serde(default)]
+    password: String,
+}
+
+fn signed_in(cookie: String) -> Response {
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+pub async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Result<Response, ApiError> {
+    let hash = state.auth.password_hash().await?;
+    let ok = match &hash {
+        Some(h) => {
+            let (password, h) = (form.password.clone(), h.clone());
+            tokio::task::spawn_blocking(move || auth::verify_password(&password, &h)).await.unwrap_or(false)
+        }
+        None => false,
+    };
+    if !ok {
+        metrics::counter!("skiff_login_failures_total").increment(1);
+        let page = LoginPage { error: "wrong password".into(), has_password: hash.is_some() };
+        return Ok((StatusCode::UNAUTHORIZED, page).into_response());
+    }
+    let (cookie, _) = auth::start_session(&state).await?;
+    Ok(signed_in(cookie))
+}
+
+pub async fn login_link(State(state): State<AppState>, Path(token): Path<String>) -> Result<Response, ApiError> {
+    if !state.auth.use_login_link(&hash_secret(&token)).await? {
+        let page = LoginPage {
+            error: "this login link was already used or has expired; restart skiff serve or run `skiff login-link` for a new one".into(),
+            has_password: state.auth.password_hash().await?.is_some(),
+        };
+        return Ok((StatusCode::UNAUTHORIZED, page).into_response());
+    }
+    let (cookie, _) = auth::start_session(&state).await?;
+    Ok(signed_in(cookie))
+}
+
+pub async fn logout(page: Page, State(state): State<AppState>, parts: axum::http::HeaderMap, Form(form): Form<CsrfForm>) -> Result<Response, ApiError> {
+    page.check(&form.csrf)?;
+    let cookie = parts
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == auth::SESSION_COOKIE)
+        .map(|(_, v)| v.to_string());
+    if let Some(c) = cookie {
+        state.auth.delete_session(&hash_secret(&c)).await?;
+    }
+    Ok(([(header::SET_COOKIE, auth::clear_session_cookie())], Redirect::to("/login")).into_response())
+}
+
+// ---- settings ----
+
+pub struct TokenRow {
+    pub id: String,
+    pub name: String,
+    pub created: String,
+    pub last_used: String,
+    pub revoked: bool,
+}
+
+fn token_row(t: &ApiToken) -> TokenRow {
+    TokenRow {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        created: t.created_at.format("%Y-%m-%d %H:%M").to_string(),
+        last_used: t.last_used_at.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_else(|| "never".into()),
+        revoked: t.revoked_at.is_some(),
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "settings.html")]
+pub struct SettingsPage {
+    csrf: String,
+    has_password: bool,
+    tokens: Vec<TokenRow>,
+    message: String,
+    new_token: String,
+}
+
+async fn settings_page(page: &Page, state: &AppState, message: String, new_token: String) -> Result<SettingsPage, ApiError> {
+    Ok(SettingsPage {
+        csrf: page.csrf.clone(),
+        has_password: state.auth.password_hash().await?.is_some(),
+        tokens: state.auth.list_tokens().await?.iter().map(token_row).collect(),
+        message,
+        new_token,
+    })
+}
+
+pub async fn settings(page: Page, State(state): State<AppState>) -> Result<SettingsPage, ApiError> {
+    settings_page(&page, &state, String::new(), String::new()).await
+}
+
+#[derive(Deserialize)]
+pub struct PasswordForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// The shortest password accepted.
+const MIN_PASSWORD: usize = 10;
+
+pub async fn set_password(page: Page, State(state): State<AppState>, Form(form): Form<PasswordForm>) -> Result<Response, ApiError> {
+    page.check(&form.csrf)?;
+    let message = if form.password.chars().count() < MIN_PASSWORD {
+        format!("a password needs at least {MIN_PASSWORD} characters")
+    } else if form.password != form.confirm {
+        "the two passwords differ".to_string()
+    } else {
+        let password = form.password.clone();
+        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(|e| ApiError::internal("hashing", e))??;
+        state.auth.set_password_hash(&hash).await?;
+        "password set".to_string()
+    };
+    let status = if message == "password set" { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+    Ok((status, settings_page(&page, &state, message, String::new()).await?).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct TokenForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+}
+
+pub async fn create_token(page: Page, State(state): State<AppState>, Form(form): Form<TokenForm>) -> Result<Response, ApiError> {
+    page.check(&form.csrf)?;
+    let name = match crate::api::check_token_name(&form.name) {
+        Ok(n) => n,
+        Err(e) => return Ok((StatusCode::UNPROCESSABLE_ENTITY, settings_page(&page, &state, e.message, String::new()).await?).into_response()),
+    };
+    let secret = auth::random_token("skiff_");
+    state.auth.create_token(&name, &hash_secret(&secret)).await?;
+    Ok(settings_page(&page, &state, format!("token `{name}` created; copy it now, it is not shown again"), secret).await?.into_response())
+}
+
+pub async fn revoke_token(page: Page, State(state): State<AppState>, Path(id): Path<String>, Form(form): Form<CsrfForm>) -> Result<Redirect, ApiError> {
+    page.check(&form.csrf)?;
+    state.auth.revoke_token(&id).await?;
+    Ok(Redirect::to("/settings"))
+}
+
+/// The symbol shown beside a status.
+pub fn symbol(status: &str) -> &'static str {
+    match status {
+        "succeeded" => "✓",
+        "failed" => "✗",
+        "running" => "●",
+        "queued" | "pending" => "○",
+        "cancelled" => "⊘",
+        "timed_out" => "⏱",
+        "skipped" => "–",
+        _ => "?",
+    }
+}
+
+impl RunRow {
+    pub fn symbol(&self) -> &'static str {
+        symbol(self.status)
+    }
+}
+
+impl StepRow {
+    pub fn symbol(&self) -> &'static str {
+        symbol(self.status)
+    }
+}

@@ -1,0 +1,153 @@
+//! `skiff serve`: the embedded deployment. One process: the HTTP server, the SQLite Store and
+//! queue, and in-process workers that take jobs through the same queue remote workers will use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use skiff_core::catalog::Catalog;
+use skiff_core::dispatch::{Dispatcher, RunJob};
+use skiff_core::queue::{JobHandler, SqliteQueue};
+use skiff_core::store::{AuthStore, SqliteStore, Store};
+use skiff_server::{AppState, CatalogHandle, ServerConfig};
+use skiff_worker::pool::{WorkerConfig, handle_job};
+use skiff_worker::secrets::Secrets;
+use tokio_util::sync::CancellationToken;
+
+use crate::DataArgs;
+use crate::cli_run::parse_duration;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on; binds loopback unless told otherwise
+    #[arg(long, env = "SKIFF_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Folder of pipeline files, reloaded when a file changes
+    #[arg(long, env = "SKIFF_PIPELINES", default_value = "pipelines", value_name = "DIR")]
+    pipelines: PathBuf,
+    /// How many runs the in-process workers execute at once
+    #[arg(long, env = "SKIFF_WORKERS", default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
+    #[command(flatten)]
+    data: DataArgs,
+    /// A file of secrets as NAME=value lines, readable by its owner only (mode 600)
+    #[arg(long, env = "SKIFF_SECRETS_FILE", value_name = "FILE")]
+    secrets: Option<PathBuf>,
+    /// Time a stopped step gets between SIGTERM and SIGKILL
+    #[arg(long, env = "SKIFF_KILL_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    kill_grace: Duration,
+    /// The URL people reach this server at, for the login link (default: http://ADDR)
+    #[arg(long, env = "SKIFF_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
+    /// An admin API token accepted as `Authorization: Bearer`, for automation (at least 16 characters)
+    #[arg(long = "admin-token", env = "SKIFF_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    admin_token: Option<String>,
+    /// How often the pipelines folder is checked for changes
+    #[arg(long, env = "SKIFF_RELOAD_EVERY", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    reload_every: Duration,
+}
+
+/// The in-process workers' job handler.
+struct Embedded {
+    store: Arc<dyn Store>,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl JobHandler for Embedded {
+    async fn handle(&self, job: RunJob) -> Result<(), String> {
+        handle_job(self.store.clone(), job, &self.config, &self.shutdown).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(t) = &args.admin_token {
+        anyhow::ensure!(t.len() >= 16, "SKIFF_ADMIN_TOKEN must be at least 16 characters");
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
+    std::fs::create_dir_all(&args.data.data).with_context(|| format!("creating {}", args.data.data.display()))?;
+    let sqlite = SqliteStore::open(&args.data.data.join("skiff.db")).await.context("opening the store")?;
+    let queue = SqliteQueue::open(sqlite.pool(), usize::from(args.workers)).await.context("opening the queue")?;
+    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let auth: Arc<dyn AuthStore> = Arc::new(sqlite);
+    let metrics = crate::metrics::install();
+
+    let catalog = CatalogHandle::new(Catalog::load(&args.pipelines));
+    let shown = catalog.current();
+    tracing::info!(pipelines = shown.len(), dir = %args.pipelines.display(), "pipelines loaded");
+    for e in shown.entries().filter(|e| !e.is_valid()) {
+        eprintln!("skiff: pipeline {} is invalid ({} problems); see `skiff validate`", e.file.display(), e.diagnostics.len());
+    }
+    tokio::spawn(catalog.clone().watch(args.reload_every));
+
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(Embedded {
+        store: store.clone(),
+        config: WorkerConfig {
+            workspace_root: args.data.data.join("workspaces"),
+            kill_grace: args.kill_grace,
+            secrets,
+            cancel_check: Duration::from_secs(1),
+        },
+        shutdown: shutdown.clone(),
+    });
+    let workers = queue.spawn_workers(usize::from(args.workers), handler, shutdown.clone());
+    let state = AppState {
+        store: store.clone(),
+        auth: auth.clone(),
+        catalog,
+        dispatcher: Dispatcher { store: store.clone(), queue: Arc::new(queue) },
+        config: Arc::new(ServerConfig { admin_token_hash: args.admin_token.as_deref().map(skiff_server::auth::hash_secret) }),
+        metrics,
+    };
+    let base = args.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    eprintln!("skiff: listening on http://{addr} ({} in-process workers)", args.workers);
+    if auth.password_hash().await?.is_none() {
+        let token = skiff_server::auth::issue_login_link(auth.as_ref()).await?;
+        eprintln!(
+            "skiff: sign in with this one-time link (valid {} minutes), then set a password under Settings:\n  {}/login/link/{token}",
+            skiff_server::auth::LOGIN_LINK_MINUTES,
+            base.trim_end_matches('/')
+        );
+    }
+
+    let app = skiff_server::app(state);
+    let stop = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        wait_for_signal().await;
+        eprintln!("skiff: stopping: cancelling running runs (their finally steps run), then exiting");
+        stop.cancel();
+    });
+    server.await.context("serving HTTP")?;
+    shutdown.cancel();
+    if tokio::time::timeout(Duration::from_secs(60), workers).await.is_err() {
+        eprintln!("skiff: workers did not stop within 60s; exiting anyway");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,121 @@
+//! Taking runs from the queue: the job handler every worker (in-process or remote) uses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use skiff_core::dispatch::RunJob;
+use skiff_core::run::{RunId, RunStatus, StepRecord};
+use skiff_core::store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+use crate::logs::RunObserver;
+use crate::runner::{RunOptions, RunnerError, execute_run};
+use crate::secrets::Secrets;
+
+/// How a worker executes the jobs it takes.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub workspace_root: std::path::PathBuf,
+    pub kill_grace: Duration,
+    pub secrets: Secrets,
+    /// How often a running run checks the Store for a cancel request it was not told about.
+    pub cancel_check: Duration,
+}
+
+/// An infrastructure failure while handling a job (a failed run is not one).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("bad job: {0}")]
+    BadJob(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+}
+
+struct Quiet;
+
+impl RunObserver for Quiet {
+    fn log(&self, _step: Option<u32>, _data: &[u8]) {}
+    fn step_changed(&self, step: &StepRecord) {
+        if let (Some(a), Some(b)) = (step.started_at, step.finished_at) {
+            let took = (b - a).to_std().unwrap_or_default();
+            metrics::histogram!("skiff_step_duration_seconds", "status" => step.status.as_str()).record(took.as_secs_f64());
+        }
+    }
+}
+
+/// Executes the run a job names. A run that is no longer queued (cancelled before it started,
+/// or already taken) is left alone, so a job delivered twice runs once.
+pub async fn handle_job(
+    store: Arc<dyn Store>,
+    job: RunJob,
+    config: &WorkerConfig,
+    shutdown: &CancellationToken,
+) -> Result<RunStatus, JobError> {
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    metrics::histogram!("skiff_queue_wait_seconds").record(now_us.saturating_sub(job.pushed_at_us) as f64 / 1e6);
+    let id: RunId = job.run_id.parse().map_err(JobError::BadJob)?;
+    let Some(run) = store.get_run(&id).await? else {
+        tracing::warn!(run_id = %id, "job for an unknown run; dropped");
+        return Ok(RunStatus::Cancelled);
+    };
+    if run.status != RunStatus::Queued {
+        return Ok(run.status);
+    }
+    let pipeline = match skiff_core::pipeline::load(&run.source, &run.pipeline) {
+        Ok(p) => p,
+        Err(diags) => {
+            // The snapshot loaded when the run was created; it fails only if this worker's skiff
+            // reads pipelines differently. Record that instead of retrying forever.
+            let first = diags.first().map(|d| d.message.clone()).unwrap_or_default();
+            store.set_status(&id, RunStatus::Running, None).await?;
+            store.set_status(&id, RunStatus::Failed, Some(&format!("this worker cannot load the pipeline: {first}"))).await?;
+            return Ok(RunStatus::Failed);
+        }
+    };
+    let cancel = shutdown.child_token();
+    let watcher = tokio::spawn(watch_cancel(store.clone(), id.clone(), cancel.clone(), config.cancel_check));
+    let opts = RunOptions {
+        workspace_root: config.workspace_root.clone(),
+        keep_workspace: false,
+        kill_grace: config.kill_grace,
+        secrets: config.secrets.clone(),
+        cancel: cancel.clone(),
+        abort: CancellationToken::new(),
+    };
+    let result = execute_run(store.clone(), &run, &pipeline, &opts, Arc::new(Quiet)).await;
+    watcher.abort();
+    let outcome = result?;
+    metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str()).increment(1);
+    Ok(outcome.status)
+}
+
+/// Cancels `token` when the Store says the run's cancel was requested: at once when the Store
+/// announces a change to the run, and at the latest after `every`.
+async fn watch_cancel(store: Arc<dyn Store>, id: RunId, token: CancellationToken, every: Duration) {
+    let mut changes = store.changes();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            changed = changes.recv() => match changed {
+                Ok(changed) if changed != id => continue,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => changes = store.changes(),
+            },
+            _ = tick.tick() => {}
+        }
+        match store.get_run(&id).await {
+            Ok(Some(run)) if run.cancel_requested => {
+                token.cancel();
+                return;
+            }
+            Ok(Some(run)) if run.status.is_terminal() => return,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(run_id = %id, error = %e, "checking for a cancel request failed"),
+        }
+    }
+}
