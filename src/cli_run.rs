@@ -51,7 +51,7 @@ enum ColorChoice {
     Never,
 }
 
-fn parse_param(s: &str) -> Result<(String, String), String> {
+pub fn parse_param(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("`{s}` is not NAME=VALUE")),

@@ -1,8 +1,10 @@
 //! The `skiff` binary: subcommands that call into the crates.
 
 mod cli_run;
+mod login_link;
 mod metrics;
 mod serve;
+mod trigger;
 mod validate;
 
 use std::path::PathBuf;
@@ -26,6 +28,10 @@ enum Command {
     Validate(validate::ValidateArgs),
     /// Start the server with its web UI, API and in-process workers (the embedded deployment)
     Serve(serve::ServeArgs),
+    /// Start a run on a server (and follow it with --follow)
+    Trigger(trigger::TriggerArgs),
+    /// Print a new one-time sign-in link for the web UI
+    LoginLink(login_link::LoginLinkArgs),
 }
 
 /// Options shared by subcommands that keep state.
@@ -48,6 +54,8 @@ fn main() -> ExitCode {
         Command::Run(args) => cli_run::main(args),
         Command::Validate(args) => validate::main(args),
         Command::Serve(args) => serve::main(args),
+        Command::Trigger(args) => trigger::main(args),
+        Command::LoginLink(args) => login_link::main(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,231 @@
+//! The harness for `skiff serve`: a real server on a free loopback port, stopped on drop.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const ADMIN_TOKEN: &str = "it-admin-token-0123456789";
+const START_DEADLINE: Duration = Duration::from_secs(30);
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub login_link: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `skiff serve` with `pipelines` (name, yaml) in its pipelines folder.
+    pub fn start(pipelines: &[(&str, &str)]) -> Server {
+        Self::start_with(pipelines, &[])
+    }
+
+    pub fn start_with(pipelines: &[(&str, &str)], extra_env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pdir = dir.path().join("pipelines");
+        std::fs::create_dir(&pdir).expect("mkdir");
+        for (name, yaml) in pipelines {
+            std::fs::write(pdir.join(format!("{name}.yml")), yaml).expect("write pipeline");
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--reload-every", "100ms"])
+            .env("SKIFF_PIPELINES", &pdir)
+            .env("SKIFF_DATA", dir.path().join("data"))
+            .env("SKIFF_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SKIFF_KILL_GRACE", "2s")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start skiff serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[serve] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let until = Instant::now() + START_DEADLINE;
+        let (mut base, mut link) = (None, None);
+        while base.is_none() || link.is_none() {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("skiff: listening on ") {
+                        base = rest.split_whitespace().next().map(str::to_string);
+                    } else if line.contains("/login/link/") {
+                        link = Some(line.trim().to_string());
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("skiff serve did not print its address and login link in time");
+                }
+            }
+        }
+        Server { child, base: base.unwrap_or_default(), login_link: link.unwrap_or_default(), dir }
+    }
+
+    pub fn pipelines_dir(&self) -> PathBuf {
+        self.dir.path().join("pipelines")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// An API call as the admin token.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        call(method, &self.url(path), body, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))])
+    }
+
+    /// Starts a run and returns its id.
+    pub fn trigger(&self, pipeline: &str, params: Value) -> String {
+        let body = serde_json::json!({ "params": params }).to_string();
+        let (status, run) = self.api("POST", &format!("/api/pipelines/{pipeline}/runs"), Some(&body));
+        assert_eq!(status, 201, "{run}");
+        run["id"].as_str().expect("id").to_string()
+    }
+
+    /// Follows the run's event stream to its `end`; returns the events (name, data).
+    pub fn follow(&self, id: &str, last_event_id: Option<&str>) -> Vec<(String, Value)> {
+        let mut events = Vec::new();
+        let mut stream = EventStream::open(&self.url(&format!("/api/runs/{id}/logs/stream")), last_event_id);
+        while let Some((name, _id, data)) = stream.next() {
+            let done = name == "end";
+            events.push((name, data));
+            if done {
+                return events;
+            }
+        }
+        panic!("the stream ended without an `end` event: {events:?}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(DEADLINE))
+        .build()
+        .into()
+}
+
+/// One HTTP call; the status and the body as JSON (or a JSON string of the text).
+pub fn call(method: &str, url: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, Value) {
+    let (status, _, text) = raw(method, url, body, headers);
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, value)
+}
+
+/// One HTTP call; status, headers (lower-case names) and body text.
+pub fn raw(method: &str, url: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, String) {
+    let agent = agent();
+    let mut response = match method {
+        "GET" => {
+            let mut r = agent.get(url);
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            r.call()
+        }
+        _ => {
+            let mut r = agent.post(url);
+            let mut has_type = false;
+            for (k, v) in headers {
+                has_type |= k.eq_ignore_ascii_case("content-type");
+                r = r.header(*k, *v);
+            }
+            if !has_type && body.is_some() {
+                r = r.header("content-type", "application/json");
+            }
+            r.send(body.unwrap_or("").as_bytes())
+        }
+    }
+    .expect("HTTP call");
+    let status = response.status().as_u16();
+    let heads = response.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect();
+    let mut text = String::new();
+    let _ = response.body_mut().as_reader().read_to_string(&mut text);
+    (status, heads, text)
+}
+
+/// A Server-Sent Events reader.
+pub struct EventStream {
+    lines: std::io::Lines<BufReader<Box<dyn Read + Send>>>,
+}
+
+impl EventStream {
+    pub fn open(url: &str, last_event_id: Option<&str>) -> EventStream {
+        let mut req = agent().get(url).header("authorization", &format!("Bearer {ADMIN_TOKEN}"));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let response = req.call().expect("open the event stream");
+        assert_eq!(response.status().as_u16(), 200, "event stream status");
+        let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
+        EventStream { lines: BufReader::new(reader).lines() }
+    }
+
+    /// The next event: (name, id, data as JSON).
+    pub fn next(&mut self) -> Option<(String, Option<String>, Value)> {
+        let (mut name, mut id, mut data) = (String::new(), None, String::new());
+        for line in self.lines.by_ref() {
+            let line = line.ok()?;
+            if line.is_empty() {
+                if !data.is_empty() {
+                    return Some((name, id, serde_json::from_str(&data).unwrap_or(Value::Null)));
+                }
+                continue;
+            }
+            if let Some(v) = line.strip_prefix("event: ") {
+                name = v.to_string();
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push_str(v);
+            }
+        }
+        None
+    }
+}
+
+/// Writes a pipeline file into a running server's folder.
+pub fn write_pipeline(dir: &Path, name: &str, yaml: &str) {
+    std::fs::write(dir.join(format!("{name}.yml")), yaml).expect("write pipeline");
+}
+
+/// Waits (bounded) for `check` to hold, for state with no event to wait on (a file reload).
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not happen in time");
+}
