@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `skiff` binary, driven through its CLI and its HTTP API.
 
 mod api;
+mod browser;
 mod runs;
 mod server;
 mod support;
