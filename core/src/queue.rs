@@ -45,7 +45,9 @@ impl SqliteQueue {
     /// Sets up apalis's tables on `pool` and opens the queue. `batch` is how many jobs a fetch
     /// may claim: the worker's concurrency, so one worker does not hoard jobs others could run.
     pub async fn open(pool: &SqlitePool, batch: usize) -> Result<Self, QueueError> {
-        SqliteStorage::setup(pool).await.map_err(queue_error)?;
+        // Only the migrations: `SqliteStorage::setup` would also switch the connection it runs on
+        // to `synchronous=OFF` and a 256 MB page cache, behind the Store's back.
+        SqliteStorage::migrations().run(pool).await.map_err(queue_error)?;
         let config = Config::default().queue(QUEUE_NAME).batch_size(batch.max(1));
         let storage = SqliteStorage::new(pool).with_config(config);
         Ok(SqliteQueue { storage, wake: Arc::new(Notify::new()) })

@@ -59,20 +59,23 @@ pub async fn handle_job(
         .unwrap_or(0);
     metrics::histogram!("skiff_queue_wait_seconds").record(now_us.saturating_sub(job.pushed_at_us) as f64 / 1e6);
     let id: RunId = job.run_id.parse().map_err(JobError::BadJob)?;
-    let Some(run) = store.get_run(&id).await? else {
-        tracing::warn!(run_id = %id, "job for an unknown run; dropped");
-        return Ok(RunStatus::Cancelled);
+    // Claiming the run is one atomic move (queued -> running), so a job delivered twice runs
+    // once, and a run cancelled while queued never starts.
+    let run = match store.set_status(&id, RunStatus::Running, None).await {
+        Ok(run) => run,
+        Err(StoreError::InvalidTransition { from, .. }) => return Ok(from),
+        Err(StoreError::NotFound(_)) => {
+            tracing::warn!(run_id = %id, "job for an unknown run; dropped");
+            return Ok(RunStatus::Cancelled);
+        }
+        Err(e) => return Err(e.into()),
     };
-    if run.status != RunStatus::Queued {
-        return Ok(run.status);
-    }
     let pipeline = match skiff_core::pipeline::load(&run.source, &run.pipeline) {
         Ok(p) => p,
         Err(diags) => {
             // The snapshot loaded when the run was created; it fails only if this worker's skiff
             // reads pipelines differently. Record that instead of retrying forever.
             let first = diags.first().map(|d| d.message.clone()).unwrap_or_default();
-            store.set_status(&id, RunStatus::Running, None).await?;
             store.set_status(&id, RunStatus::Failed, Some(&format!("this worker cannot load the pipeline: {first}"))).await?;
             return Ok(RunStatus::Failed);
         }

@@ -57,8 +57,6 @@ pub enum RunnerError {
     Store(#[from] StoreError),
     #[error("workspace {path}: {source}")]
     Workspace { path: String, source: std::io::Error },
-    #[error("the stored steps of run {0} do not match its pipeline")]
-    Plan(String),
 }
 
 /// Why the main steps stopped early.
@@ -160,8 +158,8 @@ struct Runner<'a> {
     deadline: Instant,
 }
 
-/// Executes `run` (already created in the Store, normally `queued`) to its end and stores its
-/// final state.
+/// Executes `run` to its end and stores its final state. The run is `queued` (it is claimed
+/// here) or already claimed (`running`) by a worker.
 pub async fn execute_run(
     store: Arc<dyn Store>,
     run: &Run,
@@ -169,17 +167,17 @@ pub async fn execute_run(
     opts: &RunOptions,
     observer: Arc<dyn RunObserver>,
 ) -> Result<RunOutcome, RunnerError> {
-    let records = store.steps(&run.id).await?;
-    if records.len() != pipeline.steps.len() + pipeline.finally.len() {
-        return Err(RunnerError::Plan(run.id.to_string()));
-    }
+    // The steps as planned when the run was created (the same plan, from the same snapshot).
+    let records: Vec<StepRecord> = pipeline.plan().iter().map(StepRecord::planned).collect();
     let workspace = opts.workspace_root.join(run.id.as_str());
     let meta = opts.workspace_root.join(format!("{}.meta", run.id));
     for dir in [&workspace, &meta] {
         std::fs::create_dir_all(dir)
             .map_err(|source| RunnerError::Workspace { path: dir.display().to_string(), source })?;
     }
-    store.set_status(&run.id, RunStatus::Running, None).await?;
+    if run.status == RunStatus::Queued {
+        store.set_status(&run.id, RunStatus::Running, None).await?;
+    }
 
     let (log, writer) = start_writer(store.clone(), run.id.clone(), observer.clone());
     let stop = opts.cancel.child_token();
@@ -416,11 +414,20 @@ impl Runner<'_> {
             record.started_at = Some(started);
             record.exit_code = None;
             record.reason = None;
-            self.save(index).await?;
+            // Write "running" while the step's process starts, not before: the write is off the
+            // path from trigger to first process. It is awaited before anything else is written
+            // about the step, so the stored states keep their order.
+            let saving = {
+                let (store, id, record) = (self.store.clone(), self.run.id.clone(), record.clone());
+                tokio::spawn(async move { store.update_step(&id, &record).await })
+            };
+            self.log.step_changed(&self.records[index]).await;
             if attempt > 1 {
                 self.log.note(Some(index as u32), &format!("attempt {attempt} of {attempts}")).await;
             }
-            result = self.attempt(index, step, &env, status_text).await?;
+            let attempted = self.attempt(index, step, &env, status_text).await;
+            saving.await.map_err(|e| RunnerError::Store(StoreError::Backend(e.to_string())))??;
+            result = attempted?;
             let retryable = matches!(result.status, StepStatus::Failed | StepStatus::TimedOut) && !result.stopped;
             if !retryable || attempt >= attempts {
                 break;

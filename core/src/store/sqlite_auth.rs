@@ -21,7 +21,7 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiToken> {
 #[async_trait]
 impl AuthStore for SqliteStore {
     async fn password_hash(&self) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT password_hash FROM admin WHERE id = 1").fetch_optional(&self.pool).await.map_err(backend)?;
+        let row = sqlx::query("SELECT password_hash FROM admin WHERE id = 1").fetch_optional(&self.readers).await.map_err(backend)?;
         Ok(row.and_then(|r| r.get::<Option<String>, _>(0)))
     }
 
@@ -55,7 +55,7 @@ impl AuthStore for SqliteStore {
 
     async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
         let rows = sqlx::query("SELECT id, name, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY created_at DESC, id DESC")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.readers)
             .await
             .map_err(backend)?;
         rows.iter().map(token_from_row).collect()
@@ -102,7 +102,7 @@ impl AuthStore for SqliteStore {
         let row = sqlx::query("SELECT csrf, expires_at FROM sessions WHERE hash = ?1 AND expires_at > ?2")
             .bind(session_hash)
             .bind(millis(Utc::now()))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.readers)
             .await
             .map_err(backend)?;
         Ok(row.map(|r| Session { csrf: r.get(0), expires_at: from_millis(Some(r.get(1))).unwrap_or_default() }))
