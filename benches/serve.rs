@@ -45,6 +45,7 @@ fn serve(pipelines: &[(&str, &str)]) -> (Serve, Duration) {
     let started = Instant::now();
     let child = Command::new(SKIFF)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("SKIFF_WORKERS", std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "2".into()))
         .env("SKIFF_PIPELINES", &pdir)
         .env("SKIFF_DATA", dir.path().join("data"))
         .env("SKIFF_ADMIN_TOKEN", TOKEN)

@@ -82,7 +82,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
     std::fs::create_dir_all(&args.data.data).with_context(|| format!("creating {}", args.data.data.display()))?;
     let sqlite = SqliteStore::open(&args.data.data.join("skiff.db")).await.context("opening the store")?;
-    let queue = SqliteQueue::open(sqlite.pool(), usize::from(args.workers)).await.context("opening the queue")?;
+    // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
+    // instead of a fetch round trip later. The embedded worker is the only one, so it keeps
+    // nothing from other workers (remote workers will claim only what they can run).
+    let queue = SqliteQueue::open(sqlite.pool(), usize::from(args.workers) * 2).await.context("opening the queue")?;
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let auth: Arc<dyn AuthStore> = Arc::new(sqlite);
     let metrics = crate::metrics::install();

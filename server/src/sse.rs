@@ -136,7 +136,7 @@ async fn follow(store: Arc<dyn Store>, id: RunId, mut offset: u64, tx: mpsc::Sen
         let wait = async {
             loop {
                 match changes.recv().await {
-                    Ok(changed) if changed == id => return,
+                    Ok(changed) if changed.run == id => return,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => return,
                     Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,

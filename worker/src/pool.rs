@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use skiff_core::dispatch::RunJob;
 use skiff_core::run::{RunId, RunStatus, StepRecord};
-use skiff_core::store::{Store, StoreError};
+use skiff_core::store::{ChangeKind, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::logs::RunObserver;
@@ -101,11 +101,11 @@ pub async fn handle_job(
 /// announces a change to the run, and at the latest after `every`.
 async fn watch_cancel(store: Arc<dyn Store>, id: RunId, token: CancellationToken, every: Duration) {
     let mut changes = store.changes();
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
             changed = changes.recv() => match changed {
-                Ok(changed) if changed != id => continue,
+                Ok(c) if c.run != id || c.kind != ChangeKind::Cancel => continue,
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => changes = store.changes(),
             },

@@ -34,6 +34,22 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What changed about a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Status,
+    Step,
+    Log,
+    /// A cancel was requested.
+    Cancel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub run: RunId,
+    pub kind: ChangeKind,
+}
+
 /// A filter and page over runs, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct RunQuery {
@@ -86,9 +102,9 @@ pub trait Store: Send + Sync + 'static {
     async fn request_cancel(&self, id: &RunId, reason: &str) -> Result<Run>;
     /// How many runs are in each state (states with none are left out).
     async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>>;
-    /// The ids of runs as they change (state, steps, log, cancel requests). A receiver that
-    /// falls behind misses ids and should re-read what it follows.
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<RunId>;
+    /// Runs as they change (state, steps, log, cancel requests). A receiver that falls behind
+    /// misses changes and should re-read what it follows.
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Change>;
 }
 
 pub(crate) fn params_to_json(params: &BTreeMap<String, String>) -> String {

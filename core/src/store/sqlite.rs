@@ -13,7 +13,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 
-use super::{LogRead, Result, RunPage, RunQuery, Store, StoreError, params_from_json, params_to_json};
+use super::{Change, ChangeKind, LogRead, Result, RunPage, RunQuery, Store, StoreError, params_from_json, params_to_json};
 use crate::pipeline::Phase;
 use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind};
 
@@ -40,6 +40,7 @@ const SCHEMA: &[&str] = &[
         UNIQUE (pipeline, number)
     )",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
+    // The last number given in a pipeline, recorded when its runs are deleted.
     "CREATE TABLE IF NOT EXISTS run_numbers (pipeline TEXT PRIMARY KEY, last INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS steps (
         run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
@@ -97,7 +98,7 @@ pub struct SqliteStore {
     /// Read-only connections: reads never wait behind writes (WAL).
     pub(super) readers: SqlitePool,
     logs: PathBuf,
-    changes: tokio::sync::broadcast::Sender<RunId>,
+    changes: tokio::sync::broadcast::Sender<Change>,
 }
 
 pub(super) fn backend(e: sqlx::Error) -> StoreError {
@@ -147,9 +148,9 @@ impl SqliteStore {
         Ok(store)
     }
 
-    fn changed(&self, id: &RunId) {
+    fn changed(&self, id: &RunId, kind: ChangeKind) {
         // No receivers is fine: nobody is following.
-        let _ = self.changes.send(id.clone());
+        let _ = self.changes.send(Change { run: id.clone(), kind });
     }
 
     fn log_path(&self, id: &RunId) -> PathBuf {
@@ -253,45 +254,44 @@ impl Store for SqliteStore {
         let id = RunId::generate();
         let now = Utc::now();
         let mut tx = self.write_tx().await?;
+        // The next number: past every run of the pipeline and past `run_numbers`, the high-water
+        // mark kept for numbers of runs that were deleted, so a number is never given twice.
         let number: i64 = sqlx::query(
-            "INSERT INTO run_numbers (pipeline, last) VALUES (?1, 1)
-             ON CONFLICT (pipeline) DO UPDATE SET last = last + 1 RETURNING last",
-        )
-        .bind(&new.pipeline)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(backend)?
-        .get(0);
-        sqlx::query(
             "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
+             VALUES (?1, ?2, 1 + MAX(
+                 COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
+                 COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
+               'queued', ?3, ?4, ?5, ?6, ?7, ?8)
+             RETURNING number",
         )
         .bind(id.as_str())
         .bind(&new.pipeline)
-        .bind(number)
         .bind(new.trigger.kind.as_str())
         .bind(&new.trigger.actor)
         .bind(params_to_json(&new.params))
         .bind(&new.source)
         .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
         .bind(millis(now))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend)?
+        .get(0);
+        // Every planned step in one statement.
+        let plan: Vec<serde_json::Value> = new
+            .steps
+            .iter()
+            .map(|p| serde_json::json!({ "i": p.index, "id": p.id, "name": p.name, "phase": p.phase.as_str() }))
+            .collect();
+        sqlx::query(
+            "INSERT INTO steps (run_id, idx, step_id, name, phase, status, attempt, outputs)
+             SELECT ?1, value ->> 'i', value ->> 'id', value ->> 'name', value ->> 'phase', 'pending', 0, '{}'
+             FROM json_each(?2)",
+        )
+        .bind(id.as_str())
+        .bind(serde_json::Value::Array(plan).to_string())
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        for plan in &new.steps {
-            sqlx::query(
-                "INSERT INTO steps (run_id, idx, step_id, name, phase, status, attempt, outputs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, '{}')",
-            )
-            .bind(id.as_str())
-            .bind(i64::from(plan.index))
-            .bind(&plan.id)
-            .bind(&plan.name)
-            .bind(plan.phase.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        }
         tx.commit().await.map_err(backend)?;
         Ok(Run {
             id,
@@ -383,7 +383,7 @@ impl Store for SqliteStore {
         .map_err(backend)?;
         match row {
             Some(row) => {
-                self.changed(id);
+                self.changed(id, ChangeKind::Status);
                 run_from_row(&row)
             }
             None => {
@@ -424,7 +424,7 @@ impl Store for SqliteStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(id.clone()));
         }
-        self.changed(id);
+        self.changed(id, ChangeKind::Step);
         Ok(())
     }
 
@@ -474,7 +474,7 @@ impl Store for SqliteStore {
             .await
             .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
-        self.changed(id);
+        self.changed(id, ChangeKind::Log);
         Ok(offset as u64)
     }
 
@@ -584,7 +584,7 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
         }
         tx.commit().await.map_err(backend)?;
-        self.changed(id);
+        self.changed(id, ChangeKind::Cancel);
         Ok(run)
     }
 
@@ -602,7 +602,7 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    fn changes(&self) -> tokio::sync::broadcast::Receiver<RunId> {
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
         self.changes.subscribe()
     }
 }
