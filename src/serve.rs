@@ -117,6 +117,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         dispatcher: Dispatcher { store: store.clone(), queue: Arc::new(queue) },
         config: Arc::new(ServerConfig { admin_token_hash: args.admin_token.as_deref().map(skiff_server::auth::hash_secret) }),
         metrics,
+        shutdown: shutdown.clone(),
     };
     let base = args.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     eprintln!("skiff: listening on http://{addr} ({} in-process workers)", args.workers);

@@ -79,6 +79,8 @@ pub struct AppState {
     pub dispatcher: Dispatcher,
     pub config: Arc<ServerConfig>,
     pub metrics: Option<PrometheusHandle>,
+    /// Fired when the server stops: live streams end so that shutdown does not wait on them.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The whole HTTP surface.

@@ -64,7 +64,14 @@ pub async fn stream_logs(
         Some(other) => return Err(ApiError::bad_request(format!("unknown format `{other}` (text or html)"))),
     };
     let (tx, rx) = mpsc::channel::<Event>(4);
-    tokio::spawn(follow(state.store.clone(), run.id.clone(), offset, tx, html));
+    let shutdown = state.shutdown.clone();
+    let follower = follow(state.store.clone(), run.id.clone(), offset, tx, html);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = follower => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
