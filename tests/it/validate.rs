@@ -67,7 +67,7 @@ fn missing_path_is_a_clear_error() {
 #[test]
 fn help_is_complete() {
     let sb = Sandbox::new();
-    for sub in ["run", "validate"] {
+    for sub in ["run", "validate", "serve", "trigger", "login-link"] {
         let mut cmd = sb.skiff(&[sub, "--help"]);
         cmd.env_remove("SKIFF_DATA").env_remove("SKIFF_KILL_GRACE");
         let out = crate::support::run_to_end(cmd);
@@ -76,4 +76,21 @@ fn help_is_complete() {
     }
     let out = sb.run(&["--help"]);
     insta::assert_snapshot!("help", out.stdout);
+}
+
+#[test]
+fn the_readme_commands_are_real() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
+    let test_command = "cargo test --workspace --locked";
+    assert!(readme.contains("cargo run --release -- serve"), "the README starts skiff on its embedded default");
+    assert!(readme.contains(test_command) && ci.contains(test_command), "CI runs the README's test command");
+    let sb = Sandbox::new();
+    let out = sb.run(&["serve", "--help"]);
+    assert_eq!(out.code, Some(0));
+    for var in ["SKIFF_LISTEN", "SKIFF_PIPELINES", "SKIFF_WORKERS", "SKIFF_DATA", "SKIFF_ADMIN_TOKEN", "SKIFF_PUBLIC_URL", "SKIFF_RELOAD_EVERY"] {
+        assert!(out.stdout.contains(var), "serve --help names {var}");
+        assert!(readme.contains(var), "the README documents {var}");
+    }
 }
