@@ -88,6 +88,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let queue = SqliteQueue::open(sqlite.pool(), usize::from(args.workers) * 2).await.context("opening the queue")?;
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let auth: Arc<dyn AuthStore> = Arc::new(sqlite);
+    interrupted_runs(store.as_ref()).await?;
     let metrics = crate::metrics::install();
 
     let catalog = CatalogHandle::new(Catalog::load(&args.pipelines));
@@ -143,6 +144,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("skiff: workers did not stop within 60s; exiting anyway");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// In the embedded deployment this process is the only worker, so a run still `running` at start
+/// was interrupted when skiff last stopped without finishing it (a crash, a kill -9). Say so, rather
+/// than leave it running forever.
+async fn interrupted_runs(store: &dyn Store) -> anyhow::Result<()> {
+    use skiff_core::run::RunStatus;
+    use skiff_core::store::RunQuery;
+    loop {
+        let page = store.list_runs(&RunQuery { status: Some(RunStatus::Running), limit: 500, ..RunQuery::default() }).await?;
+        if page.runs.is_empty() {
+            return Ok(());
+        }
+        for run in &page.runs {
+            let reason = "interrupted: skiff stopped while this run was running (its finally steps did not run)";
+            store.set_status(&run.id, RunStatus::Failed, Some(reason)).await?;
+            eprintln!("skiff: run {} #{} was interrupted by the last stop; marked failed", run.pipeline, run.number);
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -324,3 +324,20 @@ fn skiff_trigger_follows_a_run_to_its_end() {
     assert_eq!(out.code, Some(2));
     assert!(out.stderr.contains("param `mode`: `turbo` is not one of"), "{}", out.stderr);
 }
+
+#[test]
+fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
+    let s = Server::start(&[("long", "steps:\n  - run: echo started; sleep 20\n")]);
+    let id = s.trigger("long", json!({}));
+    let mut stream = EventStream::open(&s.url(&format!("/api/runs/{id}/logs/stream")), None);
+    while !stream.next().is_some_and(|(name, _, data)| name == "log" && data["text"].as_str().is_some_and(|t| t.contains("started"))) {}
+    drop(stream);
+    let s = s.crash_and_restart();
+    let (_, run) = s.api("GET", &format!("/api/runs/{id}"), None);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(run["reason"].as_str().is_some_and(|r| r.starts_with("interrupted")), "{run}");
+    let id2 = s.trigger("long", json!({}));
+    let (status, _) = s.api("POST", &format!("/api/runs/{id2}/cancel"), None);
+    assert_eq!(status, 202, "the restarted server runs and cancels runs");
+    assert_eq!(run_of(&s.follow(&id2, None)).0, "cancelled");
+}

@@ -32,6 +32,19 @@ impl Server {
         for (name, yaml) in pipelines {
             std::fs::write(pdir.join(format!("{name}.yml")), yaml).expect("write pipeline");
         }
+        Self::spawn(dir, extra_env)
+    }
+
+    /// Kills the server with SIGKILL (no chance to clean up) and starts it again on the same data.
+    pub fn crash_and_restart(mut self) -> Server {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        Self::spawn(dir, &[])
+    }
+
+    fn spawn(dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> Server {
+        let pdir = dir.path().join("pipelines");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--reload-every", "100ms"])
             .env("SKIFF_PIPELINES", &pdir)
