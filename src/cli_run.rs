@@ -63,12 +63,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(args))
+    crate::runtime()?.block_on(run(args))
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -42,6 +42,13 @@ pub struct DataArgs {
     pub data: PathBuf,
 }
 
+/// The async runtime the long-lived subcommands use: two worker threads (the machine skiff is
+/// sized for has two cores).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -82,9 +82,9 @@ pub fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
-fn cookie(parts: &Parts, name: &str) -> Option<String> {
-    parts
-        .headers
+/// The value of the cookie `name` in a request's headers.
+pub fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -109,7 +109,7 @@ pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Principa
         let found = state.auth.find_token(&hash_secret(token)).await?;
         return Ok(found.map(|t| Principal::Token { name: t.name }));
     }
-    if let Some(session) = cookie(parts, SESSION_COOKIE) {
+    if let Some(session) = cookie(&parts.headers, SESSION_COOKIE) {
         if let Some(s) = state.auth.find_session(&hash_secret(&session)).await? {
             return Ok(Some(Principal::Session { csrf: s.csrf }));
         }
@@ -152,10 +152,6 @@ pub async fn start_session(state: &AppState) -> Result<(String, String), ApiErro
 
 pub fn clear_session_cookie() -> String {
     format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
-}
-
-pub fn session_cookie_value(parts: &Parts) -> Option<String> {
-    cookie(parts, SESSION_COOKIE)
 }
 
 /// Creates a one-time login link token (valid for an hour) and returns it.

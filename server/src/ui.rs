@@ -93,8 +93,9 @@ pub struct RunRow {
     pub reason: String,
 }
 
-fn took(run: &Run) -> String {
-    match (run.started_at, run.finished_at) {
+/// How long something took (or has taken so far), for people.
+fn took(started: Option<chrono::DateTime<chrono::Utc>>, finished: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    match (started, finished) {
         (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
         (Some(a), None) => format!("{} so far", human((chrono::Utc::now() - a).to_std().unwrap_or_default())),
         _ => String::new(),
@@ -109,9 +110,15 @@ fn row(run: &Run) -> RunRow {
         status: run.status.as_str(),
         trigger: run.trigger.to_string(),
         created: run.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-        took: took(run),
+        took: took(run.started_at, run.finished_at),
         reason: run.reason.clone().unwrap_or_default(),
     }
+}
+
+/// The newest runs of a pipeline, as rows.
+async fn recent_runs(state: &AppState, pipeline: &str, limit: u32) -> Result<Vec<RunRow>, ApiError> {
+    let page = state.store.list_runs(&RunQuery { pipeline: Some(pipeline.to_string()), limit, ..RunQuery::default() }).await?;
+    Ok(page.runs.iter().map(row).collect())
 }
 
 pub struct PipelineCard {
@@ -136,14 +143,7 @@ pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dash
     let catalog = state.catalog.current();
     let mut cards = Vec::new();
     for e in catalog.entries() {
-        let recent = state
-            .store
-            .list_runs(&RunQuery { pipeline: Some(e.name.clone()), limit: 8, ..RunQuery::default() })
-            .await?
-            .runs
-            .iter()
-            .map(row)
-            .collect();
+        let recent = recent_runs(&state, &e.name, 8).await?;
         let p = e.pipeline.as_deref();
         cards.push(PipelineCard {
             name: e.name.clone(),
@@ -196,14 +196,7 @@ async fn pipeline_page(
 ) -> Result<PipelinePage, ApiError> {
     let e = entry_or_404(state, name)?;
     let p = e.pipeline.as_deref();
-    let runs = state
-        .store
-        .list_runs(&RunQuery { pipeline: Some(e.name.clone()), limit: 50, ..RunQuery::default() })
-        .await?
-        .runs
-        .iter()
-        .map(row)
-        .collect();
+    let runs = recent_runs(state, &e.name, 50).await?;
     let mut triggers = Vec::new();
     if let Some(p) = p {
         if p.on.manual {
@@ -297,10 +290,7 @@ fn step_row(s: &StepRecord) -> StepRow {
         name: s.name.clone(),
         status: s.status.as_str(),
         phase: s.phase.as_str(),
-        took: match (s.started_at, s.finished_at) {
-            (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
-            _ => String::new(),
-        },
+        took: took(s.started_at, s.finished_at),
         reason: s.reason.clone().unwrap_or_default(),
         attempt: s.attempt,
     }
@@ -409,15 +399,7 @@ pub async fn login_link(State(state): State<AppState>, Path(token): Path<String>
 
 pub async fn logout(page: Page, State(state): State<AppState>, parts: axum::http::HeaderMap, Form(form): Form<CsrfForm>) -> Result<Response, ApiError> {
     page.check(&form.csrf)?;
-    let cookie = parts
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == auth::SESSION_COOKIE)
-        .map(|(_, v)| v.to_string());
-    if let Some(c) = cookie {
+    if let Some(c) = auth::cookie(&parts, auth::SESSION_COOKIE) {
         state.auth.delete_session(&hash_secret(&c)).await?;
     }
     Ok(([(header::SET_COOKIE, auth::clear_session_cookie())], Redirect::to("/login")).into_response())
