@@ -55,11 +55,10 @@ fn serve(pipelines: &[(&str, &str)]) -> (Serve, Duration) {
         .expect("start skiff serve");
     let agent = agent();
     let first = loop {
-        if let Ok(r) = agent.get(&format!("{base}/healthz")).call() {
-            if r.status() == 200 {
+        if let Ok(r) = agent.get(&format!("{base}/healthz")).call()
+            && r.status() == 200 {
                 break started.elapsed();
             }
-        }
         assert!(started.elapsed() < Duration::from_secs(20), "skiff serve did not answer");
         std::thread::sleep(Duration::from_micros(500));
     };

@@ -205,7 +205,7 @@ impl RunObserver for Terminal {
         // Build the whole block first: one write per chunk, not two per line.
         let mut block = Vec::with_capacity(data.len() + data.len() / 8 + prefix.len());
         let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', data).map(|i| i + 1).chain((data.len() > 0 && !data.ends_with(b"\n")).then_some(data.len())) {
+        for end in memchr::memchr_iter(b'\n', data).map(|i| i + 1).chain((!data.is_empty() && !data.ends_with(b"\n")).then_some(data.len())) {
             let line = &data[start..end];
             start = end;
             block.extend_from_slice(prefix);

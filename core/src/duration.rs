@@ -69,7 +69,7 @@ mod tests {
     fn parses() {
         assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse("30").unwrap_err().contains("no unit"));
+        assert!(parse("30").expect_err("an error").contains("no unit"));
         assert!(parse("5 min").is_err());
         assert!(parse("0s").is_err());
         assert!(parse("8d").is_err());

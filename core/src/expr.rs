@@ -733,22 +733,22 @@ mod tests {
 
     #[test]
     fn reports_errors_with_spans() {
-        let e = parse("params.who = 'x'").unwrap_err();
+        let e = parse("params.who = 'x'").expect_err("an error");
         assert_eq!((e.start, e.message.as_str()), (11, "`=` is not an operator"));
-        let e = parse("(a || b").unwrap_err();
+        let e = parse("(a || b").expect_err("an error");
         assert!(e.message.contains("expected `)`"), "{e:?}");
-        let e = parse("a &&").unwrap_err();
+        let e = parse("a &&").expect_err("an error");
         assert!(e.message.contains("end of the expression"), "{e:?}");
-        let e = parse("\"x\"").unwrap_err();
+        let e = parse("\"x\"").expect_err("an error");
         assert!(e.message.contains("double quotes"), "{e:?}");
-        assert!(parse(&"!".repeat(100)).unwrap_err().message.contains("too deeply"));
+        assert!(parse(&"!".repeat(100)).expect_err("an error").message.contains("too deeply"));
     }
 
     #[test]
     fn templates() {
         let t = Template::parse("a-${{ params.who }}-${{ '}}' }}").expect("parses");
         assert_eq!(t.parts.len(), 4);
-        let errs = Template::parse("x ${{ params. }}").unwrap_err();
+        let errs = Template::parse("x ${{ params. }}").expect_err("an error");
         assert_eq!(errs[0].start, 13);
         assert!(Template::parse("${{ open").is_err());
     }

@@ -170,11 +170,10 @@ pub fn parse(source: &str, limits: &Limits) -> Result<(Node, Vec<Diagnostic>), V
                         diags,
                     );
                 }
-                if let Some(tag) = tag {
-                    if !tag_is_plain_str(&tag.handle, &tag.suffix) {
+                if let Some(tag) = tag
+                    && !tag_is_plain_str(&tag.handle, &tag.suffix) {
                         diags.push(Diagnostic::new(pos, format!("YAML tag `{}{}` is not supported", tag.handle, tag.suffix)));
                     }
-                }
                 let style = match style {
                     ScalarStyle::Plain => Style::Plain,
                     ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted => Style::Quoted,
@@ -261,7 +260,7 @@ pub fn parse(source: &str, limits: &Limits) -> Result<(Node, Vec<Diagnostic>), V
 }
 
 fn tag_is_plain_str(handle: &str, suffix: &str) -> bool {
-    handle == "!!" && suffix == "str" || handle == "tag:yaml.org,2002:" && suffix == "str"
+    suffix == "str" && (handle == "!!" || handle == "tag:yaml.org,2002:")
 }
 
 fn alias_budget_message(limits: &Limits) -> String {

@@ -101,19 +101,17 @@ pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Principa
         if token.is_empty() {
             return Ok(None);
         }
-        if let Some(admin) = &state.config.admin_token_hash {
-            if constant_time_eq(&hash_secret(token), admin) {
+        if let Some(admin) = &state.config.admin_token_hash
+            && constant_time_eq(&hash_secret(token), admin) {
                 return Ok(Some(Principal::AdminToken));
             }
-        }
         let found = state.auth.find_token(&hash_secret(token)).await?;
         return Ok(found.map(|t| Principal::Token { name: t.name }));
     }
-    if let Some(session) = cookie(&parts.headers, SESSION_COOKIE) {
-        if let Some(s) = state.auth.find_session(&hash_secret(&session)).await? {
+    if let Some(session) = cookie(&parts.headers, SESSION_COOKIE)
+        && let Some(s) = state.auth.find_session(&hash_secret(&session)).await? {
             return Ok(Some(Principal::Session { csrf: s.csrf }));
         }
-    }
     Ok(None)
 }
 

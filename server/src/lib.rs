@@ -60,13 +60,12 @@ impl CatalogHandle {
             let current = self.current();
             let dir = current.dir.clone();
             let stale = tokio::task::spawn_blocking(move || current.is_stale()).await.unwrap_or(false);
-            if stale {
-                if let Ok(fresh) = tokio::task::spawn_blocking(move || Catalog::load(&dir)).await {
+            if stale
+                && let Ok(fresh) = tokio::task::spawn_blocking(move || Catalog::load(&dir)).await {
                     let invalid = fresh.entries().filter(|e| !e.is_valid()).count();
                     tracing::info!(pipelines = fresh.len(), invalid, "pipelines reloaded");
                     self.replace(fresh);
                 }
-            }
         }
     }
 }

@@ -247,12 +247,11 @@ async fn flush(store: &dyn Store, run: &RunId, batch: &mut Vec<LogChunk>, failur
     if batch.is_empty() {
         return;
     }
-    if failure.is_none() {
-        if let Err(e) = store.append_logs(run, batch).await {
+    if failure.is_none()
+        && let Err(e) = store.append_logs(run, batch).await {
             tracing::error!(run_id = %run, error = %e, "writing logs failed");
             *failure = Some(e);
         }
-    }
     batch.clear();
 }
 

@@ -435,15 +435,14 @@ impl<'s, 'n> Cx<'s, 'n> {
             None if !p.options.is_empty() => ParamKind::Choice,
             None => ParamKind::String,
         };
-        if let Some(n) = f.value("default") {
-            if let Some(text) = self.string(n, "`default`") {
+        if let Some(n) = f.value("default")
+            && let Some(text) = self.string(n, "`default`") {
                 if let Err(msg) = params::check_value(&p, &text) {
                     let help = if p.kind == ParamKind::Choice { did_you_mean(&text, p.options.iter().map(String::as_str)) } else { None };
                     self.error(n.pos, format!("default of {what}: {msg}")).with_len_mut(text.chars().count()).help = help;
                 }
                 p.default = Some(text);
             }
-        }
         Some(p)
     }
 
@@ -951,13 +950,12 @@ fn check_ref(p: &Pipeline, ctx: Ctx, path: &[String]) -> Result<(), (String, Opt
             match (path[2].as_str(), path.len()) {
                 ("status", 3) => {}
                 ("outputs", 4) => {
-                    if let StepAction::Uses { action, .. } = &step.action {
-                        if !action.outputs.contains(&path[3].as_str()) {
+                    if let StepAction::Uses { action, .. } = &step.action
+                        && !action.outputs.contains(&path[3].as_str()) {
                             let help = did_you_mean(&path[3], action.outputs.iter().copied())
                                 .or_else(|| Some(format!("`{}` outputs: {}", action.name, action.outputs.join(", "))));
                             return Err((format!("`{}` has no output `{}`", action.name, path[3]), help));
                         }
-                    }
                 }
                 _ => {
                     return Err((format!("`{full}` is not a valid reference"), Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into())));
