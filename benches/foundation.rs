@@ -11,8 +11,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `--rss-probe CMD...`: run CMD, print the peak RSS (KiB) of its process tree's largest member.
     if args.get(1).map(String::as_str) == Some("--rss-probe") {
-        let status = Command::new(&args[2]).args(&args[3..]).stdout(Stdio::null()).status().expect("run probe");
-        let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).expect("getrusage");
+        let status = Command::new(&args[2])
+            .args(&args[3..])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run probe");
+        let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+            .expect("getrusage");
         println!("{} {}", usage.max_rss(), status.success());
         return;
     }
@@ -83,7 +88,11 @@ fn per_step(dir: &Path) {
     println!("  skiff run, 1 step:          {:>9.1} ms", ms(t_one));
     println!("  time per step:              {:>9.3} ms", ms(per_step));
     println!("  bare fork/exec of `true`:   {:>9.3} ms", ms(bare));
-    println!("  overhead per step:          {:>9.3} ms   (target < 2 ms) {}", ms(overhead), verdict(overhead < Duration::from_millis(2)));
+    println!(
+        "  overhead per step:          {:>9.3} ms   (target < 2 ms) {}",
+        ms(overhead),
+        verdict(overhead < Duration::from_millis(2))
+    );
 }
 
 fn log_throughput(dir: &Path) {
@@ -96,7 +105,10 @@ fn log_throughput(dir: &Path) {
         (0..REPS)
             .map(|_| {
                 let start = Instant::now();
-                let ok = Command::new("bash").args(["-c", &format!("{command} > /dev/null")]).status().expect("bash");
+                let ok = Command::new("bash")
+                    .args(["-c", &format!("{command} > /dev/null")])
+                    .status()
+                    .expect("bash");
                 assert!(ok.success());
                 start.elapsed()
             })
@@ -104,18 +116,44 @@ fn log_throughput(dir: &Path) {
     );
     let skiff = median((0..REPS).map(|_| skiff_run(dir, &file)).collect());
     let probe = Command::new(std::env::current_exe().expect("exe"))
-        .args(["--rss-probe", SKIFF, "run", file.to_str().expect("path"), "--color", "never"])
+        .args([
+            "--rss-probe",
+            SKIFF,
+            "run",
+            file.to_str().expect("path"),
+            "--color",
+            "never",
+        ])
         .env("SKIFF_DATA", dir.join("data"))
         .output()
         .expect("rss probe");
     let text = String::from_utf8_lossy(&probe.stdout);
-    let rss_kib: u64 = text.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let rss_kib: u64 = text
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let ratio = skiff.as_secs_f64() / baseline.as_secs_f64();
-    println!("\n[logs] one step printing 1,000,000 lines ({} MB), median of {REPS}", bytes / 1_000_000);
+    println!(
+        "\n[logs] one step printing 1,000,000 lines ({} MB), median of {REPS}",
+        bytes / 1_000_000
+    );
     println!("  to /dev/null:               {:>9.1} ms", ms(baseline));
-    println!("  under skiff run (stored):   {:>9.1} ms   ({:.0} MB/s)", ms(skiff), bytes as f64 / skiff.as_secs_f64() / 1e6);
-    println!("  ratio:                      {:>9.2} x    (target <= 1.5x) {}", ratio, verdict(ratio <= 1.5));
-    println!("  peak RSS of the runner:     {:>9.1} MB   (target < 40 MB) {}", rss_kib as f64 / 1024.0, verdict(rss_kib < 40 * 1024));
+    println!(
+        "  under skiff run (stored):   {:>9.1} ms   ({:.0} MB/s)",
+        ms(skiff),
+        bytes as f64 / skiff.as_secs_f64() / 1e6
+    );
+    println!(
+        "  ratio:                      {:>9.2} x    (target <= 1.5x) {}",
+        ratio,
+        verdict(ratio <= 1.5)
+    );
+    println!(
+        "  peak RSS of the runner:     {:>9.1} MB   (target < 40 MB) {}",
+        rss_kib as f64 / 1024.0,
+        verdict(rss_kib < 40 * 1024)
+    );
 }
 
 fn validate(dir: &Path) {
@@ -123,7 +161,9 @@ fn validate(dir: &Path) {
     const REPS: usize = 5;
     let corpus = dir.join("corpus");
     std::fs::create_dir_all(&corpus).expect("mkdir");
-    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/hello.yml")).expect("hello.yml");
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/hello.yml"))
+            .expect("hello.yml");
     for i in 0..FILES {
         let text = example.replacen("name: hello", &format!("name: hello-{i}"), 1);
         std::fs::write(corpus.join(format!("p{i:04}.yml")), text).expect("write");
@@ -144,7 +184,11 @@ fn validate(dir: &Path) {
     );
     let lines = example.lines().count();
     println!("\n[validate] {FILES} pipelines of {lines} lines each (median of {REPS})");
-    println!("  skiff validate:             {:>9.1} ms   (target < 1000 ms) {}", ms(took), verdict(took < Duration::from_secs(1)));
+    println!(
+        "  skiff validate:             {:>9.1} ms   (target < 1000 ms) {}",
+        ms(took),
+        verdict(took < Duration::from_secs(1))
+    );
 }
 
 fn ms(d: Duration) -> f64 {

@@ -19,17 +19,26 @@ struct Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 /// Starts `skiff serve` with the given pipelines; returns it and the time its first /healthz answered.
@@ -45,7 +54,10 @@ fn serve(pipelines: &[(&str, &str)]) -> (Serve, Duration) {
     let started = Instant::now();
     let child = Command::new(SKIFF)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("SKIFF_WORKERS", std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "2".into()))
+        .env(
+            "SKIFF_WORKERS",
+            std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "2".into()),
+        )
         .env("SKIFF_PIPELINES", &pdir)
         .env("SKIFF_DATA", dir.path().join("data"))
         .env("SKIFF_ADMIN_TOKEN", TOKEN)
@@ -56,13 +68,24 @@ fn serve(pipelines: &[(&str, &str)]) -> (Serve, Duration) {
     let agent = agent();
     let first = loop {
         if let Ok(r) = agent.get(&format!("{base}/healthz")).call()
-            && r.status() == 200 {
-                break started.elapsed();
-            }
-        assert!(started.elapsed() < Duration::from_secs(20), "skiff serve did not answer");
+            && r.status() == 200
+        {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "skiff serve did not answer"
+        );
         std::thread::sleep(Duration::from_micros(500));
     };
-    (Serve { child, base, _dir: dir }, first)
+    (
+        Serve {
+            child,
+            base,
+            _dir: dir,
+        },
+        first,
+    )
 }
 
 impl Serve {
@@ -77,7 +100,11 @@ impl Serve {
     }
 
     fn get(&self, agent: &ureq::Agent, path: &str) -> String {
-        let mut r = agent.get(&format!("{}{path}", self.base)).header("authorization", &format!("Bearer {TOKEN}")).call().expect("GET");
+        let mut r = agent
+            .get(&format!("{}{path}", self.base))
+            .header("authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .expect("GET");
         r.body_mut().read_to_string().expect("body")
     }
 
@@ -101,8 +128,14 @@ impl Serve {
     }
 
     fn rss_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -111,7 +144,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn now_us() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1e6
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+        * 1e6
 }
 
 fn main() {
@@ -143,8 +180,17 @@ fn idle() {
     }
     firsts.sort_by(f64::total_cmp);
     println!("\n[idle] skiff serve with 2 in-process workers (5 starts)");
-    println!("  first HTTP answer after start: median {:.1} ms, worst {:.1} ms   (target < 100 ms) {}", percentile(&firsts, 0.5), firsts[4], verdict(firsts[4] < 100.0));
-    println!("  idle RSS (worst of 5):         {:.1} MB                  (target < 20 MB) {}", rss as f64 / 1024.0, verdict(rss < 20 * 1024));
+    println!(
+        "  first HTTP answer after start: median {:.1} ms, worst {:.1} ms   (target < 100 ms) {}",
+        percentile(&firsts, 0.5),
+        firsts[4],
+        verdict(firsts[4] < 100.0)
+    );
+    println!(
+        "  idle RSS (worst of 5):         {:.1} MB                  (target < 20 MB) {}",
+        rss as f64 / 1024.0,
+        verdict(rss < 20 * 1024)
+    );
 }
 
 fn latency() {
@@ -157,9 +203,17 @@ fn latency() {
         let run = s.post(&agent, "/api/pipelines/first/runs", json!({}));
         let id = run["id"].as_str().expect("id");
         s.follow(&agent, id, false);
-        let logs: Value = serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}/logs"))).expect("logs");
-        let text = logs["chunks"][0]["text"].as_str().unwrap_or("").trim().to_string();
-        let started: f64 = text.parse::<f64>().expect("the step printed $EPOCHREALTIME") * 1e6;
+        let logs: Value =
+            serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}/logs"))).expect("logs");
+        let text = logs["chunks"][0]["text"]
+            .as_str()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let started: f64 = text
+            .parse::<f64>()
+            .expect("the step printed $EPOCHREALTIME")
+            * 1e6;
         if i >= 10 {
             samples.push((started - t0) / 1000.0);
         }
@@ -173,8 +227,16 @@ fn latency() {
     let mut shell = Vec::new();
     for _ in 0..100 {
         let t0 = now_us();
-        let out = Command::new("bash").args(["--noprofile", "--norc", "-eo", "pipefail"]).arg(&script).output().expect("bash");
-        let ran: f64 = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().expect("epoch") * 1e6;
+        let out = Command::new("bash")
+            .args(["--noprofile", "--norc", "-eo", "pipefail"])
+            .arg(&script)
+            .output()
+            .expect("bash");
+        let ran: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<f64>()
+            .expect("epoch")
+            * 1e6;
         shell.push((ran - t0) / 1000.0);
     }
     shell.sort_by(f64::total_cmp);
@@ -183,14 +245,24 @@ fn latency() {
     let quantile = |q: &str| -> f64 {
         metrics
             .lines()
-            .find(|l| l.starts_with("skiff_queue_wait_seconds{") && l.contains(&format!("quantile=\"{q}\"")))
+            .find(|l| {
+                l.starts_with("skiff_queue_wait_seconds{")
+                    && l.contains(&format!("quantile=\"{q}\""))
+            })
             .and_then(|l| l.split_whitespace().last())
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
             * 1000.0
     };
-    println!("\n[latency] {N} sequential triggers (HTTP POST -> the first step's shell running, via $EPOCHREALTIME)");
-    println!("  p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms", percentile(&samples, 0.5), percentile(&samples, 0.9), percentile(&samples, 0.99));
+    println!(
+        "\n[latency] {N} sequential triggers (HTTP POST -> the first step's shell running, via $EPOCHREALTIME)"
+    );
+    println!(
+        "  p50 {:.2} ms   p90 {:.2} ms   p99 {:.2} ms",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.9),
+        percentile(&samples, 0.99)
+    );
     println!("  bash's own start-up (spawn -> first line), measured alone: p50 {bash:.2} ms");
     println!(
         "  so HTTP POST -> the step's process started: p50 {:.2} ms (target < 3 ms) {}   p99 {:.2} ms (target < 10 ms) {}",
@@ -199,8 +271,16 @@ fn latency() {
         percentile(&samples, 0.99) - bash,
         verdict(percentile(&samples, 0.99) - bash < 10.0)
     );
-    println!("  queue hop alone (push -> handler start, the server's own summary of the last minute):");
-    println!("  p50 {:.2} ms   (target < 1.2 ms) {}   p90 {:.2} ms   p99 {:.2} ms", quantile("0.5"), verdict(quantile("0.5") < 1.2), quantile("0.9"), quantile("0.99"));
+    println!(
+        "  queue hop alone (push -> handler start, the server's own summary of the last minute):"
+    );
+    println!(
+        "  p50 {:.2} ms   (target < 1.2 ms) {}   p90 {:.2} ms   p99 {:.2} ms",
+        quantile("0.5"),
+        verdict(quantile("0.5") < 1.2),
+        quantile("0.9"),
+        quantile("0.99")
+    );
 }
 
 fn throughput() {
@@ -230,21 +310,39 @@ fn throughput() {
         let metrics = s.get(&agent, "/metrics");
         let finished: usize = metrics
             .lines()
-            .filter(|l| l.starts_with("skiff_runs{status=\"succeeded\"}") || l.starts_with("skiff_runs{status=\"failed\"}"))
+            .filter(|l| {
+                l.starts_with("skiff_runs{status=\"succeeded\"}")
+                    || l.starts_with("skiff_runs{status=\"failed\"}")
+            })
             .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
             .sum::<f64>() as usize;
         if finished >= done {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "runs did not finish: {finished}/{done}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "runs did not finish: {finished}/{done}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let took = start.elapsed();
     let rate = done as f64 / took.as_secs_f64();
-    println!("\n[throughput] {done} trivial runs (`run: \"true\"`) from {CLIENTS} clients, 2 in-process workers");
-    println!("  all triggered in {:.2} s, all finished in {:.2} s", triggered.as_secs_f64(), took.as_secs_f64());
-    println!("  {rate:.0} runs/s   (target >= 300) {}", verdict(rate >= 300.0));
-    println!("  server RSS after: {:.1} MB", s.rss_kib("VmRSS:") as f64 / 1024.0);
+    println!(
+        "\n[throughput] {done} trivial runs (`run: \"true\"`) from {CLIENTS} clients, 2 in-process workers"
+    );
+    println!(
+        "  all triggered in {:.2} s, all finished in {:.2} s",
+        triggered.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    println!(
+        "  {rate:.0} runs/s   (target >= 300) {}",
+        verdict(rate >= 300.0)
+    );
+    println!(
+        "  server RSS after: {:.1} MB",
+        s.rss_kib("VmRSS:") as f64 / 1024.0
+    );
 }
 
 fn logs() {
@@ -257,14 +355,16 @@ fn logs() {
             s.follow(&agent, &id, true)
         } else {
             loop {
-                let r: Value = serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}"))).expect("run");
+                let r: Value =
+                    serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}"))).expect("run");
                 if r["finished_at"].is_string() {
                     break 0;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
-        let r: Value = serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}"))).expect("run");
+        let r: Value =
+            serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}"))).expect("run");
         (r["duration_ms"].as_f64().unwrap_or(f64::NAN), seen)
     };
     let mut alone = Vec::new();
@@ -280,10 +380,19 @@ fn logs() {
     followed.sort_by(f64::total_cmp);
     let ratio = followed[1] / alone[1];
     let hwm = s.rss_kib("VmHWM:");
-    println!("\n[logs] a step printing 1,000,000 lines (60 MB) with and without a live follower (SSE, HTML, as the browser reads it); median of 3");
+    println!(
+        "\n[logs] a step printing 1,000,000 lines (60 MB) with and without a live follower (SSE, HTML, as the browser reads it); median of 3"
+    );
     println!("  run alone:        {:.0} ms", alone[1]);
-    println!("  run followed:     {:.0} ms   ({:.1} MB of events read)", followed[1], seen as f64 / 1e6);
-    println!("  ratio:            {ratio:.2} x   (target <= 1.5x) {}", verdict(ratio <= 1.5));
+    println!(
+        "  run followed:     {:.0} ms   ({:.1} MB of events read)",
+        followed[1],
+        seen as f64 / 1e6
+    );
+    println!(
+        "  ratio:            {ratio:.2} x   (target <= 1.5x) {}",
+        verdict(ratio <= 1.5)
+    );
     println!("  server peak RSS:  {:.1} MB", hwm as f64 / 1024.0);
 }
 

@@ -72,7 +72,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let pipeline = match loaded {
         Ok(p) => p,
         Err(diags) => {
-            eprint!("{}", Report { file: &shown, source: &source, diagnostics: &diags });
+            eprint!(
+                "{}",
+                Report {
+                    file: &shown,
+                    source: &source,
+                    diagnostics: &diags
+                }
+            );
             bail!("{shown} is not a valid pipeline ({} problems)", diags.len());
         }
     };
@@ -90,14 +97,20 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    std::fs::create_dir_all(&args.data.data).with_context(|| format!("creating {}", args.data.data.display()))?;
-    let store = SqliteStore::open(&args.data.data.join("skiff.db")).await.context("opening the store")?;
+    std::fs::create_dir_all(&args.data.data)
+        .with_context(|| format!("creating {}", args.data.data.display()))?;
+    let store = SqliteStore::open(&args.data.data.join("skiff.db"))
+        .await
+        .context("opening the store")?;
     let store: Arc<dyn Store> = Arc::new(store);
     let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
     let run = store
         .create_run(NewRun {
             pipeline: pipeline.name.clone(),
-            trigger: Trigger { kind: TriggerKind::Cli, actor },
+            trigger: Trigger {
+                kind: TriggerKind::Cli,
+                actor,
+            },
             params,
             source,
             steps: pipeline.plan(),
@@ -108,7 +121,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let color = match args.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        ColorChoice::Auto => {
+            std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
     };
     let term = Arc::new(Terminal::new(color));
     term.header(&format!("{} #{}", run.pipeline, run.number), &run.params);
@@ -126,15 +141,28 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let started = std::time::Instant::now();
     let outcome = execute_run(store.clone(), &run, &pipeline, &opts, term.clone()).await?;
-    term.footer(&format!("{} #{}", run.pipeline, run.number), outcome.status, outcome.reason.as_deref(), started.elapsed());
+    term.footer(
+        &format!("{} #{}", run.pipeline, run.number),
+        outcome.status,
+        outcome.reason.as_deref(),
+        started.elapsed(),
+    );
     eprintln!("run {} recorded in {}", run.id, args.data.data.display());
-    Ok(if outcome.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if outcome.status == RunStatus::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// First Ctrl-C (or SIGTERM) cancels the run, which still runs `finally`; a second one stops
 /// `finally` too.
 async fn watch_signals(cancel: CancellationToken, abort: CancellationToken, term: Arc<Terminal>) {
-    let Ok(mut term_signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+    let Ok(mut term_signal) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
     for round in 0..2 {
         tokio::select! {
             r = tokio::signal::ctrl_c() => if r.is_err() { return },
@@ -160,11 +188,21 @@ const RESET: &str = "\x1b[0m";
 
 impl Terminal {
     fn new(color: bool) -> Self {
-        Terminal { color, out: Mutex::new(std::io::BufWriter::with_capacity(64 << 10, std::io::stdout())) }
+        Terminal {
+            color,
+            out: Mutex::new(std::io::BufWriter::with_capacity(
+                64 << 10,
+                std::io::stdout(),
+            )),
+        }
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
-        if self.color { format!("\x1b[{code}m{text}{RESET}") } else { text.to_string() }
+        if self.color {
+            format!("\x1b[{code}m{text}{RESET}")
+        } else {
+            text.to_string()
+        }
     }
 
     fn write(&self, text: &str) {
@@ -178,13 +216,19 @@ impl Terminal {
         let mut s = format!("{} {}\n", self.paint("1;36", "▶"), self.paint("1", title));
         if !params.is_empty() {
             let list: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            s.push_str(&format!("  {}\n", self.paint("2", &format!("params: {}", list.join(" ")))));
+            s.push_str(&format!(
+                "  {}\n",
+                self.paint("2", &format!("params: {}", list.join(" ")))
+            ));
         }
         self.write(&s);
     }
 
     fn note(&self, text: &str) {
-        self.write(&format!("{}\n", self.paint("33", &format!("skiff: {text}"))));
+        self.write(&format!(
+            "{}\n",
+            self.paint("33", &format!("skiff: {text}"))
+        ));
     }
 
     fn footer(&self, title: &str, status: RunStatus, reason: Option<&str>, took: Duration) {
@@ -195,17 +239,28 @@ impl Terminal {
             _ => ("✗", "1;31"),
         };
         let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
-        self.write(&format!("{} {title} {status} in {}{why}\n", self.paint(code, symbol), human(took)));
+        self.write(&format!(
+            "{} {title} {status} in {}{why}\n",
+            self.paint(code, symbol),
+            human(took)
+        ));
     }
 }
 
 impl RunObserver for Terminal {
     fn log(&self, _step: Option<u32>, data: &[u8]) {
-        let prefix: &[u8] = if self.color { "  \x1b[2m│\x1b[0m ".as_bytes() } else { "  │ ".as_bytes() };
+        let prefix: &[u8] = if self.color {
+            "  \x1b[2m│\x1b[0m ".as_bytes()
+        } else {
+            "  │ ".as_bytes()
+        };
         // Build the whole block first: one write per chunk, not two per line.
         let mut block = Vec::with_capacity(data.len() + data.len() / 8 + prefix.len());
         let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', data).map(|i| i + 1).chain((!data.is_empty() && !data.ends_with(b"\n")).then_some(data.len())) {
+        for end in memchr::memchr_iter(b'\n', data)
+            .map(|i| i + 1)
+            .chain((!data.is_empty() && !data.ends_with(b"\n")).then_some(data.len()))
+        {
             let line = &data[start..end];
             start = end;
             block.extend_from_slice(prefix);
@@ -227,18 +282,50 @@ impl RunObserver for Terminal {
             (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
             _ => String::new(),
         };
-        let why = step.reason.as_deref().map(|r| format!(" — {r}")).unwrap_or_default();
+        let why = step
+            .reason
+            .as_deref()
+            .map(|r| format!(" — {r}"))
+            .unwrap_or_default();
         let line = match step.status {
             StepStatus::Running if step.attempt == 1 => {
-                let tag = if step.phase == Phase::Finally { self.paint("2", " (finally)") } else { String::new() };
-                format!("{} {}{tag}\n", self.paint("36", "●"), self.paint("1", &step.name))
+                let tag = if step.phase == Phase::Finally {
+                    self.paint("2", " (finally)")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} {}{tag}\n",
+                    self.paint("36", "●"),
+                    self.paint("1", &step.name)
+                )
             }
             StepStatus::Running | StepStatus::Pending => return,
-            StepStatus::Succeeded => format!("{} {} {}\n", self.paint("32", "✓"), step.name, self.paint("2", &took)),
-            StepStatus::Failed => format!("{} {}{why} {}\n", self.paint("31", "✗"), step.name, self.paint("2", &took)),
-            StepStatus::TimedOut => format!("{} {}{why} {}\n", self.paint("35", "⏱"), step.name, self.paint("2", &took)),
+            StepStatus::Succeeded => format!(
+                "{} {} {}\n",
+                self.paint("32", "✓"),
+                step.name,
+                self.paint("2", &took)
+            ),
+            StepStatus::Failed => format!(
+                "{} {}{why} {}\n",
+                self.paint("31", "✗"),
+                step.name,
+                self.paint("2", &took)
+            ),
+            StepStatus::TimedOut => format!(
+                "{} {}{why} {}\n",
+                self.paint("35", "⏱"),
+                step.name,
+                self.paint("2", &took)
+            ),
             StepStatus::Cancelled => format!("{} {}{why}\n", self.paint("33", "⊘"), step.name),
-            StepStatus::Skipped => format!("{} {}{}\n", self.paint("2", "○"), self.paint("2", &step.name), self.paint("2", &format!(" skipped{why}"))),
+            StepStatus::Skipped => format!(
+                "{} {}{}\n",
+                self.paint("2", "○"),
+                self.paint("2", &step.name),
+                self.paint("2", &format!(" skipped{why}"))
+            ),
         };
         self.write(&line);
     }

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "skiff", version, about = "A self-hosted job runner: YAML pipelines, a queue, workers, a web UI.")]
+#[command(
+    name = "skiff",
+    version,
+    about = "A self-hosted job runner: YAML pipelines, a queue, workers, a web UI."
+)]
 #[command(propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
@@ -38,7 +42,12 @@ enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// Folder for skiff's database and run workspaces
-    #[arg(long = "data", env = "SKIFF_DATA", default_value = ".skiff", value_name = "DIR")]
+    #[arg(
+        long = "data",
+        env = "SKIFF_DATA",
+        default_value = ".skiff",
+        value_name = "DIR"
+    )]
     pub data: PathBuf,
 }
 
@@ -46,14 +55,19 @@ pub struct DataArgs {
 /// sized for has two cores).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -23,10 +23,20 @@ use crate::cli_run::parse_duration;
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on; binds loopback unless told otherwise
-    #[arg(long, env = "SKIFF_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    #[arg(
+        long,
+        env = "SKIFF_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
     listen: SocketAddr,
     /// Folder of pipeline files, reloaded when a file changes
-    #[arg(long, env = "SKIFF_PIPELINES", default_value = "pipelines", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "SKIFF_PIPELINES",
+        default_value = "pipelines",
+        value_name = "DIR"
+    )]
     pipelines: PathBuf,
     /// How many runs the in-process workers execute at once
     #[arg(long, env = "SKIFF_WORKERS", default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -43,7 +53,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SKIFF_PUBLIC_URL", value_name = "URL")]
     public_url: Option<String>,
     /// An admin API token accepted as `Authorization: Bearer`, for automation (at least 16 characters)
-    #[arg(long = "admin-token", env = "SKIFF_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long = "admin-token",
+        env = "SKIFF_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     admin_token: Option<String>,
     /// How often the pipelines folder is checked for changes
     #[arg(long, env = "SKIFF_RELOAD_EVERY", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
@@ -60,7 +75,10 @@ struct Embedded {
 #[async_trait::async_trait]
 impl JobHandler for Embedded {
     async fn handle(&self, job: RunJob) -> Result<(), String> {
-        handle_job(self.store.clone(), job, &self.config, &self.shutdown).await.map(|_| ()).map_err(|e| e.to_string())
+        handle_job(self.store.clone(), job, &self.config, &self.shutdown)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -70,17 +88,27 @@ pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = &args.admin_token {
-        anyhow::ensure!(t.len() >= 16, "SKIFF_ADMIN_TOKEN must be at least 16 characters");
+        anyhow::ensure!(
+            t.len() >= 16,
+            "SKIFF_ADMIN_TOKEN must be at least 16 characters"
+        );
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    std::fs::create_dir_all(&args.data.data).with_context(|| format!("creating {}", args.data.data.display()))?;
-    let sqlite = SqliteStore::open(&args.data.data.join("skiff.db")).await.context("opening the store")?;
+    std::fs::create_dir_all(&args.data.data)
+        .with_context(|| format!("creating {}", args.data.data.display()))?;
+    let sqlite = SqliteStore::open(&args.data.data.join("skiff.db"))
+        .await
+        .context("opening the store")?;
     // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
     // instead of a fetch round trip later. The embedded worker is the only one, so it keeps
     // nothing from other workers (remote workers will claim only what they can run).
-    let queue = SqliteQueue::open(sqlite.pool(), usize::from(args.workers) * 2).await.context("opening the queue")?;
+    let queue = SqliteQueue::open(sqlite.pool(), usize::from(args.workers) * 2)
+        .await
+        .context("opening the queue")?;
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let auth: Arc<dyn AuthStore> = Arc::new(sqlite);
     interrupted_runs(store.as_ref()).await?;
@@ -90,7 +118,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let shown = catalog.current();
     tracing::info!(pipelines = shown.len(), dir = %args.pipelines.display(), "pipelines loaded");
     for e in shown.entries().filter(|e| !e.is_valid()) {
-        eprintln!("skiff: pipeline {} is invalid ({} problems); see `skiff validate`", e.file.display(), e.diagnostics.len());
+        eprintln!(
+            "skiff: pipeline {} is invalid ({} problems); see `skiff validate`",
+            e.file.display(),
+            e.diagnostics.len()
+        );
     }
     tokio::spawn(catalog.clone().watch(args.reload_every));
 
@@ -110,13 +142,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         store: store.clone(),
         auth: auth.clone(),
         catalog,
-        dispatcher: Dispatcher { store: store.clone(), queue: Arc::new(queue) },
-        config: Arc::new(ServerConfig { admin_token_hash: args.admin_token.as_deref().map(skiff_server::auth::hash_secret) }),
+        dispatcher: Dispatcher {
+            store: store.clone(),
+            queue: Arc::new(queue),
+        },
+        config: Arc::new(ServerConfig {
+            admin_token_hash: args
+                .admin_token
+                .as_deref()
+                .map(skiff_server::auth::hash_secret),
+        }),
         metrics,
         shutdown: shutdown.clone(),
     };
-    let base = args.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
-    eprintln!("skiff: listening on http://{addr} ({} in-process workers)", args.workers);
+    let base = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    eprintln!(
+        "skiff: listening on http://{addr} ({} in-process workers)",
+        args.workers
+    );
     if auth.password_hash().await?.is_none() {
         let token = skiff_server::auth::issue_login_link(auth.as_ref()).await?;
         eprintln!(
@@ -130,12 +176,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let stop = shutdown.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         wait_for_signal().await;
-        eprintln!("skiff: stopping: cancelling running runs (their finally steps run), then exiting");
+        eprintln!(
+            "skiff: stopping: cancelling running runs (their finally steps run), then exiting"
+        );
         stop.cancel();
     });
     server.await.context("serving HTTP")?;
     shutdown.cancel();
-    if tokio::time::timeout(Duration::from_secs(60), workers).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(60), workers)
+        .await
+        .is_err()
+    {
         eprintln!("skiff: workers did not stop within 60s; exiting anyway");
     }
     Ok(ExitCode::SUCCESS)
@@ -148,14 +199,25 @@ async fn interrupted_runs(store: &dyn Store) -> anyhow::Result<()> {
     use skiff_core::run::RunStatus;
     use skiff_core::store::RunQuery;
     loop {
-        let page = store.list_runs(&RunQuery { status: Some(RunStatus::Running), limit: 500, ..RunQuery::default() }).await?;
+        let page = store
+            .list_runs(&RunQuery {
+                status: Some(RunStatus::Running),
+                limit: 500,
+                ..RunQuery::default()
+            })
+            .await?;
         if page.runs.is_empty() {
             return Ok(());
         }
         for run in &page.runs {
             let reason = "interrupted: skiff stopped while this run was running (its finally steps did not run)";
-            store.set_status(&run.id, RunStatus::Failed, Some(reason)).await?;
-            eprintln!("skiff: run {} #{} was interrupted by the last stop; marked failed", run.pipeline, run.number);
+            store
+                .set_status(&run.id, RunStatus::Failed, Some(reason))
+                .await?;
+            eprintln!(
+                "skiff: run {} #{} was interrupted by the last stop; marked failed",
+                run.pipeline, run.number
+            );
         }
     }
 }

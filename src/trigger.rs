@@ -19,30 +19,53 @@ pub struct TriggerArgs {
     #[arg(long, short)]
     follow: bool,
     /// The server's URL
-    #[arg(long, env = "SKIFF_SERVER", default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SKIFF_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL"
+    )]
     server: String,
     /// An API token (create one under Settings), or the server's SKIFF_ADMIN_TOKEN
-    #[arg(long, env = "SKIFF_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "SKIFF_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     token: Option<String>,
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 /// The message of a JSON error body, with its field errors.
 fn error_text(body: &Value) -> String {
-    let mut text = body["error"]["message"].as_str().unwrap_or("request failed").to_string();
+    let mut text = body["error"]["message"]
+        .as_str()
+        .unwrap_or("request failed")
+        .to_string();
     if let Some(fields) = body["error"]["fields"].as_array() {
         for f in fields {
-            text.push_str(&format!("\n  param `{}`: {}", f["param"].as_str().unwrap_or("?"), f["message"].as_str().unwrap_or("")));
+            text.push_str(&format!(
+                "\n  param `{}`: {}",
+                f["param"].as_str().unwrap_or("?"),
+                f["message"].as_str().unwrap_or("")
+            ));
         }
     }
     text
 }
 
 pub fn main(args: TriggerArgs) -> anyhow::Result<ExitCode> {
-    let token = args.token.clone().context("no token: pass --token or set SKIFF_TOKEN (create one under Settings)")?;
+    let token = args
+        .token
+        .clone()
+        .context("no token: pass --token or set SKIFF_TOKEN (create one under Settings)")?;
     let base = args.server.trim_end_matches('/').to_string();
     let auth = format!("Bearer {token}");
     let params: BTreeMap<String, String> = args.params.iter().cloned().collect();
@@ -57,8 +80,14 @@ pub fn main(args: TriggerArgs) -> anyhow::Result<ExitCode> {
     if !status.is_success() {
         bail!("{} ({status})", error_text(&body));
     }
-    let id = body["id"].as_str().context("the server's answer has no run id")?.to_string();
-    eprintln!("skiff: started {} #{} ({base}/runs/{id})", args.pipeline, body["number"]);
+    let id = body["id"]
+        .as_str()
+        .context("the server's answer has no run id")?
+        .to_string();
+    eprintln!(
+        "skiff: started {} #{} ({base}/runs/{id})",
+        args.pipeline, body["number"]
+    );
     if !args.follow {
         println!("{id}");
         return Ok(ExitCode::SUCCESS);
@@ -99,15 +128,24 @@ fn follow(base: &str, auth: &str, id: &str) -> anyhow::Result<ExitCode> {
                         let mut out = stdout.lock();
                         let _ = out.write_all(value["text"].as_str().unwrap_or("").as_bytes());
                         let _ = out.flush();
-                        offset = value["offset"].as_u64().unwrap_or(offset) + value["text"].as_str().map_or(0, |t| t.len() as u64);
+                        offset = value["offset"].as_u64().unwrap_or(offset)
+                            + value["text"].as_str().map_or(0, |t| t.len() as u64);
                     }
                     "step" if value["status"] != "running" && value["status"] != "pending" => {
-                        eprintln!("skiff: step {} {}", value["name"].as_str().unwrap_or("?"), value["status"].as_str().unwrap_or("?"));
+                        eprintln!(
+                            "skiff: step {} {}",
+                            value["name"].as_str().unwrap_or("?"),
+                            value["status"].as_str().unwrap_or("?")
+                        );
                     }
                     "end" => {
                         let status = value["status"].as_str().unwrap_or("?");
                         eprintln!("skiff: run {status}");
-                        return Ok(if status == "succeeded" { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                        return Ok(if status == "succeeded" {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        });
                     }
                     _ => {}
                 }

@@ -35,7 +35,14 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         files.extend(pipeline_files(p)?);
     }
     if files.is_empty() {
-        anyhow::bail!("no pipeline files (*.yml, *.yaml) in {}", args.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        anyhow::bail!(
+            "no pipeline files (*.yml, *.yaml) in {}",
+            args.paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -46,21 +53,42 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         match loaded {
             Ok(p) => {
                 if !args.quiet {
-                    writeln!(out, "{shown}: ok ({}, {} steps)", p.name, p.steps.len() + p.finally.len())?;
+                    writeln!(
+                        out,
+                        "{shown}: ok ({}, {} steps)",
+                        p.name,
+                        p.steps.len() + p.finally.len()
+                    )?;
                 }
             }
             Err(diags) => {
                 bad += 1;
                 problems += diags.len();
-                write!(out, "{}", Report { file: &shown, source: &text, diagnostics: &diags })?;
+                write!(
+                    out,
+                    "{}",
+                    Report {
+                        file: &shown,
+                        source: &text,
+                        diagnostics: &diags
+                    }
+                )?;
             }
         }
     }
     if bad > 0 {
-        writeln!(out, "{bad} of {} files invalid, {problems} problems", files.len())?;
+        writeln!(
+            out,
+            "{bad} of {} files invalid, {problems} problems",
+            files.len()
+        )?;
     } else if !args.quiet {
         writeln!(out, "{} files valid", files.len())?;
     }
     out.flush()?;
-    Ok(if bad > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if bad > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

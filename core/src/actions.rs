@@ -48,17 +48,42 @@ impl ActionSpec {
 }
 
 const fn field(name: &'static str, kind: FieldKind, required: bool, doc: &'static str) -> Field {
-    Field { name, kind, required, doc }
+    Field {
+        name,
+        kind,
+        required,
+        doc,
+    }
 }
 
 pub static ACTIONS: &[ActionSpec] = &[ActionSpec {
     name: "http/wait",
     doc: "Wait until an HTTP URL answers with the expected status (a health check).",
     fields: &[
-        field("url", FieldKind::String, true, "http:// URL to request with GET"),
-        field("status", FieldKind::Int, false, "the status that counts as ready (default 200)"),
-        field("timeout", FieldKind::Duration, false, "how long to keep trying (default 30s)"),
-        field("interval", FieldKind::Duration, false, "pause between attempts (default 250ms)"),
+        field(
+            "url",
+            FieldKind::String,
+            true,
+            "http:// URL to request with GET",
+        ),
+        field(
+            "status",
+            FieldKind::Int,
+            false,
+            "the status that counts as ready (default 200)",
+        ),
+        field(
+            "timeout",
+            FieldKind::Duration,
+            false,
+            "how long to keep trying (default 30s)",
+        ),
+        field(
+            "interval",
+            FieldKind::Duration,
+            false,
+            "pause between attempts (default 250ms)",
+        ),
     ],
     outputs: &["status", "attempts"],
 }];

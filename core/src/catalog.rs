@@ -52,20 +52,34 @@ pub fn pipeline_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The name a file gives a pipeline that has no `name:`: its stem.
 pub fn default_name(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Reads and loads one file; an unreadable or non-UTF-8 file is a diagnostic too.
 pub fn load_file(path: &Path) -> (String, Result<Pipeline, Vec<Diagnostic>>) {
     match std::fs::read(path) {
-        Err(e) => (String::new(), Err(vec![Diagnostic::new(Pos::new(1, 1), format!("cannot read the file: {e}"))])),
+        Err(e) => (
+            String::new(),
+            Err(vec![Diagnostic::new(
+                Pos::new(1, 1),
+                format!("cannot read the file: {e}"),
+            )]),
+        ),
         Ok(bytes) => match String::from_utf8(bytes) {
             Err(e) => {
                 let at = e.utf8_error().valid_up_to();
                 let text = String::from_utf8_lossy(&e.into_bytes()[..at]).into_owned();
                 let line = text.matches('\n').count() as u32 + 1;
                 let col = text.rsplit('\n').next().map_or(0, |l| l.chars().count()) as u32 + 1;
-                (text, Err(vec![Diagnostic::new(Pos::new(line, col), "the file is not valid UTF-8")]))
+                (
+                    text,
+                    Err(vec![Diagnostic::new(
+                        Pos::new(line, col),
+                        "the file is not valid UTF-8",
+                    )]),
+                )
             }
             Ok(text) => {
                 let loaded = pipeline::load(&text, &default_name(path));
@@ -80,7 +94,11 @@ fn stamp_of(files: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
         .iter()
         .map(|f| {
             let meta = std::fs::metadata(f).ok();
-            (f.clone(), meta.as_ref().and_then(|m| m.modified().ok()), meta.map_or(0, |m| m.len()))
+            (
+                f.clone(),
+                meta.as_ref().and_then(|m| m.modified().ok()),
+                meta.map_or(0, |m| m.len()),
+            )
         })
         .collect()
 }
@@ -104,18 +122,48 @@ impl Catalog {
         for file in files {
             let (source, loaded) = load_file(&file);
             let mut entry = match loaded {
-                Ok(p) => Entry { name: p.name.clone(), file, source, pipeline: Some(Arc::new(p)), diagnostics: Vec::new() },
-                Err(diagnostics) => Entry { name: guess_name(&source, &file), file, source, pipeline: None, diagnostics },
+                Ok(p) => Entry {
+                    name: p.name.clone(),
+                    file,
+                    source,
+                    pipeline: Some(Arc::new(p)),
+                    diagnostics: Vec::new(),
+                },
+                Err(diagnostics) => Entry {
+                    name: guess_name(&source, &file),
+                    file,
+                    source,
+                    pipeline: None,
+                    diagnostics,
+                },
             };
             if let Some(first) = entries.get(&entry.name) {
-                let taken = format!("the name `{}` is already used by {}", entry.name, first.file.display());
-                entry.diagnostics.insert(0, Diagnostic::new(Pos::new(1, 1), taken));
+                let taken = format!(
+                    "the name `{}` is already used by {}",
+                    entry.name,
+                    first.file.display()
+                );
+                entry
+                    .diagnostics
+                    .insert(0, Diagnostic::new(Pos::new(1, 1), taken));
                 entry.pipeline = None;
-                entry.name = format!("{} ({})", entry.name, entry.file.file_name().map(|f| f.to_string_lossy()).unwrap_or_default());
+                entry.name = format!(
+                    "{} ({})",
+                    entry.name,
+                    entry
+                        .file
+                        .file_name()
+                        .map(|f| f.to_string_lossy())
+                        .unwrap_or_default()
+                );
             }
             entries.insert(entry.name.clone(), Arc::new(entry));
         }
-        Catalog { dir: dir.to_path_buf(), entries, stamp }
+        Catalog {
+            dir: dir.to_path_buf(),
+            entries,
+            stamp,
+        }
     }
 
     /// Whether the folder changed since this catalog was loaded.
@@ -150,7 +198,11 @@ mod tests {
     fn loads_a_folder_and_notices_changes() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("a.yml"), "steps:\n  - run: echo a\n").expect("write");
-        std::fs::write(dir.path().join("b.yml"), "name: a\nsteps:\n  - run: echo b\n").expect("write");
+        std::fs::write(
+            dir.path().join("b.yml"),
+            "name: a\nsteps:\n  - run: echo b\n",
+        )
+        .expect("write");
         std::fs::write(dir.path().join("bad.yaml"), "name: broken\nstpes: []\n").expect("write");
         std::fs::write(dir.path().join("notes.md"), "ignored").expect("write");
         let c = Catalog::load(dir.path());

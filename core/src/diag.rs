@@ -26,7 +26,12 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(pos: Pos, message: impl Into<String>) -> Self {
-        Diagnostic { pos, len: 1, message: message.into(), help: None }
+        Diagnostic {
+            pos,
+            len: 1,
+            message: message.into(),
+            help: None,
+        }
     }
 
     pub fn with_len(mut self, len: usize) -> Self {
@@ -58,8 +63,16 @@ impl fmt::Display for Report<'_> {
     /// underline, and the help when there is one.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for d in self.diagnostics {
-            writeln!(f, "{}:{}:{}: error: {}", self.file, d.pos.line, d.pos.col, d.message)?;
-            if let Some(text) = self.source.lines().nth(d.pos.line.saturating_sub(1) as usize) {
+            writeln!(
+                f,
+                "{}:{}:{}: error: {}",
+                self.file, d.pos.line, d.pos.col, d.message
+            )?;
+            if let Some(text) = self
+                .source
+                .lines()
+                .nth(d.pos.line.saturating_sub(1) as usize)
+            {
                 let gutter = d.pos.line.to_string();
                 let pad = " ".repeat(gutter.len());
                 let shown: String = text.chars().take(160).collect();
@@ -86,13 +99,21 @@ pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let limit = (word.chars().count() / 3).clamp(1, 3);
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&word.to_lowercase(), &c.to_lowercase()), c))
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&word.to_lowercase(), &c.to_lowercase()),
+                c,
+            )
+        })
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
 }
 
 /// `did you mean ...?` for the closest candidate, if any.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     suggest(word, candidates).map(|c| format!("did you mean `{c}`?"))
 }

@@ -22,8 +22,13 @@ pub struct RunJob {
 
 impl RunJob {
     pub fn new(run: &RunId) -> Self {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        RunJob { run_id: run.to_string(), pushed_at_us: u64::try_from(now.as_micros()).unwrap_or(u64::MAX) }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        RunJob {
+            run_id: run.to_string(),
+            pushed_at_us: u64::try_from(now.as_micros()).unwrap_or(u64::MAX),
+        }
     }
 }
 
@@ -66,7 +71,10 @@ impl Dispatcher {
         given: &BTreeMap<String, String>,
         trigger: Trigger,
     ) -> Result<Run, DispatchError> {
-        let pipeline = entry.pipeline.as_ref().ok_or_else(|| DispatchError::InvalidPipeline(entry.name.clone()))?;
+        let pipeline = entry
+            .pipeline
+            .as_ref()
+            .ok_or_else(|| DispatchError::InvalidPipeline(entry.name.clone()))?;
         let params = resolve_params(pipeline, given).map_err(DispatchError::Params)?;
         self.start(NewRun {
             pipeline: pipeline.name.clone(),
@@ -81,7 +89,8 @@ impl Dispatcher {
 
     /// Starts a new run with the same pipeline snapshot and params as `run`.
     pub async fn rerun(&self, run: &Run, trigger: Trigger) -> Result<Run, DispatchError> {
-        let pipeline = crate::pipeline::load(&run.source, &run.pipeline).map_err(|_| DispatchError::BadSnapshot(run.id.clone()))?;
+        let pipeline = crate::pipeline::load(&run.source, &run.pipeline)
+            .map_err(|_| DispatchError::BadSnapshot(run.id.clone()))?;
         self.start(NewRun {
             pipeline: run.pipeline.clone(),
             trigger,
@@ -97,7 +106,10 @@ impl Dispatcher {
         let run = self.store.create_run(new).await?;
         if let Err(e) = self.queue.push(RunJob::new(&run.id)).await {
             // The run would wait forever: record why it never started.
-            let _ = self.store.request_cancel(&run.id, &format!("could not be queued: {e}")).await;
+            let _ = self
+                .store
+                .request_cancel(&run.id, &format!("could not be queued: {e}"))
+                .await;
             return Err(e.into());
         }
         Ok(run)

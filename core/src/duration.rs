@@ -19,9 +19,13 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("`{s}` is not a duration (expected forms like 30s, 5m, 1h30m, 500ms)"));
+            return Err(format!(
+                "`{s}` is not a duration (expected forms like 30s, 5m, 1h30m, 500ms)"
+            ));
         }
-        let n: u128 = rest[..digits].parse().map_err(|_| format!("`{s}` is too large"))?;
+        let n: u128 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{s}` is too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let unit = &rest[..unit_len];

@@ -79,10 +79,23 @@ pub enum Expr {
     Lit(Value),
     /// A dotted reference such as `steps.build.outputs.digest`; `start..end` is its byte span
     /// in the expression text.
-    Ref { path: Vec<String>, start: usize, end: usize },
+    Ref {
+        path: Vec<String>,
+        start: usize,
+        end: usize,
+    },
     Not(Box<Expr>),
-    Binary { op: BinOp, lhs: Box<Expr>, rhs: Box<Expr> },
-    Call { name: String, args: Vec<Expr>, start: usize, end: usize },
+    Binary {
+        op: BinOp,
+        lhs: Box<Expr>,
+        rhs: Box<Expr>,
+    },
+    Call {
+        name: String,
+        args: Vec<Expr>,
+        start: usize,
+        end: usize,
+    },
 }
 
 /// A problem in an expression: a byte span in its text and a message.
@@ -96,7 +109,12 @@ pub struct ExprError {
 
 impl ExprError {
     fn new(start: usize, len: usize, message: impl Into<String>) -> Self {
-        ExprError { start, len: len.max(1), message: message.into(), help: None }
+        ExprError {
+            start,
+            len: len.max(1),
+            message: message.into(),
+            help: None,
+        }
     }
 }
 
@@ -160,7 +178,13 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize, usize)>, ExprError> {
                 i += 1;
                 loop {
                     match src[i..].find('\'') {
-                        None => return Err(ExprError::new(start, src.len() - start, "unterminated string literal")),
+                        None => {
+                            return Err(ExprError::new(
+                                start,
+                                src.len() - start,
+                                "unterminated string literal",
+                            ));
+                        }
                         Some(k) => {
                             s.push_str(&src[i..i + k]);
                             i += k + 1;
@@ -178,7 +202,11 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize, usize)>, ExprError> {
             b'"' => {
                 return Err(ExprError {
                     help: Some("string literals use single quotes: 'text'".into()),
-                    ..ExprError::new(start, 1, "double quotes do not make a string in an expression")
+                    ..ExprError::new(
+                        start,
+                        1,
+                        "double quotes do not make a string in an expression",
+                    )
                 });
             }
             b'=' | b'!' | b'<' | b'>' | b'&' | b'|' => {
@@ -203,7 +231,11 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize, usize)>, ExprError> {
                         let op = if c == b'&' { "&&" } else { "||" };
                         return Err(ExprError {
                             help: Some(format!("did you mean `{op}`?")),
-                            ..ExprError::new(start, 1, format!("`{}` is not an operator", c as char))
+                            ..ExprError::new(
+                                start,
+                                1,
+                                format!("`{}` is not an operator", c as char),
+                            )
                         });
                     }
                 };
@@ -212,7 +244,9 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize, usize)>, ExprError> {
             }
             b'0'..=b'9' | b'-' | b'.' => {
                 i += 1;
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'.' | b'_')) {
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'.' | b'_'))
+                {
                     i += 1;
                 }
                 let text = &src[start..i];
@@ -223,18 +257,30 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize, usize)>, ExprError> {
                 };
                 match num {
                     Some(n) => Tok::Num(n),
-                    None => return Err(ExprError::new(start, i - start, format!("`{text}` is not a number"))),
+                    None => {
+                        return Err(ExprError::new(
+                            start,
+                            i - start,
+                            format!("`{text}` is not a number"),
+                        ));
+                    }
                 }
             }
             c if c.is_ascii_alphabetic() || c == b'_' => {
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'-')) {
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'-'))
+                {
                     i += 1;
                 }
                 Tok::Ident(src[start..i].to_string())
             }
             _ => {
                 let ch = src[i..].chars().next().unwrap_or('?');
-                return Err(ExprError::new(start, ch.len_utf8(), format!("unexpected character `{ch}`")));
+                return Err(ExprError::new(
+                    start,
+                    ch.len_utf8(),
+                    format!("unexpected character `{ch}`"),
+                ));
             }
         };
         out.push((tok, start, i));
@@ -269,16 +315,34 @@ impl Parser<'_> {
     fn unexpected(&self, wanted: &str) -> ExprError {
         let (s, e) = self.span();
         if s >= self.src.len() {
-            ExprError::new(s.saturating_sub(1), 1, format!("expected {wanted}, found the end of the expression"))
+            ExprError::new(
+                s.saturating_sub(1),
+                1,
+                format!("expected {wanted}, found the end of the expression"),
+            )
         } else {
-            ExprError::new(s, e - s, format!("expected {wanted}, found `{}`", &self.src[s..e]))
+            ExprError::new(
+                s,
+                e - s,
+                format!("expected {wanted}, found `{}`", &self.src[s..e]),
+            )
         }
     }
 
     fn binary(&mut self, level: usize) -> Result<Expr, ExprError> {
         // Precedence, loosest first: ||, &&, comparisons.
-        const LEVELS: [&[BinOp]; 3] =
-            [&[BinOp::Or], &[BinOp::And], &[BinOp::Eq, BinOp::Ne, BinOp::Lt, BinOp::Le, BinOp::Gt, BinOp::Ge]];
+        const LEVELS: [&[BinOp]; 3] = [
+            &[BinOp::Or],
+            &[BinOp::And],
+            &[
+                BinOp::Eq,
+                BinOp::Ne,
+                BinOp::Lt,
+                BinOp::Le,
+                BinOp::Gt,
+                BinOp::Ge,
+            ],
+        ];
         if level == LEVELS.len() {
             return self.unary();
         }
@@ -289,7 +353,11 @@ impl Parser<'_> {
             }
             self.bump();
             let rhs = self.binary(level + 1)?;
-            lhs = Expr::Binary { op, lhs: Box::new(lhs), rhs: Box::new(rhs) };
+            lhs = Expr::Binary {
+                op,
+                lhs: Box::new(lhs),
+                rhs: Box::new(rhs),
+            };
         }
         Ok(lhs)
     }
@@ -343,7 +411,12 @@ impl Parser<'_> {
                         }
                     }
                     let (_, _, close) = self.bump();
-                    Ok(Expr::Call { name, args, start, end: close })
+                    Ok(Expr::Call {
+                        name,
+                        args,
+                        start,
+                        end: close,
+                    })
                 }
                 _ => {
                     let mut path = vec![name];
@@ -380,7 +453,11 @@ impl Parser<'_> {
                             _ => break,
                         }
                     }
-                    Ok(Expr::Ref { path, start, end: last })
+                    Ok(Expr::Ref {
+                        path,
+                        start,
+                        end: last,
+                    })
                 }
             },
             _ => {
@@ -394,13 +471,22 @@ impl Parser<'_> {
 /// Parses the text between `${{` and `}}`.
 pub fn parse(src: &str) -> Result<Expr, ExprError> {
     if src.len() > MAX_EXPR_LEN {
-        return Err(ExprError::new(0, 1, format!("expression longer than {MAX_EXPR_LEN} bytes")));
+        return Err(ExprError::new(
+            0,
+            1,
+            format!("expression longer than {MAX_EXPR_LEN} bytes"),
+        ));
     }
     if src.trim().is_empty() {
         return Err(ExprError::new(0, src.len(), "empty expression"));
     }
     let toks = lex(src)?;
-    let mut p = Parser { toks, at: 0, src, depth: 0 };
+    let mut p = Parser {
+        toks,
+        at: 0,
+        src,
+        depth: 0,
+    };
     let expr = p.binary(0)?;
     if *p.peek() != Tok::Eof {
         return Err(p.unexpected("an operator or the end of the expression"));
@@ -428,8 +514,10 @@ pub const FUNCTIONS: &[(&str, usize, usize)] = &[
 pub fn uses_status_function(expr: &Expr) -> bool {
     match expr {
         Expr::Call { name, args, .. } => {
-            matches!(name.as_str(), "success" | "failure" | "always" | "cancelled")
-                || args.iter().any(uses_status_function)
+            matches!(
+                name.as_str(),
+                "success" | "failure" | "always" | "cancelled"
+            ) || args.iter().any(uses_status_function)
         }
         Expr::Not(e) => uses_status_function(e),
         Expr::Binary { lhs, rhs, .. } => uses_status_function(lhs) || uses_status_function(rhs),
@@ -472,11 +560,19 @@ pub fn eval(expr: &Expr, scope: &dyn Scope) -> Result<Value, EvalError> {
         Expr::Lit(v) => v.clone(),
         Expr::Ref { path, .. } => scope.lookup(path)?,
         Expr::Not(e) => Value::Bool(!eval(e, scope)?.truthy()),
-        Expr::Binary { op: BinOp::And, lhs, rhs } => {
+        Expr::Binary {
+            op: BinOp::And,
+            lhs,
+            rhs,
+        } => {
             let l = eval(lhs, scope)?;
             if l.truthy() { eval(rhs, scope)? } else { l }
         }
-        Expr::Binary { op: BinOp::Or, lhs, rhs } => {
+        Expr::Binary {
+            op: BinOp::Or,
+            lhs,
+            rhs,
+        } => {
             let l = eval(lhs, scope)?;
             if l.truthy() { l } else { eval(rhs, scope)? }
         }
@@ -487,8 +583,13 @@ pub fn eval(expr: &Expr, scope: &dyn Scope) -> Result<Value, EvalError> {
                 BinOp::Ne => !l.loose_eq(&r),
                 _ => {
                     let ord = match (&l, &r) {
-                        (Value::String(a), Value::String(b)) => Some(a.to_lowercase().cmp(&b.to_lowercase())),
-                        _ => l.as_number().zip(r.as_number()).and_then(|(a, b)| a.partial_cmp(&b)),
+                        (Value::String(a), Value::String(b)) => {
+                            Some(a.to_lowercase().cmp(&b.to_lowercase()))
+                        }
+                        _ => l
+                            .as_number()
+                            .zip(r.as_number())
+                            .and_then(|(a, b)| a.partial_cmp(&b)),
                     };
                     match (op, ord) {
                         (_, None) => false,
@@ -501,7 +602,10 @@ pub fn eval(expr: &Expr, scope: &dyn Scope) -> Result<Value, EvalError> {
             })
         }
         Expr::Call { name, args, .. } => {
-            let vals = args.iter().map(|a| eval(a, scope)).collect::<Result<Vec<_>, _>>()?;
+            let vals = args
+                .iter()
+                .map(|a| eval(a, scope))
+                .collect::<Result<Vec<_>, _>>()?;
             call(name, &vals, scope)?
         }
     })
@@ -551,10 +655,12 @@ fn format_values(fmt: &str, args: &[Value]) -> Result<String, EvalError> {
                     }
                     digits.push(d);
                 }
-                let i: usize = digits
-                    .parse()
-                    .map_err(|_| EvalError(format!("format: `{{{digits}}}` is not an argument index")))?;
-                let v = args.get(i).ok_or_else(|| EvalError(format!("format: no argument {{{i}}}")))?;
+                let i: usize = digits.parse().map_err(|_| {
+                    EvalError(format!("format: `{{{digits}}}` is not an argument index"))
+                })?;
+                let v = args
+                    .get(i)
+                    .ok_or_else(|| EvalError(format!("format: no argument {{{i}}}")))?;
                 out.push_str(&v.to_string());
             }
             c => out.push(c),
@@ -614,7 +720,12 @@ pub fn find_expressions(s: &str) -> Result<Vec<Found<'_>>, ExprError> {
                 ..ExprError::new(start, 3, "`${{` is never closed")
             });
         };
-        found.push(Found { start, end: close + 2, inner: &s[inner_start..close], inner_start });
+        found.push(Found {
+            start,
+            end: close + 2,
+            inner: &s[inner_start..close],
+            inner_start,
+        });
         from = close + 2;
     }
     Ok(found)
@@ -643,11 +754,17 @@ impl Template {
         if last < s.len() {
             parts.push(Part::Text(s[last..].to_string()));
         }
-        if errors.is_empty() { Ok(Template { parts }) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(Template { parts })
+        } else {
+            Err(errors)
+        }
     }
 
     pub fn literal(s: impl Into<String>) -> Template {
-        Template { parts: vec![Part::Text(s.into())] }
+        Template {
+            parts: vec![Part::Text(s.into())],
+        }
     }
 
     pub fn is_literal(&self) -> bool {
@@ -722,10 +839,16 @@ mod tests {
         assert_eq!(ev("params.odd-name == 'x' && !(1 > 2)"), Value::Bool(true));
         assert_eq!(ev("steps.a.outputs.n == 3"), Value::Bool(true));
         assert_eq!(ev("steps.a.outputs.n >= 4"), Value::Bool(false));
-        assert_eq!(ev("format('{0}-{1}{{x}}', params.who, 2)"), Value::String("World-2{x}".into()));
+        assert_eq!(
+            ev("format('{0}-{1}{{x}}', params.who, 2)"),
+            Value::String("World-2{x}".into())
+        );
         assert_eq!(ev("contains(params.who, 'OR')"), Value::Bool(true));
         assert_eq!(ev("startsWith('abc', 'ab') || false"), Value::Bool(true));
-        assert_eq!(ev("params.missing || 'fallback'"), Value::String("fallback".into()));
+        assert_eq!(
+            ev("params.missing || 'fallback'"),
+            Value::String("fallback".into())
+        );
         assert_eq!(ev("'it''s'"), Value::String("it's".into()));
         assert_eq!(ev("success() && !failure()"), Value::Bool(true));
         assert_eq!(ev("1.5 < 2"), Value::Bool(true));
@@ -734,14 +857,22 @@ mod tests {
     #[test]
     fn reports_errors_with_spans() {
         let e = parse("params.who = 'x'").expect_err("an error");
-        assert_eq!((e.start, e.message.as_str()), (11, "`=` is not an operator"));
+        assert_eq!(
+            (e.start, e.message.as_str()),
+            (11, "`=` is not an operator")
+        );
         let e = parse("(a || b").expect_err("an error");
         assert!(e.message.contains("expected `)`"), "{e:?}");
         let e = parse("a &&").expect_err("an error");
         assert!(e.message.contains("end of the expression"), "{e:?}");
         let e = parse("\"x\"").expect_err("an error");
         assert!(e.message.contains("double quotes"), "{e:?}");
-        assert!(parse(&"!".repeat(100)).expect_err("an error").message.contains("too deeply"));
+        assert!(
+            parse(&"!".repeat(100))
+                .expect_err("an error")
+                .message
+                .contains("too deeply")
+        );
     }
 
     #[test]

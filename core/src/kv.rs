@@ -12,7 +12,9 @@ pub struct KvError {
 
 fn valid_key(key: &str) -> bool {
     let mut chars = key.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
@@ -34,7 +36,10 @@ pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<KvError>) {
         if let Some((key, delim)) = line.split_once("<<").filter(|(k, _)| !k.contains('=')) {
             let (key, delim) = (key.trim(), delim.trim());
             if !valid_key(key) || delim.is_empty() {
-                errors.push(KvError { line: n + 1, message: format!("`{}` is not KEY<<DELIMITER", truncate(line)) });
+                errors.push(KvError {
+                    line: n + 1,
+                    message: format!("`{}` is not KEY<<DELIMITER", truncate(line)),
+                });
                 continue;
             }
             let mut value: Vec<&str> = Vec::new();
@@ -47,14 +52,20 @@ pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<KvError>) {
                 value.push(l);
             }
             if !closed {
-                errors.push(KvError { line: n + 1, message: format!("`{key}<<{delim}` is never closed by a line `{delim}`") });
+                errors.push(KvError {
+                    line: n + 1,
+                    message: format!("`{key}<<{delim}` is never closed by a line `{delim}`"),
+                });
             }
             set(key, value.join("\n"));
             continue;
         }
         match line.split_once('=') {
             Some((key, value)) if valid_key(key.trim()) => set(key.trim(), value.to_string()),
-            _ => errors.push(KvError { line: n + 1, message: format!("`{}` is not KEY=value", truncate(line)) }),
+            _ => errors.push(KvError {
+                line: n + 1,
+                message: format!("`{}` is not KEY=value", truncate(line)),
+            }),
         }
     }
     (out, errors)
@@ -70,9 +81,23 @@ mod tests {
 
     #[test]
     fn parses_lines_and_heredocs() {
-        let (kv, errors) = parse("a=1\n# comment\n\nb = x=y\nmulti<<EOF\nline 1\nline 2\nEOF\nbad line\na=2\n");
-        assert_eq!(kv, vec![("a".into(), "2".into()), ("b".into(), " x=y".into()), ("multi".into(), "line 1\nline 2".into())]);
-        assert_eq!(errors, vec![KvError { line: 9, message: "`bad line` is not KEY=value".into() }]);
+        let (kv, errors) =
+            parse("a=1\n# comment\n\nb = x=y\nmulti<<EOF\nline 1\nline 2\nEOF\nbad line\na=2\n");
+        assert_eq!(
+            kv,
+            vec![
+                ("a".into(), "2".into()),
+                ("b".into(), " x=y".into()),
+                ("multi".into(), "line 1\nline 2".into())
+            ]
+        );
+        assert_eq!(
+            errors,
+            vec![KvError {
+                line: 9,
+                message: "`bad line` is not KEY=value".into()
+            }]
+        );
         let (_, errors) = parse("open<<END\nnever closed\n");
         assert_eq!(errors.len(), 1);
     }

@@ -10,6 +10,6 @@ pub mod expr;
 pub mod kv;
 pub mod pipeline;
 pub mod queue;
-pub mod yaml;
 pub mod run;
 pub mod store;
+pub mod yaml;

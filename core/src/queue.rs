@@ -47,10 +47,16 @@ impl SqliteQueue {
     pub async fn open(pool: &SqlitePool, batch: usize) -> Result<Self, QueueError> {
         // Only the migrations: `SqliteStorage::setup` would also switch the connection it runs on
         // to `synchronous=OFF` and a 256 MB page cache, behind the Store's back.
-        SqliteStorage::migrations().run(pool).await.map_err(queue_error)?;
+        SqliteStorage::migrations()
+            .run(pool)
+            .await
+            .map_err(queue_error)?;
         let config = Config::default().queue(QUEUE_NAME).batch_size(batch.max(1));
         let storage = SqliteStorage::new(pool).with_config(config);
-        Ok(SqliteQueue { storage, wake: Arc::new(Notify::new()) })
+        Ok(SqliteQueue {
+            storage,
+            wake: Arc::new(Notify::new()),
+        })
     }
 
     /// Starts one apalis worker with `concurrency` slots that hands jobs to `handler`, until
@@ -70,7 +76,11 @@ impl SqliteQueue {
             .interval(SAFETY_TICK);
         let backend = self.storage.clone().poll_with_strategy(strategy);
         // A fresh name per start: apalis refuses a worker name seen within a heartbeat.
-        let name = format!("skiff-{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
+        let name = format!(
+            "skiff-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        );
         let worker = WorkerBuilder::new(name)
             .backend(backend)
             .data(Handler(handler))

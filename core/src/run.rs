@@ -27,7 +27,9 @@ impl FromStr for RunId {
 
     /// Accepts only the canonical UUID text, so an id from a URL is never anything stranger.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        uuid::Uuid::parse_str(s).map(|u| RunId(u.to_string())).map_err(|_| format!("`{s}` is not a run id"))
+        uuid::Uuid::parse_str(s)
+            .map(|u| RunId(u.to_string()))
+            .map_err(|_| format!("`{s}` is not a run id"))
     }
 }
 

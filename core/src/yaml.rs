@@ -23,7 +23,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_bytes: 1 << 20, max_depth: 64, max_nodes: 100_000, max_scalar_bytes: 256 << 10 }
+        Limits {
+            max_bytes: 1 << 20,
+            max_depth: 64,
+            max_nodes: 100_000,
+            max_scalar_bytes: 256 << 10,
+        }
     }
 }
 
@@ -81,7 +86,9 @@ impl Node {
     /// `needle` (the text at that offset) on the source line it falls on. Falls back to the
     /// scalar's own position when the text was folded or escaped beyond recognition.
     pub fn pos_in_scalar(&self, source: &str, offset: usize, needle: &str) -> Pos {
-        let Some((text, style)) = self.as_scalar() else { return self.pos };
+        let Some((text, style)) = self.as_scalar() else {
+            return self.pos;
+        };
         let before = text.get(..offset).unwrap_or("");
         let newlines = before.matches('\n').count() as u32;
         // A block scalar's position is that of its first content line.
@@ -106,7 +113,10 @@ impl Node {
 
 fn source_at(source: &str, pos: Pos) -> Option<&str> {
     let line = source.lines().nth(pos.line.saturating_sub(1) as usize)?;
-    let byte = line.char_indices().nth(pos.col.saturating_sub(1) as usize).map(|(b, _)| b)?;
+    let byte = line
+        .char_indices()
+        .nth(pos.col.saturating_sub(1) as usize)
+        .map(|(b, _)| b)?;
     line.get(byte..)
 }
 
@@ -117,8 +127,17 @@ fn pos_of(span: &Span) -> Pos {
 }
 
 enum Frame {
-    Seq { pos: Pos, anchor: usize, items: Vec<Node> },
-    Map { pos: Pos, anchor: usize, entries: Vec<(Key, Node)>, key: Option<Key> },
+    Seq {
+        pos: Pos,
+        anchor: usize,
+        items: Vec<Node>,
+    },
+    Map {
+        pos: Pos,
+        anchor: usize,
+        entries: Vec<(Key, Node)>,
+        key: Option<Key>,
+    },
 }
 
 /// Parses one YAML document into a tree. An empty document gives an empty mapping. The first
@@ -128,7 +147,11 @@ pub fn parse(source: &str, limits: &Limits) -> Result<(Node, Vec<Diagnostic>), V
     if source.len() > limits.max_bytes {
         return Err(vec![Diagnostic::new(
             Pos::new(1, 1),
-            format!("file is {} bytes, more than the limit of {} bytes", source.len(), limits.max_bytes),
+            format!(
+                "file is {} bytes, more than the limit of {} bytes",
+                source.len(),
+                limits.max_bytes
+            ),
         )]);
     }
     let mut diags = Vec::new();
@@ -158,7 +181,11 @@ pub fn parse(source: &str, limits: &Limits) -> Result<(Node, Vec<Diagnostic>), V
             Event::DocumentStart(_) => {
                 documents += 1;
                 if documents > 1 {
-                    return fatal(pos, "a pipeline file holds one YAML document; found a second `---`".into(), diags);
+                    return fatal(
+                        pos,
+                        "a pipeline file holds one YAML document; found a second `---`".into(),
+                        diags,
+                    );
                 }
                 None
             }
@@ -166,20 +193,37 @@ pub fn parse(source: &str, limits: &Limits) -> Result<(Node, Vec<Diagnostic>), V
                 if text.len() > limits.max_scalar_bytes {
                     return fatal(
                         pos,
-                        format!("scalar of {} bytes is over the limit of {} bytes", text.len(), limits.max_scalar_bytes),
+                        format!(
+                            "scalar of {} bytes is over the limit of {} bytes",
+                            text.len(),
+                            limits.max_scalar_bytes
+                        ),
                         diags,
                     );
                 }
                 if let Some(tag) = tag
-                    && !tag_is_plain_str(&tag.handle, &tag.suffix) {
-                        diags.push(Diagnostic::new(pos, format!("YAML tag `{}{}` is not supported", tag.handle, tag.suffix)));
-                    }
+                    && !tag_is_plain_str(&tag.handle, &tag.suffix)
+                {
+                    diags.push(Diagnostic::new(
+                        pos,
+                        format!("YAML tag `{}{}` is not supported", tag.handle, tag.suffix),
+                    ));
+                }
                 let style = match style {
                     ScalarStyle::Plain => Style::Plain,
                     ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted => Style::Quoted,
                     _ => Style::Block,
                 };
-                Some((Node { pos, value: Value::Scalar { text: Cow::into_owned(text), style } }, anchor))
+                Some((
+                    Node {
+                        pos,
+                        value: Value::Scalar {
+                            text: Cow::into_owned(text),
+                            style,
+                        },
+                    },
+                    anchor,
+                ))
             }
             Event::Alias(id) => match anchors.get(id).and_then(Option::as_ref) {
                 Some(target) => {
@@ -191,29 +235,67 @@ pub fn parse(source: &str, limits: &Limits) -> Result<(Node, Vec<Diagnostic>), V
                     copy.pos = pos;
                     Some((copy, 0))
                 }
-                None => return fatal(pos, "alias refers to an anchor that is not defined before it".into(), diags),
+                None => {
+                    return fatal(
+                        pos,
+                        "alias refers to an anchor that is not defined before it".into(),
+                        diags,
+                    );
+                }
             },
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
                 if stack.len() >= limits.max_depth {
-                    return fatal(pos, format!("nesting deeper than {} levels", limits.max_depth), diags);
+                    return fatal(
+                        pos,
+                        format!("nesting deeper than {} levels", limits.max_depth),
+                        diags,
+                    );
                 }
                 stack.push(if matches!(event, Event::SequenceStart(..)) {
-                    Frame::Seq { pos, anchor, items: Vec::new() }
+                    Frame::Seq {
+                        pos,
+                        anchor,
+                        items: Vec::new(),
+                    }
                 } else {
-                    Frame::Map { pos, anchor, entries: Vec::new(), key: None }
+                    Frame::Map {
+                        pos,
+                        anchor,
+                        entries: Vec::new(),
+                        key: None,
+                    }
                 });
                 None
             }
             Event::SequenceEnd => match stack.pop() {
-                Some(Frame::Seq { pos, anchor, items }) => Some((Node { pos, value: Value::Seq(items) }, anchor)),
+                Some(Frame::Seq { pos, anchor, items }) => Some((
+                    Node {
+                        pos,
+                        value: Value::Seq(items),
+                    },
+                    anchor,
+                )),
                 _ => return fatal(pos, "unbalanced sequence".into(), diags),
             },
             Event::MappingEnd => match stack.pop() {
-                Some(Frame::Map { pos, anchor, entries, .. }) => Some((Node { pos, value: Value::Map(entries) }, anchor)),
+                Some(Frame::Map {
+                    pos,
+                    anchor,
+                    entries,
+                    ..
+                }) => Some((
+                    Node {
+                        pos,
+                        value: Value::Map(entries),
+                    },
+                    anchor,
+                )),
                 _ => return fatal(pos, "unbalanced mapping".into(), diags),
             },
         };
-        let Some((node, anchor)) = complete else { continue };
+        let Some((node, anchor)) = complete else {
+            continue;
+        };
         nodes += 1;
         if nodes > limits.max_nodes {
             return fatal(node.pos, alias_budget_message(limits), diags);
@@ -231,31 +313,57 @@ pub fn parse(source: &str, limits: &Limits) -> Result<(Node, Vec<Diagnostic>), V
                 None => match &node.value {
                     Value::Scalar { text, .. } => {
                         if text == "<<" {
-                            diags.push(Diagnostic::new(node.pos, "YAML merge keys (`<<`) are not supported").with_len(2));
-                        } else if let Some((first, _)) = entries.iter().find(|(k, _)| k.name == *text) {
+                            diags.push(
+                                Diagnostic::new(
+                                    node.pos,
+                                    "YAML merge keys (`<<`) are not supported",
+                                )
+                                .with_len(2),
+                            );
+                        } else if let Some((first, _)) =
+                            entries.iter().find(|(k, _)| k.name == *text)
+                        {
                             diags.push(
                                 Diagnostic::new(node.pos, format!("duplicate key `{text}`"))
                                     .with_len(text.chars().count())
-                                    .with_help(format!("`{text}` is first set on line {}", first.pos.line)),
+                                    .with_help(format!(
+                                        "`{text}` is first set on line {}",
+                                        first.pos.line
+                                    )),
                             );
                         }
-                        *key = Some(Key { name: text.clone(), pos: node.pos });
+                        *key = Some(Key {
+                            name: text.clone(),
+                            pos: node.pos,
+                        });
                     }
                     _ => {
-                        diags.push(Diagnostic::new(node.pos, "a mapping key must be a plain string"));
-                        *key = Some(Key { name: String::new(), pos: node.pos });
+                        diags.push(Diagnostic::new(
+                            node.pos,
+                            "a mapping key must be a plain string",
+                        ));
+                        *key = Some(Key {
+                            name: String::new(),
+                            pos: node.pos,
+                        });
                     }
                 },
                 Some(k) => {
                     // Keep the first of duplicate keys; the duplicate was reported above.
-                    if !k.name.is_empty() && k.name != "<<" && !entries.iter().any(|(e, _)| e.name == k.name) {
+                    if !k.name.is_empty()
+                        && k.name != "<<"
+                        && !entries.iter().any(|(e, _)| e.name == k.name)
+                    {
                         entries.push((k, node));
                     }
                 }
             },
         }
     }
-    let root = root.unwrap_or(Node { pos: Pos::new(1, 1), value: Value::Map(Vec::new()) });
+    let root = root.unwrap_or(Node {
+        pos: Pos::new(1, 1),
+        value: Value::Map(Vec::new()),
+    });
     Ok((root, diags))
 }
 
@@ -264,7 +372,10 @@ fn tag_is_plain_str(handle: &str, suffix: &str) -> bool {
 }
 
 fn alias_budget_message(limits: &Limits) -> String {
-    format!("document expands to more than {} nodes (an alias bomb?)", limits.max_nodes)
+    format!(
+        "document expands to more than {} nodes (an alias bomb?)",
+        limits.max_nodes
+    )
 }
 
 fn count_nodes(node: &Node) -> usize {

@@ -7,7 +7,12 @@ use skiff_core::pipeline::load;
 fn render(source: &str) -> String {
     match load(source, "case") {
         Ok(_) => "(valid)".to_string(),
-        Err(diags) => Report { file: "case.yml", source, diagnostics: &diags }.to_string(),
+        Err(diags) => Report {
+            file: "case.yml",
+            source,
+            diagnostics: &diags,
+        }
+        .to_string(),
     }
 }
 
@@ -71,7 +76,10 @@ fn deep_nesting_is_refused_quickly() {
     let src = format!("steps: {}{}\n", "[".repeat(10_000), "]".repeat(10_000));
     let start = std::time::Instant::now();
     let out = render(&src);
-    assert!(out.contains("nesting deeper than") || out.contains("recursion limit"), "{out}");
+    assert!(
+        out.contains("nesting deeper than") || out.contains("recursion limit"),
+        "{out}"
+    );
     assert!(start.elapsed() < std::time::Duration::from_secs(1));
 }
 
@@ -87,7 +95,10 @@ fn alias_bomb_is_refused_quickly() {
     let mut src = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 1..9 {
         let p = i - 1;
-        src.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{p}"); 10].join(", ")));
+        src.push_str(&format!(
+            "a{i}: &a{i} [{}]\n",
+            vec![format!("*a{p}"); 10].join(", ")
+        ));
     }
     let start = std::time::Instant::now();
     let out = render(&src);

@@ -29,13 +29,18 @@ impl Carry {
         let mut rest = line;
         while let Some(i) = rest.find("\x1b[") {
             rest = &rest[i + 2..];
-            let end = rest.find(|c: char| !(c.is_ascii_digit() || c == ';')).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == ';'))
+                .unwrap_or(rest.len());
             if rest[end..].starts_with('m') {
                 let codes = &rest[..end];
                 if codes.is_empty() || codes.split(';').any(|c| c == "0" || c.is_empty()) {
                     self.open.clear();
                 }
-                let kept: Vec<&str> = codes.split(';').filter(|c| !c.is_empty() && *c != "0").collect();
+                let kept: Vec<&str> = codes
+                    .split(';')
+                    .filter(|c| !c.is_empty() && *c != "0")
+                    .collect();
                 if !kept.is_empty() {
                     self.open.push(kept.join(";"));
                 }
@@ -89,7 +94,10 @@ mod tests {
         let mut c = Carry::default();
         let lines = c.lines_to_html("\x1b[31mred starts\nstill red <b>\n\x1b[0mplain\n");
         assert!(lines[0].contains("red starts"), "{lines:?}");
-        assert!(lines[1].contains("<span") && lines[1].contains("&lt;b&gt;"), "colour carried, text escaped: {lines:?}");
+        assert!(
+            lines[1].contains("<span") && lines[1].contains("&lt;b&gt;"),
+            "colour carried, text escaped: {lines:?}"
+        );
         assert!(!lines[2].contains("<span"), "reset ends it: {lines:?}");
     }
 }

@@ -135,7 +135,10 @@ pub fn step_dto(s: &StepRecord) -> StepDto {
         exit_code: s.exit_code,
         started_at: s.started_at,
         finished_at: s.finished_at,
-        duration_ms: s.started_at.zip(s.finished_at).map(|(a, b)| (b - a).num_milliseconds()),
+        duration_ms: s
+            .started_at
+            .zip(s.finished_at)
+            .map(|(a, b)| (b - a).num_milliseconds()),
         reason: s.reason.clone(),
         outputs: s.outputs.clone(),
     }
@@ -173,7 +176,10 @@ pub fn run_dto(r: &Run, steps: Option<&[StepRecord]>) -> RunDto {
         created_at: r.created_at,
         started_at: r.started_at,
         finished_at: r.finished_at,
-        duration_ms: r.started_at.zip(r.finished_at).map(|(a, b)| (b - a).num_milliseconds()),
+        duration_ms: r
+            .started_at
+            .zip(r.finished_at)
+            .map(|(a, b)| (b - a).num_milliseconds()),
         reason: r.reason.clone(),
         log_len: r.log_len,
         cancel_requested: r.cancel_requested,
@@ -184,25 +190,37 @@ pub fn run_dto(r: &Run, steps: Option<&[StepRecord]>) -> RunDto {
 // ---- helpers ----
 
 pub fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
-    text.parse().map_err(|_| ApiError::not_found(format!("no run `{}`", text.chars().take(64).collect::<String>())))
+    text.parse().map_err(|_| {
+        ApiError::not_found(format!(
+            "no run `{}`",
+            text.chars().take(64).collect::<String>()
+        ))
+    })
 }
 
 pub async fn load_run(state: &AppState, id: &str) -> Result<Run, ApiError> {
     let id = parse_run_id(id)?;
-    state.store.get_run(&id).await?.ok_or_else(|| ApiError::not_found(format!("no run {id}")))
+    state
+        .store
+        .get_run(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no run {id}")))
 }
 
 fn entry(state: &AppState, name: &str) -> Result<std::sync::Arc<Entry>, ApiError> {
-    state
-        .catalog
-        .current()
-        .get(name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("no pipeline `{}`", name.chars().take(100).collect::<String>())))
+    state.catalog.current().get(name).cloned().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no pipeline `{}`",
+            name.chars().take(100).collect::<String>()
+        ))
+    })
 }
 
 pub fn trigger_of(principal: &crate::auth::Principal, kind: TriggerKind) -> Trigger {
-    Trigger { kind, actor: principal.actor() }
+    Trigger {
+        kind,
+        actor: principal.actor(),
+    }
 }
 
 // ---- handlers ----
@@ -214,12 +232,22 @@ pub async fn not_found(uri: Uri) -> ApiError {
 pub async fn metrics(_auth: Auth, State(state): State<AppState>) -> Result<Response, ApiError> {
     let counts = state.store.status_counts().await?;
     for status in RunStatus::ALL {
-        let n = counts.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+        let n = counts
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n);
         metrics::gauge!("skiff_runs", "status" => status.as_str()).set(n as f64);
     }
-    let queued = counts.iter().find(|(s, _)| *s == RunStatus::Queued).map_or(0, |(_, n)| *n);
+    let queued = counts
+        .iter()
+        .find(|(s, _)| *s == RunStatus::Queued)
+        .map_or(0, |(_, n)| *n);
     metrics::gauge!("skiff_queue_depth").set(queued as f64);
-    let text = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    let text = state
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -229,7 +257,11 @@ pub async fn list_pipelines(_auth: Auth, State(state): State<AppState>) -> Json<
     Json(json!({ "pipelines": list }))
 }
 
-pub async fn get_pipeline(_auth: Auth, State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<PipelineDto>, ApiError> {
+pub async fn get_pipeline(
+    _auth: Auth,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<PipelineDto>, ApiError> {
     Ok(Json(pipeline_dto(&*entry(&state, &name)?)))
 }
 
@@ -241,7 +273,9 @@ pub struct TriggerBody {
 }
 
 /// Params as JSON values: strings, numbers and booleans are taken as their text.
-pub fn params_from_json(values: BTreeMap<String, Value>) -> Result<BTreeMap<String, String>, Vec<ParamError>> {
+pub fn params_from_json(
+    values: BTreeMap<String, Value>,
+) -> Result<BTreeMap<String, String>, Vec<ParamError>> {
     let mut out = BTreeMap::new();
     let mut errors = Vec::new();
     for (k, v) in values {
@@ -257,11 +291,18 @@ pub fn params_from_json(values: BTreeMap<String, Value>) -> Result<BTreeMap<Stri
             }
             other => errors.push(ParamError {
                 param: k,
-                message: format!("expected a string, number or boolean, got {}", json_kind(&other)),
+                message: format!(
+                    "expected a string, number or boolean, got {}",
+                    json_kind(&other)
+                ),
             }),
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -281,7 +322,11 @@ pub async fn trigger(
 ) -> Result<Response, ApiError> {
     let entry = entry(&state, &name)?;
     if entry.pipeline.as_ref().is_some_and(|p| !p.on.manual) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "manual_disabled", format!("pipeline `{name}` does not allow manual runs (on.manual: false)")));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "manual_disabled",
+            format!("pipeline `{name}` does not allow manual runs (on.manual: false)"),
+        ));
     }
     let Json(body) = body?;
     let given = params_from_json(body.params).map_err(|fields| ApiError {
@@ -290,9 +335,17 @@ pub async fn trigger(
         message: "the params do not fit the pipeline".into(),
         fields,
     })?;
-    let run = state.dispatcher.trigger(&entry, &given, trigger_of(&principal, TriggerKind::Api)).await?;
+    let run = state
+        .dispatcher
+        .trigger(&entry, &given, trigger_of(&principal, TriggerKind::Api))
+        .await?;
     let location = format!("/api/runs/{}", run.id);
-    Ok((StatusCode::CREATED, [("location", location)], Json(run_dto(&run, None))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [("location", location)],
+        Json(run_dto(&run, None)),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -315,7 +368,11 @@ pub async fn list_runs(
         Some(s) => Some(s.parse::<RunStatus>().map_err(|_| {
             ApiError::bad_request(format!(
                 "unknown status `{s}`; one of: {}",
-                RunStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                RunStatus::ALL
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?),
     };
@@ -324,13 +381,22 @@ pub async fn list_runs(
     }
     let page = state
         .store
-        .list_runs(&RunQuery { pipeline: q.pipeline, status, limit: q.limit.unwrap_or(50), cursor: q.cursor })
+        .list_runs(&RunQuery {
+            pipeline: q.pipeline,
+            status,
+            limit: q.limit.unwrap_or(50),
+            cursor: q.cursor,
+        })
         .await?;
     let runs: Vec<RunDto> = page.runs.iter().map(|r| run_dto(r, None)).collect();
     Ok(Json(json!({ "runs": runs, "next": page.next })))
 }
 
-pub async fn get_run(_auth: Auth, State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunDto>, ApiError> {
+pub async fn get_run(
+    _auth: Auth,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunDto>, ApiError> {
     let run = load_run(&state, &id).await?;
     let steps = state.store.steps(&run.id).await?;
     Ok(Json(run_dto(&run, Some(&steps))))
@@ -371,20 +437,43 @@ pub async fn read_logs(
     })))
 }
 
-pub async fn cancel(Auth(principal): Auth, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    Auth(principal): Auth,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let run = load_run(&state, &id).await?;
     if run.status.is_terminal() {
-        return Err(ApiError::new(StatusCode::CONFLICT, "already_ended", format!("run {} already ended ({})", run.id, run.status)));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_ended",
+            format!("run {} already ended ({})", run.id, run.status),
+        ));
     }
-    let run = state.store.request_cancel(&run.id, &format!("cancelled by {}", principal.actor())).await?;
+    let run = state
+        .store
+        .request_cancel(&run.id, &format!("cancelled by {}", principal.actor()))
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(run_dto(&run, None))).into_response())
 }
 
-pub async fn rerun(Auth(principal): Auth, State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn rerun(
+    Auth(principal): Auth,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let run = load_run(&state, &id).await?;
-    let new = state.dispatcher.rerun(&run, trigger_of(&principal, TriggerKind::Rerun)).await?;
+    let new = state
+        .dispatcher
+        .rerun(&run, trigger_of(&principal, TriggerKind::Rerun))
+        .await?;
     let location = format!("/api/runs/{}", new.id);
-    Ok((StatusCode::CREATED, [("location", location)], Json(run_dto(&new, None))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [("location", location)],
+        Json(run_dto(&new, None)),
+    )
+        .into_response())
 }
 
 fn token_dto(t: &ApiToken) -> Value {
@@ -397,9 +486,14 @@ fn token_dto(t: &ApiToken) -> Value {
     })
 }
 
-pub async fn list_tokens(_auth: Auth, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_tokens(
+    _auth: Auth,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
     let tokens = state.auth.list_tokens().await?;
-    Ok(Json(json!({ "tokens": tokens.iter().map(token_dto).collect::<Vec<_>>() })))
+    Ok(Json(
+        json!({ "tokens": tokens.iter().map(token_dto).collect::<Vec<_>>() }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -412,7 +506,11 @@ pub struct NewToken {
 pub fn check_token_name(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_name", "a token name has 1 to 64 visible characters"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_name",
+            "a token name has 1 to 64 visible characters",
+        ));
     }
     Ok(name.to_string())
 }
@@ -425,12 +523,23 @@ pub async fn create_token(
     let Json(body) = body?;
     let name = check_token_name(&body.name)?;
     let secret = random_token("skiff_");
-    let token = state.auth.create_token(&name, &hash_secret(&secret)).await?;
+    let token = state
+        .auth
+        .create_token(&name, &hash_secret(&secret))
+        .await?;
     let mut dto = token_dto(&token);
     dto["token"] = Value::String(secret);
     Ok((StatusCode::CREATED, Json(dto)).into_response())
 }
 
-pub async fn revoke_token(_auth: Auth, State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
-    if state.auth.revoke_token(&id).await? { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::not_found(format!("no active token `{id}`"))) }
+pub async fn revoke_token(
+    _auth: Auth,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.auth.revoke_token(&id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no active token `{id}`")))
+    }
 }

@@ -48,7 +48,8 @@ pub fn random_token(prefix: &str) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::from(prefix);
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        let n =
+            chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
         for i in 0..=chunk.len() {
             out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }
@@ -75,7 +76,11 @@ pub fn hash_password(password: &str) -> Result<String, ApiError> {
 pub fn verify_password(password: &str, hash: &str) -> bool {
     use argon2::password_hash::PasswordVerifier;
     use argon2::password_hash::phc::PasswordHash;
-    PasswordHash::new(hash).is_ok_and(|h| argon2::Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    PasswordHash::new(hash).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
@@ -97,21 +102,28 @@ pub fn cookie(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
 /// Finds the principal of a request, if any.
 pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Principal>, ApiError> {
     if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
-        let token = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+        let token = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
         if token.is_empty() {
             return Ok(None);
         }
         if let Some(admin) = &state.config.admin_token_hash
-            && constant_time_eq(&hash_secret(token), admin) {
-                return Ok(Some(Principal::AdminToken));
-            }
+            && constant_time_eq(&hash_secret(token), admin)
+        {
+            return Ok(Some(Principal::AdminToken));
+        }
         let found = state.auth.find_token(&hash_secret(token)).await?;
         return Ok(found.map(|t| Principal::Token { name: t.name }));
     }
     if let Some(session) = cookie(&parts.headers, SESSION_COOKIE)
-        && let Some(s) = state.auth.find_session(&hash_secret(&session)).await? {
-            return Ok(Some(Principal::Session { csrf: s.csrf }));
-        }
+        && let Some(s) = state.auth.find_session(&hash_secret(&session)).await?
+    {
+        return Ok(Some(Principal::Session { csrf: s.csrf }));
+    }
     Ok(None)
 }
 
@@ -122,13 +134,26 @@ pub struct Auth(pub Principal);
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let principal = identify(parts, state).await?.ok_or_else(ApiError::unauthorized)?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let principal = identify(parts, state)
+            .await?
+            .ok_or_else(ApiError::unauthorized)?;
         if let Principal::Session { csrf } = &principal {
             let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-            let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let sent = parts
+                .headers
+                .get(CSRF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             if !safe && !constant_time_eq(sent, csrf) {
-                return Err(ApiError::new(StatusCode::FORBIDDEN, "csrf", "missing or wrong X-CSRF-Token"));
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "csrf",
+                    "missing or wrong X-CSRF-Token",
+                ));
             }
         }
         Ok(Auth(principal))
@@ -140,7 +165,10 @@ pub async fn start_session(state: &AppState) -> Result<(String, String), ApiErro
     let session = random_token("");
     let csrf = random_token("");
     let expires = Utc::now() + Duration::days(SESSION_DAYS);
-    state.auth.create_session(&hash_secret(&session), &csrf, expires).await?;
+    state
+        .auth
+        .create_session(&hash_secret(&session), &csrf, expires)
+        .await?;
     let cookie = format!(
         "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
         SESSION_DAYS * 24 * 3600
@@ -153,9 +181,15 @@ pub fn clear_session_cookie() -> String {
 }
 
 /// Creates a one-time login link token (valid for an hour) and returns it.
-pub async fn issue_login_link(auth: &dyn skiff_core::store::AuthStore) -> Result<String, skiff_core::store::StoreError> {
+pub async fn issue_login_link(
+    auth: &dyn skiff_core::store::AuthStore,
+) -> Result<String, skiff_core::store::StoreError> {
     let token = random_token("");
-    auth.create_login_link(&hash_secret(&token), Utc::now() + Duration::minutes(LOGIN_LINK_MINUTES)).await?;
+    auth.create_login_link(
+        &hash_secret(&token),
+        Utc::now() + Duration::minutes(LOGIN_LINK_MINUTES),
+    )
+    .await?;
     Ok(token)
 }
 
@@ -168,9 +202,16 @@ mod tests {
         let a = random_token("skiff_");
         assert!(a.starts_with("skiff_") && a.len() == 6 + 43, "{a}");
         assert_ne!(a, random_token("skiff_"));
-        assert_eq!(hash_secret("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hash_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         let h = hash_password("correct horse").expect("hash");
         assert!(verify_password("correct horse", &h) && !verify_password("wrong", &h));
-        assert!(constant_time_eq("abc", "abc") && !constant_time_eq("abc", "abd") && !constant_time_eq("abc", "ab"));
+        assert!(
+            constant_time_eq("abc", "abc")
+                && !constant_time_eq("abc", "abd")
+                && !constant_time_eq("abc", "ab")
+        );
     }
 }

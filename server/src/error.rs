@@ -18,7 +18,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), fields: Vec::new() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            fields: Vec::new(),
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -30,12 +35,20 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "sign in, or send `Authorization: Bearer <token>`")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "sign in, or send `Authorization: Bearer <token>`",
+        )
     }
 
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server's log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server's log",
+        )
     }
 }
 
@@ -47,7 +60,10 @@ impl IntoResponse for ApiError {
         }
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }
@@ -63,9 +79,11 @@ impl From<StoreError> for ApiError {
                 format!("offset {offset} is past the end of the log ({len} bytes)"),
             ),
             StoreError::BadCursor(c) => ApiError::bad_request(format!("bad cursor `{c}`")),
-            StoreError::InvalidTransition { from, .. } => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", format!("the run is {from}"))
-            }
+            StoreError::InvalidTransition { from, .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("the run is {from}"),
+            ),
             other => ApiError::internal("store", other),
         }
     }
@@ -85,9 +103,11 @@ impl From<DispatchError> for ApiError {
                 "invalid_pipeline",
                 format!("pipeline `{name}` is not valid; fix its file first"),
             ),
-            DispatchError::BadSnapshot(id) => {
-                ApiError::new(StatusCode::CONFLICT, "bad_snapshot", format!("run {id}'s pipeline snapshot no longer loads"))
-            }
+            DispatchError::BadSnapshot(id) => ApiError::new(
+                StatusCode::CONFLICT,
+                "bad_snapshot",
+                format!("run {id}'s pipeline snapshot no longer loads"),
+            ),
             DispatchError::Store(e) => e.into(),
             DispatchError::Queue(e) => ApiError::internal("queue", e),
         }

@@ -59,13 +59,16 @@ impl CatalogHandle {
             tick.tick().await;
             let current = self.current();
             let dir = current.dir.clone();
-            let stale = tokio::task::spawn_blocking(move || current.is_stale()).await.unwrap_or(false);
+            let stale = tokio::task::spawn_blocking(move || current.is_stale())
+                .await
+                .unwrap_or(false);
             if stale
-                && let Ok(fresh) = tokio::task::spawn_blocking(move || Catalog::load(&dir)).await {
-                    let invalid = fresh.entries().filter(|e| !e.is_valid()).count();
-                    tracing::info!(pipelines = fresh.len(), invalid, "pipelines reloaded");
-                    self.replace(fresh);
-                }
+                && let Ok(fresh) = tokio::task::spawn_blocking(move || Catalog::load(&dir)).await
+            {
+                let invalid = fresh.entries().filter(|e| !e.is_valid()).count();
+                tracing::info!(pipelines = fresh.len(), invalid, "pipelines reloaded");
+                self.replace(fresh);
+            }
         }
     }
 }

@@ -12,7 +12,8 @@ pub async fn document(_auth: Auth) -> Json<Value> {
 fn op(summary: &str, params: Value, body: Option<Value>, responses: Value) -> Value {
     let mut o = json!({ "summary": summary, "parameters": params, "responses": responses });
     if let Some(b) = body {
-        o["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": b } } });
+        o["requestBody"] =
+            json!({ "required": true, "content": { "application/json": { "schema": b } } });
     }
     o
 }

@@ -48,20 +48,33 @@ pub async fn stream_logs(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let Query(q) = query?;
     let run = load_run(&state, &id).await?;
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(|v| {
-        v.trim().parse::<u64>().map_err(|_| ApiError::bad_request("Last-Event-ID must be a log offset"))
-    });
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| ApiError::bad_request("Last-Event-ID must be a log offset"))
+        });
     let offset = match resume {
         Some(r) => r?,
         None => q.offset.unwrap_or(0),
     };
     if offset > run.log_len {
-        return Err(skiff_core::store::StoreError::OffsetOutOfRange { offset, len: run.log_len }.into());
+        return Err(skiff_core::store::StoreError::OffsetOutOfRange {
+            offset,
+            len: run.log_len,
+        }
+        .into());
     }
     let html = match q.format.as_deref() {
         None | Some("text") => false,
         Some("html") => true,
-        Some(other) => return Err(ApiError::bad_request(format!("unknown format `{other}` (text or html)"))),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown format `{other}` (text or html)"
+            )));
+        }
     };
     let (tx, rx) = mpsc::channel::<Event>(4);
     let shutdown = state.shutdown.clone();
@@ -72,13 +85,23 @@ pub async fn stream_logs(
             () = shutdown.cancelled() => {}
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) });
+    let stream =
+        futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+        );
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 /// Sends the run's log from `offset` on, then its changes, until the run ends or the client
 /// goes away (a send fails).
-async fn follow(store: Arc<dyn Store>, id: RunId, mut offset: u64, tx: mpsc::Sender<Event>, html: bool) {
+async fn follow(
+    store: Arc<dyn Store>,
+    id: RunId,
+    mut offset: u64,
+    tx: mpsc::Sender<Event>,
+    html: bool,
+) {
     let mut changes = store.changes();
     let mut sent_steps: HashMap<u32, (String, u32)> = HashMap::new();
     let mut sent_status: Option<String> = None;
@@ -103,7 +126,16 @@ async fn follow(store: Arc<dyn Store>, id: RunId, mut offset: u64, tx: mpsc::Sen
                     data["html"] = json!(colour.lines_to_html(&text));
                 }
                 let next = chunk.offset + chunk.data.len() as u64;
-                if tx.send(Event::default().event("log").id(next.to_string()).data(data.to_string())).await.is_err() {
+                if tx
+                    .send(
+                        Event::default()
+                            .event("log")
+                            .id(next.to_string())
+                            .data(data.to_string()),
+                    )
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 offset = next;
@@ -119,7 +151,11 @@ async fn follow(store: Arc<dyn Store>, id: RunId, mut offset: u64, tx: mpsc::Sen
             if sent_steps.get(&step.index) != Some(&key) {
                 sent_steps.insert(step.index, key);
                 let data = serde_json::to_string(&step_dto(step)).unwrap_or_default();
-                if tx.send(Event::default().event("step").data(data)).await.is_err() {
+                if tx
+                    .send(Event::default().event("step").data(data))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -128,7 +164,11 @@ async fn follow(store: Arc<dyn Store>, id: RunId, mut offset: u64, tx: mpsc::Sen
         if sent_status.as_deref() != Some(&status_key) {
             sent_status = Some(status_key);
             let data = serde_json::to_string(&run_dto(&run, None)).unwrap_or_default();
-            if tx.send(Event::default().event("run").data(data)).await.is_err() {
+            if tx
+                .send(Event::default().event("run").data(data))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -136,7 +176,13 @@ async fn follow(store: Arc<dyn Store>, id: RunId, mut offset: u64, tx: mpsc::Sen
             continue;
         }
         if run.status.is_terminal() {
-            let _ = tx.send(Event::default().event("end").data(json!({ "status": run.status.as_str(), "offset": offset }).to_string())).await;
+            let _ = tx
+                .send(
+                    Event::default().event("end").data(
+                        json!({ "status": run.status.as_str(), "offset": offset }).to_string(),
+                    ),
+                )
+                .await;
             return;
         }
         // Wait until the run changes (or the safety tick), or the client leaves.

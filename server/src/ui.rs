@@ -30,7 +30,10 @@ struct Static;
 pub async fn static_file(Path(path): Path<String>) -> Response {
     match Static::get(&path) {
         Some(file) => (
-            [(header::CONTENT_TYPE, file.metadata.mimetype().to_string()), (header::CACHE_CONTROL, "public, max-age=300".to_string())],
+            [
+                (header::CONTENT_TYPE, file.metadata.mimetype().to_string()),
+                (header::CACHE_CONTROL, "public, max-age=300".to_string()),
+            ],
             file.data,
         )
             .into_response(),
@@ -55,7 +58,10 @@ impl IntoResponse for ToLogin {
 impl FromRequestParts<AppState> for Page {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         match identify(parts, state).await {
             Ok(Some(principal)) => {
                 let csrf = match &principal {
@@ -75,7 +81,11 @@ impl Page {
     fn check(&self, sent: &str) -> Result<(), ApiError> {
         match &self.principal {
             Principal::Session { csrf } if constant_time_eq(sent, csrf) => Ok(()),
-            Principal::Session { .. } => Err(ApiError::new(StatusCode::FORBIDDEN, "csrf", "the form's CSRF token is missing or wrong; reload the page")),
+            Principal::Session { .. } => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "csrf",
+                "the form's CSRF token is missing or wrong; reload the page",
+            )),
             _ => Ok(()),
         }
     }
@@ -94,10 +104,16 @@ pub struct RunRow {
 }
 
 /// How long something took (or has taken so far), for people.
-fn took(started: Option<chrono::DateTime<chrono::Utc>>, finished: Option<chrono::DateTime<chrono::Utc>>) -> String {
+fn took(
+    started: Option<chrono::DateTime<chrono::Utc>>,
+    finished: Option<chrono::DateTime<chrono::Utc>>,
+) -> String {
     match (started, finished) {
         (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
-        (Some(a), None) => format!("{} so far", human((chrono::Utc::now() - a).to_std().unwrap_or_default())),
+        (Some(a), None) => format!(
+            "{} so far",
+            human((chrono::Utc::now() - a).to_std().unwrap_or_default())
+        ),
         _ => String::new(),
     }
 }
@@ -116,8 +132,19 @@ fn row(run: &Run) -> RunRow {
 }
 
 /// The newest runs of a pipeline, as rows.
-async fn recent_runs(state: &AppState, pipeline: &str, limit: u32) -> Result<Vec<RunRow>, ApiError> {
-    let page = state.store.list_runs(&RunQuery { pipeline: Some(pipeline.to_string()), limit, ..RunQuery::default() }).await?;
+async fn recent_runs(
+    state: &AppState,
+    pipeline: &str,
+    limit: u32,
+) -> Result<Vec<RunRow>, ApiError> {
+    let page = state
+        .store
+        .list_runs(&RunQuery {
+            pipeline: Some(pipeline.to_string()),
+            limit,
+            ..RunQuery::default()
+        })
+        .await?;
     Ok(page.runs.iter().map(row).collect())
 }
 
@@ -151,11 +178,15 @@ pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dash
             valid: p.is_some(),
             problems: e.diagnostics.len(),
             manual: p.is_some_and(|p| p.on.manual),
-            one_click: p.is_some_and(|p| p.params.iter().all(|q| q.default.is_some() || !q.required)),
+            one_click: p
+                .is_some_and(|p| p.params.iter().all(|q| q.default.is_some() || !q.required)),
             recent,
         });
     }
-    Ok(Dashboard { csrf: page.csrf, cards })
+    Ok(Dashboard {
+        csrf: page.csrf,
+        cards,
+    })
 }
 
 pub struct ParamField {
@@ -184,7 +215,12 @@ pub struct PipelinePage {
 }
 
 fn entry_or_404(state: &AppState, name: &str) -> Result<std::sync::Arc<Entry>, ApiError> {
-    state.catalog.current().get(name).cloned().ok_or_else(|| ApiError::not_found(format!("no pipeline `{name}`")))
+    state
+        .catalog
+        .current()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no pipeline `{name}`")))
 }
 
 async fn pipeline_page(
@@ -203,11 +239,19 @@ async fn pipeline_page(
             triggers.push("manual (the Run button, the API)".to_string());
         }
         if let Some(w) = &p.on.webhook {
-            let branches = if w.branches.is_empty() { String::new() } else { format!(" on {}", w.branches.join(", ")) };
+            let branches = if w.branches.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", w.branches.join(", "))
+            };
             triggers.push(format!("webhook: {}{branches}", w.events.join(", ")));
         }
         for s in &p.on.schedules {
-            triggers.push(format!("schedule: {} ({})", s.cron, s.timezone.map_or("UTC", |t| t.name())));
+            triggers.push(format!(
+                "schedule: {} ({})",
+                s.cron,
+                s.timezone.map_or("UTC", |t| t.name())
+            ));
         }
     }
     let file = e.file.display().to_string();
@@ -217,7 +261,12 @@ async fn pipeline_page(
         file: file.clone(),
         description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
         valid: p.is_some(),
-        diagnostics: Report { file: &file, source: &e.source, diagnostics: &e.diagnostics }.to_string(),
+        diagnostics: Report {
+            file: &file,
+            source: &e.source,
+            diagnostics: &e.diagnostics,
+        }
+        .to_string(),
         manual: p.is_some_and(|p| p.on.manual),
         triggers,
         fields: p
@@ -227,7 +276,11 @@ async fn pipeline_page(
                     .map(|q| ParamField {
                         name: q.name.clone(),
                         kind: q.kind.as_str(),
-                        value: given.get(&q.name).cloned().or_else(|| q.default.clone()).unwrap_or_default(),
+                        value: given
+                            .get(&q.name)
+                            .cloned()
+                            .or_else(|| q.default.clone())
+                            .unwrap_or_default(),
                         description: q.description.clone().unwrap_or_default(),
                         options: q.options.clone(),
                         required: q.required,
@@ -240,7 +293,11 @@ async fn pipeline_page(
     })
 }
 
-pub async fn pipeline(page: Page, State(state): State<AppState>, Path(name): Path<String>) -> Result<PipelinePage, ApiError> {
+pub async fn pipeline(
+    page: Page,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<PipelinePage, ApiError> {
     pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new()).await
 }
 
@@ -253,20 +310,37 @@ pub async fn run_pipeline(
 ) -> Result<Response, ApiError> {
     page.check(form.get("csrf").map(String::as_str).unwrap_or(""))?;
     let e = entry_or_404(&state, &name)?;
-    let given: BTreeMap<String, String> =
-        form.iter().filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone()))).collect();
+    let given: BTreeMap<String, String> = form
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("param.").map(|n| (n.to_string(), v.clone())))
+        .collect();
     // A checkbox sends nothing when unticked: that means false.
     let mut given = given;
     if let Some(p) = e.pipeline.as_deref() {
-        for q in p.params.iter().filter(|q| q.kind == skiff_core::pipeline::ParamKind::Boolean) {
-            given.entry(q.name.clone()).or_insert_with(|| "false".into());
+        for q in p
+            .params
+            .iter()
+            .filter(|q| q.kind == skiff_core::pipeline::ParamKind::Boolean)
+        {
+            given
+                .entry(q.name.clone())
+                .or_insert_with(|| "false".into());
         }
     }
-    match state.dispatcher.trigger(&e, &given, trigger_of(&page.principal, TriggerKind::Manual)).await {
+    match state
+        .dispatcher
+        .trigger(&e, &given, trigger_of(&page.principal, TriggerKind::Manual))
+        .await
+    {
         Ok(run) => Ok(Redirect::to(&format!("/runs/{}", run.id)).into_response()),
         Err(skiff_core::dispatch::DispatchError::Params(errors)) => {
-            let errors = errors.iter().map(|e| format!("{}: {}", e.param, e.message)).collect();
-            let mut page = pipeline_page(&page, &state, &name, &given, errors).await?.into_response();
+            let errors = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.param, e.message))
+                .collect();
+            let mut page = pipeline_page(&page, &state, &name, &given, errors)
+                .await?
+                .into_response();
             *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
             Ok(page)
         }
@@ -308,16 +382,28 @@ pub struct RunPage {
     rerun_of: String,
 }
 
-pub async fn run(page: Page, State(state): State<AppState>, Path(id): Path<String>) -> Result<RunPage, ApiError> {
+pub async fn run(
+    page: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<RunPage, ApiError> {
     let run = load_run(&state, &id).await?;
     let steps = state.store.steps(&run.id).await?;
     Ok(RunPage {
         csrf: page.csrf,
-        params: run.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        params: run
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         steps: steps.iter().map(step_row).collect(),
         active: !run.status.is_terminal(),
         cancel_requested: run.cancel_requested,
-        rerun_of: run.rerun_of.as_ref().map(ToString::to_string).unwrap_or_default(),
+        rerun_of: run
+            .rerun_of
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         run: row(&run),
     })
 }
@@ -328,19 +414,35 @@ pub struct CsrfForm {
     csrf: String,
 }
 
-pub async fn cancel_run(page: Page, State(state): State<AppState>, Path(id): Path<String>, Form(form): Form<CsrfForm>) -> Result<Redirect, ApiError> {
+pub async fn cancel_run(
+    page: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, ApiError> {
     page.check(&form.csrf)?;
     let run = load_run(&state, &id).await?;
     if !run.status.is_terminal() {
-        state.store.request_cancel(&run.id, &format!("cancelled by {}", page.principal.actor())).await?;
+        state
+            .store
+            .request_cancel(&run.id, &format!("cancelled by {}", page.principal.actor()))
+            .await?;
     }
     Ok(Redirect::to(&format!("/runs/{}", run.id)))
 }
 
-pub async fn rerun_run(page: Page, State(state): State<AppState>, Path(id): Path<String>, Form(form): Form<CsrfForm>) -> Result<Redirect, ApiError> {
+pub async fn rerun_run(
+    page: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, ApiError> {
     page.check(&form.csrf)?;
     let run = load_run(&state, &id).await?;
-    let new = state.dispatcher.rerun(&run, trigger_of(&page.principal, TriggerKind::Rerun)).await?;
+    let new = state
+        .dispatcher
+        .rerun(&run, trigger_of(&page.principal, TriggerKind::Rerun))
+        .await?;
     Ok(Redirect::to(&format!("/runs/{}", new.id)))
 }
 
@@ -354,7 +456,10 @@ pub struct LoginPage {
 }
 
 pub async fn login_form(State(state): State<AppState>) -> Result<LoginPage, ApiError> {
-    Ok(LoginPage { error: String::new(), has_password: state.auth.password_hash().await?.is_some() })
+    Ok(LoginPage {
+        error: String::new(),
+        has_password: state.auth.password_hash().await?.is_some(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -367,25 +472,36 @@ fn signed_in(cookie: String) -> Response {
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
-pub async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Result<Response, ApiError> {
+pub async fn login(
+    State(state): State<AppState>,
+    Form(form): Form<LoginForm>,
+) -> Result<Response, ApiError> {
     let hash = state.auth.password_hash().await?;
     let ok = match &hash {
         Some(h) => {
             let (password, h) = (form.password.clone(), h.clone());
-            tokio::task::spawn_blocking(move || auth::verify_password(&password, &h)).await.unwrap_or(false)
+            tokio::task::spawn_blocking(move || auth::verify_password(&password, &h))
+                .await
+                .unwrap_or(false)
         }
         None => false,
     };
     if !ok {
         metrics::counter!("skiff_login_failures_total").increment(1);
-        let page = LoginPage { error: "wrong password".into(), has_password: hash.is_some() };
+        let page = LoginPage {
+            error: "wrong password".into(),
+            has_password: hash.is_some(),
+        };
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
     let (cookie, _) = auth::start_session(&state).await?;
     Ok(signed_in(cookie))
 }
 
-pub async fn login_link(State(state): State<AppState>, Path(token): Path<String>) -> Result<Response, ApiError> {
+pub async fn login_link(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
     if !state.auth.use_login_link(&hash_secret(&token)).await? {
         let page = LoginPage {
             error: "this login link was already used or has expired; restart skiff serve or run `skiff login-link` for a new one".into(),
@@ -397,12 +513,21 @@ pub async fn login_link(State(state): State<AppState>, Path(token): Path<String>
     Ok(signed_in(cookie))
 }
 
-pub async fn logout(page: Page, State(state): State<AppState>, parts: axum::http::HeaderMap, Form(form): Form<CsrfForm>) -> Result<Response, ApiError> {
+pub async fn logout(
+    page: Page,
+    State(state): State<AppState>,
+    parts: axum::http::HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, ApiError> {
     page.check(&form.csrf)?;
     if let Some(c) = auth::cookie(&parts, auth::SESSION_COOKIE) {
         state.auth.delete_session(&hash_secret(&c)).await?;
     }
-    Ok(([(header::SET_COOKIE, auth::clear_session_cookie())], Redirect::to("/login")).into_response())
+    Ok((
+        [(header::SET_COOKIE, auth::clear_session_cookie())],
+        Redirect::to("/login"),
+    )
+        .into_response())
 }
 
 // ---- settings ----
@@ -420,7 +545,10 @@ fn token_row(t: &ApiToken) -> TokenRow {
         id: t.id.clone(),
         name: t.name.clone(),
         created: t.created_at.format("%Y-%m-%d %H:%M").to_string(),
-        last_used: t.last_used_at.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_else(|| "never".into()),
+        last_used: t
+            .last_used_at
+            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_else(|| "never".into()),
         revoked: t.revoked_at.is_some(),
     }
 }
@@ -435,11 +563,22 @@ pub struct SettingsPage {
     new_token: String,
 }
 
-async fn settings_page(page: &Page, state: &AppState, message: String, new_token: String) -> Result<SettingsPage, ApiError> {
+async fn settings_page(
+    page: &Page,
+    state: &AppState,
+    message: String,
+    new_token: String,
+) -> Result<SettingsPage, ApiError> {
     Ok(SettingsPage {
         csrf: page.csrf.clone(),
         has_password: state.auth.password_hash().await?.is_some(),
-        tokens: state.auth.list_tokens().await?.iter().map(token_row).collect(),
+        tokens: state
+            .auth
+            .list_tokens()
+            .await?
+            .iter()
+            .map(token_row)
+            .collect(),
         message,
         new_token,
     })
@@ -462,7 +601,11 @@ pub struct PasswordForm {
 /// The shortest password accepted.
 const MIN_PASSWORD: usize = 10;
 
-pub async fn set_password(page: Page, State(state): State<AppState>, Form(form): Form<PasswordForm>) -> Result<Response, ApiError> {
+pub async fn set_password(
+    page: Page,
+    State(state): State<AppState>,
+    Form(form): Form<PasswordForm>,
+) -> Result<Response, ApiError> {
     page.check(&form.csrf)?;
     let message = if form.password.chars().count() < MIN_PASSWORD {
         format!("a password needs at least {MIN_PASSWORD} characters")
@@ -476,8 +619,16 @@ pub async fn set_password(page: Page, State(state): State<AppState>, Form(form):
         state.auth.set_password_hash(&hash).await?;
         "password set".to_string()
     };
-    let status = if message == "password set" { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
-    Ok((status, settings_page(&page, &state, message, String::new()).await?).into_response())
+    let status = if message == "password set" {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    Ok((
+        status,
+        settings_page(&page, &state, message, String::new()).await?,
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -488,18 +639,43 @@ pub struct TokenForm {
     name: String,
 }
 
-pub async fn create_token(page: Page, State(state): State<AppState>, Form(form): Form<TokenForm>) -> Result<Response, ApiError> {
+pub async fn create_token(
+    page: Page,
+    State(state): State<AppState>,
+    Form(form): Form<TokenForm>,
+) -> Result<Response, ApiError> {
     page.check(&form.csrf)?;
     let name = match crate::api::check_token_name(&form.name) {
         Ok(n) => n,
-        Err(e) => return Ok((StatusCode::UNPROCESSABLE_ENTITY, settings_page(&page, &state, e.message, String::new()).await?).into_response()),
+        Err(e) => {
+            return Ok((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                settings_page(&page, &state, e.message, String::new()).await?,
+            )
+                .into_response());
+        }
     };
     let secret = auth::random_token("skiff_");
-    state.auth.create_token(&name, &hash_secret(&secret)).await?;
-    Ok(settings_page(&page, &state, format!("token `{name}` created; copy it now, it is not shown again"), secret).await?.into_response())
+    state
+        .auth
+        .create_token(&name, &hash_secret(&secret))
+        .await?;
+    Ok(settings_page(
+        &page,
+        &state,
+        format!("token `{name}` created; copy it now, it is not shown again"),
+        secret,
+    )
+    .await?
+    .into_response())
 }
 
-pub async fn revoke_token(page: Page, State(state): State<AppState>, Path(id): Path<String>, Form(form): Form<CsrfForm>) -> Result<Redirect, ApiError> {
+pub async fn revoke_token(
+    page: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, ApiError> {
     page.check(&form.csrf)?;
     state.auth.revoke_token(&id).await?;
     Ok(Redirect::to("/settings"))

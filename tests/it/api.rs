@@ -10,17 +10,28 @@ const HELLO: &str = "params:\n  who: { default: world }\n  mode: { options: [fas
 
 fn run_of(events: &[(String, Value)]) -> (String, String) {
     let end = events.last().expect("events");
-    let text: String = events.iter().filter(|(n, _)| n == "log").map(|(_, d)| d["text"].as_str().unwrap_or("").to_string()).collect();
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "log")
+        .map(|(_, d)| d["text"].as_str().unwrap_or("").to_string())
+        .collect();
     (end.1["status"].as_str().unwrap_or("").to_string(), text)
 }
 
 #[test]
 fn trigger_with_params_runs_and_records_everything() {
     let s = Server::start(&[("hello", HELLO)]);
-    let (status, body) = s.api("POST", "/api/pipelines/hello/runs", Some(r#"{"params": {"who": "api", "mode": "slow", "n": 3}}"#));
+    let (status, body) = s.api(
+        "POST",
+        "/api/pipelines/hello/runs",
+        Some(r#"{"params": {"who": "api", "mode": "slow", "n": 3}}"#),
+    );
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["number"], 1);
-    assert_eq!(body["trigger"], json!({ "kind": "api", "actor": "admin-token" }));
+    assert_eq!(
+        body["trigger"],
+        json!({ "kind": "api", "actor": "admin-token" })
+    );
     let id = body["id"].as_str().expect("id");
     let (end, text) = run_of(&s.follow(id, None));
     assert_eq!(end, "succeeded");
@@ -28,14 +39,26 @@ fn trigger_with_params_runs_and_records_everything() {
     let (status, run) = s.api("GET", &format!("/api/runs/{id}"), None);
     assert_eq!(status, 200);
     assert_eq!(run["status"], "succeeded");
-    assert_eq!(run["params"], json!({ "who": "api", "mode": "slow", "n": "3" }));
+    assert_eq!(
+        run["params"],
+        json!({ "who": "api", "mode": "slow", "n": "3" })
+    );
     assert_eq!(run["steps"][0]["outputs"]["said"], "hello api");
     assert_eq!(run["steps"][0]["status"], "succeeded");
     let (status, logs) = s.api("GET", &format!("/api/runs/{id}/logs?offset=0"), None);
     assert_eq!(status, 200);
     assert_eq!(logs["complete"], true);
-    assert!(logs["chunks"][0]["text"].as_str().is_some_and(|t| t.contains("hello api")), "{logs}");
-    let (_, list) = s.api("GET", "/api/runs?pipeline=hello&status=succeeded&limit=10", None);
+    assert!(
+        logs["chunks"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("hello api")),
+        "{logs}"
+    );
+    let (_, list) = s.api(
+        "GET",
+        "/api/runs?pipeline=hello&status=succeeded&limit=10",
+        None,
+    );
     assert_eq!(list["runs"][0]["id"], id);
     let (_, pipeline) = s.api("GET", "/api/pipelines/hello", None);
     assert_eq!(pipeline["valid"], true);
@@ -46,19 +69,88 @@ fn trigger_with_params_runs_and_records_everything() {
 fn bad_input_gets_the_right_4xx_and_a_json_error() {
     let s = Server::start(&[("hello", HELLO), ("broken", "name: broken\nstpes: []\n")]);
     let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
-        ("POST", "/api/pipelines/hello/runs".into(), Some(r#"{"params": {"mode": "turbo", "n": "many", "nope": 1}}"#.into()), 422, "invalid_params"),
-        ("POST", "/api/pipelines/hello/runs".into(), Some(r#"{"params": {"who": {"a": 1}}}"#.into()), 422, "invalid_params"),
-        ("POST", "/api/pipelines/hello/runs".into(), Some(r#"{"params": "#.into()), 400, "malformed_json"),
-        ("POST", "/api/pipelines/hello/runs".into(), Some(r#"{"parms": {}}"#.into()), 422, "invalid_body"),
-        ("POST", "/api/pipelines/hello/runs".into(), Some(format!(r#"{{"params": {{"who": "{}"}}}}"#, "x".repeat(400_000))), 413, "too_large"),
-        ("POST", "/api/pipelines/nope/runs".into(), Some("{}".into()), 404, "not_found"),
-        ("POST", "/api/pipelines/broken/runs".into(), Some("{}".into()), 409, "invalid_pipeline"),
+        (
+            "POST",
+            "/api/pipelines/hello/runs".into(),
+            Some(r#"{"params": {"mode": "turbo", "n": "many", "nope": 1}}"#.into()),
+            422,
+            "invalid_params",
+        ),
+        (
+            "POST",
+            "/api/pipelines/hello/runs".into(),
+            Some(r#"{"params": {"who": {"a": 1}}}"#.into()),
+            422,
+            "invalid_params",
+        ),
+        (
+            "POST",
+            "/api/pipelines/hello/runs".into(),
+            Some(r#"{"params": "#.into()),
+            400,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/api/pipelines/hello/runs".into(),
+            Some(r#"{"parms": {}}"#.into()),
+            422,
+            "invalid_body",
+        ),
+        (
+            "POST",
+            "/api/pipelines/hello/runs".into(),
+            Some(format!(
+                r#"{{"params": {{"who": "{}"}}}}"#,
+                "x".repeat(400_000)
+            )),
+            413,
+            "too_large",
+        ),
+        (
+            "POST",
+            "/api/pipelines/nope/runs".into(),
+            Some("{}".into()),
+            404,
+            "not_found",
+        ),
+        (
+            "POST",
+            "/api/pipelines/broken/runs".into(),
+            Some("{}".into()),
+            409,
+            "invalid_pipeline",
+        ),
         ("GET", "/api/runs/not-a-uuid".into(), None, 404, "not_found"),
-        ("GET", "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26".into(), None, 404, "not_found"),
-        ("GET", "/api/runs?status=sideways".into(), None, 400, "bad_request"),
+        (
+            "GET",
+            "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26".into(),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/api/runs?status=sideways".into(),
+            None,
+            400,
+            "bad_request",
+        ),
         ("GET", "/api/runs?limit=0".into(), None, 400, "bad_request"),
-        ("GET", "/api/runs?limit=lots".into(), None, 400, "bad_request"),
-        ("GET", "/api/runs?cursor=zzz".into(), None, 400, "bad_request"),
+        (
+            "GET",
+            "/api/runs?limit=lots".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "GET",
+            "/api/runs?cursor=zzz".into(),
+            None,
+            400,
+            "bad_request",
+        ),
         ("GET", "/api/nothing-here".into(), None, 404, "not_found"),
     ];
     for (method, path, body, want, code) in cases {
@@ -66,33 +158,69 @@ fn bad_input_gets_the_right_4xx_and_a_json_error() {
         assert_eq!(status, want, "{method} {path}: {value}");
         assert_eq!(value["error"]["code"], code, "{method} {path}: {value}");
     }
-    let (status, value) = s.api("POST", "/api/pipelines/hello/runs", Some(r#"{"params": {"mode": "turbo", "n": "many", "nope": 1}}"#));
+    let (status, value) = s.api(
+        "POST",
+        "/api/pipelines/hello/runs",
+        Some(r#"{"params": {"mode": "turbo", "n": "many", "nope": 1}}"#),
+    );
     assert_eq!(status, 422);
-    let fields: Vec<&str> = value["error"]["fields"].as_array().expect("fields").iter().filter_map(|f| f["param"].as_str()).collect();
-    assert_eq!(fields, vec!["mode", "n", "nope"], "every bad param is reported: {value}");
-    let (status, value) = call("POST", &s.url("/api/pipelines/hello/runs"), Some("{}"), &[
-        ("authorization", &format!("Bearer {ADMIN_TOKEN}")),
-        ("content-type", "text/plain"),
-    ]);
-    assert_eq!((status, value["error"]["code"].as_str()), (415, Some("unsupported_media_type")));
+    let fields: Vec<&str> = value["error"]["fields"]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .filter_map(|f| f["param"].as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        vec!["mode", "n", "nope"],
+        "every bad param is reported: {value}"
+    );
+    let (status, value) = call(
+        "POST",
+        &s.url("/api/pipelines/hello/runs"),
+        Some("{}"),
+        &[
+            ("authorization", &format!("Bearer {ADMIN_TOKEN}")),
+            ("content-type", "text/plain"),
+        ],
+    );
+    assert_eq!(
+        (status, value["error"]["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
     // Offsets.
     let id = s.trigger("hello", json!({}));
     s.follow(&id, None);
     let (status, value) = s.api("GET", &format!("/api/runs/{id}/logs?offset=99999"), None);
-    assert_eq!((status, value["error"]["code"].as_str()), (416, Some("bad_offset")));
+    assert_eq!(
+        (status, value["error"]["code"].as_str()),
+        (416, Some("bad_offset"))
+    );
     let (status, _) = s.api("GET", &format!("/api/runs/{id}/logs?offset=-1"), None);
     assert_eq!(status, 400);
-    let (status, _) = s.api("GET", &format!("/api/runs/{id}/logs/stream?offset=99999"), None);
+    let (status, _) = s.api(
+        "GET",
+        &format!("/api/runs/{id}/logs/stream?offset=99999"),
+        None,
+    );
     assert_eq!(status, 416);
     let (status, value) = s.api("GET", "/api/pipelines/broken", None);
     assert_eq!(status, 200);
     assert_eq!(value["valid"], false);
-    assert!(value["diagnostics"][0]["message"].as_str().is_some_and(|m| m.contains("stpes")), "{value}");
+    assert!(
+        value["diagnostics"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stpes")),
+        "{value}"
+    );
 }
 
 #[test]
 fn live_logs_follow_to_the_end_and_resume_in_the_middle() {
-    let s = Server::start(&[("count", "steps:\n  - run: |\n      for i in $(seq 1 40); do echo \"line $i\"; sleep 0.02; done\n  - run: echo done\n")]);
+    let s = Server::start(&[(
+        "count",
+        "steps:\n  - run: |\n      for i in $(seq 1 40); do echo \"line $i\"; sleep 0.02; done\n  - run: echo done\n",
+    )]);
     let id = s.trigger("count", json!({}));
     let url = s.url(&format!("/api/runs/{id}/logs/stream"));
     // Read a few log events, then drop the connection.
@@ -116,8 +244,16 @@ fn live_logs_follow_to_the_end_and_resume_in_the_middle() {
     text.push_str(&rest);
     assert_eq!(end, "succeeded");
     let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect::<String>() + "done\n";
-    assert_eq!(text, expected, "the resumed stream continues exactly where it stopped");
-    assert!(events.iter().any(|(n, d)| n == "step" && d["status"] == "succeeded"), "step events come too");
+    assert_eq!(
+        text, expected,
+        "the resumed stream continues exactly where it stopped"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(n, d)| n == "step" && d["status"] == "succeeded"),
+        "step events come too"
+    );
     // A follower that connects after the end gets everything and the end.
     let (end, all) = run_of(&s.follow(&id, None));
     assert_eq!((end.as_str(), all), ("succeeded", expected));
@@ -152,7 +288,10 @@ fn cancel_stops_a_long_run_and_its_finally_runs() {
     assert_eq!(run["reason"], "cancelled by admin-token");
     assert!(all_gone(&pids(&pidfile)), "the step's process tree is gone");
     let (status, body) = s.api("POST", &format!("/api/runs/{id}/cancel"), None);
-    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("already_ended")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("already_ended"))
+    );
 }
 
 #[test]
@@ -161,8 +300,16 @@ fn rerun_uses_the_same_snapshot_and_params() {
     let id = s.trigger("hello", json!({ "who": "first" }));
     s.follow(&id, None);
     // Change the file: a rerun still runs the snapshot.
-    write_pipeline(&s.pipelines_dir(), "hello", "params:\n  who: { default: x }\nsteps:\n  - run: echo changed\n");
-    eventually("the pipeline reloads", || s.api("GET", "/api/pipelines/hello", None).1["params"].as_array().is_some_and(|p| p.len() == 1));
+    write_pipeline(
+        &s.pipelines_dir(),
+        "hello",
+        "params:\n  who: { default: x }\nsteps:\n  - run: echo changed\n",
+    );
+    eventually("the pipeline reloads", || {
+        s.api("GET", "/api/pipelines/hello", None).1["params"]
+            .as_array()
+            .is_some_and(|p| p.len() == 1)
+    });
     let (status, rerun) = s.api("POST", &format!("/api/runs/{id}/rerun"), None);
     assert_eq!(status, 201, "{rerun}");
     assert_eq!(rerun["rerun_of"], id);
@@ -171,23 +318,39 @@ fn rerun_uses_the_same_snapshot_and_params() {
     assert_eq!(rerun["trigger"]["kind"], "rerun");
     let (end, text) = run_of(&s.follow(rerun["id"].as_str().expect("id"), None));
     assert_eq!(end, "succeeded");
-    assert!(text.contains("hello first") && !text.contains("changed"), "{text}");
+    assert!(
+        text.contains("hello first") && !text.contains("changed"),
+        "{text}"
+    );
 }
 
 #[test]
 fn authentication_is_required_and_tokens_can_be_revoked() {
     let s = Server::start(&[("hello", HELLO)]);
     let (status, _, body) = raw("GET", &s.url("/healthz"), None, &[]);
-    assert_eq!((status, body.as_str()), (200, "ok"), "the health check is open");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok"),
+        "the health check is open"
+    );
     for (method, path) in [
         ("GET", "/api/pipelines"),
         ("GET", "/api/pipelines/hello"),
         ("POST", "/api/pipelines/hello/runs"),
         ("GET", "/api/runs"),
         ("GET", "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26/logs"),
-        ("GET", "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26/logs/stream"),
-        ("POST", "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26/cancel"),
-        ("POST", "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26/rerun"),
+        (
+            "GET",
+            "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26/logs/stream",
+        ),
+        (
+            "POST",
+            "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26/cancel",
+        ),
+        (
+            "POST",
+            "/api/runs/01a2130a-017a-779c-ae1c-5a4e843dfa26/rerun",
+        ),
         ("GET", "/api/tokens"),
         ("GET", "/api/openapi.json"),
         ("GET", "/metrics"),
@@ -195,24 +358,55 @@ fn authentication_is_required_and_tokens_can_be_revoked() {
         let (status, body) = call(method, &s.url(path), Some("{}"), &[]);
         assert_eq!(status, 401, "{method} {path} without credentials: {body}");
         assert_eq!(body["error"]["code"], "unauthorized");
-        let (status, _) = call(method, &s.url(path), Some("{}"), &[("authorization", "Bearer wrong-token")]);
+        let (status, _) = call(
+            method,
+            &s.url(path),
+            Some("{}"),
+            &[("authorization", "Bearer wrong-token")],
+        );
         assert_eq!(status, 401, "{method} {path} with a wrong token");
     }
     let (status, _, page) = raw("GET", &s.url("/"), None, &[]);
-    assert!(status == 303 && !page.contains("hello"), "the UI sends strangers to the login page");
+    assert!(
+        status == 303 && !page.contains("hello"),
+        "the UI sends strangers to the login page"
+    );
 
     let (status, created) = s.api("POST", "/api/tokens", Some(r#"{"name": "ci"}"#));
     assert_eq!(status, 201, "{created}");
-    let token = created["token"].as_str().expect("the secret is shown once").to_string();
+    let token = created["token"]
+        .as_str()
+        .expect("the secret is shown once")
+        .to_string();
     let auth = format!("Bearer {token}");
-    let (status, run) = call("POST", &s.url("/api/pipelines/hello/runs"), Some("{}"), &[("authorization", &auth)]);
+    let (status, run) = call(
+        "POST",
+        &s.url("/api/pipelines/hello/runs"),
+        Some("{}"),
+        &[("authorization", &auth)],
+    );
     assert_eq!(status, 201);
-    assert_eq!(run["trigger"]["actor"], "token:ci", "the run records who triggered it");
+    assert_eq!(
+        run["trigger"]["actor"], "token:ci",
+        "the run records who triggered it"
+    );
     let (_, tokens) = s.api("GET", "/api/tokens", None);
-    assert!(!tokens.to_string().contains(&token), "listing never shows secrets");
-    let (status, _) = s.api("POST", &format!("/api/tokens/{}/revoke", created["id"].as_str().expect("id")), None);
+    assert!(
+        !tokens.to_string().contains(&token),
+        "listing never shows secrets"
+    );
+    let (status, _) = s.api(
+        "POST",
+        &format!("/api/tokens/{}/revoke", created["id"].as_str().expect("id")),
+        None,
+    );
     assert_eq!(status, 204);
-    let (status, _) = call("GET", &s.url("/api/runs"), None, &[("authorization", &auth)]);
+    let (status, _) = call(
+        "GET",
+        &s.url("/api/runs"),
+        None,
+        &[("authorization", &auth)],
+    );
     assert_eq!(status, 401, "a revoked token is refused");
 }
 
@@ -220,8 +414,15 @@ fn authentication_is_required_and_tokens_can_be_revoked() {
 pub fn sign_in(s: &Server) -> String {
     let (status, headers, _) = raw("GET", &s.login_link, None, &[]);
     assert_eq!(status, 303);
-    let cookie = headers.iter().find(|(k, _)| k == "set-cookie").map(|(_, v)| v.clone()).expect("a session cookie");
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let cookie = headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.clone())
+        .expect("a session cookie");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     cookie.split(';').next().expect("cookie").to_string()
 }
 
@@ -241,40 +442,105 @@ fn sessions_need_csrf_for_changes_and_links_work_once() {
     assert!(page.contains("hello"), "the dashboard lists the pipeline");
     let csrf = csrf_of(&page);
     // API with the session but without the CSRF header: refused.
-    let (status, body) = call("POST", &s.url("/api/pipelines/hello/runs"), Some("{}"), &[("cookie", &cookie)]);
-    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("csrf")));
-    let (status, _) = call("POST", &s.url("/api/pipelines/hello/runs"), Some("{}"), &[("cookie", &cookie), ("x-csrf-token", &csrf)]);
+    let (status, body) = call(
+        "POST",
+        &s.url("/api/pipelines/hello/runs"),
+        Some("{}"),
+        &[("cookie", &cookie)],
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("csrf"))
+    );
+    let (status, _) = call(
+        "POST",
+        &s.url("/api/pipelines/hello/runs"),
+        Some("{}"),
+        &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+    );
     assert_eq!(status, 201, "with the header it works");
     let (status, _) = call("GET", &s.url("/api/runs"), None, &[("cookie", &cookie)]);
     assert_eq!(status, 200, "reads need no CSRF token");
     // The UI's forms.
-    let form = [("cookie", cookie.as_str()), ("content-type", "application/x-www-form-urlencoded")];
-    let (status, _, _) = raw("POST", &s.url("/pipelines/hello/run"), Some("param.who=form"), &form);
+    let form = [
+        ("cookie", cookie.as_str()),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    let (status, _, _) = raw(
+        "POST",
+        &s.url("/pipelines/hello/run"),
+        Some("param.who=form"),
+        &form,
+    );
     assert_eq!(status, 403, "a form without its CSRF token is refused");
-    let (status, _, _) = raw("POST", &s.url("/pipelines/hello/run"), Some("csrf=wrong&param.who=form"), &form);
+    let (status, _, _) = raw(
+        "POST",
+        &s.url("/pipelines/hello/run"),
+        Some("csrf=wrong&param.who=form"),
+        &form,
+    );
     assert_eq!(status, 403, "a wrong CSRF token is refused");
-    let (status, headers, _) = raw("POST", &s.url("/pipelines/hello/run"), Some(&format!("csrf={csrf}&param.who=form")), &form);
+    let (status, headers, _) = raw(
+        "POST",
+        &s.url("/pipelines/hello/run"),
+        Some(&format!("csrf={csrf}&param.who=form")),
+        &form,
+    );
     assert_eq!(status, 303);
-    let location = headers.iter().find(|(k, _)| k == "location").map(|(_, v)| v.clone()).expect("redirect to the run");
+    let location = headers
+        .iter()
+        .find(|(k, _)| k == "location")
+        .map(|(_, v)| v.clone())
+        .expect("redirect to the run");
     assert!(location.starts_with("/runs/"), "{location}");
-    let (status, _, page) = raw("POST", &s.url("/pipelines/hello/run"), Some(&format!("csrf={csrf}&param.mode=turbo")), &form);
+    let (status, _, page) = raw(
+        "POST",
+        &s.url("/pipelines/hello/run"),
+        Some(&format!("csrf={csrf}&param.mode=turbo")),
+        &form,
+    );
     assert_eq!(status, 422, "bad params come back to the form");
     assert!(page.contains("`turbo` is not one of"), "with the reason");
     // Password: set it, then sign in with it.
-    let (status, _, page) = raw("POST", &s.url("/settings/password"), Some(&format!("csrf={csrf}&password=correct-horse-1&confirm=correct-horse-1")), &form);
+    let (status, _, page) = raw(
+        "POST",
+        &s.url("/settings/password"),
+        Some(&format!(
+            "csrf={csrf}&password=correct-horse-1&confirm=correct-horse-1"
+        )),
+        &form,
+    );
     assert_eq!(status, 200, "{page}");
-    let (status, _, _) = raw("POST", &s.url("/login"), Some("password=wrong-password"), &[("content-type", "application/x-www-form-urlencoded")]);
+    let (status, _, _) = raw(
+        "POST",
+        &s.url("/login"),
+        Some("password=wrong-password"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    );
     assert_eq!(status, 401);
-    let (status, headers, _) = raw("POST", &s.url("/login"), Some("password=correct-horse-1"), &[("content-type", "application/x-www-form-urlencoded")]);
+    let (status, headers, _) = raw(
+        "POST",
+        &s.url("/login"),
+        Some("password=correct-horse-1"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    );
     assert_eq!(status, 303);
-    assert!(headers.iter().any(|(k, v)| k == "set-cookie" && v.starts_with("skiff_session=")));
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "set-cookie" && v.starts_with("skiff_session="))
+    );
 }
 
 #[test]
 fn pipelines_reload_and_a_bad_file_never_stops_the_server() {
     let s = Server::start(&[("hello", HELLO)]);
     write_pipeline(&s.pipelines_dir(), "added", "steps:\n  - run: echo added\n");
-    write_pipeline(&s.pipelines_dir(), "bad", "steps:\n  - run: echo\n    timeout: soon\n");
+    write_pipeline(
+        &s.pipelines_dir(),
+        "bad",
+        "steps:\n  - run: echo\n    timeout: soon\n",
+    );
     eventually("new files appear", || {
         let (_, list) = s.api("GET", "/api/pipelines", None);
         list["pipelines"].as_array().is_some_and(|p| p.len() == 3)
@@ -285,7 +551,9 @@ fn pipelines_reload_and_a_bad_file_never_stops_the_server() {
     let id = s.trigger("added", json!({}));
     assert_eq!(run_of(&s.follow(&id, None)).0, "succeeded");
     std::fs::remove_file(s.pipelines_dir().join("added.yml")).expect("remove");
-    eventually("a removed file disappears", || s.api("GET", "/api/pipelines/added", None).0 == 404);
+    eventually("a removed file disappears", || {
+        s.api("GET", "/api/pipelines/added", None).0 == 404
+    });
 }
 
 #[test]
@@ -293,36 +561,75 @@ fn metrics_and_openapi_are_served() {
     let s = Server::start(&[("hello", HELLO)]);
     let id = s.trigger("hello", json!({}));
     s.follow(&id, None);
-    let (status, _, text) = raw("GET", &s.url("/metrics"), None, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))]);
+    let (status, _, text) = raw(
+        "GET",
+        &s.url("/metrics"),
+        None,
+        &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+    );
     assert_eq!(status, 200);
-    for needle in ["skiff_runs{status=\"succeeded\"} 1", "skiff_queue_depth 0", "skiff_step_duration_seconds", "skiff_queue_wait_seconds"] {
+    for needle in [
+        "skiff_runs{status=\"succeeded\"} 1",
+        "skiff_queue_depth 0",
+        "skiff_step_duration_seconds",
+        "skiff_queue_wait_seconds",
+    ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
     let (status, doc) = s.api("GET", "/api/openapi.json", None);
     assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.1.0");
-    for path in ["/api/pipelines", "/api/pipelines/{name}/runs", "/api/runs/{id}/logs/stream", "/api/runs/{id}/rerun"] {
+    for path in [
+        "/api/pipelines",
+        "/api/pipelines/{name}/runs",
+        "/api/runs/{id}/logs/stream",
+        "/api/runs/{id}/rerun",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} is documented");
     }
 }
 
 #[test]
 fn skiff_trigger_follows_a_run_to_its_end() {
-    let s = Server::start(&[("hello", HELLO), ("fails", "steps:\n  - run: echo failing; exit 3\n")]);
+    let s = Server::start(&[
+        ("hello", HELLO),
+        ("fails", "steps:\n  - run: echo failing; exit 3\n"),
+    ]);
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"));
-    cmd.args(["trigger", "hello", "--param", "who=cli", "--follow", "--server", &s.base]).env("SKIFF_TOKEN", ADMIN_TOKEN);
+    cmd.args([
+        "trigger", "hello", "--param", "who=cli", "--follow", "--server", &s.base,
+    ])
+    .env("SKIFF_TOKEN", ADMIN_TOKEN);
     let out = crate::support::run_to_end(cmd);
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(out.stdout.contains("hello cli (fast, 1)"), "{}", out.all());
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"));
-    cmd.args(["trigger", "fails", "--follow", "--server", &s.base]).env("SKIFF_TOKEN", ADMIN_TOKEN);
+    cmd.args(["trigger", "fails", "--follow", "--server", &s.base])
+        .env("SKIFF_TOKEN", ADMIN_TOKEN);
     let out = crate::support::run_to_end(cmd);
-    assert_eq!(out.code, Some(1), "a failed run fails the command: {}", out.all());
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a failed run fails the command: {}",
+        out.all()
+    );
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"));
-    cmd.args(["trigger", "hello", "--param", "mode=turbo", "--server", &s.base]).env("SKIFF_TOKEN", ADMIN_TOKEN);
+    cmd.args([
+        "trigger",
+        "hello",
+        "--param",
+        "mode=turbo",
+        "--server",
+        &s.base,
+    ])
+    .env("SKIFF_TOKEN", ADMIN_TOKEN);
     let out = crate::support::run_to_end(cmd);
     assert_eq!(out.code, Some(2));
-    assert!(out.stderr.contains("param `mode`: `turbo` is not one of"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("param `mode`: `turbo` is not one of"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -330,12 +637,19 @@ fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
     let s = Server::start(&[("long", "steps:\n  - run: echo started; sleep 20\n")]);
     let id = s.trigger("long", json!({}));
     let mut stream = EventStream::open(&s.url(&format!("/api/runs/{id}/logs/stream")), None);
-    while !stream.next().is_some_and(|(name, _, data)| name == "log" && data["text"].as_str().is_some_and(|t| t.contains("started"))) {}
+    while !stream.next().is_some_and(|(name, _, data)| {
+        name == "log" && data["text"].as_str().is_some_and(|t| t.contains("started"))
+    }) {}
     drop(stream);
     let s = s.crash_and_restart();
     let (_, run) = s.api("GET", &format!("/api/runs/{id}"), None);
     assert_eq!(run["status"], "failed", "{run}");
-    assert!(run["reason"].as_str().is_some_and(|r| r.starts_with("interrupted")), "{run}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("interrupted")),
+        "{run}"
+    );
     let id2 = s.trigger("long", json!({}));
     let (status, _) = s.api("POST", &format!("/api/runs/{id2}/cancel"), None);
     assert_eq!(status, 202, "the restarted server runs and cancels runs");

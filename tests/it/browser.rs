@@ -29,7 +29,11 @@ impl Browser {
                 "{program} is missing: install Debian's chromium and chromium-driver (`apt-get install chromium chromium-driver`)"
             );
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("addr")
+            .port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -37,23 +41,39 @@ impl Browser {
             .spawn()
             .expect("start chromedriver");
         let base = format!("http://127.0.0.1:{port}");
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
         let until = Instant::now() + WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "chromedriver did not start listening");
+            assert!(
+                Instant::now() < until,
+                "chromedriver did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let mut browser = Browser { driver, base, session: String::new(), agent };
+        let mut browser = Browser {
+            driver,
+            base,
+            session: String::new(),
+            agent,
+        };
         let caps = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"] }
         } } });
         let value = browser.send("POST", "/session", Some(caps));
-        browser.session = value["sessionId"].as_str().expect("a session id").to_string();
+        browser.session = value["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
         browser
     }
 
-    fn send(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    /// A WebDriver call; `Err` holds WebDriver's error name (`stale element reference`...).
+    fn try_send(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
         let url = format!("{}{path}", self.base);
         let response = match method {
             "GET" => self.agent.get(&url).call(),
@@ -63,8 +83,19 @@ impl Browser {
         let mut response = response.expect("WebDriver call");
         let status = response.status().as_u16();
         let value: Value = response.body_mut().read_json().expect("WebDriver JSON");
-        assert!(status < 400, "WebDriver {method} {path}: {value}");
-        value["value"].clone()
+        if status >= 400 {
+            return Err(format!(
+                "{}: {}",
+                value["value"]["error"].as_str().unwrap_or("error"),
+                value["value"]["message"]
+            ));
+        }
+        Ok(value["value"].clone())
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_send(method, path, body)
+            .unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"))
     }
 
     fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Value {
@@ -76,11 +107,18 @@ impl Browser {
     }
 
     fn url(&self) -> String {
-        self.cmd("GET", "/url", None).as_str().unwrap_or("").to_string()
+        self.cmd("GET", "/url", None)
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     fn js(&self, script: &str) -> Value {
-        self.cmd("POST", "/execute/sync", Some(json!({ "script": script, "args": [] })))
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        )
     }
 
     /// Finds an element, waiting for it to appear.
@@ -88,12 +126,20 @@ impl Browser {
         let until = Instant::now() + WAIT;
         loop {
             let url = format!("{}/session/{}/element", self.base, self.session);
-            let mut r = self.agent.post(&url).send_json(json!({ "using": "css selector", "value": css })).expect("find");
+            let mut r = self
+                .agent
+                .post(&url)
+                .send_json(json!({ "using": "css selector", "value": css }))
+                .expect("find");
             let v: Value = r.body_mut().read_json().expect("json");
             if let Some(id) = v["value"][ELEMENT].as_str() {
                 return id.to_string();
             }
-            assert!(Instant::now() < until, "no element `{css}` appeared on {}", self.url());
+            assert!(
+                Instant::now() < until,
+                "no element `{css}` appeared on {}",
+                self.url()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -106,12 +152,33 @@ impl Browser {
     fn type_into(&self, css: &str, text: &str) {
         let id = self.find(css);
         self.cmd("POST", &format!("/element/{id}/clear"), None);
-        self.cmd("POST", &format!("/element/{id}/value"), Some(json!({ "text": text })));
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        );
     }
 
+    /// The element's text. The page may be replaced between finding the element and reading it
+    /// (a form posts and redirects): then the element is found again.
     fn text(&self, css: &str) -> String {
-        let id = self.find(css);
-        self.cmd("GET", &format!("/element/{id}/text"), None).as_str().unwrap_or("").to_string()
+        loop {
+            let id = self.find(css);
+            match self.try_send(
+                "GET",
+                &format!("/session/{}/element/{id}/text", self.session),
+                None,
+            ) {
+                Ok(v) => return v.as_str().unwrap_or("").to_string(),
+                Err(e)
+                    if e.starts_with("stale element reference")
+                        || e.starts_with("no such element") =>
+                {
+                    continue;
+                }
+                Err(e) => panic!("reading the text of `{css}`: {e}"),
+            }
+        }
     }
 
     /// Waits until the element's text contains `needle`.
@@ -122,7 +189,10 @@ impl Browser {
             if text.contains(needle) {
                 return;
             }
-            assert!(Instant::now() < until, "`{css}` never showed {needle:?}; it shows:\n{text}");
+            assert!(
+                Instant::now() < until,
+                "`{css}` never showed {needle:?}; it shows:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -141,7 +211,10 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         if !self.session.is_empty() {
-            let _ = self.agent.delete(&format!("{}/session/{}", self.base, self.session)).call();
+            let _ = self
+                .agent
+                .delete(&format!("{}/session/{}", self.base, self.session))
+                .call();
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
@@ -162,7 +235,10 @@ fn decode_base64(text: &str) -> Vec<u8> {
     let digits: Vec<u32> = text.bytes().filter_map(value).collect();
     let mut out = Vec::with_capacity(digits.len() * 3 / 4);
     for group in digits.chunks(4) {
-        let n = group.iter().enumerate().fold(0u32, |acc, (i, d)| acc | (d << (18 - 6 * i)));
+        let n = group
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, d)| acc | (d << (18 - 6 * i)));
         out.extend_from_slice(&n.to_be_bytes()[1..group.len()]);
     }
     out
@@ -175,12 +251,19 @@ fn run_a_pipeline_from_the_browser_and_cancel_a_long_one() {
             "greet",
             "description: Greets someone\nparams:\n  who: { default: world, description: Who to greet }\n  mood: { options: [cheerful, calm], default: calm }\nsteps:\n  - name: Say hello\n    run: |\n      for i in $(seq 1 30); do echo \"hello $SKIFF_PARAM_WHO, line $i\"; done\n      printf '\\033[32mgreen text\\033[0m and <b>not bold</b>\\n'\n  - name: Mood\n    if: params.mood == 'cheerful'\n    run: echo very cheerful\n",
         ),
-        ("long", "steps:\n  - name: Wait a long time\n    run: |\n      echo started\n      sleep 1000\nfinally:\n  - name: Tidy up\n    run: echo tidied\n"),
+        (
+            "long",
+            "steps:\n  - name: Wait a long time\n    run: |\n      echo started\n      sleep 1000\nfinally:\n  - name: Tidy up\n    run: echo tidied\n",
+        ),
     ]);
     let b = Browser::start();
     b.goto(&server.login_link);
     b.wait_text("main", "greet");
-    assert!(b.url().ends_with('/'), "the login link lands on the dashboard: {}", b.url());
+    assert!(
+        b.url().ends_with('/'),
+        "the login link lands on the dashboard: {}",
+        b.url()
+    );
 
     // Fill a param and press Run.
     b.goto(&server.url("/pipelines/greet"));
@@ -188,17 +271,37 @@ fn run_a_pipeline_from_the_browser_and_cancel_a_long_one() {
     b.js("document.querySelector(\"select[name='param.mood']\").value = 'cheerful';");
     b.click("#run-form button[type=submit]");
     b.find("#log");
-    assert!(b.url().contains("/runs/"), "Run leads to the run page: {}", b.url());
+    assert!(
+        b.url().contains("/runs/"),
+        "Run leads to the run page: {}",
+        b.url()
+    );
     b.wait_text("#run-status", "succeeded");
     b.wait_text("#log", "hello browser, line 30");
     b.wait_text("#log", "very cheerful");
     let html = b.js("return document.getElementById('log').innerHTML;");
-    assert!(html.as_str().is_some_and(|h| h.contains("&lt;b&gt;not bold&lt;/b&gt;")), "log text is escaped");
-    assert!(html.as_str().is_some_and(|h| h.contains("<span")), "ANSI colours become spans");
-    let steps = b.js("return Array.from(document.querySelectorAll('#steps .step')).map(e => e.className);");
-    assert_eq!(steps, json!(["step succeeded", "step succeeded"]), "steps show their status");
-    let line = b.js("return document.getElementById('L3') && document.getElementById('L3').textContent;");
-    assert!(line.as_str().is_some_and(|t| t.contains("line 3")), "lines have linkable numbers: {line}");
+    assert!(
+        html.as_str()
+            .is_some_and(|h| h.contains("&lt;b&gt;not bold&lt;/b&gt;")),
+        "log text is escaped"
+    );
+    assert!(
+        html.as_str().is_some_and(|h| h.contains("<span")),
+        "ANSI colours become spans"
+    );
+    let steps =
+        b.js("return Array.from(document.querySelectorAll('#steps .step')).map(e => e.className);");
+    assert_eq!(
+        steps,
+        json!(["step succeeded", "step succeeded"]),
+        "steps show their status"
+    );
+    let line =
+        b.js("return document.getElementById('L3') && document.getElementById('L3').textContent;");
+    assert!(
+        line.as_str().is_some_and(|t| t.contains("line 3")),
+        "lines have linkable numbers: {line}"
+    );
     let shot = b.screenshot("run-page.png");
     eprintln!("screenshot: {}", shot.display());
 
@@ -211,10 +314,18 @@ fn run_a_pipeline_from_the_browser_and_cancel_a_long_one() {
     b.wait_text("#run-status", "cancelled");
     b.wait_text("#log", "tidied");
     let cancel_shown = b.js("return document.getElementById('cancel-form').offsetParent !== null;");
-    assert_eq!(cancel_shown, json!(false), "Cancel disappears when the run has ended");
+    assert_eq!(
+        cancel_shown,
+        json!(false),
+        "Cancel disappears when the run has ended"
+    );
 
     // The same page on a phone-sized screen.
-    b.cmd("POST", "/window/rect", Some(json!({ "width": 390, "height": 844 })));
+    b.cmd(
+        "POST",
+        "/window/rect",
+        Some(json!({ "width": 390, "height": 844 })),
+    );
     b.goto(&b.url());
     b.wait_text("#log", "tidied");
     let overflow = b.js("return document.documentElement.scrollWidth <= window.innerWidth + 1;");

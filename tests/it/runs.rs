@@ -6,12 +6,29 @@ use skiff_core::store::{RunQuery, Store};
 
 use crate::support::{Live, Sandbox, all_gone, pids};
 
-async fn last_run(sb: &Sandbox) -> (skiff_core::run::Run, Vec<skiff_core::run::StepRecord>, String) {
+async fn last_run(
+    sb: &Sandbox,
+) -> (
+    skiff_core::run::Run,
+    Vec<skiff_core::run::StepRecord>,
+    String,
+) {
     let store = sb.store().await;
-    let run = store.list_runs(&RunQuery::default()).await.expect("list").runs.into_iter().next().expect("a run");
+    let run = store
+        .list_runs(&RunQuery::default())
+        .await
+        .expect("list")
+        .runs
+        .into_iter()
+        .next()
+        .expect("a run");
     let steps = store.steps(&run.id).await.expect("steps");
     let log = store.read_logs(&run.id, 0, 64 << 20).await.expect("logs");
-    let text = log.chunks.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect();
+    let text = log
+        .chunks
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+        .collect();
     (run, steps, text)
 }
 
@@ -26,17 +43,37 @@ async fn hello_example_runs_and_is_recorded() {
     let out = sb.run(&["run", file.to_str().expect("path"), "--param", "who=tester"]);
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(out.stdout.contains("Hello, tester!"), "{}", out.stdout);
-    assert!(out.stdout.contains("greet said: Hello, tester"), "outputs flow to later steps: {}", out.stdout);
-    assert!(out.stdout.contains("✓ hello #1 succeeded"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("greet said: Hello, tester"),
+        "outputs flow to later steps: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("✓ hello #1 succeeded"),
+        "{}",
+        out.stdout
+    );
     let (run, steps, log) = last_run(&sb).await;
     assert_eq!(run.status, RunStatus::Succeeded);
     assert_eq!(run.params.get("who").map(String::as_str), Some("tester"));
     assert_eq!(run.trigger.kind.as_str(), "cli");
-    assert!(run.source.contains("name: hello"), "the pipeline is snapshotted");
-    assert!(steps.iter().all(|s| s.status == StepStatus::Succeeded), "{steps:?}");
-    assert_eq!(steps[0].outputs.get("message").map(String::as_str), Some("Hello, tester"));
+    assert!(
+        run.source.contains("name: hello"),
+        "the pipeline is snapshotted"
+    );
+    assert!(
+        steps.iter().all(|s| s.status == StepStatus::Succeeded),
+        "{steps:?}"
+    );
+    assert_eq!(
+        steps[0].outputs.get("message").map(String::as_str),
+        Some("Hello, tester")
+    );
     assert_eq!(steps[3].attempt, 2, "the flaky step took two attempts");
-    assert!(log.contains("second attempt works") && log.contains("Hello, tester!"), "{log}");
+    assert!(
+        log.contains("second attempt works") && log.contains("Hello, tester!"),
+        "{log}"
+    );
 }
 
 #[tokio::test]
@@ -47,16 +84,33 @@ async fn failure_skips_later_steps_and_runs_finally() {
         "steps:\n  - run: echo one\n  - run: exit 4\n  - run: echo never\n  - if: failure()\n    run: echo on-failure\nfinally:\n  - run: echo \"finally saw $SKIFF_RUN_STATUS\"\n",
     );
     let out = sb.run(&["run", file.to_str().expect("path")]);
-    assert_eq!(out.code, Some(1), "a failed run exits non-zero: {}", out.all());
+    assert_eq!(
+        out.code,
+        Some(1),
+        "a failed run exits non-zero: {}",
+        out.all()
+    );
     assert!(!out.stdout.contains("\n  │ never"), "{}", out.stdout);
     assert!(out.stdout.contains("on-failure"));
     assert!(out.stdout.contains("finally saw failed"));
     let (run, steps, _) = last_run(&sb).await;
     assert_eq!(run.status, RunStatus::Failed);
-    assert!(run.reason.as_deref().is_some_and(|r| r.contains("exit code 4")), "{:?}", run.reason);
+    assert!(
+        run.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("exit code 4")),
+        "{:?}",
+        run.reason
+    );
     assert_eq!(
         statuses(&steps),
-        vec![StepStatus::Succeeded, StepStatus::Failed, StepStatus::Skipped, StepStatus::Succeeded, StepStatus::Succeeded]
+        vec![
+            StepStatus::Succeeded,
+            StepStatus::Failed,
+            StepStatus::Skipped,
+            StepStatus::Succeeded,
+            StepStatus::Succeeded
+        ]
     );
     assert_eq!(steps[1].exit_code, Some(4));
 }
@@ -64,12 +118,18 @@ async fn failure_skips_later_steps_and_runs_finally() {
 #[tokio::test]
 async fn continue_on_error_keeps_the_run_going() {
     let sb = Sandbox::new();
-    let file = sb.pipeline("c", "steps:\n  - run: exit 1\n    continue_on_error: true\n  - run: echo after\n");
+    let file = sb.pipeline(
+        "c",
+        "steps:\n  - run: exit 1\n    continue_on_error: true\n  - run: echo after\n",
+    );
     let out = sb.run(&["run", file.to_str().expect("path")]);
     assert_eq!(out.code, Some(0), "{}", out.all());
     let (run, steps, _) = last_run(&sb).await;
     assert_eq!(run.status, RunStatus::Succeeded);
-    assert_eq!(statuses(&steps), vec![StepStatus::Failed, StepStatus::Succeeded]);
+    assert_eq!(
+        statuses(&steps),
+        vec![StepStatus::Failed, StepStatus::Succeeded]
+    );
 }
 
 #[tokio::test]
@@ -83,24 +143,44 @@ async fn step_timeout_kills_grandchildren_and_finally_runs() {
     let file = sb.pipeline("t", &yaml);
     let out = sb.run(&["run", file.to_str().expect("path")]);
     assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.stdout.contains("timed out after 1.0s"), "{}", out.stdout);
-    assert!(out.stdout.contains("cleanup after failed"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("timed out after 1.0s"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("cleanup after failed"),
+        "{}",
+        out.stdout
+    );
     let pids = pids(&pidfile);
     assert!(pids.len() >= 3, "the step wrote its pids: {pids:?}");
-    assert!(all_gone(&pids), "every process of the step is gone: {pids:?}");
+    assert!(
+        all_gone(&pids),
+        "every process of the step is gone: {pids:?}"
+    );
     let (_, steps, _) = last_run(&sb).await;
-    assert_eq!(statuses(&steps), vec![StepStatus::TimedOut, StepStatus::Succeeded]);
+    assert_eq!(
+        statuses(&steps),
+        vec![StepStatus::TimedOut, StepStatus::Succeeded]
+    );
 }
 
 #[tokio::test]
 async fn background_processes_end_with_their_step() {
     let sb = Sandbox::new();
     let pidfile = sb.path().join("pids");
-    let yaml = format!("steps:\n  - run: |\n      sleep 1000 &\n      echo $! > {}\n  - run: echo next\n", pidfile.display());
+    let yaml = format!(
+        "steps:\n  - run: |\n      sleep 1000 &\n      echo $! > {}\n  - run: echo next\n",
+        pidfile.display()
+    );
     let file = sb.pipeline("bg", &yaml);
     let out = sb.run(&["run", file.to_str().expect("path")]);
     assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(all_gone(&pids(&pidfile)), "a step's leftover background job is killed");
+    assert!(
+        all_gone(&pids(&pidfile)),
+        "a step's leftover background job is killed"
+    );
 }
 
 #[tokio::test]
@@ -115,7 +195,14 @@ async fn run_timeout_times_the_run_out_and_finally_runs() {
     assert!(out.stdout.contains("status=timed_out"), "{}", out.stdout);
     let (run, steps, _) = last_run(&sb).await;
     assert_eq!(run.status, RunStatus::TimedOut);
-    assert_eq!(statuses(&steps), vec![StepStatus::TimedOut, StepStatus::Skipped, StepStatus::Succeeded]);
+    assert_eq!(
+        statuses(&steps),
+        vec![
+            StepStatus::TimedOut,
+            StepStatus::Skipped,
+            StepStatus::Succeeded
+        ]
+    );
 }
 
 #[tokio::test]
@@ -134,10 +221,20 @@ async fn cancel_stops_the_tree_and_still_runs_finally() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("finally after cancelled"), "{out}");
     assert!(out.contains("cancelled in"), "{out}");
-    assert!(all_gone(&pids(&pidfile)), "the cancelled step's processes are gone");
+    assert!(
+        all_gone(&pids(&pidfile)),
+        "the cancelled step's processes are gone"
+    );
     let (run, steps, _) = last_run(&sb).await;
     assert_eq!(run.status, RunStatus::Cancelled);
-    assert_eq!(statuses(&steps), vec![StepStatus::Cancelled, StepStatus::Skipped, StepStatus::Succeeded]);
+    assert_eq!(
+        statuses(&steps),
+        vec![
+            StepStatus::Cancelled,
+            StepStatus::Skipped,
+            StepStatus::Succeeded
+        ]
+    );
 }
 
 #[tokio::test]
@@ -153,7 +250,11 @@ async fn cancel_waits_out_the_grace_period_for_a_stubborn_step() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("got TERM"), "SIGTERM comes first: {out}");
     let (run, _, _) = last_run(&sb).await;
-    assert_eq!(run.status, RunStatus::Cancelled, "SIGKILL ends what ignores SIGTERM");
+    assert_eq!(
+        run.status,
+        RunStatus::Cancelled,
+        "SIGKILL ends what ignores SIGTERM"
+    );
 }
 
 #[tokio::test]
@@ -165,8 +266,16 @@ async fn retries_with_backoff_until_success() {
     );
     let out = sb.run(&["run", file.to_str().expect("path"), "--keep-workspace"]);
     assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(out.stdout.contains("attempt 3") && !out.stdout.contains("attempt 4"), "{}", out.stdout);
-    assert!(out.stdout.contains("retrying in 50ms") && out.stdout.contains("retrying in 100ms"), "backoff doubles: {}", out.stdout);
+    assert!(
+        out.stdout.contains("attempt 3") && !out.stdout.contains("attempt 4"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("retrying in 50ms") && out.stdout.contains("retrying in 100ms"),
+        "backoff doubles: {}",
+        out.stdout
+    );
     let (_, steps, _) = last_run(&sb).await;
     assert_eq!(steps[0].attempt, 3);
 
@@ -186,10 +295,21 @@ async fn outputs_single_and_multi_line_reach_later_steps() {
     );
     let out = sb.run(&["run", file.to_str().expect("path")]);
     assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(out.stdout.contains("got v1.2.3 and 1.2.3"), "{}", out.stdout);
-    assert!(out.stdout.contains("│ 2"), "a multi-line output keeps its lines: {}", out.stdout);
+    assert!(
+        out.stdout.contains("got v1.2.3 and 1.2.3"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("│ 2"),
+        "a multi-line output keeps its lines: {}",
+        out.stdout
+    );
     let (_, steps, _) = last_run(&sb).await;
-    assert_eq!(steps[0].outputs.get("notes").map(String::as_str), Some("line one\nline two"));
+    assert_eq!(
+        steps[0].outputs.get("notes").map(String::as_str),
+        Some("line one\nline two")
+    );
 }
 
 #[tokio::test]
@@ -200,24 +320,51 @@ async fn secrets_are_masked_even_when_split_across_reads() {
         "steps:\n  - env:\n      TOKEN: ${{ secrets.API_TOKEN }}\n    run: |\n      echo \"token is $TOKEN\"\n      printf 'split: hunter2'; sleep 0.2; printf -- '-secret-value end\\n'\n      echo \"out=$TOKEN\" >> \"$SKIFF_OUTPUT\"\n      echo \"$SKIFF_SECRET_API_TOKEN|$GITHUB_TOKEN|\" \n",
     );
     let mut cmd = sb.skiff(&["run", file.to_str().expect("path")]);
-    cmd.env("SKIFF_SECRET_API_TOKEN", "hunter2-secret-value").env("GITHUB_TOKEN", "worker-credential");
+    cmd.env("SKIFF_SECRET_API_TOKEN", "hunter2-secret-value")
+        .env("GITHUB_TOKEN", "worker-credential");
     let out = crate::support::run_to_end(cmd);
     assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(!out.all().contains("hunter2"), "the secret never reaches the terminal: {}", out.all());
-    assert!(out.stdout.contains("token is ***") && out.stdout.contains("split: *** end"), "{}", out.stdout);
-    assert!(out.stdout.contains("││\n") || out.stdout.contains("│ ||"), "the worker's environment does not reach steps: {}", out.stdout);
+    assert!(
+        !out.all().contains("hunter2"),
+        "the secret never reaches the terminal: {}",
+        out.all()
+    );
+    assert!(
+        out.stdout.contains("token is ***") && out.stdout.contains("split: *** end"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("││\n") || out.stdout.contains("│ ||"),
+        "the worker's environment does not reach steps: {}",
+        out.stdout
+    );
     let (_, steps, log) = last_run(&sb).await;
-    assert!(!log.contains("hunter2") && log.contains("split: *** end"), "the stored log is masked: {log}");
-    assert_eq!(steps[0].outputs.get("out").map(String::as_str), Some("***"), "outputs are masked");
+    assert!(
+        !log.contains("hunter2") && log.contains("split: *** end"),
+        "the stored log is masked: {log}"
+    );
+    assert_eq!(
+        steps[0].outputs.get("out").map(String::as_str),
+        Some("***"),
+        "outputs are masked"
+    );
 }
 
 #[tokio::test]
 async fn missing_secret_fails_the_step_clearly() {
     let sb = Sandbox::new();
-    let file = sb.pipeline("nosecret", "steps:\n  - env: { T: \"${{ secrets.NOPE }}\" }\n    run: echo hi\n");
+    let file = sb.pipeline(
+        "nosecret",
+        "steps:\n  - env: { T: \"${{ secrets.NOPE }}\" }\n    run: echo hi\n",
+    );
     let out = sb.run(&["run", file.to_str().expect("path")]);
     assert_eq!(out.code, Some(1));
-    assert!(out.stdout.contains("secret `NOPE` is not provided"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("secret `NOPE` is not provided"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[tokio::test]
@@ -225,13 +372,26 @@ async fn secrets_file_must_be_private() {
     let sb = Sandbox::new();
     let secrets = sb.path().join("secrets");
     std::fs::write(&secrets, "API_TOKEN=from-the-file\n").expect("write");
-    let file = sb.pipeline("sf", "steps:\n  - env: { T: \"${{ secrets.API_TOKEN }}\" }\n    run: echo \"t=$T\"\n");
-    let out = sb.run(&["run", file.to_str().expect("path"), "--secrets", secrets.to_str().expect("path")]);
+    let file = sb.pipeline(
+        "sf",
+        "steps:\n  - env: { T: \"${{ secrets.API_TOKEN }}\" }\n    run: echo \"t=$T\"\n",
+    );
+    let out = sb.run(&[
+        "run",
+        file.to_str().expect("path"),
+        "--secrets",
+        secrets.to_str().expect("path"),
+    ]);
     assert_eq!(out.code, Some(2), "{}", out.all());
     assert!(out.stderr.contains("chmod 600"), "{}", out.stderr);
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let out = sb.run(&["run", file.to_str().expect("path"), "--secrets", secrets.to_str().expect("path")]);
+    let out = sb.run(&[
+        "run",
+        file.to_str().expect("path"),
+        "--secrets",
+        secrets.to_str().expect("path"),
+    ]);
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(out.stdout.contains("t=***"), "{}", out.stdout);
 }
@@ -240,7 +400,10 @@ async fn secrets_file_must_be_private() {
 async fn params_with_shell_syntax_stay_inert() {
     let sb = Sandbox::new();
     let marker = sb.path().join("pwned");
-    let evil = format!("$(touch {m}); `touch {m}`; touch {m} #'\"", m = marker.display());
+    let evil = format!(
+        "$(touch {m}); `touch {m}`; touch {m} #'\"",
+        m = marker.display()
+    );
     let file = sb.pipeline(
         "inject",
         "params:\n  branch: main\nsteps:\n  - env:\n      B: ${{ params.branch }}\n      F: x-${{ format('{0}', params.branch) }}\n    if: params.branch != ''\n    run: |\n      echo \"param: $SKIFF_PARAM_BRANCH\"\n      echo \"env: $B\"\n      echo \"$F\" > /dev/null\n  - uses: http/wait\n    continue_on_error: true\n    with: { url: \"http://127.0.0.1:1/${{ params.branch }}\", timeout: 300ms, interval: 100ms }\n",
@@ -248,7 +411,11 @@ async fn params_with_shell_syntax_stay_inert() {
     let param = format!("branch={evil}");
     let out = sb.run(&["run", file.to_str().expect("path"), "--param", &param]);
     assert_eq!(out.code, Some(0), "{}", out.all());
-    assert!(out.stdout.contains(&format!("param: {evil}")), "the param arrives as inert text: {}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("param: {evil}")),
+        "the param arrives as inert text: {}",
+        out.stdout
+    );
     assert!(out.stdout.contains(&format!("env: {evil}")));
     assert!(!marker.exists(), "nothing in the param was executed");
 }
@@ -257,15 +424,39 @@ async fn params_with_shell_syntax_stay_inert() {
 async fn bad_params_are_refused_before_the_run() {
     let sb = Sandbox::new();
     let file = sb.pipeline("p", "params:\n  mode: { options: [a, b] }\n  n: { type: number, required: true }\nsteps:\n  - run: echo\n");
-    let out = sb.run(&["run", file.to_str().expect("path"), "--param", "mode=c", "--param", "nn=1"]);
+    let out = sb.run(&[
+        "run",
+        file.to_str().expect("path"),
+        "--param",
+        "mode=c",
+        "--param",
+        "nn=1",
+    ]);
     assert_eq!(out.code, Some(2), "{}", out.all());
-    assert!(out.stderr.contains("param `mode`: `c` is not one of: a, b"), "{}", out.stderr);
-    assert!(out.stderr.contains("param `nn`: unknown param; did you mean `n`?"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("param `mode`: `c` is not one of: a, b"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("param `nn`: unknown param; did you mean `n`?"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("param `n`: required"), "{}", out.stderr);
-    assert!(!sb.data().join("skiff.db").exists() || {
-        let store = sb.store().await;
-        store.list_runs(&RunQuery::default()).await.expect("list").runs.is_empty()
-    }, "no run is created");
+    assert!(
+        !sb.data().join("skiff.db").exists() || {
+            let store = sb.store().await;
+            store
+                .list_runs(&RunQuery::default())
+                .await
+                .expect("list")
+                .runs
+                .is_empty()
+        },
+        "no run is created"
+    );
 }
 
 #[tokio::test]
@@ -293,5 +484,9 @@ async fn http_wait_action_reports_readiness() {
     let file = sb.pipeline("down", "steps:\n  - uses: http/wait\n    with: { url: \"http://127.0.0.1:1/\", timeout: 300ms, interval: 50ms }\n");
     let out = sb.run(&["run", file.to_str().expect("path")]);
     assert_eq!(out.code, Some(1), "{}", out.all());
-    assert!(out.stdout.contains("was not ready within"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("was not ready within"),
+        "{}",
+        out.stdout
+    );
 }

@@ -46,15 +46,21 @@ impl Server {
     fn spawn(dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> Server {
         let pdir = dir.path().join("pipelines");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--reload-every", "100ms"])
-            .env("SKIFF_PIPELINES", &pdir)
-            .env("SKIFF_DATA", dir.path().join("data"))
-            .env("SKIFF_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("SKIFF_KILL_GRACE", "2s")
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--reload-every",
+            "100ms",
+        ])
+        .env("SKIFF_PIPELINES", &pdir)
+        .env("SKIFF_DATA", dir.path().join("data"))
+        .env("SKIFF_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SKIFF_KILL_GRACE", "2s")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -84,7 +90,12 @@ impl Server {
                 }
             }
         }
-        Server { child, base: base.unwrap_or_default(), login_link: link.unwrap_or_default(), dir }
+        Server {
+            child,
+            base: base.unwrap_or_default(),
+            login_link: link.unwrap_or_default(),
+            dir,
+        }
     }
 
     pub fn pipelines_dir(&self) -> PathBuf {
@@ -97,13 +108,22 @@ impl Server {
 
     /// An API call as the admin token.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        call(method, &self.url(path), body, &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))])
+        call(
+            method,
+            &self.url(path),
+            body,
+            &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        )
     }
 
     /// Starts a run and returns its id.
     pub fn trigger(&self, pipeline: &str, params: Value) -> String {
         let body = serde_json::json!({ "params": params }).to_string();
-        let (status, run) = self.api("POST", &format!("/api/pipelines/{pipeline}/runs"), Some(&body));
+        let (status, run) = self.api(
+            "POST",
+            &format!("/api/pipelines/{pipeline}/runs"),
+            Some(&body),
+        );
         assert_eq!(status, 201, "{run}");
         run["id"].as_str().expect("id").to_string()
     }
@@ -111,7 +131,10 @@ impl Server {
     /// Follows the run's event stream to its `end`; returns the events (name, data).
     pub fn follow(&self, id: &str, last_event_id: Option<&str>) -> Vec<(String, Value)> {
         let mut events = Vec::new();
-        let mut stream = EventStream::open(&self.url(&format!("/api/runs/{id}/logs/stream")), last_event_id);
+        let mut stream = EventStream::open(
+            &self.url(&format!("/api/runs/{id}/logs/stream")),
+            last_event_id,
+        );
         while let Some((name, _id, data)) = stream.next() {
             let done = name == "end";
             events.push((name, data));
@@ -125,7 +148,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let until = Instant::now() + Duration::from_secs(20);
         while Instant::now() < until {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -155,7 +180,12 @@ pub fn call(method: &str, url: &str, body: Option<&str>, headers: &[(&str, &str)
 }
 
 /// One HTTP call; status, headers (lower-case names) and body text.
-pub fn raw(method: &str, url: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, String) {
+pub fn raw(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
     let agent = agent();
     let mut response = match method {
         "GET" => {
@@ -180,7 +210,11 @@ pub fn raw(method: &str, url: &str, body: Option<&str>, headers: &[(&str, &str)]
     }
     .expect("HTTP call");
     let status = response.status().as_u16();
-    let heads = response.headers().iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect();
+    let heads = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
     let mut text = String::new();
     let _ = response.body_mut().as_reader().read_to_string(&mut text);
     (status, heads, text)
@@ -193,14 +227,18 @@ pub struct EventStream {
 
 impl EventStream {
     pub fn open(url: &str, last_event_id: Option<&str>) -> EventStream {
-        let mut req = agent().get(url).header("authorization", &format!("Bearer {ADMIN_TOKEN}"));
+        let mut req = agent()
+            .get(url)
+            .header("authorization", &format!("Bearer {ADMIN_TOKEN}"));
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
         let response = req.call().expect("open the event stream");
         assert_eq!(response.status().as_u16(), 200, "event stream status");
         let reader: Box<dyn Read + Send> = Box::new(response.into_body().into_reader());
-        EventStream { lines: BufReader::new(reader).lines() }
+        EventStream {
+            lines: BufReader::new(reader).lines(),
+        }
     }
 
     /// The next event: (name, id, data as JSON).

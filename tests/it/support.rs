@@ -15,7 +15,9 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Self {
-        Sandbox { dir: tempfile::tempdir().expect("tempdir") }
+        Sandbox {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -52,7 +54,9 @@ impl Sandbox {
     }
 
     pub async fn store(&self) -> skiff_core::store::SqliteStore {
-        skiff_core::store::SqliteStore::open(&self.data().join("skiff.db")).await.expect("open the store")
+        skiff_core::store::SqliteStore::open(&self.data().join("skiff.db"))
+            .await
+            .expect("open the store")
     }
 }
 
@@ -80,7 +84,11 @@ impl From<Output> for Out {
 }
 
 pub fn run_to_end(mut cmd: Command) -> Out {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start skiff");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start skiff");
     wait_with_deadline(child)
 }
 
@@ -108,7 +116,11 @@ pub struct Live {
 
 impl Live {
     pub fn start(mut cmd: Command) -> Self {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start skiff");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start skiff");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -118,7 +130,11 @@ impl Live {
                 }
             }
         });
-        Live { child, lines: rx, seen: Vec::new() }
+        Live {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
     }
 
     /// Waits for a line containing `needle`.
@@ -134,13 +150,19 @@ impl Live {
                         return;
                     }
                 }
-                Err(_) => panic!("no line with {needle:?} in time; saw:\n{}", self.seen.join("\n")),
+                Err(_) => panic!(
+                    "no line with {needle:?} in time; saw:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().expect("kill");
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(ok.success());
     }
 
@@ -155,7 +177,10 @@ impl Live {
             }
             if Instant::now() > until {
                 let _ = self.child.kill();
-                panic!("skiff did not finish in time; saw:\n{}", self.seen.join("\n"));
+                panic!(
+                    "skiff did not finish in time; saw:\n{}",
+                    self.seen.join("\n")
+                );
             }
             while let Ok(line) = self.lines.try_recv() {
                 self.seen.push(line);
@@ -169,7 +194,10 @@ impl Live {
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => false,
-        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
     }
 }
 

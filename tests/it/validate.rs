@@ -10,7 +10,11 @@ fn every_example_pipeline_is_valid() {
     assert_eq!(out.code, Some(0), "{}", out.all());
     let count = std::fs::read_dir(&dir).expect("pipelines").count();
     assert!(count >= 2);
-    assert!(out.stdout.contains(&format!("{count} files valid")), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("{count} files valid")),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
@@ -19,7 +23,11 @@ fn a_corpus_of_broken_files_reports_each_problem_at_its_place() {
     let dir = sb.path().join("broken");
     std::fs::create_dir(&dir).expect("mkdir");
     std::fs::write(dir.join("a.yml"), "name: a\nstpes:\n  - run: echo\n").expect("write");
-    std::fs::write(dir.join("b.yaml"), "steps:\n  - run: echo\n    timeout: 10\n  - uses: docker/nope\n").expect("write");
+    std::fs::write(
+        dir.join("b.yaml"),
+        "steps:\n  - run: echo\n    timeout: 10\n  - uses: docker/nope\n",
+    )
+    .expect("write");
     std::fs::write(dir.join("c.yml"), "steps:\n  - run: echo ${{ params.x }}\n").expect("write");
     std::fs::write(dir.join("good.yml"), "steps:\n  - run: echo ok\n").expect("write");
     std::fs::write(dir.join("d.yml"), [0xff, 0xfe, b'\n']).expect("write");
@@ -38,7 +46,11 @@ fn a_corpus_of_broken_files_reports_each_problem_at_its_place() {
         format!("{d}/good.yml: ok"),
         "4 of 5 files invalid, 5 problems".to_string(),
     ] {
-        assert!(out.stdout.contains(&expected), "missing {expected:?} in:\n{}", out.stdout);
+        assert!(
+            out.stdout.contains(&expected),
+            "missing {expected:?} in:\n{}",
+            out.stdout
+        );
     }
     assert!(!out.stdout.contains("notes.txt"));
 }
@@ -61,7 +73,11 @@ fn missing_path_is_a_clear_error() {
     let sb = Sandbox::new();
     let out = sb.run(&["validate", "no/such/dir"]);
     assert_eq!(out.code, Some(2));
-    assert!(out.stderr.contains("no/such/dir does not exist"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no/such/dir does not exist"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -84,12 +100,26 @@ fn the_readme_commands_are_real() {
     let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
     let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run");
     let test_command = "cargo test --workspace --locked";
-    assert!(readme.contains("cargo run --release -- serve"), "the README starts skiff on its embedded default");
-    assert!(readme.contains(test_command) && ci.contains(test_command), "CI runs the README's test command");
+    assert!(
+        readme.contains("cargo run --release -- serve"),
+        "the README starts skiff on its embedded default"
+    );
+    assert!(
+        readme.contains(test_command) && ci.contains(test_command),
+        "CI runs the README's test command"
+    );
     let sb = Sandbox::new();
     let out = sb.run(&["serve", "--help"]);
     assert_eq!(out.code, Some(0));
-    for var in ["SKIFF_LISTEN", "SKIFF_PIPELINES", "SKIFF_WORKERS", "SKIFF_DATA", "SKIFF_ADMIN_TOKEN", "SKIFF_PUBLIC_URL", "SKIFF_RELOAD_EVERY"] {
+    for var in [
+        "SKIFF_LISTEN",
+        "SKIFF_PIPELINES",
+        "SKIFF_WORKERS",
+        "SKIFF_DATA",
+        "SKIFF_ADMIN_TOKEN",
+        "SKIFF_PUBLIC_URL",
+        "SKIFF_RELOAD_EVERY",
+    ] {
         assert!(out.stdout.contains(var), "serve --help names {var}");
         assert!(readme.contains(var), "the README documents {var}");
     }

@@ -74,7 +74,9 @@ impl Masker {
     /// Where `pending` may be cut so that no secret is split: at most `len - (longest - 1)`,
     /// moved back to the start of a match that would straddle the cut.
     fn safe_cut(&self, pending: &[u8]) -> usize {
-        let Some(m) = &self.matcher else { return pending.len() };
+        let Some(m) = &self.matcher else {
+            return pending.len();
+        };
         let mut cut = pending.len().saturating_sub(self.longest.saturating_sub(1));
         for hit in m.find_iter(pending) {
             if hit.start() < cut && hit.end() > cut {
@@ -94,7 +96,10 @@ pub struct LineSplitter {
 
 impl LineSplitter {
     pub fn new(masker: Masker) -> Self {
-        LineSplitter { masker, pending: Vec::new() }
+        LineSplitter {
+            masker,
+            pending: Vec::new(),
+        }
     }
 
     /// Feeds bytes; appends what is ready to `out`.
@@ -193,7 +198,10 @@ pub fn start_writer(
     store: Arc<dyn Store>,
     run: RunId,
     observer: Arc<dyn RunObserver>,
-) -> (LogSender, tokio::task::JoinHandle<Result<(), skiff_core::store::StoreError>>) {
+) -> (
+    LogSender,
+    tokio::task::JoinHandle<Result<(), skiff_core::store::StoreError>>,
+) {
     let (tx, mut rx) = mpsc::channel::<Event>(CHANNEL_CHUNKS);
     let handle = tokio::spawn(async move {
         let mut batch: Vec<LogChunk> = Vec::new();
@@ -223,7 +231,10 @@ pub fn start_writer(
                     bytes += chunk.data.len();
                     // Neighbouring chunks of one step are stored as one.
                     match batch.last_mut() {
-                        Some(last) if last.step == chunk.step && last.data.len() + chunk.data.len() <= STORED_CHUNK_BYTES => {
+                        Some(last)
+                            if last.step == chunk.step
+                                && last.data.len() + chunk.data.len() <= STORED_CHUNK_BYTES =>
+                        {
                             last.data.extend_from_slice(&chunk.data);
                         }
                         _ => batch.push(chunk),
@@ -243,15 +254,21 @@ pub fn start_writer(
     (LogSender { tx }, handle)
 }
 
-async fn flush(store: &dyn Store, run: &RunId, batch: &mut Vec<LogChunk>, failure: &mut Option<skiff_core::store::StoreError>) {
+async fn flush(
+    store: &dyn Store,
+    run: &RunId,
+    batch: &mut Vec<LogChunk>,
+    failure: &mut Option<skiff_core::store::StoreError>,
+) {
     if batch.is_empty() {
         return;
     }
     if failure.is_none()
-        && let Err(e) = store.append_logs(run, batch).await {
-            tracing::error!(run_id = %run, error = %e, "writing logs failed");
-            *failure = Some(e);
-        }
+        && let Err(e) = store.append_logs(run, batch).await
+    {
+        tracing::error!(run_id = %run, error = %e, "writing logs failed");
+        *failure = Some(e);
+    }
     batch.clear();
 }
 
@@ -277,7 +294,11 @@ mod tests {
         assert_eq!(whole, "pw=***; more ***\n*** and ***\n");
         // Every split point gives the same result.
         for cut in 0..text.len() {
-            assert_eq!(run_split(&m, &[&text[..cut], &text[cut..]]), whole, "cut at {cut}");
+            assert_eq!(
+                run_split(&m, &[&text[..cut], &text[cut..]]),
+                whole,
+                "cut at {cut}"
+            );
         }
         // Byte by byte too.
         let bytes: Vec<&[u8]> = text.chunks(1).collect();

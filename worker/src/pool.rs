@@ -40,7 +40,8 @@ impl RunObserver for Quiet {
     fn step_changed(&self, step: &StepRecord) {
         if let (Some(a), Some(b)) = (step.started_at, step.finished_at) {
             let took = (b - a).to_std().unwrap_or_default();
-            metrics::histogram!("skiff_step_duration_seconds", "status" => step.status.as_str()).record(took.as_secs_f64());
+            metrics::histogram!("skiff_step_duration_seconds", "status" => step.status.as_str())
+                .record(took.as_secs_f64());
         }
     }
 }
@@ -57,7 +58,8 @@ pub async fn handle_job(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    metrics::histogram!("skiff_queue_wait_seconds").record(now_us.saturating_sub(job.pushed_at_us) as f64 / 1e6);
+    metrics::histogram!("skiff_queue_wait_seconds")
+        .record(now_us.saturating_sub(job.pushed_at_us) as f64 / 1e6);
     let id: RunId = job.run_id.parse().map_err(JobError::BadJob)?;
     // Claiming the run is one atomic move (queued -> running), so a job delivered twice runs
     // once, and a run cancelled while queued never starts.
@@ -76,12 +78,23 @@ pub async fn handle_job(
             // The snapshot loaded when the run was created; it fails only if this worker's skiff
             // reads pipelines differently. Record that instead of retrying forever.
             let first = diags.first().map(|d| d.message.clone()).unwrap_or_default();
-            store.set_status(&id, RunStatus::Failed, Some(&format!("this worker cannot load the pipeline: {first}"))).await?;
+            store
+                .set_status(
+                    &id,
+                    RunStatus::Failed,
+                    Some(&format!("this worker cannot load the pipeline: {first}")),
+                )
+                .await?;
             return Ok(RunStatus::Failed);
         }
     };
     let cancel = shutdown.child_token();
-    let watcher = tokio::spawn(watch_cancel(store.clone(), id.clone(), cancel.clone(), config.cancel_check));
+    let watcher = tokio::spawn(watch_cancel(
+        store.clone(),
+        id.clone(),
+        cancel.clone(),
+        config.cancel_check,
+    ));
     let opts = RunOptions {
         workspace_root: config.workspace_root.clone(),
         keep_workspace: false,
@@ -93,7 +106,8 @@ pub async fn handle_job(
     let result = execute_run(store.clone(), &run, &pipeline, &opts, Arc::new(Quiet)).await;
     watcher.abort();
     let outcome = result?;
-    metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str()).increment(1);
+    metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str())
+        .increment(1);
     Ok(outcome.status)
 }
 
@@ -118,7 +132,9 @@ async fn watch_cancel(store: Arc<dyn Store>, id: RunId, token: CancellationToken
             }
             Ok(Some(run)) if run.status.is_terminal() => return,
             Ok(_) => {}
-            Err(e) => tracing::warn!(run_id = %id, error = %e, "checking for a cancel request failed"),
+            Err(e) => {
+                tracing::warn!(run_id = %id, error = %e, "checking for a cancel request failed")
+            }
         }
     }
 }

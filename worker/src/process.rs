@@ -72,7 +72,12 @@ pub async fn run(
     // Close this process's copies of the pipe's write end, so the reader sees the end of the
     // output once the step's processes are gone.
     drop(cmd);
-    let pgid = Pid::from_raw(child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0));
+    let pgid = Pid::from_raw(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or(0),
+    );
 
     let mut reader_task = tokio::spawn(read_output(reader, log.clone(), step, masker.clone()));
 
@@ -120,7 +125,12 @@ async fn terminate(child: &mut tokio::process::Child, pgid: Pid, grace: Duration
     }
 }
 
-async fn read_output(reader: tokio::net::unix::pipe::Receiver, log: LogSender, step: u32, masker: Masker) {
+async fn read_output(
+    reader: tokio::net::unix::pipe::Receiver,
+    log: LogSender,
+    step: u32,
+    masker: Masker,
+) {
     let mut splitter = LineSplitter::new(masker);
     let mut buf = vec![0u8; READ_BUF];
     let mut out = Vec::with_capacity(CHUNK_BYTES + READ_BUF);
@@ -152,7 +162,11 @@ async fn read_output(reader: tokio::net::unix::pipe::Receiver, log: LogSender, s
             break;
         }
         if !out.is_empty() {
-            log.send(Some(step), std::mem::replace(&mut out, Vec::with_capacity(CHUNK_BYTES + READ_BUF))).await;
+            log.send(
+                Some(step),
+                std::mem::replace(&mut out, Vec::with_capacity(CHUNK_BYTES + READ_BUF)),
+            )
+            .await;
         }
     }
     splitter.finish(&mut out);

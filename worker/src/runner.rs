@@ -30,7 +30,9 @@ pub const FINALLY_DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// Environment variables a step inherits from the worker; everything else is cleared, so the
 /// worker's own credentials never reach a script.
-const INHERITED_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM"];
+const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM",
+];
 
 pub struct RunOptions {
     /// Each run gets a workspace directory (named by its id) under this folder.
@@ -56,7 +58,10 @@ pub enum RunnerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("workspace {path}: {source}")]
-    Workspace { path: String, source: std::io::Error },
+    Workspace {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Why the main steps stopped early.
@@ -88,7 +93,12 @@ impl Scope for RunScope<'_> {
         let name = path.get(1).map(String::as_str).unwrap_or("");
         Ok(match path[0].as_str() {
             "params" => self.run.params.get(name).map_or(Value::Null, |v| s(v)),
-            "env" => self.env.iter().rev().find(|(k, _)| k == name).map_or(Value::Null, |(_, v)| s(v)),
+            "env" => self
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map_or(Value::Null, |(_, v)| s(v)),
             "secrets" => match self.secrets.get(name) {
                 Some(v) => s(v),
                 None => {
@@ -99,7 +109,10 @@ impl Scope for RunScope<'_> {
             },
             "steps" => match (self.steps.get(name), path.get(2).map(String::as_str)) {
                 (Some(st), Some("status")) => s(st.status.as_str()),
-                (Some(st), Some("outputs")) => path.get(3).and_then(|o| st.outputs.get(o)).map_or(Value::Null, |v| s(v)),
+                (Some(st), Some("outputs")) => path
+                    .get(3)
+                    .and_then(|o| st.outputs.get(o))
+                    .map_or(Value::Null, |v| s(v)),
                 (None, Some("status")) => s(StepStatus::Pending.as_str()),
                 _ => Value::Null,
             },
@@ -129,7 +142,9 @@ fn shell() -> &'static (PathBuf, Vec<&'static str>) {
     static SHELL: std::sync::OnceLock<(PathBuf, Vec<&'static str>)> = std::sync::OnceLock::new();
     SHELL.get_or_init(|| {
         let path = std::env::var_os("PATH").unwrap_or_default();
-        let bash = std::env::split_paths(&path).map(|d| d.join("bash")).find(|p| p.is_file());
+        let bash = std::env::split_paths(&path)
+            .map(|d| d.join("bash"))
+            .find(|p| p.is_file());
         match bash {
             Some(bash) => (bash, vec!["--noprofile", "--norc", "-eo", "pipefail"]),
             None => (PathBuf::from("/bin/sh"), vec!["-e"]),
@@ -172,8 +187,10 @@ pub async fn execute_run(
     let workspace = opts.workspace_root.join(run.id.as_str());
     let meta = opts.workspace_root.join(format!("{}.meta", run.id));
     for dir in [&workspace, &meta] {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| RunnerError::Workspace { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| RunnerError::Workspace {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
     if run.status == RunStatus::Queued {
         store.set_status(&run.id, RunStatus::Running, None).await?;
@@ -212,7 +229,12 @@ pub async fn execute_run(
     };
     let outcome = runner.execute().await;
     timer.abort();
-    let Runner { log, workspace, meta, .. } = runner;
+    let Runner {
+        log,
+        workspace,
+        meta,
+        ..
+    } = runner;
     drop(log);
     let log_result = writer.await.unwrap_or(Ok(()));
     let outcome = outcome?;
@@ -230,7 +252,9 @@ pub async fn execute_run(
             outcome.reason = Some(reason);
         }
     }
-    store.set_status(&run.id, outcome.status, outcome.reason.as_deref()).await?;
+    store
+        .set_status(&run.id, outcome.status, outcome.reason.as_deref())
+        .await?;
     log_result?;
     Ok(outcome)
 }
@@ -254,7 +278,11 @@ impl Runner<'_> {
         let main: Vec<Step> = self.pipeline.steps.clone();
         for (i, step) in main.iter().enumerate() {
             if let Some(why) = self.interrupt {
-                let reason = if why == Interrupt::Cancelled { "run cancelled" } else { "run timed out" };
+                let reason = if why == Interrupt::Cancelled {
+                    "run cancelled"
+                } else {
+                    "run timed out"
+                };
                 self.finish_unrun(i, StepStatus::Skipped, reason).await?;
                 continue;
             }
@@ -265,20 +293,27 @@ impl Runner<'_> {
         let offset = main.len();
         for (i, step) in finally.iter().enumerate() {
             if self.opts.abort.is_cancelled() {
-                self.finish_unrun(offset + i, StepStatus::Skipped, "run aborted").await?;
+                self.finish_unrun(offset + i, StepStatus::Skipped, "run aborted")
+                    .await?;
                 continue;
             }
             self.run_step(offset + i, step).await?;
         }
 
         let (status, reason) = if self.opts.abort.is_cancelled() {
-            (RunStatus::Cancelled, Some("aborted; finally steps were stopped".to_string()))
+            (
+                RunStatus::Cancelled,
+                Some("aborted; finally steps were stopped".to_string()),
+            )
         } else {
             match self.interrupt {
                 Some(Interrupt::Cancelled) => (RunStatus::Cancelled, Some("cancelled".to_string())),
                 Some(Interrupt::TimedOut) => (
                     RunStatus::TimedOut,
-                    Some(format!("the run timed out after {}", human(self.pipeline.run_timeout()))),
+                    Some(format!(
+                        "the run timed out after {}",
+                        human(self.pipeline.run_timeout())
+                    )),
                 ),
                 None if self.failed => (RunStatus::Failed, self.first_failure.clone()),
                 None => (RunStatus::Succeeded, None),
@@ -312,9 +347,17 @@ impl Runner<'_> {
     }
 
     /// Evaluates `vars` in order on top of `env`; each sees the ones before it.
-    fn eval_env(&self, vars: &[EnvVar], mut env: Vec<(String, String)>, status: &str) -> Result<Vec<(String, String)>, String> {
+    fn eval_env(
+        &self,
+        vars: &[EnvVar],
+        mut env: Vec<(String, String)>,
+        status: &str,
+    ) -> Result<Vec<(String, String)>, String> {
         for var in vars {
-            let value = var.value.eval_string(&self.scope(&env, status)).map_err(|e| format!("env `{}`: {e}", var.name))?;
+            let value = var
+                .value
+                .eval_string(&self.scope(&env, status))
+                .map_err(|e| format!("env `{}`: {e}", var.name))?;
             env.retain(|(k, _)| *k != var.name);
             env.push((var.name.clone(), value));
         }
@@ -322,8 +365,10 @@ impl Runner<'_> {
     }
 
     fn base_env(&self) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> =
-            INHERITED_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v))).collect();
+        let mut env: Vec<(String, String)> = INHERITED_ENV
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+            .collect();
         if !env.iter().any(|(k, _)| k == "PATH") {
             env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
         }
@@ -334,7 +379,10 @@ impl Runner<'_> {
             ("SKIFF_RUN_NUMBER".into(), self.run.number.to_string()),
             ("SKIFF_PIPELINE".into(), self.run.pipeline.clone()),
             ("SKIFF_TRIGGER".into(), self.run.trigger.kind.to_string()),
-            ("SKIFF_WORKSPACE".into(), self.workspace.display().to_string()),
+            (
+                "SKIFF_WORKSPACE".into(),
+                self.workspace.display().to_string(),
+            ),
         ]);
         for (name, value) in &self.run.params {
             env.push((format!("SKIFF_PARAM_{}", env_key(name)), value.clone()));
@@ -349,12 +397,23 @@ impl Runner<'_> {
         Ok(())
     }
 
-    async fn finish_unrun(&mut self, index: usize, status: StepStatus, reason: &str) -> Result<(), RunnerError> {
+    async fn finish_unrun(
+        &mut self,
+        index: usize,
+        status: StepStatus,
+        reason: &str,
+    ) -> Result<(), RunnerError> {
         let record = &mut self.records[index];
         record.status = status;
         record.reason = Some(reason.to_string());
         let id = record.id.clone();
-        self.steps.insert(id, StepState { status, outputs: BTreeMap::new() });
+        self.steps.insert(
+            id,
+            StepState {
+                status,
+                outputs: BTreeMap::new(),
+            },
+        );
         self.save(index).await
     }
 
@@ -368,11 +427,15 @@ impl Runner<'_> {
                 let scope = self.scope(&env, status_text);
                 let implicit = step.phase == Phase::Main && !expr::uses_status_function(&cond.expr);
                 match expr::eval(&cond.expr, &scope) {
-                    Ok(v) => v.truthy() && (!implicit || (!self.failed && self.interrupt.is_none())),
+                    Ok(v) => {
+                        v.truthy() && (!implicit || (!self.failed && self.interrupt.is_none()))
+                    }
                     Err(e) => {
                         let reason = format!("`if: {}`: {e}", cond.text);
                         self.log.note(Some(index as u32), &reason).await;
-                        return self.record_failure(index, step, StepStatus::Failed, reason).await;
+                        return self
+                            .record_failure(index, step, StepStatus::Failed, reason)
+                            .await;
                     }
                 }
             }
@@ -389,7 +452,10 @@ impl Runner<'_> {
             Ok(mut env) => {
                 for (id, st) in &self.steps {
                     for (k, v) in &st.outputs {
-                        env.push((format!("SKIFF_STEP_{}_{}", env_key(id), env_key(k)), v.clone()));
+                        env.push((
+                            format!("SKIFF_STEP_{}_{}", env_key(id), env_key(k)),
+                            v.clone(),
+                        ));
                     }
                 }
                 env.push(("SKIFF_STEP_ID".into(), step.id.clone()));
@@ -398,7 +464,9 @@ impl Runner<'_> {
             }
             Err(reason) => {
                 self.log.note(Some(index as u32), &reason).await;
-                return self.record_failure(index, step, StepStatus::Failed, reason).await;
+                return self
+                    .record_failure(index, step, StepStatus::Failed, reason)
+                    .await;
             }
         };
 
@@ -423,19 +491,31 @@ impl Runner<'_> {
             };
             self.log.step_changed(&self.records[index]).await;
             if attempt > 1 {
-                self.log.note(Some(index as u32), &format!("attempt {attempt} of {attempts}")).await;
+                self.log
+                    .note(
+                        Some(index as u32),
+                        &format!("attempt {attempt} of {attempts}"),
+                    )
+                    .await;
             }
             let attempted = self.attempt(index, step, &env, status_text).await;
-            saving.await.map_err(|e| RunnerError::Store(StoreError::Backend(e.to_string())))??;
+            saving
+                .await
+                .map_err(|e| RunnerError::Store(StoreError::Backend(e.to_string())))??;
             result = attempted?;
-            let retryable = matches!(result.status, StepStatus::Failed | StepStatus::TimedOut) && !result.stopped;
+            let retryable = matches!(result.status, StepStatus::Failed | StepStatus::TimedOut)
+                && !result.stopped;
             if !retryable || attempt >= attempts {
                 break;
             }
             self.log
                 .note(
                     Some(index as u32),
-                    &format!("{}; retrying in {}", result.reason.as_deref().unwrap_or("failed"), human(backoff)),
+                    &format!(
+                        "{}; retrying in {}",
+                        result.reason.as_deref().unwrap_or("failed"),
+                        human(backoff)
+                    ),
                 )
                 .await;
             let stop = self.stop_token(step.phase);
@@ -456,7 +536,13 @@ impl Runner<'_> {
         record.finished_at = Some(Utc::now());
         record.reason = result.reason.clone();
         record.outputs = result.outputs.clone();
-        self.steps.insert(step.id.clone(), StepState { status: result.status, outputs: result.outputs });
+        self.steps.insert(
+            step.id.clone(),
+            StepState {
+                status: result.status,
+                outputs: result.outputs,
+            },
+        );
         self.save(index).await?;
 
         if result.stopped && step.phase == Phase::Main {
@@ -465,7 +551,9 @@ impl Runner<'_> {
             } else {
                 Interrupt::Cancelled
             });
-        } else if matches!(result.status, StepStatus::Failed | StepStatus::TimedOut) && !step.continue_on_error {
+        } else if matches!(result.status, StepStatus::Failed | StepStatus::TimedOut)
+            && !step.continue_on_error
+        {
             self.failed = true;
             if self.first_failure.is_none() {
                 self.first_failure = Some(format!(
@@ -478,18 +566,31 @@ impl Runner<'_> {
         Ok(())
     }
 
-    async fn record_failure(&mut self, index: usize, step: &Step, status: StepStatus, reason: String) -> Result<(), RunnerError> {
+    async fn record_failure(
+        &mut self,
+        index: usize,
+        step: &Step,
+        status: StepStatus,
+        reason: String,
+    ) -> Result<(), RunnerError> {
         let now = Utc::now();
         let record = &mut self.records[index];
         record.status = status;
         record.started_at = Some(now);
         record.finished_at = Some(now);
         record.reason = Some(reason.clone());
-        self.steps.insert(step.id.clone(), StepState { status, outputs: BTreeMap::new() });
+        self.steps.insert(
+            step.id.clone(),
+            StepState {
+                status,
+                outputs: BTreeMap::new(),
+            },
+        );
         self.save(index).await?;
         if !step.continue_on_error {
             self.failed = true;
-            self.first_failure.get_or_insert(format!("step `{}`: {reason}", step.name));
+            self.first_failure
+                .get_or_insert(format!("step `{}`: {reason}", step.name));
         }
         Ok(())
     }
@@ -504,16 +605,30 @@ impl Runner<'_> {
     fn stopped_result(&self, phase: Phase) -> AttemptResult {
         let timed_out = phase == Phase::Main && self.deadline_hit.load(Ordering::SeqCst);
         AttemptResult {
-            status: if timed_out { StepStatus::TimedOut } else { StepStatus::Cancelled },
+            status: if timed_out {
+                StepStatus::TimedOut
+            } else {
+                StepStatus::Cancelled
+            },
             exit_code: None,
-            reason: Some(if timed_out { "the run timed out".into() } else { "cancelled".into() }),
+            reason: Some(if timed_out {
+                "the run timed out".into()
+            } else {
+                "cancelled".into()
+            }),
             outputs: BTreeMap::new(),
             stopped: true,
         }
     }
 
     /// One attempt of a step.
-    async fn attempt(&self, index: usize, step: &Step, env: &[(String, String)], status: &str) -> Result<AttemptResult, RunnerError> {
+    async fn attempt(
+        &self,
+        index: usize,
+        step: &Step,
+        env: &[(String, String)],
+        status: &str,
+    ) -> Result<AttemptResult, RunnerError> {
         let stop = self.stop_token(step.phase);
         let step_deadline = match (step.phase, step.timeout) {
             (Phase::Main, Some(t)) => Some((Instant::now() + t).min(self.deadline)),
@@ -530,7 +645,10 @@ impl Runner<'_> {
             },
         };
         if !cwd.is_dir() {
-            return Ok(AttemptResult::failed(format!("working directory {} does not exist", cwd.display())));
+            return Ok(AttemptResult::failed(format!(
+                "working directory {} does not exist",
+                cwd.display()
+            )));
         }
         match &step.action {
             StepAction::Run { script } => {
@@ -541,30 +659,62 @@ impl Runner<'_> {
                 let mut env = env.to_vec();
                 env.push(("SKIFF_OUTPUT".into(), output_path.display().to_string()));
                 let (program, args) = shell();
-                let mut argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+                let mut argv: Vec<&std::ffi::OsStr> =
+                    args.iter().map(std::ffi::OsStr::new).collect();
                 argv.push(script_path.as_os_str());
-                let spec = Spawn { program, args: &argv, cwd: &cwd, env: &env };
-                let ended =
-                    process::run(spec, &self.log, index as u32, &self.masker, step_deadline, &stop, self.opts.kill_grace).await;
+                let spec = Spawn {
+                    program,
+                    args: &argv,
+                    cwd: &cwd,
+                    env: &env,
+                };
+                let ended = process::run(
+                    spec,
+                    &self.log,
+                    index as u32,
+                    &self.masker,
+                    step_deadline,
+                    &stop,
+                    self.opts.kill_grace,
+                )
+                .await;
                 let (mut outputs, problems) = read_outputs(&output_path);
                 if !self.masker.is_empty() {
-                    outputs.values_mut().for_each(|v| *v = self.masker.mask_str(v));
+                    outputs
+                        .values_mut()
+                        .for_each(|v| *v = self.masker.mask_str(v));
                 }
                 for p in problems {
                     self.log.note(Some(index as u32), &p).await;
                 }
                 Ok(match ended {
-                    Err(e) => AttemptResult::failed(format!("could not start the shell {}: {e}", program.display())),
-                    Ok(Ended::Exited(status)) => match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+                    Err(e) => AttemptResult::failed(format!(
+                        "could not start the shell {}: {e}",
+                        program.display()
+                    )),
+                    Ok(Ended::Exited(status)) => match (
+                        status.code(),
+                        std::os::unix::process::ExitStatusExt::signal(&status),
+                    ) {
                         (Some(0), _) => AttemptResult::succeeded(outputs),
-                        (Some(code), _) => AttemptResult { exit_code: Some(code), ..AttemptResult::failed(format!("failed with exit code {code}")) },
-                        (None, Some(sig)) => AttemptResult::failed(format!("was killed by signal {sig}")),
+                        (Some(code), _) => AttemptResult {
+                            exit_code: Some(code),
+                            ..AttemptResult::failed(format!("failed with exit code {code}"))
+                        },
+                        (None, Some(sig)) => {
+                            AttemptResult::failed(format!("was killed by signal {sig}"))
+                        }
                         (None, None) => AttemptResult::failed("ended abnormally".to_string()),
                     },
-                    Ok(Ended::DeadlineReached) if step_timeout_hit(Instant::now()) => AttemptResult {
-                        status: StepStatus::TimedOut,
-                        ..AttemptResult::failed(format!("timed out after {}", human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT))))
-                    },
+                    Ok(Ended::DeadlineReached) if step_timeout_hit(Instant::now()) => {
+                        AttemptResult {
+                            status: StepStatus::TimedOut,
+                            ..AttemptResult::failed(format!(
+                                "timed out after {}",
+                                human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT))
+                            ))
+                        }
+                    }
                     Ok(Ended::DeadlineReached | Ended::Stopped) => self.stopped_result(step.phase),
                 })
             }
@@ -573,7 +723,12 @@ impl Runner<'_> {
                     Ok(inputs) => inputs,
                     Err(e) => return Ok(AttemptResult::failed(e)),
                 };
-                let cx = ActionContext { log: &self.log, step: index as u32, stop: &stop, deadline: step_deadline };
+                let cx = ActionContext {
+                    log: &self.log,
+                    step: index as u32,
+                    stop: &stop,
+                    deadline: step_deadline,
+                };
                 let work = actions::run(action.name, inputs, &cx);
                 let sleep = async {
                     match step_deadline {
@@ -608,16 +763,31 @@ struct AttemptResult {
 
 impl AttemptResult {
     fn succeeded(outputs: BTreeMap<String, String>) -> Self {
-        AttemptResult { status: StepStatus::Succeeded, exit_code: Some(0), reason: None, outputs, stopped: false }
+        AttemptResult {
+            status: StepStatus::Succeeded,
+            exit_code: Some(0),
+            reason: None,
+            outputs,
+            stopped: false,
+        }
     }
 
     fn failed(reason: String) -> Self {
-        AttemptResult { status: StepStatus::Failed, exit_code: None, reason: Some(reason), outputs: BTreeMap::new(), stopped: false }
+        AttemptResult {
+            status: StepStatus::Failed,
+            exit_code: None,
+            reason: Some(reason),
+            outputs: BTreeMap::new(),
+            stopped: false,
+        }
     }
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<(), RunnerError> {
-    std::fs::write(path, data).map_err(|source| RunnerError::Workspace { path: path.display().to_string(), source })
+    std::fs::write(path, data).map_err(|source| RunnerError::Workspace {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// The most output text a step may leave in `$SKIFF_OUTPUT`.
@@ -627,13 +797,21 @@ const MAX_OUTPUT_BYTES: u64 = 1 << 20;
 fn read_outputs(path: &Path) -> (BTreeMap<String, String>, Vec<String>) {
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if size > MAX_OUTPUT_BYTES {
-        return (BTreeMap::new(), vec![format!("$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES}; outputs ignored")]);
+        return (
+            BTreeMap::new(),
+            vec![format!(
+                "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES}; outputs ignored"
+            )],
+        );
     }
     let text = match std::fs::read(path) {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(_) => return (BTreeMap::new(), Vec::new()),
     };
     let (values, errors) = skiff_core::kv::parse(&text);
-    let problems = errors.into_iter().map(|e| format!("$SKIFF_OUTPUT line {}: {}", e.line, e.message)).collect();
+    let problems = errors
+        .into_iter()
+        .map(|e| format!("$SKIFF_OUTPUT line {}: {}", e.line, e.message))
+        .collect();
     (values.into_iter().collect(), problems)
 }

@@ -19,11 +19,18 @@ impl fmt::Debug for Secrets {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     #[error("cannot read secrets file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("secrets file {path} can be read by others (mode {mode:o}); run `chmod 600 {path}`")]
     Permissions { path: String, mode: u32 },
     #[error("secrets file {path}, line {line}: {message}")]
-    Syntax { path: String, line: usize, message: String },
+    Syntax {
+        path: String,
+        line: usize,
+        message: String,
+    },
 }
 
 const ENV_PREFIX: &str = "SKIFF_SECRET_";
@@ -34,23 +41,40 @@ impl Secrets {
     }
 
     /// Secrets from the environment, then the file (which wins on a clash).
-    pub fn load(env: impl IntoIterator<Item = (String, String)>, file: Option<&Path>) -> Result<Self, SecretsError> {
+    pub fn load(
+        env: impl IntoIterator<Item = (String, String)>,
+        file: Option<&Path>,
+    ) -> Result<Self, SecretsError> {
         let mut map: BTreeMap<String, String> = env
             .into_iter()
-            .filter_map(|(k, v)| k.strip_prefix(ENV_PREFIX).filter(|n| !n.is_empty()).map(|n| (n.to_string(), v)))
+            .filter_map(|(k, v)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| (n.to_string(), v))
+            })
             .collect();
         if let Some(path) = file {
             let shown = path.display().to_string();
-            let meta = std::fs::metadata(path).map_err(|source| SecretsError::Read { path: shown.clone(), source })?;
+            let meta = std::fs::metadata(path).map_err(|source| SecretsError::Read {
+                path: shown.clone(),
+                source,
+            })?;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 return Err(SecretsError::Permissions { path: shown, mode });
             }
-            let text = std::fs::read_to_string(path).map_err(|source| SecretsError::Read { path: shown.clone(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| SecretsError::Read {
+                path: shown.clone(),
+                source,
+            })?;
             let (values, errors) = skiff_core::kv::parse(&text);
             if let Some(e) = errors.into_iter().next() {
                 // The parser's message quotes the line, which may hold a secret: name the line only.
-                return Err(SecretsError::Syntax { path: shown, line: e.line, message: "expected NAME=value".into() });
+                return Err(SecretsError::Syntax {
+                    path: shown,
+                    line: e.line,
+                    message: "expected NAME=value".into(),
+                });
             }
             map.extend(values);
         }
@@ -76,7 +100,10 @@ mod tests {
         let path = dir.path().join("secrets");
         std::fs::write(&path, "TOKEN=from-file\nKEY<<END\nmulti\nline\nEND\n").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let env = vec![("SKIFF_SECRET_TOKEN".to_string(), "from-env".to_string()), ("OTHER".into(), "x".into())];
+        let env = vec![
+            ("SKIFF_SECRET_TOKEN".to_string(), "from-env".to_string()),
+            ("OTHER".into(), "x".into()),
+        ];
         let s = Secrets::load(env, Some(&path)).expect("load");
         assert_eq!(s.get("TOKEN"), Some("from-file"));
         assert_eq!(s.get("KEY"), Some("multi\nline"));

@@ -13,8 +13,18 @@ use crate::duration;
 use crate::expr::{self, Expr, ExprError, Template};
 use crate::yaml::{self, Key, Node, Style, Value};
 
-const TOP_KEYS: &[&str] =
-    &["name", "description", "on", "params", "env", "runs_on", "concurrency", "timeout", "steps", "finally"];
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "on",
+    "params",
+    "env",
+    "runs_on",
+    "concurrency",
+    "timeout",
+    "steps",
+    "finally",
+];
 const STEP_KEYS: &[&str] = &[
     "id",
     "name",
@@ -50,20 +60,29 @@ pub fn valid_name(name: &str) -> bool {
 
 fn valid_ident(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
 fn valid_env_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Loads a pipeline from its text. `default_name` (the file stem) names it when the file has no
 /// `name:`. Returns the pipeline, or every problem found, ordered by position.
 pub fn load(source: &str, default_name: &str) -> Result<Pipeline, Vec<Diagnostic>> {
     let (root, yaml_diags) = yaml::parse(source, &yaml::Limits::default())?;
-    let mut cx = Cx { src: source, diags: yaml_diags, sites: Vec::new() };
+    let mut cx = Cx {
+        src: source,
+        diags: yaml_diags,
+        sites: Vec::new(),
+    };
     let pipeline = cx.pipeline(&root, default_name);
     let sites = std::mem::take(&mut cx.sites);
     if let Some(p) = &pipeline {
@@ -88,7 +107,11 @@ enum Ctx {
     /// `on.webhook.secret`: secrets only.
     WebhookSecret,
     /// A step's fields; `condition` is true for its `if:`, where status functions are allowed.
-    Step { phase: Phase, index: usize, condition: bool },
+    Step {
+        phase: Phase,
+        index: usize,
+        condition: bool,
+    },
 }
 
 struct Site<'n> {
@@ -112,7 +135,10 @@ struct Fields<'n> {
 
 impl<'n> Fields<'n> {
     fn get(&self, name: &str) -> Option<&'n Node> {
-        self.entries.iter().find(|(k, _)| k.name == name).map(|(_, v)| v)
+        self.entries
+            .iter()
+            .find(|(k, _)| k.name == name)
+            .map(|(_, v)| v)
     }
 
     /// Like `get`, but a null value (`key:` with nothing after it) counts as absent.
@@ -121,7 +147,10 @@ impl<'n> Fields<'n> {
     }
 
     fn key(&self, name: &str) -> Option<&'n Key> {
-        self.entries.iter().find(|(k, _)| k.name == name).map(|(k, _)| k)
+        self.entries
+            .iter()
+            .find(|(k, _)| k.name == name)
+            .map(|(k, _)| k)
     }
 }
 
@@ -136,7 +165,10 @@ impl<'s, 'n> Cx<'s, 'n> {
             Some((text, _)) if !node.is_null() => format!("`{}`", truncate(text, 40)),
             _ => node.kind_name().to_string(),
         };
-        self.error(node.pos, format!("{what} must be {expected}, found {found}"));
+        self.error(
+            node.pos,
+            format!("{what} must be {expected}, found {found}"),
+        );
     }
 
     /// Checks that `node` is a mapping with only `allowed` keys; reports every unknown key.
@@ -176,7 +208,8 @@ impl<'s, 'n> Cx<'s, 'n> {
         let s = self.string(node, what)?;
         if let Some(k) = s.find("${{") {
             let pos = node.pos_in_scalar(self.src, k, "${{");
-            self.error(pos, format!("{what} cannot hold an expression")).with_len_mut(3);
+            self.error(pos, format!("{what} cannot hold an expression"))
+                .with_len_mut(3);
             return None;
         }
         Some(s)
@@ -187,10 +220,18 @@ impl<'s, 'n> Cx<'s, 'n> {
             Some(("true", Style::Plain)) => Some(true),
             Some(("false", Style::Plain)) => Some(false),
             Some((text, Style::Plain)) if is_yaml11_bool(text) => {
-                let meant = matches!(text.to_ascii_lowercase().as_str(), "yes" | "y" | "on" | "true");
-                self.error(node.pos, format!("{what} must be true or false, found `{text}`"))
-                    .with_len_mut(text.len())
-                    .help = Some(format!("`{text}` is not a boolean in skiff's YAML; write `{meant}`"));
+                let meant = matches!(
+                    text.to_ascii_lowercase().as_str(),
+                    "yes" | "y" | "on" | "true"
+                );
+                self.error(
+                    node.pos,
+                    format!("{what} must be true or false, found `{text}`"),
+                )
+                .with_len_mut(text.len())
+                .help = Some(format!(
+                    "`{text}` is not a boolean in skiff's YAML; write `{meant}`"
+                ));
                 None
             }
             _ => {
@@ -202,11 +243,16 @@ impl<'s, 'n> Cx<'s, 'n> {
 
     fn uint(&mut self, node: &Node, what: &str, max: u32) -> Option<u32> {
         match node.as_scalar() {
-            Some((text, Style::Plain)) if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() => {
+            Some((text, Style::Plain))
+                if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() =>
+            {
                 match text.parse::<u32>() {
                     Ok(n) if n <= max => Some(n),
                     _ => {
-                        self.error(node.pos, format!("{what} must be at most {max}, found `{text}`"));
+                        self.error(
+                            node.pos,
+                            format!("{what} must be at most {max}, found `{text}`"),
+                        );
                         None
                     }
                 }
@@ -223,7 +269,8 @@ impl<'s, 'n> Cx<'s, 'n> {
         match duration::parse(&text) {
             Ok(d) => Some(d),
             Err(msg) => {
-                self.error(node.pos, format!("{what}: {msg}")).with_len_mut(text.chars().count());
+                self.error(node.pos, format!("{what}: {msg}"))
+                    .with_len_mut(text.chars().count());
                 None
             }
         }
@@ -241,7 +288,9 @@ impl<'s, 'n> Cx<'s, 'n> {
     fn expr_error(&mut self, node: &Node, base: usize, e: ExprError) {
         let text = node.as_scalar().map(|(t, _)| t).unwrap_or("");
         let start = base + e.start;
-        let needle = text.get(start..(start + e.len).min(text.len())).unwrap_or("");
+        let needle = text
+            .get(start..(start + e.len).min(text.len()))
+            .unwrap_or("");
         let pos = node.pos_in_scalar(self.src, start, needle);
         self.error(pos, e.message).with_len_mut(e.len).help = e.help;
     }
@@ -258,7 +307,12 @@ impl<'s, 'n> Cx<'s, 'n> {
         match Template::parse(text) {
             Ok(t) => {
                 for (e, offset) in t.exprs() {
-                    self.sites.push(Site { node, offset, expr: e.clone(), ctx });
+                    self.sites.push(Site {
+                        node,
+                        offset,
+                        expr: e.clone(),
+                        ctx,
+                    });
                 }
                 Some(t)
             }
@@ -281,14 +335,20 @@ impl<'s, 'n> Cx<'s, 'n> {
         let mut out = Vec::new();
         for (k, v) in entries {
             if !valid_env_name(&k.name) {
-                self.error(k.pos, format!("`{}` is not a valid environment variable name", k.name))
-                    .with_len_mut(k.name.chars().count())
-                    .help = Some("use letters, digits and `_`, not starting with a digit".into());
+                self.error(
+                    k.pos,
+                    format!("`{}` is not a valid environment variable name", k.name),
+                )
+                .with_len_mut(k.name.chars().count())
+                .help = Some("use letters, digits and `_`, not starting with a digit".into());
                 continue;
             }
             if k.name.starts_with("SKIFF_") {
-                self.error(k.pos, format!("`{}`: names starting with SKIFF_ are set by skiff", k.name))
-                    .with_len_mut(k.name.chars().count());
+                self.error(
+                    k.pos,
+                    format!("`{}`: names starting with SKIFF_ are set by skiff", k.name),
+                )
+                .with_len_mut(k.name.chars().count());
                 continue;
             }
             if matches!(v.value, Value::Seq(_) | Value::Map(_)) {
@@ -301,7 +361,10 @@ impl<'s, 'n> Cx<'s, 'n> {
                 self.template(v, &format!("env `{}`", k.name), ctx)
             };
             if let Some(value) = value {
-                out.push(EnvVar { name: k.name.clone(), value });
+                out.push(EnvVar {
+                    name: k.name.clone(),
+                    value,
+                });
             }
         }
         out
@@ -315,33 +378,59 @@ impl<'s, 'n> Cx<'s, 'n> {
                 if !name.is_empty() && !valid_name(&name) {
                     self.error(n.pos, format!("pipeline name `{name}` is not valid"))
                         .with_len_mut(name.chars().count())
-                        .help = Some("use letters, digits, `-`, `_` and `.`, starting with a letter or digit".into());
+                        .help = Some(
+                        "use letters, digits, `-`, `_` and `.`, starting with a letter or digit"
+                            .into(),
+                    );
                 }
                 name
             }
             None => {
                 if !valid_name(default_name) {
-                    self.error(Pos::new(1, 1), format!("the file name `{default_name}` is not a valid pipeline name"))
-                        .help = Some("add `name:` with letters, digits, `-`, `_` and `.`".into());
+                    self.error(
+                        Pos::new(1, 1),
+                        format!("the file name `{default_name}` is not a valid pipeline name"),
+                    )
+                    .help = Some("add `name:` with letters, digits, `-`, `_` and `.`".into());
                 }
                 default_name.to_string()
             }
         };
-        let description = top.value("description").and_then(|n| self.literal(n, "`description`"));
-        let params = top.value("params").map(|n| self.params(n)).unwrap_or_default();
-        let env = top.value("env").map(|n| self.env(n, "`env`", Ctx::Pipeline)).unwrap_or_default();
-        let runs_on = top.value("runs_on").map(|n| self.string_list(n, "`runs_on`")).unwrap_or_default();
-        let concurrency = top.value("concurrency").and_then(|n| self.template(n, "`concurrency`", Ctx::Pipeline));
-        let timeout = top.value("timeout").and_then(|n| self.duration(n, "`timeout`"));
+        let description = top
+            .value("description")
+            .and_then(|n| self.literal(n, "`description`"));
+        let params = top
+            .value("params")
+            .map(|n| self.params(n))
+            .unwrap_or_default();
+        let env = top
+            .value("env")
+            .map(|n| self.env(n, "`env`", Ctx::Pipeline))
+            .unwrap_or_default();
+        let runs_on = top
+            .value("runs_on")
+            .map(|n| self.string_list(n, "`runs_on`"))
+            .unwrap_or_default();
+        let concurrency = top
+            .value("concurrency")
+            .and_then(|n| self.template(n, "`concurrency`", Ctx::Pipeline));
+        let timeout = top
+            .value("timeout")
+            .and_then(|n| self.duration(n, "`timeout`"));
         let on = match top.get("on") {
             Some(n) => self.triggers(n, &params),
-            None => Triggers { manual: true, ..Triggers::default() },
+            None => Triggers {
+                manual: true,
+                ..Triggers::default()
+            },
         };
         let steps = match top.value("steps") {
             Some(n) => self.steps(n, Phase::Main),
             None => {
                 // A misspelt `steps` is already reported with a suggestion; do not say it twice.
-                let misspelt = top.entries.iter().any(|(k, _)| k.name != "steps" && crate::diag::suggest(&k.name, ["steps"]).is_some());
+                let misspelt = top.entries.iter().any(|(k, _)| {
+                    k.name != "steps" && crate::diag::suggest(&k.name, ["steps"]).is_some()
+                });
                 if !misspelt {
                     let pos = top.key("steps").map_or(Pos::new(1, 1), |k| k.pos);
                     self.error(pos, "a pipeline needs at least one step in `steps`");
@@ -349,9 +438,23 @@ impl<'s, 'n> Cx<'s, 'n> {
                 Vec::new()
             }
         };
-        let finally = top.value("finally").map(|n| self.steps(n, Phase::Finally)).unwrap_or_default();
+        let finally = top
+            .value("finally")
+            .map(|n| self.steps(n, Phase::Finally))
+            .unwrap_or_default();
         self.check_step_ids(&steps, &finally, &top);
-        Some(Pipeline { name, description, on, params, env, runs_on, concurrency, timeout, steps, finally })
+        Some(Pipeline {
+            name,
+            description,
+            on,
+            params,
+            env,
+            runs_on,
+            concurrency,
+            timeout,
+            steps,
+            finally,
+        })
     }
 
     fn params(&mut self, node: &'n Node) -> Vec<Param> {
@@ -367,7 +470,15 @@ impl<'s, 'n> Cx<'s, 'n> {
                 continue;
             }
             if let Some(other) = out.iter().find(|p| env_key(&p.name) == env_key(&k.name)) {
-                self.error(k.pos, format!("params `{}` and `{}` would share the variable SKIFF_PARAM_{}", other.name, k.name, env_key(&k.name)));
+                self.error(
+                    k.pos,
+                    format!(
+                        "params `{}` and `{}` would share the variable SKIFF_PARAM_{}",
+                        other.name,
+                        k.name,
+                        env_key(&k.name)
+                    ),
+                );
                 continue;
             }
             if let Some(p) = self.param(&k.name, v) {
@@ -396,12 +507,20 @@ impl<'s, 'n> Cx<'s, 'n> {
             return Some(p);
         }
         let f = self.map(node, &what, PARAM_KEYS)?;
-        p.description = f.value("description").and_then(|n| self.literal(n, "`description`"));
-        p.required = f.value("required").and_then(|n| self.bool(n, "`required`")).unwrap_or(false);
+        p.description = f
+            .value("description")
+            .and_then(|n| self.literal(n, "`description`"));
+        p.required = f
+            .value("required")
+            .and_then(|n| self.bool(n, "`required`"))
+            .unwrap_or(false);
         if let Some(n) = f.value("options") {
             match &n.value {
                 Value::Seq(items) if !items.is_empty() => {
-                    p.options = items.iter().filter_map(|i| self.literal(i, "an option")).collect();
+                    p.options = items
+                        .iter()
+                        .filter_map(|i| self.literal(i, "an option"))
+                        .collect();
                 }
                 _ => self.type_error(n, "`options`", "a non-empty list"),
             }
@@ -415,7 +534,9 @@ impl<'s, 'n> Cx<'s, 'n> {
                 "choice" => ParamKind::Choice,
                 other => {
                     let help = did_you_mean(other, ["string", "boolean", "number", "choice"]);
-                    self.error(n.pos, format!("unknown param type `{other}`")).with_len_mut(other.len()).help =
+                    self.error(n.pos, format!("unknown param type `{other}`"))
+                        .with_len_mut(other.len())
+                        .help =
                         help.or_else(|| Some("types: string, boolean, number, choice".into()));
                     return None;
                 }
@@ -428,7 +549,13 @@ impl<'s, 'n> Cx<'s, 'n> {
                 ParamKind::Choice
             }
             Some((kind, n)) if kind != ParamKind::Choice && !p.options.is_empty() => {
-                self.error(n.pos, format!("{what} has `options`, so its type is `choice`, not `{}`", kind.as_str()));
+                self.error(
+                    n.pos,
+                    format!(
+                        "{what} has `options`, so its type is `choice`, not `{}`",
+                        kind.as_str()
+                    ),
+                );
                 kind
             }
             Some((kind, _)) => kind,
@@ -436,22 +563,34 @@ impl<'s, 'n> Cx<'s, 'n> {
             None => ParamKind::String,
         };
         if let Some(n) = f.value("default")
-            && let Some(text) = self.string(n, "`default`") {
-                if let Err(msg) = params::check_value(&p, &text) {
-                    let help = if p.kind == ParamKind::Choice { did_you_mean(&text, p.options.iter().map(String::as_str)) } else { None };
-                    self.error(n.pos, format!("default of {what}: {msg}")).with_len_mut(text.chars().count()).help = help;
-                }
-                p.default = Some(text);
+            && let Some(text) = self.string(n, "`default`")
+        {
+            if let Err(msg) = params::check_value(&p, &text) {
+                let help = if p.kind == ParamKind::Choice {
+                    did_you_mean(&text, p.options.iter().map(String::as_str))
+                } else {
+                    None
+                };
+                self.error(n.pos, format!("default of {what}: {msg}"))
+                    .with_len_mut(text.chars().count())
+                    .help = help;
             }
+            p.default = Some(text);
+        }
         Some(p)
     }
 
     fn triggers(&mut self, node: &'n Node, params: &[Param]) -> Triggers {
-        let mut t = Triggers { manual: true, ..Triggers::default() };
+        let mut t = Triggers {
+            manual: true,
+            ..Triggers::default()
+        };
         if node.is_null() {
             return t;
         }
-        let Some(f) = self.map(node, "`on`", ON_KEYS) else { return t };
+        let Some(f) = self.map(node, "`on`", ON_KEYS) else {
+            return t;
+        };
         if let Some(n) = f.value("manual") {
             t.manual = self.bool(n, "`on.manual`").unwrap_or(true);
         }
@@ -463,7 +602,10 @@ impl<'s, 'n> Cx<'s, 'n> {
                 Value::Seq(items) => items.iter().collect(),
                 _ => vec![n],
             };
-            t.schedules = items.into_iter().filter_map(|i| self.schedule(i, params)).collect();
+            t.schedules = items
+                .into_iter()
+                .filter_map(|i| self.schedule(i, params))
+                .collect();
         }
         t
     }
@@ -472,8 +614,11 @@ impl<'s, 'n> Cx<'s, 'n> {
         let f = self.map(node, "`on.webhook`", WEBHOOK_KEYS)?;
         let secret = match f.value("secret") {
             None => {
-                self.error(node.pos, "a webhook needs a `secret` to check signatures with")
-                    .help = Some("add `secret: ${{ secrets.HOOK_SECRET }}`".into());
+                self.error(
+                    node.pos,
+                    "a webhook needs a `secret` to check signatures with",
+                )
+                .help = Some("add `secret: ${{ secrets.HOOK_SECRET }}`".into());
                 None
             }
             Some(n) => {
@@ -495,11 +640,15 @@ impl<'s, 'n> Cx<'s, 'n> {
                     _ => vec![n],
                 };
                 for i in items {
-                    let Some(e) = self.string(i, "an event") else { continue };
+                    let Some(e) = self.string(i, "an event") else {
+                        continue;
+                    };
                     if !WEBHOOK_EVENTS.contains(&e.as_str()) {
                         let help = did_you_mean(&e, WEBHOOK_EVENTS.iter().copied())
                             .unwrap_or_else(|| format!("events: {}", WEBHOOK_EVENTS.join(", ")));
-                        self.error(i.pos, format!("unknown webhook event `{e}`")).with_len_mut(e.len()).help = Some(help);
+                        self.error(i.pos, format!("unknown webhook event `{e}`"))
+                            .with_len_mut(e.len())
+                            .help = Some(help);
                     }
                     events.push(e);
                 }
@@ -507,8 +656,15 @@ impl<'s, 'n> Cx<'s, 'n> {
             }
             None => vec!["push".to_string()],
         };
-        let branches = f.value("branches").map(|n| self.string_list(n, "a branch")).unwrap_or_default();
-        Some(Webhook { secret: secret?, events, branches })
+        let branches = f
+            .value("branches")
+            .map(|n| self.string_list(n, "a branch"))
+            .unwrap_or_default();
+        Some(Webhook {
+            secret: secret?,
+            events,
+            branches,
+        })
     }
 
     fn schedule(&mut self, node: &'n Node, params: &[Param]) -> Option<Schedule> {
@@ -517,7 +673,8 @@ impl<'s, 'n> Cx<'s, 'n> {
             _ => {
                 let f = self.map(node, "a schedule", SCHEDULE_KEYS)?;
                 let Some(c) = f.value("cron") else {
-                    self.error(node.pos, "a schedule needs `cron`").help = Some("for example `cron: \"0 2 * * *\"`".into());
+                    self.error(node.pos, "a schedule needs `cron`").help =
+                        Some("for example `cron: \"0 2 * * *\"`".into());
                     return None;
                 };
                 (c, f.value("timezone"), f.value("params"))
@@ -540,9 +697,14 @@ impl<'s, 'n> Cx<'s, 'n> {
                 match chrono_tz::Tz::from_str(&text) {
                     Ok(tz) => Some(tz),
                     Err(_) => {
-                        let help = did_you_mean(&text, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()))
-                            .unwrap_or_else(|| "use an IANA name such as Europe/Madrid or UTC".into());
-                        self.error(n.pos, format!("unknown timezone `{text}`")).with_len_mut(text.chars().count()).help = Some(help);
+                        let help =
+                            did_you_mean(&text, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()))
+                                .unwrap_or_else(|| {
+                                    "use an IANA name such as Europe/Madrid or UTC".into()
+                                });
+                        self.error(n.pos, format!("unknown timezone `{text}`"))
+                            .with_len_mut(text.chars().count())
+                            .help = Some(help);
                         return None;
                     }
                 }
@@ -552,11 +714,16 @@ impl<'s, 'n> Cx<'s, 'n> {
         if let Some(n) = params_node {
             if let Value::Map(entries) = &n.value {
                 for (k, v) in entries {
-                    let Some(text) = self.literal(v, "a param value") else { continue };
+                    let Some(text) = self.literal(v, "a param value") else {
+                        continue;
+                    };
                     match params.iter().find(|p| p.name == k.name) {
                         None => {
-                            let help = did_you_mean(&k.name, params.iter().map(|p| p.name.as_str()));
-                            self.error(k.pos, format!("unknown param `{}`", k.name)).with_len_mut(k.name.len()).help = help;
+                            let help =
+                                did_you_mean(&k.name, params.iter().map(|p| p.name.as_str()));
+                            self.error(k.pos, format!("unknown param `{}`", k.name))
+                                .with_len_mut(k.name.len())
+                                .help = help;
                         }
                         Some(p) => {
                             if let Err(msg) = params::check_value(p, &text) {
@@ -570,35 +737,60 @@ impl<'s, 'n> Cx<'s, 'n> {
                 self.type_error(n, "schedule `params`", "a mapping");
             }
         }
-        cron_ok.then_some(Schedule { cron: cron_text, timezone, params: values })
+        cron_ok.then_some(Schedule {
+            cron: cron_text,
+            timezone,
+            params: values,
+        })
     }
 
     fn steps(&mut self, node: &'n Node, phase: Phase) -> Vec<Step> {
-        let key = if phase == Phase::Main { "`steps`" } else { "`finally`" };
+        let key = if phase == Phase::Main {
+            "`steps`"
+        } else {
+            "`finally`"
+        };
         let Value::Seq(items) = &node.value else {
             self.type_error(node, key, "a list of steps");
             return Vec::new();
         };
         if items.len() > MAX_STEPS {
-            self.error(node.pos, format!("{key} has {} steps, more than the limit of {MAX_STEPS}", items.len()));
+            self.error(
+                node.pos,
+                format!(
+                    "{key} has {} steps, more than the limit of {MAX_STEPS}",
+                    items.len()
+                ),
+            );
             return Vec::new();
         }
         if items.is_empty() && phase == Phase::Main {
             self.error(node.pos, "a pipeline needs at least one step in `steps`");
         }
-        items.iter().enumerate().filter_map(|(i, n)| self.step(n, phase, i)).collect()
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| self.step(n, phase, i))
+            .collect()
     }
 
     fn step(&mut self, node: &'n Node, phase: Phase, index: usize) -> Option<Step> {
         let what = format!("{} step {}", phase.as_str(), index + 1);
         let f = self.map(node, &format!("a step ({what})"), STEP_KEYS)?;
-        let ctx = Ctx::Step { phase, index, condition: false };
+        let ctx = Ctx::Step {
+            phase,
+            index,
+            condition: false,
+        };
         let id = match f.value("id") {
             Some(n) => {
                 let id = self.literal(n, "`id`")?;
                 if !valid_ident(&id) {
-                    self.error(n.pos, format!("step id `{id}` is not valid")).with_len_mut(id.chars().count()).help =
-                        Some("use letters, digits, `_` and `-`, starting with a letter or `_`".into());
+                    self.error(n.pos, format!("step id `{id}` is not valid"))
+                        .with_len_mut(id.chars().count())
+                        .help = Some(
+                        "use letters, digits, `_` and `-`, starting with a letter or `_`".into(),
+                    );
                 }
                 id
             }
@@ -620,7 +812,8 @@ impl<'s, 'n> Cx<'s, 'n> {
             }
             (Some(run), None) => {
                 if let Some(w) = f.key("with") {
-                    self.error(w.pos, "`with` goes with `uses`, not with `run`").with_len_mut(4);
+                    self.error(w.pos, "`with` goes with `uses`, not with `run`")
+                        .with_len_mut(4);
                 }
                 self.script(run).map(|script| StepAction::Run { script })
             }
@@ -634,13 +827,46 @@ impl<'s, 'n> Cx<'s, 'n> {
                 None => id.clone(),
             },
         };
-        let condition = f.get("if").and_then(|n| self.condition(n, Ctx::Step { phase, index, condition: true }));
-        let env = f.value("env").map(|n| self.env(n, "step `env`", ctx)).unwrap_or_default();
-        let timeout = f.value("timeout").and_then(|n| self.duration(n, "`timeout`"));
-        let retry = f.value("retry").and_then(|n| self.retry(n)).unwrap_or_default();
-        let continue_on_error = f.value("continue_on_error").and_then(|n| self.bool(n, "`continue_on_error`")).unwrap_or(false);
-        let working_directory = f.value("working_directory").and_then(|n| self.template(n, "`working_directory`", ctx));
-        Some(Step { id, name, phase, condition, env, timeout, retry, continue_on_error, working_directory, action: action? })
+        let condition = f.get("if").and_then(|n| {
+            self.condition(
+                n,
+                Ctx::Step {
+                    phase,
+                    index,
+                    condition: true,
+                },
+            )
+        });
+        let env = f
+            .value("env")
+            .map(|n| self.env(n, "step `env`", ctx))
+            .unwrap_or_default();
+        let timeout = f
+            .value("timeout")
+            .and_then(|n| self.duration(n, "`timeout`"));
+        let retry = f
+            .value("retry")
+            .and_then(|n| self.retry(n))
+            .unwrap_or_default();
+        let continue_on_error = f
+            .value("continue_on_error")
+            .and_then(|n| self.bool(n, "`continue_on_error`"))
+            .unwrap_or(false);
+        let working_directory = f
+            .value("working_directory")
+            .and_then(|n| self.template(n, "`working_directory`", ctx));
+        Some(Step {
+            id,
+            name,
+            phase,
+            condition,
+            env,
+            timeout,
+            retry,
+            continue_on_error,
+            working_directory,
+            action: action?,
+        })
     }
 
     fn script(&mut self, node: &'n Node) -> Option<String> {
@@ -654,9 +880,12 @@ impl<'s, 'n> Cx<'s, 'n> {
             Ok(found) => {
                 for f in found {
                     let pos = node.pos_in_scalar(self.src, f.start, "${{");
-                    let help = expr::parse(f.inner).ok().map(|e| env_form(&e)).unwrap_or_else(|| {
-                        "pass the value through the step's `env:` and use the variable".into()
-                    });
+                    let help = expr::parse(f.inner)
+                        .ok()
+                        .map(|e| env_form(&e))
+                        .unwrap_or_else(|| {
+                            "pass the value through the step's `env:` and use the variable".into()
+                        });
                     self.error(pos, "`${{ ... }}` is not expanded inside `run:`, so untrusted text never becomes shell code")
                         .with_len_mut(f.end - f.start)
                         .help = Some(help);
@@ -669,10 +898,20 @@ impl<'s, 'n> Cx<'s, 'n> {
     fn uses(&mut self, node: &'n Node, with: Option<&'n Node>, ctx: Ctx) -> Option<StepAction> {
         let name = self.literal(node, "`uses`")?;
         let Some(spec) = actions::find(&name) else {
-            let help = did_you_mean(&name, actions::ACTIONS.iter().map(|a| a.name)).unwrap_or_else(|| {
-                format!("built-in actions: {}", actions::ACTIONS.iter().map(|a| a.name).collect::<Vec<_>>().join(", "))
-            });
-            self.error(node.pos, format!("unknown action `{name}`")).with_len_mut(name.chars().count()).help = Some(help);
+            let help =
+                did_you_mean(&name, actions::ACTIONS.iter().map(|a| a.name)).unwrap_or_else(|| {
+                    format!(
+                        "built-in actions: {}",
+                        actions::ACTIONS
+                            .iter()
+                            .map(|a| a.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                });
+            self.error(node.pos, format!("unknown action `{name}`"))
+                .with_len_mut(name.chars().count())
+                .help = Some(help);
             return None;
         };
         let mut values = Vec::new();
@@ -690,28 +929,44 @@ impl<'s, 'n> Cx<'s, 'n> {
         let mut ok = true;
         for (k, v) in entries {
             let Some(field) = spec.field(&k.name) else {
-                let help = did_you_mean(&k.name, spec.fields.iter().map(|f| f.name)).unwrap_or_else(|| {
-                    format!("`{}` takes: {}", spec.name, spec.fields.iter().map(|f| f.name).collect::<Vec<_>>().join(", "))
-                });
-                self.error(k.pos, format!("unknown field `{}` for `{}`", k.name, spec.name))
-                    .with_len_mut(k.name.chars().count())
-                    .help = Some(help);
+                let help = did_you_mean(&k.name, spec.fields.iter().map(|f| f.name))
+                    .unwrap_or_else(|| {
+                        format!(
+                            "`{}` takes: {}",
+                            spec.name,
+                            spec.fields
+                                .iter()
+                                .map(|f| f.name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    });
+                self.error(
+                    k.pos,
+                    format!("unknown field `{}` for `{}`", k.name, spec.name),
+                )
+                .with_len_mut(k.name.chars().count())
+                .help = Some(help);
                 ok = false;
                 continue;
             };
             let what = format!("`with.{}`", k.name);
             let value = match (field.kind, &v.value) {
                 (FieldKind::StringList, Value::Seq(items)) => {
-                    let list: Option<Vec<Template>> = items.iter().map(|i| self.template(i, &what, ctx)).collect();
+                    let list: Option<Vec<Template>> =
+                        items.iter().map(|i| self.template(i, &what, ctx)).collect();
                     list.map(WithValue::List)
                 }
                 (FieldKind::StringList, _) => {
                     self.type_error(v, &what, field.kind.describe());
                     None
                 }
-                (_, Value::Scalar { .. }) if !v.is_null() => self.template(v, &what, ctx).and_then(|t| {
-                    self.check_literal(&t, v, &what, field.kind).then_some(WithValue::Scalar(t))
-                }),
+                (_, Value::Scalar { .. }) if !v.is_null() => {
+                    self.template(v, &what, ctx).and_then(|t| {
+                        self.check_literal(&t, v, &what, field.kind)
+                            .then_some(WithValue::Scalar(t))
+                    })
+                }
                 _ => {
                     self.type_error(v, &what, field.kind.describe());
                     None
@@ -725,11 +980,20 @@ impl<'s, 'n> Cx<'s, 'n> {
         for field in spec.fields.iter().filter(|f| f.required) {
             if !entries.iter().any(|(k, _)| k.name == field.name) {
                 let pos = with.map_or(node.pos, |w| w.pos);
-                self.error(pos, format!("`{}` needs `with.{}` ({})", spec.name, field.name, field.doc));
+                self.error(
+                    pos,
+                    format!(
+                        "`{}` needs `with.{}` ({})",
+                        spec.name, field.name, field.doc
+                    ),
+                );
                 ok = false;
             }
         }
-        ok.then_some(StepAction::Uses { action: spec, with: values })
+        ok.then_some(StepAction::Uses {
+            action: spec,
+            with: values,
+        })
     }
 
     /// Type-checks a `with` value that holds no expression; templated values are checked when
@@ -738,7 +1002,9 @@ impl<'s, 'n> Cx<'s, 'n> {
         if !t.is_literal() {
             return true;
         }
-        let Some((text, style)) = node.as_scalar() else { return true };
+        let Some((text, style)) = node.as_scalar() else {
+            return true;
+        };
         let ok = match kind {
             FieldKind::String | FieldKind::StringList => true,
             FieldKind::Int => style == Style::Plain && text.parse::<i64>().is_ok(),
@@ -766,7 +1032,10 @@ impl<'s, 'n> Cx<'s, 'n> {
             }
         };
         if style == Style::Plain && matches!(text, "true" | "false") {
-            return Some(Condition { expr: Expr::Lit(expr::Value::Bool(text == "true")), text: text.into() });
+            return Some(Condition {
+                expr: Expr::Lit(expr::Value::Bool(text == "true")),
+                text: text.into(),
+            });
         }
         let trimmed = text.trim();
         let lead = text.len() - text.trim_start().len();
@@ -779,10 +1048,12 @@ impl<'s, 'n> Cx<'s, 'n> {
                 }
             };
             match found.as_slice() {
-                [f] if f.start == lead && f.end == lead + trimmed.len() => (f.inner, f.start, f.inner_start),
+                [f] if f.start == lead && f.end == lead + trimmed.len() => {
+                    (f.inner, f.start, f.inner_start)
+                }
                 _ => {
-                    self.error(node.pos, "`if` must be one expression")
-                        .help = Some("write the whole condition inside one `${{ ... }}`".into());
+                    self.error(node.pos, "`if` must be one expression").help =
+                        Some("write the whole condition inside one `${{ ... }}`".into());
                     return None;
                 }
             }
@@ -791,8 +1062,16 @@ impl<'s, 'n> Cx<'s, 'n> {
         };
         match expr::parse(inner) {
             Ok(e) => {
-                self.sites.push(Site { node, offset, expr: e.clone(), ctx });
-                Some(Condition { expr: e, text: inner.trim().to_string() })
+                self.sites.push(Site {
+                    node,
+                    offset,
+                    expr: e.clone(),
+                    ctx,
+                });
+                Some(Condition {
+                    expr: e,
+                    text: inner.trim().to_string(),
+                })
             }
             Err(e) => {
                 self.expr_error(node, base, e);
@@ -804,7 +1083,10 @@ impl<'s, 'n> Cx<'s, 'n> {
     fn retry(&mut self, node: &'n Node) -> Option<Retry> {
         if node.as_scalar().is_some() {
             let count = self.uint(node, "`retry`", MAX_RETRIES)?;
-            return Some(Retry { count, backoff: std::time::Duration::from_secs(1) });
+            return Some(Retry {
+                count,
+                backoff: std::time::Duration::from_secs(1),
+            });
         }
         let f = self.map(node, "`retry`", RETRY_KEYS)?;
         let count = match f.value("count") {
@@ -828,10 +1110,17 @@ impl<'s, 'n> Cx<'s, 'n> {
             if !seen.insert(&step.id) {
                 // Find the id's node for the position: the second occurrence in the file.
                 let pos = find_id_pos(top, &step.id).unwrap_or(Pos::new(1, 1));
-                self.error(pos, format!("duplicate step id `{}`", step.id)).with_len_mut(step.id.chars().count());
+                self.error(pos, format!("duplicate step id `{}`", step.id))
+                    .with_len_mut(step.id.chars().count());
             } else if !env_keys.insert(env_key(&step.id)) {
                 let pos = find_id_pos(top, &step.id).unwrap_or(Pos::new(1, 1));
-                self.error(pos, format!("step id `{}` would share its SKIFF_STEP_ variables with another step", step.id));
+                self.error(
+                    pos,
+                    format!(
+                        "step id `{}` would share its SKIFF_STEP_ variables with another step",
+                        step.id
+                    ),
+                );
             }
         }
     }
@@ -845,19 +1134,55 @@ impl<'s, 'n> Cx<'s, 'n> {
                     problems.push((*start, *end - *start, msg, help));
                 }
             }
-            Expr::Call { name, args, start, end } => {
-                let status_fn = matches!(name.as_str(), "success" | "failure" | "always" | "cancelled");
+            Expr::Call {
+                name,
+                args,
+                start,
+                end,
+            } => {
+                let status_fn = matches!(
+                    name.as_str(),
+                    "success" | "failure" | "always" | "cancelled"
+                );
                 match expr::FUNCTIONS.iter().find(|(n, _, _)| n == name) {
                     None => {
                         let help = did_you_mean(name, expr::FUNCTIONS.iter().map(|(n, _, _)| *n));
-                        problems.push((*start, name.len(), format!("unknown function `{name}`"), help));
+                        problems.push((
+                            *start,
+                            name.len(),
+                            format!("unknown function `{name}`"),
+                            help,
+                        ));
                     }
                     Some((_, min, max)) if args.len() < *min || args.len() > *max => {
-                        let want = if min == max { format!("{min}") } else { format!("{min} to {max}") };
-                        problems.push((*start, *end - *start, format!("`{name}` takes {want} arguments, given {}", args.len()), None));
+                        let want = if min == max {
+                            format!("{min}")
+                        } else {
+                            format!("{min} to {max}")
+                        };
+                        problems.push((
+                            *start,
+                            *end - *start,
+                            format!("`{name}` takes {want} arguments, given {}", args.len()),
+                            None,
+                        ));
                     }
-                    Some(_) if status_fn && !matches!(site.ctx, Ctx::Step { condition: true, .. }) => {
-                        problems.push((*start, *end - *start, format!("`{name}()` can only be used in a step's `if`"), None));
+                    Some(_)
+                        if status_fn
+                            && !matches!(
+                                site.ctx,
+                                Ctx::Step {
+                                    condition: true,
+                                    ..
+                                }
+                            ) =>
+                    {
+                        problems.push((
+                            *start,
+                            *end - *start,
+                            format!("`{name}()` can only be used in a step's `if`"),
+                            None,
+                        ));
                     }
                     Some(_) => {}
                 }
@@ -866,9 +1191,22 @@ impl<'s, 'n> Cx<'s, 'n> {
         });
         let text = site.node.as_scalar().map(|(t, _)| t).unwrap_or("");
         // Offsets in the Expr are relative to the expression's inner text.
-        let inner_base = if text[site.offset..].starts_with("${{") { site.offset + 3 } else { site.offset };
+        let inner_base = if text[site.offset..].starts_with("${{") {
+            site.offset + 3
+        } else {
+            site.offset
+        };
         for (start, len, msg, help) in problems {
-            self.expr_error(site.node, inner_base, ExprError { start, len, message: msg, help });
+            self.expr_error(
+                site.node,
+                inner_base,
+                ExprError {
+                    start,
+                    len,
+                    message: msg,
+                    help,
+                },
+            );
         }
     }
 }
@@ -888,53 +1226,88 @@ fn check_ref(p: &Pipeline, ctx: Ctx, path: &[String]) -> Result<(), (String, Opt
     let root = path[0].as_str();
     let full = path.join(".");
     let want = |n: usize, form: &str| -> Result<(), (String, Option<String>)> {
-        if path.len() == n { Ok(()) } else { Err((format!("`{full}` is not a valid reference"), Some(format!("write {form}")))) }
+        if path.len() == n {
+            Ok(())
+        } else {
+            Err((
+                format!("`{full}` is not a valid reference"),
+                Some(format!("write {form}")),
+            ))
+        }
     };
     if ctx == Ctx::WebhookSecret && root != "secrets" {
-        return Err((format!("`{full}`: a webhook secret can only refer to `secrets`"), None));
+        return Err((
+            format!("`{full}`: a webhook secret can only refer to `secrets`"),
+            None,
+        ));
     }
     match root {
         "params" => {
             want(2, "`params.NAME`")?;
             if p.param(&path[1]).is_none() {
                 let help = did_you_mean(&path[1], p.params.iter().map(|p| p.name.as_str()))
-                    .or_else(|| Some(if p.params.is_empty() { "this pipeline declares no params".into() } else {
-                        format!("declared params: {}", p.params.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "))
-                    }));
+                    .or_else(|| {
+                        Some(if p.params.is_empty() {
+                            "this pipeline declares no params".into()
+                        } else {
+                            format!(
+                                "declared params: {}",
+                                p.params
+                                    .iter()
+                                    .map(|p| p.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })
+                    });
                 return Err((format!("unknown param `{}`", path[1]), help));
             }
         }
         "secrets" => {
             want(2, "`secrets.NAME`")?;
             if !valid_env_name(&path[1]) {
-                return Err((format!("`{}` is not a valid secret name", path[1]), Some("use letters, digits and `_`".into())));
+                return Err((
+                    format!("`{}` is not a valid secret name", path[1]),
+                    Some("use letters, digits and `_`".into()),
+                ));
             }
         }
         "env" => {
             want(2, "`env.NAME`")?;
             let step_env = match ctx {
-                Ctx::Step { phase, index, .. } => step_at(p, phase, index).map(|s| s.env.as_slice()).unwrap_or(&[]),
+                Ctx::Step { phase, index, .. } => step_at(p, phase, index)
+                    .map(|s| s.env.as_slice())
+                    .unwrap_or(&[]),
                 _ => &[],
             };
             let names = p.env.iter().chain(step_env).map(|e| e.name.as_str());
             if !p.env.iter().chain(step_env).any(|e| e.name == path[1]) {
-                let help = did_you_mean(&path[1], names).or_else(|| Some("`env.NAME` refers to variables set in an `env:` of this file".into()));
+                let help = did_you_mean(&path[1], names).or_else(|| {
+                    Some("`env.NAME` refers to variables set in an `env:` of this file".into())
+                });
                 return Err((format!("unknown env `{}`", path[1]), help));
             }
         }
         "run" => {
             want(2, "`run.FIELD`")?;
             if !RUN_FIELDS.contains(&path[1].as_str()) {
-                let help = did_you_mean(&path[1], RUN_FIELDS.iter().copied()).or_else(|| Some(format!("run has: {}", RUN_FIELDS.join(", "))));
+                let help = did_you_mean(&path[1], RUN_FIELDS.iter().copied())
+                    .or_else(|| Some(format!("run has: {}", RUN_FIELDS.join(", "))));
                 return Err((format!("unknown field `run.{}`", path[1]), help));
             }
         }
         "steps" => {
             let Ctx::Step { phase, index, .. } = ctx else {
-                return Err((format!("`{full}`: steps can only be referred to from a step"), None));
+                return Err((
+                    format!("`{full}`: steps can only be referred to from a step"),
+                    None,
+                ));
             };
             if path.len() < 3 {
-                return Err((format!("`{full}` is not a valid reference"), Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into())));
+                return Err((
+                    format!("`{full}` is not a valid reference"),
+                    Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into()),
+                ));
             }
             let visible: Vec<&Step> = match phase {
                 Phase::Main => p.steps.iter().take(index).collect(),
@@ -942,7 +1315,10 @@ fn check_ref(p: &Pipeline, ctx: Ctx, path: &[String]) -> Result<(), (String, Opt
             };
             let Some(step) = visible.iter().find(|s| s.id == path[1]) else {
                 if p.all_steps().any(|s| s.id == path[1]) {
-                    return Err((format!("step `{}` has not run yet at this point", path[1]), Some("a step can only use steps before it".into())));
+                    return Err((
+                        format!("step `{}` has not run yet at this point", path[1]),
+                        Some("a step can only use steps before it".into()),
+                    ));
                 }
                 let help = did_you_mean(&path[1], visible.iter().map(|s| s.id.as_str()));
                 return Err((format!("unknown step `{}`", path[1]), help));
@@ -951,19 +1327,33 @@ fn check_ref(p: &Pipeline, ctx: Ctx, path: &[String]) -> Result<(), (String, Opt
                 ("status", 3) => {}
                 ("outputs", 4) => {
                     if let StepAction::Uses { action, .. } = &step.action
-                        && !action.outputs.contains(&path[3].as_str()) {
-                            let help = did_you_mean(&path[3], action.outputs.iter().copied())
-                                .or_else(|| Some(format!("`{}` outputs: {}", action.name, action.outputs.join(", "))));
-                            return Err((format!("`{}` has no output `{}`", action.name, path[3]), help));
-                        }
+                        && !action.outputs.contains(&path[3].as_str())
+                    {
+                        let help =
+                            did_you_mean(&path[3], action.outputs.iter().copied()).or_else(|| {
+                                Some(format!(
+                                    "`{}` outputs: {}",
+                                    action.name,
+                                    action.outputs.join(", ")
+                                ))
+                            });
+                        return Err((
+                            format!("`{}` has no output `{}`", action.name, path[3]),
+                            help,
+                        ));
+                    }
                 }
                 _ => {
-                    return Err((format!("`{full}` is not a valid reference"), Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into())));
+                    return Err((
+                        format!("`{full}` is not a valid reference"),
+                        Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into()),
+                    ));
                 }
             }
         }
         other => {
-            let help = did_you_mean(other, ROOTS.iter().copied()).unwrap_or_else(|| format!("expressions can use: {}", ROOTS.join(", ")));
+            let help = did_you_mean(other, ROOTS.iter().copied())
+                .unwrap_or_else(|| format!("expressions can use: {}", ROOTS.join(", ")));
             return Err((format!("unknown name `{other}`"), Some(help)));
         }
     }
@@ -1000,16 +1390,25 @@ fn find_id_pos(top: &Fields<'_>, id: &str) -> Option<Pos> {
 /// How to get an expression's value into a script without splicing it into the script text.
 fn env_form(e: &Expr) -> String {
     let simple = match e {
-        Expr::Ref { path, .. } => match path.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        Expr::Ref { path, .. } => match path
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
             ["params", name] => Some(format!("SKIFF_PARAM_{}", env_key(name))),
-            ["steps", id, "outputs", out] => Some(format!("SKIFF_STEP_{}_{}", env_key(id), env_key(out))),
+            ["steps", id, "outputs", out] => {
+                Some(format!("SKIFF_STEP_{}_{}", env_key(id), env_key(out)))
+            }
             ["env", name] => Some((*name).to_string()),
             ["run", "id"] => Some("SKIFF_RUN_ID".into()),
             ["run", "number"] => Some("SKIFF_RUN_NUMBER".into()),
             ["run", "pipeline"] => Some("SKIFF_PIPELINE".into()),
             ["run", "trigger"] => Some("SKIFF_TRIGGER".into()),
             ["secrets", name] => {
-                return format!("map the secret in the step's `env:` (`{name}: ${{{{ secrets.{name} }}}}`) and use \"${name}\" in the script");
+                return format!(
+                    "map the secret in the step's `env:` (`{name}: ${{{{ secrets.{name} }}}}`) and use \"${name}\" in the script"
+                );
             }
             _ => None,
         },
@@ -1017,29 +1416,66 @@ fn env_form(e: &Expr) -> String {
     };
     match simple {
         Some(var) => format!("use the environment variable instead: \"${var}\""),
-        None => "set it in the step's `env:` (`VALUE: ${{ ... }}`) and use \"$VALUE\" in the script".into(),
+        None => {
+            "set it in the step's `env:` (`VALUE: ${{ ... }}`) and use \"$VALUE\" in the script"
+                .into()
+        }
     }
 }
 
 fn default_name_for_script(script: &str) -> String {
-    let first = script.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("run");
+    let first = script
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap_or("run");
     truncate(first, 60)
 }
 
 fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max { s.to_string() } else { format!("{}…", s.chars().take(max - 1).collect::<String>()) }
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(max - 1).collect::<String>())
+    }
 }
 
 /// The YAML 1.1 spellings of booleans that YAML 1.2 (and skiff) read as plain strings.
 fn is_yaml11_bool(text: &str) -> bool {
     matches!(
         text,
-        "yes" | "Yes" | "YES" | "no" | "No" | "NO" | "on" | "On" | "ON" | "off" | "Off" | "OFF" | "y" | "Y" | "n" | "N"
-            | "True" | "TRUE" | "False" | "FALSE"
+        "yes"
+            | "Yes"
+            | "YES"
+            | "no"
+            | "No"
+            | "NO"
+            | "on"
+            | "On"
+            | "ON"
+            | "off"
+            | "Off"
+            | "OFF"
+            | "y"
+            | "Y"
+            | "n"
+            | "N"
+            | "True"
+            | "TRUE"
+            | "False"
+            | "FALSE"
     )
 }
 
-const CRON_NICKNAMES: &[&str] = &["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"];
+const CRON_NICKNAMES: &[&str] = &[
+    "@yearly",
+    "@annually",
+    "@monthly",
+    "@weekly",
+    "@daily",
+    "@midnight",
+    "@hourly",
+];
 
 fn check_cron(text: &str) -> Result<(), String> {
     let trimmed = text.trim();
@@ -1050,7 +1486,11 @@ fn check_cron(text: &str) -> Result<(), String> {
     }
     let fields = text.split_whitespace().count();
     if !text.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
-        return Err(format!("it has {fields} fields; a crontab line has 5 (or 6 with seconds first)"));
+        return Err(format!(
+            "it has {fields} fields; a crontab line has 5 (or 6 with seconds first)"
+        ));
     }
-    croner::Cron::from_str(text).map(|_| ()).map_err(|e| e.to_string())
+    croner::Cron::from_str(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

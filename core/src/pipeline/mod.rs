@@ -150,7 +150,10 @@ pub enum StepAction {
     /// A shell script, run with `bash -eo pipefail` (or `sh -e` where bash is missing).
     Run { script: String },
     /// A built-in action and its `with` inputs.
-    Uses { action: &'static crate::actions::ActionSpec, with: Vec<(String, WithValue)> },
+    Uses {
+        action: &'static crate::actions::ActionSpec,
+        with: Vec<(String, WithValue)>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -162,7 +165,15 @@ pub enum WithValue {
 /// The environment variable name under which a param, an output or a step id reaches a script:
 /// upper case, anything but letters and digits turned into `_`.
 pub fn env_key(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 impl Pipeline {

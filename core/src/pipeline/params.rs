@@ -21,7 +21,10 @@ pub(crate) fn check_value(param: &super::Param, value: &str) -> Result<(), Strin
         ParamKind::Number if value.trim().parse::<f64>().is_ok_and(f64::is_finite) => Ok(()),
         ParamKind::Number => Err(format!("expected a number, got `{value}`")),
         ParamKind::Choice if param.options.iter().any(|o| o == value) => Ok(()),
-        ParamKind::Choice => Err(format!("`{value}` is not one of: {}", param.options.join(", "))),
+        ParamKind::Choice => Err(format!(
+            "`{value}` is not one of: {}",
+            param.options.join(", ")
+        )),
     }
 }
 
@@ -39,13 +42,19 @@ pub fn resolve_params(
                 let hint = did_you_mean(name, pipeline.params.iter().map(|p| p.name.as_str()))
                     .map(|h| format!("; {h}"))
                     .unwrap_or_default();
-                errors.push(ParamError { param: name.clone(), message: format!("unknown param{hint}") });
+                errors.push(ParamError {
+                    param: name.clone(),
+                    message: format!("unknown param{hint}"),
+                });
             }
             Some(p) => match check_value(p, value) {
                 Ok(()) => {
                     out.insert(name.clone(), value.clone());
                 }
-                Err(message) => errors.push(ParamError { param: name.clone(), message }),
+                Err(message) => errors.push(ParamError {
+                    param: name.clone(),
+                    message,
+                }),
             },
         }
     }
@@ -58,12 +67,19 @@ pub fn resolve_params(
                 out.insert(p.name.clone(), d.clone());
             }
             None if p.required => {
-                errors.push(ParamError { param: p.name.clone(), message: "required, and has no default".into() });
+                errors.push(ParamError {
+                    param: p.name.clone(),
+                    message: "required, and has no default".into(),
+                });
             }
             None => {
                 out.insert(p.name.clone(), String::new());
             }
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }

@@ -35,7 +35,12 @@ pub trait AuthStore: Send + Sync + 'static {
     /// The active token with this hash, noting its use.
     async fn find_token(&self, token_hash: &str) -> Result<Option<ApiToken>>;
 
-    async fn create_session(&self, session_hash: &str, csrf: &str, expires_at: DateTime<Utc>) -> Result<()>;
+    async fn create_session(
+        &self,
+        session_hash: &str,
+        csrf: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<()>;
     /// The unexpired session with this hash.
     async fn find_session(&self, session_hash: &str) -> Result<Option<Session>>;
     async fn delete_session(&self, session_hash: &str) -> Result<()>;

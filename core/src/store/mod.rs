@@ -21,7 +21,11 @@ pub enum StoreError {
     #[error("run {0} not found")]
     NotFound(RunId),
     #[error("run {id} cannot move from {from} to {to}")]
-    InvalidTransition { id: RunId, from: RunStatus, to: RunStatus },
+    InvalidTransition {
+        id: RunId,
+        from: RunStatus,
+        to: RunStatus,
+    },
     #[error("offset {offset} is past the end of the log ({len} bytes)")]
     OffsetOutOfRange { offset: u64, len: u64 },
     #[error("bad cursor `{0}`")]

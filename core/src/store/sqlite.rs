@@ -11,11 +11,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
 
-use super::{Change, ChangeKind, LogRead, Result, RunPage, RunQuery, Store, StoreError, params_from_json, params_to_json};
+use super::{
+    Change, ChangeKind, LogRead, Result, RunPage, RunQuery, Store, StoreError, params_from_json,
+    params_to_json,
+};
 use crate::pipeline::Phase;
-use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind};
+use crate::run::{
+    LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind,
+};
 
 const SCHEMA_VERSION: i64 = 2;
 
@@ -136,11 +144,14 @@ impl SqliteStore {
             .await
             .map_err(backend)?;
         let logs = path.parent().unwrap_or(Path::new(".")).join("logs");
-        std::fs::create_dir_all(&logs).map_err(|e| StoreError::Backend(format!("creating {}: {e}", logs.display())))?;
+        std::fs::create_dir_all(&logs)
+            .map_err(|e| StoreError::Backend(format!("creating {}: {e}", logs.display())))?;
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         let store = SqliteStore {
             pool,
-            readers: SqlitePoolOptions::new().max_connections(4).connect_lazy_with(options.read_only(true)),
+            readers: SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_lazy_with(options.read_only(true)),
             logs,
             changes,
         };
@@ -150,7 +161,10 @@ impl SqliteStore {
 
     fn changed(&self, id: &RunId, kind: ChangeKind) {
         // No receivers is fine: nobody is following.
-        let _ = self.changes.send(Change { run: id.clone(), kind });
+        let _ = self.changes.send(Change {
+            run: id.clone(),
+            kind,
+        });
     }
 
     fn log_path(&self, id: &RunId) -> PathBuf {
@@ -162,7 +176,10 @@ impl SqliteStore {
     /// writes later fails with SQLITE_BUSY_SNAPSHOT when another writer got in between, and the
     /// busy timeout cannot help it.
     pub(super) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(backend)
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -171,14 +188,21 @@ impl SqliteStore {
 
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.write_tx().await?;
-        let version: i64 = sqlx::query("PRAGMA user_version").fetch_one(&mut *tx).await.map_err(backend)?.get(0);
+        let version: i64 = sqlx::query("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?
+            .get(0);
         if version > SCHEMA_VERSION {
             return Err(StoreError::Backend(format!(
                 "the database has schema version {version}, newer than this skiff knows ({SCHEMA_VERSION})"
             )));
         }
         for statement in SCHEMA {
-            sqlx::query(*statement).execute(&mut *tx).await.map_err(backend)?;
+            sqlx::query(*statement)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
         }
         if version == 1 {
             sqlx::query("ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
@@ -186,7 +210,10 @@ impl SqliteStore {
                 .await
                 .map_err(backend)?;
         }
-        sqlx::query("PRAGMA user_version = 2").execute(&mut *tx).await.map_err(backend)?;
+        sqlx::query("PRAGMA user_version = 2")
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
         tx.commit().await.map_err(backend)
     }
 }
@@ -226,7 +253,11 @@ fn step_from_row(row: &SqliteRow) -> Result<StepRecord> {
         index: row.try_get::<i64, _>("idx").map_err(backend)? as u32,
         id: row.try_get("step_id").map_err(backend)?,
         name: row.try_get("name").map_err(backend)?,
-        phase: if phase == "finally" { Phase::Finally } else { Phase::Main },
+        phase: if phase == "finally" {
+            Phase::Finally
+        } else {
+            Phase::Main
+        },
         status: status.parse().map_err(corrupt("step status"))?,
         attempt: row.try_get::<i64, _>("attempt").map_err(backend)? as u32,
         exit_code: row.try_get("exit_code").map_err(backend)?,
@@ -312,7 +343,11 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, id: &RunId) -> Result<Option<Run>> {
-        let row = sqlx::query(select_runs!("WHERE id = ?1")).bind(id.as_str()).fetch_optional(&self.readers).await.map_err(backend)?;
+        let row = sqlx::query(select_runs!("WHERE id = ?1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(backend)?;
         row.as_ref().map(run_from_row).transpose()
     }
 
@@ -327,7 +362,12 @@ impl Store for SqliteStore {
         };
         let before: Option<i64> = match &query.cursor {
             None => None,
-            Some(c) => Some(c.parse().ok().filter(|n: &i64| *n > 0).ok_or_else(|| StoreError::BadCursor(c.clone()))?),
+            Some(c) => Some(
+                c.parse()
+                    .ok()
+                    .filter(|n: &i64| *n > 0)
+                    .ok_or_else(|| StoreError::BadCursor(c.clone()))?,
+            ),
         };
         let rows = sqlx::query(Q)
             .bind(query.pipeline.as_deref())
@@ -344,7 +384,10 @@ impl Store for SqliteStore {
             last_seq = row.try_get("seq").map_err(backend)?;
             runs.push(run_from_row(row)?);
         }
-        Ok(RunPage { runs, next: more.then(|| last_seq.to_string()) })
+        Ok(RunPage {
+            runs,
+            next: more.then(|| last_seq.to_string()),
+        })
     }
 
     async fn steps(&self, id: &RunId) -> Result<Vec<StepRecord>> {
@@ -362,7 +405,11 @@ impl Store for SqliteStore {
     async fn set_status(&self, id: &RunId, status: RunStatus, reason: Option<&str>) -> Result<Run> {
         // One statement: the move happens only from a state that allows it. Claiming a run is on
         // the path from a trigger to its first step, so it costs one round trip, not five.
-        let from: Vec<&str> = RunStatus::ALL.iter().filter(|s| s.can_move_to(status)).map(|s| s.as_str()).collect();
+        let from: Vec<&str> = RunStatus::ALL
+            .iter()
+            .filter(|s| s.can_move_to(status))
+            .map(|s| s.as_str())
+            .collect();
         let from = serde_json::to_string(&from).unwrap_or_else(|_| "[]".into());
         let row = sqlx::query(concat!(
             "UPDATE runs SET status = ?2,
@@ -397,7 +444,11 @@ impl Store for SqliteStore {
                     .ok_or_else(|| StoreError::NotFound(id.clone()))?
                     .parse()
                     .map_err(corrupt("run status"))?;
-                Err(StoreError::InvalidTransition { id: id.clone(), from: current, to: status })
+                Err(StoreError::InvalidTransition {
+                    id: id.clone(),
+                    from: current,
+                    to: status,
+                })
             }
         }
     }
@@ -449,7 +500,11 @@ impl Store for SqliteStore {
         let at = len as u64;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::os::unix::fs::FileExt;
-            let file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&path)?;
             file.write_all_at(&data, at)
         })
         .await
@@ -457,14 +512,16 @@ impl Store for SqliteStore {
         .map_err(|e| StoreError::Backend(format!("writing the log of run {id}: {e}")))?;
         let mut offset = len;
         for chunk in chunks.iter().filter(|c| !c.data.is_empty()) {
-            sqlx::query("INSERT INTO log_chunks (run_id, offset, step, len) VALUES (?1, ?2, ?3, ?4)")
-                .bind(id.as_str())
-                .bind(offset)
-                .bind(chunk.step.map(i64::from))
-                .bind(chunk.data.len() as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
+            sqlx::query(
+                "INSERT INTO log_chunks (run_id, offset, step, len) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(id.as_str())
+            .bind(offset)
+            .bind(chunk.step.map(i64::from))
+            .bind(chunk.data.len() as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
             offset += chunk.data.len() as i64;
         }
         sqlx::query("UPDATE runs SET log_len = ?2 WHERE id = ?1")
@@ -529,9 +586,15 @@ impl Store for SqliteStore {
                 break;
             }
         }
-        let next_offset = pieces.last().map_or(offset, |(from, _, size)| from + *size as u64);
+        let next_offset = pieces
+            .last()
+            .map_or(offset, |(from, _, size)| from + *size as u64);
         if pieces.is_empty() {
-            return Ok(LogRead { chunks: Vec::new(), next_offset, len });
+            return Ok(LogRead {
+                chunks: Vec::new(),
+                next_offset,
+                len,
+            });
         }
         let path = self.log_path(id);
         let chunks = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<StoredChunk>> {
@@ -542,14 +605,22 @@ impl Store for SqliteStore {
                 .map(|(from, step, size)| {
                     let mut data = vec![0u8; size];
                     file.read_exact_at(&mut data, from)?;
-                    Ok(StoredChunk { offset: from, step, data })
+                    Ok(StoredChunk {
+                        offset: from,
+                        step,
+                        data,
+                    })
                 })
                 .collect()
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))?
         .map_err(|e| StoreError::Corrupt(format!("reading the log of run {id}: {e}")))?;
-        Ok(LogRead { chunks, next_offset, len })
+        Ok(LogRead {
+            chunks,
+            next_offset,
+            len,
+        })
     }
 
     async fn request_cancel(&self, id: &RunId, reason: &str) -> Result<Run> {

@@ -4,9 +4,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
+use super::Result;
 use super::auth::{ApiToken, AuthStore, Session};
 use super::sqlite::{SqliteStore, backend, from_millis, millis};
-use super::Result;
 
 fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiToken> {
     Ok(ApiToken {
@@ -21,7 +21,10 @@ fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiToken> {
 #[async_trait]
 impl AuthStore for SqliteStore {
     async fn password_hash(&self) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT password_hash FROM admin WHERE id = 1").fetch_optional(&self.readers).await.map_err(backend)?;
+        let row = sqlx::query("SELECT password_hash FROM admin WHERE id = 1")
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(backend)?;
         Ok(row.and_then(|r| r.get::<Option<String>, _>(0)))
     }
 
@@ -62,12 +65,14 @@ impl AuthStore for SqliteStore {
     }
 
     async fn revoke_token(&self, id: &str) -> Result<bool> {
-        let done = sqlx::query("UPDATE api_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
-            .bind(id)
-            .bind(millis(Utc::now()))
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
+        let done = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(millis(Utc::now()))
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -84,32 +89,52 @@ impl AuthStore for SqliteStore {
         row.as_ref().map(token_from_row).transpose()
     }
 
-    async fn create_session(&self, session_hash: &str, csrf: &str, expires_at: DateTime<Utc>) -> Result<()> {
+    async fn create_session(
+        &self,
+        session_hash: &str,
+        csrf: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<()> {
         let now = millis(Utc::now());
-        sqlx::query("DELETE FROM sessions WHERE expires_at < ?1").bind(now).execute(&self.pool).await.map_err(backend)?;
-        sqlx::query("INSERT INTO sessions (hash, csrf, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)")
-            .bind(session_hash)
-            .bind(csrf)
+        sqlx::query("DELETE FROM sessions WHERE expires_at < ?1")
             .bind(now)
-            .bind(millis(expires_at))
             .execute(&self.pool)
             .await
             .map_err(backend)?;
+        sqlx::query(
+            "INSERT INTO sessions (hash, csrf, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(session_hash)
+        .bind(csrf)
+        .bind(now)
+        .bind(millis(expires_at))
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
         Ok(())
     }
 
     async fn find_session(&self, session_hash: &str) -> Result<Option<Session>> {
-        let row = sqlx::query("SELECT csrf, expires_at FROM sessions WHERE hash = ?1 AND expires_at > ?2")
-            .bind(session_hash)
-            .bind(millis(Utc::now()))
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(backend)?;
-        Ok(row.map(|r| Session { csrf: r.get(0), expires_at: from_millis(Some(r.get(1))).unwrap_or_default() }))
+        let row = sqlx::query(
+            "SELECT csrf, expires_at FROM sessions WHERE hash = ?1 AND expires_at > ?2",
+        )
+        .bind(session_hash)
+        .bind(millis(Utc::now()))
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(backend)?;
+        Ok(row.map(|r| Session {
+            csrf: r.get(0),
+            expires_at: from_millis(Some(r.get(1))).unwrap_or_default(),
+        }))
     }
 
     async fn delete_session(&self, session_hash: &str) -> Result<()> {
-        sqlx::query("DELETE FROM sessions WHERE hash = ?1").bind(session_hash).execute(&self.pool).await.map_err(backend)?;
+        sqlx::query("DELETE FROM sessions WHERE hash = ?1")
+            .bind(session_hash)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 

@@ -29,7 +29,11 @@ impl ActionContext<'_> {
 }
 
 /// Evaluates a step's `with` into JSON, converting each value to its field's kind.
-pub fn eval_inputs(spec: &ActionSpec, with: &[(String, WithValue)], scope: &dyn Scope) -> Result<Json, String> {
+pub fn eval_inputs(
+    spec: &ActionSpec,
+    with: &[(String, WithValue)],
+    scope: &dyn Scope,
+) -> Result<Json, String> {
     let mut map = Map::new();
     for (name, value) in with {
         let kind = spec.field(name).map_or(FieldKind::String, |f| f.kind);
@@ -37,7 +41,11 @@ pub fn eval_inputs(spec: &ActionSpec, with: &[(String, WithValue)], scope: &dyn 
             WithValue::List(items) => Json::Array(
                 items
                     .iter()
-                    .map(|t| t.eval_string(scope).map(Json::String).map_err(|e| format!("with.{name}: {e}")))
+                    .map(|t| {
+                        t.eval_string(scope)
+                            .map(Json::String)
+                            .map_err(|e| format!("with.{name}: {e}"))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             WithValue::Scalar(t) => {
@@ -75,7 +83,11 @@ fn inputs<T: serde::de::DeserializeOwned>(json: Json) -> Result<T, String> {
 }
 
 /// Runs the named action; `Ok` holds its outputs, `Err` why it failed.
-pub async fn run(name: &str, json: Json, cx: &ActionContext<'_>) -> Result<BTreeMap<String, String>, String> {
+pub async fn run(
+    name: &str,
+    json: Json,
+    cx: &ActionContext<'_>,
+) -> Result<BTreeMap<String, String>, String> {
     match name {
         "http/wait" => http_wait::run(inputs(json)?, cx).await,
         other => Err(format!("action `{other}` is not available on this worker")),
@@ -89,7 +101,9 @@ pub struct DurationText(pub std::time::Duration);
 impl<'de> serde::Deserialize<'de> for DurationText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        skiff_core::duration::parse(&text).map(DurationText).map_err(serde::de::Error::custom)
+        skiff_core::duration::parse(&text)
+            .map(DurationText)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -121,7 +135,11 @@ mod tests {
             };
             check(Json::Object(full.clone())).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
             full.insert("no_such_field".into(), Json::Null);
-            assert!(check(Json::Object(full)).is_err(), "{} accepts unknown fields", spec.name);
+            assert!(
+                check(Json::Object(full)).is_err(),
+                "{} accepts unknown fields",
+                spec.name
+            );
         }
     }
 }
