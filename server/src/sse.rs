@@ -120,12 +120,19 @@ async fn follow(
                 break;
             }
             for chunk in &read.chunks {
-                let text = String::from_utf8_lossy(&chunk.data);
+                // Send whole lines: a slice that ends inside a line stops at its last newline,
+                // and the rest of that line comes with the next read (a line longer than a slice
+                // is sent in pieces).
+                let bytes = match memchr::memrchr(b'\n', &chunk.data) {
+                    Some(end) if end + 1 < chunk.data.len() => &chunk.data[..=end],
+                    _ => &chunk.data[..],
+                };
+                let text = String::from_utf8_lossy(bytes);
                 let mut data = json!({ "offset": chunk.offset, "step": chunk.step, "text": text });
                 if html {
                     data["html"] = json!(colour.lines_to_html(&text));
                 }
-                let next = chunk.offset + chunk.data.len() as u64;
+                let next = chunk.offset + bytes.len() as u64;
                 if tx
                     .send(
                         Event::default()
@@ -139,6 +146,9 @@ async fn follow(
                     return;
                 }
                 offset = next;
+                if bytes.len() < chunk.data.len() {
+                    break;
+                }
             }
         }
         // Steps and the run.

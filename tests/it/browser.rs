@@ -332,3 +332,26 @@ fn run_a_pipeline_from_the_browser_and_cancel_a_long_one() {
     assert_eq!(overflow, json!(true), "no sideways scrolling on a phone");
     b.screenshot("run-page-phone.png");
 }
+
+#[test]
+fn a_log_of_100000_lines_stays_usable() {
+    let server = Server::start(&[("big", "steps:\n  - run: seq -f 'line %06g of a long log' 1 100000\n")]);
+    let id = server.trigger("big", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    let started = Instant::now();
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.wait_text("#log-state", "100000 lines");
+    let loaded = started.elapsed();
+    let blocks = b.js("return document.querySelectorAll('#log .block').length;");
+    assert_eq!(blocks, json!(201), "lines are grouped in blocks of 500 (and a step header)");
+    // Open a line far down by its link, as a shared link would.
+    b.goto(&server.url("/"));
+    let started = Instant::now();
+    b.goto(&server.url(&format!("/runs/{id}#L99999")));
+    b.wait_text("#log-state", "100000 lines");
+    let shown = b.js("const e = document.getElementById('L99999'); const r = e.getBoundingClientRect(); return [e.classList.contains('hl'), r.top >= 0 && r.bottom <= window.innerHeight];");
+    assert_eq!(shown, json!([true, true]), "the linked line is highlighted and on screen");
+    eprintln!("100,000-line log: loaded and rendered in {loaded:?}; reloaded at line 99,999 in {:?}", started.elapsed());
+}

@@ -8,7 +8,7 @@
   const state = document.getElementById("log-state");
   const followBtn = document.getElementById("follow");
   const BLOCK = 500; // lines per block; blocks off screen are not laid out
-  let lineNo = 0, block = null, lastStep = undefined, following = true, pending = [];
+  let lineNo = 0, block = null, blockCount = 0, lastStep = undefined, following = true, pending = [];
   let stepNames = {};
   document.querySelectorAll("#steps .step").forEach(function (li) {
     stepNames[li.dataset.index] = li.querySelector(".name").textContent;
@@ -29,6 +29,7 @@
   function newBlock() {
     block = document.createElement("div");
     block.className = "block";
+    blockCount = 0;
     log.appendChild(block);
   }
 
@@ -37,10 +38,11 @@
     const items = pending; pending = [];
     let frag = document.createDocumentFragment();
     for (const item of items) {
-      if (block === null || block.childElementCount >= BLOCK) {
-        if (frag.childNodes.length && block) { block.appendChild(frag); frag = document.createDocumentFragment(); }
+      if (block === null || blockCount >= BLOCK) {
+        if (block && frag.childNodes.length) { block.appendChild(frag); frag = document.createDocumentFragment(); }
         newBlock();
       }
+      blockCount += 1;
       if (item.head !== undefined) {
         const h = document.createElement("div");
         h.className = "step-head"; h.id = "L-step-" + item.head;
