@@ -160,22 +160,14 @@ impl Browser {
     }
 
     /// The element's text. The page may be replaced between finding the element and reading it
-    /// (a form posts and redirects): then the element is found again.
+    /// (a form posts and redirects): then the element is found again, until the deadline.
     fn text(&self, css: &str) -> String {
+        let until = Instant::now() + WAIT;
         loop {
             let id = self.find(css);
-            match self.try_send(
-                "GET",
-                &format!("/session/{}/element/{id}/text", self.session),
-                None,
-            ) {
+            match self.try_send("GET", &format!("/session/{}/element/{id}/text", self.session), None) {
                 Ok(v) => return v.as_str().unwrap_or("").to_string(),
-                Err(e)
-                    if e.starts_with("stale element reference")
-                        || e.starts_with("no such element") =>
-                {
-                    continue;
-                }
+                Err(e) if Instant::now() < until => eprintln!("reading `{css}` again after: {e}"),
                 Err(e) => panic!("reading the text of `{css}`: {e}"),
             }
         }
