@@ -1,18 +1,25 @@
 //! The embedded queue: apalis with its SQLite backend, on the Store's own pool and file.
 //!
 //! apalis fetches by polling. An idle worker would look for work only at its heartbeat, so the
-//! queue raises its own wake signal after each push commits (a `Notify` the worker's poll
-//! strategy waits on), with a slow tick beside it as a safety net. A `Notify` keeps a wake that
-//! arrives while the worker is busy fetching, so none is lost.
+//! queue raises its own wake signal after each push commits, and the worker's poll strategy
+//! (`WakeStrategy`) turns it into a fetch at once. Two traps are avoided. A fetch that started
+//! before the push committed comes back empty; a one-shot signal consumed by it would be lost, so
+//! the signal is a push counter: the strategy fetches again whenever the count moved since it
+//! last looked. And a timer that fired must be re-armed and polled again or it never wakes
+//! anyone, so the safety tick is re-armed on every firing.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::*;
 use apalis_sqlite::{Config, SqliteStorage};
 use async_trait::async_trait;
+use futures_util::task::AtomicWaker;
 use sqlx::SqlitePool;
-use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{Queue, QueueError, RunJob};
@@ -34,7 +41,63 @@ pub trait JobHandler: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct SqliteQueue {
     storage: SqliteStorage<RunJob>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
+}
+
+/// "Jobs were pushed": a counter that every push bumps, and the worker's waker.
+#[derive(Default)]
+struct Wake {
+    pushes: AtomicU64,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    fn raise(&self) {
+        self.pushes.fetch_add(1, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// The worker's poll strategy: ready when pushes happened since it last looked, and when the
+/// safety tick fires.
+struct WakeStrategy {
+    wake: Arc<Wake>,
+    /// The push count last seen (`u64::MAX` before the first poll, which fetches at once).
+    seen: u64,
+    tick: Pin<Box<Sleep>>,
+}
+
+impl WakeStrategy {
+    fn new(wake: Arc<Wake>) -> Self {
+        WakeStrategy {
+            wake,
+            seen: u64::MAX,
+            tick: Box::pin(tokio::time::sleep(SAFETY_TICK)),
+        }
+    }
+}
+
+impl PollStrategy for WakeStrategy {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _snapshot: &PollSnapshot) -> Poll<Option<()>> {
+        use std::future::Future;
+        let mut ready = false;
+        // Register before reading the count: a push after the read wakes this waker.
+        self.wake.waker.register(cx.waker());
+        let pushes = self.wake.pushes.load(Ordering::Acquire);
+        if pushes != self.seen {
+            ready = true;
+            self.seen = pushes;
+        }
+        while self.tick.as_mut().poll(cx).is_ready() {
+            ready = true;
+            self.tick.as_mut().reset(Instant::now() + SAFETY_TICK);
+        }
+        if ready {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 fn queue_error(e: impl std::fmt::Display) -> QueueError {
@@ -51,11 +114,16 @@ impl SqliteQueue {
             .run(pool)
             .await
             .map_err(queue_error)?;
-        let config = Config::default().queue(QUEUE_NAME).batch_size(batch.max(1));
+        // `lock_tasks(false)`: a fetch already marks its jobs as taken by this worker; the extra
+        // write per job that marks them running is not needed (the run's own state is the Store's).
+        let config = Config::default()
+            .queue(QUEUE_NAME)
+            .batch_size(batch.max(1))
+            .lock_tasks(false);
         let storage = SqliteStorage::new(pool).with_config(config);
         Ok(SqliteQueue {
             storage,
-            wake: Arc::new(Notify::new()),
+            wake: Arc::new(Wake::default()),
         })
     }
 
@@ -67,14 +135,10 @@ impl SqliteQueue {
         handler: Arc<dyn JobHandler>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let wake = self.wake.clone();
-        let strategy = Strategy::new()
-            .apply(FutureStrategy::new(move |_snap: &PollSnapshot| {
-                let wake = wake.clone();
-                async move { wake.notified().await }
-            }))
-            .interval(SAFETY_TICK);
-        let backend = self.storage.clone().poll_with_strategy(strategy);
+        let backend = self
+            .storage
+            .clone()
+            .poll_with_strategy(WakeStrategy::new(self.wake.clone()));
         // A fresh name per start: apalis refuses a worker name seen within a heartbeat.
         let name = format!(
             "skiff-{}-{}",
@@ -93,6 +157,8 @@ impl SqliteQueue {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
+                        // apalis 1.0 removes every finished job here, whatever its age; the runs
+                        // themselves live in the Store.
                         if let Err(e) = apalis_core::backend::Vacuum::vacuum_before(&mut vacuum, KEEP_FINISHED).await {
                             tracing::warn!(error = %e, "removing finished jobs failed");
                         }
@@ -135,7 +201,7 @@ impl Queue for SqliteQueue {
         let mut storage = self.storage.clone();
         storage.push(job).await.map_err(queue_error)?;
         // After the commit: the woken worker's fetch sees the job.
-        self.wake.notify_one();
+        self.wake.raise();
         Ok(())
     }
 }

@@ -165,7 +165,11 @@ impl Browser {
         let until = Instant::now() + WAIT;
         loop {
             let id = self.find(css);
-            match self.try_send("GET", &format!("/session/{}/element/{id}/text", self.session), None) {
+            match self.try_send(
+                "GET",
+                &format!("/session/{}/element/{id}/text", self.session),
+                None,
+            ) {
                 Ok(v) => return v.as_str().unwrap_or("").to_string(),
                 Err(e) if Instant::now() < until => eprintln!("reading `{css}` again after: {e}"),
                 Err(e) => panic!("reading the text of `{css}`: {e}"),
@@ -327,7 +331,10 @@ fn run_a_pipeline_from_the_browser_and_cancel_a_long_one() {
 
 #[test]
 fn a_log_of_100000_lines_stays_usable() {
-    let server = Server::start(&[("big", "steps:\n  - run: seq -f 'line %06g of a long log' 1 100000\n")]);
+    let server = Server::start(&[(
+        "big",
+        "steps:\n  - run: seq -f 'line %06g of a long log' 1 100000\n",
+    )]);
     let id = server.trigger("big", json!({}));
     server.follow(&id, None);
     let b = Browser::start();
@@ -337,13 +344,24 @@ fn a_log_of_100000_lines_stays_usable() {
     b.wait_text("#log-state", "100000 lines");
     let loaded = started.elapsed();
     let blocks = b.js("return document.querySelectorAll('#log .block').length;");
-    assert_eq!(blocks, json!(201), "lines are grouped in blocks of 500 (and a step header)");
+    assert_eq!(
+        blocks,
+        json!(201),
+        "lines are grouped in blocks of 500 (and a step header)"
+    );
     // Open a line far down by its link, as a shared link would.
     b.goto(&server.url("/"));
     let started = Instant::now();
     b.goto(&server.url(&format!("/runs/{id}#L99999")));
     b.wait_text("#log-state", "100000 lines");
     let shown = b.js("const e = document.getElementById('L99999'); const r = e.getBoundingClientRect(); return [e.classList.contains('hl'), r.top >= 0 && r.bottom <= window.innerHeight];");
-    assert_eq!(shown, json!([true, true]), "the linked line is highlighted and on screen");
-    eprintln!("100,000-line log: loaded and rendered in {loaded:?}; reloaded at line 99,999 in {:?}", started.elapsed());
+    assert_eq!(
+        shown,
+        json!([true, true]),
+        "the linked line is highlighted and on screen"
+    );
+    eprintln!(
+        "100,000-line log: loaded and rendered in {loaded:?}; reloaded at line 99,999 in {:?}",
+        started.elapsed()
+    );
 }
