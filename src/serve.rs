@@ -151,6 +151,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .admin_token
                 .as_deref()
                 .map(skiff_server::auth::hash_secret),
+            // Behind a TLS proxy (an https public URL), the session cookie never travels in clear.
+            secure_cookies: args
+                .public_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://")),
         }),
         metrics,
         shutdown: shutdown.clone(),

@@ -28,14 +28,25 @@ impl JobHandler for Record {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_job_is_handled_once_under_its_own_queue_name() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = SqliteStore::open(&dir.path().join("skiff.db")).await.expect("store");
+    let store = SqliteStore::open(&dir.path().join("skiff.db"))
+        .await
+        .expect("store");
     let queue = SqliteQueue::open(store.pool(), 4).await.expect("queue");
-    let handler = Arc::new(Record { seen: Mutex::new(Vec::new()), done: tokio::sync::Notify::new() });
+    let handler = Arc::new(Record {
+        seen: Mutex::new(Vec::new()),
+        done: tokio::sync::Notify::new(),
+    });
     let shutdown = CancellationToken::new();
     let worker = queue.spawn_workers(2, handler.clone(), shutdown.clone());
     let mut ids: Vec<String> = (0..60).map(|_| RunId::generate().to_string()).collect();
     for (i, id) in ids.iter().enumerate() {
-        queue.push(RunJob { run_id: id.clone(), pushed_at_us: 0 }).await.expect("push");
+        queue
+            .push(RunJob {
+                run_id: id.clone(),
+                pushed_at_us: 0,
+            })
+            .await
+            .expect("push");
         if i % 7 == 0 {
             tokio::task::yield_now().await;
         }
@@ -48,7 +59,9 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
             handler.done.notified().await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), all).await.expect("every job is handled");
+    tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .expect("every job is handled");
     let mut seen = handler.seen.lock().expect("lock").clone();
     seen.sort();
     ids.sort();
@@ -60,7 +73,11 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(types, vec![QUEUE_NAME.to_string()], "the queue name is skiff's, not a Rust type name");
+    assert_eq!(
+        types,
+        vec![QUEUE_NAME.to_string()],
+        "the queue name is skiff's, not a Rust type name"
+    );
     shutdown.cancel();
     worker.await.expect("the worker stops");
 }

@@ -169,8 +169,13 @@ pub async fn start_session(state: &AppState) -> Result<(String, String), ApiErro
         .auth
         .create_session(&hash_secret(&session), &csrf, expires)
         .await?;
+    let secure = if state.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
-        "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         SESSION_DAYS * 24 * 3600
     );
     Ok((cookie, csrf))

@@ -26,6 +26,8 @@ pub const MAX_BODY: usize = 256 << 10;
 pub struct ServerConfig {
     /// SHA-256 of `SKIFF_ADMIN_TOKEN`, when one was given.
     pub admin_token_hash: Option<String>,
+    /// Mark session cookies `Secure` (the server is reached over https).
+    pub secure_cookies: bool,
 }
 
 /// The pipelines folder as last loaded; swapped whole when files change.

@@ -655,3 +655,26 @@ fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
     assert_eq!(status, 202, "the restarted server runs and cancels runs");
     assert_eq!(run_of(&s.follow(&id2, None)).0, "cancelled");
 }
+
+#[test]
+fn behind_https_the_session_cookie_is_secure() {
+    let s = Server::start_with(
+        &[("hello", HELLO)],
+        &[("SKIFF_PUBLIC_URL", "https://skiff.example.org")],
+    );
+    assert!(
+        s.login_link
+            .starts_with("https://skiff.example.org/login/link/"),
+        "{}",
+        s.login_link
+    );
+    let token = s.login_link.rsplit('/').next().expect("token");
+    let (status, headers, _) = raw("GET", &s.url(&format!("/login/link/{token}")), None, &[]);
+    assert_eq!(status, 303);
+    let cookie = headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.clone())
+        .expect("cookie");
+    assert!(cookie.contains("; Secure"), "{cookie}");
+}
