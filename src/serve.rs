@@ -111,7 +111,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("opening the queue")?;
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let auth: Arc<dyn AuthStore> = Arc::new(sqlite);
-    interrupted_runs(store.as_ref()).await?;
+    interrupted_runs(store.as_ref(), &args.data.data.join("workspaces")).await?;
     let metrics = crate::metrics::install();
 
     let catalog = CatalogHandle::new(Catalog::load(&args.pipelines));
@@ -198,9 +198,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// In the embedded deployment this process is the only worker, so a run still `running` at start
-/// was interrupted when skiff last stopped without finishing it (a crash, a kill -9). Say so, rather
-/// than leave it running forever.
-async fn interrupted_runs(store: &dyn Store) -> anyhow::Result<()> {
+/// was interrupted when skiff last stopped without finishing it (a crash, a kill -9). Say so,
+/// rather than leave it running forever, and end the step processes it left behind.
+async fn interrupted_runs(store: &dyn Store, workspaces: &std::path::Path) -> anyhow::Result<()> {
     use skiff_core::run::RunStatus;
     use skiff_core::store::RunQuery;
     loop {
@@ -219,9 +219,16 @@ async fn interrupted_runs(store: &dyn Store) -> anyhow::Result<()> {
             store
                 .set_status(&run.id, RunStatus::Failed, Some(reason))
                 .await?;
+            let reaped = skiff_worker::clean_up_interrupted(workspaces, &run.id);
             eprintln!(
-                "skiff: run {} #{} was interrupted by the last stop; marked failed",
-                run.pipeline, run.number
+                "skiff: run {} #{} was interrupted by the last stop; marked failed{}",
+                run.pipeline,
+                run.number,
+                if reaped {
+                    ", and its leftover processes ended"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -634,14 +634,28 @@ fn skiff_trigger_follows_a_run_to_its_end() {
 
 #[test]
 fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
-    let s = Server::start(&[("long", "steps:\n  - run: echo started; sleep 20\n")]);
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let pidfile = scratch.path().join("pids");
+    let yaml = format!(
+        "steps:\n  - run: |\n      echo $$ >> {p}\n      sleep 1000 &\n      echo $! >> {p}\n      echo started\n      sleep 1000\n",
+        p = pidfile.display()
+    );
+    let s = Server::start(&[("long", &yaml)]);
     let id = s.trigger("long", json!({}));
     let mut stream = EventStream::open(&s.url(&format!("/api/runs/{id}/logs/stream")), None);
     while !stream.next().is_some_and(|(name, _, data)| {
         name == "log" && data["text"].as_str().is_some_and(|t| t.contains("started"))
     }) {}
     drop(stream);
-    let s = s.crash_and_restart();
+    let mut s = s;
+    s.crash();
+    let left = pids(&pidfile);
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(
+        left.iter().all(|p| crate::support::alive(*p)),
+        "a crash leaves the step's processes running"
+    );
+    let s = s.restart();
     let (_, run) = s.api("GET", &format!("/api/runs/{id}"), None);
     assert_eq!(run["status"], "failed", "{run}");
     assert!(
@@ -649,6 +663,10 @@ fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
             .as_str()
             .is_some_and(|r| r.starts_with("interrupted")),
         "{run}"
+    );
+    assert!(
+        all_gone(&left),
+        "the step processes the crash left behind are ended on restart"
     );
     let id2 = s.trigger("long", json!({}));
     let (status, _) = s.api("POST", &format!("/api/runs/{id2}/cancel"), None);

@@ -37,8 +37,18 @@ impl Server {
 
     /// Kills the server with SIGKILL (no chance to clean up) and starts it again on the same data.
     pub fn crash_and_restart(mut self) -> Server {
+        self.crash();
+        self.restart()
+    }
+
+    /// Kills the server with SIGKILL.
+    pub fn crash(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same data (after `crash`).
+    pub fn restart(mut self) -> Server {
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
         Self::spawn(dir, &[])
     }

@@ -27,6 +27,31 @@ pub struct Spawn<'a> {
     pub args: &'a [&'a std::ffi::OsStr],
     pub cwd: &'a Path,
     pub env: &'a [(String, String)],
+    /// Where to note the process group while it runs, so that a later skiff can end the tree
+    /// if this one dies without doing it (see `reap_orphans`).
+    pub group_file: &'a Path,
+}
+
+/// Ends what a dead skiff left running for a run: the process group noted in `group_file`, but
+/// only if that group still belongs to the run (its leader carries `SKIFF_RUN_ID=<run id>` in its
+/// environment), so a reused process id is never hit. Returns whether a group was ended.
+pub fn reap_orphans(group_file: &Path, run_id: &str) -> bool {
+    let Some(pgid) = std::fs::read_to_string(group_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    if pgid <= 1 {
+        return false;
+    }
+    let marker = format!("SKIFF_RUN_ID={run_id}");
+    let ours = std::fs::read(format!("/proc/{pgid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == marker.as_bytes()));
+    if ours {
+        signal_group(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+    ours
 }
 
 /// How long to wait for output still buffered in the pipe after the process group is gone.
@@ -78,6 +103,8 @@ pub async fn run(
             .and_then(|id| i32::try_from(id).ok())
             .unwrap_or(0),
     );
+    // Best effort: without the note, only a crash of skiff itself would leave the tree behind.
+    let _ = std::fs::write(spec.group_file, pgid.as_raw().to_string());
 
     let mut reader_task = tokio::spawn(read_output(reader, log.clone(), step, masker.clone()));
 
@@ -102,6 +129,7 @@ pub async fn run(
     if pgid.as_raw() > 0 {
         signal_group(pgid, Signal::SIGKILL);
     }
+    let _ = std::fs::remove_file(spec.group_file);
     match tokio::time::timeout(DRAIN_WAIT, &mut reader_task).await {
         Ok(_) => {}
         Err(_) => {

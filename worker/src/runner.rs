@@ -24,6 +24,20 @@ use crate::logs::{LogSender, Masker, RunObserver, start_writer};
 use crate::process::{self, Ended, Spawn};
 use crate::secrets::Secrets;
 
+/// The file in a run's meta folder that names the running step's process group.
+const GROUP_FILE: &str = "group";
+
+/// After skiff died during a run: ends the process tree of the step that was running (if it still
+/// belongs to the run) and removes the run's workspace. Returns whether a tree was ended.
+pub fn clean_up_interrupted(workspace_root: &Path, run: &skiff_core::run::RunId) -> bool {
+    let meta = workspace_root.join(format!("{run}.meta"));
+    let ended = crate::process::reap_orphans(&meta.join(GROUP_FILE), run.as_str());
+    for dir in [workspace_root.join(run.as_str()), meta] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    ended
+}
+
 /// How long a `finally` step may take when it does not say.
 pub const FINALLY_DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The longest pause between two retries.
@@ -662,11 +676,13 @@ impl Runner<'_> {
                 let mut argv: Vec<&std::ffi::OsStr> =
                     args.iter().map(std::ffi::OsStr::new).collect();
                 argv.push(script_path.as_os_str());
+                let group_file = self.meta.join(GROUP_FILE);
                 let spec = Spawn {
                     program,
                     args: &argv,
                     cwd: &cwd,
                     env: &env,
+                    group_file: &group_file,
                 };
                 let ended = process::run(
                     spec,
