@@ -65,16 +65,27 @@ pub struct ServeArgs {
     reload_every: Duration,
 }
 
+/// How long stopping waits for cancelled runs to finish their finally steps.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+
 /// The in-process workers' job handler.
 struct Embedded {
     store: Arc<dyn Store>,
     config: WorkerConfig,
     shutdown: CancellationToken,
+    /// Runs in progress, so that stopping waits for them (and their finally steps), not for the
+    /// queue worker's own shutdown, which can sit out a 30 s heartbeat.
+    running: tokio_util::task::TaskTracker,
 }
 
 #[async_trait::async_trait]
 impl JobHandler for Embedded {
     async fn handle(&self, job: RunJob) -> Result<(), String> {
+        if self.shutdown.is_cancelled() {
+            // Not claimed: the run stays queued and is queued again at the next start.
+            return Err("skiff is stopping; the run will start after the next start".into());
+        }
+        let _running = self.running.token();
         handle_job(self.store.clone(), job, &self.config, &self.shutdown)
             .await
             .map(|_| ())
@@ -136,8 +147,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             cancel_check: Duration::from_secs(1),
         },
         shutdown: shutdown.clone(),
+        running: tokio_util::task::TaskTracker::new(),
     });
-    let workers = queue.spawn_workers(usize::from(args.workers), handler, shutdown.clone());
+    let running = handler.running.clone();
+    // The queue worker stops only after the runs it started have ended: they write through the
+    // same connection it fetches with.
+    let queue_stop = CancellationToken::new();
+    let workers = queue.spawn_workers(usize::from(args.workers), handler, queue_stop.clone());
+    requeue_waiting_runs(store.as_ref(), &queue).await?;
     let state = AppState {
         store: store.clone(),
         auth: auth.clone(),
@@ -188,13 +205,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     });
     server.await.context("serving HTTP")?;
     shutdown.cancel();
-    if tokio::time::timeout(Duration::from_secs(60), workers)
+    // The runs were cancelled: wait for them to end (finally steps included), then stop the
+    // queue worker without waiting for it to notice.
+    running.close();
+    if tokio::time::timeout(SHUTDOWN_WAIT, running.wait())
         .await
         .is_err()
     {
-        eprintln!("skiff: workers did not stop within 60s; exiting anyway");
+        eprintln!(
+            "skiff: runs did not end within {}s; exiting anyway",
+            SHUTDOWN_WAIT.as_secs()
+        );
+    }
+    queue_stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(5), workers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the queue worker did not stop within 5s");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Pushes a job for every run still `queued` in the Store: one whose job was lost or left behind
+/// when skiff last stopped. A duplicate job is harmless (claiming a run is atomic).
+async fn requeue_waiting_runs(store: &dyn Store, queue: &SqliteQueue) -> anyhow::Result<()> {
+    use skiff_core::dispatch::Queue;
+    use skiff_core::run::RunStatus;
+    use skiff_core::store::RunQuery;
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list_runs(&RunQuery {
+                status: Some(RunStatus::Queued),
+                limit: 500,
+                cursor,
+                ..RunQuery::default()
+            })
+            .await?;
+        for run in &page.runs {
+            queue.push(RunJob::new(&run.id)).await?;
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(()),
+        }
+    }
 }
 
 /// In the embedded deployment this process is the only worker, so a run still `running` at start

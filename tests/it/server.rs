@@ -17,6 +17,7 @@ pub struct Server {
     pub base: String,
     pub login_link: String,
     pub dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -35,12 +36,6 @@ impl Server {
         Self::spawn(dir, extra_env)
     }
 
-    /// Kills the server with SIGKILL (no chance to clean up) and starts it again on the same data.
-    pub fn crash_and_restart(mut self) -> Server {
-        self.crash();
-        self.restart()
-    }
-
     /// Kills the server with SIGKILL.
     pub fn crash(&mut self) {
         let _ = self.child.kill();
@@ -50,7 +45,9 @@ impl Server {
     /// Starts the server again on the same data (after `crash`).
     pub fn restart(mut self) -> Server {
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
-        Self::spawn(dir, &[])
+        let env = std::mem::take(&mut self.env);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Self::spawn(dir, &env)
     }
 
     fn spawn(dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> Server {
@@ -105,6 +102,10 @@ impl Server {
             base: base.unwrap_or_default(),
             login_link: link.unwrap_or_default(),
             dir,
+            env: extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -168,6 +169,17 @@ impl Drop for Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let pipelines: Vec<String> = std::fs::read_dir(self.pipelines_dir())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        eprintln!(
+            "skiff serve at {} ({pipelines:?}) did not stop within 20s of SIGTERM; killed",
+            self.base
+        );
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
