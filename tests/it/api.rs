@@ -676,6 +676,11 @@ fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
         all_gone(&left),
         "the step processes the crash left behind are ended on restart"
     );
+    assert_eq!(
+        run_of(&s.follow(&waiting, None)).0,
+        "succeeded",
+        "a run that was waiting runs after the restart"
+    );
     let id2 = s.trigger("long", json!({}));
     let (status, _) = s.api("POST", &format!("/api/runs/{id2}/cancel"), None);
     assert_eq!(status, 202, "the restarted server runs and cancels runs");
