@@ -25,7 +25,7 @@ use crate::run::{
     LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind,
 };
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS runs (
@@ -45,6 +45,7 @@ const SCHEMA: &[&str] = &[
         reason TEXT,
         log_len INTEGER NOT NULL DEFAULT 0,
         cancel_requested INTEGER NOT NULL DEFAULT 0,
+        plan TEXT,
         UNIQUE (pipeline, number)
     )",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
@@ -210,7 +211,26 @@ impl SqliteStore {
                 .await
                 .map_err(backend)?;
         }
-        sqlx::query("PRAGMA user_version = 2")
+        if (1..=2).contains(&version) {
+            sqlx::query("ALTER TABLE runs ADD COLUMN plan TEXT")
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        // A run's planned steps are written by the same statement that creates the run: one
+        // round trip on the path from a trigger to its first step.
+        sqlx::query(
+            "CREATE TRIGGER IF NOT EXISTS runs_plan_steps AFTER INSERT ON runs WHEN NEW.plan IS NOT NULL
+             BEGIN
+               INSERT INTO steps (run_id, idx, step_id, name, phase, status, attempt, outputs)
+               SELECT NEW.id, value ->> 'i', value ->> 'id', value ->> 'name', value ->> 'phase', 'pending', 0, '{}'
+               FROM json_each(NEW.plan);
+             END",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        sqlx::query("PRAGMA user_version = 3")
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -284,15 +304,21 @@ impl Store for SqliteStore {
     async fn create_run(&self, new: NewRun) -> Result<Run> {
         let id = RunId::generate();
         let now = Utc::now();
-        let mut tx = self.write_tx().await?;
-        // The next number: past every run of the pipeline and past `run_numbers`, the high-water
-        // mark kept for numbers of runs that were deleted, so a number is never given twice.
+        // Every planned step, for the `runs_plan_steps` trigger.
+        let plan: Vec<serde_json::Value> = new
+            .steps
+            .iter()
+            .map(|p| serde_json::json!({ "i": p.index, "id": p.id, "name": p.name, "phase": p.phase.as_str() }))
+            .collect();
+        // One statement (the run, and through the trigger its steps, atomically). The number is
+        // past every run of the pipeline and past `run_numbers`, the high-water mark kept for
+        // numbers of runs that were deleted, so a number is never given twice.
         let number: i64 = sqlx::query(
-            "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at)
+            "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan)
              VALUES (?1, ?2, 1 + MAX(
                  COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
                  COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
-               'queued', ?3, ?4, ?5, ?6, ?7, ?8)
+               'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              RETURNING number",
         )
         .bind(id.as_str())
@@ -303,27 +329,11 @@ impl Store for SqliteStore {
         .bind(&new.source)
         .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
         .bind(millis(now))
-        .fetch_one(&mut *tx)
+        .bind(serde_json::Value::Array(plan).to_string())
+        .fetch_one(&self.pool)
         .await
         .map_err(backend)?
         .get(0);
-        // Every planned step in one statement.
-        let plan: Vec<serde_json::Value> = new
-            .steps
-            .iter()
-            .map(|p| serde_json::json!({ "i": p.index, "id": p.id, "name": p.name, "phase": p.phase.as_str() }))
-            .collect();
-        sqlx::query(
-            "INSERT INTO steps (run_id, idx, step_id, name, phase, status, attempt, outputs)
-             SELECT ?1, value ->> 'i', value ->> 'id', value ->> 'name', value ->> 'phase', 'pending', 0, '{}'
-             FROM json_each(?2)",
-        )
-        .bind(id.as_str())
-        .bind(serde_json::Value::Array(plan).to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
         Ok(Run {
             id,
             pipeline: new.pipeline,
