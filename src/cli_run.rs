@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use skiff_core::diag::Report;
 use skiff_core::duration::human;
 use skiff_core::pipeline::{Phase, resolve_params};
 use skiff_core::run::{NewRun, RunStatus, StepRecord, StepStatus, Trigger, TriggerKind};
-use skiff_core::store::{SqliteStore, Store};
+use skiff_core::store::Store;
 use skiff_worker::secrets::Secrets;
 use skiff_worker::{RunObserver, RunOptions, execute_run};
 use tokio_util::sync::CancellationToken;
@@ -97,11 +97,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    std::fs::create_dir_all(&args.data.data)
-        .with_context(|| format!("creating {}", args.data.data.display()))?;
-    let store = SqliteStore::open(&args.data.data.join("skiff.db"))
-        .await
-        .context("opening the store")?;
+    let store = args.data.open_store().await?;
     let store: Arc<dyn Store> = Arc::new(store);
     let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
     let run = store

@@ -2,9 +2,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use skiff_core::store::SqliteStore;
-
 use crate::DataArgs;
 
 #[derive(clap::Args, Debug)]
@@ -26,13 +23,12 @@ pub fn main(args: LoginLinkArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let db = args.data.data.join("skiff.db");
         anyhow::ensure!(
-            db.exists(),
+            args.data.db().exists(),
             "no skiff data in {} (start `skiff serve` first, or pass --data)",
             args.data.data.display()
         );
-        let store = SqliteStore::open(&db).await.context("opening the store")?;
+        let store = args.data.open_store().await?;
         let token = skiff_server::auth::issue_login_link(&store).await?;
         println!(
             "{}/login/link/{token}",

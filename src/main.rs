@@ -51,6 +51,23 @@ pub struct DataArgs {
     pub data: PathBuf,
 }
 
+impl DataArgs {
+    /// The Store file in the data folder.
+    pub fn db(&self) -> PathBuf {
+        self.data.join("skiff.db")
+    }
+
+    /// Opens the Store in the data folder, creating the folder when missing.
+    pub async fn open_store(&self) -> anyhow::Result<skiff_core::store::SqliteStore> {
+        use anyhow::Context;
+        std::fs::create_dir_all(&self.data)
+            .with_context(|| format!("creating {}", self.data.display()))?;
+        skiff_core::store::SqliteStore::open(&self.db())
+            .await
+            .context("opening the store")
+    }
+}
+
 /// The async runtime the long-lived subcommands use: two worker threads (the machine skiff is
 /// sized for has two cores).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use skiff_core::catalog::Catalog;
 use skiff_core::dispatch::{Dispatcher, RunJob};
 use skiff_core::queue::{JobHandler, SqliteQueue};
-use skiff_core::store::{AuthStore, SqliteStore, Store};
+use skiff_core::store::{AuthStore, Store};
 use skiff_server::{AppState, CatalogHandle, ServerConfig};
 use skiff_worker::pool::{WorkerConfig, handle_job};
 use skiff_worker::secrets::Secrets;
@@ -109,11 +109,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    std::fs::create_dir_all(&args.data.data)
-        .with_context(|| format!("creating {}", args.data.data.display()))?;
-    let sqlite = SqliteStore::open(&args.data.data.join("skiff.db"))
-        .await
-        .context("opening the store")?;
+    let sqlite = args.data.open_store().await?;
     // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
     // instead of a fetch round trip later. The embedded worker is the only one, so it keeps
     // nothing from other workers (remote workers will claim only what they can run).

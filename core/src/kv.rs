@@ -10,14 +10,6 @@ pub struct KvError {
     pub message: String,
 }
 
-fn valid_key(key: &str) -> bool {
-    let mut chars = key.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-}
-
 /// Parses the whole text; later values of a key replace earlier ones. Returns what could be
 /// read and the lines that could not.
 pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<KvError>) {
@@ -35,7 +27,7 @@ pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<KvError>) {
         }
         if let Some((key, delim)) = line.split_once("<<").filter(|(k, _)| !k.contains('=')) {
             let (key, delim) = (key.trim(), delim.trim());
-            if !valid_key(key) || delim.is_empty() {
+            if !crate::pipeline::valid_ident(key) || delim.is_empty() {
                 errors.push(KvError {
                     line: n + 1,
                     message: format!("`{}` is not KEY<<DELIMITER", truncate(line)),
@@ -61,7 +53,9 @@ pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<KvError>) {
             continue;
         }
         match line.split_once('=') {
-            Some((key, value)) if valid_key(key.trim()) => set(key.trim(), value.to_string()),
+            Some((key, value)) if crate::pipeline::valid_ident(key.trim()) => {
+                set(key.trim(), value.to_string())
+            }
             _ => errors.push(KvError {
                 line: n + 1,
                 message: format!("`{}` is not KEY=value", truncate(line)),

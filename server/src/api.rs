@@ -216,6 +216,17 @@ fn entry(state: &AppState, name: &str) -> Result<std::sync::Arc<Entry>, ApiError
     })
 }
 
+/// 201 with the new run and where to find it.
+fn created(run: &Run) -> Response {
+    let location = format!("/api/runs/{}", run.id);
+    (
+        StatusCode::CREATED,
+        [("location", location)],
+        Json(run_dto(run, None)),
+    )
+        .into_response()
+}
+
 pub fn trigger_of(principal: &crate::auth::Principal, kind: TriggerKind) -> Trigger {
     Trigger {
         kind,
@@ -339,13 +350,7 @@ pub async fn trigger(
         .dispatcher
         .trigger(&entry, &given, trigger_of(&principal, TriggerKind::Api))
         .await?;
-    let location = format!("/api/runs/{}", run.id);
-    Ok((
-        StatusCode::CREATED,
-        [("location", location)],
-        Json(run_dto(&run, None)),
-    )
-        .into_response())
+    Ok(created(&run))
 }
 
 #[derive(Deserialize)]
@@ -467,13 +472,7 @@ pub async fn rerun(
         .dispatcher
         .rerun(&run, trigger_of(&principal, TriggerKind::Rerun))
         .await?;
-    let location = format!("/api/runs/{}", new.id);
-    Ok((
-        StatusCode::CREATED,
-        [("location", location)],
-        Json(run_dto(&new, None)),
-    )
-        .into_response())
+    Ok(created(&new))
 }
 
 fn token_dto(t: &ApiToken) -> Value {

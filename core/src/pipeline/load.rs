@@ -58,7 +58,8 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 100
 }
 
-fn valid_ident(name: &str) -> bool {
+/// An id, param or output name: a letter or `_`, then letters, digits, `_` and `-`.
+pub fn valid_ident(name: &str) -> bool {
     let mut chars = name.chars();
     chars
         .next()

@@ -238,6 +238,20 @@ impl SqliteStore {
     }
 }
 
+/// The committed length of a run's log.
+async fn log_len<'e, E: sqlx::Executor<'e, Database = sqlx::Sqlite>>(
+    executor: E,
+    id: &RunId,
+) -> Result<i64> {
+    sqlx::query("SELECT log_len FROM runs WHERE id = ?1")
+        .bind(id.as_str())
+        .fetch_optional(executor)
+        .await
+        .map_err(backend)?
+        .map(|row| row.get(0))
+        .ok_or_else(|| StoreError::NotFound(id.clone()))
+}
+
 fn run_from_row(row: &SqliteRow) -> Result<Run> {
     let get_s = |c: &str| row.try_get::<String, _>(c).map_err(backend);
     Ok(Run {
@@ -491,13 +505,7 @@ impl Store for SqliteStore {
 
     async fn append_logs(&self, id: &RunId, chunks: &[LogChunk]) -> Result<u64> {
         let mut tx = self.write_tx().await?;
-        let len: i64 = sqlx::query("SELECT log_len FROM runs WHERE id = ?1")
-            .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?
-            .ok_or_else(|| StoreError::NotFound(id.clone()))?
-            .get(0);
+        let len: i64 = log_len(&mut *tx, id).await?;
         let total: usize = chunks.iter().map(|c| c.data.len()).sum();
         if total == 0 {
             return Ok(len as u64);
@@ -547,13 +555,7 @@ impl Store for SqliteStore {
 
     async fn read_logs(&self, id: &RunId, offset: u64, max_bytes: usize) -> Result<LogRead> {
         let mut conn = self.readers.acquire().await.map_err(backend)?;
-        let len: i64 = sqlx::query("SELECT log_len FROM runs WHERE id = ?1")
-            .bind(id.as_str())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(backend)?
-            .ok_or_else(|| StoreError::NotFound(id.clone()))?
-            .get(0);
+        let len: i64 = log_len(&mut *conn, id).await?;
         let len = len as u64;
         if offset > len {
             return Err(StoreError::OffsetOutOfRange { offset, len });
