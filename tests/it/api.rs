@@ -267,18 +267,9 @@ fn cancel_stops_a_long_run_and_its_finally_runs() {
         "steps:\n  - id: long\n    run: |\n      sleep 1000 &\n      echo $! >> {p}\n      echo $$ >> {p}\n      echo started\n      sleep 1000\nfinally:\n  - run: echo \"finally after $SKIFF_RUN_STATUS\"\n",
         p = pidfile.display()
     );
-    let s = Server::start_with(
-        &[("long", &yaml), ("quick", "steps:\n  - run: echo quick\n")],
-        &[("SKIFF_WORKERS", "1")],
-    );
+    let s = Server::start(&[("long", &yaml)]);
     let id = s.trigger("long", json!({}));
-    let mut stream = EventStream::open(&s.url(&format!("/api/runs/{id}/logs/stream")), None);
-    loop {
-        let (name, _, data) = stream.next().expect("events until the step starts");
-        if name == "log" && data["text"].as_str().is_some_and(|t| t.contains("started")) {
-            break;
-        }
-    }
+    s.wait_for_log(&id, "started");
     let (status, body) = s.api("POST", &format!("/api/runs/{id}/cancel"), None);
     assert_eq!(status, 202, "{body}");
     let events = s.follow(&id, None);
@@ -648,11 +639,7 @@ fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
         &[("SKIFF_WORKERS", "1")],
     );
     let id = s.trigger("long", json!({}));
-    let mut stream = EventStream::open(&s.url(&format!("/api/runs/{id}/logs/stream")), None);
-    while !stream.next().is_some_and(|(name, _, data)| {
-        name == "log" && data["text"].as_str().is_some_and(|t| t.contains("started"))
-    }) {}
-    drop(stream);
+    s.wait_for_log(&id, "started");
     // With one worker slot busy, this run waits in the queue when skiff dies.
     let waiting = s.trigger("quick", json!({}));
     let mut s = s;

@@ -139,6 +139,17 @@ impl Server {
         run["id"].as_str().expect("id").to_string()
     }
 
+    /// Follows the run's event stream until a log event contains `needle`.
+    pub fn wait_for_log(&self, id: &str, needle: &str) {
+        let mut stream = EventStream::open(&self.url(&format!("/api/runs/{id}/logs/stream")), None);
+        while let Some((name, _, data)) = stream.next() {
+            if name == "log" && data["text"].as_str().is_some_and(|t| t.contains(needle)) {
+                return;
+            }
+        }
+        panic!("the run's log never showed {needle:?}");
+    }
+
     /// Follows the run's event stream to its `end`; returns the events (name, data).
     pub fn follow(&self, id: &str, last_event_id: Option<&str>) -> Vec<(String, Value)> {
         let mut events = Vec::new();
