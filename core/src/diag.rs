@@ -35,17 +35,18 @@ impl Diagnostic {
     }
 
     pub fn with_len(mut self, len: usize) -> Self {
+        self.set_len(len);
+        self
+    }
+
+    /// Sets how many characters the underline covers (at least 1).
+    pub fn set_len(&mut self, len: usize) -> &mut Self {
         self.len = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
         self
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
         self.help = Some(help.into());
-        self
-    }
-
-    pub fn with_help_opt(mut self, help: Option<String>) -> Self {
-        self.help = help;
         self
     }
 }

@@ -181,7 +181,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                         let help = did_you_mean(&k.name, allowed.iter().copied())
                             .unwrap_or_else(|| format!("{what} takes: {}", allowed.join(", ")));
                         self.error(k.pos, format!("unknown key `{}` in {what}", k.name))
-                            .with_len_mut(k.name.chars().count())
+                            .set_len(k.name.chars().count())
                             .help = Some(help);
                     }
                 }
@@ -210,7 +210,7 @@ impl<'s, 'n> Cx<'s, 'n> {
         if let Some(k) = s.find("${{") {
             let pos = node.pos_in_scalar(self.src, k, "${{");
             self.error(pos, format!("{what} cannot hold an expression"))
-                .with_len_mut(3);
+                .set_len(3);
             return None;
         }
         Some(s)
@@ -229,7 +229,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                     node.pos,
                     format!("{what} must be true or false, found `{text}`"),
                 )
-                .with_len_mut(text.len())
+                .set_len(text.len())
                 .help = Some(format!(
                     "`{text}` is not a boolean in skiff's YAML; write `{meant}`"
                 ));
@@ -271,7 +271,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             Ok(d) => Some(d),
             Err(msg) => {
                 self.error(node.pos, format!("{what}: {msg}"))
-                    .with_len_mut(text.chars().count());
+                    .set_len(text.chars().count());
                 None
             }
         }
@@ -293,7 +293,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             .get(start..(start + e.len).min(text.len()))
             .unwrap_or("");
         let pos = node.pos_in_scalar(self.src, start, needle);
-        self.error(pos, e.message).with_len_mut(e.len).help = e.help;
+        self.error(pos, e.message).set_len(e.len).help = e.help;
     }
 
     /// A string that may hold expressions; records them for the reference pass.
@@ -340,7 +340,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                     k.pos,
                     format!("`{}` is not a valid environment variable name", k.name),
                 )
-                .with_len_mut(k.name.chars().count())
+                .set_len(k.name.chars().count())
                 .help = Some("use letters, digits and `_`, not starting with a digit".into());
                 continue;
             }
@@ -349,7 +349,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                     k.pos,
                     format!("`{}`: names starting with SKIFF_ are set by skiff", k.name),
                 )
-                .with_len_mut(k.name.chars().count());
+                .set_len(k.name.chars().count());
                 continue;
             }
             if matches!(v.value, Value::Seq(_) | Value::Map(_)) {
@@ -378,7 +378,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                 let name = self.literal(n, "`name`").unwrap_or_default();
                 if !name.is_empty() && !valid_name(&name) {
                     self.error(n.pos, format!("pipeline name `{name}` is not valid"))
-                        .with_len_mut(name.chars().count())
+                        .set_len(name.chars().count())
                         .help = Some(
                         "use letters, digits, `-`, `_` and `.`, starting with a letter or digit"
                             .into(),
@@ -536,7 +536,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                 other => {
                     let help = did_you_mean(other, ["string", "boolean", "number", "choice"]);
                     self.error(n.pos, format!("unknown param type `{other}`"))
-                        .with_len_mut(other.len())
+                        .set_len(other.len())
                         .help =
                         help.or_else(|| Some("types: string, boolean, number, choice".into()));
                     return None;
@@ -573,7 +573,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                     None
                 };
                 self.error(n.pos, format!("default of {what}: {msg}"))
-                    .with_len_mut(text.chars().count())
+                    .set_len(text.chars().count())
                     .help = help;
             }
             p.default = Some(text);
@@ -648,7 +648,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                         let help = did_you_mean(&e, WEBHOOK_EVENTS.iter().copied())
                             .unwrap_or_else(|| format!("events: {}", WEBHOOK_EVENTS.join(", ")));
                         self.error(i.pos, format!("unknown webhook event `{e}`"))
-                            .with_len_mut(e.len())
+                            .set_len(e.len())
                             .help = Some(help);
                     }
                     events.push(e);
@@ -686,7 +686,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             Ok(()) => true,
             Err(msg) => {
                 self.error(cron_node.pos, format!("bad cron expression `{cron_text}`: {msg}"))
-                    .with_len_mut(cron_text.chars().count())
+                    .set_len(cron_text.chars().count())
                     .help = Some("five fields: minute hour day-of-month month day-of-week, e.g. `0 2 * * *`, or @daily, @hourly...".into());
                 false
             }
@@ -704,7 +704,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                                     "use an IANA name such as Europe/Madrid or UTC".into()
                                 });
                         self.error(n.pos, format!("unknown timezone `{text}`"))
-                            .with_len_mut(text.chars().count())
+                            .set_len(text.chars().count())
                             .help = Some(help);
                         return None;
                     }
@@ -723,7 +723,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                             let help =
                                 did_you_mean(&k.name, params.iter().map(|p| p.name.as_str()));
                             self.error(k.pos, format!("unknown param `{}`", k.name))
-                                .with_len_mut(k.name.len())
+                                .set_len(k.name.len())
                                 .help = help;
                         }
                         Some(p) => {
@@ -788,7 +788,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                 let id = self.literal(n, "`id`")?;
                 if !valid_ident(&id) {
                     self.error(n.pos, format!("step id `{id}` is not valid"))
-                        .with_len_mut(id.chars().count())
+                        .set_len(id.chars().count())
                         .help = Some(
                         "use letters, digits, `_` and `-`, starting with a letter or `_`".into(),
                     );
@@ -814,7 +814,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             (Some(run), None) => {
                 if let Some(w) = f.key("with") {
                     self.error(w.pos, "`with` goes with `uses`, not with `run`")
-                        .with_len_mut(4);
+                        .set_len(4);
                 }
                 self.script(run).map(|script| StepAction::Run { script })
             }
@@ -888,7 +888,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                             "pass the value through the step's `env:` and use the variable".into()
                         });
                     self.error(pos, "`${{ ... }}` is not expanded inside `run:`, so untrusted text never becomes shell code")
-                        .with_len_mut(f.end - f.start)
+                        .set_len(f.end - f.start)
                         .help = Some(help);
                 }
             }
@@ -911,7 +911,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                     )
                 });
             self.error(node.pos, format!("unknown action `{name}`"))
-                .with_len_mut(name.chars().count())
+                .set_len(name.chars().count())
                 .help = Some(help);
             return None;
         };
@@ -946,7 +946,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                     k.pos,
                     format!("unknown field `{}` for `{}`", k.name, spec.name),
                 )
-                .with_len_mut(k.name.chars().count())
+                .set_len(k.name.chars().count())
                 .help = Some(help);
                 ok = false;
                 continue;
@@ -1112,7 +1112,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                 // Find the id's node for the position: the second occurrence in the file.
                 let pos = find_id_pos(top, &step.id).unwrap_or(Pos::new(1, 1));
                 self.error(pos, format!("duplicate step id `{}`", step.id))
-                    .with_len_mut(step.id.chars().count());
+                    .set_len(step.id.chars().count());
             } else if !env_keys.insert(env_key(&step.id)) {
                 let pos = find_id_pos(top, &step.id).unwrap_or(Pos::new(1, 1));
                 self.error(
@@ -1209,17 +1209,6 @@ impl<'s, 'n> Cx<'s, 'n> {
                 },
             );
         }
-    }
-}
-
-trait DiagExt {
-    fn with_len_mut(&mut self, len: usize) -> &mut Self;
-}
-
-impl DiagExt for Diagnostic {
-    fn with_len_mut(&mut self, len: usize) -> &mut Self {
-        self.len = u32::try_from(len.max(1)).unwrap_or(u32::MAX);
-        self
     }
 }
 
