@@ -160,8 +160,8 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
-/// Issues a session: returns the cookie value to set and the session's CSRF token.
-pub async fn start_session(state: &AppState) -> Result<(String, String), ApiError> {
+/// Issues a session (with its CSRF token, kept in the Store); returns the `Set-Cookie` value.
+pub async fn start_session(state: &AppState) -> Result<String, ApiError> {
     let session = random_token("");
     let csrf = random_token("");
     let expires = Utc::now() + Duration::days(SESSION_DAYS);
@@ -178,7 +178,7 @@ pub async fn start_session(state: &AppState) -> Result<(String, String), ApiErro
         "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         SESSION_DAYS * 24 * 3600
     );
-    Ok((cookie, csrf))
+    Ok(cookie)
 }
 
 pub fn clear_session_cookie() -> String {

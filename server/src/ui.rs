@@ -494,7 +494,7 @@ pub async fn login(
         };
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
-    let (cookie, _) = auth::start_session(&state).await?;
+    let cookie = auth::start_session(&state).await?;
     Ok(signed_in(cookie))
 }
 
@@ -509,7 +509,7 @@ pub async fn login_link(
         };
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
-    let (cookie, _) = auth::start_session(&state).await?;
+    let cookie = auth::start_session(&state).await?;
     Ok(signed_in(cookie))
 }
 
