@@ -509,15 +509,17 @@ pub const FUNCTIONS: &[(&str, usize, usize)] = &[
     ("cancelled", 0, 0),
 ];
 
+/// Whether `name` is one of the status functions, which only a step's `if:` may call.
+pub fn is_status_function(name: &str) -> bool {
+    matches!(name, "success" | "failure" | "always" | "cancelled")
+}
+
 /// Whether the expression calls one of the status functions; a step `if:` without one is
 /// implicitly `success() && (...)`.
 pub fn uses_status_function(expr: &Expr) -> bool {
     match expr {
         Expr::Call { name, args, .. } => {
-            matches!(
-                name.as_str(),
-                "success" | "failure" | "always" | "cancelled"
-            ) || args.iter().any(uses_status_function)
+            is_status_function(name) || args.iter().any(uses_status_function)
         }
         Expr::Not(e) => uses_status_function(e),
         Expr::Binary { lhs, rhs, .. } => uses_status_function(lhs) || uses_status_function(rhs),

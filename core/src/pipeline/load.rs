@@ -1141,10 +1141,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                 start,
                 end,
             } => {
-                let status_fn = matches!(
-                    name.as_str(),
-                    "success" | "failure" | "always" | "cancelled"
-                );
+                let status_fn = expr::is_status_function(name);
                 match expr::FUNCTIONS.iter().find(|(n, _, _)| n == name) {
                     None => {
                         let help = did_you_mean(name, expr::FUNCTIONS.iter().map(|(n, _, _)| *n));
