@@ -1,12 +1,21 @@
-//! The embedded queue: apalis with its SQLite backend, on the Store's own pool and file.
+//! The embedded queue: apalis's worker and apalis-sqlite's jobs table and queries, on the
+//! Store's own pool and file.
 //!
-//! apalis fetches by polling. An idle worker would look for work only at its heartbeat, so the
-//! queue raises its own wake signal after each push commits, and the worker's poll strategy
-//! (`WakeStrategy`) turns it into a fetch at once. Two traps are avoided. A fetch that started
-//! before the push committed comes back empty; a one-shot signal consumed by it would be lost, so
-//! the signal is a push counter: the strategy fetches again whenever the count moved since it
-//! last looked. And a timer that fired must be re-armed and polled again or it never wakes
-//! anyone, so the safety tick is re-armed on every firing.
+//! apalis-sqlite's `SqliteStorage` wraps every push, fetch and ack in a transaction of its own
+//! (BEGIN, the statement, COMMIT: three round trips to the connection's thread), and its worker
+//! fetches whenever it is polled with a free slot, so a running job's every wake-up costs an
+//! empty fetch on the one writer connection the runs also write through. skiff keeps apalis's
+//! worker, tables and queries and plugs in at apalis's own extension points instead:
+//!
+//! - [`JobsTable`], a `Persistence` whose push, fetch and ack are one statement each (each is
+//!   atomic on its own), and
+//! - [`JobSource`], the worker's backend: apalis-core's `Persisted` driving `JobsTable`, gated so
+//!   that a fetch happens only when it can find something: jobs were pushed since the last fetch
+//!   started, the last fetch filled its batch, or the safety tick fired.
+//!
+//! The push signal is a counter, not a flag: a fetch that started before a push committed comes
+//! back empty, and a one-shot signal consumed by it would be lost. The fetch notes the count it
+//! started at; any push after that moves the count and wakes the worker.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,9 +24,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_sqlite::{Config, SqliteStorage};
+use apalis_core::backend::finalize::Durable;
+use apalis_core::backend::persistence::{
+    Persisted, Persistence, State, TaskEvent, TaskPersistLayer,
+};
+use apalis_core::backend::{BackendConfig, WireFormatBackend, WorkerFilter};
+use apalis_sqlite::{Config, Error as SqliteError, JsonCodec, SqliteStorage, queries};
 use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
+use serde_json::Value;
 use sqlx::SqlitePool;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +55,7 @@ pub trait JobHandler: Send + Sync + 'static {
 
 #[derive(Clone)]
 pub struct SqliteQueue {
-    storage: SqliteStorage<RunJob>,
+    table: JobsTable,
     wake: Arc<Wake>,
 }
 
@@ -58,45 +73,210 @@ impl Wake {
     }
 }
 
-/// The worker's poll strategy: ready when pushes happened since it last looked, and when the
-/// safety tick fires.
-struct WakeStrategy {
-    wake: Arc<Wake>,
-    /// The push count last seen (`u64::MAX` before the first poll, which fetches at once).
-    seen: u64,
-    tick: Pin<Box<Sleep>>,
+/// apalis-sqlite's jobs table through its public queries, one statement per push, fetch and ack.
+/// Registering a worker, its heartbeat and taking back abandoned jobs keep their transactions
+/// (each does two things that belong together, and they are rare).
+#[derive(Clone)]
+pub struct JobsTable {
+    pool: SqlitePool,
+    config: Config,
 }
 
-impl WakeStrategy {
-    fn new(wake: Arc<Wake>) -> Self {
-        WakeStrategy {
-            wake,
-            seen: u64::MAX,
-            tick: Box::pin(tokio::time::sleep(SAFETY_TICK)),
+impl Persistence for JobsTable {
+    type Compact = Vec<u8>;
+    type Response = Value;
+    type Error = SqliteError;
+
+    async fn register(&mut self, worker: &WorkerContext) -> Result<(), SqliteError> {
+        let dead_for = i64::try_from(self.config.heartbeat_interval.as_secs()).unwrap_or(i64::MAX);
+        let mut tx = self.pool.begin().await?;
+        let only = WorkerFilter::Only(worker.name().to_owned());
+        queries::reenqueue_orphaned(&mut *tx, dead_for, self.config.queue.as_ref(), &only).await?;
+        queries::register_worker(&mut *tx, &self.config, worker, "skiff").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), SqliteError> {
+        let dead_for = i64::try_from(self.config.orphaned_duration().as_secs()).unwrap_or(i64::MAX);
+        let others = WorkerFilter::AllExcept(worker.name().to_owned());
+        let mut tx = self.pool.begin().await?;
+        queries::keep_alive(&mut *tx, &self.config, worker).await?;
+        queries::reenqueue_orphaned(&mut *tx, dead_for, self.config.queue.as_ref(), &others)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fetch_next(
+        &mut self,
+        worker: &WorkerContext,
+    ) -> Result<Vec<apalis_sqlite::SqliteTask>, SqliteError> {
+        // One `UPDATE .. RETURNING`: it takes the jobs and returns them atomically.
+        queries::fetch_next(&self.pool, &self.config, worker).await
+    }
+
+    async fn reenqueue_abandoned(
+        &mut self,
+        tasks: Vec<apalis_sqlite::SqliteTask>,
+        worker: &WorkerContext,
+    ) -> Result<u64, SqliteError> {
+        let ids: Vec<String> = tasks
+            .iter()
+            .filter_map(|t| t.task_id().as_ref().map(|id| id.to_string()))
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        let count =
+            queries::reenqueue_abandoned(&mut *tx, self.config.queue.as_ref(), worker.name(), &ids)
+                .await?;
+        if usize::try_from(count).ok() != Some(tasks.len()) {
+            return Err(SqliteError::ReenqueueMismatch {
+                queued: tasks.len(),
+                abandoned: usize::try_from(count).unwrap_or(usize::MAX),
+            });
+        }
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    async fn handle_events(
+        &mut self,
+        events: Vec<TaskEvent<Value>>,
+        worker: &WorkerContext,
+    ) -> Result<(), SqliteError> {
+        // Jobs are not locked (`lock_tasks(false)`): the run's claim in the Store is the lock.
+        // Acks are one `UPDATE` over all of them.
+        let acks: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                TaskEvent::Complete(payload) => Some(payload),
+                _ => None,
+            })
+            .collect();
+        if !acks.is_empty() {
+            queries::ack_tasks(&self.pool, &acks, worker.name()).await?;
+        }
+        Ok(())
+    }
+
+    async fn push_tasks(
+        &mut self,
+        tasks: Vec<apalis_sqlite::SqliteTask>,
+    ) -> Result<(), SqliteError> {
+        let queue = self.config.queue.as_ref();
+        if let [_] = tasks.as_slice() {
+            let mut conn = self.pool.acquire().await?;
+            queries::push_tasks(&mut *conn, queue, &tasks).await
+        } else {
+            let mut tx = self.pool.begin().await?;
+            queries::push_tasks(&mut *tx, queue, &tasks).await?;
+            tx.commit().await?;
+            Ok(())
         }
     }
 }
 
-impl PollStrategy for WakeStrategy {
-    fn poll_drive(&mut self, cx: &mut Context<'_>, _snapshot: &PollSnapshot) -> Poll<Option<()>> {
+/// The worker's backend: apalis-core's `Persisted` state machine over [`JobsTable`] (worker
+/// registration, heartbeats, buffered batches, acks), with the fetch gated on the push counter.
+pub struct JobSource {
+    persisted: Persisted<JobsTable>,
+    config: Config,
+    codec: JsonCodec<Vec<u8>>,
+    wake: Arc<Wake>,
+    /// The push count when the last fetch started (`u64::MAX` before the first fetch).
+    seen: u64,
+    /// Jobs handed out since the last fetch started: a full batch means more may be waiting.
+    handed_out: usize,
+    tick: Pin<Box<Sleep>>,
+}
+
+impl JobSource {
+    /// Whether a fetch could find anything. Registers the worker's waker first, so that a push
+    /// made after the count is read wakes it.
+    fn fetch_due(&mut self, cx: &mut Context<'_>) -> bool {
         use std::future::Future;
-        let mut ready = false;
-        // Register before reading the count: a push after the read wakes this waker.
         self.wake.waker.register(cx.waker());
         let pushes = self.wake.pushes.load(Ordering::Acquire);
-        if pushes != self.seen {
-            ready = true;
+        let mut due = pushes != self.seen || self.handed_out >= self.config.batch_size;
+        if self.tick.as_mut().poll(cx).is_ready() {
+            due = true;
+        }
+        if due {
             self.seen = pushes;
-        }
-        while self.tick.as_mut().poll(cx).is_ready() {
-            ready = true;
+            self.handed_out = 0;
+            // The tick is the longest an idle worker goes without a fetch: restart it, and poll
+            // it once so that it wakes this task when it fires.
             self.tick.as_mut().reset(Instant::now() + SAFETY_TICK);
+            let _ = self.tick.as_mut().poll(cx);
         }
-        if ready {
-            Poll::Ready(Some(()))
-        } else {
-            Poll::Pending
+        due
+    }
+}
+
+impl Backend for JobSource {
+    type Task = apalis_sqlite::SqliteTask;
+    type Error = SqliteError;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), SqliteError>> {
+        let heartbeat = self.config.heartbeat_interval;
+        self.persisted.poll_ready(cx, worker, heartbeat)
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, SqliteError>>> {
+        // In `Ready`, polling `Persisted` starts a fetch; elsewhere it drives one, or hands out
+        // a fetched job.
+        if matches!(self.persisted.state(), State::Ready) && !self.fetch_due(cx) {
+            return Poll::Pending;
         }
+        let next = self.persisted.poll_next(cx, worker);
+        if let Poll::Ready(Some(Ok(_))) = &next {
+            self.handed_out += 1;
+        }
+        next
+    }
+
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        worker: &WorkerContext,
+    ) -> Poll<Result<(), SqliteError>> {
+        self.persisted.poll_close(cx, worker)
+    }
+}
+
+impl BackendConfig for JobSource {
+    type Args = RunJob;
+    type Id = ulid::Ulid;
+    type Kind = Durable;
+    type Config = Config;
+    type Layer = TaskPersistLayer<JsonCodec<Value>, Value>;
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
+        self.persisted
+            .layer(JsonCodec::default(), self.config.batch_size)
+            .persist_results(self.config.persist_results)
+            .lock_tasks(self.config.lock_tasks)
+    }
+}
+
+impl WireFormatBackend for JobSource {
+    type Codec = JsonCodec<Vec<u8>>;
+    type Compact = Vec<u8>;
+
+    fn codec(&self) -> &Self::Codec {
+        &self.codec
     }
 }
 
@@ -120,9 +300,11 @@ impl SqliteQueue {
             .queue(QUEUE_NAME)
             .batch_size(batch.max(1))
             .lock_tasks(false);
-        let storage = SqliteStorage::new(pool).with_config(config);
         Ok(SqliteQueue {
-            storage,
+            table: JobsTable {
+                pool: pool.clone(),
+                config,
+            },
             wake: Arc::new(Wake::default()),
         })
     }
@@ -135,10 +317,15 @@ impl SqliteQueue {
         handler: Arc<dyn JobHandler>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let backend = self
-            .storage
-            .clone()
-            .poll_with_strategy(WakeStrategy::new(self.wake.clone()));
+        let backend = JobSource {
+            persisted: Persisted::new(self.table.clone()),
+            config: self.table.config.clone(),
+            codec: JsonCodec::default(),
+            wake: self.wake.clone(),
+            seen: u64::MAX,
+            handed_out: 0,
+            tick: Box::pin(tokio::time::sleep(SAFETY_TICK)),
+        };
         // A fresh name per start: apalis refuses a worker name seen within a heartbeat.
         let name = format!(
             "skiff-{}-{}",
@@ -150,7 +337,8 @@ impl SqliteQueue {
             .data(Handler(handler))
             .concurrency(concurrency.max(1))
             .build(handle);
-        let mut vacuum = self.storage.clone();
+        let mut vacuum =
+            SqliteStorage::<RunJob>::new(&self.table.pool).with_config(self.table.config.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(600));
@@ -198,8 +386,13 @@ async fn handle(job: RunJob, handler: Data<Handler>) -> Result<(), BoxDynError> 
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn push(&self, job: RunJob) -> Result<(), QueueError> {
-        let mut storage = self.storage.clone();
-        storage.push(job).await.map_err(queue_error)?;
+        let args = serde_json::to_vec(&job).map_err(queue_error)?;
+        let task = apalis_core::task::builder::TaskBuilder::new(args).build();
+        self.table
+            .clone()
+            .push_tasks(vec![task])
+            .await
+            .map_err(queue_error)?;
         // After the commit: the woken worker's fetch sees the job.
         self.wake.raise();
         Ok(())
