@@ -27,31 +27,45 @@ pub struct Spawn<'a> {
     pub args: &'a [&'a std::ffi::OsStr],
     pub cwd: &'a Path,
     pub env: &'a [(String, String)],
-    /// Where to note the process group while it runs, so that a later skiff can end the tree
-    /// if this one dies without doing it (see `reap_orphans`).
-    pub group_file: &'a Path,
 }
 
-/// Ends what a dead skiff left running for a run: the process group noted in `group_file`, but
-/// only if that group still belongs to the run (its leader carries `SKIFF_RUN_ID=<run id>` in its
-/// environment), so a reused process id is never hit. Returns whether a group was ended.
-pub fn reap_orphans(group_file: &Path, run_id: &str) -> bool {
-    let Some(pgid) = std::fs::read_to_string(group_file)
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok())
-    else {
+/// Ends what a dead skiff left running for a run: every process whose environment carries
+/// `SKIFF_RUN_ID=<run id>` (every step's processes do, and their children inherit it), with its
+/// process group. A reused process id is never hit: the marker is checked on the process itself.
+/// Returns whether any process was ended.
+pub fn reap_orphans(run_id: &str) -> bool {
+    let marker = format!("SKIFF_RUN_ID={run_id}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
         return false;
     };
-    if pgid <= 1 {
-        return false;
+    let own_group = nix::unistd::getpgrp();
+    let mut ended = false;
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+            .filter(|&p| p > 1)
+        else {
+            continue;
+        };
+        let ours = std::fs::read(entry.path().join("environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == marker.as_bytes()));
+        if !ours {
+            continue;
+        }
+        let pid = Pid::from_raw(pid);
+        if let Ok(group) = nix::unistd::getpgid(Some(pid))
+            && group.as_raw() > 1
+            && group != own_group
+        {
+            signal_group(group, Signal::SIGKILL);
+        }
+        // One that left its group (`setsid`) is ended on its own.
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        ended = true;
     }
-    let marker = format!("SKIFF_RUN_ID={run_id}");
-    let ours = std::fs::read(format!("/proc/{pgid}/environ"))
-        .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == marker.as_bytes()));
-    if ours {
-        signal_group(Pid::from_raw(pgid), Signal::SIGKILL);
-    }
-    ours
+    ended
 }
 
 /// How long to wait for output still buffered in the pipe after the process group is gone.
@@ -103,8 +117,6 @@ pub async fn run(
             .and_then(|id| i32::try_from(id).ok())
             .unwrap_or(0),
     );
-    // Best effort: without the note, only a crash of skiff itself would leave the tree behind.
-    let _ = std::fs::write(spec.group_file, pgid.as_raw().to_string());
 
     let mut reader_task = tokio::spawn(read_output(reader, log.clone(), step, masker.clone()));
 
@@ -129,7 +141,6 @@ pub async fn run(
     if pgid.as_raw() > 0 {
         signal_group(pgid, Signal::SIGKILL);
     }
-    let _ = std::fs::remove_file(spec.group_file);
     match tokio::time::timeout(DRAIN_WAIT, &mut reader_task).await {
         Ok(_) => {}
         Err(_) => {

@@ -24,18 +24,31 @@ use crate::logs::{LogSender, Masker, RunObserver, start_writer};
 use crate::process::{self, Ended, Spawn};
 use crate::secrets::Secrets;
 
-/// The file in a run's meta folder that names the running step's process group.
-const GROUP_FILE: &str = "group";
+/// Scripts up to this size are given to the shell as its `-c` argument; longer ones go through a
+/// file (an argument may not exceed 128 KiB).
+const INLINE_SCRIPT_MAX: usize = 64 << 10;
 
-/// After skiff died during a run: ends the process tree of the step that was running (if it still
-/// belongs to the run) and removes the run's workspace. Returns whether a tree was ended.
+/// After skiff died during a run: ends the processes the run left behind (found by the
+/// `SKIFF_RUN_ID` every step's processes carry) and removes the run's workspace and step files.
+/// Returns whether any process was ended.
 pub fn clean_up_interrupted(workspace_root: &Path, run: &skiff_core::run::RunId) -> bool {
-    let meta = workspace_root.join(format!("{run}.meta"));
-    let ended = crate::process::reap_orphans(&meta.join(GROUP_FILE), run.as_str());
-    for dir in [workspace_root.join(run.as_str()), meta] {
-        let _ = std::fs::remove_dir_all(dir);
+    let ended = crate::process::reap_orphans(run.as_str());
+    let _ = std::fs::remove_dir_all(workspace_root.join(run.as_str()));
+    let prefix = step_file_prefix(run);
+    if let Ok(entries) = std::fs::read_dir(workspace_root) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
     ended
+}
+
+/// Step files (`$SKIFF_OUTPUT`, a long script) live beside the run's workspace, not in it, so a
+/// step cannot clobber them by cleaning its workspace; they exist only while their step runs.
+fn step_file_prefix(run: &skiff_core::run::RunId) -> String {
+    format!("{run}.step-")
 }
 
 /// How long a `finally` step may take when it does not say.
@@ -174,7 +187,6 @@ struct Runner<'a> {
     log: LogSender,
     masker: Masker,
     workspace: PathBuf,
-    meta: PathBuf,
     base_env: Vec<(String, String)>,
     steps: HashMap<String, StepState>,
     records: Vec<StepRecord>,
@@ -199,13 +211,10 @@ pub async fn execute_run(
     // The steps as planned when the run was created (the same plan, from the same snapshot).
     let records: Vec<StepRecord> = pipeline.plan().iter().map(StepRecord::planned).collect();
     let workspace = opts.workspace_root.join(run.id.as_str());
-    let meta = opts.workspace_root.join(format!("{}.meta", run.id));
-    for dir in [&workspace, &meta] {
-        std::fs::create_dir_all(dir).map_err(|source| RunnerError::Workspace {
-            path: dir.display().to_string(),
-            source,
-        })?;
-    }
+    std::fs::create_dir_all(&workspace).map_err(|source| RunnerError::Workspace {
+        path: workspace.display().to_string(),
+        source,
+    })?;
     if run.status == RunStatus::Queued {
         store.set_status(&run.id, RunStatus::Running, None).await?;
     }
@@ -231,7 +240,6 @@ pub async fn execute_run(
         masker: Masker::new(opts.secrets.values()),
         base_env: Vec::new(),
         workspace,
-        meta,
         steps: HashMap::new(),
         records,
         failed: false,
@@ -243,21 +251,14 @@ pub async fn execute_run(
     };
     let outcome = runner.execute().await;
     timer.abort();
-    let Runner {
-        log,
-        workspace,
-        meta,
-        ..
-    } = runner;
+    let Runner { log, workspace, .. } = runner;
     drop(log);
     let log_result = writer.await.unwrap_or(Ok(()));
     let outcome = outcome?;
-    if !opts.keep_workspace {
-        for dir in [&workspace, &meta] {
-            if let Err(e) = std::fs::remove_dir_all(dir) {
-                tracing::warn!(path = %dir.display(), error = %e, "removing the workspace failed");
-            }
-        }
+    if !opts.keep_workspace
+        && let Err(e) = std::fs::remove_dir_all(&workspace)
+    {
+        tracing::warn!(path = %workspace.display(), error = %e, "removing the workspace failed");
     }
     let mut outcome = outcome;
     if outcome.status == RunStatus::Cancelled {
@@ -666,23 +667,38 @@ impl Runner<'_> {
         }
         match &step.action {
             StepAction::Run { script } => {
-                let script_path = self.meta.join(format!("step-{index}.sh"));
-                let output_path = self.meta.join(format!("step-{index}.out"));
-                write_file(&script_path, script.as_bytes())?;
-                write_file(&output_path, b"")?;
+                // No file is made for a step unless it needs one: the script is the shell's
+                // `-c` argument (with the step's id as `$0`, which its error messages name), and
+                // `$SKIFF_OUTPUT` is created by the step when it writes an output.
+                let prefix = self
+                    .opts
+                    .workspace_root
+                    .join(step_file_prefix(&self.run.id));
+                let output_path = PathBuf::from(format!("{}{index}.out", prefix.display()));
+                let script_path = PathBuf::from(format!("{}{index}.sh", prefix.display()));
+                let inline = script.len() <= INLINE_SCRIPT_MAX;
+                if !inline {
+                    write_file(&script_path, script.as_bytes())?;
+                }
                 let mut env = env.to_vec();
                 env.push(("SKIFF_OUTPUT".into(), output_path.display().to_string()));
                 let (program, args) = shell();
                 let mut argv: Vec<&std::ffi::OsStr> =
                     args.iter().map(std::ffi::OsStr::new).collect();
-                argv.push(script_path.as_os_str());
-                let group_file = self.meta.join(GROUP_FILE);
+                if inline {
+                    argv.extend([
+                        std::ffi::OsStr::new("-c"),
+                        std::ffi::OsStr::new(script.as_str()),
+                        std::ffi::OsStr::new(step.id.as_str()),
+                    ]);
+                } else {
+                    argv.push(script_path.as_os_str());
+                }
                 let spec = Spawn {
                     program,
                     args: &argv,
                     cwd: &cwd,
                     env: &env,
-                    group_file: &group_file,
                 };
                 let ended = process::run(
                     spec,
@@ -695,6 +711,9 @@ impl Runner<'_> {
                 )
                 .await;
                 let (mut outputs, problems) = read_outputs(&output_path);
+                if !inline {
+                    let _ = std::fs::remove_file(&script_path);
+                }
                 if !self.masker.is_empty() {
                     outputs
                         .values_mut()
@@ -811,18 +830,24 @@ const MAX_OUTPUT_BYTES: u64 = 1 << 20;
 
 /// Reads a step's `$SKIFF_OUTPUT` file; problems come back as log lines.
 fn read_outputs(path: &Path) -> (BTreeMap<String, String>, Vec<String>) {
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    if size > MAX_OUTPUT_BYTES {
-        return (
-            BTreeMap::new(),
-            vec![format!(
-                "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES}; outputs ignored"
-            )],
-        );
-    }
-    let text = match std::fs::read(path) {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        Err(_) => return (BTreeMap::new(), Vec::new()),
+    // No file: the step set no outputs.
+    let Ok(size) = std::fs::metadata(path).map(|m| m.len()) else {
+        return (BTreeMap::new(), Vec::new());
+    };
+    let bytes = (size <= MAX_OUTPUT_BYTES).then(|| std::fs::read(path));
+    // Read once: a retried attempt starts with no outputs.
+    let _ = std::fs::remove_file(path);
+    let text = match bytes {
+        None => {
+            return (
+                BTreeMap::new(),
+                vec![format!(
+                    "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES}; outputs ignored"
+                )],
+            );
+        }
+        Some(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+        Some(Err(_)) => return (BTreeMap::new(), Vec::new()),
     };
     let (values, errors) = skiff_core::kv::parse(&text);
     let problems = errors
