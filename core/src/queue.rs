@@ -29,7 +29,8 @@ use apalis_core::backend::persistence::{
     Persisted, Persistence, State, TaskEvent, TaskPersistLayer,
 };
 use apalis_core::backend::{BackendConfig, WireFormatBackend, WorkerFilter};
-use apalis_sqlite::{Config, Error as SqliteError, JsonCodec, SqliteStorage, queries};
+use apalis_sqlite::queries::{self, AckPayload};
+use apalis_sqlite::{Config, Error as SqliteError, JsonCodec, SqliteStorage};
 use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
 use serde_json::Value;
@@ -80,6 +81,25 @@ impl Wake {
 pub struct JobsTable {
     pool: SqlitePool,
     config: Config,
+}
+
+/// What apalis-sqlite's `ack_tasks` writes, for one job found by its primary key. Its own query
+/// joins the acks (a JSON array) to every job the worker ever took and parses the JSON again for
+/// each of them, so an ack costs more with every job until the table is vacuumed.
+async fn ack_one(pool: &SqlitePool, worker: &str, ack: &AckPayload) -> Result<(), SqliteError> {
+    let result = serde_json::to_string(&ack.result).map_err(SqliteError::JsonError)?;
+    sqlx::query(
+        "UPDATE Jobs SET status = ?3, attempts = ?4, last_result = ?5, done_at = strftime('%s', 'now')
+         WHERE id = ?1 AND lock_by = ?2",
+    )
+    .bind(ack.task_id.to_string())
+    .bind(worker)
+    .bind(ack.status.to_string())
+    .bind(i64::try_from(ack.attempt).unwrap_or(i64::MAX))
+    .bind(result)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 impl Persistence for JobsTable {
@@ -145,16 +165,10 @@ impl Persistence for JobsTable {
         worker: &WorkerContext,
     ) -> Result<(), SqliteError> {
         // Jobs are not locked (`lock_tasks(false)`): the run's claim in the Store is the lock.
-        // Acks are one `UPDATE` over all of them.
-        let acks: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                TaskEvent::Complete(payload) => Some(payload),
-                _ => None,
-            })
-            .collect();
-        if !acks.is_empty() {
-            queries::ack_tasks(&self.pool, &acks, worker.name()).await?;
+        for event in &events {
+            if let TaskEvent::Complete(ack) = event {
+                ack_one(&self.pool, worker.name(), ack).await?;
+            }
         }
         Ok(())
     }
