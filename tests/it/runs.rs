@@ -313,6 +313,62 @@ async fn outputs_single_and_multi_line_reach_later_steps() {
 }
 
 #[tokio::test]
+async fn scripts_long_and_short_run_and_leave_no_files_behind() {
+    let sb = Sandbox::new();
+    // Past 64 KiB a script goes through a file instead of the shell's `-c` argument.
+    let padding = "# padding\n".repeat(8 << 10);
+    let long =
+        format!("{padding}echo \"long script ran\"\necho \"size=big\" >> \"$SKIFF_OUTPUT\"\n");
+    let yaml = format!(
+        "steps:\n  - id: short\n    run: echo \"short as $0\"\n  - id: long\n    run: |\n{}\n  - run: echo \"long said $SKIFF_STEP_LONG_SIZE\"\n  - id: broken\n    continue_on_error: true\n    run: no-such-command-here\n",
+        long.lines()
+            .map(|l| format!("      {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(yaml.len() > 64 << 10);
+    let file = sb.pipeline("scripts", &yaml);
+    let workspaces = sb.data().join("workspaces");
+    let out = sb.run(&["run", file.to_str().expect("path")]);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(out.stdout.contains("short as short"), "{}", out.stdout);
+    assert!(out.stdout.contains("long script ran"), "{}", out.stdout);
+    assert!(out.stdout.contains("long said big"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("broken: line 1: no-such-command-here"),
+        "shell errors name the step: {}",
+        out.stdout
+    );
+    let left: Vec<_> = std::fs::read_dir(&workspaces)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn an_output_of_a_failed_attempt_does_not_reach_the_retry() {
+    let sb = Sandbox::new();
+    let file = sb.pipeline(
+        "retry-out",
+        "steps:\n  - id: flaky\n    retry: { count: 1, backoff: 10ms }\n    run: |\n      if [ ! -e marker ]; then touch marker; echo \"stale=yes\" >> \"$SKIFF_OUTPUT\"; exit 1; fi\n      echo \"fresh=yes\" >> \"$SKIFF_OUTPUT\"\n",
+    );
+    let out = sb.run(&["run", file.to_str().expect("path")]);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let (_, steps, _) = last_run(&sb).await;
+    assert_eq!(steps[0].attempt, 2);
+    assert_eq!(
+        steps[0].outputs.get("fresh").map(String::as_str),
+        Some("yes")
+    );
+    assert_eq!(
+        steps[0].outputs.get("stale"),
+        None,
+        "{:?}",
+        steps[0].outputs
+    );
+}
+
+#[tokio::test]
 async fn secrets_are_masked_even_when_split_across_reads() {
     let sb = Sandbox::new();
     let file = sb.pipeline(
