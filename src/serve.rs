@@ -113,7 +113,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
     // instead of a fetch round trip later. The embedded worker is the only one, so it keeps
     // nothing from other workers (remote workers will claim only what they can run).
-    let queue = SqliteQueue::open(sqlite.pool(), usize::from(args.workers) * 2)
+    let queue = SqliteQueue::open(sqlite.writer(), usize::from(args.workers) * 2)
         .await
         .context("opening the queue")?;
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());

@@ -1,5 +1,5 @@
 //! The embedded queue: apalis's worker and apalis-sqlite's jobs table and queries, on the
-//! Store's own pool and file.
+//! Store's own writer connection and file.
 //!
 //! apalis-sqlite's `SqliteStorage` wraps every push, fetch and ack in a transaction of its own
 //! (BEGIN, the statement, COMMIT: three round trips to the connection's thread), and its worker
@@ -34,7 +34,9 @@ use apalis_sqlite::{Config, Error as SqliteError, JsonCodec, SqliteStorage};
 use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
 use serde_json::Value;
-use sqlx::SqlitePool;
+use sqlx::Connection;
+
+use crate::store::Writer;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
@@ -44,8 +46,27 @@ use crate::dispatch::{Queue, QueueError, RunJob};
 pub const QUEUE_NAME: &str = "skiff-runs";
 /// The safety tick: an idle worker fetches at least this often even when never woken.
 const SAFETY_TICK: Duration = Duration::from_millis(500);
-/// Finished jobs older than this are removed from the jobs table.
+/// Finished jobs older than this are removed from the jobs table...
 const KEEP_FINISHED: Duration = Duration::from_secs(3600);
+/// ...this often.
+const CLEAN_EVERY: Duration = Duration::from_secs(600);
+
+/// Removes finished jobs (the runs themselves live in the Store). Not apalis-sqlite's
+/// `vacuum_before`: it compares a job's integer time with a date string, which removes every
+/// finished job whatever its age, and then runs `VACUUM`, which rewrites the whole database (runs
+/// and all) while every writer waits.
+async fn remove_finished_jobs(writer: &Writer) -> Result<u64, sqlx::Error> {
+    let keep = i64::try_from(KEEP_FINISHED.as_secs()).unwrap_or(i64::MAX);
+    let done = sqlx::query(
+        "DELETE FROM Jobs
+         WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+           AND done_at < CAST(strftime('%s', 'now') AS INTEGER) - ?1",
+    )
+    .bind(keep)
+    .execute(&mut *writer.lock().await)
+    .await?;
+    Ok(done.rows_affected())
+}
 
 /// What a worker does with a job. `Err` is an infrastructure failure; it is logged and the job
 /// is not retried (a failed run is recorded as such by the handler and is `Ok`).
@@ -79,14 +100,14 @@ impl Wake {
 /// (each does two things that belong together, and they are rare).
 #[derive(Clone)]
 pub struct JobsTable {
-    pool: SqlitePool,
+    writer: Writer,
     config: Config,
 }
 
 /// What apalis-sqlite's `ack_tasks` writes, for one job found by its primary key. Its own query
 /// joins the acks (a JSON array) to every job the worker ever took and parses the JSON again for
 /// each of them, so an ack costs more with every job until the table is vacuumed.
-async fn ack_one(pool: &SqlitePool, worker: &str, ack: &AckPayload) -> Result<(), SqliteError> {
+async fn ack_one(writer: &Writer, worker: &str, ack: &AckPayload) -> Result<(), SqliteError> {
     let result = serde_json::to_string(&ack.result).map_err(SqliteError::JsonError)?;
     sqlx::query(
         "UPDATE Jobs SET status = ?3, attempts = ?4, last_result = ?5, done_at = strftime('%s', 'now')
@@ -97,7 +118,7 @@ async fn ack_one(pool: &SqlitePool, worker: &str, ack: &AckPayload) -> Result<()
     .bind(ack.status.to_string())
     .bind(i64::try_from(ack.attempt).unwrap_or(i64::MAX))
     .bind(result)
-    .execute(pool)
+    .execute(&mut *writer.lock().await)
     .await?;
     Ok(())
 }
@@ -109,7 +130,8 @@ impl Persistence for JobsTable {
 
     async fn register(&mut self, worker: &WorkerContext) -> Result<(), SqliteError> {
         let dead_for = i64::try_from(self.config.heartbeat_interval.as_secs()).unwrap_or(i64::MAX);
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         let only = WorkerFilter::Only(worker.name().to_owned());
         queries::reenqueue_orphaned(&mut *tx, dead_for, self.config.queue.as_ref(), &only).await?;
         queries::register_worker(&mut *tx, &self.config, worker, "skiff").await?;
@@ -120,7 +142,8 @@ impl Persistence for JobsTable {
     async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), SqliteError> {
         let dead_for = i64::try_from(self.config.orphaned_duration().as_secs()).unwrap_or(i64::MAX);
         let others = WorkerFilter::AllExcept(worker.name().to_owned());
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         queries::keep_alive(&mut *tx, &self.config, worker).await?;
         queries::reenqueue_orphaned(&mut *tx, dead_for, self.config.queue.as_ref(), &others)
             .await?;
@@ -133,7 +156,7 @@ impl Persistence for JobsTable {
         worker: &WorkerContext,
     ) -> Result<Vec<apalis_sqlite::SqliteTask>, SqliteError> {
         // One `UPDATE .. RETURNING`: it takes the jobs and returns them atomically.
-        queries::fetch_next(&self.pool, &self.config, worker).await
+        queries::fetch_next(&mut *self.writer.lock().await, &self.config, worker).await
     }
 
     async fn reenqueue_abandoned(
@@ -145,7 +168,8 @@ impl Persistence for JobsTable {
             .iter()
             .filter_map(|t| t.task_id().as_ref().map(|id| id.to_string()))
             .collect();
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin().await?;
         let count =
             queries::reenqueue_abandoned(&mut *tx, self.config.queue.as_ref(), worker.name(), &ids)
                 .await?;
@@ -167,7 +191,7 @@ impl Persistence for JobsTable {
         // Jobs are not locked (`lock_tasks(false)`): the run's claim in the Store is the lock.
         for event in &events {
             if let TaskEvent::Complete(ack) = event {
-                ack_one(&self.pool, worker.name(), ack).await?;
+                ack_one(&self.writer, worker.name(), ack).await?;
             }
         }
         Ok(())
@@ -178,11 +202,11 @@ impl Persistence for JobsTable {
         tasks: Vec<apalis_sqlite::SqliteTask>,
     ) -> Result<(), SqliteError> {
         let queue = self.config.queue.as_ref();
+        let mut conn = self.writer.lock().await;
         if let [_] = tasks.as_slice() {
-            let mut conn = self.pool.acquire().await?;
             queries::push_tasks(&mut *conn, queue, &tasks).await
         } else {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = conn.begin().await?;
             queries::push_tasks(&mut *tx, queue, &tasks).await?;
             tx.commit().await?;
             Ok(())
@@ -299,13 +323,14 @@ fn queue_error(e: impl std::fmt::Display) -> QueueError {
 }
 
 impl SqliteQueue {
-    /// Sets up apalis's tables on `pool` and opens the queue. `batch` is how many jobs a fetch
-    /// may claim: the worker's concurrency, so one worker does not hoard jobs others could run.
-    pub async fn open(pool: &SqlitePool, batch: usize) -> Result<Self, QueueError> {
+    /// Sets up apalis's tables through the Store's `writer` and opens the queue. `batch` is how
+    /// many jobs a fetch may claim: the worker's concurrency, so one worker does not hoard jobs
+    /// others could run.
+    pub async fn open(writer: &Writer, batch: usize) -> Result<Self, QueueError> {
         // Only the migrations: `SqliteStorage::setup` would also switch the connection it runs on
         // to `synchronous=OFF` and a 256 MB page cache, behind the Store's back.
         SqliteStorage::migrations()
-            .run(pool)
+            .run(&mut *writer.lock().await)
             .await
             .map_err(queue_error)?;
         // `lock_tasks(false)`: a fetch already marks its jobs as taken by this worker; the extra
@@ -316,7 +341,7 @@ impl SqliteQueue {
             .lock_tasks(false);
         Ok(SqliteQueue {
             table: JobsTable {
-                pool: pool.clone(),
+                writer: writer.clone(),
                 config,
             },
             wake: Arc::new(Wake::default()),
@@ -351,17 +376,14 @@ impl SqliteQueue {
             .data(Handler(handler))
             .concurrency(concurrency.max(1))
             .build(handle);
-        let mut vacuum =
-            SqliteStorage::<RunJob>::new(&self.table.pool).with_config(self.table.config.clone());
+        let writer = self.table.writer.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            let mut tick = tokio::time::interval(CLEAN_EVERY);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        // apalis 1.0 removes every finished job here, whatever its age; the runs
-                        // themselves live in the Store.
-                        if let Err(e) = apalis_core::backend::Vacuum::vacuum_before(&mut vacuum, KEEP_FINISHED).await {
+                        if let Err(e) = remove_finished_jobs(&writer).await {
                             tracing::warn!(error = %e, "removing finished jobs failed");
                         }
                     }

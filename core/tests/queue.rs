@@ -31,7 +31,7 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
     let store = SqliteStore::open(&dir.path().join("skiff.db"))
         .await
         .expect("store");
-    let queue = SqliteQueue::open(store.pool(), 4).await.expect("queue");
+    let queue = SqliteQueue::open(store.writer(), 4).await.expect("queue");
     let handler = Arc::new(Record {
         seen: Mutex::new(Vec::new()),
         done: tokio::sync::Notify::new(),
@@ -67,7 +67,7 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
     ids.sort();
     assert_eq!(seen, ids, "each job exactly once");
     let types: Vec<String> = sqlx::query("SELECT DISTINCT job_type FROM Jobs")
-        .fetch_all(store.pool())
+        .fetch_all(&mut *store.writer().lock().await)
         .await
         .expect("jobs")
         .iter()

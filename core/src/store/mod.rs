@@ -14,7 +14,7 @@ use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChun
 
 pub use auth::{ApiToken, AuthStore, Session};
 pub use conformance::conformance;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

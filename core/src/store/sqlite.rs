@@ -6,14 +6,16 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
+use sqlx::Connection;
 use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 
 use super::{
@@ -36,7 +38,6 @@ const WAL_BACKSTOP_PAGES: u32 = 8192;
 /// commit, with two fsyncs: a run writes some 80 pages, so one commit in ten stalled every write
 /// queued behind it. A passive checkpoint runs beside the writer and never blocks it.
 async fn checkpoint(options: SqliteConnectOptions) {
-    use sqlx::Connection;
     let mut conn = match sqlx::SqliteConnection::connect_with(&options).await {
         Ok(conn) => conn,
         Err(e) => {
@@ -131,13 +132,35 @@ const SCHEMA: &[&str] = &[
 /// checkpoint copy) and lets readers stream with plain positioned reads.
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// The one writer connection. Writers queue here, in order, instead of meeting in SQLite's
-    /// busy handler, whose first retry sleeps a whole millisecond. The queue writes through it too.
-    pub(super) pool: SqlitePool,
+    /// The one writer connection, which the queue writes through too.
+    pub(super) writer: Writer,
     /// Read-only connections: reads never wait behind writes (WAL).
     pub(super) readers: SqlitePool,
     logs: PathBuf,
     changes: tokio::sync::broadcast::Sender<Change>,
+}
+
+/// The one connection that writes, shared in order. Writers queue at a fair lock instead of
+/// meeting in SQLite's busy handler, whose first retry sleeps a whole millisecond. Not a pool of
+/// one: sqlx pings a pooled connection each time it goes back to its pool, a second round trip
+/// to the connection's thread for every statement, which the next writer waits out.
+#[derive(Clone)]
+pub struct Writer(Arc<tokio::sync::Mutex<SqliteConnection>>);
+
+impl Writer {
+    /// The connection, once the writers before have finished with it.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, SqliteConnection> {
+        self.0.lock().await
+    }
+}
+
+/// A transaction that takes the write lock at once. A deferred one that reads first and writes
+/// later fails with SQLITE_BUSY_SNAPSHOT when another writer got in between, and the busy
+/// timeout cannot help it.
+pub(super) async fn write_tx(
+    conn: &mut SqliteConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>> {
+    conn.begin_with("BEGIN IMMEDIATE").await.map_err(backend)
 }
 
 pub(super) fn backend(e: sqlx::Error) -> StoreError {
@@ -169,12 +192,7 @@ impl SqliteStore {
             // Checkpoints are the checkpointer's job (below); the writer checkpoints only if the
             // log outgrows this, as a backstop.
             .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string());
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options.clone())
+        let writer = SqliteConnection::connect_with(&options)
             .await
             .map_err(backend)?;
         let logs = path.parent().unwrap_or(Path::new(".")).join("logs");
@@ -182,9 +200,11 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("creating {}: {e}", logs.display())))?;
         let (changes, _) = tokio::sync::broadcast::channel(1024);
         let store = SqliteStore {
-            pool,
+            writer: Writer(Arc::new(tokio::sync::Mutex::new(writer))),
             readers: SqlitePoolOptions::new()
                 .max_connections(4)
+                // A ping before each read is a round trip for a file that cannot go away.
+                .test_before_acquire(false)
                 .connect_lazy_with(options.clone().read_only(true)),
             logs,
             changes,
@@ -207,22 +227,13 @@ impl SqliteStore {
         self.logs.join(format!("{id}.log"))
     }
 
-    /// A transaction that takes the write lock at once. A deferred one that reads first and
-    /// writes later fails with SQLITE_BUSY_SNAPSHOT when another writer got in between, and the
-    /// busy timeout cannot help it.
-    pub(super) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(backend)
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    pub fn writer(&self) -> &Writer {
+        &self.writer
     }
 
     async fn migrate(&self) -> Result<()> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = write_tx(&mut conn).await?;
         let version: i64 = sqlx::query("PRAGMA user_version")
             .fetch_one(&mut *tx)
             .await
@@ -378,7 +389,7 @@ impl Store for SqliteStore {
         .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
         .bind(millis(now))
         .bind(serde_json::Value::Array(plan).to_string())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?
         .get(0);
@@ -489,7 +500,7 @@ impl Store for SqliteStore {
         .bind(from.get(3))
         .bind(from.get(4))
         .bind(from.get(5))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?;
         match row {
@@ -500,7 +511,7 @@ impl Store for SqliteStore {
             None => {
                 let current: Option<String> = sqlx::query("SELECT status FROM runs WHERE id = ?1")
                     .bind(id.as_str())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *self.writer.lock().await)
                     .await
                     .map_err(backend)?
                     .map(|r| r.get(0));
@@ -533,7 +544,7 @@ impl Store for SqliteStore {
         .bind(step.finished_at.map(millis))
         .bind(step.reason.as_deref())
         .bind(outputs)
-        .execute(&self.pool)
+        .execute(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?;
         if done.rows_affected() == 0 {
@@ -544,7 +555,8 @@ impl Store for SqliteStore {
     }
 
     async fn append_logs(&self, id: &RunId, chunks: &[LogChunk]) -> Result<u64> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = write_tx(&mut conn).await?;
         let len: i64 = log_len(&mut *tx, id).await?;
         let total: usize = chunks.iter().map(|c| c.data.len()).sum();
         if total == 0 {
@@ -676,7 +688,8 @@ impl Store for SqliteStore {
     }
 
     async fn request_cancel(&self, id: &RunId, reason: &str) -> Result<Run> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.writer.lock().await;
+        let mut tx = write_tx(&mut conn).await?;
         sqlx::query(
             "UPDATE runs SET
                 cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE cancel_requested END,

@@ -31,7 +31,7 @@ impl AuthStore for SqliteStore {
     async fn set_password_hash(&self, hash: &str) -> Result<()> {
         sqlx::query("INSERT INTO admin (id, password_hash) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET password_hash = ?1")
             .bind(hash)
-            .execute(&self.pool)
+            .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
         Ok(())
@@ -50,7 +50,7 @@ impl AuthStore for SqliteStore {
             .bind(name)
             .bind(token_hash)
             .bind(millis(token.created_at))
-            .execute(&self.pool)
+            .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
         Ok(token)
@@ -70,7 +70,7 @@ impl AuthStore for SqliteStore {
         )
         .bind(id)
         .bind(millis(Utc::now()))
-        .execute(&self.pool)
+        .execute(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?;
         Ok(done.rows_affected() > 0)
@@ -83,7 +83,7 @@ impl AuthStore for SqliteStore {
         )
         .bind(token_hash)
         .bind(millis(Utc::now()))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?;
         row.as_ref().map(token_from_row).transpose()
@@ -98,7 +98,7 @@ impl AuthStore for SqliteStore {
         let now = millis(Utc::now());
         sqlx::query("DELETE FROM sessions WHERE expires_at < ?1")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
         sqlx::query(
@@ -108,7 +108,7 @@ impl AuthStore for SqliteStore {
         .bind(csrf)
         .bind(now)
         .bind(millis(expires_at))
-        .execute(&self.pool)
+        .execute(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?;
         Ok(())
@@ -132,7 +132,7 @@ impl AuthStore for SqliteStore {
     async fn delete_session(&self, session_hash: &str) -> Result<()> {
         sqlx::query("DELETE FROM sessions WHERE hash = ?1")
             .bind(session_hash)
-            .execute(&self.pool)
+            .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
         Ok(())
@@ -142,7 +142,7 @@ impl AuthStore for SqliteStore {
         sqlx::query("INSERT INTO login_links (hash, expires_at) VALUES (?1, ?2)")
             .bind(link_hash)
             .bind(millis(expires_at))
-            .execute(&self.pool)
+            .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
         Ok(())
@@ -153,7 +153,7 @@ impl AuthStore for SqliteStore {
         let done = sqlx::query("UPDATE login_links SET used_at = ?2 WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2")
             .bind(link_hash)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
         Ok(done.rows_affected() == 1)
