@@ -55,8 +55,8 @@ const CLEAN_EVERY: Duration = Duration::from_secs(600);
 /// `vacuum_before`: it compares a job's integer time with a date string, which removes every
 /// finished job whatever its age, and then runs `VACUUM`, which rewrites the whole database (runs
 /// and all) while every writer waits.
-async fn remove_finished_jobs(writer: &Writer) -> Result<u64, sqlx::Error> {
-    let keep = i64::try_from(KEEP_FINISHED.as_secs()).unwrap_or(i64::MAX);
+async fn remove_finished_jobs(writer: &Writer, older_than: Duration) -> Result<u64, sqlx::Error> {
+    let keep = i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
     let done = sqlx::query(
         "DELETE FROM Jobs
          WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
@@ -323,6 +323,14 @@ fn queue_error(e: impl std::fmt::Display) -> QueueError {
 }
 
 impl SqliteQueue {
+    /// Removes the jobs that finished more than `older_than` ago; returns how many. The worker
+    /// does this every 10 minutes for jobs older than an hour.
+    pub async fn remove_finished(&self, older_than: Duration) -> Result<u64, QueueError> {
+        remove_finished_jobs(&self.table.writer, older_than)
+            .await
+            .map_err(queue_error)
+    }
+
     /// Sets up apalis's tables through the Store's `writer` and opens the queue. `batch` is how
     /// many jobs a fetch may claim: the worker's concurrency, so one worker does not hoard jobs
     /// others could run.
@@ -383,7 +391,7 @@ impl SqliteQueue {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = remove_finished_jobs(&writer).await {
+                        if let Err(e) = remove_finished_jobs(&writer, KEEP_FINISHED).await {
                             tracing::warn!(error = %e, "removing finished jobs failed");
                         }
                     }

@@ -80,4 +80,34 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
     );
     shutdown.cancel();
     worker.await.expect("the worker stops");
+    // Every job was acknowledged as done (by the job's own id) by the time the
+    // worker stopped.
+    let done: i64 =
+        sqlx::query("SELECT COUNT(*) FROM Jobs WHERE status = 'Done' AND done_at IS NOT NULL")
+            .fetch_one(&mut *store.writer().lock().await)
+            .await
+            .expect("count")
+            .get(0);
+    assert_eq!(done, 60);
+    // Finished jobs go by age: none is an hour old yet; backdated, they go.
+    assert_eq!(
+        queue
+            .remove_finished(Duration::from_secs(3600))
+            .await
+            .expect("clean"),
+        0
+    );
+    sqlx::query(
+        "UPDATE Jobs SET done_at = done_at - 7200 WHERE id IN (SELECT id FROM Jobs LIMIT 10)",
+    )
+    .execute(&mut *store.writer().lock().await)
+    .await
+    .expect("backdate");
+    assert_eq!(
+        queue
+            .remove_finished(Duration::from_secs(3600))
+            .await
+            .expect("clean"),
+        10
+    );
 }
