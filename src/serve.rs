@@ -172,6 +172,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }),
         metrics,
         shutdown: shutdown.clone(),
+        login_throttle: Arc::default(),
     };
     let base = args
         .public_url

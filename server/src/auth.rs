@@ -15,6 +15,47 @@ pub const SESSION_COOKIE: &str = "skiff_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 pub const SESSION_DAYS: i64 = 14;
 pub const LOGIN_LINK_MINUTES: i64 = 60;
+/// Wrong passwords allowed within [`GUESS_WINDOW`]; past that, password logins are refused until
+/// the oldest of them has left the window.
+pub const GUESSES_ALLOWED: usize = 5;
+pub const GUESS_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Slows password guessing. There is one admin password, so there is one count, whoever guesses:
+/// a guesser spread over many addresses gets no more tries. A locked-out admin still has the
+/// one-time link (`skiff login-link`) and API tokens.
+#[derive(Default)]
+pub struct LoginThrottle {
+    failures: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+}
+
+impl LoginThrottle {
+    /// `Err(wait)` while too many recent guesses failed; checked before the password is, so a
+    /// refused attempt tells nothing about it.
+    pub fn check(&self) -> Result<(), std::time::Duration> {
+        let now = std::time::Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        while failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= GUESS_WINDOW)
+        {
+            failures.pop_front();
+        }
+        match failures.front() {
+            Some(oldest) if failures.len() >= GUESSES_ALLOWED => {
+                Err(GUESS_WINDOW.saturating_sub(now.duration_since(*oldest)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn failed(&self) {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.push_back(std::time::Instant::now());
+        if failures.len() > GUESSES_ALLOWED {
+            failures.pop_front();
+        }
+    }
+}
 
 /// Who made a request.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -85,6 +85,7 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Fired when the server stops: live streams end so that shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
+    pub login_throttle: Arc<auth::LoginThrottle>,
 }
 
 /// The whole HTTP surface.

@@ -477,6 +477,18 @@ pub async fn login(
     Form(form): Form<LoginForm>,
 ) -> Result<Response, ApiError> {
     let hash = state.auth.password_hash().await?;
+    if let Err(wait) = state.login_throttle.check() {
+        metrics::counter!("skiff_login_refused_total").increment(1);
+        let page = LoginPage {
+            error: format!(
+                "too many wrong passwords; try again in {} s",
+                wait.as_secs().max(1)
+            ),
+            has_password: hash.is_some(),
+        };
+        let retry = (header::RETRY_AFTER, wait.as_secs().max(1).to_string());
+        return Ok((StatusCode::TOO_MANY_REQUESTS, [retry], page).into_response());
+    }
     let ok = match &hash {
         Some(h) => {
             let (password, h) = (form.password.clone(), h.clone());
@@ -487,6 +499,7 @@ pub async fn login(
         None => false,
     };
     if !ok {
+        state.login_throttle.failed();
         metrics::counter!("skiff_login_failures_total").increment(1);
         let page = LoginPage {
             error: "wrong password".into(),

@@ -524,6 +524,29 @@ fn sessions_need_csrf_for_changes_and_links_work_once() {
             .iter()
             .any(|(k, v)| k == "set-cookie" && v.starts_with("skiff_session="))
     );
+    // Guessing is slowed: five wrong passwords a minute, then even the right one waits.
+    let login = |password: &str| {
+        raw(
+            "POST",
+            &s.url("/login"),
+            Some(&format!("password={password}")),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+    };
+    for guess in 2..=5 {
+        let (status, _, _) = login(&format!("guess-{guess}"));
+        assert_eq!(status, 401, "guess {guess}");
+    }
+    let (status, headers, page) = login("correct-horse-1");
+    assert_eq!(status, 429, "{page}");
+    assert!(page.contains("too many wrong passwords"), "{page}");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "retry-after"
+                && v.parse::<u64>().is_ok_and(|s| (1..=60).contains(&s))),
+        "{headers:?}"
+    );
 }
 
 #[test]
