@@ -35,12 +35,11 @@ use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
 use serde_json::Value;
 use sqlx::Connection;
-
-use crate::store::Writer;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{Queue, QueueError, RunJob};
+use crate::store::Writer;
 
 /// The queue's name in the jobs table, set explicitly (apalis would use a Rust type name).
 pub const QUEUE_NAME: &str = "skiff-runs";
@@ -50,23 +49,6 @@ const SAFETY_TICK: Duration = Duration::from_millis(500);
 const KEEP_FINISHED: Duration = Duration::from_secs(3600);
 /// ...this often.
 const CLEAN_EVERY: Duration = Duration::from_secs(600);
-
-/// Removes finished jobs (the runs themselves live in the Store). Not apalis-sqlite's
-/// `vacuum_before`: it compares a job's integer time with a date string, which removes every
-/// finished job whatever its age, and then runs `VACUUM`, which rewrites the whole database (runs
-/// and all) while every writer waits.
-async fn remove_finished_jobs(writer: &Writer, older_than: Duration) -> Result<u64, sqlx::Error> {
-    let keep = i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
-    let done = sqlx::query(
-        "DELETE FROM Jobs
-         WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
-           AND done_at < CAST(strftime('%s', 'now') AS INTEGER) - ?1",
-    )
-    .bind(keep)
-    .execute(&mut *writer.lock().await)
-    .await?;
-    Ok(done.rows_affected())
-}
 
 /// What a worker does with a job. `Err` is an infrastructure failure; it is logged and the job
 /// is not retried (a failed run is recorded as such by the handler and is `Ok`).
@@ -217,8 +199,8 @@ impl Persistence for JobsTable {
 /// The worker's backend: apalis-core's `Persisted` state machine over [`JobsTable`] (worker
 /// registration, heartbeats, buffered batches, acks), with the fetch gated on the push counter.
 pub struct JobSource {
+    /// Derefs to the `JobsTable`, whose config is the worker's.
     persisted: Persisted<JobsTable>,
-    config: Config,
     codec: JsonCodec<Vec<u8>>,
     wake: Arc<Wake>,
     /// The push count when the last fetch started (`u64::MAX` before the first fetch).
@@ -235,7 +217,7 @@ impl JobSource {
         use std::future::Future;
         self.wake.waker.register(cx.waker());
         let pushes = self.wake.pushes.load(Ordering::Acquire);
-        let mut due = pushes != self.seen || self.handed_out >= self.config.batch_size;
+        let mut due = pushes != self.seen || self.handed_out >= self.persisted.config.batch_size;
         if self.tick.as_mut().poll(cx).is_ready() {
             due = true;
         }
@@ -260,7 +242,7 @@ impl Backend for JobSource {
         cx: &mut Context<'_>,
         worker: &WorkerContext,
     ) -> Poll<Result<(), SqliteError>> {
-        let heartbeat = self.config.heartbeat_interval;
+        let heartbeat = self.persisted.config.heartbeat_interval;
         self.persisted.poll_ready(cx, worker, heartbeat)
     }
 
@@ -298,14 +280,15 @@ impl BackendConfig for JobSource {
     type Layer = TaskPersistLayer<JsonCodec<Value>, Value>;
 
     fn config(&self) -> &Config {
-        &self.config
+        &self.persisted.config
     }
 
     fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
+        let config = self.persisted.config.clone();
         self.persisted
-            .layer(JsonCodec::default(), self.config.batch_size)
-            .persist_results(self.config.persist_results)
-            .lock_tasks(self.config.lock_tasks)
+            .layer(JsonCodec::default(), config.batch_size)
+            .persist_results(config.persist_results)
+            .lock_tasks(config.lock_tasks)
     }
 }
 
@@ -323,12 +306,23 @@ fn queue_error(e: impl std::fmt::Display) -> QueueError {
 }
 
 impl SqliteQueue {
-    /// Removes the jobs that finished more than `older_than` ago; returns how many. The worker
-    /// does this every 10 minutes for jobs older than an hour.
+    /// Removes the jobs that finished more than `older_than` ago (the runs themselves live in
+    /// the Store); returns how many. The worker does this every 10 minutes for jobs older than an
+    /// hour. Not apalis-sqlite's `vacuum_before`: it compares a job's integer time with a date
+    /// string, which removes every finished job whatever its age, and then runs `VACUUM`, which
+    /// rewrites the whole database (runs and all) while every writer waits.
     pub async fn remove_finished(&self, older_than: Duration) -> Result<u64, QueueError> {
-        remove_finished_jobs(&self.table.writer, older_than)
-            .await
-            .map_err(queue_error)
+        let keep = i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
+        let done = sqlx::query(
+            "DELETE FROM Jobs
+             WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+               AND done_at < CAST(strftime('%s', 'now') AS INTEGER) - ?1",
+        )
+        .bind(keep)
+        .execute(&mut *self.table.writer.lock().await)
+        .await
+        .map_err(queue_error)?;
+        Ok(done.rows_affected())
     }
 
     /// Sets up apalis's tables through the Store's `writer` and opens the queue. `batch` is how
@@ -366,7 +360,6 @@ impl SqliteQueue {
     ) -> tokio::task::JoinHandle<()> {
         let backend = JobSource {
             persisted: Persisted::new(self.table.clone()),
-            config: self.table.config.clone(),
             codec: JsonCodec::default(),
             wake: self.wake.clone(),
             seen: u64::MAX,
@@ -384,14 +377,14 @@ impl SqliteQueue {
             .data(Handler(handler))
             .concurrency(concurrency.max(1))
             .build(handle);
-        let writer = self.table.writer.clone();
+        let queue = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(CLEAN_EVERY);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        if let Err(e) = remove_finished_jobs(&writer, KEEP_FINISHED).await {
+                        if let Err(e) = queue.remove_finished(KEEP_FINISHED).await {
                             tracing::warn!(error = %e, "removing finished jobs failed");
                         }
                     }

@@ -51,6 +51,15 @@ fn step_file_prefix(run: &skiff_core::run::RunId) -> String {
     format!("{run}.step-")
 }
 
+fn step_file(
+    workspace_root: &Path,
+    run: &skiff_core::run::RunId,
+    index: usize,
+    ext: &str,
+) -> PathBuf {
+    workspace_root.join(format!("{}{index}.{ext}", step_file_prefix(run)))
+}
+
 /// How long a `finally` step may take when it does not say.
 pub const FINALLY_DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The longest pause between two retries.
@@ -670,12 +679,9 @@ impl Runner<'_> {
                 // No file is made for a step unless it needs one: the script is the shell's
                 // `-c` argument (with the step's id as `$0`, which its error messages name), and
                 // `$SKIFF_OUTPUT` is created by the step when it writes an output.
-                let prefix = self
-                    .opts
-                    .workspace_root
-                    .join(step_file_prefix(&self.run.id));
-                let output_path = PathBuf::from(format!("{}{index}.out", prefix.display()));
-                let script_path = PathBuf::from(format!("{}{index}.sh", prefix.display()));
+                let root = &self.opts.workspace_root;
+                let output_path = step_file(root, &self.run.id, index, "out");
+                let script_path = step_file(root, &self.run.id, index, "sh");
                 let inline = script.len() <= INLINE_SCRIPT_MAX;
                 if !inline {
                     write_file(&script_path, script.as_bytes())?;
