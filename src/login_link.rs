@@ -1,4 +1,5 @@
-//! `skiff login-link`: issue a one-time sign-in link, for whoever can read the data folder.
+//! Credentials for whoever can read the data folder: `skiff login-link` (a one-time sign-in link
+//! for the web UI) and `skiff token` (an API token for scripts and `skiff trigger`).
 
 use std::process::ExitCode;
 
@@ -8,35 +9,68 @@ use crate::DataArgs;
 pub struct LoginLinkArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// The URL the server is reached at
-    #[arg(
-        long,
-        env = "SKIFF_PUBLIC_URL",
-        default_value = "http://127.0.0.1:8080",
-        value_name = "URL"
-    )]
-    public_url: String,
+    /// The URL the server is reached at (default: the URL of the server last started on the
+    /// data folder, else http://127.0.0.1:8080)
+    #[arg(long, env = "SKIFF_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenArgs {
+    /// A name for the token (shown under Settings, where it can be revoked)
+    #[arg(value_name = "NAME")]
+    name: String,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+/// The data folder's Store, which must exist already (a folder with no skiff data is more
+/// likely a mistyped path than a wish for a new one).
+async fn existing_store(data: &DataArgs) -> anyhow::Result<crate::Data> {
+    anyhow::ensure!(
+        data.exists(),
+        "no skiff data in {} (start `skiff serve` first, or pass --data)",
+        data.data.display()
+    );
+    data.open().await
+}
+
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 pub fn main(args: LoginLinkArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        anyhow::ensure!(
-            args.data.db().exists(),
-            "no skiff data in {} (start `skiff serve` first, or pass --data)",
-            args.data.data.display()
-        );
-        let store = args.data.open_store().await?;
-        let token = skiff_server::auth::issue_login_link(&store).await?;
-        println!(
-            "{}/login/link/{token}",
-            args.public_url.trim_end_matches('/')
-        );
+    current_thread()?.block_on(async {
+        let data = existing_store(&args.data).await?;
+        let token = skiff_server::auth::issue_login_link(&data.store).await?;
+        let base = args
+            .public_url
+            .or_else(|| crate::read_server_url(&data.dir))
+            .unwrap_or_else(|| "http://127.0.0.1:8080".to_string());
+        println!("{}/login/link/{token}", base.trim_end_matches('/'));
         eprintln!(
             "(valid {} minutes, once)",
             skiff_server::auth::LOGIN_LINK_MINUTES
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    current_thread()?.block_on(async {
+        let name = skiff_server::api::check_token_name(&args.name)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let data = existing_store(&args.data).await?;
+        let secret = skiff_server::auth::random_token("skiff_");
+        use skiff_core::store::AuthStore;
+        data.store
+            .create_token(&name, &skiff_server::auth::hash_secret(&secret))
+            .await?;
+        println!("{secret}");
+        eprintln!(
+            "(an API token named `{name}`; it is shown once, and can be revoked under Settings)"
         );
         Ok(ExitCode::SUCCESS)
     })

@@ -36,6 +36,8 @@ enum Command {
     Trigger(trigger::TriggerArgs),
     /// Print a new one-time sign-in link for the web UI
     LoginLink(login_link::LoginLinkArgs),
+    /// Create an API token (for `skiff trigger` and scripts) and print it
+    Token(login_link::TokenArgs),
 }
 
 /// Options shared by subcommands that keep state.
@@ -52,20 +54,59 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    /// The Store file in the data folder.
-    pub fn db(&self) -> PathBuf {
-        self.data.join("skiff.db")
-    }
-
-    /// Opens the Store in the data folder, creating the folder when missing.
-    pub async fn open_store(&self) -> anyhow::Result<skiff_core::store::SqliteStore> {
+    /// Opens the data folder (creating it when missing) and its Store. The folder is resolved to
+    /// an absolute path here, once: steps run in their workspaces, not in skiff's working
+    /// directory, so every path handed to them (`$SKIFF_OUTPUT`, `$SKIFF_WORKSPACE`) must not
+    /// depend on the current directory.
+    pub async fn open(&self) -> anyhow::Result<Data> {
         use anyhow::Context;
         std::fs::create_dir_all(&self.data)
             .with_context(|| format!("creating {}", self.data.display()))?;
-        skiff_core::store::SqliteStore::open(&self.db())
+        let dir = std::path::absolute(&self.data)
+            .with_context(|| format!("resolving {}", self.data.display()))?;
+        let store = skiff_core::store::SqliteStore::open(&dir.join(DB_FILE))
             .await
-            .context("opening the store")
+            .context("opening the store")?;
+        Ok(Data { dir, store })
     }
+
+    /// Whether the data folder holds a Store already.
+    pub fn exists(&self) -> bool {
+        self.data.join(DB_FILE).exists()
+    }
+}
+
+/// The Store's file in the data folder.
+const DB_FILE: &str = "skiff.db";
+
+/// The data folder, opened: its absolute path and its Store.
+pub struct Data {
+    pub dir: PathBuf,
+    pub store: skiff_core::store::SqliteStore,
+}
+
+impl Data {
+    /// The folder under which each run gets its workspace.
+    pub fn workspaces(&self) -> PathBuf {
+        self.dir.join("workspaces")
+    }
+}
+
+/// The file in the data folder that holds the URL of the server last started on it.
+const SERVER_URL_FILE: &str = "server-url";
+
+/// Records where the server on this data folder is reached, for `skiff login-link`.
+pub fn write_server_url(data: &std::path::Path, url: &str) {
+    if let Err(e) = std::fs::write(data.join(SERVER_URL_FILE), format!("{url}\n")) {
+        tracing::warn!(error = %e, "recording the server's URL in the data folder failed");
+    }
+}
+
+/// The URL of the server last started on the data folder, if any.
+pub fn read_server_url(data: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(data.join(SERVER_URL_FILE)).ok()?;
+    let url = text.trim();
+    (url.starts_with("http://") || url.starts_with("https://")).then(|| url.to_string())
 }
 
 /// The async runtime the long-lived subcommands use: two worker threads (the machine skiff is
@@ -94,6 +135,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::main(args),
         Command::Trigger(args) => trigger::main(args),
         Command::LoginLink(args) => login_link::main(args),
+        Command::Token(args) => login_link::token(args),
     };
     match result {
         Ok(code) => code,

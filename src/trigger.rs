@@ -18,15 +18,20 @@ pub struct TriggerArgs {
     /// Follow the run: print its log live and exit with its outcome (0 when it succeeds)
     #[arg(long, short)]
     follow: bool,
-    /// The server's URL
+    /// The server's URL (default: the server last started on the data folder, else
+    /// http://127.0.0.1:8080)
+    #[arg(long, env = "SKIFF_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// The data folder, to find the server by when --server is not given
     #[arg(
-        long,
-        env = "SKIFF_SERVER",
-        default_value = "http://127.0.0.1:8080",
-        value_name = "URL"
+        long = "data",
+        env = "SKIFF_DATA",
+        default_value = ".skiff",
+        value_name = "DIR"
     )]
-    server: String,
-    /// An API token (create one under Settings), or the server's SKIFF_ADMIN_TOKEN
+    data: std::path::PathBuf,
+    /// An API token (`skiff token NAME`, or Settings in the web UI), or the server's
+    /// SKIFF_ADMIN_TOKEN
     #[arg(
         long,
         env = "SKIFF_TOKEN",
@@ -66,7 +71,12 @@ pub fn main(args: TriggerArgs) -> anyhow::Result<ExitCode> {
         .token
         .clone()
         .context("no token: pass --token or set SKIFF_TOKEN (create one under Settings)")?;
-    let base = args.server.trim_end_matches('/').to_string();
+    let server = args
+        .server
+        .clone()
+        .or_else(|| crate::read_server_url(&args.data))
+        .unwrap_or_else(|| "http://127.0.0.1:8080".to_string());
+    let base = server.trim_end_matches('/').to_string();
     let auth = format!("Bearer {token}");
     let params: BTreeMap<String, String> = args.params.iter().cloned().collect();
     let url = format!("{base}/api/pipelines/{}/runs", args.pipeline);

@@ -2,6 +2,8 @@
 
 mod api;
 mod browser;
+mod quickstart;
+mod records;
 mod runs;
 mod server;
 mod support;
