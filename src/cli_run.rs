@@ -97,8 +97,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    let store = args.data.open_store().await?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let data = args.data.open().await?;
+    let store: Arc<dyn Store> = Arc::new(data.store.clone());
     let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
     let run = store
         .create_run(NewRun {
@@ -128,12 +128,15 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let abort = CancellationToken::new();
     tokio::spawn(watch_signals(cancel.clone(), abort.clone(), term.clone()));
     let opts = RunOptions {
-        workspace_root: args.data.data.join("workspaces"),
+        workspace_root: data.workspaces(),
         keep_workspace: args.keep_workspace,
         kill_grace: args.kill_grace,
         secrets,
         cancel,
         abort,
+        cancel_reason: "cancelled by Ctrl-C or SIGTERM".into(),
+        abort_reason: "cancelled, and its finally steps stopped by a second Ctrl-C or SIGTERM"
+            .into(),
     };
     let started = std::time::Instant::now();
     let outcome = execute_run(store.clone(), &run, &pipeline, &opts, term.clone()).await?;
@@ -143,7 +146,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         outcome.reason.as_deref(),
         started.elapsed(),
     );
-    eprintln!("run {} recorded in {}", run.id, args.data.data.display());
+    eprintln!("run {} recorded in {}", run.id, data.dir.display());
     Ok(if outcome.status == RunStatus::Succeeded {
         ExitCode::SUCCESS
     } else {

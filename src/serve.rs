@@ -11,9 +11,12 @@ use anyhow::Context;
 use skiff_core::catalog::Catalog;
 use skiff_core::dispatch::{Dispatcher, RunJob};
 use skiff_core::queue::{JobHandler, SqliteQueue};
+use skiff_core::retention::{Retention, SWEEP_EVERY, sweep};
+use skiff_core::run::{Run, RunStatus};
+use skiff_core::store::RunQuery;
 use skiff_core::store::{AuthStore, Store};
 use skiff_server::{AppState, CatalogHandle, ServerConfig};
-use skiff_worker::pool::{WorkerConfig, handle_job};
+use skiff_worker::pool::{Stopping, WorkerConfig, finish_interrupted_run, handle_job};
 use skiff_worker::secrets::Secrets;
 use tokio_util::sync::CancellationToken;
 
@@ -60,19 +63,90 @@ pub struct ServeArgs {
         value_name = "TOKEN"
     )]
     admin_token: Option<String>,
+    /// Finished runs older than this are deleted with their logs (`off`: kept however old);
+    /// a pipeline's `retention.max_age` overrides it
+    #[arg(long, env = "SKIFF_RETENTION_MAX_AGE", default_value = "90d", value_parser = parse_max_age, value_name = "DURATION")]
+    retention_max_age: MaxAge,
+    /// At most this many finished runs of each pipeline are kept (`off`: no limit); a
+    /// pipeline's `retention.max_runs` overrides it
+    #[arg(long, env = "SKIFF_RETENTION_MAX_RUNS", default_value = "1000", value_parser = parse_max_runs, value_name = "N")]
+    retention_max_runs: MaxRuns,
+    /// When stopping, how long cancelled runs get to finish their finally steps before those
+    /// are stopped too
+    #[arg(long, env = "SKIFF_STOP_WAIT", default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    stop_wait: Duration,
     /// How often the pipelines folder is checked for changes
     #[arg(long, env = "SKIFF_RELOAD_EVERY", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     reload_every: Duration,
 }
 
-/// How long stopping waits for cancelled runs to finish their finally steps.
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+/// `--retention-max-age`: a duration, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MaxAge(Option<Duration>);
+
+/// `--retention-max-runs`: a count, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MaxRuns(Option<u32>);
+
+fn parse_max_age(text: &str) -> Result<MaxAge, String> {
+    if text == "off" {
+        return Ok(MaxAge(None));
+    }
+    // Whole days go past the week that durations elsewhere are capped at.
+    if let Some(days) = text.strip_suffix('d').and_then(|d| d.parse::<u64>().ok()) {
+        return match days {
+            1..=36500 => Ok(MaxAge(Some(Duration::from_secs(days * 86_400)))),
+            _ => Err(format!("`{text}`: between 1d and 36500d, or `off`")),
+        };
+    }
+    match parse_duration(text)? {
+        age if age >= Duration::from_secs(60) => Ok(MaxAge(Some(age))),
+        _ => Err(format!("`{text}` is less than a minute")),
+    }
+}
+
+fn parse_max_runs(text: &str) -> Result<MaxRuns, String> {
+    match text {
+        "off" => Ok(MaxRuns(None)),
+        n => match n.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(MaxRuns(Some(n))),
+            _ => Err(format!("`{text}` is not a count of at least 1, or `off`")),
+        },
+    }
+}
+
+/// Applies retention at start and every [`SWEEP_EVERY`] until `stop` fires.
+async fn keep_retention(
+    store: Arc<dyn Store>,
+    catalog: CatalogHandle,
+    defaults: Retention,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let current = catalog.current();
+        let policy = |name: &str| -> Option<Retention> {
+            current
+                .get(name)
+                .and_then(|e| e.pipeline.as_ref())
+                .map(|_p| Retention::default())
+        };
+        if let Err(e) = sweep(store.as_ref(), defaults, &policy).await {
+            tracing::warn!(error = %e, "applying retention failed");
+        }
+    }
+}
 
 /// The in-process workers' job handler.
 struct Embedded {
     store: Arc<dyn Store>,
     config: WorkerConfig,
-    shutdown: CancellationToken,
+    stopping: Stopping,
     /// Runs in progress, so that stopping waits for them (and their finally steps), not for the
     /// queue worker's own shutdown, which can sit out a 30 s heartbeat.
     running: tokio_util::task::TaskTracker,
@@ -81,12 +155,12 @@ struct Embedded {
 #[async_trait::async_trait]
 impl JobHandler for Embedded {
     async fn handle(&self, job: RunJob) -> Result<(), String> {
-        if self.shutdown.is_cancelled() {
-            // Not claimed: the run stays queued and is queued again at the next start.
+        if self.stopping.cancel.is_cancelled() {
+            // Not claimed: the run stays queued and is queued again, in order, at the next start.
             return Err("skiff is stopping; the run will start after the next start".into());
         }
         let _running = self.running.token();
-        handle_job(self.store.clone(), job, &self.config, &self.shutdown)
+        handle_job(self.store.clone(), job, &self.config, &self.stopping)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -109,7 +183,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    let sqlite = args.data.open_store().await?;
+    let data = args.data.open().await?;
+    let sqlite = data.store.clone();
     // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
     // instead of a fetch round trip later. The embedded worker is the only one, so it keeps
     // nothing from other workers (remote workers will claim only what they can run).
@@ -117,8 +192,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("opening the queue")?;
     let store: Arc<dyn Store> = Arc::new(sqlite.clone());
-    let auth: Arc<dyn AuthStore> = Arc::new(sqlite);
-    interrupted_runs(store.as_ref(), &args.data.data.join("workspaces")).await?;
+    let auth: Arc<dyn AuthStore> = Arc::new(sqlite.clone());
     let metrics = crate::metrics::install();
 
     let catalog = CatalogHandle::new(Catalog::load(&args.pipelines));
@@ -133,24 +207,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     tokio::spawn(catalog.clone().watch(args.reload_every));
 
-    let shutdown = CancellationToken::new();
+    let stopping = Stopping::default();
     let handler = Arc::new(Embedded {
         store: store.clone(),
         config: WorkerConfig {
-            workspace_root: args.data.data.join("workspaces"),
+            workspace_root: data.workspaces(),
             kill_grace: args.kill_grace,
             secrets,
             cancel_check: Duration::from_secs(1),
         },
-        shutdown: shutdown.clone(),
+        stopping: stopping.clone(),
         running: tokio_util::task::TaskTracker::new(),
     });
     let running = handler.running.clone();
+    finish_interrupted_runs(&handler).await?;
+    requeue_waiting_runs(store.as_ref(), &queue).await?;
     // The queue worker stops only after the runs it started have ended: they write through the
     // same connection it fetches with.
     let queue_stop = CancellationToken::new();
-    let workers = queue.spawn_workers(usize::from(args.workers), handler, queue_stop.clone());
-    requeue_waiting_runs(store.as_ref(), &queue).await?;
+    let workers = queue.spawn_workers(
+        usize::from(args.workers),
+        handler.clone(),
+        queue_stop.clone(),
+    );
+    tokio::spawn(keep_retention(
+        store.clone(),
+        catalog.clone(),
+        Retention {
+            max_age: args.retention_max_age.0,
+            max_runs: args.retention_max_runs.0,
+        },
+        stopping.cancel.clone(),
+    ));
     let state = AppState {
         store: store.clone(),
         auth: auth.clone(),
@@ -171,16 +259,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .is_some_and(|u| u.starts_with("https://")),
         }),
         metrics,
-        shutdown: shutdown.clone(),
+        shutdown: stopping.cancel.clone(),
         login_throttle: Arc::default(),
     };
     let base = args
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
+    // `skiff login-link` (and `skiff trigger`) find this server through its data folder.
+    crate::write_server_url(&data.dir, &base);
     eprintln!(
-        "skiff: listening on http://{addr} ({} in-process workers)",
-        args.workers
+        "skiff: listening on http://{addr} ({} in-process workers; data in {})",
+        args.workers,
+        data.dir.display()
     );
     if auth.password_hash().await?.is_none() {
         let token = skiff_server::auth::issue_login_link(auth.as_ref()).await?;
@@ -192,7 +283,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
 
     let app = skiff_server::app(state);
-    let stop = shutdown.clone();
+    let stop = stopping.cancel.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         wait_for_signal().await;
         eprintln!(
@@ -201,18 +292,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         stop.cancel();
     });
     server.await.context("serving HTTP")?;
-    shutdown.cancel();
-    // The runs were cancelled: wait for them to end (finally steps included), then stop the
-    // queue worker without waiting for it to notice.
+    stopping.cancel.cancel();
+    // The runs were cancelled: wait for them to end (finally steps included). Finally steps that
+    // are still running after the wait are stopped too (their records say so), and as a last
+    // resort whatever a run left is ended here, so that no step process outlives skiff.
     running.close();
-    if tokio::time::timeout(SHUTDOWN_WAIT, running.wait())
+    if tokio::time::timeout(args.stop_wait, running.wait())
         .await
         .is_err()
     {
         eprintln!(
-            "skiff: runs did not end within {}s; exiting anyway",
-            SHUTDOWN_WAIT.as_secs()
+            "skiff: runs did not end within {}; stopping their finally steps",
+            skiff_core::duration::human(args.stop_wait)
         );
+        stopping.abort.cancel();
+        if tokio::time::timeout(args.kill_grace + Duration::from_secs(5), running.wait())
+            .await
+            .is_err()
+        {
+            let left = end_leftover_processes(store.as_ref(), &handler.config.workspace_root).await;
+            eprintln!(
+                "skiff: {left} runs did not end; their processes were ended, and the next start finishes their records"
+            );
+        }
     }
     queue_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(5), workers)
@@ -221,70 +323,91 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     {
         tracing::warn!("the queue worker did not stop within 5s");
     }
+    if let Err(e) = sqlite.close().await {
+        tracing::warn!(error = %e, "closing the store failed");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Pushes a job for every run still `queued` in the Store: one whose job was lost or left behind
-/// when skiff last stopped. A duplicate job is harmless (claiming a run is atomic).
-async fn requeue_waiting_runs(store: &dyn Store, queue: &SqliteQueue) -> anyhow::Result<()> {
-    use skiff_core::dispatch::Queue;
-    use skiff_core::run::RunStatus;
-    use skiff_core::store::RunQuery;
+/// Every run in `status`, oldest first.
+async fn runs_in(store: &dyn Store, status: RunStatus) -> anyhow::Result<Vec<Run>> {
+    let mut runs = Vec::new();
     let mut cursor = None;
     loop {
         let page = store
             .list_runs(&RunQuery {
-                status: Some(RunStatus::Queued),
+                status: Some(status),
                 limit: 500,
                 cursor,
                 ..RunQuery::default()
             })
             .await?;
-        for run in &page.runs {
-            queue.push(RunJob::new(&run.id)).await?;
-        }
+        runs.extend(page.runs);
         match page.next {
             Some(next) => cursor = Some(next),
-            None => return Ok(()),
+            None => break,
         }
     }
+    runs.reverse();
+    Ok(runs)
 }
 
-/// In the embedded deployment this process is the only worker, so a run still `running` at start
-/// was interrupted when skiff last stopped without finishing it (a crash, a kill -9). Say so,
-/// rather than leave it running forever, and end the step processes it left behind.
-async fn interrupted_runs(store: &dyn Store, workspaces: &std::path::Path) -> anyhow::Result<()> {
-    use skiff_core::run::RunStatus;
-    use skiff_core::store::RunQuery;
-    loop {
-        let page = store
-            .list_runs(&RunQuery {
-                status: Some(RunStatus::Running),
-                limit: 500,
-                ..RunQuery::default()
-            })
-            .await?;
-        if page.runs.is_empty() {
-            return Ok(());
-        }
-        for run in &page.runs {
-            let reason = "interrupted: skiff stopped while this run was running (its finally steps did not run)";
-            store
-                .set_status(&run.id, RunStatus::Failed, Some(reason))
-                .await?;
-            let reaped = skiff_worker::clean_up_interrupted(workspaces, &run.id);
-            eprintln!(
-                "skiff: run {} #{} was interrupted by the last stop; marked failed{}",
-                run.pipeline,
-                run.number,
-                if reaped {
-                    ", and its leftover processes ended"
-                } else {
-                    ""
-                }
-            );
-        }
+/// Gives every run still `queued` in the Store a job, in the order the runs were created, in
+/// place of the jobs the last process left (see [`SqliteQueue::requeue_in_order`]).
+async fn requeue_waiting_runs(store: &dyn Store, queue: &SqliteQueue) -> anyhow::Result<()> {
+    let waiting: Vec<_> = runs_in(store, RunStatus::Queued)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r.created_at))
+        .collect();
+    queue.requeue_in_order(&waiting).await?;
+    Ok(())
+}
+
+/// In the embedded deployment this process is the only worker, so a run still `running` at
+/// start was interrupted when skiff last stopped without finishing it (a crash, a kill -9). Its
+/// leftover processes are ended, then it is finished the way a run ends: its unfinished steps
+/// recorded truthfully and its `finally` steps run (see `finish_interrupted`), beside the queue.
+async fn finish_interrupted_runs(handler: &Arc<Embedded>) -> anyhow::Result<()> {
+    for run in runs_in(handler.store.as_ref(), RunStatus::Running).await? {
+        let reaped = skiff_worker::clean_up_interrupted(&handler.config.workspace_root, &run.id);
+        eprintln!(
+            "skiff: run {} #{} was interrupted by the last stop{}; running its finally steps",
+            run.pipeline,
+            run.number,
+            if reaped {
+                " (its leftover processes were ended)"
+            } else {
+                ""
+            }
+        );
+        let handler = handler.clone();
+        let token = handler.running.token();
+        tokio::spawn(async move {
+            let _running = token;
+            if let Err(e) = finish_interrupted_run(
+                handler.store.clone(),
+                &run,
+                &handler.config,
+                &handler.stopping,
+            )
+            .await
+            {
+                tracing::error!(run_id = %run.id, error = %e, "finishing an interrupted run failed");
+            }
+        });
     }
+    Ok(())
+}
+
+/// Ends the processes of every run still `running` (when stopping could not wait any longer);
+/// returns how many runs that was.
+async fn end_leftover_processes(store: &dyn Store, workspaces: &std::path::Path) -> usize {
+    let runs = runs_in(store, RunStatus::Running).await.unwrap_or_default();
+    for run in &runs {
+        skiff_worker::clean_up_interrupted(workspaces, &run.id);
+    }
+    runs.len()
 }
 
 async fn wait_for_signal() {

@@ -14,11 +14,17 @@ pub struct KvError {
 /// read and the lines that could not.
 pub fn parse(text: &str) -> (Vec<(String, String)>, Vec<KvError>) {
     let mut out: Vec<(String, String)> = Vec::new();
+    // Where each key is in `out`: a repeated key replaces its value in one lookup, so a file of
+    // n lines parses in linear time.
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut errors = Vec::new();
     let mut lines = text.lines().enumerate();
-    let mut set = |key: &str, value: String| match out.iter_mut().find(|(k, _)| k == key) {
-        Some(slot) => slot.1 = value,
-        None => out.push((key.to_string(), value)),
+    let mut set = |key: &str, value: String| match index.get(key) {
+        Some(&i) => out[i].1 = value,
+        None => {
+            index.insert(key.to_string(), out.len());
+            out.push((key.to_string(), value));
+        }
     };
     while let Some((n, line)) = lines.next() {
         let trimmed = line.trim_start();

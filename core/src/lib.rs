@@ -10,6 +10,8 @@ pub mod expr;
 pub mod kv;
 pub mod pipeline;
 pub mod queue;
+pub mod retention;
 pub mod run;
 pub mod store;
+pub mod utf8;
 pub mod yaml;

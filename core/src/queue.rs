@@ -325,6 +325,53 @@ impl SqliteQueue {
         Ok(done.rows_affected())
     }
 
+    /// Replaces every job not yet done with one job per run of `runs`, in that order (the order
+    /// the runs were created in). For a start of the embedded deployment, before its worker
+    /// runs: a job left by the last process (waiting, or taken but never started because skiff
+    /// was stopping) would otherwise keep its place or lose it, and runs queued again at the end
+    /// would start after runs that were created later.
+    pub async fn requeue_in_order(
+        &self,
+        runs: &[(crate::run::RunId, chrono::DateTime<chrono::Utc>)],
+    ) -> Result<(), QueueError> {
+        let mut ids = ulid::Generator::new();
+        let mut tasks = Vec::with_capacity(runs.len());
+        for (run, created) in runs {
+            let args = serde_json::to_vec(&RunJob::new(run)).map_err(queue_error)?;
+            // Jobs are fetched by `run_at` (seconds), then id: the run's creation time keeps it
+            // ahead of runs created later, and ids from one monotonic generator keep the order
+            // within a second.
+            let id = ids.generate().map_err(queue_error)?;
+            tasks.push(
+                apalis_core::task::builder::TaskBuilder::new(args)
+                    .task_id(apalis_core::task::task_id::TaskId::from(id))
+                    .run_at_timestamp(u64::try_from(created.timestamp()).unwrap_or(0))
+                    .build(),
+            );
+        }
+        let queue = self.table.config.queue.as_ref();
+        let mut conn = self.table.writer.lock().await;
+        let mut tx = conn.begin().await.map_err(queue_error)?;
+        sqlx::query(
+            "DELETE FROM Jobs WHERE job_type = ?1
+               AND (status IN ('Pending', 'Queued', 'Running')
+                    OR (status = 'Failed' AND attempts < max_attempts))",
+        )
+        .bind(queue)
+        .execute(&mut *tx)
+        .await
+        .map_err(queue_error)?;
+        queries::push_tasks(&mut *tx, queue, &tasks)
+            .await
+            .map_err(queue_error)?;
+        tx.commit().await.map_err(queue_error)?;
+        drop(conn);
+        if !tasks.is_empty() {
+            self.wake.raise();
+        }
+        Ok(())
+    }
+
     /// Sets up apalis's tables through the Store's `writer` and opens the queue. `batch` is how
     /// many jobs a fetch may claim: the worker's concurrency, so one worker does not hoard jobs
     /// others could run.

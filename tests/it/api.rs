@@ -650,54 +650,6 @@ fn skiff_trigger_follows_a_run_to_its_end() {
 }
 
 #[test]
-fn a_run_interrupted_by_a_crash_is_marked_failed_on_restart() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let pidfile = scratch.path().join("pids");
-    let yaml = format!(
-        "steps:\n  - run: |\n      echo $$ >> {p}\n      sleep 1000 &\n      echo $! >> {p}\n      echo started\n      sleep 1000\n",
-        p = pidfile.display()
-    );
-    let s = Server::start_with(
-        &[("long", &yaml), ("quick", "steps:\n  - run: echo quick\n")],
-        &[("SKIFF_WORKERS", "1")],
-    );
-    let id = s.trigger("long", json!({}));
-    s.wait_for_log(&id, "started");
-    // With one worker slot busy, this run waits in the queue when skiff dies.
-    let waiting = s.trigger("quick", json!({}));
-    let mut s = s;
-    s.crash();
-    let left = pids(&pidfile);
-    assert_eq!(left.len(), 2, "{left:?}");
-    assert!(
-        left.iter().all(|p| crate::support::alive(*p)),
-        "a crash leaves the step's processes running"
-    );
-    let s = s.restart();
-    let (_, run) = s.api("GET", &format!("/api/runs/{id}"), None);
-    assert_eq!(run["status"], "failed", "{run}");
-    assert!(
-        run["reason"]
-            .as_str()
-            .is_some_and(|r| r.starts_with("interrupted")),
-        "{run}"
-    );
-    assert!(
-        all_gone(&left),
-        "the step processes the crash left behind are ended on restart"
-    );
-    assert_eq!(
-        run_of(&s.follow(&waiting, None)).0,
-        "succeeded",
-        "a run that was waiting runs after the restart"
-    );
-    let id2 = s.trigger("long", json!({}));
-    let (status, _) = s.api("POST", &format!("/api/runs/{id2}/cancel"), None);
-    assert_eq!(status, 202, "the restarted server runs and cancels runs");
-    assert_eq!(run_of(&s.follow(&id2, None)).0, "cancelled");
-}
-
-#[test]
 fn behind_https_the_session_cookie_is_secure() {
     let s = Server::start_with(
         &[("hello", HELLO)],

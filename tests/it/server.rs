@@ -42,11 +42,49 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    /// Starts the server again on the same data (after `crash`).
-    pub fn restart(mut self) -> Server {
+    /// Stops the server with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = Instant::now() + DEADLINE;
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        panic!("skiff serve did not stop within {DEADLINE:?} of SIGTERM");
+    }
+
+    /// The data folder.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Follows a run to its end and returns it as the API shows it, with its steps.
+    pub fn wait_for_end(&self, id: &str) -> Value {
+        self.follow(id, None);
+        let (status, run) = self.api("GET", &format!("/api/runs/{id}"), None);
+        assert_eq!(status, 200, "{run}");
+        run
+    }
+
+    /// Starts the server again on the same data (after `crash` or `stop`).
+    pub fn restart(self) -> Server {
+        self.restart_with(&[])
+    }
+
+    /// Starts the server again on the same data, with more environment variables.
+    pub fn restart_with(mut self, extra_env: &[(&str, &str)]) -> Server {
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
         let env = std::mem::take(&mut self.env);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(extra_env.iter().copied())
+            .collect();
         Self::spawn(dir, &env)
     }
 

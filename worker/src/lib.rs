@@ -9,4 +9,4 @@ pub mod runner;
 pub mod secrets;
 
 pub use logs::RunObserver;
-pub use runner::{RunOptions, RunOutcome, clean_up_interrupted, execute_run};
+pub use runner::{RunOptions, RunOutcome, clean_up_interrupted, execute_run, finish_interrupted};

@@ -71,13 +71,15 @@ impl Masker {
         String::from_utf8_lossy(&out).into_owned()
     }
 
-    /// Where `pending` may be cut so that no secret is split: at most `len - (longest - 1)`,
-    /// moved back to the start of a match that would straddle the cut.
+    /// Where a long line may be cut: at most `len - (longest - 1)`, between two characters (a
+    /// piece is stored and decoded on its own), and moved back to the start of a match that
+    /// would straddle the cut, so that no secret is split.
     fn safe_cut(&self, pending: &[u8]) -> usize {
+        let longest = self.longest.saturating_sub(1);
+        let mut cut = skiff_core::utf8::cut_at_char(pending, pending.len().saturating_sub(longest));
         let Some(m) = &self.matcher else {
-            return pending.len();
+            return cut;
         };
-        let mut cut = pending.len().saturating_sub(self.longest.saturating_sub(1));
         for hit in m.find_iter(pending) {
             if hit.start() < cut && hit.end() > cut {
                 cut = hit.start();

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_core::dispatch::RunJob;
-use skiff_core::run::{RunId, RunStatus, StepRecord};
+use skiff_core::pipeline::Pipeline;
+use skiff_core::run::{Run, RunId, RunStatus, StepRecord};
 use skiff_core::store::{ChangeKind, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -46,13 +47,39 @@ impl RunObserver for Quiet {
     }
 }
 
+/// How a worker's runs are stopped when the worker stops.
+#[derive(Clone, Default)]
+pub struct Stopping {
+    /// Cancels every run (their `finally` steps still run).
+    pub cancel: CancellationToken,
+    /// Stops the `finally` steps too (when they have had long enough).
+    pub abort: CancellationToken,
+}
+
+impl Stopping {
+    fn options(&self, config: &WorkerConfig) -> RunOptions {
+        RunOptions {
+            workspace_root: config.workspace_root.clone(),
+            keep_workspace: false,
+            kill_grace: config.kill_grace,
+            secrets: config.secrets.clone(),
+            cancel: self.cancel.child_token(),
+            abort: self.abort.child_token(),
+            cancel_reason: "cancelled: skiff was stopping".into(),
+            abort_reason:
+                "cancelled: skiff stopped, and stopped the finally steps that were still running"
+                    .into(),
+        }
+    }
+}
+
 /// Executes the run a job names. A run that is no longer queued (cancelled before it started,
 /// or already taken) is left alone, so a job delivered twice runs once.
 pub async fn handle_job(
     store: Arc<dyn Store>,
     job: RunJob,
     config: &WorkerConfig,
-    shutdown: &CancellationToken,
+    stopping: &Stopping,
 ) -> Result<RunStatus, JobError> {
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -72,43 +99,62 @@ pub async fn handle_job(
         }
         Err(e) => return Err(e.into()),
     };
-    let pipeline = match skiff_core::pipeline::load(&run.source, &run.pipeline) {
-        Ok(p) => p,
-        Err(diags) => {
-            // The snapshot loaded when the run was created; it fails only if this worker's skiff
-            // reads pipelines differently. Record that instead of retrying forever.
-            let first = diags.first().map(|d| d.message.clone()).unwrap_or_default();
-            store
-                .set_status(
-                    &id,
-                    RunStatus::Failed,
-                    Some(&format!("this worker cannot load the pipeline: {first}")),
-                )
-                .await?;
-            return Ok(RunStatus::Failed);
-        }
+    let Some(pipeline) = load_snapshot(store.as_ref(), &run).await? else {
+        return Ok(RunStatus::Failed);
     };
-    let cancel = shutdown.child_token();
+    let opts = stopping.options(config);
     let watcher = tokio::spawn(watch_cancel(
         store.clone(),
         id.clone(),
-        cancel.clone(),
+        opts.cancel.clone(),
         config.cancel_check,
     ));
-    let opts = RunOptions {
-        workspace_root: config.workspace_root.clone(),
-        keep_workspace: false,
-        kill_grace: config.kill_grace,
-        secrets: config.secrets.clone(),
-        cancel: cancel.clone(),
-        abort: CancellationToken::new(),
-    };
     let result = execute_run(store.clone(), &run, &pipeline, &opts, Arc::new(Quiet)).await;
     watcher.abort();
     let outcome = result?;
     metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str())
         .increment(1);
     Ok(outcome.status)
+}
+
+/// Ends a run that was `running` when skiff stopped without finishing it: see
+/// [`crate::runner::finish_interrupted`]. Its leftover processes must have been ended first.
+pub async fn finish_interrupted_run(
+    store: Arc<dyn Store>,
+    run: &Run,
+    config: &WorkerConfig,
+    stopping: &Stopping,
+) -> Result<RunStatus, JobError> {
+    let Some(pipeline) = load_snapshot(store.as_ref(), run).await? else {
+        return Ok(RunStatus::Failed);
+    };
+    let opts = stopping.options(config);
+    let outcome =
+        crate::runner::finish_interrupted(store.clone(), run, &pipeline, &opts, Arc::new(Quiet))
+            .await?;
+    metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str())
+        .increment(1);
+    Ok(outcome.status)
+}
+
+/// The pipeline as snapshotted in the run. The snapshot loaded when the run was created; it
+/// fails only if this worker's skiff reads pipelines differently: the run is then stored as
+/// failed (instead of retried forever) and `None` returned.
+async fn load_snapshot(store: &dyn Store, run: &Run) -> Result<Option<Pipeline>, JobError> {
+    match skiff_core::pipeline::load(&run.source, &run.pipeline) {
+        Ok(p) => Ok(Some(p)),
+        Err(diags) => {
+            let first = diags.first().map(|d| d.message.clone()).unwrap_or_default();
+            store
+                .set_status(
+                    &run.id,
+                    RunStatus::Failed,
+                    Some(&format!("this worker cannot load the pipeline: {first}")),
+                )
+                .await?;
+            Ok(None)
+        }
+    }
 }
 
 /// Cancels `token` when the Store says the run's cancel was requested: at once when the Store

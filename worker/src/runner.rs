@@ -29,11 +29,11 @@ use crate::secrets::Secrets;
 const INLINE_SCRIPT_MAX: usize = 64 << 10;
 
 /// After skiff died during a run: ends the processes the run left behind (found by the
-/// `SKIFF_RUN_ID` every step's processes carry) and removes the run's workspace and step files.
-/// Returns whether any process was ended.
+/// `SKIFF_RUN_ID` every step's processes carry) and removes its step files. The workspace stays
+/// for the run's `finally` steps ([`finish_interrupted`] removes it). Returns whether any process
+/// was ended.
 pub fn clean_up_interrupted(workspace_root: &Path, run: &skiff_core::run::RunId) -> bool {
     let ended = crate::process::reap_orphans(run.as_str());
-    let _ = std::fs::remove_dir_all(workspace_root.join(run.as_str()));
     let prefix = step_file_prefix(run);
     if let Ok(entries) = std::fs::read_dir(workspace_root) {
         for entry in entries.flatten() {
@@ -79,8 +79,13 @@ pub struct RunOptions {
     pub secrets: Secrets,
     /// Cancels the run: the current step is stopped and `finally` runs.
     pub cancel: CancellationToken,
-    /// Stops everything, `finally` included (a second Ctrl-C).
+    /// Stops everything, `finally` included (a second Ctrl-C, or a stop that waited long enough).
     pub abort: CancellationToken,
+    /// The run's reason when `cancel` stopped it (a cancel requested through the Store records
+    /// its own reason, which wins).
+    pub cancel_reason: String,
+    /// The run's reason when `abort` stopped its `finally` steps.
+    pub abort_reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +222,43 @@ pub async fn execute_run(
     opts: &RunOptions,
     observer: Arc<dyn RunObserver>,
 ) -> Result<RunOutcome, RunnerError> {
+    if run.status == RunStatus::Queued {
+        store.set_status(&run.id, RunStatus::Running, None).await?;
+    }
+    drive(store, run, pipeline, opts, observer, None).await
+}
+
+/// Ends a run that skiff stopped in the middle of (a crash, a kill -9), the way a run ends: the
+/// records of its unfinished main steps are ended truthfully, its `finally` steps that had not
+/// ended run now (they see the outputs stored so far and `run.status` failed; one that was
+/// running when skiff stopped runs again, so `finally` steps should be idempotent), and the run
+/// is stored as failed with the reason. Its leftover processes must have been ended first.
+pub async fn finish_interrupted(
+    store: Arc<dyn Store>,
+    run: &Run,
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    observer: Arc<dyn RunObserver>,
+) -> Result<RunOutcome, RunnerError> {
+    let stored = store.steps(&run.id).await?;
+    drive(store, run, pipeline, opts, observer, Some(stored)).await
+}
+
+async fn drive(
+    store: Arc<dyn Store>,
+    run: &Run,
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    observer: Arc<dyn RunObserver>,
+    interrupted: Option<Vec<StepRecord>>,
+) -> Result<RunOutcome, RunnerError> {
+    if !opts.workspace_root.is_absolute() {
+        // Steps run in their workspace, so a relative path would name another place for them.
+        return Err(RunnerError::Workspace {
+            path: opts.workspace_root.display().to_string(),
+            source: std::io::Error::other("the workspace root must be an absolute path"),
+        });
+    }
     // The steps as planned when the run was created (the same plan, from the same snapshot).
     let records: Vec<StepRecord> = pipeline.plan().iter().map(StepRecord::planned).collect();
     let workspace = opts.workspace_root.join(run.id.as_str());
@@ -224,9 +266,6 @@ pub async fn execute_run(
         path: workspace.display().to_string(),
         source,
     })?;
-    if run.status == RunStatus::Queued {
-        store.set_status(&run.id, RunStatus::Running, None).await?;
-    }
 
     let (log, writer) = start_writer(store.clone(), run.id.clone(), observer.clone());
     let stop = opts.cancel.child_token();
@@ -258,7 +297,10 @@ pub async fn execute_run(
         deadline_hit,
         deadline,
     };
-    let outcome = runner.execute().await;
+    let outcome = match interrupted {
+        None => runner.execute().await,
+        Some(stored) => runner.resume(stored).await,
+    };
     timer.abort();
     let Runner { log, workspace, .. } = runner;
     drop(log);
@@ -270,9 +312,12 @@ pub async fn execute_run(
         tracing::warn!(path = %workspace.display(), error = %e, "removing the workspace failed");
     }
     let mut outcome = outcome;
-    if outcome.status == RunStatus::Cancelled {
+    if outcome.status == RunStatus::Cancelled && !opts.abort.is_cancelled() {
         // A cancel requested through the Store carries its own reason (who cancelled); keep it.
-        if let Some(reason) = store.get_run(&run.id).await?.and_then(|r| r.reason) {
+        if let Some(run) = store.get_run(&run.id).await?
+            && run.cancel_requested
+            && let Some(reason) = run.reason
+        {
             outcome.reason = Some(reason);
         }
     }
@@ -283,22 +328,12 @@ pub async fn execute_run(
     Ok(outcome)
 }
 
+/// Why an interrupted run failed.
+const INTERRUPTED: &str = "interrupted: skiff stopped while this run was running";
+
 impl Runner<'_> {
     async fn execute(&mut self) -> Result<RunOutcome, RunnerError> {
-        self.base_env = self.base_env();
-        let pipeline_env = self.pipeline.env.clone();
-        let env = match self.eval_env(&pipeline_env, self.base_env.clone(), "running") {
-            Ok(env) => env,
-            Err(e) => {
-                let reason = format!("pipeline env: {e}");
-                self.log.note(None, &reason).await;
-                self.failed = true;
-                self.first_failure = Some(reason);
-                self.base_env.clone()
-            }
-        };
-        self.base_env = env;
-
+        self.prepare_env().await;
         let main: Vec<Step> = self.pipeline.steps.clone();
         for (i, step) in main.iter().enumerate() {
             if let Some(why) = self.interrupt {
@@ -312,26 +347,129 @@ impl Runner<'_> {
             }
             self.run_step(i, step).await?;
         }
+        self.run_finally(|_| true).await?;
+        Ok(self.outcome())
+    }
 
+    /// The second half of an interrupted run: see [`finish_interrupted`].
+    async fn resume(&mut self, stored: Vec<StepRecord>) -> Result<RunOutcome, RunnerError> {
+        self.prepare_env().await;
+        self.log
+            .note(
+                None,
+                "skiff stopped while this run was running; its unfinished steps are ended and its finally steps run now",
+            )
+            .await;
+        self.failed = true;
+        self.first_failure = Some(INTERRUPTED.to_string());
+        for record in stored {
+            if let Some(slot) = self.records.get_mut(record.index as usize)
+                && slot.id == record.id
+            {
+                *slot = record;
+            }
+        }
+        let now = Utc::now();
+        let mut rerun = Vec::new();
+        for index in 0..self.records.len() {
+            let record = &mut self.records[index];
+            let (status, reason) = match (record.phase, record.status) {
+                (_, s) if s.is_terminal() => {
+                    self.steps.insert(
+                        record.id.clone(),
+                        StepState {
+                            status: s,
+                            outputs: record.outputs.clone(),
+                        },
+                    );
+                    continue;
+                }
+                (Phase::Finally, StepStatus::Running) => {
+                    rerun.push(record.name.clone());
+                    continue;
+                }
+                (Phase::Finally, _) => continue,
+                (Phase::Main, StepStatus::Running) => (
+                    StepStatus::Failed,
+                    "interrupted: skiff stopped while this step was running",
+                ),
+                (Phase::Main, _) => (StepStatus::Skipped, "not run: the run was interrupted"),
+            };
+            record.status = status;
+            record.reason = Some(reason.to_string());
+            if status == StepStatus::Failed {
+                record.finished_at = Some(now);
+            }
+            let id = record.id.clone();
+            self.steps.insert(
+                id,
+                StepState {
+                    status,
+                    outputs: BTreeMap::new(),
+                },
+            );
+            self.save(index).await?;
+        }
+        for name in rerun {
+            self.log
+                .note(
+                    None,
+                    &format!("finally step `{name}` was running when skiff stopped; it runs again"),
+                )
+                .await;
+        }
+        let ended: Vec<bool> = self
+            .records
+            .iter()
+            .map(|r| r.status.is_terminal())
+            .collect();
+        let ran = self.run_finally(|i| !ended[i]).await?;
+        let mut outcome = self.outcome();
+        if outcome.status == RunStatus::Failed {
+            outcome.reason = Some(if ran == 0 {
+                INTERRUPTED.to_string()
+            } else {
+                format!("{INTERRUPTED}; its finally steps ran after the restart")
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Runs the `finally` steps whose index `wanted` accepts; returns how many were started.
+    async fn run_finally(&mut self, wanted: impl Fn(usize) -> bool) -> Result<usize, RunnerError> {
         let finally: Vec<Step> = self.pipeline.finally.clone();
-        let offset = main.len();
+        let offset = self.pipeline.steps.len();
+        let mut ran = 0;
         for (i, step) in finally.iter().enumerate() {
+            if !wanted(offset + i) {
+                continue;
+            }
             if self.opts.abort.is_cancelled() {
-                self.finish_unrun(offset + i, StepStatus::Skipped, "run aborted")
-                    .await?;
+                self.finish_unrun(
+                    offset + i,
+                    StepStatus::Skipped,
+                    "not run: the run was aborted",
+                )
+                .await?;
                 continue;
             }
             self.run_step(offset + i, step).await?;
+            if self.records[offset + i].started_at.is_some() {
+                ran += 1;
+            }
         }
+        Ok(ran)
+    }
 
+    /// The run's end state, once its steps are done.
+    fn outcome(&self) -> RunOutcome {
         let (status, reason) = if self.opts.abort.is_cancelled() {
-            (
-                RunStatus::Cancelled,
-                Some("aborted; finally steps were stopped".to_string()),
-            )
+            (RunStatus::Cancelled, Some(self.opts.abort_reason.clone()))
         } else {
             match self.interrupt {
-                Some(Interrupt::Cancelled) => (RunStatus::Cancelled, Some("cancelled".to_string())),
+                Some(Interrupt::Cancelled) => {
+                    (RunStatus::Cancelled, Some(self.opts.cancel_reason.clone()))
+                }
                 Some(Interrupt::TimedOut) => (
                     RunStatus::TimedOut,
                     Some(format!(
@@ -343,7 +481,24 @@ impl Runner<'_> {
                 None => (RunStatus::Succeeded, None),
             }
         };
-        Ok(RunOutcome { status, reason })
+        RunOutcome { status, reason }
+    }
+
+    /// The environment every step starts from: the runner's own, then the pipeline's `env:`.
+    async fn prepare_env(&mut self) {
+        self.base_env = self.base_env();
+        let pipeline_env = self.pipeline.env.clone();
+        let env = match self.eval_env(&pipeline_env, self.base_env.clone(), "running") {
+            Ok(env) => env,
+            Err(e) => {
+                let reason = format!("pipeline env: {e}");
+                self.log.note(None, &reason).await;
+                self.failed = true;
+                self.first_failure = Some(reason);
+                self.base_env.clone()
+            }
+        };
+        self.base_env = env;
     }
 
     /// The status `run.status` shows: `running` during main steps, the would-be final status
@@ -444,32 +599,37 @@ impl Runner<'_> {
     /// Decides whether the step runs, runs it with its retries, and records the result.
     async fn run_step(&mut self, index: usize, step: &Step) -> Result<(), RunnerError> {
         let status_text = self.visible_status(step.phase);
-        let runs = match &step.condition {
-            None => step.phase == Phase::Finally || (!self.failed && self.interrupt.is_none()),
-            Some(cond) => {
-                let env = self.base_env.clone();
-                let scope = self.scope(&env, status_text);
-                let implicit = step.phase == Phase::Main && !expr::uses_status_function(&cond.expr);
-                match expr::eval(&cond.expr, &scope) {
-                    Ok(v) => {
-                        v.truthy() && (!implicit || (!self.failed && self.interrupt.is_none()))
-                    }
-                    Err(e) => {
-                        let reason = format!("`if: {}`: {e}", cond.text);
-                        self.log.note(Some(index as u32), &reason).await;
-                        return self
-                            .record_failure(index, step, StepStatus::Failed, reason)
-                            .await;
-                    }
-                }
-            }
-        };
-        if !runs {
-            let reason = match &step.condition {
-                Some(c) => format!("`if: {}` was false", c.text),
-                None => "an earlier step failed".to_string(),
+        // A main step without a status function in its `if:` means `success() && (if)`: after a
+        // failure it is skipped for that reason, without looking at its condition.
+        let implicit = step.phase == Phase::Main
+            && step
+                .condition
+                .as_ref()
+                .is_none_or(|c| !expr::uses_status_function(&c.expr));
+        if implicit && self.failed {
+            let reason = match &self.first_failure {
+                Some(why) => format!("not run: {why}"),
+                None => "not run: an earlier step failed".to_string(),
             };
             return self.finish_unrun(index, StepStatus::Skipped, &reason).await;
+        }
+        if let Some(cond) = &step.condition {
+            let env = self.base_env.clone();
+            let scope = self.scope(&env, status_text);
+            match expr::eval(&cond.expr, &scope) {
+                Ok(v) if v.truthy() => {}
+                Ok(_) => {
+                    let reason = format!("`if: {}` was false", cond.text);
+                    return self.finish_unrun(index, StepStatus::Skipped, &reason).await;
+                }
+                Err(e) => {
+                    let reason = format!("`if: {}`: {e}", cond.text);
+                    self.log.note(Some(index as u32), &reason).await;
+                    return self
+                        .record_failure(index, step, StepStatus::Failed, reason)
+                        .await;
+                }
+            }
         }
 
         let env = match self.eval_env(&step.env, self.base_env.clone(), status_text) {
@@ -637,6 +797,8 @@ impl Runner<'_> {
             exit_code: None,
             reason: Some(if timed_out {
                 "the run timed out".into()
+            } else if phase == Phase::Finally {
+                "stopped before it ended: the run was aborted".into()
             } else {
                 "cancelled".into()
             }),
@@ -716,17 +878,29 @@ impl Runner<'_> {
                     self.opts.kill_grace,
                 )
                 .await;
-                let (mut outputs, problems) = read_outputs(&output_path);
+                let read = read_outputs(output_path).await;
                 if !inline {
                     let _ = std::fs::remove_file(&script_path);
                 }
+                let mut outputs = match read {
+                    Ok((outputs, problems)) => {
+                        for p in problems {
+                            self.log.note(Some(index as u32), &p).await;
+                        }
+                        outputs
+                    }
+                    Err(reason) => {
+                        self.log.note(Some(index as u32), &reason).await;
+                        if matches!(&ended, Ok(Ended::Exited(status)) if status.success()) {
+                            return Ok(AttemptResult::failed(reason));
+                        }
+                        BTreeMap::new()
+                    }
+                };
                 if !self.masker.is_empty() {
                     outputs
                         .values_mut()
                         .for_each(|v| *v = self.masker.mask_str(v));
-                }
-                for p in problems {
-                    self.log.note(Some(index as u32), &p).await;
                 }
                 Ok(match ended {
                     Err(e) => AttemptResult::failed(format!(
@@ -832,33 +1006,48 @@ fn write_file(path: &Path, data: &[u8]) -> Result<(), RunnerError> {
 }
 
 /// The most output text a step may leave in `$SKIFF_OUTPUT`.
-const MAX_OUTPUT_BYTES: u64 = 1 << 20;
+pub const MAX_OUTPUT_BYTES: u64 = 1 << 20;
+/// The most outputs one step may set.
+pub const MAX_OUTPUTS: usize = 1000;
 
-/// Reads a step's `$SKIFF_OUTPUT` file; problems come back as log lines.
-fn read_outputs(path: &Path) -> (BTreeMap<String, String>, Vec<String>) {
+/// A step's `$SKIFF_OUTPUT`, read: its values and the lines that could not be read.
+type ReadOutputs = (BTreeMap<String, String>, Vec<String>);
+
+/// Reads a step's `$SKIFF_OUTPUT` file (on a blocking thread: a big file takes a while to parse).
+/// A file past the limits fails the step: the error names the limit.
+async fn read_outputs(path: PathBuf) -> Result<ReadOutputs, String> {
+    tokio::task::spawn_blocking(move || read_outputs_now(&path))
+        .await
+        .unwrap_or_else(|e| Err(format!("reading $SKIFF_OUTPUT failed: {e}")))
+}
+
+fn read_outputs_now(path: &Path) -> Result<ReadOutputs, String> {
     // No file: the step set no outputs.
     let Ok(size) = std::fs::metadata(path).map(|m| m.len()) else {
-        return (BTreeMap::new(), Vec::new());
+        return Ok((BTreeMap::new(), Vec::new()));
     };
     let bytes = (size <= MAX_OUTPUT_BYTES).then(|| std::fs::read(path));
     // Read once: a retried attempt starts with no outputs.
     let _ = std::fs::remove_file(path);
     let text = match bytes {
         None => {
-            return (
-                BTreeMap::new(),
-                vec![format!(
-                    "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES}; outputs ignored"
-                )],
-            );
+            return Err(format!(
+                "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES} bytes (1 MiB)"
+            ));
         }
         Some(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-        Some(Err(_)) => return (BTreeMap::new(), Vec::new()),
+        Some(Err(e)) => return Err(format!("reading $SKIFF_OUTPUT failed: {e}")),
     };
     let (values, errors) = skiff_core::kv::parse(&text);
+    if values.len() > MAX_OUTPUTS {
+        return Err(format!(
+            "$SKIFF_OUTPUT sets {} outputs, more than the limit of {MAX_OUTPUTS} per step",
+            values.len()
+        ));
+    }
     let problems = errors
         .into_iter()
         .map(|e| format!("$SKIFF_OUTPUT line {}: {}", e.line, e.message))
         .collect();
-    (values.into_iter().collect(), problems)
+    Ok((values.into_iter().collect(), problems))
 }

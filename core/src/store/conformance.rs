@@ -45,6 +45,145 @@ pub async fn conformance(store: Arc<dyn Store>) {
     missing(&store).await;
     cancelling(&store).await;
     counting(&store).await;
+    pruning(&store).await;
+}
+
+/// Ends a new run of `pipeline` as succeeded, with a line of log.
+async fn finished_run(store: &Arc<dyn Store>, pipeline: &str) -> crate::run::Run {
+    let run = store
+        .create_run(new_run(pipeline, 1))
+        .await
+        .expect("create");
+    store
+        .set_status(&run.id, RunStatus::Running, None)
+        .await
+        .expect("claim");
+    store
+        .append_logs(
+            &run.id,
+            &[LogChunk {
+                step: Some(0),
+                data: b"line\n".to_vec(),
+            }],
+        )
+        .await
+        .expect("log");
+    store
+        .set_status(&run.id, RunStatus::Succeeded, None)
+        .await
+        .expect("end")
+}
+
+async fn pruning(store: &Arc<dyn Store>) {
+    let mut ended = Vec::new();
+    for _ in 0..5 {
+        ended.push(finished_run(store, "prune").await);
+    }
+    let waiting = store.create_run(new_run("prune", 1)).await.expect("create");
+    let running = store.create_run(new_run("prune", 1)).await.expect("create");
+    store
+        .set_status(&running.id, RunStatus::Running, None)
+        .await
+        .expect("claim");
+    let other = finished_run(store, "prune-other").await;
+    assert!(
+        store
+            .pipelines_with_runs()
+            .await
+            .expect("pipelines")
+            .iter()
+            .any(|p| p == "prune"),
+        "a pipeline with runs is listed"
+    );
+
+    // By count: the newest two finished runs stay; queued and running runs are never counted
+    // or deleted.
+    let deleted = store
+        .prune_runs(&super::Prune {
+            pipeline: "prune".into(),
+            finished_before: None,
+            keep_last: Some(2),
+        })
+        .await
+        .expect("prune by count");
+    let mut expected: Vec<RunId> = ended[..3].iter().map(|r| r.id.clone()).collect();
+    let mut got = deleted.clone();
+    expected.sort();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "pruning by count deletes the oldest finished runs"
+    );
+    for run in &ended[..3] {
+        assert!(
+            store.get_run(&run.id).await.expect("get").is_none(),
+            "a pruned run is gone"
+        );
+        assert!(
+            matches!(
+                store.read_logs(&run.id, 0, 1024).await,
+                Err(StoreError::NotFound(_))
+            ),
+            "a pruned run's log is gone"
+        );
+        assert!(
+            store.steps(&run.id).await.expect("steps").is_empty(),
+            "and its steps"
+        );
+    }
+    for run in [&ended[3], &ended[4], &waiting, &running, &other] {
+        assert!(
+            store.get_run(&run.id).await.expect("get").is_some(),
+            "run #{} of {} is kept",
+            run.number,
+            run.pipeline
+        );
+    }
+
+    // By age: everything finished before now goes, the rest stays.
+    let deleted = store
+        .prune_runs(&super::Prune {
+            pipeline: "prune".into(),
+            finished_before: Some(chrono::Utc::now() + chrono::Duration::seconds(1)),
+            keep_last: None,
+        })
+        .await
+        .expect("prune by age");
+    assert_eq!(
+        deleted.len(),
+        2,
+        "pruning by age deletes the runs that ended before"
+    );
+    let left = store
+        .list_runs(&RunQuery {
+            pipeline: Some("prune".into()),
+            ..RunQuery::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(left.runs.len(), 2, "the queued and the running run stay");
+
+    // Numbers are never given twice, even once every run that had them is gone.
+    let again = store
+        .prune_runs(&super::Prune {
+            pipeline: "prune-other".into(),
+            finished_before: Some(chrono::Utc::now() + chrono::Duration::seconds(1)),
+            keep_last: Some(1),
+        })
+        .await
+        .expect("prune");
+    assert_eq!(again, vec![other.id.clone()]);
+    let next = store
+        .create_run(new_run("prune-other", 1))
+        .await
+        .expect("create");
+    assert_eq!(
+        next.number,
+        other.number + 1,
+        "a deleted run's number is not reused"
+    );
+    let next = store.create_run(new_run("prune", 1)).await.expect("create");
+    assert_eq!(next.number, 8, "numbers continue past deleted runs");
 }
 
 async fn cancelling(store: &Arc<dyn Store>) {

@@ -83,6 +83,16 @@ pub struct LogRead {
     pub len: u64,
 }
 
+/// Which finished runs of one pipeline retention deletes: those that ended before
+/// `finished_before`, and those beyond the newest `keep_last`. Queued and running runs are never
+/// deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prune {
+    pub pipeline: String,
+    pub finished_before: Option<chrono::DateTime<chrono::Utc>>,
+    pub keep_last: Option<u32>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates a run in `queued` with its steps `pending`, numbered next for its pipeline.
@@ -104,6 +114,12 @@ pub trait Store: Send + Sync + 'static {
     /// marked so that its worker stops it (and runs its `finally`). An ended run is left as it
     /// is. Returns the run as it now is.
     async fn request_cancel(&self, id: &RunId, reason: &str) -> Result<Run>;
+    /// Deletes the runs `prune` selects, with their steps, outputs and logs; returns their ids.
+    /// A pipeline's run numbers are never given again after its runs are deleted.
+    async fn prune_runs(&self, prune: &Prune) -> Result<Vec<RunId>>;
+    /// The names of the pipelines that have runs in the Store (including pipelines whose file
+    /// is gone).
+    async fn pipelines_with_runs(&self) -> Result<Vec<String>>;
     /// How many runs are in each state (states with none are left out).
     async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>>;
     /// Runs as they change (state, steps, log, cancel requests). A receiver that falls behind

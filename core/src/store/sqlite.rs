@@ -32,6 +32,10 @@ const SCHEMA_VERSION: i64 = 3;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
 const WAL_BACKSTOP_PAGES: u32 = 8192;
+/// What the write-ahead log file is cut back to each time it starts over after a checkpoint:
+/// a burst (or a long read holding a checkpoint back) grows it up to the backstop, and without
+/// a limit it would keep that size for good.
+const WAL_SIZE_LIMIT: u64 = 4 << 20;
 
 /// Copies the write-ahead log into the database file, on a connection of its own, until the
 /// runtime ends. With SQLite's default the writer does this itself every 1,000 pages, inside a
@@ -191,7 +195,8 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             // Checkpoints are the checkpointer's job (below); the writer checkpoints only if the
             // log outgrows this, as a backstop.
-            .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string());
+            .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string())
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
         let writer = SqliteConnection::connect_with(&options)
             .await
             .map_err(backend)?;
@@ -229,6 +234,19 @@ impl SqliteStore {
 
     pub fn writer(&self) -> &Writer {
         &self.writer
+    }
+
+    /// For a clean stop, once nothing writes any more: copies the write-ahead log into the
+    /// database and truncates it (a stopped skiff leaves no WAL behind), then closes the
+    /// connections.
+    pub async fn close(&self) -> Result<()> {
+        self.readers.close().await;
+        let mut conn = self.writer.lock().await;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -625,8 +643,9 @@ impl Store for SqliteStore {
         .await
         .map_err(backend)?;
         drop(conn);
-        // Pieces (offset, step, length) clipped to the requested range and size.
-        let mut pieces: Vec<(u64, Option<u32>, usize)> = Vec::new();
+        // Pieces (offset, step, length, readable length) clipped to the requested range and
+        // size. Only the first piece can be cut short of its chunk's end.
+        let mut pieces: Vec<(u64, Option<u32>, usize, usize)> = Vec::new();
         let mut total = 0usize;
         for row in rows {
             let start = row.try_get::<i64, _>("offset").map_err(backend)? as u64;
@@ -637,7 +656,8 @@ impl Store for SqliteStore {
                 continue;
             }
             let from = start.max(offset);
-            let mut size = (end - from) as usize;
+            let readable = (end - from) as usize;
+            let mut size = readable;
             if total > 0 && total + size > max_bytes {
                 break;
             }
@@ -645,18 +665,15 @@ impl Store for SqliteStore {
                 size = max_bytes.max(1);
             }
             total += size;
-            pieces.push((from, step.map(|s| s as u32), size));
+            pieces.push((from, step.map(|s| s as u32), size, readable));
             if total >= max_bytes {
                 break;
             }
         }
-        let next_offset = pieces
-            .last()
-            .map_or(offset, |(from, _, size)| from + *size as u64);
         if pieces.is_empty() {
             return Ok(LogRead {
                 chunks: Vec::new(),
-                next_offset,
+                next_offset: offset,
                 len,
             });
         }
@@ -666,9 +683,16 @@ impl Store for SqliteStore {
             let file = std::fs::File::open(&path)?;
             pieces
                 .into_iter()
-                .map(|(from, step, size)| {
-                    let mut data = vec![0u8; size];
+                .map(|(from, step, size, readable)| {
+                    // A piece cut short ends between two characters, never inside one (a piece
+                    // is decoded on its own): read a character's worth more, then cut.
+                    let mut data = vec![0u8; (size + 3).min(readable)];
                     file.read_exact_at(&mut data, from)?;
+                    if size < readable {
+                        data.truncate(crate::utf8::cut_at_char(&data, size));
+                    } else {
+                        data.truncate(size);
+                    }
                     Ok(StoredChunk {
                         offset: from,
                         step,
@@ -680,6 +704,9 @@ impl Store for SqliteStore {
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))?
         .map_err(|e| StoreError::Corrupt(format!("reading the log of run {id}: {e}")))?;
+        let next_offset = chunks
+            .last()
+            .map_or(offset, |c| c.offset + c.data.len() as u64);
         Ok(LogRead {
             chunks,
             next_offset,
@@ -722,6 +749,80 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(backend)?;
         self.changed(id, ChangeKind::Cancel);
         Ok(run)
+    }
+
+    async fn prune_runs(&self, prune: &super::Prune) -> Result<Vec<RunId>> {
+        // In batches: one transaction holds the writer, and the runs that queue behind it, only
+        // briefly.
+        const BATCH: i64 = 200;
+        let before = prune.finished_before.map(millis);
+        let keep = prune.keep_last.map(i64::from);
+        let mut deleted = Vec::new();
+        loop {
+            let mut conn = self.writer.lock().await;
+            let mut tx = write_tx(&mut conn).await?;
+            // The pipeline's highest number, kept so that numbers are not given twice.
+            sqlx::query(
+                "INSERT INTO run_numbers (pipeline, last)
+                 SELECT ?1, MAX(number) FROM runs WHERE pipeline = ?1 HAVING MAX(number) IS NOT NULL
+                 ON CONFLICT (pipeline) DO UPDATE SET last = MAX(last, excluded.last)",
+            )
+            .bind(&prune.pipeline)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            let rows = sqlx::query(
+                "DELETE FROM runs WHERE seq IN (
+                   SELECT seq FROM runs
+                   WHERE pipeline = ?1 AND status NOT IN ('queued', 'running')
+                     AND ((?2 IS NOT NULL AND finished_at < ?2)
+                       OR (?3 IS NOT NULL AND seq < COALESCE((
+                             SELECT MIN(seq) FROM (
+                               SELECT seq FROM runs
+                               WHERE pipeline = ?1 AND status NOT IN ('queued', 'running')
+                               ORDER BY seq DESC LIMIT ?3)), -1)))
+                   ORDER BY seq LIMIT ?4)
+                 RETURNING id",
+            )
+            .bind(&prune.pipeline)
+            .bind(before)
+            .bind(keep)
+            .bind(BATCH)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            drop(conn);
+            let batch: Vec<RunId> = rows
+                .iter()
+                .filter_map(|r| r.try_get::<String, _>(0).ok())
+                .filter_map(|id| RunId::from_str(&id).ok())
+                .collect();
+            for id in &batch {
+                // The index rows went with the run; the bytes go now.
+                match std::fs::remove_file(self.log_path(id)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(run_id = %id, error = %e, "removing a log failed"),
+                }
+                self.changed(id, ChangeKind::Status);
+            }
+            let done = (rows.len() as i64) < BATCH;
+            deleted.extend(batch);
+            if done {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    async fn pipelines_with_runs(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT DISTINCT pipeline FROM runs ORDER BY pipeline")
+            .fetch_all(&self.readers)
+            .await
+            .map_err(backend)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(backend))
+            .collect()
     }
 
     async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>> {
