@@ -125,6 +125,7 @@ finally:
 fn a_crash_during_a_finally_step_runs_it_again_after_the_restart() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let marker = scratch.path().join("attempts");
+    let pidfile = scratch.path().join("pids");
     let yaml = format!(
         r#"steps:
   - run: echo main
@@ -132,17 +133,21 @@ finally:
   - id: teardown
     run: |
       echo attempt >> {m}
-      if [ "$(wc -l < {m})" -eq 1 ]; then echo tearing-down; sleep 1000; fi
+      if [ "$(wc -l < {m})" -eq 1 ]; then echo $$ >> {p}; echo tearing-down; sleep 1000; fi
       echo torn down
 "#,
-        m = marker.display()
+        m = marker.display(),
+        p = pidfile.display()
     );
     let mut s = Server::start(&[("tear", &yaml)]);
     let id = s.trigger("tear", json!({}));
     s.wait_for_log(&id, "tearing-down");
     s.crash();
+    let left = pids(&pidfile);
+    assert!(left.iter().all(|p| alive(*p)), "{left:?}");
     let s = s.restart();
     let run = s.wait_for_end(&id);
+    assert!(all_gone(&left), "the first start's process is ended");
     assert_eq!(run["status"], "failed", "{run}");
     let steps = steps_of(&run);
     assert_eq!(steps[0].1, "succeeded", "{run}");
@@ -217,15 +222,23 @@ fn runs_waiting_when_skiff_stops_start_in_their_order_after_the_restart() {
         "steps:\n  - run: echo $SKIFF_RUN_NUMBER >> {}\n",
         order.display()
     );
+    // Two slots, both busy; stopping takes a while (one run's finally step sleeps), and the
+    // slot freed meanwhile takes jobs off the queue that it may not start.
     let mut s = Server::start_with(
         &[
             ("long", "steps:\n  - run: echo started; sleep 1000\n"),
+            (
+                "slowstop",
+                "steps:\n  - run: echo started; sleep 1000\nfinally:\n  - run: sleep 2\n",
+            ),
             ("quick", &quick),
         ],
-        &[("SKIFF_WORKERS", "1")],
+        &[("SKIFF_WORKERS", "2")],
     );
     let long = s.trigger("long", json!({}));
     s.wait_for_log(&long, "started");
+    let slow = s.trigger("slowstop", json!({}));
+    s.wait_for_log(&slow, "started");
     let waiting: Vec<String> = (0..6).map(|_| s.trigger("quick", json!({}))).collect();
     s.stop();
     let s = s.restart();
