@@ -46,6 +46,47 @@ pub async fn conformance(store: Arc<dyn Store>) {
     cancelling(&store).await;
     counting(&store).await;
     pruning(&store).await;
+    reading_while_appending(store.clone()).await;
+}
+
+/// Reads that race appends see a consistent prefix of the log (the length they read and the
+/// chunks up to it), never a chunk past it.
+async fn reading_while_appending(store: Arc<dyn Store>) {
+    let run = store.create_run(new_run("race", 1)).await.expect("create");
+    let writer = {
+        let (store, id) = (store.clone(), run.id.clone());
+        tokio::spawn(async move {
+            for i in 0..300u32 {
+                let line = format!("line {i}\n").into_bytes();
+                store
+                    .append_logs(
+                        &id,
+                        &[LogChunk {
+                            step: Some(0),
+                            data: line,
+                        }],
+                    )
+                    .await
+                    .expect("append");
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() || reads == 0 {
+        let read = store.read_logs(&run.id, 0, 1 << 20).await.expect("read");
+        let got: usize = read.chunks.iter().map(|c| c.data.len()).sum();
+        assert_eq!(
+            got as u64, read.next_offset,
+            "a read is one piece of the log"
+        );
+        assert!(
+            read.next_offset <= read.len,
+            "a read never goes past the length it saw"
+        );
+        reads += 1;
+        tokio::task::yield_now().await;
+    }
+    writer.await.expect("writer");
 }
 
 /// Ends a new run of `pipeline` as succeeded, with a line of log.

@@ -651,6 +651,10 @@ impl Store for SqliteStore {
             let start = row.try_get::<i64, _>("offset").map_err(backend)? as u64;
             let step: Option<i64> = row.try_get("step").map_err(backend)?;
             let chunk_len = row.try_get::<i64, _>("len").map_err(backend)? as u64;
+            if start >= len {
+                // Appended after the length was read: the next read gets it.
+                break;
+            }
             let end = (start + chunk_len).min(len);
             if end <= offset {
                 continue;
