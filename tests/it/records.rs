@@ -241,7 +241,8 @@ fn runs_waiting_when_skiff_stops_start_in_their_order_after_the_restart() {
     s.wait_for_log(&slow, "started");
     let waiting: Vec<String> = (0..6).map(|_| s.trigger("quick", json!({}))).collect();
     s.stop();
-    let s = s.restart();
+    // One slot after the restart, so that runs also end in the order they start.
+    let s = s.restart_with(&[("SKIFF_WORKERS", "1")]);
     for id in &waiting {
         assert_eq!(s.wait_for_end(id)["status"], "succeeded");
     }
