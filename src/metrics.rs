@@ -49,11 +49,7 @@ pub fn install() -> Option<PrometheusHandle> {
 /// HELP text (and unit) for every metric: `promtool check metrics` refuses metrics without.
 fn describe() {
     // Set by the server at each scrape (server/src/api.rs).
-    metrics::describe_gauge!(
-        "skiff_runs",
-        Unit::Count,
-        "Runs in the Store, by status."
-    );
+    metrics::describe_gauge!("skiff_runs", Unit::Count, "Runs in the Store, by status.");
     metrics::describe_gauge!(
         "skiff_queue_depth",
         Unit::Count,

@@ -946,10 +946,9 @@ mod tests {
 
     #[test]
     fn a_trigger_body_keeps_number_text_through_the_object_parser() {
-        let body: TriggerBody = crate::error::parse_object(
-            br#"{"params": {"n": 12345678901234567890123, "x": 1.50}}"#,
-        )
-        .expect("body");
+        let body: TriggerBody =
+            crate::error::parse_object(br#"{"params": {"n": 12345678901234567890123, "x": 1.50}}"#)
+                .expect("body");
         let out = params_from_json(body.params).expect("params");
         assert_eq!(out["n"], "12345678901234567890123");
         assert_eq!(out["x"], "1.50");

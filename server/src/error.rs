@@ -486,7 +486,10 @@ mod tests {
     fn json_content_types() {
         let with = |t: &str| {
             let mut h = axum::http::HeaderMap::new();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(t).expect("value"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(t).expect("value"),
+            );
             json_content_type(&h)
         };
         assert!(with("application/json"));

@@ -15,11 +15,11 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 use skiff_core::catalog::Catalog;
 use skiff_core::dispatch::Dispatcher;
 use skiff_core::store::{AuthStore, Store};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The largest request body accepted (a trigger with its params is a few KiB).
 pub const MAX_BODY: usize = 256 << 10;

@@ -194,7 +194,10 @@ mod tests {
             "routes missing from the OpenAPI document: {undocumented:?}"
         );
         let unrouted: Vec<&String> = documented.difference(&routes).collect();
-        assert!(unrouted.is_empty(), "documented but not routed: {unrouted:?}");
+        assert!(
+            unrouted.is_empty(),
+            "documented but not routed: {unrouted:?}"
+        );
         // The pages are the UI's: no API route hides among them.
         let pages: Vec<&String> = routes.difference(&documented).collect();
         assert!(

@@ -199,10 +199,19 @@ fn bodies_must_be_json_objects() {
             Some(body),
             &[("authorization", &bearer())],
         );
-        assert_json_error(&format!("POST {path} {body}"), &response, 422, "invalid_body");
+        assert_json_error(
+            &format!("POST {path} {body}"),
+            &response,
+            422,
+            "invalid_body",
+        );
     }
     let (status, runs) = s.api("GET", "/api/runs", None);
-    assert_eq!((status, &runs["runs"]), (200, &json!([])), "no run was created");
+    assert_eq!(
+        (status, &runs["runs"]),
+        (200, &json!([])),
+        "no run was created"
+    );
     let (_, tokens) = s.api("GET", "/api/tokens", None);
     assert_eq!(tokens["tokens"], json!([]), "no token was created");
     // Objects still work, for both.
@@ -297,8 +306,18 @@ fn every_error_is_the_json_error_body() {
             ],
         )
     };
-    assert_json_error("UI 405", &page("POST", "/settings", Some("")), 405, "method_not_allowed");
-    assert_json_error("UI bad path", &page("GET", "/runs/%FF", None), 400, "bad_request");
+    assert_json_error(
+        "UI 405",
+        &page("POST", "/settings", Some("")),
+        405,
+        "method_not_allowed",
+    );
+    assert_json_error(
+        "UI bad path",
+        &page("GET", "/runs/%FF", None),
+        400,
+        "bad_request",
+    );
     let big_form = format!("csrf=x&param.who={}", "x".repeat(300_000));
     assert_json_error(
         "UI huge form",
@@ -315,7 +334,10 @@ fn every_limit_follows_one_rule() {
     s.follow(&id, None);
     for (path, range) in [
         (format!("/api/runs/{id}/logs?limit=0"), "1 and 1048576"),
-        (format!("/api/runs/{id}/logs?limit=1048577"), "1 and 1048576"),
+        (
+            format!("/api/runs/{id}/logs?limit=1048577"),
+            "1 and 1048576",
+        ),
         ("/api/runs?limit=0".to_string(), "1 and 500"),
         ("/api/runs?limit=501".to_string(), "1 and 500"),
     ] {
@@ -329,17 +351,18 @@ fn every_limit_follows_one_rule() {
     assert_eq!(status, 200, "{logs}");
     assert_eq!(logs["next_offset"], 5, "{logs}");
     let (status, logs) = s.api("GET", &format!("/api/runs/{id}/logs?limit=1048576"), None);
-    assert_eq!((status, logs["complete"].as_bool()), (200, Some(true)), "{logs}");
+    assert_eq!(
+        (status, logs["complete"].as_bool()),
+        (200, Some(true)),
+        "{logs}"
+    );
     let (status, _) = s.api("GET", "/api/runs?limit=500", None);
     assert_eq!(status, 200);
 }
 
 #[test]
 fn metrics_pass_promtool_and_histograms_have_buckets() {
-    let s = Server::start(&[
-        ("hello", HELLO),
-        ("fails", "steps:\n  - run: exit 3\n"),
-    ]);
+    let s = Server::start(&[("hello", HELLO), ("fails", "steps:\n  - run: exit 3\n")]);
     for pipeline in ["hello", "fails", "hello"] {
         let id = s.trigger(pipeline, json!({}));
         s.follow(&id, None);
@@ -361,7 +384,10 @@ fn metrics_pass_promtool_and_histograms_have_buckets() {
         Some(&text),
         "Debian's `prometheus` package (apt-get install prometheus)",
     );
-    assert!(ok && out.trim().is_empty(), "promtool check metrics:\n{out}\non:\n{text}");
+    assert!(
+        ok && out.trim().is_empty(),
+        "promtool check metrics:\n{out}\non:\n{text}"
+    );
     for name in [
         "skiff_runs",
         "skiff_queue_depth",
@@ -369,10 +395,19 @@ fn metrics_pass_promtool_and_histograms_have_buckets() {
         "skiff_queue_wait_seconds",
         "skiff_runs_finished_total",
     ] {
-        assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{text}");
+        assert!(
+            text.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}:\n{text}"
+        );
     }
-    assert!(text.contains("# TYPE skiff_step_duration_seconds histogram"), "{text}");
-    assert!(text.contains("# TYPE skiff_queue_wait_seconds histogram"), "{text}");
+    assert!(
+        text.contains("# TYPE skiff_step_duration_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE skiff_queue_wait_seconds histogram"),
+        "{text}"
+    );
     assert!(
         text.contains("skiff_queue_wait_seconds_bucket{le=\"0.0005\"}"),
         "queue waits are counted from half a millisecond:\n{text}"
@@ -455,7 +490,10 @@ fn the_openapi_document_is_valid_and_matches_the_server() {
                 }
             }
             // Every error status is described by the one error body.
-            for code in codes.iter().filter(|c| c.starts_with('4') || c.starts_with('5')) {
+            for code in codes
+                .iter()
+                .filter(|c| c.starts_with('4') || c.starts_with('5'))
+            {
                 assert_eq!(
                     op["responses"][code]["content"]["application/json"]["schema"]["$ref"],
                     "#/components/schemas/ErrorBody",
@@ -479,7 +517,11 @@ fn the_openapi_document_is_valid_and_matches_the_server() {
             )
         })
         .collect();
-    for want in [("format", "query"), ("offset", "query"), ("Last-Event-ID", "header")] {
+    for want in [
+        ("format", "query"),
+        ("offset", "query"),
+        ("Last-Event-ID", "header"),
+    ] {
         assert!(
             params.contains(&(want.0.to_string(), want.1.to_string())),
             "{want:?} in {params:?}"

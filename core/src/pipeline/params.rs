@@ -184,8 +184,10 @@ mod tests {
             .collect();
         let p = pipeline(&yaml);
         let value = "x".repeat(MAX_PARAM_VALUE - 100);
-        let eight: Vec<(&str, String)> =
-            names[..8].iter().map(|n| (n.as_str(), value.clone())).collect();
+        let eight: Vec<(&str, String)> = names[..8]
+            .iter()
+            .map(|n| (n.as_str(), value.clone()))
+            .collect();
         assert!(resolve_params(&p, &given(&eight)).is_ok());
         let mut nine = eight.clone();
         nine.push(("p8", "y".repeat(MAX_PARAM_VALUE - 50)));
