@@ -1,27 +1,97 @@
-//! The REST API: JSON in and out, shapes converted by hand from the domain types.
+//! The REST API: JSON in and out. The wire types below are what the handlers send and what the
+//! OpenAPI document describes (`utoipa` derives the schemas from them, and each handler's
+//! `#[utoipa::path]` lists the statuses it answers; see `openapi.rs` for the ones every route
+//! shares), so the document cannot drift from the code.
 
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, Uri};
+use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::value::RawValue;
 use skiff_core::catalog::Entry;
-use skiff_core::pipeline::{ParamError, Pipeline, StepAction};
-use skiff_core::run::{Run, RunId, RunStatus, StepRecord, Trigger, TriggerKind};
+use skiff_core::pipeline::{ParamError, ParamKind, Phase, Pipeline, StepAction};
+use skiff_core::run::{Run, RunId, RunStatus, StepRecord, StepStatus, Trigger, TriggerKind};
 use skiff_core::store::{ApiToken, RunQuery};
+use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
 use crate::auth::{Auth, hash_secret, random_token};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, JsonObject, Path, Query};
+
+// ---- enums on the wire: their values come from the domain types ----
+
+fn string_enum(values: impl IntoIterator<Item = &'static str>) -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+        .build()
+}
+
+fn run_status_schema() -> Object {
+    string_enum(RunStatus::ALL.iter().map(|s| s.as_str()))
+}
+
+fn step_status_schema() -> Object {
+    string_enum(StepStatus::ALL.iter().map(|s| s.as_str()))
+}
+
+fn trigger_kind_schema() -> Object {
+    string_enum(TriggerKind::ALL.iter().map(|s| s.as_str()))
+}
+
+fn param_kind_schema() -> Object {
+    // The match makes a new kind a compile error here until it is listed.
+    let all = [
+        ParamKind::String,
+        ParamKind::Boolean,
+        ParamKind::Number,
+        ParamKind::Choice,
+    ];
+    for k in all {
+        match k {
+            ParamKind::String | ParamKind::Boolean | ParamKind::Number | ParamKind::Choice => {}
+        }
+    }
+    string_enum(all.map(ParamKind::as_str))
+}
+
+fn phase_schema() -> Object {
+    let all = [Phase::Main, Phase::Finally];
+    for p in all {
+        match p {
+            Phase::Main | Phase::Finally => {}
+        }
+    }
+    string_enum(all.map(Phase::as_str))
+}
+
+fn param_value_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+                    Type::String,
+                    Type::Number,
+                    Type::Boolean,
+                ]))
+                .description(Some(
+                    "a string, a number (kept as written: `1.50` stays `1.50`) or a boolean",
+                )),
+        ))
+        .build()
+}
 
 // ---- wire types ----
 
-#[derive(Serialize)]
+/// A problem in a pipeline's file.
+#[derive(Serialize, ToSchema)]
 pub struct DiagnosticDto {
     pub line: u32,
     pub column: u32,
@@ -30,18 +100,54 @@ pub struct DiagnosticDto {
     pub help: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ParamDto {
     pub name: String,
     #[serde(rename = "type")]
+    #[schema(schema_with = param_kind_schema)]
     pub kind: &'static str,
     pub default: Option<String>,
     pub description: Option<String>,
+    /// The choices of a `choice` param.
     pub options: Vec<String>,
     pub required: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+pub struct WebhookDto {
+    pub events: Vec<String>,
+    pub branches: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ScheduleDto {
+    pub cron: String,
+    pub timezone: Option<String>,
+    pub params: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TriggersDto {
+    /// Whether the pipeline can be started by hand (API, UI, `skiff trigger`).
+    pub manual: bool,
+    pub webhook: Option<WebhookDto>,
+    pub schedules: Vec<ScheduleDto>,
+}
+
+/// A step as the pipeline declares it.
+#[derive(Serialize, ToSchema)]
+pub struct PipelineStepDto {
+    pub id: String,
+    pub name: String,
+    #[schema(schema_with = phase_schema)]
+    pub phase: &'static str,
+    /// The built-in action, for a `uses:` step.
+    #[schema(value_type = Option<String>)]
+    pub uses: Option<&'static str>,
+}
+
+/// A pipeline file: valid (with its params, triggers and steps) or not (with its diagnostics).
+#[derive(Serialize, ToSchema)]
 pub struct PipelineDto {
     pub name: String,
     pub file: String,
@@ -49,21 +155,36 @@ pub struct PipelineDto {
     pub description: Option<String>,
     pub diagnostics: Vec<DiagnosticDto>,
     pub params: Vec<ParamDto>,
-    pub triggers: Value,
-    pub steps: Vec<Value>,
+    /// `null` for an invalid pipeline.
+    pub triggers: Option<TriggersDto>,
+    pub steps: Vec<PipelineStepDto>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PipelineList {
+    pub pipelines: Vec<PipelineDto>,
 }
 
 pub fn pipeline_dto(entry: &Entry) -> PipelineDto {
     let p: Option<&Pipeline> = entry.pipeline.as_deref();
     PipelineDto {
         name: entry.name.clone(),
-        file: entry.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        file: entry
+            .file
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         valid: p.is_some(),
         description: p.and_then(|p| p.description.clone()),
         diagnostics: entry
             .diagnostics
             .iter()
-            .map(|d| DiagnosticDto { line: d.pos.line, column: d.pos.col, message: d.message.clone(), help: d.help.clone() })
+            .map(|d| DiagnosticDto {
+                line: d.pos.line,
+                column: d.pos.col,
+                message: d.message.clone(),
+                help: d.help.clone(),
+            })
             .collect(),
         params: p
             .map(|p| {
@@ -80,27 +201,34 @@ pub fn pipeline_dto(entry: &Entry) -> PipelineDto {
                     .collect()
             })
             .unwrap_or_default(),
-        triggers: p.map_or(Value::Null, |p| {
-            json!({
-                "manual": p.on.manual,
-                "webhook": p.on.webhook.as_ref().map(|w| json!({ "events": w.events, "branches": w.branches })),
-                "schedules": p.on.schedules.iter().map(|s| json!({
-                    "cron": s.cron,
-                    "timezone": s.timezone.map(|t| t.name().to_string()),
-                    "params": s.params.iter().cloned().collect::<BTreeMap<_, _>>(),
-                })).collect::<Vec<_>>(),
-            })
+        triggers: p.map(|p| TriggersDto {
+            manual: p.on.manual,
+            webhook: p.on.webhook.as_ref().map(|w| WebhookDto {
+                events: w.events.clone(),
+                branches: w.branches.clone(),
+            }),
+            schedules: p
+                .on
+                .schedules
+                .iter()
+                .map(|s| ScheduleDto {
+                    cron: s.cron.clone(),
+                    timezone: s.timezone.map(|t| t.name().to_string()),
+                    params: s.params.iter().cloned().collect(),
+                })
+                .collect(),
         }),
         steps: p
             .map(|p| {
                 p.all_steps()
-                    .map(|s| {
-                        json!({
-                            "id": s.id,
-                            "name": s.name,
-                            "phase": s.phase.as_str(),
-                            "uses": match &s.action { StepAction::Uses { action, .. } => Some(action.name), StepAction::Run { .. } => None },
-                        })
+                    .map(|s| PipelineStepDto {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                        phase: s.phase.as_str(),
+                        uses: match &s.action {
+                            StepAction::Uses { action, .. } => Some(action.name),
+                            StepAction::Run { .. } => None,
+                        },
                     })
                     .collect()
             })
@@ -108,12 +236,15 @@ pub fn pipeline_dto(entry: &Entry) -> PipelineDto {
     }
 }
 
-#[derive(Serialize)]
+/// One step of a run.
+#[derive(Serialize, ToSchema)]
 pub struct StepDto {
     pub index: u32,
     pub id: String,
     pub name: String,
+    #[schema(schema_with = phase_schema)]
     pub phase: &'static str,
+    #[schema(schema_with = step_status_schema)]
     pub status: &'static str,
     pub attempt: u32,
     pub exit_code: Option<i32>,
@@ -144,13 +275,23 @@ pub fn step_dto(s: &StepRecord) -> StepDto {
     }
 }
 
-#[derive(Serialize)]
+/// What started a run, and who.
+#[derive(Serialize, ToSchema)]
+pub struct TriggerDto {
+    #[schema(schema_with = trigger_kind_schema)]
+    pub kind: &'static str,
+    /// `admin`, `token:<name>`, `admin-token`, a user name...
+    pub actor: String,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct RunDto {
     pub id: String,
     pub pipeline: String,
     pub number: u64,
+    #[schema(schema_with = run_status_schema)]
     pub status: &'static str,
-    pub trigger: Value,
+    pub trigger: TriggerDto,
     pub params: BTreeMap<String, String>,
     pub rerun_of: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -160,6 +301,7 @@ pub struct RunDto {
     pub reason: Option<String>,
     pub log_len: u64,
     pub cancel_requested: bool,
+    /// Only on `GET /api/runs/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepDto>>,
 }
@@ -170,7 +312,10 @@ pub fn run_dto(r: &Run, steps: Option<&[StepRecord]>) -> RunDto {
         pipeline: r.pipeline.clone(),
         number: r.number,
         status: r.status.as_str(),
-        trigger: json!({ "kind": r.trigger.kind.as_str(), "actor": r.trigger.actor }),
+        trigger: TriggerDto {
+            kind: r.trigger.kind.as_str(),
+            actor: r.trigger.actor.clone(),
+        },
         params: r.params.clone(),
         rerun_of: r.rerun_of.as_ref().map(ToString::to_string),
         created_at: r.created_at,
@@ -184,6 +329,70 @@ pub fn run_dto(r: &Run, steps: Option<&[StepRecord]>) -> RunDto {
         log_len: r.log_len,
         cancel_requested: r.cancel_requested,
         steps: steps.map(|s| s.iter().map(step_dto).collect()),
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RunList {
+    pub runs: Vec<RunDto>,
+    /// The cursor of the next page, `null` on the last.
+    pub next: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LogChunkDto {
+    pub offset: u64,
+    /// The step that wrote it (its index), `null` for skiff's own lines.
+    pub step: Option<u32>,
+    pub text: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LogsDto {
+    pub offset: u64,
+    /// Where the next read starts.
+    pub next_offset: u64,
+    /// The log's length so far.
+    pub len: u64,
+    /// The run ended and this read reached the end of its log.
+    pub complete: bool,
+    pub chunks: Vec<LogChunkDto>,
+}
+
+/// An API token (never its secret).
+#[derive(Serialize, ToSchema)]
+pub struct TokenDto {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenDto>,
+}
+
+/// A new API token with its secret, shown this once.
+#[derive(Serialize, ToSchema)]
+pub struct CreatedTokenDto {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// The secret: send it as `Authorization: Bearer <token>`.
+    pub token: String,
+}
+
+fn token_dto(t: &ApiToken) -> TokenDto {
+    TokenDto {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        created_at: t.created_at,
+        last_used_at: t.last_used_at,
+        revoked_at: t.revoked_at,
     }
 }
 
@@ -234,12 +443,35 @@ pub fn trigger_of(principal: &crate::auth::Principal, kind: TriggerKind) -> Trig
     }
 }
 
+/// The one rule for every `limit` parameter: absent means `default`; 0 or more than `max` is a
+/// 400 that names the range (never silently clamped).
+pub fn check_limit(given: Option<u64>, default: u64, max: u64) -> Result<u64, ApiError> {
+    match given {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {max} (got {n}; without it, {default})"
+        ))),
+    }
+}
+
 // ---- handlers ----
 
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::not_found(format!("no route for {}", uri.path()))
 }
 
+/// Liveness: `ok` while the server answers.
+#[utoipa::path(get, path = "/healthz", tag = "server",
+    responses((status = 200, description = "the server is up", body = String, content_type = "text/plain", example = "ok")))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Prometheus metrics (text exposition format): runs by status, queue depth, runs finished,
+/// step durations and queue waits (histograms).
+#[utoipa::path(get, path = "/metrics", tag = "server",
+    responses((status = 200, description = "the metrics", body = String, content_type = "text/plain; version=0.0.4")))]
 pub async fn metrics(_auth: Auth, State(state): State<AppState>) -> Result<Response, ApiError> {
     let counts = state.store.status_counts().await?;
     for status in RunStatus::ALL {
@@ -262,12 +494,22 @@ pub async fn metrics(_auth: Auth, State(state): State<AppState>) -> Result<Respo
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
-pub async fn list_pipelines(_auth: Auth, State(state): State<AppState>) -> Json<Value> {
+/// Every pipeline in the folder, valid or not.
+#[utoipa::path(get, path = "/api/pipelines", tag = "pipelines",
+    responses((status = 200, description = "the pipelines", body = PipelineList)))]
+pub async fn list_pipelines(_auth: Auth, State(state): State<AppState>) -> Json<PipelineList> {
     let catalog = state.catalog.current();
-    let list: Vec<PipelineDto> = catalog.entries().map(|e| pipeline_dto(e)).collect();
-    Json(json!({ "pipelines": list }))
+    Json(PipelineList {
+        pipelines: catalog.entries().map(|e| pipeline_dto(e)).collect(),
+    })
 }
 
+/// One pipeline, valid (params, triggers, steps) or not (diagnostics).
+#[utoipa::path(get, path = "/api/pipelines/{name}", tag = "pipelines",
+    params(("name" = String, Path, description = "the pipeline's name")),
+    responses(
+        (status = 200, description = "the pipeline", body = PipelineDto),
+        (status = 404, description = "no such pipeline", body = ErrorBody)))]
 pub async fn get_pipeline(
     _auth: Auth,
     State(state): State<AppState>,
@@ -276,37 +518,40 @@ pub async fn get_pipeline(
     Ok(Json(pipeline_dto(&*entry(&state, &name)?)))
 }
 
-#[derive(Deserialize)]
+/// The body of a trigger: a JSON object (an array is refused).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerBody {
+    /// The run's params by name. Each value is kept as its text: a string's characters, a
+    /// number as written (no rounding), `true`/`false`.
     #[serde(default)]
-    pub params: BTreeMap<String, Value>,
+    #[schema(schema_with = param_value_schema)]
+    pub params: BTreeMap<String, Box<RawValue>>,
 }
 
-/// Params as JSON values: strings, numbers and booleans are taken as their text.
+/// Params as JSON values: strings, numbers and booleans are taken as their text. A number keeps
+/// the text it was sent as: the values are raw JSON (`RawValue`), never an `f64`, so
+/// `12345678901234567890123` and `1.50` reach the run as written.
 pub fn params_from_json(
-    values: BTreeMap<String, Value>,
+    values: BTreeMap<String, Box<RawValue>>,
 ) -> Result<BTreeMap<String, String>, Vec<ParamError>> {
     let mut out = BTreeMap::new();
     let mut errors = Vec::new();
     for (k, v) in values {
-        match v {
-            Value::String(s) => {
-                out.insert(k, s);
+        let text = v.get().trim();
+        // serde_json has checked the text: it is one whole JSON value.
+        let value = match text.as_bytes().first() {
+            Some(b'"') => serde_json::from_str::<String>(text).map_err(|e| e.to_string()),
+            Some(b'-' | b'0'..=b'9' | b't' | b'f') => Ok(text.to_string()),
+            Some(b'n') => Err("expected a string, number or boolean, got null".to_string()),
+            Some(b'[') => Err("expected a string, number or boolean, got a list".to_string()),
+            _ => Err("expected a string, number or boolean, got an object".to_string()),
+        };
+        match value {
+            Ok(v) => {
+                out.insert(k, v);
             }
-            Value::Number(n) => {
-                out.insert(k, n.to_string());
-            }
-            Value::Bool(b) => {
-                out.insert(k, b.to_string());
-            }
-            other => errors.push(ParamError {
-                param: k,
-                message: format!(
-                    "expected a string, number or boolean, got {}",
-                    json_kind(&other)
-                ),
-            }),
+            Err(message) => errors.push(ParamError { param: k, message }),
         }
     }
     if errors.is_empty() {
@@ -316,20 +561,24 @@ pub fn params_from_json(
     }
 }
 
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-        _ => "a value",
-    }
-}
-
+/// Start a run.
+#[utoipa::path(post, path = "/api/pipelines/{name}/runs", tag = "runs",
+    params(("name" = String, Path, description = "the pipeline's name")),
+    request_body(content = TriggerBody, description = "a JSON object; `{}` runs with the defaults"),
+    responses(
+        (status = 201, description = "the new run (queued)", body = RunDto,
+            headers(("location" = String, description = "the run's URL"))),
+        (status = 400, description = "the body is not JSON, or the path is not UTF-8", body = ErrorBody),
+        (status = 404, description = "no such pipeline", body = ErrorBody),
+        (status = 409, description = "the pipeline is invalid, or does not allow manual runs", body = ErrorBody),
+        (status = 413, description = "the body is over 256 KiB", body = ErrorBody),
+        (status = 415, description = "the body is not sent as JSON", body = ErrorBody),
+        (status = 422, description = "the body is not an object of this shape (`invalid_body`), or the params do not fit (`invalid_params`, with `fields`: unknown, wrong type, a NUL, a value over 32 KiB, over 256 KiB in all)", body = ErrorBody)))]
 pub async fn trigger(
     Auth(principal): Auth,
     State(state): State<AppState>,
     Path(name): Path<String>,
-    body: Result<Json<TriggerBody>, JsonRejection>,
+    body: Result<JsonObject<TriggerBody>, ApiError>,
 ) -> Result<Response, ApiError> {
     let entry = entry(&state, &name)?;
     if entry.pipeline.as_ref().is_some_and(|p| !p.on.manual) {
@@ -339,13 +588,8 @@ pub async fn trigger(
             format!("pipeline `{name}` does not allow manual runs (on.manual: false)"),
         ));
     }
-    let Json(body) = body?;
-    let given = params_from_json(body.params).map_err(|fields| ApiError {
-        status: StatusCode::UNPROCESSABLE_ENTITY,
-        code: "invalid_params",
-        message: "the params do not fit the pipeline".into(),
-        fields,
-    })?;
+    let JsonObject(body) = body?;
+    let given = params_from_json(body.params).map_err(ApiError::invalid_params)?;
     let run = state
         .dispatcher
         .trigger(&entry, &given, trigger_of(&principal, TriggerKind::Api))
@@ -353,21 +597,37 @@ pub async fn trigger(
     Ok(created(&run))
 }
 
-#[derive(Deserialize)]
+/// The most runs one page holds.
+pub const MAX_RUNS_PAGE: u64 = 500;
+/// A page's size when `limit` is not given.
+pub const DEFAULT_RUNS_PAGE: u64 = 50;
+
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct RunsQuery {
+    /// Only this pipeline's runs.
     pipeline: Option<String>,
+    /// Only runs in this state.
+    #[param(schema_with = run_status_schema)]
     status: Option<String>,
-    limit: Option<u32>,
+    /// The page's size: 1 to 500 (50 when absent); anything else is a 400.
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u64>,
+    /// The `next` of the previous page.
     cursor: Option<String>,
 }
 
+/// Runs, newest first, a page at a time.
+#[utoipa::path(get, path = "/api/runs", tag = "runs", params(RunsQuery),
+    responses(
+        (status = 200, description = "a page of runs", body = RunList),
+        (status = 400, description = "an unknown status, a limit out of range, a bad cursor or an unknown parameter", body = ErrorBody)))]
 pub async fn list_runs(
     _auth: Auth,
     State(state): State<AppState>,
-    query: Result<Query<RunsQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query?;
+    Query(q): Query<RunsQuery>,
+) -> Result<Json<RunList>, ApiError> {
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => Some(s.parse::<RunStatus>().map_err(|_| {
@@ -381,22 +641,28 @@ pub async fn list_runs(
             ))
         })?),
     };
-    if q.limit.is_some_and(|l| l == 0 || l > 500) {
-        return Err(ApiError::bad_request("limit must be between 1 and 500"));
-    }
+    let limit = check_limit(q.limit, DEFAULT_RUNS_PAGE, MAX_RUNS_PAGE)?;
     let page = state
         .store
         .list_runs(&RunQuery {
             pipeline: q.pipeline,
             status,
-            limit: q.limit.unwrap_or(50),
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
             cursor: q.cursor,
         })
         .await?;
-    let runs: Vec<RunDto> = page.runs.iter().map(|r| run_dto(r, None)).collect();
-    Ok(Json(json!({ "runs": runs, "next": page.next })))
+    Ok(Json(RunList {
+        runs: page.runs.iter().map(|r| run_dto(r, None)).collect(),
+        next: page.next,
+    }))
 }
 
+/// A run with its steps.
+#[utoipa::path(get, path = "/api/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "the run's id")),
+    responses(
+        (status = 200, description = "the run, with `steps`", body = RunDto),
+        (status = 404, description = "no such run", body = ErrorBody)))]
 pub async fn get_run(
     _auth: Auth,
     State(state): State<AppState>,
@@ -407,41 +673,107 @@ pub async fn get_run(
     Ok(Json(run_dto(&run, Some(&steps))))
 }
 
-#[derive(Deserialize)]
+/// The most log bytes one read returns.
+pub const MAX_LOG_READ: u64 = 1 << 20;
+
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LogsQuery {
+    /// The byte offset to read from (0 when absent).
     offset: Option<u64>,
-    limit: Option<usize>,
+    /// The most bytes to read: 1 to 1048576 (1 MiB, also the default); anything else is a 400.
+    #[param(minimum = 1, maximum = 1048576)]
+    limit: Option<u64>,
 }
 
-/// The most log bytes one read returns.
-pub const MAX_LOG_READ: usize = 1 << 20;
-
+/// A run's log from a byte offset.
+#[utoipa::path(get, path = "/api/runs/{id}/logs", tag = "logs",
+    params(("id" = String, Path, description = "the run's id"), LogsQuery),
+    responses(
+        (status = 200, description = "log chunks", body = LogsDto),
+        (status = 400, description = "an offset or limit that is not a number, a limit out of range, an unknown parameter", body = ErrorBody),
+        (status = 404, description = "no such run", body = ErrorBody),
+        (status = 416, description = "the offset is past the end of the log", body = ErrorBody)))]
 pub async fn read_logs(
     _auth: Auth,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    query: Result<Query<LogsQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(q) = query?;
+    Query(q): Query<LogsQuery>,
+) -> Result<Json<LogsDto>, ApiError> {
     let run = load_run(&state, &id).await?;
-    let limit = q.limit.unwrap_or(MAX_LOG_READ).clamp(1, MAX_LOG_READ);
+    let limit = check_limit(q.limit, MAX_LOG_READ, MAX_LOG_READ)?;
     let offset = q.offset.unwrap_or(0);
-    let read = state.store.read_logs(&run.id, offset, limit).await?;
-    let chunks: Vec<Value> = read
-        .chunks
-        .iter()
-        .map(|c| json!({ "offset": c.offset, "step": c.step, "text": String::from_utf8_lossy(&c.data) }))
-        .collect();
-    Ok(Json(json!({
-        "offset": offset,
-        "next_offset": read.next_offset,
-        "len": read.len,
-        "complete": run.status.is_terminal() && read.next_offset == read.len,
-        "chunks": chunks,
-    })))
+    let read = state
+        .store
+        .read_logs(
+            &run.id,
+            offset,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+        )
+        .await?;
+    Ok(Json(LogsDto {
+        offset,
+        next_offset: read.next_offset,
+        len: read.len,
+        complete: run.status.is_terminal() && read.next_offset == read.len,
+        chunks: read
+            .chunks
+            .iter()
+            .map(|c| LogChunkDto {
+                offset: c.offset,
+                step: c.step,
+                text: String::from_utf8_lossy(&c.data).into_owned(),
+            })
+            .collect(),
+    }))
 }
 
+/// How the stream sends log text.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only: the stream's handler reads the text itself
+#[schema(rename_all = "lowercase")]
+pub enum StreamFormat {
+    /// Each `log` event's data is `{offset, step, text}`.
+    Text,
+    /// Also `html`: the chunk's lines with ANSI colours as HTML spans (the web UI's view).
+    Html,
+}
+
+/// Follow a run live: Server-Sent Events. `log` (data `{offset, step, text}`; its `id` is the
+/// offset after it), `step` (a step changed: a Step), `run` (the run changed: a Run) and `end`
+/// (data `{status, offset}`: the run is over and the whole log was sent). A client that
+/// reconnects sends the last id as `Last-Event-ID` and continues with no gap and no repeat.
+#[utoipa::path(get, path = "/api/runs/{id}/logs/stream", tag = "logs",
+    params(
+        ("id" = String, Path, description = "the run's id"),
+        ("offset" = Option<u64>, Query, description = "the byte offset to start from (0 when absent)"),
+        ("format" = Option<StreamFormat>, Query, description = "`text` (the default) or `html`"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event: its id, a log offset (wins over `offset`)")),
+    responses(
+        (status = 200, description = "the event stream, until the `end` event", content_type = "text/event-stream", body = String),
+        (status = 400, description = "a bad offset, format or Last-Event-ID, or an unknown parameter", body = ErrorBody),
+        (status = 404, description = "no such run", body = ErrorBody),
+        (status = 416, description = "the offset is past the end of the log", body = ErrorBody)))]
+pub async fn stream_logs(
+    auth: Auth,
+    state: State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<crate::sse::StreamQuery>, QueryRejection>,
+) -> Response {
+    crate::sse::stream_logs(auth, state, axum::extract::Path(id), headers, query)
+        .await
+        .into_response()
+}
+
+/// Cancel a run: its running step is stopped, its finally steps still run.
+#[utoipa::path(post, path = "/api/runs/{id}/cancel", tag = "runs",
+    params(("id" = String, Path, description = "the run's id")),
+    responses(
+        (status = 202, description = "the cancel is on its way", body = RunDto),
+        (status = 404, description = "no such run", body = ErrorBody),
+        (status = 409, description = "the run already ended", body = ErrorBody)))]
 pub async fn cancel(
     Auth(principal): Auth,
     State(state): State<AppState>,
@@ -462,6 +794,14 @@ pub async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(run_dto(&run, None))).into_response())
 }
 
+/// Run again: the same pipeline snapshot and params, a new run.
+#[utoipa::path(post, path = "/api/runs/{id}/rerun", tag = "runs",
+    params(("id" = String, Path, description = "the run's id")),
+    responses(
+        (status = 201, description = "the new run", body = RunDto,
+            headers(("location" = String, description = "the new run's URL"))),
+        (status = 404, description = "no such run", body = ErrorBody),
+        (status = 409, description = "the run's pipeline snapshot no longer loads", body = ErrorBody)))]
 pub async fn rerun(
     Auth(principal): Auth,
     State(state): State<AppState>,
@@ -475,29 +815,24 @@ pub async fn rerun(
     Ok(created(&new))
 }
 
-fn token_dto(t: &ApiToken) -> Value {
-    json!({
-        "id": t.id,
-        "name": t.name,
-        "created_at": t.created_at,
-        "last_used_at": t.last_used_at,
-        "revoked_at": t.revoked_at,
-    })
-}
-
+/// API tokens, newest first (never their secrets).
+#[utoipa::path(get, path = "/api/tokens", tag = "tokens",
+    responses((status = 200, description = "the tokens", body = TokenList)))]
 pub async fn list_tokens(
     _auth: Auth,
     State(state): State<AppState>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TokenList>, ApiError> {
     let tokens = state.auth.list_tokens().await?;
-    Ok(Json(
-        json!({ "tokens": tokens.iter().map(token_dto).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(TokenList {
+        tokens: tokens.iter().map(token_dto).collect(),
+    }))
 }
 
-#[derive(Deserialize)]
+/// The body of a token creation: a JSON object.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
+    /// 1 to 64 visible characters.
     name: String,
 }
 
@@ -514,23 +849,50 @@ pub fn check_token_name(name: &str) -> Result<String, ApiError> {
     Ok(name.to_string())
 }
 
+/// Create an API token; its secret is in this answer only.
+#[utoipa::path(post, path = "/api/tokens", tag = "tokens",
+    request_body(content = NewToken, description = "a JSON object"),
+    responses(
+        (status = 201, description = "the token, with `token` holding its secret", body = CreatedTokenDto),
+        (status = 400, description = "the body is not JSON", body = ErrorBody),
+        (status = 413, description = "the body is over 256 KiB", body = ErrorBody),
+        (status = 415, description = "the body is not sent as JSON", body = ErrorBody),
+        (status = 422, description = "the body is not an object of this shape (`invalid_body`), or the name is not 1 to 64 visible characters (`invalid_name`)", body = ErrorBody)))]
 pub async fn create_token(
     _auth: Auth,
     State(state): State<AppState>,
-    body: Result<Json<NewToken>, JsonRejection>,
+    JsonObject(body): JsonObject<NewToken>,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body?;
     let name = check_token_name(&body.name)?;
     let secret = random_token("skiff_");
     let token = state
         .auth
         .create_token(&name, &hash_secret(&secret))
         .await?;
-    let mut dto = token_dto(&token);
-    dto["token"] = Value::String(secret);
+    let TokenDto {
+        id,
+        name,
+        created_at,
+        last_used_at,
+        revoked_at,
+    } = token_dto(&token);
+    let dto = CreatedTokenDto {
+        id,
+        name,
+        created_at,
+        last_used_at,
+        revoked_at,
+        token: secret,
+    };
     Ok((StatusCode::CREATED, Json(dto)).into_response())
 }
 
+/// Revoke an API token: it stops working at once.
+#[utoipa::path(post, path = "/api/tokens/{id}/revoke", tag = "tokens",
+    params(("id" = String, Path, description = "the token's id")),
+    responses(
+        (status = 204, description = "revoked"),
+        (status = 404, description = "no such active token", body = ErrorBody)))]
 pub async fn revoke_token(
     _auth: Auth,
     State(state): State<AppState>,
@@ -540,5 +902,67 @@ pub async fn revoke_token(
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("no active token `{id}`")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).expect("raw JSON")
+    }
+
+    #[test]
+    fn params_keep_their_text() {
+        let given: BTreeMap<String, Box<RawValue>> = [
+            ("a", "12345678901234567890123"),
+            ("b", "1.50"),
+            ("c", "-0.5e-3"),
+            ("d", r#""x\"y\u00e9""#),
+            ("e", "true"),
+            ("f", "false"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), raw(v)))
+        .collect();
+        let out = params_from_json(given).expect("params");
+        assert_eq!(out["a"], "12345678901234567890123");
+        assert_eq!(out["b"], "1.50");
+        assert_eq!(out["c"], "-0.5e-3");
+        assert_eq!(out["d"], "x\"yé");
+        assert_eq!((out["e"].as_str(), out["f"].as_str()), ("true", "false"));
+        let bad: BTreeMap<String, Box<RawValue>> = [("n", "null"), ("l", "[1]"), ("o", "{}")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), raw(v)))
+            .collect();
+        let errors = params_from_json(bad).expect_err("bad");
+        let got: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.param.as_str(), e.message.rsplit(' ').next().unwrap_or("")))
+            .collect();
+        assert_eq!(got, [("l", "list"), ("n", "null"), ("o", "object")]);
+    }
+
+    #[test]
+    fn a_trigger_body_keeps_number_text_through_the_object_parser() {
+        let body: TriggerBody =
+            crate::error::parse_object(br#"{"params": {"n": 12345678901234567890123, "x": 1.50}}"#)
+                .expect("body");
+        let out = params_from_json(body.params).expect("params");
+        assert_eq!(out["n"], "12345678901234567890123");
+        assert_eq!(out["x"], "1.50");
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(check_limit(None, 50, 500).ok(), Some(50));
+        assert_eq!(check_limit(Some(1), 50, 500).ok(), Some(1));
+        assert_eq!(check_limit(Some(500), 50, 500).ok(), Some(500));
+        for bad in [0, 501] {
+            let e = check_limit(Some(bad), 50, 500).expect_err("out of range");
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains("between 1 and 500"), "{}", e.message);
+        }
     }
 }

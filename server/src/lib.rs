@@ -18,6 +18,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use skiff_core::catalog::Catalog;
 use skiff_core::dispatch::Dispatcher;
 use skiff_core::store::{AuthStore, Store};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The largest request body accepted (a trigger with its params is a few KiB).
 pub const MAX_BODY: usize = 256 << 10;
@@ -88,23 +90,29 @@ pub struct AppState {
     pub login_throttle: Arc<auth::LoginThrottle>,
 }
 
-/// The whole HTTP surface.
-pub fn app(state: AppState) -> Router {
+/// The API: every route here is in the OpenAPI document, by construction (`routes!` registers a
+/// handler and its `#[utoipa::path]` together).
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(api::healthz))
+        .routes(routes!(api::metrics))
+        .routes(routes!(openapi::document))
+        .routes(routes!(api::list_pipelines))
+        .routes(routes!(api::get_pipeline))
+        .routes(routes!(api::trigger))
+        .routes(routes!(api::list_runs))
+        .routes(routes!(api::get_run))
+        .routes(routes!(api::read_logs))
+        .routes(routes!(api::stream_logs))
+        .routes(routes!(api::cancel))
+        .routes(routes!(api::rerun))
+        .routes(routes!(api::list_tokens, api::create_token))
+        .routes(routes!(api::revoke_token))
+}
+
+/// The web UI's pages and forms (not part of the API document).
+fn pages() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(api::metrics))
-        .route("/api/openapi.json", get(openapi::document))
-        .route("/api/pipelines", get(api::list_pipelines))
-        .route("/api/pipelines/{name}", get(api::get_pipeline))
-        .route("/api/pipelines/{name}/runs", post(api::trigger))
-        .route("/api/runs", get(api::list_runs))
-        .route("/api/runs/{id}", get(api::get_run))
-        .route("/api/runs/{id}/logs", get(api::read_logs))
-        .route("/api/runs/{id}/logs/stream", get(sse::stream_logs))
-        .route("/api/runs/{id}/cancel", post(api::cancel))
-        .route("/api/runs/{id}/rerun", post(api::rerun))
-        .route("/api/tokens", get(api::list_tokens).post(api::create_token))
-        .route("/api/tokens/{id}/revoke", post(api::revoke_token))
         .route("/", get(ui::dashboard))
         .route("/login", get(ui::login_form).post(ui::login))
         .route("/login/link/{token}", get(ui::login_link))
@@ -119,7 +127,23 @@ pub fn app(state: AppState) -> Router {
         .route("/settings/tokens", post(ui::create_token))
         .route("/settings/tokens/{id}/revoke", post(ui::revoke_token))
         .route("/static/{*path}", get(ui::static_file))
+}
+
+/// Every route, before the layers and the state: the API and the pages, with the JSON 404 and
+/// 405 (the 405 keeps axum's `Allow` header).
+pub fn routes() -> Router<AppState> {
+    let (api, _) = api_routes().split_for_parts();
+    api.merge(pages())
         .fallback(api::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+}
+
+/// The whole HTTP surface. Every error it answers is the JSON error body: handlers answer
+/// `ApiError`, and `json_errors` rewrites what axum answers by itself (a rejection in a UI
+/// handler, say) the same way.
+pub fn app(state: AppState) -> Router {
+    routes()
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(error::json_errors))
         .with_state(state)
 }

@@ -1,104 +1,210 @@
 //! `/api/openapi.json`: the API described for the people and tools that script against it.
+//!
+//! The document is generated: each route's operation comes from its handler's
+//! `#[utoipa::path]` (registered with `utoipa_axum::routes!`, so a route and its description
+//! are added in one place), the schemas from the wire types in `api.rs` and `error.rs`. What
+//! every route shares is added here, from the same facts the code acts on: the `Auth` extractor
+//! answers 401 on every route but `/healthz`, and 403 on a session's state-changing request
+//! without its CSRF token; a path parameter that does not decode is a 400; the Store can fail.
 
-use axum::Json;
-use serde_json::{Value, json};
+use std::sync::OnceLock;
 
-use crate::auth::Auth;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use utoipa::OpenApi;
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::security::{
+    ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 
-pub async fn document(_auth: Auth) -> Json<Value> {
-    Json(spec())
+use crate::auth::{Auth, CSRF_HEADER, SESSION_COOKIE};
+use crate::error::ErrorBody;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "skiff",
+        description = "Trigger and follow pipeline runs. Every route but `/healthz` needs \
+            `Authorization: Bearer <token>` (an API token, or `SKIFF_ADMIN_TOKEN`) or a UI session \
+            cookie; a session's POSTs also carry its `X-CSRF-Token`. Every error is \
+            `{\"error\": {\"code\", \"message\", \"fields\"?}}`."
+    ),
+    components(schemas(ErrorBody, crate::api::StreamFormat)),
+    tags(
+        (name = "pipelines", description = "The pipelines folder"),
+        (name = "runs", description = "Starting, listing, cancelling runs"),
+        (name = "logs", description = "Run logs, read or followed live"),
+        (name = "tokens", description = "API tokens"),
+        (name = "server", description = "Health, metrics, this document"),
+    )
+)]
+struct Base;
+
+/// The document's start: info, tags, the error schema. Routes add their paths to it.
+pub fn base() -> utoipa::openapi::OpenApi {
+    Base::openapi()
 }
 
-fn op(summary: &str, params: Value, body: Option<Value>, responses: Value) -> Value {
-    let mut o = json!({ "summary": summary, "parameters": params, "responses": responses });
-    if let Some(b) = body {
-        o["requestBody"] =
-            json!({ "required": true, "content": { "application/json": { "schema": b } } });
-    }
-    o
+/// The whole document.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    let mut doc = crate::api_routes().into_openapi();
+    add_shared(&mut doc);
+    doc
 }
 
-fn path_param(name: &str, what: &str) -> Value {
-    json!({ "name": name, "in": "path", "required": true, "description": what, "schema": { "type": "string" } })
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "server",
+    responses((status = 200, description = "the OpenAPI 3.1 document", body = Object)))]
+pub async fn document(_auth: Auth) -> Response {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    let text = TEXT.get_or_init(|| serde_json::to_string(&spec()).unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], text.as_str()).into_response()
 }
 
-fn query_param(name: &str, what: &str, kind: &str) -> Value {
-    json!({ "name": name, "in": "query", "required": false, "description": what, "schema": { "type": kind } })
+fn error(description: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
 }
 
-fn ok(what: &str, schema: &str) -> Value {
-    json!({ "description": what, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } })
+/// Adds `status` unless the handler documents it itself.
+fn add(op: &mut Operation, status: &str, description: &str) {
+    op.responses
+        .responses
+        .entry(status.to_string())
+        .or_insert_with(|| RefOr::T(error(description)));
 }
 
-fn err(what: &str) -> Value {
-    json!({ "description": what, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
-}
-
-pub fn spec() -> Value {
-    let run_id = path_param("id", "the run's id (a UUID)");
-    json!({
-        "openapi": "3.1.0",
-        "info": { "title": "skiff", "version": env!("CARGO_PKG_VERSION"),
-                  "description": "Trigger and follow pipeline runs. Every route but /healthz needs `Authorization: Bearer <token>` or a UI session (with `X-CSRF-Token` on POST)." },
-        "components": {
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
-            "schemas": {
-                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
-                    "code": { "type": "string" }, "message": { "type": "string" },
-                    "fields": { "type": "array", "items": { "type": "object", "properties": { "param": { "type": "string" }, "message": { "type": "string" } } } } } } } },
-                "Pipeline": { "type": "object", "properties": {
-                    "name": { "type": "string" }, "file": { "type": "string" }, "valid": { "type": "boolean" }, "description": { "type": ["string", "null"] },
-                    "diagnostics": { "type": "array", "items": { "type": "object", "properties": { "line": { "type": "integer" }, "column": { "type": "integer" }, "message": { "type": "string" }, "help": { "type": "string" } } } },
-                    "params": { "type": "array", "items": { "type": "object", "properties": { "name": { "type": "string" }, "type": { "enum": ["string", "boolean", "number", "choice"] }, "default": { "type": ["string", "null"] }, "description": { "type": ["string", "null"] }, "options": { "type": "array", "items": { "type": "string" } }, "required": { "type": "boolean" } } } },
-                    "triggers": { "type": ["object", "null"] }, "steps": { "type": "array", "items": { "type": "object" } } } },
-                "PipelineList": { "type": "object", "properties": { "pipelines": { "type": "array", "items": { "$ref": "#/components/schemas/Pipeline" } } } },
-                "Step": { "type": "object", "properties": {
-                    "index": { "type": "integer" }, "id": { "type": "string" }, "name": { "type": "string" }, "phase": { "enum": ["main", "finally"] },
-                    "status": { "enum": ["pending", "running", "succeeded", "failed", "skipped", "cancelled", "timed_out"] },
-                    "attempt": { "type": "integer" }, "exit_code": { "type": ["integer", "null"] }, "started_at": { "type": ["string", "null"], "format": "date-time" },
-                    "finished_at": { "type": ["string", "null"], "format": "date-time" }, "duration_ms": { "type": ["integer", "null"] }, "reason": { "type": ["string", "null"] },
-                    "outputs": { "type": "object", "additionalProperties": { "type": "string" } } } },
-                "Run": { "type": "object", "properties": {
-                    "id": { "type": "string" }, "pipeline": { "type": "string" }, "number": { "type": "integer" },
-                    "status": { "enum": ["queued", "running", "succeeded", "failed", "cancelled", "timed_out"] },
-                    "trigger": { "type": "object", "properties": { "kind": { "type": "string" }, "actor": { "type": "string" } } },
-                    "params": { "type": "object", "additionalProperties": { "type": "string" } }, "rerun_of": { "type": ["string", "null"] },
-                    "created_at": { "type": "string", "format": "date-time" }, "started_at": { "type": ["string", "null"] }, "finished_at": { "type": ["string", "null"] },
-                    "duration_ms": { "type": ["integer", "null"] }, "reason": { "type": ["string", "null"] }, "log_len": { "type": "integer" },
-                    "cancel_requested": { "type": "boolean" }, "steps": { "type": "array", "items": { "$ref": "#/components/schemas/Step" } } } },
-                "RunList": { "type": "object", "properties": { "runs": { "type": "array", "items": { "$ref": "#/components/schemas/Run" } }, "next": { "type": ["string", "null"] } } },
-                "Logs": { "type": "object", "properties": {
-                    "offset": { "type": "integer" }, "next_offset": { "type": "integer" }, "len": { "type": "integer" }, "complete": { "type": "boolean" },
-                    "chunks": { "type": "array", "items": { "type": "object", "properties": { "offset": { "type": "integer" }, "step": { "type": ["integer", "null"] }, "text": { "type": "string" } } } } } },
-                "TriggerBody": { "type": "object", "additionalProperties": false, "properties": { "params": { "type": "object", "additionalProperties": { "type": ["string", "number", "boolean"] } } } },
+fn add_shared(doc: &mut utoipa::openapi::OpenApi) {
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "an API token (Settings or POST /api/tokens) or SKIFF_ADMIN_TOKEN",
+                ))
+                .build(),
+        ),
+    );
+    components.add_security_scheme(
+        "session",
+        SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+            SESSION_COOKIE,
+            "the web UI's session (HttpOnly, SameSite=Strict)",
+        ))),
+    );
+    components.add_security_scheme(
+        "csrf",
+        SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+            "X-CSRF-Token",
+            "the session's CSRF token, on every state-changing request made with a session",
+        ))),
+    );
+    debug_assert!("X-CSRF-Token".eq_ignore_ascii_case(CSRF_HEADER));
+    let read = || {
+        vec![
+            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("session", Vec::<String>::new()),
+        ]
+    };
+    let write = || {
+        vec![
+            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("session", Vec::<String>::new())
+                .add("csrf", Vec::<String>::new()),
+        ]
+    };
+    doc.security = Some(read());
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let ops = [
+            (&mut item.get, false),
+            (&mut item.head, false),
+            (&mut item.options, false),
+            (&mut item.post, true),
+            (&mut item.put, true),
+            (&mut item.patch, true),
+            (&mut item.delete, true),
+        ];
+        for (op, changes) in ops {
+            let Some(op) = op.as_mut() else { continue };
+            if path == "/healthz" {
+                op.security = Some(Vec::new());
+                continue;
             }
-        },
-        "security": [{ "bearer": [] }],
-        "paths": {
-            "/healthz": { "get": { "summary": "Liveness (no authentication)", "security": [], "responses": { "200": { "description": "ok" } } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics", "responses": { "200": { "description": "text exposition format" }, "401": err("not signed in") } } },
-            "/api/pipelines": { "get": op("List pipelines, valid and invalid", json!([]), None, json!({ "200": ok("pipelines", "PipelineList"), "401": err("not signed in") })) },
-            "/api/pipelines/{name}": { "get": op("Get a pipeline", json!([path_param("name", "the pipeline's name")]), None,
-                json!({ "200": ok("the pipeline", "Pipeline"), "404": err("no such pipeline") })) },
-            "/api/pipelines/{name}/runs": { "post": op("Trigger a run", json!([path_param("name", "the pipeline's name")]), Some(json!({ "$ref": "#/components/schemas/TriggerBody" })),
-                json!({ "201": ok("the new run", "Run"), "400": err("malformed JSON"), "404": err("no such pipeline"), "409": err("the pipeline is invalid or does not allow manual runs"),
-                        "413": err("body too large"), "415": err("not JSON"), "422": err("params do not fit (see `fields`)") })) },
-            "/api/runs": { "get": op("List runs, newest first", json!([query_param("pipeline", "only this pipeline's runs", "string"), query_param("status", "only runs in this state", "string"),
-                query_param("limit", "page size (1-500, default 50)", "integer"), query_param("cursor", "the `next` of the previous page", "string")]), None,
-                json!({ "200": ok("a page of runs", "RunList"), "400": err("bad filter") })) },
-            "/api/runs/{id}": { "get": op("Get a run with its steps", json!([run_id]), None, json!({ "200": ok("the run", "Run"), "404": err("no such run") })) },
-            "/api/runs/{id}/logs": { "get": op("Read a run's log from an offset", json!([run_id, query_param("offset", "byte offset (default 0)", "integer"), query_param("limit", "most bytes (default and max 1 MiB)", "integer")]), None,
-                json!({ "200": ok("log chunks", "Logs"), "404": err("no such run"), "416": err("offset past the end") })) },
-            "/api/runs/{id}/logs/stream": { "get": op("Follow a run's log live (Server-Sent Events: `log` events whose id is the next offset, `step`, `run`, `end`); resume with Last-Event-ID or ?offset=",
-                json!([run_id, query_param("offset", "byte offset to start from", "integer")]), None,
-                json!({ "200": { "description": "text/event-stream" }, "404": err("no such run"), "416": err("offset past the end") })) },
-            "/api/runs/{id}/cancel": { "post": op("Cancel a run (its finally steps still run)", json!([run_id]), None, json!({ "202": ok("the run", "Run"), "404": err("no such run"), "409": err("the run already ended") })) },
-            "/api/runs/{id}/rerun": { "post": op("Run again with the same pipeline snapshot and params", json!([run_id]), None, json!({ "201": ok("the new run", "Run"), "404": err("no such run") })) },
-            "/api/tokens": {
-                "get": op("List API tokens", json!([]), None, json!({ "200": { "description": "tokens (never their secrets)" } })),
-                "post": op("Create an API token (its secret is shown once)", json!([]), Some(json!({ "type": "object", "required": ["name"], "properties": { "name": { "type": "string" } } })),
-                    json!({ "201": { "description": "the token, with `token` holding its secret" }, "422": err("bad name") })) },
-            "/api/tokens/{id}/revoke": { "post": op("Revoke an API token", json!([path_param("id", "the token's id")]), None, json!({ "204": { "description": "revoked" }, "404": err("no such active token") })) },
+            add(op, "401", "no credentials, or wrong ones");
+            if changes {
+                op.security = Some(write());
+                add(
+                    op,
+                    "403",
+                    "a session's request without its X-CSRF-Token (or with a wrong one)",
+                );
+            } else {
+                op.security = Some(read());
+            }
+            if path.contains('{') {
+                add(op, "400", "a path parameter that is not UTF-8 once decoded");
+            }
+            add(op, "500", "an internal error (see the server's log)");
         }
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// Every path of a router, read from its `Debug` text (axum has no other way to list them).
+    fn router_paths(router: &axum::Router<crate::AppState>) -> BTreeSet<String> {
+        let text = format!("{router:?}");
+        let mut paths = BTreeSet::new();
+        for piece in text.split('"').skip(1).step_by(2) {
+            if piece.starts_with('/') && !piece.contains("__private__") {
+                paths.insert(piece.to_string());
+            }
+        }
+        paths
+    }
+
+    #[test]
+    fn every_route_is_documented_or_a_page() {
+        let routes = router_paths(&crate::routes());
+        assert!(
+            routes.contains("/api/runs/{id}") && routes.contains("/settings"),
+            "the router's paths are read: {routes:?}"
+        );
+        let doc = super::spec();
+        let documented: BTreeSet<String> = doc.paths.paths.keys().cloned().collect();
+        let undocumented: Vec<&String> = routes
+            .iter()
+            .filter(|p| p.starts_with("/api") || *p == "/healthz" || *p == "/metrics")
+            .filter(|p| !documented.contains(*p))
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from the OpenAPI document: {undocumented:?}"
+        );
+        let unrouted: Vec<&String> = documented.difference(&routes).collect();
+        assert!(
+            unrouted.is_empty(),
+            "documented but not routed: {unrouted:?}"
+        );
+        // The pages are the UI's: no API route hides among them.
+        let pages: Vec<&String> = routes.difference(&documented).collect();
+        assert!(
+            pages
+                .iter()
+                .all(|p| !p.starts_with("/api") && *p != "/healthz" && *p != "/metrics"),
+            "{pages:?}"
+        );
+    }
 }

@@ -2,6 +2,7 @@
 
 mod api;
 mod browser;
+mod edge;
 mod quickstart;
 mod records;
 mod runs;
