@@ -162,8 +162,11 @@ pub struct Run {
     pub reason: Option<String>,
     /// Bytes of log written so far.
     pub log_len: u64,
-    /// Someone asked for this running run to be cancelled; its worker stops it.
+    /// Someone asked for this run to be cancelled; its worker stops it (or stopped nothing, when
+    /// the cancel came after the main steps had ended).
     pub cancel_requested: bool,
+    /// Who asked, and why: the run's reason if the cancel stopped or skipped a main step.
+    pub cancel_reason: Option<String>,
 }
 
 /// A step of a run as planned when the run is created.

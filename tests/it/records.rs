@@ -472,3 +472,38 @@ fn last_run(sb: &Sandbox) -> Value {
         })
     })
 }
+
+#[test]
+fn a_cancel_after_the_main_steps_stops_nothing_and_changes_nothing() {
+    let s = Server::start(&[(
+        "late",
+        "steps:\n  - run: echo main\nfinally:\n  - run: echo in-finally; sleep 1; echo finally-done\n",
+    )]);
+    let id = s.trigger("late", json!({}));
+    s.wait_for_log(&id, "in-finally");
+    let (status, body) = s.api("POST", &format!("/api/runs/{id}/cancel"), None);
+    assert_eq!(status, 202, "{body}");
+    let run = s.wait_for_end(&id);
+    assert_eq!(
+        (&run["status"], &run["reason"], &run["cancel_requested"]),
+        (&json!("succeeded"), &Value::Null, &json!(true)),
+        "the run ends as it would have, and its status and reason agree: {run}"
+    );
+    assert_eq!(
+        steps_of(&run)[1].1,
+        "succeeded",
+        "the finally step was not stopped"
+    );
+    let (_, log) = s.api("GET", &format!("/api/runs/{id}/logs"), None);
+    let text: String = log["chunks"]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .filter_map(|c| c["text"].as_str())
+        .collect();
+    assert!(text.contains("finally-done"), "{text}");
+    assert!(
+        text.contains("a cancel was requested while the finally steps ran; nothing was stopped"),
+        "{text}"
+    );
+}

@@ -316,7 +316,7 @@ async fn drive(
         // A cancel requested through the Store carries its own reason (who cancelled); keep it.
         if let Some(run) = store.get_run(&run.id).await?
             && run.cancel_requested
-            && let Some(reason) = run.reason
+            && let Some(reason) = run.cancel_reason
         {
             outcome.reason = Some(reason);
         }
@@ -336,6 +336,10 @@ impl Runner<'_> {
         self.prepare_env().await;
         let main: Vec<Step> = self.pipeline.steps.clone();
         for (i, step) in main.iter().enumerate() {
+            if self.interrupt.is_none() && self.stop.is_cancelled() {
+                // Cancelled (or out of time) between two steps: the next one does not start.
+                self.interrupt = Some(self.stop_cause());
+            }
             if let Some(why) = self.interrupt {
                 let reason = if why == Interrupt::Cancelled {
                     "run cancelled"
@@ -347,8 +351,32 @@ impl Runner<'_> {
             }
             self.run_step(i, step).await?;
         }
+        let cancelled_before = self.opts.cancel.is_cancelled();
         self.run_finally(|_| true).await?;
+        if self.interrupt.is_none() && self.opts.cancel.is_cancelled() {
+            // The cancel came after the main steps had ended: the run ends as it would have.
+            let when = if cancelled_before {
+                "as the main steps ended"
+            } else {
+                "while the finally steps ran"
+            };
+            self.log
+                .note(
+                    None,
+                    &format!("a cancel was requested {when}; nothing was stopped, and the run keeps its outcome"),
+                )
+                .await;
+        }
         Ok(self.outcome())
+    }
+
+    /// Why the main steps are being stopped: the run's deadline, or a cancel.
+    fn stop_cause(&self) -> Interrupt {
+        if self.deadline_hit.load(Ordering::SeqCst) {
+            Interrupt::TimedOut
+        } else {
+            Interrupt::Cancelled
+        }
     }
 
     /// The second half of an interrupted run: see [`finish_interrupted`].
@@ -730,11 +758,7 @@ impl Runner<'_> {
         self.save(index).await?;
 
         if result.stopped && step.phase == Phase::Main {
-            self.interrupt = Some(if self.deadline_hit.load(Ordering::SeqCst) {
-                Interrupt::TimedOut
-            } else {
-                Interrupt::Cancelled
-            });
+            self.interrupt = Some(self.stop_cause());
         } else if matches!(result.status, StepStatus::Failed | StepStatus::TimedOut)
             && !step.continue_on_error
         {

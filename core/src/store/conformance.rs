@@ -275,14 +275,55 @@ async fn cancelling(store: &Arc<dyn Store>) {
         .expect("get")
         .expect("exists");
     assert!(got.cancel_requested);
+    assert_eq!(
+        (got.reason.as_deref(), got.cancel_reason.as_deref()),
+        (None, Some("cancelled by admin")),
+        "a request is recorded beside the run's reason, which only the run's end sets"
+    );
+    let twice = store
+        .request_cancel(&running.id, "cancelled by someone else")
+        .await
+        .expect("cancel again");
+    assert_eq!(
+        twice.cancel_reason.as_deref(),
+        Some("cancelled by admin"),
+        "the first request is the one recorded"
+    );
     let done = store
-        .set_status(&running.id, RunStatus::Cancelled, None)
+        .set_status(
+            &running.id,
+            RunStatus::Cancelled,
+            got.cancel_reason.as_deref(),
+        )
         .await
         .expect("worker cancels");
+    assert_eq!(done.reason.as_deref(), Some("cancelled by admin"));
+
+    // A cancel that comes too late to stop anything leaves the run's end as it is.
+    let late = store
+        .create_run(new_run("cancel", 1))
+        .await
+        .expect("create");
+    store
+        .set_status(&late.id, RunStatus::Running, None)
+        .await
+        .expect("run");
+    store
+        .request_cancel(&late.id, "cancelled by admin")
+        .await
+        .expect("cancel");
+    let ended = store
+        .set_status(&late.id, RunStatus::Succeeded, None)
+        .await
+        .expect("ends as it would have");
     assert_eq!(
-        done.reason.as_deref(),
-        Some("cancelled by admin"),
-        "the request's reason is kept"
+        (
+            ended.status,
+            ended.reason.as_deref(),
+            ended.cancel_requested
+        ),
+        (RunStatus::Succeeded, None, true),
+        "status and reason agree; the request stays on record"
     );
     let again = store
         .request_cancel(&running.id, "too late")

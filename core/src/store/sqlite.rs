@@ -27,7 +27,7 @@ use crate::run::{
     LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind,
 };
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// How often the checkpointer copies the write-ahead log back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
@@ -81,6 +81,7 @@ const SCHEMA: &[&str] = &[
         log_len INTEGER NOT NULL DEFAULT 0,
         cancel_requested INTEGER NOT NULL DEFAULT 0,
         plan TEXT,
+        cancel_reason TEXT,
         UNIQUE (pipeline, number)
     )",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
@@ -280,6 +281,12 @@ impl SqliteStore {
                 .await
                 .map_err(backend)?;
         }
+        if (1..=3).contains(&version) {
+            sqlx::query("ALTER TABLE runs ADD COLUMN cancel_reason TEXT")
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
         // A run's planned steps are written by the same statement that creates the run: one
         // round trip on the path from a trigger to its first step.
         sqlx::query(
@@ -293,7 +300,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        sqlx::query("PRAGMA user_version = 3")
+        sqlx::query("PRAGMA user_version = 4")
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -339,6 +346,7 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         reason: row.try_get("reason").map_err(backend)?,
         log_len: row.try_get::<i64, _>("log_len").map_err(backend)? as u64,
         cancel_requested: row.try_get::<i64, _>("cancel_requested").map_err(backend)? != 0,
+        cancel_reason: row.try_get("cancel_reason").map_err(backend)?,
     })
 }
 
@@ -370,7 +378,7 @@ macro_rules! select_runs {
     ($tail:literal) => {
         concat!(
             "SELECT seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
-            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested FROM runs ",
+            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested, cancel_reason FROM runs ",
             $tail
         )
     };
@@ -426,6 +434,7 @@ impl Store for SqliteStore {
             reason: None,
             log_len: 0,
             cancel_requested: false,
+            cancel_reason: None,
         })
     }
 
@@ -505,7 +514,7 @@ impl Store for SqliteStore {
                 reason = COALESCE(?4, reason)
              WHERE id = ?1 AND status IN (?5, ?6, ?7, ?8, ?9, ?10)
              RETURNING seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
-            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested"
+            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested, cancel_reason"
         ))
         .bind(id.as_str())
         .bind(status.as_str())
@@ -723,10 +732,11 @@ impl Store for SqliteStore {
         let mut tx = write_tx(&mut conn).await?;
         sqlx::query(
             "UPDATE runs SET
-                cancel_requested = CASE WHEN status = 'running' THEN 1 ELSE cancel_requested END,
+                cancel_requested = CASE WHEN status IN ('queued', 'running') THEN 1 ELSE cancel_requested END,
+                cancel_reason = CASE WHEN status IN ('queued', 'running') AND cancel_requested = 0 THEN ?3 ELSE cancel_reason END,
                 status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
                 finished_at = CASE WHEN status = 'queued' THEN ?2 ELSE finished_at END,
-                reason = CASE WHEN status IN ('queued', 'running') THEN ?3 ELSE reason END
+                reason = CASE WHEN status = 'queued' THEN ?3 ELSE reason END
              WHERE id = ?1",
         )
         .bind(id.as_str())
