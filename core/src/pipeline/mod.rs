@@ -25,6 +25,24 @@ pub struct Pipeline {
     pub timeout: Option<Duration>,
     pub steps: Vec<Step>,
     pub finally: Vec<Step>,
+    /// How long finished runs of this pipeline are kept; unset fields leave the server's default.
+    pub retention: Retention,
+}
+
+/// A pipeline's `retention:`: which finished runs (with their logs) are deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished runs older than this are deleted (1h to 3650d).
+    pub max_age: Option<Duration>,
+    /// At most this many finished runs are kept (at least 1).
+    pub max_runs: Option<u32>,
+}
+
+impl Retention {
+    /// The shortest `max_age` a file may set.
+    pub const MIN_AGE: Duration = Duration::from_secs(3600);
+    /// The longest `max_age` a file may set (about ten years).
+    pub const MAX_AGE: Duration = Duration::from_secs(3650 * 24 * 3600);
 }
 
 impl Pipeline {
@@ -126,7 +144,9 @@ pub struct Step {
     pub timeout: Option<Duration>,
     pub retry: Retry,
     pub continue_on_error: bool,
-    pub working_directory: Option<Template>,
+    /// A literal relative path inside the run's workspace (checked at load: no `..`, not
+    /// absolute, no expression).
+    pub working_directory: Option<String>,
     pub action: StepAction,
 }
 
