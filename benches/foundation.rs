@@ -189,6 +189,70 @@ fn validate(dir: &Path) {
         ms(took),
         verdict(took < Duration::from_secs(1))
     );
+
+    // Hostile files: 40,000 keys in one mapping (duplicate keys are looked up in a hash set),
+    // and 264 KB that aliases would expand to 500 MB (refused by the budget of expanded text).
+    let keys = dir.join("keys.yml");
+    let mut text = String::from("env:\n");
+    for i in 0..40_000 {
+        text.push_str(&format!("  K{i}: x\n"));
+    }
+    text.push_str("steps:\n  - run: echo\n");
+    std::fs::write(&keys, text).expect("write");
+    let bomb = dir.join("bomb.yml");
+    let mut text = format!("big: &big \"{}\"\nlist:\n", "x".repeat(250 << 10));
+    for _ in 0..2000 {
+        text.push_str("  - *big\n");
+    }
+    text.push_str("steps:\n  - run: echo\n");
+    std::fs::write(&bomb, text).expect("write");
+    let validate_one = |file: &Path, ok: bool| {
+        median(
+            (0..REPS)
+                .map(|_| {
+                    let start = Instant::now();
+                    let status = Command::new(SKIFF)
+                        .args(["validate", "--quiet", file.to_str().expect("path")])
+                        .stdout(Stdio::null())
+                        .status()
+                        .expect("validate");
+                    assert_eq!(status.success(), ok, "{}", file.display());
+                    start.elapsed()
+                })
+                .collect(),
+        )
+    };
+    let keys_took = validate_one(&keys, true);
+    let bomb_took = validate_one(&bomb, false);
+    let probe = Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--rss-probe",
+            SKIFF,
+            "validate",
+            bomb.to_str().expect("path"),
+        ])
+        .output()
+        .expect("rss probe");
+    let bomb_rss_kib: u64 = String::from_utf8_lossy(&probe.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "  one mapping of 40,000 keys: {:>9.1} ms   (target < 500 ms) {}",
+        ms(keys_took),
+        verdict(keys_took < Duration::from_millis(500))
+    );
+    println!(
+        "  alias bomb of text, refused:{:>9.1} ms   (target < 100 ms) {}",
+        ms(bomb_took),
+        verdict(bomb_took < Duration::from_millis(100))
+    );
+    println!(
+        "  its peak RSS:               {:>9.1} MB   (target < 20 MB) {}",
+        bomb_rss_kib as f64 / 1024.0,
+        verdict(bomb_rss_kib < 20 * 1024)
+    );
 }
 
 fn ms(d: Duration) -> f64 {

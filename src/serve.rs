@@ -92,16 +92,9 @@ fn parse_max_age(text: &str) -> Result<MaxAge, String> {
     if text == "off" {
         return Ok(MaxAge(None));
     }
-    // Whole days go past the week that durations elsewhere are capped at.
-    if let Some(days) = text.strip_suffix('d').and_then(|d| d.parse::<u64>().ok()) {
-        return match days {
-            1..=36500 => Ok(MaxAge(Some(Duration::from_secs(days * 86_400)))),
-            _ => Err(format!("`{text}`: between 1d and 36500d, or `off`")),
-        };
-    }
-    match parse_duration(text)? {
-        age if age >= Duration::from_secs(60) => Ok(MaxAge(Some(age))),
-        _ => Err(format!("`{text}` is less than a minute")),
+    match skiff_core::duration::parse_up_to(text, Retention::MAX_AGE)? {
+        age if age >= Retention::MIN_AGE => Ok(MaxAge(Some(age))),
+        _ => Err(format!("`{text}` is less than an hour")),
     }
 }
 
@@ -134,7 +127,7 @@ async fn keep_retention(
             current
                 .get(name)
                 .and_then(|e| e.pipeline.as_ref())
-                .map(|_p| Retention::default())
+                .map(|p| p.retention)
         };
         if let Err(e) = sweep(store.as_ref(), defaults, &policy).await {
             tracing::warn!(error = %e, "applying retention failed");

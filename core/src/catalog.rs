@@ -37,17 +37,81 @@ pub struct Catalog {
     stamp: Vec<(PathBuf, Option<SystemTime>, u64)>,
 }
 
-/// The YAML files of a folder (not its subfolders), sorted.
+/// The YAML files of a folder (not its subfolders), sorted. Anything named `*.yml` or `*.yaml`
+/// that is not a folder is listed, so that a FIFO or a device under such a name is reported by
+/// `load_file` rather than skipped in silence.
 pub fn pipeline_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let p = entry?.path();
-        if p.is_file() && p.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+        if !p.is_dir() && p.extension().is_some_and(|e| e == "yml" || e == "yaml") {
             files.push(p);
         }
     }
     files.sort();
     Ok(files)
+}
+
+/// Reads a pipeline file: a regular file of at most `max` bytes. Anything else (a FIFO, a
+/// device, a folder, a file that is too large) is refused without waiting or reading on: the
+/// file is opened non-blocking (opening a FIFO would wait for a writer), checked through the open
+/// handle, and read no further than `max` bytes even if it grows meanwhile.
+pub fn read_file(path: &Path, max: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits());
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "not a regular file ({}); a pipeline is read from a regular file",
+            file_kind(&meta.file_type())
+        ));
+    }
+    let too_large =
+        |size: u64| format!("the file is {size} bytes, more than the limit of {max} bytes");
+    if meta.len() > max as u64 {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0).min(max));
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if bytes.len() > max {
+        return Err(format!(
+            "the file grew past the limit of {max} bytes while it was read"
+        ));
+    }
+    Ok(bytes)
+}
+
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() { "a folder" } else { "not a file" }
 }
 
 /// The name a file gives a pipeline that has no `name:`: its stem.
@@ -57,16 +121,11 @@ pub fn default_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Reads and loads one file; an unreadable or non-UTF-8 file is a diagnostic too.
+/// Reads and loads one file; an unreadable, oversized, non-regular or non-UTF-8 file is a
+/// diagnostic too.
 pub fn load_file(path: &Path) -> (String, Result<Pipeline, Vec<Diagnostic>>) {
-    match std::fs::read(path) {
-        Err(e) => (
-            String::new(),
-            Err(vec![Diagnostic::new(
-                Pos::new(1, 1),
-                format!("cannot read the file: {e}"),
-            )]),
-        ),
+    match read_file(path, crate::yaml::Limits::default().max_bytes) {
+        Err(e) => (String::new(), Err(vec![Diagnostic::new(Pos::new(1, 1), e)])),
         Ok(bytes) => match String::from_utf8(bytes) {
             Err(e) => {
                 let at = e.utf8_error().valid_up_to();
@@ -215,5 +274,49 @@ mod tests {
         assert!(!c.is_stale());
         std::fs::write(dir.path().join("c.yml"), "steps:\n  - run: echo c\n").expect("write");
         assert!(c.is_stale());
+    }
+
+    /// Runs `f` on a thread and fails the test if it does not finish in time: a FIFO opened for
+    /// reading would otherwise block the test forever.
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading the folder hung")
+    }
+
+    #[test]
+    fn only_regular_files_are_read_and_never_past_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo.yml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.yml")).expect("symlink");
+        let limit = crate::yaml::Limits::default().max_bytes;
+        std::fs::write(dir.path().join("big.yml"), vec![b'#'; limit + 1]).expect("write");
+        std::fs::write(dir.path().join("ok.yml"), "steps:\n  - run: echo\n").expect("write");
+        let path = dir.path().to_path_buf();
+        let c = within(move || Catalog::load(&path));
+        let message = |name: &str| -> String {
+            let e = c.get(name).unwrap_or_else(|| panic!("{name} is listed"));
+            assert!(!e.is_valid());
+            e.diagnostics[0].message.clone()
+        };
+        assert_eq!(
+            message("fifo"),
+            "not a regular file (a FIFO); a pipeline is read from a regular file"
+        );
+        assert_eq!(
+            message("zero"),
+            "not a regular file (a character device); a pipeline is read from a regular file"
+        );
+        assert_eq!(
+            message("big"),
+            format!(
+                "the file is {} bytes, more than the limit of {limit} bytes",
+                limit + 1
+            )
+        );
+        assert!(c.get("ok").is_some_and(|e| e.is_valid()));
+        assert!(within(move || read_file(Path::new("/dev/zero"), 1 << 20)).is_err());
     }
 }

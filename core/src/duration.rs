@@ -5,8 +5,14 @@ use std::time::Duration;
 /// The longest duration skiff accepts anywhere (a week).
 pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Parses a duration; the error is a sentence for the user.
+/// Parses a duration of at most `MAX` (a week); the error is a sentence for the user.
 pub fn parse(text: &str) -> Result<Duration, String> {
+    parse_up_to(text, MAX)
+}
+
+/// Parses a duration of at most `max`, for the few settings that outlast a week (how long runs
+/// are kept); the error is a sentence for the user.
+pub fn parse_up_to(text: &str, max: Duration) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("empty duration".into());
@@ -45,10 +51,31 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err("a duration must be longer than zero".into());
     }
-    if d > MAX {
-        return Err(format!("`{s}` is longer than the limit of 7d"));
+    if d > max {
+        return Err(format!(
+            "`{s}` is longer than the limit of {}",
+            written(max)
+        ));
     }
     Ok(d)
+}
+
+/// A duration as it would be written in a pipeline file, in its largest whole unit: `7d`,
+/// `90m`, `1500ms`.
+pub fn written(d: Duration) -> String {
+    let ms = d.as_millis();
+    [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+    ]
+    .into_iter()
+    .find(|(unit, _)| ms.is_multiple_of(*unit) && ms > 0)
+    .map_or_else(
+        || format!("{ms}ms"),
+        |(unit, name)| format!("{}{name}", ms / unit),
+    )
 }
 
 /// Formats a duration compactly for people: `850ms`, `12.3s`, `4m05s`, `1h02m`.
@@ -78,5 +105,31 @@ mod tests {
         assert!(parse("0s").is_err());
         assert!(parse("8d").is_err());
         assert!(parse("99999999999999999999999h").is_err());
+        assert_eq!(
+            parse("8d"),
+            Err("`8d` is longer than the limit of 7d".to_string())
+        );
+    }
+
+    #[test]
+    fn parses_with_another_limit() {
+        let ten_years = Duration::from_secs(3650 * 86_400);
+        assert_eq!(
+            parse_up_to("3650d", ten_years),
+            Ok(Duration::from_secs(3650 * 86_400))
+        );
+        assert_eq!(
+            parse_up_to("3651d", ten_years),
+            Err("`3651d` is longer than the limit of 3650d".to_string())
+        );
+        assert!(parse_up_to("30", ten_years).is_err());
+    }
+
+    #[test]
+    fn writes_durations() {
+        assert_eq!(written(MAX), "7d");
+        assert_eq!(written(Duration::from_secs(5400)), "90m");
+        assert_eq!(written(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(written(Duration::from_secs(3600)), "1h");
     }
 }

@@ -6,14 +6,22 @@ use std::time::Duration;
 
 use crate::store::{Prune, Store, StoreError};
 
-/// How long finished runs are kept, and how many of a pipeline's; `None` keeps without limit.
+/// How long finished runs are kept, and how many of a pipeline's; `None` keeps without limit
+/// (a pipeline's `retention:`, or the server's defaults).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
+    /// Finished runs older than this are deleted.
     pub max_age: Option<Duration>,
+    /// At most this many finished runs are kept.
     pub max_runs: Option<u32>,
 }
 
 impl Retention {
+    /// The shortest `max_age` a pipeline file may set.
+    pub const MIN_AGE: Duration = Duration::from_secs(3600);
+    /// The longest `max_age` a pipeline file may set (about ten years).
+    pub const MAX_AGE: Duration = Duration::from_secs(3650 * 24 * 3600);
+
     /// This policy's limits where it sets them, `defaults` elsewhere.
     pub fn or(self, defaults: Retention) -> Retention {
         Retention {

@@ -124,3 +124,122 @@ fn the_readme_commands_are_real() {
         assert!(readme.contains(var), "the README documents {var}");
     }
 }
+
+#[test]
+fn only_regular_files_are_read() {
+    let sb = Sandbox::new();
+    let fifo = sb.path().join("fifo.yml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let limit = skiff_core::yaml::Limits::default().max_bytes;
+    let big = sb.path().join("big.yml");
+    std::fs::write(&big, vec![b'#'; limit + 1]).expect("write");
+    for (path, expected) in [
+        (
+            "/dev/zero".to_string(),
+            "/dev/zero:1:1: error: not a regular file (a character device); a pipeline is read from a regular file".to_string(),
+        ),
+        (
+            fifo.display().to_string(),
+            format!("{}:1:1: error: not a regular file (a FIFO)", fifo.display()),
+        ),
+        (
+            big.display().to_string(),
+            format!(
+                "{}:1:1: error: the file is {} bytes, more than the limit of {limit} bytes",
+                big.display(),
+                limit + 1
+            ),
+        ),
+    ] {
+        // A read that never ends (a FIFO, /dev/zero) would hit the harness's deadline.
+        let out = sb.run(&["validate", &path]);
+        assert_eq!(out.code, Some(1), "{path}: {}", out.all());
+        assert!(out.stdout.contains(&expected), "{path}: {}", out.all());
+    }
+    // In a folder, a FIFO named like a pipeline is reported, not skipped and not waited on.
+    let out = sb.run(&["validate", sb.path().to_str().expect("path")]);
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("fifo.yml:1:1: error: not a regular file (a FIFO)")
+            && out.stdout.contains("2 of 2 files invalid"),
+        "{}",
+        out.all()
+    );
+}
+
+/// 264 KB on disk, 500 MB once its aliases are expanded: refused before the copies are made.
+#[test]
+fn an_alias_bomb_of_text_is_refused() {
+    let sb = Sandbox::new();
+    let mut src = format!("big: &big \"{}\"\nlist:\n", "x".repeat(250 << 10));
+    for _ in 0..2000 {
+        src.push_str("  - *big\n");
+    }
+    src.push_str("steps:\n  - run: echo\n");
+    let file = sb.pipeline("bomb", &src);
+    let out = sb.run(&["validate", file.to_str().expect("path")]);
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout.contains(
+            "bomb.yml:18:5: error: document expands to more than 4 MiB of text through aliases"
+        ),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn steps_are_checked_at_load_not_at_run() {
+    let sb = Sandbox::new();
+    let file = sb.pipeline(
+        "strict",
+        "on: yes\nsteps:\n  - run: echo\n    if: 42\n    working_directory: /etc\n  - uses: http/wait\n    with: { url: \"file:///etc/passwd\", status: 70000 }\n",
+    );
+    let out = sb.run(&["validate", file.to_str().expect("path")]);
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let f = file.display();
+    for expected in [
+        format!("{f}:1:5: error: `on` must be a mapping of triggers, found `yes`"),
+        format!("{f}:4:9: error: `if` must be a condition, found the number `42`"),
+        format!("{f}:5:24: error: `working_directory` must be inside the run's workspace"),
+        format!("{f}:7:18: error: `with.url`: `file:///etc/passwd` is not an http:// URL"),
+        format!("{f}:7:48: error: `with.status`: `70000` is not an HTTP status"),
+        "1 of 1 files invalid, 5 problems".to_string(),
+    ] {
+        assert!(
+            out.stdout.contains(&expected),
+            "missing {expected:?} in:\n{}",
+            out.stdout
+        );
+    }
+    // `skiff run` refuses the file the same way, before any step starts.
+    let out = sb.run(&["run", file.to_str().expect("path")]);
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.all().contains("`if` must be a condition"),
+        "{}",
+        out.all()
+    );
+}
+
+#[test]
+fn working_directory_is_a_folder_of_the_workspace() {
+    let sb = Sandbox::new();
+    let file = sb.pipeline(
+        "wd",
+        "steps:\n  - run: mkdir -p sub/dir\n  - run: echo \"in=$(pwd)\"\n    working_directory: sub/dir\n",
+    );
+    let out = sb.run(&["run", file.to_str().expect("path"), "--color", "never"]);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let line = out
+        .all()
+        .lines()
+        .find(|l| l.contains("in=/"))
+        .map(str::to_string);
+    assert!(
+        line.as_deref().is_some_and(|l| l.ends_with("/sub/dir")),
+        "{}",
+        out.all()
+    );
+}

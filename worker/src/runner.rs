@@ -849,10 +849,7 @@ impl Runner<'_> {
         let scope = self.scope(env, status);
         let cwd = match &step.working_directory {
             None => self.workspace.clone(),
-            Some(t) => match t.eval_string(&scope) {
-                Ok(dir) => self.workspace.join(dir),
-                Err(e) => return Ok(AttemptResult::failed(format!("working_directory: {e}"))),
-            },
+            Some(dir) => self.workspace.join(dir),
         };
         if !cwd.is_dir() {
             return Ok(AttemptResult::failed(format!(

@@ -3,12 +3,12 @@
 //! Pure: the only input is the text given. Pass 1 walks the tree, checking shapes and types and
 //! parsing expressions; pass 2 checks what the expressions refer to, once every step id is known.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use super::*;
 use crate::actions::{self, FieldKind};
-use crate::diag::{Diagnostic, Pos, did_you_mean};
+use crate::diag::{Diagnostic, Lines, Pos, did_you_mean};
 use crate::duration;
 use crate::expr::{self, Expr, ExprError, Template};
 use crate::yaml::{self, Key, Node, Style, Value};
@@ -24,6 +24,7 @@ const TOP_KEYS: &[&str] = &[
     "timeout",
     "steps",
     "finally",
+    "retention",
 ];
 const STEP_KEYS: &[&str] = &[
     "id",
@@ -44,6 +45,7 @@ const WEBHOOK_KEYS: &[&str] = &["secret", "events", "branches"];
 const WEBHOOK_EVENTS: &[&str] = &["push", "pull_request", "tag", "release", "ping"];
 const SCHEDULE_KEYS: &[&str] = &["cron", "timezone", "params"];
 const RETRY_KEYS: &[&str] = &["count", "backoff"];
+const RETENTION_KEYS: &[&str] = &["max_age", "max_runs"];
 const RUN_FIELDS: &[&str] = &["id", "number", "pipeline", "status", "trigger"];
 const ROOTS: &[&str] = &["params", "env", "secrets", "steps", "run"];
 const MAX_STEPS: usize = 1000;
@@ -80,15 +82,17 @@ fn valid_env_name(name: &str) -> bool {
 pub fn load(source: &str, default_name: &str) -> Result<Pipeline, Vec<Diagnostic>> {
     let (root, yaml_diags) = yaml::parse(source, &yaml::Limits::default())?;
     let mut cx = Cx {
-        src: source,
+        lines: Lines::new(source),
         diags: yaml_diags,
         sites: Vec::new(),
+        suggest_budget: SUGGEST_BUDGET,
     };
     let pipeline = cx.pipeline(&root, default_name);
     let sites = std::mem::take(&mut cx.sites);
     if let Some(p) = &pipeline {
+        let mut refs = Refs::new(p);
         for site in &sites {
-            cx.check_refs(p, site);
+            cx.check_refs(&mut refs, site);
         }
     }
     let mut diags = cx.diags;
@@ -124,9 +128,27 @@ struct Site<'n> {
 }
 
 struct Cx<'s, 'n> {
-    src: &'s str,
+    lines: Lines<'s>,
     diags: Vec<Diagnostic>,
     sites: Vec<Site<'n>>,
+    /// Candidate comparisons left for suggestions among names the file declares.
+    suggest_budget: usize,
+}
+
+/// How many candidate comparisons the suggestions for one file may make, over names the file
+/// declares (params, env, step ids): thousands of typos among thousands of names would otherwise
+/// take seconds.
+const SUGGEST_BUDGET: usize = 1_000_000;
+
+/// `did you mean ...?` among `n` candidates, while `budget` lasts.
+fn budgeted_did_you_mean<'a>(
+    budget: &mut usize,
+    word: &str,
+    n: usize,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    *budget = budget.checked_sub(n)?;
+    did_you_mean(word, candidates)
 }
 
 /// The entries of a mapping whose keys were checked against an allowed list.
@@ -208,7 +230,7 @@ impl<'s, 'n> Cx<'s, 'n> {
     fn literal(&mut self, node: &Node, what: &str) -> Option<String> {
         let s = self.string(node, what)?;
         if let Some(k) = s.find("${{") {
-            let pos = node.pos_in_scalar(self.src, k, "${{");
+            let pos = node.pos_in_scalar(&self.lines, k, "${{");
             self.error(pos, format!("{what} cannot hold an expression"))
                 .set_len(3);
             return None;
@@ -221,18 +243,12 @@ impl<'s, 'n> Cx<'s, 'n> {
             Some(("true", Style::Plain)) => Some(true),
             Some(("false", Style::Plain)) => Some(false),
             Some((text, Style::Plain)) if is_yaml11_bool(text) => {
-                let meant = matches!(
-                    text.to_ascii_lowercase().as_str(),
-                    "yes" | "y" | "on" | "true"
-                );
                 self.error(
                     node.pos,
                     format!("{what} must be true or false, found `{text}`"),
                 )
                 .set_len(text.len())
-                .help = Some(format!(
-                    "`{text}` is not a boolean in skiff's YAML; write `{meant}`"
-                ));
+                .help = Some(yaml11_hint(text));
                 None
             }
             _ => {
@@ -292,7 +308,7 @@ impl<'s, 'n> Cx<'s, 'n> {
         let needle = text
             .get(start..(start + e.len).min(text.len()))
             .unwrap_or("");
-        let pos = node.pos_in_scalar(self.src, start, needle);
+        let pos = node.pos_in_scalar(&self.lines, start, needle);
         self.error(pos, e.message).set_len(e.len).help = e.help;
     }
 
@@ -443,6 +459,10 @@ impl<'s, 'n> Cx<'s, 'n> {
             .value("finally")
             .map(|n| self.steps(n, Phase::Finally))
             .unwrap_or_default();
+        let retention = top
+            .value("retention")
+            .map(|n| self.retention(n))
+            .unwrap_or_default();
         self.check_step_ids(&steps, &finally, &top);
         Some(Pipeline {
             name,
@@ -455,7 +475,42 @@ impl<'s, 'n> Cx<'s, 'n> {
             timeout,
             steps,
             finally,
+            retention,
         })
+    }
+
+    fn retention(&mut self, node: &'n Node) -> Retention {
+        let Some(f) = self.map(node, "`retention`", RETENTION_KEYS) else {
+            return Retention::default();
+        };
+        let max_age = f.value("max_age").and_then(|n| {
+            let what = "`retention.max_age`";
+            let text = self.string(n, what)?;
+            let problem = match duration::parse_up_to(&text, Retention::MAX_AGE) {
+                Ok(d) if d >= Retention::MIN_AGE => return Some(d),
+                Ok(_) => format!(
+                    "`{}` is shorter than the minimum of {}",
+                    text.trim(),
+                    duration::written(Retention::MIN_AGE)
+                ),
+                Err(msg) => msg,
+            };
+            self.error(n.pos, format!("{what}: {problem}"))
+                .set_len(text.chars().count());
+            None
+        });
+        let max_runs = f.value("max_runs").and_then(|n| {
+            let what = "`retention.max_runs`";
+            match self.uint(n, what, u32::MAX)? {
+                0 => {
+                    self.error(n.pos, format!("{what} must be at least 1, found `0`"))
+                        .help = Some("leave `max_runs` out to use the server's default".into());
+                    None
+                }
+                count => Some(count),
+            }
+        });
+        Retention { max_age, max_runs }
     }
 
     fn params(&mut self, node: &'n Node) -> Vec<Param> {
@@ -464,25 +519,27 @@ impl<'s, 'n> Cx<'s, 'n> {
             return Vec::new();
         };
         let mut out: Vec<Param> = Vec::new();
+        // Each param's variable name, and which param has it.
+        let mut vars: HashMap<String, usize> = HashMap::new();
         for (k, v) in entries {
             if !valid_ident(&k.name) {
                 self.error(k.pos, format!("`{}` is not a valid param name", k.name))
                     .help = Some("use letters, digits, `_` and `-`, starting with a letter".into());
                 continue;
             }
-            if let Some(other) = out.iter().find(|p| env_key(&p.name) == env_key(&k.name)) {
+            let var = env_key(&k.name);
+            if let Some(other) = vars.get(&var).and_then(|&i| out.get(i)) {
                 self.error(
                     k.pos,
                     format!(
-                        "params `{}` and `{}` would share the variable SKIFF_PARAM_{}",
-                        other.name,
-                        k.name,
-                        env_key(&k.name)
+                        "params `{}` and `{}` would share the variable SKIFF_PARAM_{var}",
+                        other.name, k.name,
                     ),
                 );
                 continue;
             }
             if let Some(p) = self.param(&k.name, v) {
+                vars.insert(var, out.len());
                 out.push(p);
             }
         }
@@ -567,10 +624,10 @@ impl<'s, 'n> Cx<'s, 'n> {
             && let Some(text) = self.string(n, "`default`")
         {
             if let Err(msg) = params::check_value(&p, &text) {
-                let help = if p.kind == ParamKind::Choice {
-                    did_you_mean(&text, p.options.iter().map(String::as_str))
-                } else {
-                    None
+                let help = match p.kind {
+                    ParamKind::Choice => did_you_mean(&text, p.options.iter().map(String::as_str)),
+                    ParamKind::Boolean if is_plain_yaml11_bool(n) => Some(yaml11_hint(&text)),
+                    _ => None,
                 };
                 self.error(n.pos, format!("default of {what}: {msg}"))
                     .set_len(text.chars().count())
@@ -589,6 +646,28 @@ impl<'s, 'n> Cx<'s, 'n> {
         if node.is_null() {
             return t;
         }
+        if let Some((text, Style::Plain)) = node.as_scalar()
+            && (is_yaml11_bool(text) || matches!(text, "true" | "false"))
+        {
+            // `on: yes` (or `on: false`): a switch where skiff expects the list of triggers.
+            let bool_note = if is_yaml11_bool(text) {
+                format!("`{text}` is not a boolean in skiff's YAML, and ")
+            } else {
+                String::new()
+            };
+            let advice = if yaml11_truthy(text) {
+                "manual runs are on by default: drop `on:` or write `on: { manual: true }`"
+            } else {
+                "to turn manual runs off write `on: { manual: false }`"
+            };
+            self.error(
+                node.pos,
+                format!("`on` must be a mapping of triggers, found `{text}`"),
+            )
+            .set_len(text.chars().count())
+            .help = Some(format!("{bool_note}`on` takes triggers; {advice}"));
+            return t;
+        }
         let Some(f) = self.map(node, "`on`", ON_KEYS) else {
             return t;
         };
@@ -599,13 +678,15 @@ impl<'s, 'n> Cx<'s, 'n> {
             t.webhook = self.webhook(n);
         }
         if let Some(n) = f.value("schedule") {
+            let params: HashMap<&str, &Param> =
+                params.iter().map(|p| (p.name.as_str(), p)).collect();
             let items: Vec<&'n Node> = match &n.value {
                 Value::Seq(items) => items.iter().collect(),
                 _ => vec![n],
             };
             t.schedules = items
                 .into_iter()
-                .filter_map(|i| self.schedule(i, params))
+                .filter_map(|i| self.schedule(i, &params))
                 .collect();
         }
         t
@@ -668,7 +749,7 @@ impl<'s, 'n> Cx<'s, 'n> {
         })
     }
 
-    fn schedule(&mut self, node: &'n Node, params: &[Param]) -> Option<Schedule> {
+    fn schedule(&mut self, node: &'n Node, params: &HashMap<&str, &Param>) -> Option<Schedule> {
         let (cron_node, tz_node, params_node) = match &node.value {
             Value::Scalar { .. } => (node, None, None),
             _ => {
@@ -685,9 +766,12 @@ impl<'s, 'n> Cx<'s, 'n> {
         let cron_ok = match check_cron(&cron_text) {
             Ok(()) => true,
             Err(msg) => {
-                self.error(cron_node.pos, format!("bad cron expression `{cron_text}`: {msg}"))
-                    .set_len(cron_text.chars().count())
-                    .help = Some("five fields: minute hour day-of-month month day-of-week, e.g. `0 2 * * *`, or @daily, @hourly...".into());
+                self.error(
+                    cron_node.pos,
+                    format!("bad cron expression `{cron_text}`: {msg}"),
+                )
+                .set_len(cron_text.chars().count())
+                .help = Some(CRON_HELP.into());
                 false
             }
         };
@@ -718,17 +802,25 @@ impl<'s, 'n> Cx<'s, 'n> {
                     let Some(text) = self.literal(v, "a param value") else {
                         continue;
                     };
-                    match params.iter().find(|p| p.name == k.name) {
+                    match params.get(k.name.as_str()) {
                         None => {
-                            let help =
-                                did_you_mean(&k.name, params.iter().map(|p| p.name.as_str()));
+                            let help = budgeted_did_you_mean(
+                                &mut self.suggest_budget,
+                                &k.name,
+                                params.len(),
+                                params.keys().copied(),
+                            );
                             self.error(k.pos, format!("unknown param `{}`", k.name))
                                 .set_len(k.name.len())
                                 .help = help;
                         }
                         Some(p) => {
                             if let Err(msg) = params::check_value(p, &text) {
-                                self.error(v.pos, format!("param `{}`: {msg}", k.name));
+                                self.error(v.pos, format!("param `{}`: {msg}", k.name))
+                                    .set_len(text.chars().count())
+                                    .help = (p.kind == ParamKind::Boolean
+                                    && is_plain_yaml11_bool(v))
+                                .then(|| yaml11_hint(&text));
                             }
                         }
                     }
@@ -855,7 +947,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             .unwrap_or(false);
         let working_directory = f
             .value("working_directory")
-            .and_then(|n| self.template(n, "`working_directory`", ctx));
+            .and_then(|n| self.working_directory(n));
         Some(Step {
             id,
             name,
@@ -870,6 +962,40 @@ impl<'s, 'n> Cx<'s, 'n> {
         })
     }
 
+    /// A folder inside the run's workspace, fixed when the file is loaded.
+    fn working_directory(&mut self, node: &Node) -> Option<String> {
+        let what = "`working_directory`";
+        let help = "write a path relative to the run's workspace, such as `sub/dir`";
+        let text = self.string(node, what)?;
+        if let Some(k) = text.find("${{") {
+            let pos = node.pos_in_scalar(&self.lines, k, "${{");
+            self.error(
+                pos,
+                format!("{what} cannot hold an expression: it is a fixed path, checked when the file is loaded, so that no value given to a run can point a step outside its workspace"),
+            )
+            .set_len(3)
+            .help = Some(format!("{help}; a script that must choose its folder at run time can `cd`"));
+            return None;
+        }
+        let path = std::path::Path::new(&text);
+        let problem = if text.trim().is_empty() {
+            format!("{what} is empty")
+        } else if path.has_root() {
+            format!("{what} must be inside the run's workspace, not the absolute path `{text}`")
+        } else if path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            format!("{what} cannot use `..`: the folder must stay inside the run's workspace")
+        } else {
+            return Some(text);
+        };
+        self.error(node.pos, problem)
+            .set_len(text.chars().count())
+            .help = Some(help.into());
+        None
+    }
+
     fn script(&mut self, node: &'n Node) -> Option<String> {
         let script = self.string(node, "`run`")?;
         if script.trim().is_empty() {
@@ -880,7 +1006,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             Err(_) => {}
             Ok(found) => {
                 for f in found {
-                    let pos = node.pos_in_scalar(self.src, f.start, "${{");
+                    let pos = node.pos_in_scalar(&self.lines, f.start, "${{");
                     let help = expr::parse(f.inner)
                         .ok()
                         .map(|e| env_form(&e))
@@ -964,7 +1090,7 @@ impl<'s, 'n> Cx<'s, 'n> {
                 }
                 (_, Value::Scalar { .. }) if !v.is_null() => {
                     self.template(v, &what, ctx).and_then(|t| {
-                        self.check_literal(&t, v, &what, field.kind)
+                        self.check_literal(&t, v, &what, field)
                             .then_some(WithValue::Scalar(t))
                     })
                 }
@@ -999,13 +1125,20 @@ impl<'s, 'n> Cx<'s, 'n> {
 
     /// Type-checks a `with` value that holds no expression; templated values are checked when
     /// the step runs.
-    fn check_literal(&mut self, t: &Template, node: &Node, what: &str, kind: FieldKind) -> bool {
+    fn check_literal(
+        &mut self,
+        t: &Template,
+        node: &Node,
+        what: &str,
+        field: &actions::Field,
+    ) -> bool {
         if !t.is_literal() {
             return true;
         }
         let Some((text, style)) = node.as_scalar() else {
             return true;
         };
+        let kind = field.kind;
         let ok = match kind {
             FieldKind::String | FieldKind::StringList => true,
             FieldKind::Int => style == Style::Plain && text.parse::<i64>().is_ok(),
@@ -1020,8 +1153,14 @@ impl<'s, 'n> Cx<'s, 'n> {
         };
         if !ok {
             self.type_error(node, what, kind.describe());
+            return false;
         }
-        ok
+        if let Some(Err(msg)) = field.check.map(|check| check(text)) {
+            self.error(node.pos, format!("{what}: {msg}"))
+                .set_len(text.chars().count());
+            return false;
+        }
+        true
     }
 
     fn condition(&mut self, node: &'n Node, ctx: Ctx) -> Option<Condition> {
@@ -1037,6 +1176,15 @@ impl<'s, 'n> Cx<'s, 'n> {
                 expr: Expr::Lit(expr::Value::Bool(text == "true")),
                 text: text.into(),
             });
+        }
+        if style == Style::Plain && is_yaml11_bool(text) {
+            self.error(
+                node.pos,
+                format!("`if` must be a condition, found `{text}`"),
+            )
+            .set_len(text.chars().count())
+            .help = Some(yaml11_hint(text));
+            return None;
         }
         let trimmed = text.trim();
         let lead = text.len() - text.trim_start().len();
@@ -1062,6 +1210,28 @@ impl<'s, 'n> Cx<'s, 'n> {
             (text, 0, 0)
         };
         match expr::parse(inner) {
+            // A constant other than true or false decides nothing: `if: 42` would always run
+            // the step and `if: 0` never, whatever the run does. It is a mistake, not a choice.
+            Ok(Expr::Lit(value)) if !matches!(value, expr::Value::Bool(_)) => {
+                let found = match &value {
+                    expr::Value::Null => "null".to_string(),
+                    expr::Value::Number(_) => format!("the number `{value}`"),
+                    expr::Value::String(s) => format!("the string '{}'", truncate(s, 40)),
+                    expr::Value::Bool(_) => value.to_string(),
+                };
+                let needle = inner.trim();
+                let at = base + (inner.len() - inner.trim_start().len());
+                let pos = node.pos_in_scalar(&self.lines, at, needle);
+                self.error(
+                    pos,
+                    format!("`if` must be a condition, found {found}"),
+                )
+                .set_len(needle.chars().count())
+                .help = Some(
+                    "a constant other than true or false decides nothing; compare a value instead, as in `params.deploy == 'yes'`".into(),
+                );
+                None
+            }
             Ok(e) => {
                 self.sites.push(Site {
                     node,
@@ -1127,11 +1297,11 @@ impl<'s, 'n> Cx<'s, 'n> {
     }
 
     /// Pass 2: what an expression refers to must exist and be visible from where it stands.
-    fn check_refs(&mut self, p: &Pipeline, site: &Site<'n>) {
+    fn check_refs(&mut self, refs: &mut Refs<'_>, site: &Site<'n>) {
         let mut problems: Vec<(usize, usize, String, Option<String>)> = Vec::new();
         expr::walk(&site.expr, &mut |e| match e {
             Expr::Ref { path, start, end } => {
-                if let Err((msg, help)) = check_ref(p, site.ctx, path) {
+                if let Err((msg, help)) = refs.check(site.ctx, path) {
                     problems.push((*start, *end - *start, msg, help));
                 }
             }
@@ -1209,142 +1379,224 @@ impl<'s, 'n> Cx<'s, 'n> {
     }
 }
 
-fn check_ref(p: &Pipeline, ctx: Ctx, path: &[String]) -> Result<(), (String, Option<String>)> {
-    let root = path[0].as_str();
-    let full = path.join(".");
-    let want = |n: usize, form: &str| -> Result<(), (String, Option<String>)> {
-        if path.len() == n {
-            Ok(())
-        } else {
-            Err((
-                format!("`{full}` is not a valid reference"),
-                Some(format!("write {form}")),
-            ))
-        }
-    };
-    if ctx == Ctx::WebhookSecret && root != "secrets" {
-        return Err((
-            format!("`{full}`: a webhook secret can only refer to `secrets`"),
-            None,
-        ));
+/// How many names a "declared: ..." help lists.
+const LISTED: usize = 10;
+
+/// Up to `LISTED` names, then how many there are in all.
+fn list_some<'a>(names: impl Iterator<Item = &'a str>, total: usize) -> String {
+    let shown: Vec<&str> = names.take(LISTED).collect();
+    if total > shown.len() {
+        format!("{}, … ({total} in all)", shown.join(", "))
+    } else {
+        shown.join(", ")
     }
-    match root {
-        "params" => {
-            want(2, "`params.NAME`")?;
-            if p.param(&path[1]).is_none() {
-                let help = did_you_mean(&path[1], p.params.iter().map(|p| p.name.as_str()))
-                    .or_else(|| {
-                        Some(if p.params.is_empty() {
-                            "this pipeline declares no params".into()
-                        } else {
-                            format!(
-                                "declared params: {}",
-                                p.params
-                                    .iter()
-                                    .map(|p| p.name.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
-                        })
-                    });
-                return Err((format!("unknown param `{}`", path[1]), help));
+}
+
+/// The reference pass's view of a loaded pipeline: what references may name, indexed once so
+/// that each lookup takes constant time, and a budget for typo suggestions (each compares a word
+/// with every candidate), so that a file with thousands of bad references and thousands of names
+/// is still checked in milliseconds.
+struct Refs<'p> {
+    p: &'p Pipeline,
+    params: HashSet<&'p str>,
+    env: HashSet<&'p str>,
+    /// Each step's own `env:` names, by phase and index.
+    main_env: Vec<HashSet<&'p str>>,
+    finally_env: Vec<HashSet<&'p str>>,
+    /// Each step id, and where the step stands (the first one, for a duplicated id).
+    steps: HashMap<&'p str, (Phase, usize)>,
+    /// Candidate comparisons left for suggestions.
+    suggest_budget: usize,
+}
+
+impl<'p> Refs<'p> {
+    fn new(p: &'p Pipeline) -> Self {
+        let env_of = |steps: &'p [Step]| -> Vec<HashSet<&'p str>> {
+            steps
+                .iter()
+                .map(|s| s.env.iter().map(|e| e.name.as_str()).collect())
+                .collect()
+        };
+        let mut steps = HashMap::new();
+        for (phase, list) in [(Phase::Main, &p.steps), (Phase::Finally, &p.finally)] {
+            for (i, s) in list.iter().enumerate() {
+                steps.entry(s.id.as_str()).or_insert((phase, i));
             }
         }
-        "secrets" => {
-            want(2, "`secrets.NAME`")?;
-            if !valid_env_name(&path[1]) {
-                return Err((
-                    format!("`{}` is not a valid secret name", path[1]),
-                    Some("use letters, digits and `_`".into()),
-                ));
-            }
+        Refs {
+            p,
+            params: p.params.iter().map(|p| p.name.as_str()).collect(),
+            env: p.env.iter().map(|e| e.name.as_str()).collect(),
+            main_env: env_of(&p.steps),
+            finally_env: env_of(&p.finally),
+            steps,
+            suggest_budget: SUGGEST_BUDGET,
         }
-        "env" => {
-            want(2, "`env.NAME`")?;
-            let step_env = match ctx {
-                Ctx::Step { phase, index, .. } => step_at(p, phase, index)
-                    .map(|s| s.env.as_slice())
-                    .unwrap_or(&[]),
-                _ => &[],
-            };
-            let names = p.env.iter().chain(step_env).map(|e| e.name.as_str());
-            if !p.env.iter().chain(step_env).any(|e| e.name == path[1]) {
-                let help = did_you_mean(&path[1], names).or_else(|| {
-                    Some("`env.NAME` refers to variables set in an `env:` of this file".into())
-                });
-                return Err((format!("unknown env `{}`", path[1]), help));
-            }
-        }
-        "run" => {
-            want(2, "`run.FIELD`")?;
-            if !RUN_FIELDS.contains(&path[1].as_str()) {
-                let help = did_you_mean(&path[1], RUN_FIELDS.iter().copied())
-                    .or_else(|| Some(format!("run has: {}", RUN_FIELDS.join(", "))));
-                return Err((format!("unknown field `run.{}`", path[1]), help));
-            }
-        }
-        "steps" => {
-            let Ctx::Step { phase, index, .. } = ctx else {
-                return Err((
-                    format!("`{full}`: steps can only be referred to from a step"),
-                    None,
-                ));
-            };
-            if path.len() < 3 {
-                return Err((
+    }
+
+    fn did_you_mean<'a>(
+        &mut self,
+        word: &str,
+        n: usize,
+        candidates: impl IntoIterator<Item = &'a str>,
+    ) -> Option<String> {
+        budgeted_did_you_mean(&mut self.suggest_budget, word, n, candidates)
+    }
+
+    fn check(&mut self, ctx: Ctx, path: &[String]) -> Result<(), (String, Option<String>)> {
+        let p = self.p;
+        let root = path[0].as_str();
+        let full = path.join(".");
+        let want = |n: usize, form: &str| -> Result<(), (String, Option<String>)> {
+            if path.len() == n {
+                Ok(())
+            } else {
+                Err((
                     format!("`{full}` is not a valid reference"),
-                    Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into()),
-                ));
+                    Some(format!("write {form}")),
+                ))
             }
-            let visible: Vec<&Step> = match phase {
-                Phase::Main => p.steps.iter().take(index).collect(),
-                Phase::Finally => p.steps.iter().chain(p.finally.iter().take(index)).collect(),
-            };
-            let Some(step) = visible.iter().find(|s| s.id == path[1]) else {
-                if p.all_steps().any(|s| s.id == path[1]) {
+        };
+        if ctx == Ctx::WebhookSecret && root != "secrets" {
+            return Err((
+                format!("`{full}`: a webhook secret can only refer to `secrets`"),
+                None,
+            ));
+        }
+        match root {
+            "params" => {
+                want(2, "`params.NAME`")?;
+                if !self.params.contains(path[1].as_str()) {
+                    let names = p.params.iter().map(|p| p.name.as_str());
+                    let help = self
+                        .did_you_mean(&path[1], p.params.len(), names.clone())
+                        .unwrap_or_else(|| {
+                            if p.params.is_empty() {
+                                "this pipeline declares no params".into()
+                            } else {
+                                format!("declared params: {}", list_some(names, p.params.len()))
+                            }
+                        });
+                    return Err((format!("unknown param `{}`", path[1]), Some(help)));
+                }
+            }
+            "secrets" => {
+                want(2, "`secrets.NAME`")?;
+                if !valid_env_name(&path[1]) {
                     return Err((
-                        format!("step `{}` has not run yet at this point", path[1]),
-                        Some("a step can only use steps before it".into()),
+                        format!("`{}` is not a valid secret name", path[1]),
+                        Some("use letters, digits and `_`".into()),
                     ));
                 }
-                let help = did_you_mean(&path[1], visible.iter().map(|s| s.id.as_str()));
-                return Err((format!("unknown step `{}`", path[1]), help));
-            };
-            match (path[2].as_str(), path.len()) {
-                ("status", 3) => {}
-                ("outputs", 4) => {
-                    if let StepAction::Uses { action, .. } = &step.action
-                        && !action.outputs.contains(&path[3].as_str())
-                    {
-                        let help =
-                            did_you_mean(&path[3], action.outputs.iter().copied()).or_else(|| {
-                                Some(format!(
-                                    "`{}` outputs: {}",
-                                    action.name,
-                                    action.outputs.join(", ")
-                                ))
-                            });
-                        return Err((
-                            format!("`{}` has no output `{}`", action.name, path[3]),
-                            help,
-                        ));
-                    }
+            }
+            "env" => {
+                want(2, "`env.NAME`")?;
+                let (step_env, step_names) = match ctx {
+                    Ctx::Step { phase, index, .. } => (
+                        step_at(p, phase, index).map_or(&[][..], |s| s.env.as_slice()),
+                        match phase {
+                            Phase::Main => self.main_env.get(index),
+                            Phase::Finally => self.finally_env.get(index),
+                        },
+                    ),
+                    _ => (&[][..], None),
+                };
+                let name = path[1].as_str();
+                if !self.env.contains(name) && !step_names.is_some_and(|s| s.contains(name)) {
+                    let names = p.env.iter().chain(step_env).map(|e| e.name.as_str());
+                    let help = self
+                        .did_you_mean(name, p.env.len() + step_env.len(), names)
+                        .unwrap_or_else(|| {
+                            "`env.NAME` refers to variables set in an `env:` of this file".into()
+                        });
+                    return Err((format!("unknown env `{name}`"), Some(help)));
                 }
-                _ => {
+            }
+            "run" => {
+                want(2, "`run.FIELD`")?;
+                if !RUN_FIELDS.contains(&path[1].as_str()) {
+                    let help = did_you_mean(&path[1], RUN_FIELDS.iter().copied())
+                        .unwrap_or_else(|| format!("run has: {}", RUN_FIELDS.join(", ")));
+                    return Err((format!("unknown field `run.{}`", path[1]), Some(help)));
+                }
+            }
+            "steps" => {
+                let Ctx::Step { phase, index, .. } = ctx else {
+                    return Err((
+                        format!("`{full}`: steps can only be referred to from a step"),
+                        None,
+                    ));
+                };
+                if path.len() < 3 {
                     return Err((
                         format!("`{full}` is not a valid reference"),
                         Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into()),
                     ));
                 }
+                // A main step sees the main steps before it; a `finally` step sees every main
+                // step and the `finally` steps before it.
+                let found = self.steps.get(path[1].as_str()).copied();
+                let visible = |(at_phase, at): (Phase, usize)| match (phase, at_phase) {
+                    (_, Phase::Main) if phase == Phase::Finally => true,
+                    (Phase::Main, Phase::Main) | (Phase::Finally, Phase::Finally) => at < index,
+                    _ => false,
+                };
+                let Some(step) = found
+                    .filter(|&f| visible(f))
+                    .and_then(|(at_phase, at)| step_at(p, at_phase, at))
+                else {
+                    if found.is_some() {
+                        return Err((
+                            format!("step `{}` has not run yet at this point", path[1]),
+                            Some("a step can only use steps before it".into()),
+                        ));
+                    }
+                    let (n, before): (usize, Vec<&Step>) = match phase {
+                        Phase::Main => (index, p.steps.iter().take(index).collect()),
+                        Phase::Finally => (
+                            p.steps.len() + index,
+                            p.steps.iter().chain(p.finally.iter().take(index)).collect(),
+                        ),
+                    };
+                    let help = self.did_you_mean(&path[1], n, before.iter().map(|s| s.id.as_str()));
+                    return Err((format!("unknown step `{}`", path[1]), help));
+                };
+                match (path[2].as_str(), path.len()) {
+                    ("status", 3) => {}
+                    ("outputs", 4) => {
+                        if let StepAction::Uses { action, .. } = &step.action
+                            && !action.outputs.contains(&path[3].as_str())
+                        {
+                            let help = did_you_mean(&path[3], action.outputs.iter().copied())
+                                .unwrap_or_else(|| {
+                                    format!(
+                                        "`{}` outputs: {}",
+                                        action.name,
+                                        action.outputs.join(", ")
+                                    )
+                                });
+                            return Err((
+                                format!("`{}` has no output `{}`", action.name, path[3]),
+                                Some(help),
+                            ));
+                        }
+                    }
+                    _ => {
+                        return Err((
+                            format!("`{full}` is not a valid reference"),
+                            Some("write `steps.ID.outputs.NAME` or `steps.ID.status`".into()),
+                        ));
+                    }
+                }
+            }
+            other => {
+                let help = did_you_mean(other, ROOTS.iter().copied())
+                    .unwrap_or_else(|| format!("expressions can use: {}", ROOTS.join(", ")));
+                return Err((format!("unknown name `{other}`"), Some(help)));
             }
         }
-        other => {
-            let help = did_you_mean(other, ROOTS.iter().copied())
-                .unwrap_or_else(|| format!("expressions can use: {}", ROOTS.join(", ")));
-            return Err((format!("unknown name `{other}`"), Some(help)));
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn step_at(p: &Pipeline, phase: Phase, index: usize) -> Option<&Step> {
@@ -1427,6 +1679,27 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// Whether a YAML 1.1 boolean spelling means true.
+fn yaml11_truthy(text: &str) -> bool {
+    matches!(
+        text.to_ascii_lowercase().as_str(),
+        "yes" | "y" | "on" | "true"
+    )
+}
+
+/// The help for a YAML 1.1 boolean where skiff wants `true` or `false`.
+fn yaml11_hint(text: &str) -> String {
+    format!(
+        "`{text}` is not a boolean in skiff's YAML; write `{}`",
+        yaml11_truthy(text)
+    )
+}
+
+/// Whether a node is a plain (unquoted) YAML 1.1 boolean such as `yes`.
+fn is_plain_yaml11_bool(node: &Node) -> bool {
+    matches!(node.as_scalar(), Some((text, Style::Plain)) if is_yaml11_bool(text))
+}
+
 /// The YAML 1.1 spellings of booleans that YAML 1.2 (and skiff) read as plain strings.
 fn is_yaml11_bool(text: &str) -> bool {
     matches!(
@@ -1454,6 +1727,8 @@ fn is_yaml11_bool(text: &str) -> bool {
     )
 }
 
+const CRON_HELP: &str = "minute hour day-of-month month day-of-week, e.g. `0 2 * * *`; six fields put seconds first, e.g. `30 0 2 * * *`; or @daily, @hourly...";
+
 const CRON_NICKNAMES: &[&str] = &[
     "@yearly",
     "@annually",
@@ -1474,7 +1749,7 @@ fn check_cron(text: &str) -> Result<(), String> {
     let fields = text.split_whitespace().count();
     if !text.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
         return Err(format!(
-            "it has {fields} fields; a crontab line has 5 (or 6 with seconds first)"
+            "it has {fields} fields; a cron line has 5, or 6 with seconds first"
         ));
     }
     croner::Cron::from_str(text)

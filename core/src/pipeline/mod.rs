@@ -25,7 +25,11 @@ pub struct Pipeline {
     pub timeout: Option<Duration>,
     pub steps: Vec<Step>,
     pub finally: Vec<Step>,
+    /// How long finished runs of this pipeline are kept; unset fields leave the server's default.
+    pub retention: Retention,
 }
+
+pub use crate::retention::Retention;
 
 impl Pipeline {
     pub fn param(&self, name: &str) -> Option<&Param> {
@@ -126,7 +130,9 @@ pub struct Step {
     pub timeout: Option<Duration>,
     pub retry: Retry,
     pub continue_on_error: bool,
-    pub working_directory: Option<Template>,
+    /// A literal relative path inside the run's workspace (checked at load: no `..`, not
+    /// absolute, no expression).
+    pub working_directory: Option<String>,
     pub action: StepAction,
 }
 
