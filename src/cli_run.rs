@@ -111,7 +111,18 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             source,
             steps: pipeline.plan(),
             rerun_of: None,
+            idempotency_key: None,
         })
+        .await?
+        .run;
+    // Claimed like any worker's run: its lease is renewed while it runs, so a `skiff serve` on
+    // the same data folder leaves it alone (and finishes it if this process dies).
+    let (run, claim) = store
+        .claim_run(
+            &run.id,
+            &format!("cli:{}", std::process::id()),
+            skiff_worker::runner::DEFAULT_LEASE,
+        )
         .await?;
 
     let color = match args.color {
@@ -137,9 +148,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cancel_reason: "cancelled by Ctrl-C or SIGTERM".into(),
         abort_reason: "cancelled, and its finally steps stopped by a second Ctrl-C or SIGTERM"
             .into(),
+        lease: skiff_worker::runner::DEFAULT_LEASE,
+        store_patience: skiff_worker::runner::DEFAULT_STORE_PATIENCE,
     };
     let started = std::time::Instant::now();
-    let outcome = execute_run(store.clone(), &run, &pipeline, &opts, term.clone()).await?;
+    let outcome = execute_run(store.clone(), &run, claim, &pipeline, &opts, term.clone()).await?;
     term.footer(
         &format!("{} #{}", run.pipeline, run.number),
         outcome.status,

@@ -86,6 +86,30 @@ pub struct Data {
 }
 
 impl Data {
+    /// Takes the data folder's server lock for as long as the returned file stays open: one
+    /// `skiff serve` per data folder. Whoever holds it knows that runs claimed by an earlier
+    /// server on the folder have no live worker.
+    pub fn lock_for_serve(&self) -> anyhow::Result<std::fs::File> {
+        use anyhow::Context;
+        let path = self.dir.join("serve.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another `skiff serve` is running on the data folder {}",
+                self.dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", path.display()))
+            }
+        }
+    }
+
     /// The folder under which each run gets its workspace.
     pub fn workspaces(&self) -> PathBuf {
         self.dir.join("workspaces")

@@ -13,10 +13,11 @@ use skiff_core::dispatch::{Dispatcher, RunJob};
 use skiff_core::queue::{JobHandler, SqliteQueue};
 use skiff_core::retention::{Retention, SWEEP_EVERY, sweep};
 use skiff_core::run::{Run, RunStatus};
-use skiff_core::store::RunQuery;
 use skiff_core::store::{AuthStore, Store};
+use skiff_core::store::{RunQuery, StoreError, TakeOver};
 use skiff_server::{AppState, CatalogHandle, ServerConfig};
 use skiff_worker::pool::{Stopping, WorkerConfig, finish_interrupted_run, handle_job};
+use skiff_worker::runner::DEFAULT_LEASE;
 use skiff_worker::secrets::Secrets;
 use tokio_util::sync::CancellationToken;
 
@@ -177,6 +178,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
     let data = args.data.open().await?;
+    let _lock = data.lock_for_serve()?;
     let sqlite = data.store.clone();
     // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
     // instead of a fetch round trip later. The embedded worker is the only one, so it keeps
@@ -208,12 +210,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             kill_grace: args.kill_grace,
             secrets,
             cancel_check: Duration::from_secs(1),
+            name: format!(
+                "{SERVE_WORKER}{}-{}",
+                std::process::id(),
+                chrono::Utc::now().timestamp_millis()
+            ),
+            lease: DEFAULT_LEASE,
         },
         stopping: stopping.clone(),
         running: tokio_util::task::TaskTracker::new(),
     });
     let running = handler.running.clone();
-    finish_interrupted_runs(&handler).await?;
+    finish_interrupted_runs(&handler, true).await?;
+    tokio::spawn(recover_abandoned_runs(handler.clone()));
     requeue_waiting_runs(store.as_ref(), &queue).await?;
     // The queue worker stops only after the runs it started have ended: they write through the
     // same connection it fetches with.
@@ -357,19 +366,49 @@ async fn requeue_waiting_runs(store: &dyn Store, queue: &SqliteQueue) -> anyhow:
     Ok(())
 }
 
-/// In the embedded deployment this process is the only worker, so a run still `running` at
-/// start was interrupted when skiff last stopped without finishing it (a crash, a kill -9). Its
-/// leftover processes are ended, then it is finished the way a run ends: its unfinished steps
-/// recorded truthfully and its `finally` steps run (see `finish_interrupted`), beside the queue.
-async fn finish_interrupted_runs(handler: &Arc<Embedded>) -> anyhow::Result<()> {
-    for run in runs_in(handler.store.as_ref(), RunStatus::Running).await? {
+/// The start of the names of the in-process workers of `skiff serve`.
+const SERVE_WORKER: &str = "serve:";
+
+/// Finishes the runs whose worker is gone: their leftover processes are ended, then each is
+/// finished the way a run ends (its unfinished steps recorded truthfully and its `finally` steps
+/// run, see `finish_interrupted`), beside the queue. At start (`at_start`), a run held by the
+/// in-process workers of an earlier `skiff serve` on this data folder is taken over whatever its
+/// lease: this process holds the data folder's lock, so that server is gone. Any other run (a
+/// `skiff run` on the same data folder) is taken over only once its lease has run out: its
+/// worker stopped renewing it.
+async fn finish_interrupted_runs(handler: &Arc<Embedded>, at_start: bool) -> anyhow::Result<()> {
+    let store = &handler.store;
+    for run in runs_in(store.as_ref(), RunStatus::Running).await? {
+        let holder = run.claimed_by.clone().unwrap_or_default();
+        if holder == handler.config.name {
+            continue;
+        }
+        let when = if at_start && (holder.is_empty() || holder.starts_with(SERVE_WORKER)) {
+            TakeOver::Any
+        } else {
+            TakeOver::Expired
+        };
+        let claim = match store
+            .take_over_run(&run.id, &handler.config.name, handler.config.lease, when)
+            .await
+        {
+            Ok((_, claim)) => claim,
+            // Its worker is alive (or the run ended meanwhile).
+            Err(StoreError::Held { .. } | StoreError::InvalidTransition { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
         let reaped = skiff_worker::clean_up_interrupted(&handler.config.workspace_root, &run.id);
         eprintln!(
-            "skiff: run {} #{} was interrupted by the last stop{}; running its finally steps",
+            "skiff: run {} #{} was interrupted ({}){}; running its finally steps",
             run.pipeline,
             run.number,
+            if at_start {
+                "skiff stopped while it ran"
+            } else {
+                "its worker stopped renewing its claim"
+            },
             if reaped {
-                " (its leftover processes were ended)"
+                " and its leftover processes were ended"
             } else {
                 ""
             }
@@ -381,6 +420,7 @@ async fn finish_interrupted_runs(handler: &Arc<Embedded>) -> anyhow::Result<()> 
             if let Err(e) = finish_interrupted_run(
                 handler.store.clone(),
                 &run,
+                claim,
                 &handler.config,
                 &handler.stopping,
             )
@@ -391,6 +431,23 @@ async fn finish_interrupted_runs(handler: &Arc<Embedded>) -> anyhow::Result<()> 
         });
     }
     Ok(())
+}
+
+/// Looks for runs whose worker stopped renewing its claim (a `skiff run` killed with -9), every
+/// third of a lease, until skiff stops.
+async fn recover_abandoned_runs(handler: Arc<Embedded>) {
+    let mut tick = tokio::time::interval(handler.config.lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = handler.stopping.cancel.cancelled() => return,
+        }
+        if let Err(e) = finish_interrupted_runs(&handler, false).await {
+            tracing::warn!(error = %e, "looking for abandoned runs failed");
+        }
+    }
 }
 
 /// Ends the processes of every run still `running` (when stopping could not wait any longer);

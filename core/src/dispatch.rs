@@ -83,6 +83,7 @@ impl Dispatcher {
             source: entry.source.clone(),
             steps: pipeline.plan(),
             rerun_of: None,
+            idempotency_key: None,
         })
         .await
     }
@@ -98,12 +99,17 @@ impl Dispatcher {
             source: run.source.clone(),
             steps: pipeline.plan(),
             rerun_of: Some(run.id.clone()),
+            idempotency_key: None,
         })
         .await
     }
 
     async fn start(&self, new: NewRun) -> Result<Run, DispatchError> {
-        let run = self.store.create_run(new).await?;
+        let crate::store::Created { run, created } = self.store.create_run(new).await?;
+        if !created {
+            // Its job was pushed when it was created.
+            return Ok(run);
+        }
         if let Err(e) = self.queue.push(RunJob::new(&run.id)).await {
             // The run would wait forever: record why it never started.
             let _ = self

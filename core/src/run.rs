@@ -167,6 +167,12 @@ pub struct Run {
     pub cancel_requested: bool,
     /// Who asked, and why: the run's reason if the cancel stopped or skipped a main step.
     pub cancel_reason: Option<String>,
+    /// The worker that claimed the run (kept after the run ends: who ran it).
+    pub claimed_by: Option<String>,
+    /// Until when the claim holds unless renewed (while the run is running).
+    pub lease_until: Option<DateTime<Utc>>,
+    /// The key that makes creating this run idempotent (a webhook delivery, a schedule slot).
+    pub idempotency_key: Option<String>,
 }
 
 /// A step of a run as planned when the run is created.
@@ -221,6 +227,9 @@ pub struct NewRun {
     pub source: String,
     pub steps: Vec<StepPlan>,
     pub rerun_of: Option<RunId>,
+    /// Creating a second run of the pipeline with the same key creates nothing and answers the
+    /// first (a webhook delivery id, a schedule slot).
+    pub idempotency_key: Option<String>,
 }
 
 /// Log bytes to append, belonging to a step (or to the run itself when `step` is `None`).

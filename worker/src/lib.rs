@@ -5,6 +5,7 @@ pub mod actions;
 pub mod logs;
 pub mod pool;
 mod process;
+pub mod record;
 pub mod runner;
 pub mod secrets;
 

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
-use skiff_core::run::{LogChunk, RunId, StepRecord};
-use skiff_core::store::Store;
+use skiff_core::run::{LogChunk, StepRecord};
+
+use crate::record::Recorder;
 use tokio::sync::mpsc;
 
 /// What replaces a secret in the log.
@@ -195,20 +196,15 @@ const STORED_CHUNK_BYTES: usize = 512 << 10;
 const BATCH_BYTES: usize = 1 << 20;
 
 /// Starts the writer task for a run's log. It ends when every sender is dropped, after writing
-/// everything it was sent; the join handle gives the first Store error, if any.
+/// everything it was sent.
 pub fn start_writer(
-    store: Arc<dyn Store>,
-    run: RunId,
+    rec: Recorder,
     observer: Arc<dyn RunObserver>,
-) -> (
-    LogSender,
-    tokio::task::JoinHandle<Result<(), skiff_core::store::StoreError>>,
-) {
+) -> (LogSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Event>(CHANNEL_CHUNKS);
     let handle = tokio::spawn(async move {
         let mut batch: Vec<LogChunk> = Vec::new();
         let mut bytes = 0usize;
-        let mut failure = None;
         // When the pending batch must be written even if no more comes.
         let mut flush_at: Option<tokio::time::Instant> = None;
         loop {
@@ -221,7 +217,7 @@ pub fn start_writer(
             let event = tokio::select! {
                 event = rx.recv() => event,
                 () = flush_due => {
-                    flush(&*store, &run, &mut batch, &mut failure).await;
+                    flush(&rec, &mut batch).await;
                     (bytes, flush_at) = (0, None);
                     continue;
                 }
@@ -246,31 +242,18 @@ pub fn start_writer(
                 Event::Step(record) => observer.step_changed(&record),
             }
             if bytes >= BATCH_BYTES {
-                flush(&*store, &run, &mut batch, &mut failure).await;
+                flush(&rec, &mut batch).await;
                 (bytes, flush_at) = (0, None);
             }
         }
-        flush(&*store, &run, &mut batch, &mut failure).await;
-        failure.map_or(Ok(()), Err)
+        flush(&rec, &mut batch).await;
     });
     (LogSender { tx }, handle)
 }
 
-async fn flush(
-    store: &dyn Store,
-    run: &RunId,
-    batch: &mut Vec<LogChunk>,
-    failure: &mut Option<skiff_core::store::StoreError>,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    if failure.is_none()
-        && let Err(e) = store.append_logs(run, batch).await
-    {
-        tracing::error!(run_id = %run, error = %e, "writing logs failed");
-        *failure = Some(e);
-    }
+/// Writes the batch (the recorder retries, or holds it back while the Store is away).
+async fn flush(rec: &Recorder, batch: &mut Vec<LogChunk>) {
+    rec.logs(batch).await;
     batch.clear();
 }
 

@@ -21,6 +21,10 @@ pub struct WorkerConfig {
     pub secrets: Secrets,
     /// How often a running run checks the Store for a cancel request it was not told about.
     pub cancel_check: Duration,
+    /// This worker's name in the runs it claims.
+    pub name: String,
+    /// How long its claims hold unless renewed (they are renewed every third of it).
+    pub lease: Duration,
 }
 
 /// An infrastructure failure while handling a job (a failed run is not one).
@@ -69,6 +73,8 @@ impl Stopping {
             abort_reason:
                 "cancelled: skiff stopped, and stopped the finally steps that were still running"
                     .into(),
+            lease: config.lease,
+            store_patience: crate::runner::DEFAULT_STORE_PATIENCE,
         }
     }
 }
@@ -90,8 +96,8 @@ pub async fn handle_job(
     let id: RunId = job.run_id.parse().map_err(JobError::BadJob)?;
     // Claiming the run is one atomic move (queued -> running), so a job delivered twice runs
     // once, and a run cancelled while queued never starts.
-    let run = match store.set_status(&id, RunStatus::Running, None).await {
-        Ok(run) => run,
+    let (run, claim) = match store.claim_run(&id, &config.name, config.lease).await {
+        Ok(claimed) => claimed,
         Err(StoreError::InvalidTransition { from, .. }) => return Ok(from),
         Err(StoreError::NotFound(_)) => {
             tracing::warn!(run_id = %id, "job for an unknown run; dropped");
@@ -99,7 +105,7 @@ pub async fn handle_job(
         }
         Err(e) => return Err(e.into()),
     };
-    let Some(pipeline) = load_snapshot(store.as_ref(), &run).await? else {
+    let Some(pipeline) = load_snapshot(store.as_ref(), &run, &claim).await? else {
         return Ok(RunStatus::Failed);
     };
     let opts = stopping.options(config);
@@ -109,7 +115,15 @@ pub async fn handle_job(
         opts.cancel.clone(),
         config.cancel_check,
     ));
-    let result = execute_run(store.clone(), &run, &pipeline, &opts, Arc::new(Quiet)).await;
+    let result = execute_run(
+        store.clone(),
+        &run,
+        claim,
+        &pipeline,
+        &opts,
+        Arc::new(Quiet),
+    )
+    .await;
     watcher.abort();
     let outcome = result?;
     metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str())
@@ -117,21 +131,29 @@ pub async fn handle_job(
     Ok(outcome.status)
 }
 
-/// Ends a run that was `running` when skiff stopped without finishing it: see
-/// [`crate::runner::finish_interrupted`]. Its leftover processes must have been ended first.
+/// Ends a run that was `running` when its worker went away without finishing it, once `claim`
+/// (taken over from that worker) holds it: see [`crate::runner::finish_interrupted`]. Its
+/// leftover processes must have been ended first.
 pub async fn finish_interrupted_run(
     store: Arc<dyn Store>,
     run: &Run,
+    claim: skiff_core::store::Claim,
     config: &WorkerConfig,
     stopping: &Stopping,
 ) -> Result<RunStatus, JobError> {
-    let Some(pipeline) = load_snapshot(store.as_ref(), run).await? else {
+    let Some(pipeline) = load_snapshot(store.as_ref(), run, &claim).await? else {
         return Ok(RunStatus::Failed);
     };
     let opts = stopping.options(config);
-    let outcome =
-        crate::runner::finish_interrupted(store.clone(), run, &pipeline, &opts, Arc::new(Quiet))
-            .await?;
+    let outcome = crate::runner::finish_interrupted(
+        store.clone(),
+        run,
+        claim,
+        &pipeline,
+        &opts,
+        Arc::new(Quiet),
+    )
+    .await?;
     metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str())
         .increment(1);
     Ok(outcome.status)
@@ -140,14 +162,18 @@ pub async fn finish_interrupted_run(
 /// The pipeline as snapshotted in the run. The snapshot loaded when the run was created; it
 /// fails only if this worker's skiff reads pipelines differently: the run is then stored as
 /// failed (instead of retried forever) and `None` returned.
-async fn load_snapshot(store: &dyn Store, run: &Run) -> Result<Option<Pipeline>, JobError> {
+async fn load_snapshot(
+    store: &dyn Store,
+    run: &Run,
+    claim: &skiff_core::store::Claim,
+) -> Result<Option<Pipeline>, JobError> {
     match skiff_core::pipeline::load(&run.source, &run.pipeline) {
         Ok(p) => Ok(Some(p)),
         Err(diags) => {
             let first = diags.first().map(|d| d.message.clone()).unwrap_or_default();
             store
-                .set_status(
-                    &run.id,
+                .finish_run(
+                    claim,
                     RunStatus::Failed,
                     Some(&format!("this worker cannot load the pipeline: {first}")),
                 )

@@ -15,13 +15,14 @@ use skiff_core::duration::human;
 use skiff_core::expr::{self, EvalError, Scope, Value};
 use skiff_core::pipeline::{EnvVar, Phase, Pipeline, Step, StepAction, env_key};
 use skiff_core::run::{Run, RunStatus, StepRecord, StepStatus};
-use skiff_core::store::{Store, StoreError};
+use skiff_core::store::{Claim, Store, StoreError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::{self, ActionContext};
 use crate::logs::{LogSender, Masker, RunObserver, start_writer};
 use crate::process::{self, Ended, Spawn};
+use crate::record::{Health, Recorder};
 use crate::secrets::Secrets;
 
 /// Scripts up to this size are given to the shell as its `-c` argument; longer ones go through a
@@ -86,7 +87,17 @@ pub struct RunOptions {
     pub cancel_reason: String,
     /// The run's reason when `abort` stopped its `finally` steps.
     pub abort_reason: String,
+    /// How long the run's claim holds unless renewed; it is renewed every third of this.
+    pub lease: Duration,
+    /// How long a failed Store write is retried before the Store counts as away (the main
+    /// steps stop, `finally` runs with its writes held back until the Store is back).
+    pub store_patience: Duration,
 }
+
+/// How long a claim holds unless renewed.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// How long a failed Store write is retried.
+pub const DEFAULT_STORE_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
@@ -110,6 +121,8 @@ pub enum RunnerError {
 enum Interrupt {
     Cancelled,
     TimedOut,
+    /// The Store stayed away longer than the patience, or the run's claim was lost.
+    StoreTrouble,
 }
 
 struct StepState {
@@ -194,7 +207,9 @@ fn shell() -> &'static (PathBuf, Vec<&'static str>) {
 }
 
 struct Runner<'a> {
-    store: Arc<dyn Store>,
+    rec: Recorder,
+    /// Stops `finally` steps: the caller's abort, or a lost claim.
+    abort: CancellationToken,
     run: &'a Run,
     pipeline: &'a Pipeline,
     opts: &'a RunOptions,
@@ -213,19 +228,17 @@ struct Runner<'a> {
     deadline: Instant,
 }
 
-/// Executes `run` to its end and stores its final state. The run is `queued` (it is claimed
-/// here) or already claimed (`running`) by a worker.
+/// Executes `run`, which `claim` holds, to its end and stores its final state. Every write
+/// carries the claim; the claim's lease is renewed while the run goes on.
 pub async fn execute_run(
     store: Arc<dyn Store>,
     run: &Run,
+    claim: Claim,
     pipeline: &Pipeline,
     opts: &RunOptions,
     observer: Arc<dyn RunObserver>,
 ) -> Result<RunOutcome, RunnerError> {
-    if run.status == RunStatus::Queued {
-        store.set_status(&run.id, RunStatus::Running, None).await?;
-    }
-    drive(store, run, pipeline, opts, observer, None).await
+    drive(store, run, claim, pipeline, opts, observer, None).await
 }
 
 /// Ends a run that skiff stopped in the middle of (a crash, a kill -9), the way a run ends: the
@@ -236,17 +249,19 @@ pub async fn execute_run(
 pub async fn finish_interrupted(
     store: Arc<dyn Store>,
     run: &Run,
+    claim: Claim,
     pipeline: &Pipeline,
     opts: &RunOptions,
     observer: Arc<dyn RunObserver>,
 ) -> Result<RunOutcome, RunnerError> {
     let stored = store.steps(&run.id).await?;
-    drive(store, run, pipeline, opts, observer, Some(stored)).await
+    drive(store, run, claim, pipeline, opts, observer, Some(stored)).await
 }
 
 async fn drive(
     store: Arc<dyn Store>,
     run: &Run,
+    claim: Claim,
     pipeline: &Pipeline,
     opts: &RunOptions,
     observer: Arc<dyn RunObserver>,
@@ -267,8 +282,22 @@ async fn drive(
         source,
     })?;
 
-    let (log, writer) = start_writer(store.clone(), run.id.clone(), observer.clone());
+    let rec = Recorder::new(store, claim, opts.store_patience);
+    let renewing = rec.keep_claim(opts.lease);
+    let (log, writer) = start_writer(rec.clone(), observer.clone());
     let stop = opts.cancel.child_token();
+    let abort = opts.abort.child_token();
+    // Trouble with the Store stops the main steps; a lost claim stops everything.
+    let watcher = {
+        let (rec, stop, abort) = (rec.clone(), stop.clone(), abort.clone());
+        tokio::spawn(async move {
+            rec.trouble.cancelled().await;
+            stop.cancel();
+            if rec.health() == Health::Lost {
+                abort.cancel();
+            }
+        })
+    };
     let deadline = Instant::now() + pipeline.run_timeout();
     let deadline_hit = Arc::new(AtomicBool::new(false));
     let timer = {
@@ -280,7 +309,8 @@ async fn drive(
         })
     };
     let mut runner = Runner {
-        store: store.clone(),
+        rec: rec.clone(),
+        abort: abort.clone(),
         run,
         pipeline,
         opts,
@@ -304,27 +334,31 @@ async fn drive(
     timer.abort();
     let Runner { log, workspace, .. } = runner;
     drop(log);
-    let log_result = writer.await.unwrap_or(Ok(()));
-    let outcome = outcome?;
+    let _ = writer.await;
+    watcher.abort();
+    let outcome = outcome;
     if !opts.keep_workspace
         && let Err(e) = std::fs::remove_dir_all(&workspace)
     {
         tracing::warn!(path = %workspace.display(), error = %e, "removing the workspace failed");
     }
-    let mut outcome = outcome;
-    if outcome.status == RunStatus::Cancelled && !opts.abort.is_cancelled() {
+    let mut outcome = outcome?;
+    if outcome.status == RunStatus::Cancelled && !abort.is_cancelled() {
         // A cancel requested through the Store carries its own reason (who cancelled); keep it.
-        if let Some(run) = store.get_run(&run.id).await?
+        if let Some(run) = rec.current().await
             && run.cancel_requested
             && let Some(reason) = run.cancel_reason
         {
             outcome.reason = Some(reason);
         }
     }
-    store
-        .set_status(&run.id, outcome.status, outcome.reason.as_deref())
-        .await?;
-    log_result?;
+    if !rec
+        .finish(outcome.status, outcome.reason.as_deref(), &opts.abort)
+        .await
+    {
+        tracing::error!(run_id = %run.id, status = %outcome.status, "the run's end could not be stored (its claim was lost, or the store stayed away); whoever holds the run now finishes it");
+    }
+    renewing.abort();
     Ok(outcome)
 }
 
@@ -341,10 +375,10 @@ impl Runner<'_> {
                 self.interrupt = Some(self.stop_cause());
             }
             if let Some(why) = self.interrupt {
-                let reason = if why == Interrupt::Cancelled {
-                    "run cancelled"
-                } else {
-                    "run timed out"
+                let reason = match why {
+                    Interrupt::Cancelled => "run cancelled",
+                    Interrupt::TimedOut => "run timed out",
+                    Interrupt::StoreTrouble => "not run: the store is unavailable",
                 };
                 self.finish_unrun(i, StepStatus::Skipped, reason).await?;
                 continue;
@@ -370,9 +404,11 @@ impl Runner<'_> {
         Ok(self.outcome())
     }
 
-    /// Why the main steps are being stopped: the run's deadline, or a cancel.
+    /// Why the main steps are being stopped: the Store, the run's deadline, or a cancel.
     fn stop_cause(&self) -> Interrupt {
-        if self.deadline_hit.load(Ordering::SeqCst) {
+        if self.rec.health() != Health::Up {
+            Interrupt::StoreTrouble
+        } else if self.deadline_hit.load(Ordering::SeqCst) {
             Interrupt::TimedOut
         } else {
             Interrupt::Cancelled
@@ -472,7 +508,7 @@ impl Runner<'_> {
             if !wanted(offset + i) {
                 continue;
             }
-            if self.opts.abort.is_cancelled() {
+            if self.abort.is_cancelled() {
                 self.finish_unrun(
                     offset + i,
                     StepStatus::Skipped,
@@ -491,7 +527,16 @@ impl Runner<'_> {
 
     /// The run's end state, once its steps are done.
     fn outcome(&self) -> RunOutcome {
-        let (status, reason) = if self.opts.abort.is_cancelled() {
+        let trouble = match self.rec.health() {
+            Health::Up => None,
+            Health::Away(e) => Some(format!("store unavailable: {e}")),
+            Health::Lost => {
+                Some("the run's claim was lost (another worker took the run over)".to_string())
+            }
+        };
+        let (status, reason) = if let Some(why) = trouble {
+            (RunStatus::Failed, Some(why))
+        } else if self.abort.is_cancelled() {
             (RunStatus::Cancelled, Some(self.opts.abort_reason.clone()))
         } else {
             match self.interrupt {
@@ -505,6 +550,9 @@ impl Runner<'_> {
                         human(self.pipeline.run_timeout())
                     )),
                 ),
+                Some(Interrupt::StoreTrouble) => {
+                    (RunStatus::Failed, Some("store unavailable".to_string()))
+                }
                 None if self.failed => (RunStatus::Failed, self.first_failure.clone()),
                 None => (RunStatus::Succeeded, None),
             }
@@ -548,7 +596,7 @@ impl Runner<'_> {
             secrets: &self.opts.secrets,
             steps: &self.steps,
             failed: self.failed,
-            cancelled: self.interrupt.is_some() || self.opts.abort.is_cancelled(),
+            cancelled: self.interrupt.is_some() || self.abort.is_cancelled(),
             run_status: status,
         }
     }
@@ -599,7 +647,7 @@ impl Runner<'_> {
 
     async fn save(&mut self, index: usize) -> Result<(), RunnerError> {
         let record = &self.records[index];
-        self.store.update_step(&self.run.id, record).await?;
+        self.rec.step(record).await;
         self.log.step_changed(record).await;
         Ok(())
     }
@@ -698,8 +746,8 @@ impl Runner<'_> {
             // path from trigger to first process. It is awaited before anything else is written
             // about the step, so the stored states keep their order.
             let saving = {
-                let (store, id, record) = (self.store.clone(), self.run.id.clone(), record.clone());
-                tokio::spawn(async move { store.update_step(&id, &record).await })
+                let (rec, record) = (self.rec.clone(), record.clone());
+                tokio::spawn(async move { rec.step(&record).await })
             };
             self.log.step_changed(&self.records[index]).await;
             if attempt > 1 {
@@ -713,7 +761,7 @@ impl Runner<'_> {
             let attempted = self.attempt(index, step, &env, status_text).await;
             saving
                 .await
-                .map_err(|e| RunnerError::Store(StoreError::Backend(e.to_string())))??;
+                .map_err(|e| RunnerError::Store(StoreError::Backend(e.to_string())))?;
             result = attempted?;
             let retryable = matches!(result.status, StepStatus::Failed | StepStatus::TimedOut)
                 && !result.stopped;
@@ -806,7 +854,7 @@ impl Runner<'_> {
     fn stop_token(&self, phase: Phase) -> CancellationToken {
         match phase {
             Phase::Main => self.stop.clone(),
-            Phase::Finally => self.opts.abort.clone(),
+            Phase::Finally => self.abort.clone(),
         }
     }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{RunQuery, Store, StoreError};
+use super::{Claim, RunQuery, Store, StoreError, TakeOver};
 use crate::pipeline::Phase;
 use crate::run::{LogChunk, NewRun, RunId, RunStatus, StepPlan, StepStatus, Trigger, TriggerKind};
 
@@ -29,7 +29,16 @@ fn new_run(pipeline: &str, steps: usize) -> NewRun {
             })
             .collect(),
         rerun_of: None,
+        idempotency_key: None,
     }
+}
+
+/// The lease the suite's claims take.
+const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Claims a queued run as the suite's worker.
+async fn claim(store: &Arc<dyn Store>, id: &RunId) -> Claim {
+    store.claim_run(id, "tester", LEASE).await.expect("claim").1
 }
 
 /// Runs the conformance suite against `store`, which must be empty, and panics with a message
@@ -47,20 +56,27 @@ pub async fn conformance(store: Arc<dyn Store>) {
     counting(&store).await;
     pruning(&store).await;
     reading_while_appending(store.clone()).await;
+    claims(store.clone()).await;
+    idempotent_create(store.clone()).await;
 }
 
 /// Reads that race appends see a consistent prefix of the log (the length they read and the
 /// chunks up to it), never a chunk past it.
 async fn reading_while_appending(store: Arc<dyn Store>) {
-    let run = store.create_run(new_run("race", 1)).await.expect("create");
+    let run = store
+        .create_run(new_run("race", 1))
+        .await
+        .expect("create")
+        .run;
+    let claim = claim(&store, &run.id).await;
     let writer = {
-        let (store, id) = (store.clone(), run.id.clone());
+        let store = store.clone();
         tokio::spawn(async move {
             for i in 0..300u32 {
                 let line = format!("line {i}\n").into_bytes();
                 store
                     .append_logs(
-                        &id,
+                        &claim,
                         &[LogChunk {
                             step: Some(0),
                             data: line,
@@ -94,14 +110,12 @@ async fn finished_run(store: &Arc<dyn Store>, pipeline: &str) -> crate::run::Run
     let run = store
         .create_run(new_run(pipeline, 1))
         .await
-        .expect("create");
-    store
-        .set_status(&run.id, RunStatus::Running, None)
-        .await
-        .expect("claim");
+        .expect("create")
+        .run;
+    let claim = claim(store, &run.id).await;
     store
         .append_logs(
-            &run.id,
+            &claim,
             &[LogChunk {
                 step: Some(0),
                 data: b"line\n".to_vec(),
@@ -110,7 +124,7 @@ async fn finished_run(store: &Arc<dyn Store>, pipeline: &str) -> crate::run::Run
         .await
         .expect("log");
     store
-        .set_status(&run.id, RunStatus::Succeeded, None)
+        .finish_run(&claim, RunStatus::Succeeded, None)
         .await
         .expect("end")
 }
@@ -120,12 +134,17 @@ async fn pruning(store: &Arc<dyn Store>) {
     for _ in 0..5 {
         ended.push(finished_run(store, "prune").await);
     }
-    let waiting = store.create_run(new_run("prune", 1)).await.expect("create");
-    let running = store.create_run(new_run("prune", 1)).await.expect("create");
-    store
-        .set_status(&running.id, RunStatus::Running, None)
+    let waiting = store
+        .create_run(new_run("prune", 1))
         .await
-        .expect("claim");
+        .expect("create")
+        .run;
+    let running = store
+        .create_run(new_run("prune", 1))
+        .await
+        .expect("create")
+        .run;
+    claim(store, &running.id).await;
     let other = finished_run(store, "prune-other").await;
     assert!(
         store
@@ -217,13 +236,18 @@ async fn pruning(store: &Arc<dyn Store>) {
     let next = store
         .create_run(new_run("prune-other", 1))
         .await
-        .expect("create");
+        .expect("create")
+        .run;
     assert_eq!(
         next.number,
         other.number + 1,
         "a deleted run's number is not reused"
     );
-    let next = store.create_run(new_run("prune", 1)).await.expect("create");
+    let next = store
+        .create_run(new_run("prune", 1))
+        .await
+        .expect("create")
+        .run;
     assert_eq!(next.number, 8, "numbers continue past deleted runs");
 }
 
@@ -232,7 +256,8 @@ async fn cancelling(store: &Arc<dyn Store>) {
     let queued = store
         .create_run(new_run("cancel", 2))
         .await
-        .expect("create");
+        .expect("create")
+        .run;
     let run = store
         .request_cancel(&queued.id, "cancelled by admin")
         .await
@@ -255,11 +280,9 @@ async fn cancelling(store: &Arc<dyn Store>) {
     let running = store
         .create_run(new_run("cancel", 1))
         .await
-        .expect("create");
-    store
-        .set_status(&running.id, RunStatus::Running, None)
-        .await
-        .expect("run");
+        .expect("create")
+        .run;
+    let held = claim(store, &running.id).await;
     let run = store
         .request_cancel(&running.id, "cancelled by admin")
         .await
@@ -290,11 +313,7 @@ async fn cancelling(store: &Arc<dyn Store>) {
         "the first request is the one recorded"
     );
     let done = store
-        .set_status(
-            &running.id,
-            RunStatus::Cancelled,
-            got.cancel_reason.as_deref(),
-        )
+        .finish_run(&held, RunStatus::Cancelled, got.cancel_reason.as_deref())
         .await
         .expect("worker cancels");
     assert_eq!(done.reason.as_deref(), Some("cancelled by admin"));
@@ -303,17 +322,15 @@ async fn cancelling(store: &Arc<dyn Store>) {
     let late = store
         .create_run(new_run("cancel", 1))
         .await
-        .expect("create");
-    store
-        .set_status(&late.id, RunStatus::Running, None)
-        .await
-        .expect("run");
+        .expect("create")
+        .run;
+    let late_claim = claim(store, &late.id).await;
     store
         .request_cancel(&late.id, "cancelled by admin")
         .await
         .expect("cancel");
     let ended = store
-        .set_status(&late.id, RunStatus::Succeeded, None)
+        .finish_run(&late_claim, RunStatus::Succeeded, None)
         .await
         .expect("ends as it would have");
     assert_eq!(
@@ -359,9 +376,21 @@ async fn counting(store: &Arc<dyn Store>) {
 }
 
 async fn numbering(store: &Arc<dyn Store>) {
-    let a1 = store.create_run(new_run("num-a", 1)).await.expect("create");
-    let a2 = store.create_run(new_run("num-a", 1)).await.expect("create");
-    let b1 = store.create_run(new_run("num-b", 1)).await.expect("create");
+    let a1 = store
+        .create_run(new_run("num-a", 1))
+        .await
+        .expect("create")
+        .run;
+    let a2 = store
+        .create_run(new_run("num-a", 1))
+        .await
+        .expect("create")
+        .run;
+    let b1 = store
+        .create_run(new_run("num-b", 1))
+        .await
+        .expect("create")
+        .run;
     assert_eq!(
         (a1.number, a2.number, b1.number),
         (1, 2, 1),
@@ -380,6 +409,7 @@ async fn concurrent_numbering(store: Arc<dyn Store>) {
                     .create_run(new_run("num-c", 1))
                     .await
                     .expect("create")
+                    .run
                     .number
             })
         })
@@ -398,13 +428,17 @@ async fn concurrent_numbering(store: Arc<dyn Store>) {
 
 async fn round_trip(store: &Arc<dyn Store>) {
     let mut new = new_run("trip", 3);
-    let original = store.create_run(new_run("trip", 1)).await.expect("create");
+    let original = store
+        .create_run(new_run("trip", 1))
+        .await
+        .expect("create")
+        .run;
     new.rerun_of = Some(original.id.clone());
     new.trigger = Trigger {
         kind: TriggerKind::Rerun,
         actor: "admin".into(),
     };
-    let run = store.create_run(new.clone()).await.expect("create");
+    let run = store.create_run(new.clone()).await.expect("create").run;
     let got = store.get_run(&run.id).await.expect("get").expect("exists");
     assert_eq!(got, run, "get_run returns what create_run returned");
     assert_eq!(got.params, new.params, "params survive unchanged");
@@ -429,23 +463,42 @@ async fn round_trip(store: &Arc<dyn Store>) {
 }
 
 async fn transitions(store: &Arc<dyn Store>) {
-    let run = store.create_run(new_run("trans", 1)).await.expect("create");
-    let err = store
-        .set_status(&run.id, RunStatus::Succeeded, None)
+    let run = store
+        .create_run(new_run("trans", 1))
         .await
-        .expect_err("queued -> succeeded");
-    assert!(
-        matches!(err, StoreError::InvalidTransition { .. }),
-        "queued cannot jump to succeeded: {err}"
-    );
-    let running = store
-        .set_status(&run.id, RunStatus::Running, None)
+        .expect("create")
+        .run;
+    let (running, held) = store
+        .claim_run(&run.id, "tester", LEASE)
         .await
         .expect("queued -> running");
+    assert_eq!(running.status, RunStatus::Running);
     assert!(running.started_at.is_some(), "running stamps started_at");
     assert!(running.finished_at.is_none());
+    assert_eq!(
+        running.claimed_by.as_deref(),
+        Some("tester"),
+        "the claim is recorded"
+    );
+    assert!(running.lease_until.is_some_and(|t| t > chrono::Utc::now()));
+    let err = store
+        .claim_run(&run.id, "other", LEASE)
+        .await
+        .expect_err("claimed twice");
+    assert!(
+        matches!(err, StoreError::InvalidTransition { .. }),
+        "a running run cannot be claimed again: {err}"
+    );
+    let err = store
+        .finish_run(&held, RunStatus::Queued, None)
+        .await
+        .expect_err("running -> queued");
+    assert!(
+        matches!(err, StoreError::InvalidTransition { .. }),
+        "a run ends only in an end state: {err}"
+    );
     let failed = store
-        .set_status(&run.id, RunStatus::Failed, Some("step 1 failed"))
+        .finish_run(&held, RunStatus::Failed, Some("step 1 failed"))
         .await
         .expect("running -> failed");
     assert!(
@@ -458,7 +511,15 @@ async fn transitions(store: &Arc<dyn Store>) {
         "the reason is stored"
     );
     let err = store
-        .set_status(&run.id, RunStatus::Running, None)
+        .finish_run(&held, RunStatus::Succeeded, None)
+        .await
+        .expect_err("failed -> succeeded");
+    assert!(
+        matches!(err, StoreError::StaleClaim { .. }),
+        "end states are final, and an ended run's claim writes nothing: {err}"
+    );
+    let err = store
+        .claim_run(&run.id, "tester", LEASE)
         .await
         .expect_err("failed -> running");
     assert!(
@@ -466,9 +527,13 @@ async fn transitions(store: &Arc<dyn Store>) {
         "end states are final: {err}"
     );
 
-    let queued = store.create_run(new_run("trans", 1)).await.expect("create");
+    let queued = store
+        .create_run(new_run("trans", 1))
+        .await
+        .expect("create")
+        .run;
     let cancelled = store
-        .set_status(&queued.id, RunStatus::Cancelled, Some("by admin"))
+        .request_cancel(&queued.id, "by admin")
         .await
         .expect("cancel queued");
     assert_eq!(
@@ -476,10 +541,191 @@ async fn transitions(store: &Arc<dyn Store>) {
         RunStatus::Cancelled,
         "a queued run can be cancelled"
     );
+    assert!(
+        store.claim_run(&queued.id, "tester", LEASE).await.is_err(),
+        "a run cancelled while queued is never claimed"
+    );
+}
+
+/// Claims and their fencing tokens: of many claims at once one wins; a run taken over from its
+/// worker refuses that worker's writes; leases are renewed and respected.
+async fn claims(store: Arc<dyn Store>) {
+    let run = store
+        .create_run(new_run("claims", 2))
+        .await
+        .expect("create")
+        .run;
+    let tries: Vec<_> = (0..10)
+        .map(|i| {
+            let (store, id) = (store.clone(), run.id.clone());
+            tokio::spawn(async move { store.claim_run(&id, &format!("w{i}"), LEASE).await })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for t in tries {
+        if let Ok((_, claim)) = t.await.expect("task") {
+            won.push(claim);
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one of ten concurrent claims wins");
+    let first = won.remove(0);
+
+    let renewed = store
+        .renew_claim(&first, std::time::Duration::from_secs(60))
+        .await
+        .expect("renew");
+    assert!(
+        renewed.expires_at > first.expires_at,
+        "a renewal moves the lease on"
+    );
+    let err = store
+        .take_over_run(&run.id, "rescuer", LEASE, TakeOver::Expired)
+        .await
+        .expect_err("a live lease");
+    assert!(
+        matches!(err, StoreError::Held { .. }),
+        "a run whose lease runs is not taken over: {err}"
+    );
+
+    // Its worker is presumed gone: the run is taken over, with a newer token.
+    let short = store
+        .renew_claim(&first, std::time::Duration::ZERO)
+        .await
+        .expect("renew to now");
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let (taken, second) = store
+        .take_over_run(&run.id, "rescuer", LEASE, TakeOver::Expired)
+        .await
+        .expect("an expired lease is taken over");
+    assert!(second.token > short.token, "a new claim has a newer token");
+    assert_eq!(taken.claimed_by.as_deref(), Some("rescuer"));
+    let mut step = store.steps(&run.id).await.expect("steps").remove(0);
+    step.status = StepStatus::Running;
+    for (what, result) in [
+        (
+            "update_step",
+            store.update_step(&first, &step).await.map(|_| ()),
+        ),
+        (
+            "append_logs",
+            store
+                .append_logs(
+                    &first,
+                    &[LogChunk {
+                        step: Some(0),
+                        data: b"stale\n".to_vec(),
+                    }],
+                )
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "renew_claim",
+            store.renew_claim(&first, LEASE).await.map(|_| ()),
+        ),
+        (
+            "finish_run",
+            store
+                .finish_run(&first, RunStatus::Succeeded, None)
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        assert!(
+            matches!(result, Err(StoreError::StaleClaim { .. })),
+            "{what} with a stale token is refused: {result:?}"
+        );
+    }
+    assert_eq!(
+        store.read_logs(&run.id, 0, 1024).await.expect("read").len,
+        0,
+        "the stale worker wrote nothing"
+    );
+    store
+        .update_step(&second, &step)
+        .await
+        .expect("the new claim writes");
+    let (_, third) = store
+        .take_over_run(&run.id, "restarted", LEASE, TakeOver::Any)
+        .await
+        .expect("taken over whatever its lease");
+    assert!(third.token > second.token);
+    let ended = store
+        .finish_run(&third, RunStatus::Failed, Some("worker lost"))
+        .await
+        .expect("finish");
+    assert_eq!(ended.status, RunStatus::Failed);
+    assert!(
+        matches!(
+            store
+                .take_over_run(&run.id, "late", LEASE, TakeOver::Any)
+                .await,
+            Err(StoreError::InvalidTransition { .. })
+        ),
+        "an ended run is not taken over"
+    );
+}
+
+/// Creating a run with a key the pipeline has seen answers the first run and creates nothing.
+async fn idempotent_create(store: Arc<dyn Store>) {
+    let keyed = |key: &str| {
+        let mut new = new_run("idem", 1);
+        new.idempotency_key = Some(key.to_string());
+        new
+    };
+    let tries: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, new) = (store.clone(), keyed("delivery-1"));
+            tokio::spawn(async move { store.create_run(new).await.expect("create") })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for t in tries {
+        created.push(t.await.expect("task"));
+    }
+    assert_eq!(
+        created.iter().filter(|c| c.created).count(),
+        1,
+        "one of eight concurrent creates with one key creates the run"
+    );
+    assert!(
+        created.iter().all(|c| c.run.id == created[0].run.id),
+        "the others answer the same run"
+    );
+    assert_eq!(
+        created[0].run.idempotency_key.as_deref(),
+        Some("delivery-1")
+    );
+    let other = store.create_run(keyed("delivery-2")).await.expect("create");
+    assert!(other.created, "another key creates another run");
+    let mut elsewhere = keyed("delivery-1");
+    elsewhere.pipeline = "idem-other".into();
+    assert!(
+        store.create_run(elsewhere).await.expect("create").created,
+        "keys are per pipeline"
+    );
+    let plain = store.create_run(new_run("idem", 1)).await.expect("create");
+    let plain2 = store.create_run(new_run("idem", 1)).await.expect("create");
+    assert!(
+        plain.created && plain2.created,
+        "runs without a key are all created"
+    );
+    let page = store
+        .list_runs(&RunQuery {
+            pipeline: Some("idem".into()),
+            ..RunQuery::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(page.runs.len(), 4, "no run was created twice");
 }
 
 async fn steps_and_outputs(store: &Arc<dyn Store>) {
-    let run = store.create_run(new_run("steps", 2)).await.expect("create");
+    let run = store
+        .create_run(new_run("steps", 2))
+        .await
+        .expect("create")
+        .run;
     let mut step = store.steps(&run.id).await.expect("steps").remove(0);
     step.status = StepStatus::Failed;
     step.attempt = 3;
@@ -491,7 +737,8 @@ async fn steps_and_outputs(store: &Arc<dyn Store>) {
         ("digest".into(), "sha256:abc".into()),
         ("multi".into(), "a\nb".into()),
     ]);
-    store.update_step(&run.id, &step).await.expect("update");
+    let held = claim(store, &run.id).await;
+    store.update_step(&held, &step).await.expect("update");
     let got = store.steps(&run.id).await.expect("steps");
     assert_eq!(got[0].status, StepStatus::Failed);
     assert_eq!(got[0].attempt, 3);
@@ -511,15 +758,20 @@ async fn steps_and_outputs(store: &Arc<dyn Store>) {
 }
 
 async fn logs(store: &Arc<dyn Store>) {
-    let run = store.create_run(new_run("logs", 1)).await.expect("create");
+    let run = store
+        .create_run(new_run("logs", 1))
+        .await
+        .expect("create")
+        .run;
     let empty = store.read_logs(&run.id, 0, 1024).await.expect("read empty");
+    let held = claim(store, &run.id).await;
     assert!(
         empty.chunks.is_empty() && empty.len == 0,
         "a new run has an empty log"
     );
     let len = store
         .append_logs(
-            &run.id,
+            &held,
             &[
                 LogChunk {
                     step: Some(0),
@@ -536,7 +788,7 @@ async fn logs(store: &Arc<dyn Store>) {
     assert_eq!(len, 12, "append returns the new length");
     let len = store
         .append_logs(
-            &run.id,
+            &held,
             &[LogChunk {
                 step: Some(0),
                 data: vec![b'x'; 1000],
@@ -609,13 +861,11 @@ async fn listing(store: &Arc<dyn Store>) {
                 .create_run(new_run("list", 1))
                 .await
                 .expect("create")
+                .run
                 .id,
         );
     }
-    store
-        .set_status(&ids[1], RunStatus::Running, None)
-        .await
-        .expect("run");
+    claim(store, &ids[1]).await;
     let page = store
         .list_runs(&RunQuery {
             pipeline: Some("list".into()),
@@ -683,9 +933,15 @@ async fn missing(store: &Arc<dyn Store>) {
         "an unknown run is None"
     );
     assert!(matches!(
-        store.set_status(&id, RunStatus::Running, None).await,
+        store.claim_run(&id, "tester", LEASE).await,
         Err(StoreError::NotFound(_))
     ));
+    let ghost = Claim {
+        run: id.clone(),
+        worker: "tester".into(),
+        token: 1,
+        expires_at: chrono::Utc::now(),
+    };
     assert!(matches!(
         store.read_logs(&id, 0, 10).await,
         Err(StoreError::NotFound(_))
@@ -693,7 +949,7 @@ async fn missing(store: &Arc<dyn Store>) {
     assert!(matches!(
         store
             .append_logs(
-                &id,
+                &ghost,
                 &[LogChunk {
                     step: None,
                     data: b"x".to_vec()

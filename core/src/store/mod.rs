@@ -30,6 +30,17 @@ pub enum StoreError {
     OffsetOutOfRange { offset: u64, len: u64 },
     #[error("bad cursor `{0}`")]
     BadCursor(String),
+    /// A write carried a claim that is no longer the run's: another worker took the run over,
+    /// or the run ended. The writer must stop.
+    #[error("run {id}: claim {token} is no longer the run's (it was taken over, or the run ended)")]
+    StaleClaim { id: RunId, token: u64 },
+    /// The run is held by a live claim (its lease has not run out).
+    #[error("run {id} is held by worker {worker} until {until}")]
+    Held {
+        id: RunId,
+        worker: String,
+        until: chrono::DateTime<chrono::Utc>,
+    },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store backend: {0}")]
@@ -93,21 +104,79 @@ pub struct Prune {
     pub keep_last: Option<u32>,
 }
 
+/// A worker's hold on a run it executes: who holds it, until when (the lease, renewed while the
+/// run goes on), and the fencing token that every write of the run carries. Each claim of a run
+/// gets a higher token than the one before, so once a run is taken over, the writes of its
+/// former worker are refused ([`StoreError::StaleClaim`]) and it can change nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub run: RunId,
+    pub worker: String,
+    pub token: u64,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Which running runs [`Store::take_over_run`] may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOver {
+    /// Only a run whose lease has run out (its worker is presumed dead).
+    Expired,
+    /// Whatever holds it (the caller knows its worker is gone: the embedded server, at start,
+    /// for runs its own previous process held).
+    Any,
+}
+
+/// The result of [`Store::create_run`]: the run, and whether this call created it (false when
+/// a run with the same idempotency key existed already).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    pub run: Run,
+    pub created: bool,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Creates a run in `queued` with its steps `pending`, numbered next for its pipeline.
-    async fn create_run(&self, new: NewRun) -> Result<Run>;
+    /// Creates a run in `queued` with its steps `pending`, numbered next for its pipeline. With
+    /// an idempotency key that the pipeline has seen before, creates nothing and answers the
+    /// run that key created.
+    async fn create_run(&self, new: NewRun) -> Result<Created>;
     async fn get_run(&self, id: &RunId) -> Result<Option<Run>>;
     async fn list_runs(&self, query: &RunQuery) -> Result<RunPage>;
     /// The run's steps, in order.
     async fn steps(&self, id: &RunId) -> Result<Vec<StepRecord>>;
-    /// Moves a run to `status` if the move is legal, stamping started/finished times. Returns
-    /// the run as it now is.
-    async fn set_status(&self, id: &RunId, status: RunStatus, reason: Option<&str>) -> Result<Run>;
+    /// Claims a queued run for `worker` (queued -> running) with a lease of `lease`; of many
+    /// claims at once exactly one wins, the others get `InvalidTransition`. A run cancelled
+    /// while queued cannot be claimed.
+    async fn claim_run(
+        &self,
+        id: &RunId,
+        worker: &str,
+        lease: std::time::Duration,
+    ) -> Result<(Run, Claim)>;
+    /// Claims a running run whose worker is gone (see [`TakeOver`]), with a new fencing token:
+    /// the old worker's writes are refused from now on. `Held` when the lease still runs and
+    /// `when` is `Expired`.
+    async fn take_over_run(
+        &self,
+        id: &RunId,
+        worker: &str,
+        lease: std::time::Duration,
+        when: TakeOver,
+    ) -> Result<(Run, Claim)>;
+    /// Extends a claim's lease; `StaleClaim` when the claim is no longer the run's.
+    async fn renew_claim(&self, claim: &Claim, lease: std::time::Duration) -> Result<Claim>;
     /// Writes a step's state, attempt, times, exit code, reason and outputs.
-    async fn update_step(&self, id: &RunId, step: &StepRecord) -> Result<()>;
+    async fn update_step(&self, claim: &Claim, step: &StepRecord) -> Result<()>;
     /// Appends chunks to the run's log in one write; returns the log's new length.
-    async fn append_logs(&self, id: &RunId, chunks: &[LogChunk]) -> Result<u64>;
+    async fn append_logs(&self, claim: &Claim, chunks: &[LogChunk]) -> Result<u64>;
+    /// Ends the run (running -> an end state) with its reason, stamping its end time, and
+    /// releases the claim. Returns the run as it now is.
+    async fn finish_run(
+        &self,
+        claim: &Claim,
+        status: RunStatus,
+        reason: Option<&str>,
+    ) -> Result<Run>;
     /// Reads from `offset`, about `max_bytes` at most (always at least one chunk if any).
     async fn read_logs(&self, id: &RunId, offset: u64, max_bytes: usize) -> Result<LogRead>;
     /// Asks for a run to be cancelled: a queued run is cancelled at once; a running one is

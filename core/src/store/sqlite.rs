@@ -19,15 +19,15 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    Change, ChangeKind, LogRead, Result, RunPage, RunQuery, Store, StoreError, params_from_json,
-    params_to_json,
+    Change, ChangeKind, Claim, Created, LogRead, Result, RunPage, RunQuery, Store, StoreError,
+    TakeOver, params_from_json, params_to_json,
 };
 use crate::pipeline::Phase;
 use crate::run::{
     LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind,
 };
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// How often the checkpointer copies the write-ahead log back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
@@ -82,6 +82,10 @@ const SCHEMA: &[&str] = &[
         cancel_requested INTEGER NOT NULL DEFAULT 0,
         plan TEXT,
         cancel_reason TEXT,
+        claim_token INTEGER NOT NULL DEFAULT 0,
+        claimed_by TEXT,
+        lease_until INTEGER,
+        idempotency_key TEXT,
         UNIQUE (pipeline, number)
     )",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
@@ -233,6 +237,31 @@ impl SqliteStore {
         self.logs.join(format!("{id}.log"))
     }
 
+    /// Why a claimed write did not happen: the run is gone, or the claim is not its own.
+    async fn stale(&self, claim: &Claim) -> StoreError {
+        match self.get_run(&claim.run).await {
+            Ok(None) => StoreError::NotFound(claim.run.clone()),
+            Ok(Some(_)) => StoreError::StaleClaim {
+                id: claim.run.clone(),
+                token: claim.token,
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// Why a run did not move to `to`: it is gone, or its state does not allow the move.
+    async fn not_moved(&self, id: &RunId, to: RunStatus) -> StoreError {
+        match self.get_run(id).await {
+            Ok(None) => StoreError::NotFound(id.clone()),
+            Ok(Some(run)) => StoreError::InvalidTransition {
+                id: id.clone(),
+                from: run.status,
+                to,
+            },
+            Err(e) => e,
+        }
+    }
+
     pub fn writer(&self) -> &Writer {
         &self.writer
     }
@@ -287,6 +316,26 @@ impl SqliteStore {
                 .await
                 .map_err(backend)?;
         }
+        if (1..=4).contains(&version) {
+            for statement in [
+                "ALTER TABLE runs ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0",
+                "ALTER TABLE runs ADD COLUMN claimed_by TEXT",
+                "ALTER TABLE runs ADD COLUMN lease_until INTEGER",
+                "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
+            ] {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+            }
+        }
+        sqlx::query(
+            "CREATE UNIQUE INDEX IF NOT EXISTS runs_by_idempotency_key ON runs (pipeline, idempotency_key)
+             WHERE idempotency_key IS NOT NULL",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
         // A run's planned steps are written by the same statement that creates the run: one
         // round trip on the path from a trigger to its first step.
         sqlx::query(
@@ -300,7 +349,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        sqlx::query("PRAGMA user_version = 4")
+        sqlx::query("PRAGMA user_version = 5")
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -347,6 +396,9 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         log_len: row.try_get::<i64, _>("log_len").map_err(backend)? as u64,
         cancel_requested: row.try_get::<i64, _>("cancel_requested").map_err(backend)? != 0,
         cancel_reason: row.try_get("cancel_reason").map_err(backend)?,
+        claimed_by: row.try_get("claimed_by").map_err(backend)?,
+        lease_until: from_millis(row.try_get("lease_until").map_err(backend)?),
+        idempotency_key: row.try_get("idempotency_key").map_err(backend)?,
     })
 }
 
@@ -373,20 +425,43 @@ fn step_from_row(row: &SqliteRow) -> Result<StepRecord> {
     })
 }
 
-/// A `SELECT` of every run column, followed by `$tail`.
-macro_rules! select_runs {
-    ($tail:literal) => {
+macro_rules! run_columns {
+    () => {
         concat!(
-            "SELECT seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
-            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested, cancel_reason FROM runs ",
-            $tail
+            "seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
+            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested, ",
+            "cancel_reason, claim_token, claimed_by, lease_until, idempotency_key"
         )
     };
 }
 
+/// A `SELECT` of every run column, followed by `$tail`.
+macro_rules! select_runs {
+    ($tail:literal) => {
+        concat!("SELECT ", run_columns!(), " FROM runs ", $tail)
+    };
+}
+
+/// A claimed run and its claim, from a row of every run column.
+fn claim_from_row(row: &SqliteRow) -> Result<(Run, Claim)> {
+    let run = run_from_row(row)?;
+    let token: i64 = row.try_get("claim_token").map_err(backend)?;
+    let claim = Claim {
+        run: run.id.clone(),
+        worker: run.claimed_by.clone().unwrap_or_default(),
+        token: u64::try_from(token).unwrap_or(0),
+        expires_at: run.lease_until.unwrap_or_default(),
+    };
+    Ok((run, claim))
+}
+
+fn token_of(claim: &Claim) -> i64 {
+    i64::try_from(claim.token).unwrap_or(i64::MAX)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_run(&self, new: NewRun) -> Result<Run> {
+    async fn create_run(&self, new: NewRun) -> Result<Created> {
         let id = RunId::generate();
         let now = Utc::now();
         // Every planned step, for the `runs_plan_steps` trigger.
@@ -395,15 +470,18 @@ impl Store for SqliteStore {
             .iter()
             .map(|p| serde_json::json!({ "i": p.index, "id": p.id, "name": p.name, "phase": p.phase.as_str() }))
             .collect();
+        let mut conn = self.writer.lock().await;
         // One statement (the run, and through the trigger its steps, atomically). The number is
         // past every run of the pipeline and past `run_numbers`, the high-water mark kept for
-        // numbers of runs that were deleted, so a number is never given twice.
-        let number: i64 = sqlx::query(
-            "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan)
+        // numbers of runs that were deleted, so a number is never given twice. A key the
+        // pipeline has seen inserts nothing.
+        let number: Option<i64> = sqlx::query(
+            "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key)
              VALUES (?1, ?2, 1 + MAX(
                  COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
                  COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
-               'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+               'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING number",
         )
         .bind(id.as_str())
@@ -415,26 +493,47 @@ impl Store for SqliteStore {
         .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
         .bind(millis(now))
         .bind(serde_json::Value::Array(plan).to_string())
-        .fetch_one(&mut *self.writer.lock().await)
+        .bind(new.idempotency_key.as_deref())
+        .fetch_optional(&mut *conn)
         .await
         .map_err(backend)?
-        .get(0);
-        Ok(Run {
-            id,
-            pipeline: new.pipeline,
-            number: number as u64,
-            status: RunStatus::Queued,
-            trigger: new.trigger,
-            params: new.params,
-            source: new.source,
-            rerun_of: new.rerun_of,
-            created_at: from_millis(Some(millis(now))).unwrap_or(now),
-            started_at: None,
-            finished_at: None,
-            reason: None,
-            log_len: 0,
-            cancel_requested: false,
-            cancel_reason: None,
+        .map(|row| row.get(0));
+        let Some(number) = number else {
+            let row = sqlx::query(select_runs!("WHERE pipeline = ?1 AND idempotency_key = ?2"))
+                .bind(&new.pipeline)
+                .bind(new.idempotency_key.as_deref())
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(backend)?;
+            return Ok(Created {
+                run: run_from_row(&row)?,
+                created: false,
+            });
+        };
+        drop(conn);
+        self.changed(&id, ChangeKind::Status);
+        Ok(Created {
+            run: Run {
+                id,
+                pipeline: new.pipeline,
+                number: number as u64,
+                status: RunStatus::Queued,
+                trigger: new.trigger,
+                params: new.params,
+                source: new.source,
+                rerun_of: new.rerun_of,
+                created_at: from_millis(Some(millis(now))).unwrap_or(now),
+                started_at: None,
+                finished_at: None,
+                reason: None,
+                log_len: 0,
+                cancel_requested: false,
+                cancel_reason: None,
+                claimed_by: None,
+                lease_until: None,
+                idempotency_key: new.idempotency_key,
+            },
+            created: true,
         })
     }
 
@@ -498,71 +597,146 @@ impl Store for SqliteStore {
         rows.iter().map(step_from_row).collect()
     }
 
-    async fn set_status(&self, id: &RunId, status: RunStatus, reason: Option<&str>) -> Result<Run> {
-        // One statement: the move happens only from a state that allows it. Claiming a run is on
-        // the path from a trigger to its first step, so it costs one round trip, not five.
-        let from: Vec<&str> = RunStatus::ALL
-            .iter()
-            .filter(|s| s.can_move_to(status))
-            .map(|s| s.as_str())
-            .collect();
-        const _: () = assert!(RunStatus::ALL.len() <= 6, "set_status binds six states");
+    async fn claim_run(
+        &self,
+        id: &RunId,
+        worker: &str,
+        lease: std::time::Duration,
+    ) -> Result<(Run, Claim)> {
+        // One statement: it takes the run only from `queued`. Claiming is on the path from a
+        // trigger to its first step, so it costs one round trip.
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         let row = sqlx::query(concat!(
-            "UPDATE runs SET status = ?2,
-                started_at = CASE WHEN ?2 = 'running' THEN ?3 ELSE started_at END,
-                finished_at = CASE WHEN ?2 NOT IN ('queued', 'running') THEN ?3 ELSE finished_at END,
-                reason = COALESCE(?4, reason)
-             WHERE id = ?1 AND status IN (?5, ?6, ?7, ?8, ?9, ?10)
-             RETURNING seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
-            "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested, cancel_reason"
+            "UPDATE runs SET status = 'running', started_at = ?2, claim_token = claim_token + 1,
+                claimed_by = ?3, lease_until = ?4
+             WHERE id = ?1 AND status = 'queued' RETURNING ",
+            run_columns!()
         ))
         .bind(id.as_str())
-        .bind(status.as_str())
-        .bind(millis(Utc::now()))
-        .bind(reason)
-        // The states the move may start from, padded with NULLs (which match nothing).
-        .bind(from.first())
-        .bind(from.get(1))
-        .bind(from.get(2))
-        .bind(from.get(3))
-        .bind(from.get(4))
-        .bind(from.get(5))
+        .bind(millis(now))
+        .bind(worker)
+        .bind(millis(until))
         .fetch_optional(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?;
         match row {
             Some(row) => {
                 self.changed(id, ChangeKind::Status);
-                run_from_row(&row)
+                claim_from_row(&row)
             }
-            None => {
-                let current: Option<String> = sqlx::query("SELECT status FROM runs WHERE id = ?1")
-                    .bind(id.as_str())
-                    .fetch_optional(&mut *self.writer.lock().await)
-                    .await
-                    .map_err(backend)?
-                    .map(|r| r.get(0));
-                let current: RunStatus = current
-                    .ok_or_else(|| StoreError::NotFound(id.clone()))?
-                    .parse()
-                    .map_err(corrupt("run status"))?;
-                Err(StoreError::InvalidTransition {
-                    id: id.clone(),
-                    from: current,
-                    to: status,
-                })
-            }
+            None => Err(self.not_moved(id, RunStatus::Running).await),
         }
     }
 
-    async fn update_step(&self, id: &RunId, step: &StepRecord) -> Result<()> {
-        let outputs = params_to_json(&step.outputs);
-        let done = sqlx::query(
-            "UPDATE steps SET status = ?3, attempt = ?4, exit_code = ?5, started_at = ?6, finished_at = ?7,
-                reason = ?8, outputs = ?9
-             WHERE run_id = ?1 AND idx = ?2",
-        )
+    async fn take_over_run(
+        &self,
+        id: &RunId,
+        worker: &str,
+        lease: std::time::Duration,
+        when: TakeOver,
+    ) -> Result<(Run, Claim)> {
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        let row = sqlx::query(concat!(
+            "UPDATE runs SET claim_token = claim_token + 1, claimed_by = ?2, lease_until = ?3
+             WHERE id = ?1 AND status = 'running' AND (?4 OR COALESCE(lease_until, 0) < ?5)
+             RETURNING ",
+            run_columns!()
+        ))
         .bind(id.as_str())
+        .bind(worker)
+        .bind(millis(until))
+        .bind(when == TakeOver::Any)
+        .bind(millis(now))
+        .fetch_optional(&mut *self.writer.lock().await)
+        .await
+        .map_err(backend)?;
+        if let Some(row) = row {
+            self.changed(id, ChangeKind::Status);
+            return claim_from_row(&row);
+        }
+        match self.get_run(id).await? {
+            None => Err(StoreError::NotFound(id.clone())),
+            Some(run) if run.status == RunStatus::Running => Err(StoreError::Held {
+                id: id.clone(),
+                worker: run.claimed_by.unwrap_or_default(),
+                until: run.lease_until.unwrap_or(now),
+            }),
+            Some(run) => Err(StoreError::InvalidTransition {
+                id: id.clone(),
+                from: run.status,
+                to: RunStatus::Running,
+            }),
+        }
+    }
+
+    async fn renew_claim(&self, claim: &Claim, lease: std::time::Duration) -> Result<Claim> {
+        let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        let done = sqlx::query(
+            "UPDATE runs SET lease_until = ?3 WHERE id = ?1 AND status = 'running' AND claim_token = ?2",
+        )
+        .bind(claim.run.as_str())
+        .bind(token_of(claim))
+        .bind(millis(until))
+        .execute(&mut *self.writer.lock().await)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(self.stale(claim).await);
+        }
+        Ok(Claim {
+            expires_at: from_millis(Some(millis(until))).unwrap_or(until),
+            ..claim.clone()
+        })
+    }
+
+    async fn finish_run(
+        &self,
+        claim: &Claim,
+        status: RunStatus,
+        reason: Option<&str>,
+    ) -> Result<Run> {
+        if !status.is_terminal() {
+            return Err(StoreError::InvalidTransition {
+                id: claim.run.clone(),
+                from: RunStatus::Running,
+                to: status,
+            });
+        }
+        let row = sqlx::query(concat!(
+            "UPDATE runs SET status = ?3, finished_at = ?4, reason = ?5, lease_until = NULL
+             WHERE id = ?1 AND status = 'running' AND claim_token = ?2 RETURNING ",
+            run_columns!()
+        ))
+        .bind(claim.run.as_str())
+        .bind(token_of(claim))
+        .bind(status.as_str())
+        .bind(millis(Utc::now()))
+        .bind(reason)
+        .fetch_optional(&mut *self.writer.lock().await)
+        .await
+        .map_err(backend)?;
+        match row {
+            Some(row) => {
+                self.changed(&claim.run, ChangeKind::Status);
+                run_from_row(&row)
+            }
+            None => Err(self.stale(claim).await),
+        }
+    }
+
+    async fn update_step(&self, claim: &Claim, step: &StepRecord) -> Result<()> {
+        let outputs = params_to_json(&step.outputs);
+        // Written only under the run's current claim.
+        let done = sqlx::query(
+            "UPDATE steps SET status = ?4, attempt = ?5, exit_code = ?6, started_at = ?7, finished_at = ?8,
+                reason = ?9, outputs = ?10
+             WHERE run_id = ?1 AND idx = ?3
+               AND EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND status = 'running' AND claim_token = ?2)",
+        )
+        .bind(claim.run.as_str())
+        .bind(token_of(claim))
         .bind(i64::from(step.index))
         .bind(step.status.as_str())
         .bind(i64::from(step.attempt))
@@ -575,16 +749,30 @@ impl Store for SqliteStore {
         .await
         .map_err(backend)?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(id.clone()));
+            return Err(self.stale(claim).await);
         }
-        self.changed(id, ChangeKind::Step);
+        self.changed(&claim.run, ChangeKind::Step);
         Ok(())
     }
 
-    async fn append_logs(&self, id: &RunId, chunks: &[LogChunk]) -> Result<u64> {
+    async fn append_logs(&self, claim: &Claim, chunks: &[LogChunk]) -> Result<u64> {
+        let id = &claim.run;
         let mut conn = self.writer.lock().await;
         let mut tx = write_tx(&mut conn).await?;
-        let len: i64 = log_len(&mut *tx, id).await?;
+        let len: Option<i64> = sqlx::query(
+            "SELECT log_len FROM runs WHERE id = ?1 AND status = 'running' AND claim_token = ?2",
+        )
+        .bind(id.as_str())
+        .bind(token_of(claim))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?
+        .map(|row| row.get(0));
+        let Some(len) = len else {
+            drop(tx);
+            drop(conn);
+            return Err(self.stale(claim).await);
+        };
         let total: usize = chunks.iter().map(|c| c.data.len()).sum();
         if total == 0 {
             return Ok(len as u64);
