@@ -33,6 +33,8 @@ pub struct RunArgs {
     secrets: Option<PathBuf>,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    lease: crate::LeaseArgs,
     /// Keep the run's workspace folder after it ends (it is removed by default)
     #[arg(long)]
     keep_workspace: bool,
@@ -121,7 +123,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .claim_run(
             &run.id,
             &format!("cli:{}", std::process::id()),
-            skiff_worker::runner::DEFAULT_LEASE,
+            args.lease.lease,
         )
         .await?;
 
@@ -148,7 +150,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cancel_reason: "cancelled by Ctrl-C or SIGTERM".into(),
         abort_reason: "cancelled, and its finally steps stopped by a second Ctrl-C or SIGTERM"
             .into(),
-        lease: skiff_worker::runner::DEFAULT_LEASE,
+        lease: args.lease.lease,
         store_patience: skiff_worker::runner::DEFAULT_STORE_PATIENCE,
     };
     let started = std::time::Instant::now();

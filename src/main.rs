@@ -53,6 +53,22 @@ pub struct DataArgs {
     pub data: PathBuf,
 }
 
+/// The lease on the runs a worker claims (`skiff serve`, `skiff run`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LeaseArgs {
+    /// How long a run's claim holds unless renewed (it is renewed every third of this); a run
+    /// whose worker died is taken over once its claim runs out
+    #[arg(long, env = "SKIFF_LEASE", default_value = "15s", value_parser = parse_lease, value_name = "DURATION")]
+    pub lease: std::time::Duration,
+}
+
+fn parse_lease(text: &str) -> Result<std::time::Duration, String> {
+    match skiff_core::duration::parse(text)? {
+        d if d >= std::time::Duration::from_millis(300) => Ok(d),
+        _ => Err(format!("`{text}` is shorter than 300ms")),
+    }
+}
+
 impl DataArgs {
     /// Opens the data folder (creating it when missing) and its Store. The folder is resolved to
     /// an absolute path here, once: steps run in their workspaces, not in skiff's working

@@ -17,7 +17,6 @@ use skiff_core::store::{AuthStore, Store};
 use skiff_core::store::{RunQuery, StoreError, TakeOver};
 use skiff_server::{AppState, CatalogHandle, ServerConfig};
 use skiff_worker::pool::{Stopping, WorkerConfig, finish_interrupted_run, handle_job};
-use skiff_worker::runner::DEFAULT_LEASE;
 use skiff_worker::secrets::Secrets;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +46,8 @@ pub struct ServeArgs {
     workers: u16,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    lease: crate::LeaseArgs,
     /// A file of secrets as NAME=value lines, readable by its owner only (mode 600)
     #[arg(long, env = "SKIFF_SECRETS_FILE", value_name = "FILE")]
     secrets: Option<PathBuf>,
@@ -215,7 +216,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 std::process::id(),
                 chrono::Utc::now().timestamp_millis()
             ),
-            lease: DEFAULT_LEASE,
+            lease: args.lease.lease,
         },
         stopping: stopping.clone(),
         running: tokio_util::task::TaskTracker::new(),

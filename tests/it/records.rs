@@ -507,3 +507,64 @@ fn a_cancel_after_the_main_steps_stops_nothing_and_changes_nothing() {
         "{text}"
     );
 }
+
+#[test]
+fn a_server_leaves_a_live_skiff_run_alone_and_finishes_it_when_it_dies() {
+    let sb = Sandbox::new();
+    let pidfile = sb.path().join("pids");
+    let marker = sb.path().join("cleaned");
+    let file = sb.pipeline(
+        "cli",
+        &format!(
+            "steps:\n  - run: |\n      echo $$ >> {p}\n      echo started\n      sleep 1000\nfinally:\n  - run: echo cleaned >> {m}\n",
+            p = pidfile.display(),
+            m = marker.display()
+        ),
+    );
+    let mut cli = sb.skiff(&["run", file.to_str().expect("path")]);
+    cli.env("SKIFF_LEASE", "1s");
+    let mut cli = crate::support::Live::start(cli);
+    cli.wait_for("started");
+    let data = sb.data();
+    let data = data.to_str().expect("data path");
+    let s = Server::start_with(&[], &[("SKIFF_DATA", data), ("SKIFF_LEASE", "1s")]);
+    // Longer than the lease: the CLI renews its claim, so the server leaves its run alone.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let step = pids(&pidfile);
+    assert!(step.iter().all(|p| alive(*p)), "the CLI's step still runs");
+    let (_, page) = s.api("GET", "/api/runs?status=running", None);
+    assert_eq!(page["runs"].as_array().map(Vec::len), Some(1), "{page}");
+    let id = page["runs"][0]["id"].as_str().expect("id").to_string();
+    assert!(!marker.exists());
+
+    // A second server on the same data folder is refused.
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"));
+    second
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("SKIFF_DATA", data)
+        .current_dir(sb.path());
+    let out = crate::support::run_to_end(second);
+    assert_eq!(out.code, Some(2), "{}", out.all());
+    assert!(
+        out.stderr.contains("another `skiff serve` is running"),
+        "{}",
+        out.all()
+    );
+
+    // The CLI dies without a word: once its claim runs out the server finishes its run.
+    let _ = cli.child.kill();
+    let _ = cli.child.wait();
+    let run = s.wait_for_end(&id);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("interrupted")),
+        "{run}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("the finally step ran"),
+        "cleaned\n"
+    );
+    assert!(all_gone(&step), "the dead CLI's step process is ended");
+}

@@ -300,7 +300,7 @@ impl Recorder {
                         continue;
                     }
                     tokio::select! {
-                        () = tokio::time::sleep(MAX_PAUSE) => continue,
+                        () = tokio::time::sleep(self.patience.min(MAX_PAUSE)) => continue,
                         () = give_up.cancelled() => return false,
                     }
                 }

@@ -336,7 +336,6 @@ async fn drive(
     drop(log);
     let _ = writer.await;
     watcher.abort();
-    let outcome = outcome;
     if !opts.keep_workspace
         && let Err(e) = std::fs::remove_dir_all(&workspace)
     {

@@ -697,7 +697,7 @@ impl Store for SqliteStore {
         status: RunStatus,
         reason: Option<&str>,
     ) -> Result<Run> {
-        if !status.is_terminal() {
+        if !RunStatus::Running.can_move_to(status) {
             return Err(StoreError::InvalidTransition {
                 id: claim.run.clone(),
                 from: RunStatus::Running,
