@@ -8,6 +8,7 @@ pub mod dispatch;
 pub mod duration;
 pub mod expr;
 pub mod kv;
+pub mod ledger;
 pub mod pipeline;
 pub mod queue;
 pub mod retention;

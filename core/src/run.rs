@@ -232,11 +232,50 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
 }
 
-/// Log bytes to append, belonging to a step (or to the run itself when `step` is `None`).
+string_enum!(
+    /// Where log lines come from: `output` is a step's standard output and standard error in
+    /// the order it wrote them (the runner reads both through one pipe to keep that order);
+    /// `stdout` and `stderr` are the two apart; `skiff` is lines skiff writes about the run
+    /// (`[skiff] ...`).
+    LogStream {
+        Output = "output",
+        Stdout = "stdout",
+        Stderr = "stderr",
+        Skiff = "skiff",
+    }
+);
+
+/// Log bytes to append: whole lines (or pieces of a very long one) of one stream, belonging to
+/// a step (or to the run itself when `step` is `None`), with the time they were read. Every line
+/// of a chunk has the chunk's time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogChunk {
     pub step: Option<u32>,
+    pub stream: LogStream,
+    pub at: DateTime<Utc>,
     pub data: Vec<u8>,
+}
+
+impl LogChunk {
+    /// A step's output, read now.
+    pub fn output(step: Option<u32>, data: Vec<u8>) -> Self {
+        LogChunk {
+            step,
+            stream: LogStream::Output,
+            at: Utc::now(),
+            data,
+        }
+    }
+
+    /// A line of skiff's own, written now.
+    pub fn skiff(step: Option<u32>, data: Vec<u8>) -> Self {
+        LogChunk {
+            step,
+            stream: LogStream::Skiff,
+            at: Utc::now(),
+            data,
+        }
+    }
 }
 
 /// Log bytes as stored, at their offset in the run's log.
@@ -244,5 +283,8 @@ pub struct LogChunk {
 pub struct StoredChunk {
     pub offset: u64,
     pub step: Option<u32>,
+    pub stream: LogStream,
+    /// When its lines were read (to the millisecond).
+    pub at: DateTime<Utc>,
     pub data: Vec<u8>,
 }

@@ -342,8 +342,13 @@ pub struct RunList {
 #[derive(Serialize, ToSchema)]
 pub struct LogChunkDto {
     pub offset: u64,
-    /// The step that wrote it (its index), `null` for skiff's own lines.
+    /// The step that wrote it (its index), `null` for lines about the run as a whole.
     pub step: Option<u32>,
+    /// `output` (a step's stdout and stderr, in order), `stdout`, `stderr`, or `skiff` (lines
+    /// skiff writes about the run).
+    pub stream: &'static str,
+    /// When these lines were read (each line of a chunk has its time).
+    pub at: DateTime<Utc>,
     pub text: String,
 }
 
@@ -723,6 +728,8 @@ pub async fn read_logs(
             .map(|c| LogChunkDto {
                 offset: c.offset,
                 step: c.step,
+                stream: c.stream.as_str(),
+                at: c.at,
                 text: String::from_utf8_lossy(&c.data).into_owned(),
             })
             .collect(),

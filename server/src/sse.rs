@@ -128,7 +128,13 @@ async fn follow(
                     _ => &chunk.data[..],
                 };
                 let text = String::from_utf8_lossy(bytes);
-                let mut data = json!({ "offset": chunk.offset, "step": chunk.step, "text": text });
+                let mut data = json!({
+                    "offset": chunk.offset,
+                    "step": chunk.step,
+                    "stream": chunk.stream.as_str(),
+                    "at": chunk.at,
+                    "text": text,
+                });
                 if html {
                     data["html"] = json!(colour.lines_to_html(&text));
                 }
@@ -199,7 +205,7 @@ async fn follow(
         let wait = async {
             loop {
                 match changes.recv().await {
-                    Ok(changed) if changed.run == id => return,
+                    Ok(changed) if changed.run() == Some(&id) => return,
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => return,
                     Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,

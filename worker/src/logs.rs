@@ -160,13 +160,18 @@ pub struct LogSender {
 }
 
 impl LogSender {
+    /// A step's output, as read now.
     pub async fn send(&self, step: Option<u32>, data: Vec<u8>) {
-        if data.is_empty() {
+        self.chunk(LogChunk::output(step, data)).await;
+    }
+
+    async fn chunk(&self, chunk: LogChunk) {
+        if chunk.data.is_empty() {
             return;
         }
         // The writer only stops after every sender is gone, so a send cannot fail while the run
         // is alive; if it does, the bytes have nowhere to go.
-        let _ = self.tx.send(Event::Log(LogChunk { step, data })).await;
+        let _ = self.tx.send(Event::Log(chunk)).await;
     }
 
     /// Tells the observer about a step change, after the log that came before it.
@@ -180,7 +185,7 @@ impl LogSender {
         data.extend_from_slice(b"[skiff] ");
         data.extend_from_slice(text.as_bytes());
         data.push(b'\n');
-        self.send(step, data).await;
+        self.chunk(LogChunk::skiff(step, data)).await;
     }
 }
 
@@ -190,6 +195,8 @@ const CHANNEL_CHUNKS: usize = 16;
 /// How long log output may wait to be written to the Store (observers see it at once): one
 /// write per interval, not one per burst of output.
 const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Chunks read closer together than this may be stored as one (their lines share its time).
+const MERGE_WITHIN: chrono::TimeDelta = chrono::TimeDelta::milliseconds(10);
 /// The largest log chunk stored as one piece.
 const STORED_CHUNK_BYTES: usize = 512 << 10;
 /// The most bytes written to the Store in one transaction.
@@ -227,10 +234,13 @@ pub fn start_writer(
                 Event::Log(chunk) => {
                     observer.log(chunk.step, &chunk.data);
                     bytes += chunk.data.len();
-                    // Neighbouring chunks of one step are stored as one.
+                    // Neighbouring chunks of one step and stream, read within a few
+                    // milliseconds, are stored as one (with the first one's time).
                     match batch.last_mut() {
                         Some(last)
                             if last.step == chunk.step
+                                && last.stream == chunk.stream
+                                && (chunk.at - last.at) < MERGE_WITHIN
                                 && last.data.len() + chunk.data.len() <= STORED_CHUNK_BYTES =>
                         {
                             last.data.extend_from_slice(&chunk.data);

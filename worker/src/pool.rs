@@ -191,7 +191,7 @@ async fn watch_cancel(store: Arc<dyn Store>, id: RunId, token: CancellationToken
     loop {
         tokio::select! {
             changed = changes.recv() => match changed {
-                Ok(c) if c.run != id || c.kind != ChangeKind::Cancel => continue,
+                Ok(c) if c.run() != Some(&id) || c.kind != ChangeKind::Cancel => continue,
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => changes = store.changes(),
             },

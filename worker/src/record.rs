@@ -184,13 +184,11 @@ impl Recorder {
             (steps, logs, dropped)
         };
         if dropped > 0 {
-            logs.push(LogChunk {
-                step: None,
-                data: format!(
-                    "[skiff] {dropped} bytes of log were lost while the store was away\n"
-                )
-                .into_bytes(),
-            });
+            logs.push(LogChunk::skiff(
+                None,
+                format!("[skiff] {dropped} bytes of log were lost while the store was away\n")
+                    .into_bytes(),
+            ));
         }
         if !logs.is_empty()
             && let Err(e) = self.store.append_logs(&self.claim, &logs).await

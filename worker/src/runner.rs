@@ -369,7 +369,9 @@ impl Runner<'_> {
         self.prepare_env().await;
         let main: Vec<Step> = self.pipeline.steps.clone();
         for (i, step) in main.iter().enumerate() {
-            if self.interrupt.is_none() && self.stop.is_cancelled() {
+            if self.interrupt.is_none()
+                && (self.stop.is_cancelled() || self.rec.trouble.is_cancelled())
+            {
                 // Cancelled (or out of time) between two steps: the next one does not start.
                 self.interrupt = Some(self.stop_cause());
             }
@@ -866,7 +868,9 @@ impl Runner<'_> {
                 StepStatus::Cancelled
             },
             exit_code: None,
-            reason: Some(if timed_out {
+            reason: Some(if phase == Phase::Main && self.rec.health() != Health::Up {
+                "stopped: the store is unavailable".into()
+            } else if timed_out {
                 "the run timed out".into()
             } else if phase == Phase::Finally {
                 "stopped before it ended: the run was aborted".into()

@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use skiff_core::ledger::{NewResource, Resource, ResourceQuery, ResourceUpdate};
 use skiff_core::run::{
     LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StepStatus, Trigger, TriggerKind,
 };
 use skiff_core::store::{
-    Change, Claim, Created, LogRead, Prune, Result, RunPage, RunQuery, SqliteStore, Store,
-    StoreError, TakeOver,
+    Change, Claim, Created, Delivery, LogRead, Prune, Result, RunPage, RunQuery, SqliteStore,
+    Store, StoreError, TakeOver,
 };
 use skiff_worker::secrets::Secrets;
 use skiff_worker::{RunObserver, RunOptions, execute_run};
@@ -101,6 +102,44 @@ impl Store for Flaky {
     async fn pipelines_with_runs(&self) -> Result<Vec<String>> {
         self.check()?;
         self.inner.pipelines_with_runs().await
+    }
+    async fn record_resource(&self, claim: Option<&Claim>, new: NewResource) -> Result<Resource> {
+        self.check()?;
+        self.inner.record_resource(claim, new).await
+    }
+    async fn update_resource(
+        &self,
+        claim: Option<&Claim>,
+        id: &str,
+        update: &ResourceUpdate,
+    ) -> Result<Resource> {
+        self.check()?;
+        self.inner.update_resource(claim, id, update).await
+    }
+    async fn resources(&self, query: &ResourceQuery) -> Result<Vec<Resource>> {
+        self.check()?;
+        self.inner.resources(query).await
+    }
+    async fn record_delivery(&self, delivery: &Delivery) -> Result<bool> {
+        self.check()?;
+        self.inner.record_delivery(delivery).await
+    }
+    async fn deliveries(&self, hook: Option<&str>, limit: u32) -> Result<Vec<Delivery>> {
+        self.check()?;
+        self.inner.deliveries(hook, limit).await
+    }
+    async fn schedule_mark(&self, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.check()?;
+        self.inner.schedule_mark(key).await
+    }
+    async fn advance_schedule(
+        &self,
+        key: &str,
+        expected: Option<chrono::DateTime<chrono::Utc>>,
+        slot: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        self.check()?;
+        self.inner.advance_schedule(key, expected, slot).await
     }
     async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>> {
         self.check()?;

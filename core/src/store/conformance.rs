@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{Claim, RunQuery, Store, StoreError, TakeOver};
+use super::{
+    ChangeKind, Claim, Delivery, DeliveryOutcome, RunQuery, Store, StoreError, Subject, TakeOver,
+};
+use crate::ledger::{NewResource, ResourceQuery, ResourceState, ResourceUpdate};
 use crate::pipeline::Phase;
 use crate::run::{LogChunk, NewRun, RunId, RunStatus, StepPlan, StepStatus, Trigger, TriggerKind};
 
@@ -58,6 +61,9 @@ pub async fn conformance(store: Arc<dyn Store>) {
     reading_while_appending(store.clone()).await;
     claims(store.clone()).await;
     idempotent_create(store.clone()).await;
+    ledger(&store).await;
+    deliveries_and_schedules(store.clone()).await;
+    change_feed(&store).await;
 }
 
 /// Reads that race appends see a consistent prefix of the log (the length they read and the
@@ -75,13 +81,7 @@ async fn reading_while_appending(store: Arc<dyn Store>) {
             for i in 0..300u32 {
                 let line = format!("line {i}\n").into_bytes();
                 store
-                    .append_logs(
-                        &claim,
-                        &[LogChunk {
-                            step: Some(0),
-                            data: line,
-                        }],
-                    )
+                    .append_logs(&claim, &[LogChunk::output(Some(0), line)])
                     .await
                     .expect("append");
             }
@@ -114,13 +114,7 @@ async fn finished_run(store: &Arc<dyn Store>, pipeline: &str) -> crate::run::Run
         .run;
     let claim = claim(store, &run.id).await;
     store
-        .append_logs(
-            &claim,
-            &[LogChunk {
-                step: Some(0),
-                data: b"line\n".to_vec(),
-            }],
-        )
+        .append_logs(&claim, &[LogChunk::output(Some(0), b"line\n".to_vec())])
         .await
         .expect("log");
     store
@@ -609,13 +603,7 @@ async fn claims(store: Arc<dyn Store>) {
         (
             "append_logs",
             store
-                .append_logs(
-                    &first,
-                    &[LogChunk {
-                        step: Some(0),
-                        data: b"stale\n".to_vec(),
-                    }],
-                )
+                .append_logs(&first, &[LogChunk::output(Some(0), b"stale\n".to_vec())])
                 .await
                 .map(|_| ()),
         ),
@@ -769,31 +757,23 @@ async fn logs(store: &Arc<dyn Store>) {
         empty.chunks.is_empty() && empty.len == 0,
         "a new run has an empty log"
     );
+    let earlier = chrono::Utc::now() - chrono::Duration::seconds(90);
     let len = store
         .append_logs(
             &held,
             &[
                 LogChunk {
-                    step: Some(0),
-                    data: b"hello\n".to_vec(),
+                    at: earlier,
+                    ..LogChunk::output(Some(0), b"hello\n".to_vec())
                 },
-                LogChunk {
-                    step: None,
-                    data: b"world\n".to_vec(),
-                },
+                LogChunk::skiff(None, b"world\n".to_vec()),
             ],
         )
         .await
         .expect("append");
     assert_eq!(len, 12, "append returns the new length");
     let len = store
-        .append_logs(
-            &held,
-            &[LogChunk {
-                step: Some(0),
-                data: vec![b'x'; 1000],
-            }],
-        )
+        .append_logs(&held, &[LogChunk::output(Some(0), vec![b'x'; 1000])])
         .await
         .expect("append");
     assert_eq!(len, 1012);
@@ -808,6 +788,16 @@ async fn logs(store: &Arc<dyn Store>) {
     assert_eq!((all.next_offset, all.len), (1012, 1012));
     assert_eq!(all.chunks[0].step, Some(0), "chunks keep their step");
     assert_eq!(all.chunks[1].step, None);
+    assert_eq!(
+        (all.chunks[0].stream, all.chunks[1].stream),
+        (crate::run::LogStream::Output, crate::run::LogStream::Skiff),
+        "and their stream"
+    );
+    assert_eq!(
+        all.chunks[0].at.timestamp_millis(),
+        earlier.timestamp_millis(),
+        "and the time their lines were read, to the millisecond"
+    );
     let mid = store
         .read_logs(&run.id, 8, 1 << 20)
         .await
@@ -948,14 +938,247 @@ async fn missing(store: &Arc<dyn Store>) {
     ));
     assert!(matches!(
         store
-            .append_logs(
-                &ghost,
-                &[LogChunk {
-                    step: None,
-                    data: b"x".to_vec()
-                }]
-            )
+            .append_logs(&ghost, &[LogChunk::output(None, b"x".to_vec())])
             .await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// The resources ledger: an intent before the thing, its life after, found by run and service;
+/// a stale claim records nothing.
+async fn ledger(store: &Arc<dyn Store>) {
+    let run = store
+        .create_run(new_run("ledger", 1))
+        .await
+        .expect("create")
+        .run;
+    let held = claim(store, &run.id).await;
+    let new = NewResource {
+        id: format!("{}/0/container", run.id),
+        kind: "container".into(),
+        name: "app-1-1".into(),
+        engine: Some("engine-a".into()),
+        service: Some("app".into()),
+        run: Some(run.id.clone()),
+        step: Some(0),
+        expires_at: None,
+        hourly_price: Some(0.0125),
+    };
+    let intent = store
+        .record_resource(Some(&held), new.clone())
+        .await
+        .expect("intent");
+    assert_eq!(
+        (intent.state, intent.external_id.as_deref()),
+        (ResourceState::Creating, None),
+        "an intent is recorded before the thing exists"
+    );
+    let again = store
+        .record_resource(Some(&held), new.clone())
+        .await
+        .expect("again");
+    assert_eq!(
+        again.created_at, intent.created_at,
+        "recording an id twice answers the first"
+    );
+    let live = store
+        .update_resource(
+            Some(&held),
+            &new.id,
+            &ResourceUpdate {
+                state: Some(ResourceState::Live),
+                external_id: Some("c0ffee".into()),
+                expires_at: None,
+            },
+        )
+        .await
+        .expect("live");
+    assert_eq!(live.state, ResourceState::Live);
+    assert_eq!(live.external_id.as_deref(), Some("c0ffee"));
+    assert_eq!(live.hourly_price, Some(0.0125));
+    let by_run = store
+        .resources(&ResourceQuery {
+            run: Some(run.id.clone()),
+            ..ResourceQuery::default()
+        })
+        .await
+        .expect("by run");
+    assert_eq!(by_run, vec![live.clone()], "found by its run");
+    let by_service = store
+        .resources(&ResourceQuery {
+            service: Some("app".into()),
+            states: vec![ResourceState::Live, ResourceState::Creating],
+            ..ResourceQuery::default()
+        })
+        .await
+        .expect("by service");
+    assert_eq!(by_service.len(), 1, "found by its service and state");
+    let none = store
+        .resources(&ResourceQuery {
+            service: Some("app".into()),
+            states: vec![ResourceState::Removed],
+            ..ResourceQuery::default()
+        })
+        .await
+        .expect("none");
+    assert!(none.is_empty(), "state filters");
+    // The run ends; its claim is stale, but the reaper (no claim) still updates the ledger.
+    store
+        .finish_run(&held, RunStatus::Succeeded, None)
+        .await
+        .expect("finish");
+    let stale = store
+        .update_resource(
+            Some(&held),
+            &new.id,
+            &ResourceUpdate {
+                state: Some(ResourceState::Removed),
+                ..ResourceUpdate::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::StaleClaim { .. })),
+        "a stale claim changes nothing: {stale:?}"
+    );
+    let removed = store
+        .update_resource(
+            None,
+            &new.id,
+            &ResourceUpdate {
+                state: Some(ResourceState::Removed),
+                ..ResourceUpdate::default()
+            },
+        )
+        .await
+        .expect("removed");
+    assert_eq!(
+        removed.external_id.as_deref(),
+        Some("c0ffee"),
+        "unset fields are kept"
+    );
+    assert!(matches!(
+        store
+            .update_resource(None, "no-such", &ResourceUpdate::default())
+            .await,
+        Err(StoreError::ResourceNotFound(_))
+    ));
+}
+
+/// Deliveries are recorded once per hook and id; a schedule slot fires once however many
+/// servers try.
+async fn deliveries_and_schedules(store: Arc<dyn Store>) {
+    let delivery = Delivery {
+        hook: "repo".into(),
+        id: "d-1".into(),
+        provider: "github".into(),
+        event: "push".into(),
+        received_at: chrono::Utc::now(),
+        outcome: DeliveryOutcome::Skipped,
+        reason: Some("branch `dev` is not one of: main".into()),
+        runs: Vec::new(),
+    };
+    assert!(store.record_delivery(&delivery).await.expect("record"));
+    assert!(
+        !store.record_delivery(&delivery).await.expect("again"),
+        "a delivery id is recorded once per hook"
+    );
+    let mut other = delivery.clone();
+    other.hook = "other".into();
+    assert!(store.record_delivery(&other).await.expect("other hook"));
+    let listed = store.deliveries(Some("repo"), 10).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].reason, delivery.reason);
+    assert_eq!(listed[0].outcome, DeliveryOutcome::Skipped);
+
+    let key = "nightly/0";
+    assert_eq!(store.schedule_mark(key).await.expect("mark"), None);
+    let slot = chrono::Utc::now();
+    let tries: Vec<_> = (0..6)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.advance_schedule(key, None, slot).await })
+        })
+        .collect();
+    let mut fired = 0;
+    for t in tries {
+        if t.await.expect("task").expect("advance") {
+            fired += 1;
+        }
+    }
+    assert_eq!(fired, 1, "a slot fires once among many servers");
+    let mark = store.schedule_mark(key).await.expect("mark").expect("set");
+    assert_eq!(mark.timestamp_millis(), slot.timestamp_millis());
+    let next = slot + chrono::Duration::hours(24);
+    assert!(
+        !store
+            .advance_schedule(key, Some(next), next)
+            .await
+            .expect("wrong expectation"),
+        "the mark moves only from what the caller saw"
+    );
+    assert!(
+        store
+            .advance_schedule(key, Some(mark), next)
+            .await
+            .expect("next")
+    );
+}
+
+/// Every change comes through one feed, numbered in order.
+async fn change_feed(store: &Arc<dyn Store>) {
+    let mut feed = store.changes();
+    let run = store
+        .create_run(new_run("feed", 1))
+        .await
+        .expect("create")
+        .run;
+    let held = claim(store, &run.id).await;
+    store
+        .record_resource(
+            Some(&held),
+            NewResource {
+                id: format!("{}/feed", run.id),
+                kind: "image".into(),
+                name: "feed:latest".into(),
+                engine: None,
+                service: None,
+                run: Some(run.id.clone()),
+                step: None,
+                expires_at: None,
+                hourly_price: None,
+            },
+        )
+        .await
+        .expect("resource");
+    store
+        .finish_run(&held, RunStatus::Succeeded, None)
+        .await
+        .expect("finish");
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let change = tokio::time::timeout(std::time::Duration::from_secs(5), feed.recv())
+            .await
+            .expect("a change in time")
+            .expect("a change");
+        seen.push(change);
+    }
+    assert!(
+        seen.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+        "numbered one after another: {seen:?}"
+    );
+    let kinds: Vec<(bool, ChangeKind)> = seen
+        .iter()
+        .map(|c| (matches!(c.subject, Subject::Run(_)), c.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (true, ChangeKind::Status),
+            (true, ChangeKind::Status),
+            (false, ChangeKind::Resource),
+            (true, ChangeKind::Status)
+        ],
+        "created, claimed, a resource, finished: {seen:?}"
+    );
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
+use crate::ledger::{NewResource, Resource, ResourceQuery, ResourceUpdate};
 use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk};
 
 pub use auth::{ApiToken, AuthStore, Session};
@@ -41,6 +42,8 @@ pub enum StoreError {
         worker: String,
         until: chrono::DateTime<chrono::Utc>,
     },
+    #[error("no resource `{0}` in the ledger")]
+    ResourceNotFound(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store backend: {0}")]
@@ -49,20 +52,46 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// What changed about a run.
+/// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
+    /// A run was created, or its state changed.
     Status,
     Step,
     Log,
     /// A cancel was requested.
     Cancel,
+    /// A run was deleted (retention).
+    Deleted,
+    /// A resource in the ledger was recorded or changed.
+    Resource,
 }
 
+/// What a change is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    Run(RunId),
+    /// A resource, by its ledger id.
+    Resource(String),
+}
+
+/// One entry of the change feed: every run, step, log and resource change, in the order the
+/// Store made them (`seq` grows by one each time, per Store process).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
-    pub run: RunId,
+    pub seq: u64,
+    pub subject: Subject,
     pub kind: ChangeKind,
+}
+
+impl Change {
+    /// The run the change is about, if it is about one.
+    pub fn run(&self) -> Option<&RunId> {
+        match &self.subject {
+            Subject::Run(id) => Some(id),
+            Subject::Resource(_) => None,
+        }
+    }
 }
 
 /// A filter and page over runs, newest first.
@@ -134,6 +163,51 @@ pub struct Created {
     pub created: bool,
 }
 
+/// What came of a webhook delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Runs were started (or found: a delivery seen before starts nothing new).
+    Started,
+    /// It was verified but matched no pipeline's filters.
+    Skipped,
+    /// It was refused (a bad signature, an unknown hook, a malformed body).
+    Refused,
+}
+
+impl DeliveryOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Started => "started",
+            DeliveryOutcome::Skipped => "skipped",
+            DeliveryOutcome::Refused => "refused",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Started, Self::Skipped, Self::Refused]
+            .into_iter()
+            .find(|o| o.as_str() == text)
+    }
+}
+
+/// A webhook delivery as received, and what came of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The hook it came to.
+    pub hook: String,
+    /// The provider's delivery id (`X-GitHub-Delivery`...), or one skiff made up.
+    pub id: String,
+    pub provider: String,
+    /// The normalised event (`push`, `tag`...).
+    pub event: String,
+    pub received_at: chrono::DateTime<chrono::Utc>,
+    pub outcome: DeliveryOutcome,
+    /// Why it was skipped or refused.
+    pub reason: Option<String>,
+    /// The runs it started.
+    pub runs: Vec<RunId>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates a run in `queued` with its steps `pending`, numbered next for its pipeline. With
@@ -189,6 +263,32 @@ pub trait Store: Send + Sync + 'static {
     /// The names of the pipelines that have runs in the Store (including pipelines whose file
     /// is gone).
     async fn pipelines_with_runs(&self) -> Result<Vec<String>>;
+    /// Records a resource before it is created (`creating`); recording an id again answers
+    /// the first record. From a run, `claim` is its claim (refused when stale).
+    async fn record_resource(&self, claim: Option<&Claim>, new: NewResource) -> Result<Resource>;
+    /// Changes a recorded resource (its state, the engine's id, its expiry).
+    async fn update_resource(
+        &self,
+        claim: Option<&Claim>,
+        id: &str,
+        update: &ResourceUpdate,
+    ) -> Result<Resource>;
+    /// Recorded resources, newest first.
+    async fn resources(&self, query: &ResourceQuery) -> Result<Vec<Resource>>;
+    /// Records a webhook delivery; false (and nothing recorded) when the hook has seen its id.
+    async fn record_delivery(&self, delivery: &Delivery) -> Result<bool>;
+    /// The newest deliveries (of one hook, or all), at most `limit`.
+    async fn deliveries(&self, hook: Option<&str>, limit: u32) -> Result<Vec<Delivery>>;
+    /// The last slot a schedule fired for (`key` names the schedule).
+    async fn schedule_mark(&self, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>>;
+    /// Moves a schedule's mark from `expected` to `slot`, if it is still `expected`: of several
+    /// servers firing the same slot, exactly one gets true.
+    async fn advance_schedule(
+        &self,
+        key: &str,
+        expected: Option<chrono::DateTime<chrono::Utc>>,
+        slot: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool>;
     /// How many runs are in each state (states with none are left out).
     async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>>;
     /// Runs as they change (state, steps, log, cancel requests). A receiver that falls behind

@@ -19,15 +19,17 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    Change, ChangeKind, Claim, Created, LogRead, Result, RunPage, RunQuery, Store, StoreError,
-    TakeOver, params_from_json, params_to_json,
+    Change, ChangeKind, Claim, Created, Delivery, DeliveryOutcome, LogRead, Result, RunPage,
+    RunQuery, Store, StoreError, Subject, TakeOver, params_from_json, params_to_json,
 };
+use crate::ledger::{NewResource, Resource, ResourceQuery, ResourceState, ResourceUpdate};
 use crate::pipeline::Phase;
 use crate::run::{
-    LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger, TriggerKind,
+    LogChunk, LogStream, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger,
+    TriggerKind,
 };
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 /// How often the checkpointer copies the write-ahead log back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
@@ -110,9 +112,44 @@ const SCHEMA: &[&str] = &[
         run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
         offset INTEGER NOT NULL,
         step INTEGER,
-        len INTEGER NOT NULL
+        len INTEGER NOT NULL,
+        at INTEGER,
+        stream TEXT
     )",
     "CREATE UNIQUE INDEX IF NOT EXISTS log_chunks_by_offset ON log_chunks (run_id, offset)",
+    // The resources ledger. No foreign key to runs: a resource outlives the run that made it
+    // (a deployed service), and retention may delete the run first.
+    "CREATE TABLE IF NOT EXISTS resources (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        engine TEXT,
+        service TEXT,
+        run_id TEXT,
+        step INTEGER,
+        state TEXT NOT NULL,
+        external_id TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        hourly_price REAL
+    ) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS resources_by_run ON resources (run_id)",
+    "CREATE INDEX IF NOT EXISTS resources_by_service ON resources (service)",
+    "CREATE INDEX IF NOT EXISTS resources_by_state ON resources (state, updated_at)",
+    "CREATE TABLE IF NOT EXISTS deliveries (
+        hook TEXT NOT NULL,
+        id TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        event TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT,
+        runs TEXT NOT NULL,
+        PRIMARY KEY (hook, id)
+    ) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received_at)",
+    "CREATE TABLE IF NOT EXISTS schedules (key TEXT PRIMARY KEY, last_slot INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS admin (id INTEGER PRIMARY KEY CHECK (id = 1), password_hash TEXT)",
     "CREATE TABLE IF NOT EXISTS api_tokens (
         id TEXT PRIMARY KEY,
@@ -146,7 +183,37 @@ pub struct SqliteStore {
     /// Read-only connections: reads never wait behind writes (WAL).
     pub(super) readers: SqlitePool,
     logs: PathBuf,
-    changes: tokio::sync::broadcast::Sender<Change>,
+    changes: Arc<Feed>,
+}
+
+/// The change feed: numbered in the order changes are announced.
+pub(super) struct Feed {
+    next: std::sync::Mutex<u64>,
+    sender: tokio::sync::broadcast::Sender<Change>,
+}
+
+impl Feed {
+    fn new() -> Self {
+        Feed {
+            next: std::sync::Mutex::new(1),
+            sender: tokio::sync::broadcast::channel(1024).0,
+        }
+    }
+
+    fn send(&self, subject: Subject, kind: ChangeKind) {
+        // Numbered and sent under one lock, so numbers arrive in order.
+        let mut next = match self.next.lock() {
+            Ok(n) => n,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // No receivers is fine: nobody is following.
+        let _ = self.sender.send(Change {
+            seq: *next,
+            subject,
+            kind,
+        });
+        *next += 1;
+    }
 }
 
 /// The one connection that writes, shared in order. Writers queue at a fair lock instead of
@@ -208,7 +275,7 @@ impl SqliteStore {
         let logs = path.parent().unwrap_or(Path::new(".")).join("logs");
         std::fs::create_dir_all(&logs)
             .map_err(|e| StoreError::Backend(format!("creating {}: {e}", logs.display())))?;
-        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        let changes = Arc::new(Feed::new());
         let store = SqliteStore {
             writer: Writer(Arc::new(tokio::sync::Mutex::new(writer))),
             readers: SqlitePoolOptions::new()
@@ -225,11 +292,7 @@ impl SqliteStore {
     }
 
     fn changed(&self, id: &RunId, kind: ChangeKind) {
-        // No receivers is fine: nobody is following.
-        let _ = self.changes.send(Change {
-            run: id.clone(),
-            kind,
-        });
+        self.changes.send(Subject::Run(id.clone()), kind);
     }
 
     fn log_path(&self, id: &RunId) -> PathBuf {
@@ -329,6 +392,19 @@ impl SqliteStore {
                     .map_err(backend)?;
             }
         }
+        if (1..=5).contains(&version) {
+            // Chunks written before have no time or stream: readers take the run's start and
+            // `output`.
+            for statement in [
+                "ALTER TABLE log_chunks ADD COLUMN at INTEGER",
+                "ALTER TABLE log_chunks ADD COLUMN stream TEXT",
+            ] {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+            }
+        }
         sqlx::query(
             "CREATE UNIQUE INDEX IF NOT EXISTS runs_by_idempotency_key ON runs (pipeline, idempotency_key)
              WHERE idempotency_key IS NOT NULL",
@@ -349,7 +425,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        sqlx::query("PRAGMA user_version = 5")
+        sqlx::query("PRAGMA user_version = 6")
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -440,6 +516,56 @@ macro_rules! select_runs {
     ($tail:literal) => {
         concat!("SELECT ", run_columns!(), " FROM runs ", $tail)
     };
+}
+
+macro_rules! resource_columns {
+    () => {
+        "id, kind, name, engine, service, run_id, step, state, external_id, created_at, updated_at, expires_at, hourly_price"
+    };
+}
+
+macro_rules! select_resources {
+    ($tail:literal) => {
+        concat!("SELECT ", resource_columns!(), " FROM resources ", $tail)
+    };
+}
+
+fn resource_from_row(row: &SqliteRow) -> Result<Resource> {
+    let state: String = row.try_get("state").map_err(backend)?;
+    let run: Option<String> = row.try_get("run_id").map_err(backend)?;
+    Ok(Resource {
+        id: row.try_get("id").map_err(backend)?,
+        kind: row.try_get("kind").map_err(backend)?,
+        name: row.try_get("name").map_err(backend)?,
+        engine: row.try_get("engine").map_err(backend)?,
+        service: row.try_get("service").map_err(backend)?,
+        run: run
+            .map(|r| RunId::from_str(&r).map_err(corrupt("resource run")))
+            .transpose()?,
+        step: row
+            .try_get::<Option<i64>, _>("step")
+            .map_err(backend)?
+            .map(|s| s as u32),
+        state: state.parse().map_err(corrupt("resource state"))?,
+        external_id: row.try_get("external_id").map_err(backend)?,
+        created_at: from_millis(row.try_get("created_at").map_err(backend)?).unwrap_or_default(),
+        updated_at: from_millis(row.try_get("updated_at").map_err(backend)?).unwrap_or_default(),
+        expires_at: from_millis(row.try_get("expires_at").map_err(backend)?),
+        hourly_price: row.try_get("hourly_price").map_err(backend)?,
+    })
+}
+
+/// Whether `claim` is still its run's (inside a write transaction).
+async fn holds(conn: &mut SqliteConnection, claim: &Claim) -> Result<bool> {
+    Ok(
+        sqlx::query("SELECT 1 FROM runs WHERE id = ?1 AND status = 'running' AND claim_token = ?2")
+            .bind(claim.run.as_str())
+            .bind(token_of(claim))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(backend)?
+            .is_some(),
+    )
 }
 
 /// A claimed run and its claim, from a row of every run column.
@@ -798,12 +924,14 @@ impl Store for SqliteStore {
         let mut offset = len;
         for chunk in chunks.iter().filter(|c| !c.data.is_empty()) {
             sqlx::query(
-                "INSERT INTO log_chunks (run_id, offset, step, len) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO log_chunks (run_id, offset, step, len, at, stream) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .bind(id.as_str())
             .bind(offset)
             .bind(chunk.step.map(i64::from))
             .bind(chunk.data.len() as i64)
+            .bind(millis(chunk.at))
+            .bind(chunk.stream.as_str())
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -830,7 +958,7 @@ impl Store for SqliteStore {
         let offset_i = i64::try_from(offset).unwrap_or(i64::MAX);
         // The chunk holding `offset`, then the ones after it.
         let rows = sqlx::query(
-            "SELECT offset, step, len FROM log_chunks WHERE run_id = ?1 AND offset >= COALESCE(
+            "SELECT offset, step, len, at, stream FROM log_chunks WHERE run_id = ?1 AND offset >= COALESCE(
                  (SELECT MAX(offset) FROM log_chunks WHERE run_id = ?1 AND offset <= ?2), 0)
              ORDER BY offset LIMIT 1024",
         )
@@ -842,12 +970,19 @@ impl Store for SqliteStore {
         drop(conn);
         // Pieces (offset, step, length, readable length) clipped to the requested range and
         // size. Only the first piece can be cut short of its chunk's end.
-        let mut pieces: Vec<(u64, Option<u32>, usize, usize)> = Vec::new();
+        let mut pieces: Vec<(u64, Option<u32>, usize, usize, LogStream, DateTime<Utc>)> =
+            Vec::new();
         let mut total = 0usize;
         for row in rows {
             let start = row.try_get::<i64, _>("offset").map_err(backend)? as u64;
             let step: Option<i64> = row.try_get("step").map_err(backend)?;
             let chunk_len = row.try_get::<i64, _>("len").map_err(backend)? as u64;
+            let at = from_millis(row.try_get("at").map_err(backend)?).unwrap_or_default();
+            let stream = row
+                .try_get::<Option<String>, _>("stream")
+                .map_err(backend)?
+                .map_or(Ok(LogStream::Output), |s| s.parse())
+                .map_err(corrupt("log stream"))?;
             if start >= len {
                 // Appended after the length was read: the next read gets it.
                 break;
@@ -866,7 +1001,7 @@ impl Store for SqliteStore {
                 size = max_bytes.max(1);
             }
             total += size;
-            pieces.push((from, step.map(|s| s as u32), size, readable));
+            pieces.push((from, step.map(|s| s as u32), size, readable, stream, at));
             if total >= max_bytes {
                 break;
             }
@@ -884,7 +1019,7 @@ impl Store for SqliteStore {
             let file = std::fs::File::open(&path)?;
             pieces
                 .into_iter()
-                .map(|(from, step, size, readable)| {
+                .map(|(from, step, size, readable, stream, at)| {
                     // A piece cut short ends between two characters, never inside one (a piece
                     // is decoded on its own): read a character's worth more, then cut.
                     let mut data = vec![0u8; (size + 3).min(readable)];
@@ -897,6 +1032,8 @@ impl Store for SqliteStore {
                     Ok(StoredChunk {
                         offset: from,
                         step,
+                        stream,
+                        at,
                         data,
                     })
                 })
@@ -1007,7 +1144,7 @@ impl Store for SqliteStore {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => tracing::warn!(run_id = %id, error = %e, "removing a log failed"),
                 }
-                self.changed(id, ChangeKind::Status);
+                self.changed(id, ChangeKind::Deleted);
             }
             let done = (rows.len() as i64) < BATCH;
             deleted.extend(batch);
@@ -1027,6 +1164,194 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn record_resource(&self, claim: Option<&Claim>, new: NewResource) -> Result<Resource> {
+        let now = millis(Utc::now());
+        let mut conn = self.writer.lock().await;
+        let mut tx = write_tx(&mut conn).await?;
+        if let Some(claim) = claim
+            && !holds(&mut tx, claim).await?
+        {
+            drop(tx);
+            drop(conn);
+            return Err(self.stale(claim).await);
+        }
+        sqlx::query(
+            "INSERT INTO resources (id, kind, name, engine, service, run_id, step, state, created_at, updated_at, expires_at, hourly_price)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'creating', ?8, ?8, ?9, ?10)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&new.id)
+        .bind(&new.kind)
+        .bind(&new.name)
+        .bind(new.engine.as_deref())
+        .bind(new.service.as_deref())
+        .bind(new.run.as_ref().map(RunId::as_str))
+        .bind(new.step.map(i64::from))
+        .bind(now)
+        .bind(new.expires_at.map(millis))
+        .bind(new.hourly_price)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let row = sqlx::query(select_resources!("WHERE id = ?1"))
+            .bind(&new.id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        drop(conn);
+        self.changes
+            .send(Subject::Resource(new.id.clone()), ChangeKind::Resource);
+        resource_from_row(&row)
+    }
+
+    async fn update_resource(
+        &self,
+        claim: Option<&Claim>,
+        id: &str,
+        update: &ResourceUpdate,
+    ) -> Result<Resource> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = write_tx(&mut conn).await?;
+        if let Some(claim) = claim
+            && !holds(&mut tx, claim).await?
+        {
+            drop(tx);
+            drop(conn);
+            return Err(self.stale(claim).await);
+        }
+        let row = sqlx::query(concat!(
+            "UPDATE resources SET state = COALESCE(?2, state), external_id = COALESCE(?3, external_id),
+                expires_at = COALESCE(?4, expires_at), updated_at = ?5
+             WHERE id = ?1 RETURNING ",
+            resource_columns!()
+        ))
+        .bind(id)
+        .bind(update.state.map(ResourceState::as_str))
+        .bind(update.external_id.as_deref())
+        .bind(update.expires_at.map(millis))
+        .bind(millis(Utc::now()))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?
+        .ok_or_else(|| StoreError::ResourceNotFound(id.to_string()))?;
+        tx.commit().await.map_err(backend)?;
+        drop(conn);
+        self.changes
+            .send(Subject::Resource(id.to_string()), ChangeKind::Resource);
+        resource_from_row(&row)
+    }
+
+    async fn resources(&self, query: &ResourceQuery) -> Result<Vec<Resource>> {
+        let states: Vec<&str> = query.states.iter().map(|s| s.as_str()).collect();
+        let rows = sqlx::query(select_resources!(
+            "WHERE (?1 IS NULL OR run_id = ?1) AND (?2 IS NULL OR service = ?2)
+               AND (?3 IS NULL OR engine = ?3)
+               AND (?4 = '[]' OR state IN (SELECT value FROM json_each(?4)))
+             ORDER BY created_at DESC, id"
+        ))
+        .bind(query.run.as_ref().map(RunId::as_str))
+        .bind(query.service.as_deref())
+        .bind(query.engine.as_deref())
+        .bind(serde_json::to_string(&states).unwrap_or_else(|_| "[]".into()))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(resource_from_row).collect()
+    }
+
+    async fn record_delivery(&self, delivery: &Delivery) -> Result<bool> {
+        let runs: Vec<&str> = delivery.runs.iter().map(RunId::as_str).collect();
+        let done = sqlx::query(
+            "INSERT INTO deliveries (hook, id, provider, event, received_at, outcome, reason, runs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (hook, id) DO NOTHING",
+        )
+        .bind(&delivery.hook)
+        .bind(&delivery.id)
+        .bind(&delivery.provider)
+        .bind(&delivery.event)
+        .bind(millis(delivery.received_at))
+        .bind(delivery.outcome.as_str())
+        .bind(delivery.reason.as_deref())
+        .bind(serde_json::to_string(&runs).unwrap_or_else(|_| "[]".into()))
+        .execute(&mut *self.writer.lock().await)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn deliveries(&self, hook: Option<&str>, limit: u32) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(
+            "SELECT hook, id, provider, event, received_at, outcome, reason, runs FROM deliveries
+             WHERE (?1 IS NULL OR hook = ?1) ORDER BY received_at DESC, id LIMIT ?2",
+        )
+        .bind(hook)
+        .bind(i64::from(limit.clamp(1, super::MAX_PAGE)))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(backend)?;
+        rows.iter()
+            .map(|row| {
+                let outcome: String = row.try_get("outcome").map_err(backend)?;
+                let runs: String = row.try_get("runs").map_err(backend)?;
+                let runs: Vec<String> = serde_json::from_str(&runs)
+                    .map_err(|e| StoreError::Corrupt(format!("delivery runs: {e}")))?;
+                Ok(Delivery {
+                    hook: row.try_get("hook").map_err(backend)?,
+                    id: row.try_get("id").map_err(backend)?,
+                    provider: row.try_get("provider").map_err(backend)?,
+                    event: row.try_get("event").map_err(backend)?,
+                    received_at: from_millis(row.try_get("received_at").map_err(backend)?)
+                        .unwrap_or_default(),
+                    outcome: DeliveryOutcome::parse(&outcome).ok_or_else(|| {
+                        StoreError::Corrupt(format!("delivery outcome `{outcome}`"))
+                    })?,
+                    reason: row.try_get("reason").map_err(backend)?,
+                    runs: runs
+                        .iter()
+                        .map(|r| RunId::from_str(r).map_err(corrupt("delivery run")))
+                        .collect::<Result<_>>()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn schedule_mark(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
+        let mark: Option<i64> = sqlx::query("SELECT last_slot FROM schedules WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(backend)?
+            .map(|row| row.get(0));
+        Ok(from_millis(mark))
+    }
+
+    async fn advance_schedule(
+        &self,
+        key: &str,
+        expected: Option<DateTime<Utc>>,
+        slot: DateTime<Utc>,
+    ) -> Result<bool> {
+        // One statement: it moves the mark only from the value the caller saw.
+        let done = match expected {
+            None => sqlx::query(
+                "INSERT INTO schedules (key, last_slot) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(millis(slot)),
+            Some(seen) => sqlx::query(
+                "UPDATE schedules SET last_slot = ?2 WHERE key = ?1 AND last_slot = ?3",
+            )
+            .bind(key)
+            .bind(millis(slot))
+            .bind(millis(seen)),
+        }
+        .execute(&mut *self.writer.lock().await)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn status_counts(&self) -> Result<Vec<(RunStatus, u64)>> {
         let rows = sqlx::query("SELECT status, COUNT(*) FROM runs GROUP BY status")
             .fetch_all(&self.readers)
@@ -1042,6 +1367,6 @@ impl Store for SqliteStore {
     }
 
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
-        self.changes.subscribe()
+        self.changes.sender.subscribe()
     }
 }
