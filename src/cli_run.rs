@@ -98,6 +98,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             bail!("the params do not fit pipeline `{}`", pipeline.name);
         }
     };
+    eprintln!("skiff: {}", skiff_worker::process_tracking()?.description());
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
     let data = args.data.open().await?;
     let store: Arc<dyn Store> = Arc::new(data.store.clone());

@@ -173,6 +173,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "SKIFF_ADMIN_TOKEN must be at least 16 characters"
         );
     }
+    eprintln!("skiff: {}", skiff_worker::process_tracking()?.description());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

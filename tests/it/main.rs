@@ -8,4 +8,5 @@ mod records;
 mod runs;
 mod server;
 mod support;
+mod tracking;
 mod validate;

@@ -2,6 +2,7 @@
 //! secrets, and the built-in actions.
 
 pub mod actions;
+mod cgroup;
 pub mod logs;
 pub mod pool;
 mod process;
@@ -9,5 +10,6 @@ pub mod record;
 pub mod runner;
 pub mod secrets;
 
+pub use cgroup::{Mode as TrackingMode, Tracking, TrackingError, tracking as process_tracking};
 pub use logs::RunObserver;
 pub use runner::{RunOptions, RunOutcome, clean_up_interrupted, execute_run, finish_interrupted};

@@ -1,5 +1,7 @@
-//! Running one process tree for a step: its own process group, output captured through one pipe,
-//! and an end that takes the whole group with it (SIGTERM, a grace period, then SIGKILL).
+//! Running one process tree for a step: its own process group inside its run's cgroup (see
+//! `cgroup.rs`), output captured through one pipe, and an end that takes the whole tree with it:
+//! SIGTERM to the group, a grace period, SIGKILL to the group, then the cgroup killed whole, which
+//! also ends what left the group (`setsid`).
 
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -10,6 +12,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cgroup::{self, Cgroup};
 use crate::logs::{LineSplitter, LogSender, Masker};
 
 /// How a process ended.
@@ -27,6 +30,38 @@ pub struct Spawn<'a> {
     pub args: &'a [&'a std::ffi::OsStr],
     pub cwd: &'a Path,
     pub env: &'a [(String, String)],
+    pub tracker: &'a RunTracker,
+}
+
+/// Where a run's step processes are tracked: the run's cgroup, made at its first step, killed
+/// whole at the end of every step, and removed when this is dropped (at the run's end). Without
+/// one (`env` mode), only the marker `SKIFF_RUN_ID` every step's processes carry.
+pub struct RunTracker {
+    run_id: String,
+    cgroup: std::sync::OnceLock<Option<Cgroup>>,
+}
+
+impl RunTracker {
+    pub fn new(run_id: &str) -> Self {
+        RunTracker {
+            run_id: run_id.to_string(),
+            cgroup: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup
+            .get_or_init(|| cgroup::for_run(&self.run_id))
+            .as_ref()
+    }
+}
+
+/// After skiff died during a run: ends what the run left behind, by its cgroup, then by its
+/// marker (for a process that left the cgroup, or a run tracked without one). Returns whether any
+/// process was ended.
+pub fn end_interrupted(run_id: &str) -> bool {
+    let by_cgroup = cgroup::end_leftover(run_id);
+    reap_orphans(run_id) || by_cgroup
 }
 
 /// Ends what a dead skiff left running for a run: every process whose environment carries
@@ -68,8 +103,8 @@ pub fn reap_orphans(run_id: &str) -> bool {
     ended
 }
 
-/// How long to wait for output still buffered in the pipe after the process group is gone.
-/// Only a process that left the group (`setsid`) can hold the pipe open longer.
+/// How long to wait for output still buffered in the pipe after the step's processes are gone.
+/// Without a cgroup, a process that left the group (`setsid`) can hold the pipe open longer.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 const READ_BUF: usize = 64 << 10;
 /// Output is passed on in chunks of about this size (or less, when no more is ready).
@@ -107,6 +142,10 @@ pub async fn run(
         .stderr(Stdio::from(err))
         .process_group(0)
         .kill_on_drop(true);
+    let cgroup = spec.tracker.cgroup();
+    if let Some(cgroup) = cgroup {
+        cgroup.place(&mut cmd);
+    }
     let mut child = cmd.spawn()?;
     // Close this process's copies of the pipe's write end, so the reader sees the end of the
     // output once the step's processes are gone.
@@ -137,9 +176,19 @@ pub async fn run(
             Ended::Stopped
         }
     };
-    // Whatever the step left running in its group (`sleep 1000 &`) ends with it.
+    // Whatever the step left running in its group (`sleep 1000 &`) ends with it, and with a
+    // cgroup, whatever left the group too.
     if pgid.as_raw() > 0 {
         signal_group(pgid, Signal::SIGKILL);
+    }
+    if let Some(cgroup) = cgroup
+        && let Err(e) = cgroup.end_all().await
+    {
+        log.note(
+            Some(step),
+            &format!("ending the step's leftover processes failed: {e}"),
+        )
+        .await;
     }
     match tokio::time::timeout(DRAIN_WAIT, &mut reader_task).await {
         Ok(_) => {}

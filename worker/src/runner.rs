@@ -29,12 +29,12 @@ use crate::secrets::Secrets;
 /// file (an argument may not exceed 128 KiB).
 const INLINE_SCRIPT_MAX: usize = 64 << 10;
 
-/// After skiff died during a run: ends the processes the run left behind (found by the
-/// `SKIFF_RUN_ID` every step's processes carry) and removes its step files. The workspace stays
+/// After skiff died during a run: ends the processes the run left behind (by its cgroup, then by
+/// the `SKIFF_RUN_ID` every step's processes carry) and removes its step files. The workspace stays
 /// for the run's `finally` steps ([`finish_interrupted`] removes it). Returns whether any process
 /// was ended.
 pub fn clean_up_interrupted(workspace_root: &Path, run: &skiff_core::run::RunId) -> bool {
-    let ended = crate::process::reap_orphans(run.as_str());
+    let ended = crate::process::end_interrupted(run.as_str());
     let prefix = step_file_prefix(run);
     if let Ok(entries) = std::fs::read_dir(workspace_root) {
         for entry in entries.flatten() {
@@ -226,6 +226,8 @@ struct Runner<'a> {
     stop: CancellationToken,
     deadline_hit: Arc<AtomicBool>,
     deadline: Instant,
+    /// Where the run's step processes are tracked (its cgroup), so they end with their step.
+    tracker: process::RunTracker,
 }
 
 /// Executes `run`, which `claim` holds, to its end and stores its final state. Every write
@@ -326,6 +328,7 @@ async fn drive(
         stop,
         deadline_hit,
         deadline,
+        tracker: process::RunTracker::new(run.id.as_str()),
     };
     let outcome = match interrupted {
         None => runner.execute().await,
@@ -939,6 +942,7 @@ impl Runner<'_> {
                     args: &argv,
                     cwd: &cwd,
                     env: &env,
+                    tracker: &self.tracker,
                 };
                 let ended = process::run(
                     spec,
