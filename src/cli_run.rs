@@ -162,6 +162,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         outcome.reason.as_deref(),
         started.elapsed(),
     );
+    skiff_worker::release_cgroups();
     eprintln!("run {} recorded in {}", run.id, data.dir.display());
     Ok(if outcome.status == RunStatus::Succeeded {
         ExitCode::SUCCESS

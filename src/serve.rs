@@ -327,6 +327,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     {
         tracing::warn!("the queue worker did not stop within 5s");
     }
+    skiff_worker::release_cgroups();
     if let Err(e) = sqlite.close().await {
         tracing::warn!(error = %e, "closing the store failed");
     }

@@ -157,13 +157,7 @@ finally:
         "attempt\nattempt\n",
         "a finally step that was running when skiff died starts once more"
     );
-    let (_, log) = s.api("GET", &format!("/api/runs/{id}/logs"), None);
-    let text: String = log["chunks"]
-        .as_array()
-        .expect("chunks")
-        .iter()
-        .filter_map(|c| c["text"].as_str())
-        .collect();
+    let text = s.log_text(&id);
     assert!(
         text.contains("was running when skiff stopped; it runs again"),
         "{text}"
@@ -494,13 +488,7 @@ fn a_cancel_after_the_main_steps_stops_nothing_and_changes_nothing() {
         "succeeded",
         "the finally step was not stopped"
     );
-    let (_, log) = s.api("GET", &format!("/api/runs/{id}/logs"), None);
-    let text: String = log["chunks"]
-        .as_array()
-        .expect("chunks")
-        .iter()
-        .filter_map(|c| c["text"].as_str())
-        .collect();
+    let text = s.log_text(&id);
     assert!(text.contains("finally-done"), "{text}");
     assert!(
         text.contains("a cancel was requested while the finally steps ran; nothing was stopped"),

@@ -63,6 +63,18 @@ impl Server {
         self.dir.path().join("data")
     }
 
+    /// The run's whole log as text, as the API pages it.
+    pub fn log_text(&self, id: &str) -> String {
+        let (status, log) = self.api("GET", &format!("/api/runs/{id}/logs"), None);
+        assert_eq!(status, 200, "{log}");
+        log["chunks"]
+            .as_array()
+            .expect("chunks")
+            .iter()
+            .filter_map(|c| c["text"].as_str())
+            .collect()
+    }
+
     /// Follows a run to its end and returns it as the API shows it, with its steps.
     pub fn wait_for_end(&self, id: &str) -> Value {
         self.follow(id, None);

@@ -299,7 +299,19 @@ fn crash_leaves_no_escapees(mode: &str) {
     s.crash();
     let left = pids(&pidfile);
     assert_eq!(left.len(), 3, "{left:?}");
-    let cgroup = base.join(&id);
+    // The run's cgroup: the one under skiff's base that holds the step's processes.
+    let cgroup = std::fs::read_dir(&base)
+        .expect("the base")
+        .flatten()
+        .map(|e| e.path())
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| {
+                procs
+                    .lines()
+                    .any(|m| left.iter().any(|p| m == p.to_string()))
+            })
+        })
+        .unwrap_or_else(|| panic!("no cgroup under {} holds {left:?}", base.display()));
     let members = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
     let survived = left.iter().all(|p| alive(*p));
     if !survived {

@@ -9,7 +9,11 @@ mod process;
 pub mod record;
 pub mod runner;
 pub mod secrets;
+mod spawn;
 
-pub use cgroup::{Mode as TrackingMode, Tracking, TrackingError, tracking as process_tracking};
+pub use cgroup::{
+    Mode as TrackingMode, Tracking, TrackingError, release_pool as release_cgroups,
+    tracking as process_tracking,
+};
 pub use logs::RunObserver;
 pub use runner::{RunOptions, RunOutcome, clean_up_interrupted, execute_run, finish_interrupted};

@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cgroup::{self, Cgroup};
+use crate::cgroup::{self, Cgroup, RunCgroup};
 use crate::logs::{LineSplitter, LogSender, Masker};
 
 /// How a process ended.
@@ -33,26 +33,36 @@ pub struct Spawn<'a> {
     pub tracker: &'a RunTracker,
 }
 
-/// Where a run's step processes are tracked: the run's cgroup, made at its first step, killed
-/// whole at the end of every step, and removed when this is dropped (at the run's end). Without
-/// one (`env` mode), only the marker `SKIFF_RUN_ID` every step's processes carry.
+/// Where a run's step processes are tracked: the run's cgroup, taken at its first step, killed
+/// whole at the end of every step, and given back to the pool when this is dropped (at the run's
+/// end). Without one (`env` mode), only the marker `SKIFF_RUN_ID` every step's processes carry.
 pub struct RunTracker {
     run_id: String,
-    cgroup: std::sync::OnceLock<Option<Cgroup>>,
+    cgroup: std::sync::Mutex<Option<std::sync::Arc<RunCgroup>>>,
 }
 
 impl RunTracker {
     pub fn new(run_id: &str) -> Self {
         RunTracker {
             run_id: run_id.to_string(),
-            cgroup: std::sync::OnceLock::new(),
+            cgroup: std::sync::Mutex::new(None),
         }
     }
 
-    fn cgroup(&self) -> Option<&Cgroup> {
-        self.cgroup
-            .get_or_init(|| cgroup::for_run(&self.run_id))
-            .as_ref()
+    /// The run's cgroup for its next step (taken when first needed, and again after one that
+    /// cannot be reused).
+    fn cgroup(&self) -> Option<std::sync::Arc<RunCgroup>> {
+        let mut current = match self.cgroup.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if current.as_ref().is_some_and(|c| !c.reusable()) {
+            *current = None;
+        }
+        if current.is_none() {
+            *current = cgroup::for_run(&self.run_id).map(std::sync::Arc::new);
+        }
+        current.clone()
     }
 }
 
@@ -60,7 +70,7 @@ impl RunTracker {
 /// marker (for a process that left the cgroup, or a run tracked without one). Returns whether any
 /// process was ended.
 pub fn end_interrupted(run_id: &str) -> bool {
-    let by_cgroup = cgroup::end_leftover(run_id);
+    let by_cgroup = cgroup::end_leftovers();
     reap_orphans(run_id) || by_cgroup
 }
 
@@ -132,30 +142,44 @@ pub async fn run(
     let _ = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
     let out = writer.into_blocking_fd()?;
     let err = out.try_clone()?;
-    let mut cmd = tokio::process::Command::new(spec.program);
-    cmd.args(spec.args)
-        .current_dir(spec.cwd)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .process_group(0)
-        .kill_on_drop(true);
     let cgroup = spec.tracker.cgroup();
-    if let Some(cgroup) = cgroup {
-        cgroup.place(&mut cmd);
-    }
-    let mut child = cmd.spawn()?;
-    // Close this process's copies of the pipe's write end, so the reader sees the end of the
-    // output once the step's processes are gone.
-    drop(cmd);
-    let pgid = Pid::from_raw(
-        child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .unwrap_or(0),
-    );
+    let cgroup: Option<&Cgroup> = cgroup.as_deref().map(|c| &**c);
+    let mut child = match cgroup
+        .and_then(|c| c.dir_fd())
+        .filter(|_| crate::spawn::available())
+    {
+        // Created inside the run's cgroup v2 (see `spawn.rs`).
+        Some(dir) => StepChild::Cloned(crate::spawn::spawn(crate::spawn::Start {
+            program: spec.program,
+            args: spec.args,
+            env: spec.env,
+            cwd: spec.cwd,
+            stdout: out,
+            stderr: err,
+            cgroup: dir,
+        })?),
+        None => {
+            let mut cmd = tokio::process::Command::new(spec.program);
+            cmd.args(spec.args)
+                .current_dir(spec.cwd)
+                .env_clear()
+                .envs(spec.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(out))
+                .stderr(Stdio::from(err))
+                .process_group(0)
+                .kill_on_drop(true);
+            if let Some(cgroup) = cgroup {
+                cgroup.place(&mut cmd);
+            }
+            let child = cmd.spawn()?;
+            // Close this process's copies of the pipe's write end, so the reader sees the end
+            // of the output once the step's processes are gone.
+            drop(cmd);
+            StepChild::Command(child)
+        }
+    };
+    let pgid = child.pid();
 
     let mut reader_task = tokio::spawn(read_output(reader, log.clone(), step, masker.clone()));
 
@@ -200,10 +224,48 @@ pub async fn run(
     Ok(ended)
 }
 
+/// A step's main process, started by `std` (with a cgroup v1 or none) or by `clone3` into a
+/// cgroup v2.
+enum StepChild {
+    Command(tokio::process::Child),
+    Cloned(crate::spawn::Child),
+}
+
+impl StepChild {
+    /// Its pid, which is also its process group's id (0 once it has been reaped).
+    fn pid(&self) -> Pid {
+        match self {
+            StepChild::Command(c) => {
+                Pid::from_raw(c.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0))
+            }
+            StepChild::Cloned(c) => c.id(),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self {
+            StepChild::Command(c) => c.wait().await,
+            StepChild::Cloned(c) => c.wait().await,
+        }
+    }
+
+    async fn kill(&mut self) {
+        match self {
+            StepChild::Command(c) => {
+                let _ = c.kill().await;
+            }
+            StepChild::Cloned(c) => {
+                c.kill();
+                let _ = c.wait().await;
+            }
+        }
+    }
+}
+
 /// SIGTERM to the group, up to `grace` for the leader to exit, then SIGKILL.
-async fn terminate(child: &mut tokio::process::Child, pgid: Pid, grace: Duration) {
+async fn terminate(child: &mut StepChild, pgid: Pid, grace: Duration) {
     if pgid.as_raw() <= 0 {
-        let _ = child.kill().await;
+        child.kill().await;
         return;
     }
     signal_group(pgid, Signal::SIGTERM);

@@ -172,6 +172,27 @@ const SCHEMA: &[&str] = &[
     ) WITHOUT ROWID",
 ];
 
+/// Columns added to tables after their first version: (the schema version that added it, the
+/// statement). Chunks written before `at` and `stream` existed read as the run's start and
+/// `output`.
+const UPGRADES: &[(i64, &str)] = &[
+    (
+        2,
+        "ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    ),
+    (3, "ALTER TABLE runs ADD COLUMN plan TEXT"),
+    (4, "ALTER TABLE runs ADD COLUMN cancel_reason TEXT"),
+    (
+        5,
+        "ALTER TABLE runs ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0",
+    ),
+    (5, "ALTER TABLE runs ADD COLUMN claimed_by TEXT"),
+    (5, "ALTER TABLE runs ADD COLUMN lease_until INTEGER"),
+    (5, "ALTER TABLE runs ADD COLUMN idempotency_key TEXT"),
+    (6, "ALTER TABLE log_chunks ADD COLUMN at INTEGER"),
+    (6, "ALTER TABLE log_chunks ADD COLUMN stream TEXT"),
+];
+
 /// The embedded Store. Run state lives in SQLite; log bytes live in one append-only file per
 /// run beside the database (`logs/<run id>.log`), indexed by offset and step in SQLite. Keeping
 /// bulk log bytes out of the WAL halves what a chatty step costs to store (no double write, no
@@ -361,45 +382,11 @@ impl SqliteStore {
                 .await
                 .map_err(backend)?;
         }
-        if version == 1 {
-            sqlx::query("ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0")
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        if (1..=2).contains(&version) {
-            sqlx::query("ALTER TABLE runs ADD COLUMN plan TEXT")
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        if (1..=3).contains(&version) {
-            sqlx::query("ALTER TABLE runs ADD COLUMN cancel_reason TEXT")
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        if (1..=4).contains(&version) {
-            for statement in [
-                "ALTER TABLE runs ADD COLUMN claim_token INTEGER NOT NULL DEFAULT 0",
-                "ALTER TABLE runs ADD COLUMN claimed_by TEXT",
-                "ALTER TABLE runs ADD COLUMN lease_until INTEGER",
-                "ALTER TABLE runs ADD COLUMN idempotency_key TEXT",
-            ] {
-                sqlx::query(statement)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-            }
-        }
-        if (1..=5).contains(&version) {
-            // Chunks written before have no time or stream: readers take the run's start and
-            // `output`.
-            for statement in [
-                "ALTER TABLE log_chunks ADD COLUMN at INTEGER",
-                "ALTER TABLE log_chunks ADD COLUMN stream TEXT",
-            ] {
-                sqlx::query(statement)
+        // A database made by an older skiff gets the columns that came after it (a new one has
+        // them from `SCHEMA`; version 0 is a new file).
+        for (since, statement) in UPGRADES {
+            if version != 0 && version < *since {
+                sqlx::query(*statement)
                     .execute(&mut *tx)
                     .await
                     .map_err(backend)?;
