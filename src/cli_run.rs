@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
+use skiff_core::catalog::Entry;
 use skiff_core::diag::Report;
+use skiff_core::dispatch::DispatchError;
 use skiff_core::duration::human;
-use skiff_core::pipeline::{Phase, resolve_params};
-use skiff_core::run::{NewRun, RunStatus, StepRecord, StepStatus, Trigger, TriggerKind};
+use skiff_core::pipeline::Phase;
+use skiff_core::run::{RunStatus, StepRecord, StepStatus, Trigger, TriggerKind};
 use skiff_core::store::Store;
 use skiff_worker::secrets::Secrets;
 use skiff_worker::{RunObserver, RunOptions, execute_run};
@@ -89,35 +91,36 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for (k, v) in args.params {
         given.insert(k, v);
     }
-    let params = match resolve_params(&pipeline, &given) {
-        Ok(p) => p,
-        Err(errors) => {
+    let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+    let pipeline = Arc::new(pipeline);
+    let entry = Entry {
+        name: pipeline.name.clone(),
+        file: args.file.clone(),
+        source,
+        pipeline: Some(pipeline.clone()),
+        diagnostics: Vec::new(),
+    };
+    // The same rules as every other way in: the pipeline must accept manual runs, the params
+    // must fit.
+    let trigger = Trigger {
+        kind: TriggerKind::Cli,
+        actor,
+    };
+    let new = match skiff_core::dispatch::new_run(&entry, &given, trigger) {
+        Ok(new) => new,
+        Err(DispatchError::Params(errors)) => {
             for e in &errors {
                 eprintln!("skiff: param `{}`: {}", e.param, e.message);
             }
             bail!("the params do not fit pipeline `{}`", pipeline.name);
         }
+        Err(e) => bail!("{e}"),
     };
     eprintln!("skiff: {}", skiff_worker::process_tracking()?.description());
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
     let data = args.data.open().await?;
     let store: Arc<dyn Store> = Arc::new(data.store.clone());
-    let actor = std::env::var("USER").unwrap_or_else(|_| "cli".into());
-    let run = store
-        .create_run(NewRun {
-            pipeline: pipeline.name.clone(),
-            trigger: Trigger {
-                kind: TriggerKind::Cli,
-                actor,
-            },
-            params,
-            source,
-            steps: pipeline.plan(),
-            rerun_of: None,
-            idempotency_key: None,
-        })
-        .await?
-        .run;
+    let run = store.create_run(new).await?.run;
     // Claimed like any worker's run: its lease is renewed while it runs, so a `skiff serve` on
     // the same data folder leaves it alone (and finishes it if this process dies).
     let (run, claim) = store

@@ -1,5 +1,6 @@
-//! Starting runs: check the params, create the run in the Store, push its job on the queue. Every
-//! trigger (the API, the UI's Run button, webhooks, schedules) comes through here.
+//! Starting runs: check that the pipeline accepts the trigger, check the params, create the run
+//! in the Store, push its job on the queue. Every way in (the API, the UI's Run button, `skiff
+//! run`, webhooks, schedules) comes through [`new_run`], so the rules are the same for all.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,8 +8,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::catalog::Entry;
+use crate::pipeline::Pipeline;
 use crate::pipeline::{ParamError, resolve_params};
-use crate::run::{NewRun, Run, RunId, Trigger};
+use crate::run::{NewRun, Run, RunId, Trigger, TriggerKind};
 use crate::store::{Store, StoreError};
 
 /// The job a queue carries: which run to execute, and when it was pushed (for the queue-wait
@@ -47,6 +49,12 @@ pub trait Queue: Send + Sync + 'static {
 pub enum DispatchError {
     #[error("pipeline `{0}` is not valid")]
     InvalidPipeline(String),
+    #[error("pipeline `{pipeline}` does not accept {} runs ({hint})", kind.as_str())]
+    NotAccepted {
+        pipeline: String,
+        kind: TriggerKind,
+        hint: &'static str,
+    },
     #[error("the params do not fit the pipeline")]
     Params(Vec<ParamError>),
     #[error("the snapshot of run {0} no longer loads")]
@@ -55,6 +63,50 @@ pub enum DispatchError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+}
+
+/// Whether `pipeline` accepts runs started by `kind`; `Err` holds what its file says instead.
+/// The Run button, the API and the CLI are manual runs (`on.manual`, on unless turned off); a
+/// webhook needs `on.webhook`, a schedule `on.schedule`. A rerun repeats a run that was accepted
+/// when it was made (the nightly teardown that failed can be run again by hand).
+pub fn accepts(pipeline: &Pipeline, kind: TriggerKind) -> Result<(), &'static str> {
+    let on = &pipeline.on;
+    match kind {
+        TriggerKind::Manual | TriggerKind::Api | TriggerKind::Cli if !on.manual => {
+            Err("on.manual: false")
+        }
+        TriggerKind::Webhook if on.webhook.is_none() => Err("it has no on.webhook"),
+        TriggerKind::Schedule if on.schedules.is_empty() => Err("it has no on.schedule"),
+        _ => Ok(()),
+    }
+}
+
+/// The run a trigger asks for, once the pipeline accepts the trigger and the params fit; the one
+/// place these rules are applied.
+pub fn new_run(
+    entry: &Entry,
+    given: &BTreeMap<String, String>,
+    trigger: Trigger,
+) -> Result<NewRun, DispatchError> {
+    let pipeline = entry
+        .pipeline
+        .as_ref()
+        .ok_or_else(|| DispatchError::InvalidPipeline(entry.name.clone()))?;
+    accepts(pipeline, trigger.kind).map_err(|hint| DispatchError::NotAccepted {
+        pipeline: pipeline.name.clone(),
+        kind: trigger.kind,
+        hint,
+    })?;
+    let params = resolve_params(pipeline, given).map_err(DispatchError::Params)?;
+    Ok(NewRun {
+        pipeline: pipeline.name.clone(),
+        trigger,
+        params,
+        source: entry.source.clone(),
+        steps: pipeline.plan(),
+        rerun_of: None,
+        idempotency_key: None,
+    })
 }
 
 #[derive(Clone)]
@@ -71,21 +123,7 @@ impl Dispatcher {
         given: &BTreeMap<String, String>,
         trigger: Trigger,
     ) -> Result<Run, DispatchError> {
-        let pipeline = entry
-            .pipeline
-            .as_ref()
-            .ok_or_else(|| DispatchError::InvalidPipeline(entry.name.clone()))?;
-        let params = resolve_params(pipeline, given).map_err(DispatchError::Params)?;
-        self.start(NewRun {
-            pipeline: pipeline.name.clone(),
-            trigger,
-            params,
-            source: entry.source.clone(),
-            steps: pipeline.plan(),
-            rerun_of: None,
-            idempotency_key: None,
-        })
-        .await
+        self.start(new_run(entry, given, trigger)?).await
     }
 
     /// Starts a new run with the same pipeline snapshot and params as `run`.
@@ -119,5 +157,28 @@ impl Dispatcher {
             return Err(e.into());
         }
         Ok(run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_trigger_kind_needs_its_trigger_in_the_file() {
+        let load = |on: &str| {
+            crate::pipeline::load(&format!("{on}steps:\n  - run: echo\n"), "p").expect("valid")
+        };
+        let plain = load("");
+        let nightly = load("on:\n  manual: false\n  schedule: [{ cron: \"0 3 * * *\" }]\n");
+        use TriggerKind::*;
+        for kind in [Manual, Api, Cli, Rerun] {
+            assert!(accepts(&plain, kind).is_ok(), "{kind:?}");
+        }
+        assert!(accepts(&plain, Webhook).is_err() && accepts(&plain, Schedule).is_err());
+        for kind in [Manual, Api, Cli, Webhook] {
+            assert!(accepts(&nightly, kind).is_err(), "{kind:?}");
+        }
+        assert!(accepts(&nightly, Schedule).is_ok() && accepts(&nightly, Rerun).is_ok());
     }
 }

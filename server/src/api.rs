@@ -80,9 +80,11 @@ fn param_value_schema() -> Object {
                     Type::String,
                     Type::Number,
                     Type::Boolean,
+                    Type::Null,
                 ]))
                 .description(Some(
-                    "a string, a number (kept as written: `1.50` stays `1.50`) or a boolean",
+                    "a string, a number (kept as written: `1.50` stays `1.50`), a boolean, or \
+                     null (not given: the default applies)",
                 )),
         ))
         .build()
@@ -528,17 +530,21 @@ pub async fn get_pipeline(
 #[serde(deny_unknown_fields)]
 pub struct TriggerBody {
     /// The run's params by name. Each value is kept as its text: a string's characters, a
-    /// number as written (no rounding), `true`/`false`.
+    /// number as written (no rounding), `true`/`false`; `null` leaves the param out (its
+    /// default applies), as `""` does for every param but an optional string.
     #[serde(default)]
     #[schema(schema_with = param_value_schema)]
     pub params: BTreeMap<String, Box<RawValue>>,
 }
 
-/// Params as JSON values: strings, numbers and booleans are taken as their text. A number keeps
+/// Params as JSON values: strings, numbers and booleans are taken as their text; `null` means
+/// "not given" (the default applies; a required param without one is reported missing). A
+/// number keeps
 /// the text it was sent as: the values are raw JSON (`RawValue`), never an `f64`, so
 /// `12345678901234567890123` and `1.50` reach the run as written.
 pub fn params_from_json(
     values: BTreeMap<String, Box<RawValue>>,
+    pipeline: Option<&skiff_core::pipeline::Pipeline>,
 ) -> Result<BTreeMap<String, String>, Vec<ParamError>> {
     let mut out = BTreeMap::new();
     let mut errors = Vec::new();
@@ -548,7 +554,9 @@ pub fn params_from_json(
         let value = match text.as_bytes().first() {
             Some(b'"') => serde_json::from_str::<String>(text).map_err(|e| e.to_string()),
             Some(b'-' | b'0'..=b'9' | b't' | b'f') => Ok(text.to_string()),
-            Some(b'n') => Err("expected a string, number or boolean, got null".to_string()),
+            // Left out; a name the pipeline does not declare is kept, to be reported unknown.
+            Some(b'n') if pipeline.is_some_and(|p| p.param(&k).is_some()) => continue,
+            Some(b'n') => Ok(String::new()),
             Some(b'[') => Err("expected a string, number or boolean, got a list".to_string()),
             _ => Err("expected a string, number or boolean, got an object".to_string()),
         };
@@ -586,15 +594,9 @@ pub async fn trigger(
     body: Result<JsonObject<TriggerBody>, ApiError>,
 ) -> Result<Response, ApiError> {
     let entry = entry(&state, &name)?;
-    if entry.pipeline.as_ref().is_some_and(|p| !p.on.manual) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "manual_disabled",
-            format!("pipeline `{name}` does not allow manual runs (on.manual: false)"),
-        ));
-    }
     let JsonObject(body) = body?;
-    let given = params_from_json(body.params).map_err(ApiError::invalid_params)?;
+    let given = params_from_json(body.params, entry.pipeline.as_deref())
+        .map_err(ApiError::invalid_params)?;
     let run = state
         .dispatcher
         .trigger(&entry, &given, trigger_of(&principal, TriggerKind::Api))
@@ -933,22 +935,22 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), raw(v)))
         .collect();
-        let out = params_from_json(given).expect("params");
+        let out = params_from_json(given, None).expect("params");
         assert_eq!(out["a"], "12345678901234567890123");
         assert_eq!(out["b"], "1.50");
         assert_eq!(out["c"], "-0.5e-3");
         assert_eq!(out["d"], "x\"yé");
         assert_eq!((out["e"].as_str(), out["f"].as_str()), ("true", "false"));
-        let bad: BTreeMap<String, Box<RawValue>> = [("n", "null"), ("l", "[1]"), ("o", "{}")]
+        let bad: BTreeMap<String, Box<RawValue>> = [("l", "[1]"), ("o", "{}")]
             .into_iter()
             .map(|(k, v)| (k.to_string(), raw(v)))
             .collect();
-        let errors = params_from_json(bad).expect_err("bad");
+        let errors = params_from_json(bad, None).expect_err("bad");
         let got: Vec<(&str, &str)> = errors
             .iter()
             .map(|e| (e.param.as_str(), e.message.rsplit(' ').next().unwrap_or("")))
             .collect();
-        assert_eq!(got, [("l", "list"), ("n", "null"), ("o", "object")]);
+        assert_eq!(got, [("l", "list"), ("o", "object")]);
     }
 
     #[test]
@@ -956,7 +958,7 @@ mod tests {
         let body: TriggerBody =
             crate::error::parse_object(br#"{"params": {"n": 12345678901234567890123, "x": 1.50}}"#)
                 .expect("body");
-        let out = params_from_json(body.params).expect("params");
+        let out = params_from_json(body.params, None).expect("params");
         assert_eq!(out["n"], "12345678901234567890123");
         assert_eq!(out["x"], "1.50");
     }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde::de::{DeserializeOwned, Visitor};
 use skiff_core::dispatch::DispatchError;
 use skiff_core::pipeline::ParamError;
+use skiff_core::run::TriggerKind;
 use skiff_core::store::StoreError;
 use utoipa::ToSchema;
 
@@ -175,6 +176,20 @@ impl From<DispatchError> for ApiError {
     fn from(e: DispatchError) -> Self {
         match e {
             DispatchError::Params(fields) => ApiError::invalid_params(fields),
+            e @ DispatchError::NotAccepted { .. } => {
+                let code = match &e {
+                    DispatchError::NotAccepted { kind, .. }
+                        if matches!(
+                            kind,
+                            TriggerKind::Manual | TriggerKind::Api | TriggerKind::Cli
+                        ) =>
+                    {
+                        "manual_disabled"
+                    }
+                    _ => "trigger_not_accepted",
+                };
+                ApiError::new(StatusCode::CONFLICT, code, e.to_string())
+            }
             DispatchError::InvalidPipeline(name) => ApiError::new(
                 StatusCode::CONFLICT,
                 "invalid_pipeline",

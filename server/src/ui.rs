@@ -14,7 +14,9 @@ use rust_embed::RustEmbed;
 use serde::Deserialize;
 use skiff_core::catalog::Entry;
 use skiff_core::diag::Report;
+use skiff_core::dispatch::DispatchError;
 use skiff_core::duration::human;
+use skiff_core::pipeline::ParamError;
 use skiff_core::run::{Run, StepRecord, TriggerKind};
 use skiff_core::store::{ApiToken, RunQuery};
 
@@ -196,6 +198,8 @@ pub struct ParamField {
     pub description: String,
     pub options: Vec<String>,
     pub required: bool,
+    /// Why the value given for it was refused (shown beside the field).
+    pub error: String,
 }
 
 #[derive(Template, WebTemplate)]
@@ -229,6 +233,7 @@ async fn pipeline_page(
     name: &str,
     given: &BTreeMap<String, String>,
     errors: Vec<String>,
+    field_errors: &[ParamError],
 ) -> Result<PipelinePage, ApiError> {
     let e = entry_or_404(state, name)?;
     let p = e.pipeline.as_deref();
@@ -284,6 +289,12 @@ async fn pipeline_page(
                         description: q.description.clone().unwrap_or_default(),
                         options: q.options.clone(),
                         required: q.required,
+                        error: field_errors
+                            .iter()
+                            .filter(|e| e.param == q.name)
+                            .map(|e| e.message.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; "),
                     })
                     .collect()
             })
@@ -298,7 +309,7 @@ pub async fn pipeline(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<PipelinePage, ApiError> {
-    pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new()).await
+    pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new(), &[]).await
 }
 
 /// The Run form: `csrf` plus `param.NAME` fields.
@@ -333,15 +344,30 @@ pub async fn run_pipeline(
         .await
     {
         Ok(run) => Ok(Redirect::to(&format!("/runs/{}", run.id)).into_response()),
-        Err(skiff_core::dispatch::DispatchError::Params(errors)) => {
-            let errors = errors
+        Err(DispatchError::Params(errors)) => {
+            // Beside its field when it names one; above the form otherwise.
+            let declared = |name: &str| {
+                e.pipeline
+                    .as_deref()
+                    .is_some_and(|p| p.param(name).is_some())
+            };
+            let others = errors
                 .iter()
+                .filter(|e| !declared(&e.param))
                 .map(|e| format!("{}: {}", e.param, e.message))
                 .collect();
-            let mut page = pipeline_page(&page, &state, &name, &given, errors)
+            let mut page = pipeline_page(&page, &state, &name, &given, others, &errors)
                 .await?
                 .into_response();
             *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+            Ok(page)
+        }
+        Err(refused @ DispatchError::NotAccepted { .. }) => {
+            let mut page =
+                pipeline_page(&page, &state, &name, &given, vec![refused.to_string()], &[])
+                    .await?
+                    .into_response();
+            *page.status_mut() = StatusCode::CONFLICT;
             Ok(page)
         }
         Err(e) => Err(e.into()),

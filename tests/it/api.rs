@@ -420,7 +420,7 @@ pub fn sign_in(s: &Server) -> String {
     cookie.split(';').next().expect("cookie").to_string()
 }
 
-fn csrf_of(page: &str) -> String {
+pub fn csrf_of(page: &str) -> String {
     let at = page.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
     page[at..].split('"').next().expect("value").to_string()
 }

@@ -3,6 +3,7 @@
 mod api;
 mod browser;
 mod edge;
+mod model;
 mod quickstart;
 mod records;
 mod runs;

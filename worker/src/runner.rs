@@ -133,6 +133,7 @@ struct StepState {
 /// What expressions see during a run.
 struct RunScope<'a> {
     run: &'a Run,
+    pipeline: &'a Pipeline,
     env: &'a [(String, String)],
     secrets: &'a Secrets,
     steps: &'a HashMap<String, StepState>,
@@ -146,7 +147,14 @@ impl Scope for RunScope<'_> {
         let s = |v: &str| Value::String(v.to_string());
         let name = path.get(1).map(String::as_str).unwrap_or("");
         Ok(match path[0].as_str() {
-            "params" => self.run.params.get(name).map_or(Value::Null, |v| s(v)),
+            // Typed by the pipeline's declaration: `false` is false, numbers compare as numbers.
+            "params" => {
+                let given = self.run.params.get(name).map(String::as_str);
+                match self.pipeline.param(name) {
+                    Some(p) => p.typed(given),
+                    None => given.map_or(Value::Null, s),
+                }
+            }
             "env" => self
                 .env
                 .iter()
@@ -596,6 +604,7 @@ impl Runner<'_> {
     fn scope<'s>(&'s self, env: &'s [(String, String)], status: &'s str) -> RunScope<'s> {
         RunScope {
             run: self.run,
+            pipeline: self.pipeline,
             env,
             secrets: &self.opts.secrets,
             steps: &self.steps,
@@ -645,6 +654,13 @@ impl Runner<'_> {
         ]);
         for (name, value) in &self.run.params {
             env.push((format!("SKIFF_PARAM_{}", env_key(name)), value.clone()));
+        }
+        // A declared param the run was not given (optional, no default) is there, empty, so a
+        // script under `set -u` can test it.
+        for p in &self.pipeline.params {
+            if !self.run.params.contains_key(&p.name) {
+                env.push((format!("SKIFF_PARAM_{}", env_key(&p.name)), String::new()));
+            }
         }
         env
     }

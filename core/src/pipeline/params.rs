@@ -34,6 +34,34 @@ fn kib(bytes: usize) -> String {
     format!("{} KiB", bytes >> 10)
 }
 
+impl super::Param {
+    /// The value expressions see for this param, given its text (`None`: the run was not given
+    /// it and it has no default). A boolean is `true`/`false`, a number a number, so that
+    /// `if: params.dry_run` is false for `dry_run=false` and `params.a > params.b` compares
+    /// numbers; strings and choices stay text; an absent param is `null`. The environment
+    /// variables (`SKIFF_PARAM_*`) stay text whatever the type.
+    pub fn typed(&self, text: Option<&str>) -> crate::expr::Value {
+        use crate::expr::Value;
+        let Some(text) = text else {
+            return Value::Null;
+        };
+        match self.kind {
+            ParamKind::Boolean => match text {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                // Checked when the run was created; a stored run from another version is read
+                // as text rather than guessed at.
+                other => Value::String(other.to_string()),
+            },
+            ParamKind::Number => match text.trim().parse::<f64>() {
+                Ok(n) if n.is_finite() => Value::Number(n),
+                _ => Value::String(text.to_string()),
+            },
+            ParamKind::String | ParamKind::Choice => Value::String(text.to_string()),
+        }
+    }
+}
+
 /// Whether `value` is acceptable for `param`; the error is a phrase for the user.
 pub(crate) fn check_value(param: &super::Param, value: &str) -> Result<(), String> {
     if value.contains('\0') {
@@ -61,14 +89,26 @@ pub(crate) fn check_value(param: &super::Param, value: &str) -> Result<(), Strin
     }
 }
 
-/// The full set of params for a run: the given ones checked, defaults filled in. Every problem
-/// is returned, not just the first.
+/// Whether `""` given for `param` means "not given": for every kind but an optional string an
+/// empty value is no value (a form's empty number field, a choice left on its placeholder), so
+/// the default applies and a required param without one is reported as missing. An optional
+/// string may be set to `""` on purpose.
+fn empty_is_absent(param: &super::Param) -> bool {
+    param.required || param.kind != ParamKind::String
+}
+
+/// The full set of params for a run: the given ones checked, defaults filled in. A param that is
+/// neither given nor defaulted is absent from the result (expressions see `null`; its
+/// `SKIFF_PARAM_*` variable is empty). Every problem is returned, not just the first, each
+/// naming its param.
 pub fn resolve_params(
     pipeline: &Pipeline,
     given: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>, Vec<ParamError>> {
     let mut errors = Vec::new();
     let mut out = BTreeMap::new();
+    // Given params that were dealt with (taken, or reported as wrong).
+    let mut dealt_with = std::collections::BTreeSet::new();
     for (name, value) in given {
         match pipeline.param(name) {
             None => {
@@ -80,19 +120,23 @@ pub fn resolve_params(
                     message: format!("unknown param{hint}"),
                 });
             }
-            Some(p) => match check_value(p, value) {
-                Ok(()) => {
-                    out.insert(name.clone(), value.clone());
+            Some(p) if value.is_empty() && empty_is_absent(p) => {}
+            Some(p) => {
+                dealt_with.insert(name.as_str());
+                match check_value(p, value) {
+                    Ok(()) => {
+                        out.insert(name.clone(), value.clone());
+                    }
+                    Err(message) => errors.push(ParamError {
+                        param: name.clone(),
+                        message,
+                    }),
                 }
-                Err(message) => errors.push(ParamError {
-                    param: name.clone(),
-                    message,
-                }),
-            },
+            }
         }
     }
     for p in &pipeline.params {
-        if out.contains_key(&p.name) || given.contains_key(&p.name) {
+        if dealt_with.contains(p.name.as_str()) {
             continue;
         }
         match &p.default {
@@ -100,14 +144,17 @@ pub fn resolve_params(
                 out.insert(p.name.clone(), d.clone());
             }
             None if p.required => {
+                let message = if given.contains_key(&p.name) {
+                    "required: give it a value (empty is not one)"
+                } else {
+                    "required, and has no default"
+                };
                 errors.push(ParamError {
                     param: p.name.clone(),
-                    message: "required, and has no default".into(),
+                    message: message.into(),
                 });
             }
-            None => {
-                out.insert(p.name.clone(), String::new());
-            }
+            None => {}
         }
     }
     if errors.is_empty() {
@@ -195,5 +242,59 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].param, "p8", "named after the largest value");
         assert!(errors[0].message.contains("256 KiB"), "{errors:?}");
+    }
+}
+
+#[cfg(test)]
+mod absent {
+    use super::*;
+    use crate::expr::Value;
+
+    fn pipeline() -> Pipeline {
+        let yaml = "params:\n  s: {}\n  rs: { required: true }\n  n: { type: number }\n  \
+                    b: { type: boolean, default: true }\n  c: { type: choice, options: [x, y], required: true }\n\
+                    steps:\n  - run: echo\n";
+        crate::pipeline::load(yaml, "p").expect("a valid pipeline")
+    }
+
+    fn given(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_is_absent_except_for_an_optional_string() {
+        let p = pipeline();
+        let out = resolve_params(&p, &given(&[("s", ""), ("rs", "r"), ("n", ""), ("c", "x")]))
+            .expect("fits");
+        assert_eq!(
+            out,
+            given(&[("s", ""), ("rs", "r"), ("b", "true"), ("c", "x")])
+        );
+        let errors =
+            resolve_params(&p, &given(&[("rs", ""), ("c", "")])).expect_err("two are missing");
+        let named: Vec<&str> = errors.iter().map(|e| e.param.as_str()).collect();
+        assert_eq!(named, ["rs", "c"]);
+        assert!(
+            errors.iter().all(|e| e.message.contains("required")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn expressions_see_typed_values() {
+        let p = pipeline();
+        let b = p.param("b").expect("b");
+        let n = p.param("n").expect("n");
+        assert_eq!(b.typed(Some("false")), Value::Bool(false));
+        assert!(!b.typed(Some("false")).truthy());
+        assert_eq!(n.typed(Some(" 10 ")), Value::Number(10.0));
+        assert_eq!(n.typed(None), Value::Null);
+        assert_eq!(
+            p.param("s").expect("s").typed(Some("10")),
+            Value::String("10".into())
+        );
     }
 }
