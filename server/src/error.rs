@@ -178,14 +178,10 @@ impl From<DispatchError> for ApiError {
             DispatchError::Params(fields) => ApiError::invalid_params(fields),
             e @ DispatchError::NotAccepted { .. } => {
                 let code = match &e {
-                    DispatchError::NotAccepted { kind, .. }
-                        if matches!(
-                            kind,
-                            TriggerKind::Manual | TriggerKind::Api | TriggerKind::Cli
-                        ) =>
-                    {
-                        "manual_disabled"
-                    }
+                    DispatchError::NotAccepted {
+                        kind: TriggerKind::Manual | TriggerKind::Api | TriggerKind::Cli,
+                        ..
+                    } => "manual_disabled",
                     _ => "trigger_not_accepted",
                 };
                 ApiError::new(StatusCode::CONFLICT, code, e.to_string())
