@@ -228,7 +228,7 @@ pub fn pipeline_dto(entry: &Entry) -> PipelineDto {
                         name: s.name.clone(),
                         phase: s.phase.as_str(),
                         uses: match &s.action {
-                            StepAction::Uses { action, .. } => Some(action.name),
+                            StepAction::Uses { action, .. } => Some(action.name()),
                             StepAction::Run { .. } => None,
                         },
                     })

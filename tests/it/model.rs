@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::api::{csrf_of, sign_in};
-use crate::server::{Server, raw};
+use crate::server::{Server, eventually, raw};
 use crate::support::Sandbox;
 
 fn status_of(run: &Value, id: &str) -> String {
@@ -263,4 +263,80 @@ fn a_pipeline_that_turns_manual_runs_off_refuses_them_from_every_way_in() {
         out.all()
     );
     assert!(!out.all().contains("TEARDOWN"), "{}", out.all());
+}
+
+/// An action's `with` is its typed struct: a param that does not fit it fails the step at once
+/// (bad inputs are not retried), a nested or out-of-range literal is a load error, and an
+/// action asked to stop ends on its own (no "abandoned" note).
+#[test]
+fn actions_check_their_inputs_and_stop_when_asked() {
+    let yaml = r#"params:
+  u: { default: "https://example.com/" }
+  s: { type: number, default: "204" }
+steps:
+  - id: bad-url
+    uses: http/wait
+    retry: { count: 3, backoff: 1s }
+    continue_on_error: true
+    with: { url: "${{ params.u }}", timeout: 1s }
+  - id: typed
+    uses: http/wait
+    continue_on_error: true
+    with: { url: "http://127.0.0.1:1/", status: "${{ params.s }}", timeout: 200ms, interval: 50ms }
+  - id: long
+    uses: http/wait
+    with: { url: "http://127.0.0.1:1/", timeout: 10m, interval: 100ms }
+"#;
+    let s = Server::start(&[("waits", yaml)]);
+    let id = s.trigger("waits", json!({}));
+    s.wait_for_log(&id, "http://127.0.0.1:1/: ");
+    eventually("the long wait has started", || {
+        let (_, run) = s.api("GET", &format!("/api/runs/{id}"), None);
+        status_of(&run, "long") == "running"
+    });
+    let (status, _) = s.api("POST", &format!("/api/runs/{id}/cancel"), None);
+    assert_eq!(status, 202);
+    let run = s.wait_for_end(&id);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    let step = |i: usize| &run["steps"][i];
+    assert_eq!(step(0)["status"], "failed");
+    assert_eq!(step(0)["attempt"], 1, "bad inputs are not retried: {run}");
+    assert!(
+        step(0)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("with.url") && r.contains("plain http://")),
+        "{run}"
+    );
+    // A number param in a number field: the wait ran (and timed out against a closed port).
+    assert_eq!(step(1)["status"], "failed");
+    assert!(
+        step(1)["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not ready within")),
+        "{run}"
+    );
+    assert_eq!(step(2)["status"], "cancelled");
+    let log = s.log_text(&id);
+    assert!(
+        !log.contains("abandoned"),
+        "the wait stopped when asked: {log}"
+    );
+
+    // Load time: a nested or unknown field, a status out of range, named with line and column.
+    let sb = Sandbox::new();
+    let file = sb.pipeline(
+        "bad",
+        "steps:\n  - uses: http/wait\n    with: { url: \"http://x/\", status: 70000, health: { http: x } }\n",
+    );
+    let out = sb.run(&["validate", file.to_str().expect("path")]);
+    assert_ne!(out.code, Some(0));
+    let all = out.all();
+    assert!(
+        all.contains("bad.yml:3:39") && all.contains("not an HTTP status"),
+        "{all}"
+    );
+    assert!(
+        all.contains("unknown field `health` for `http/wait`"),
+        "{all}"
+    );
 }

@@ -784,7 +784,8 @@ impl Runner<'_> {
                 .map_err(|e| RunnerError::Store(StoreError::Backend(e.to_string())))?;
             result = attempted?;
             let retryable = matches!(result.status, StepStatus::Failed | StepStatus::TimedOut)
-                && !result.stopped;
+                && !result.stopped
+                && result.retryable;
             if !retryable || attempt >= attempts {
                 break;
             }
@@ -898,6 +899,7 @@ impl Runner<'_> {
             }),
             outputs: BTreeMap::new(),
             stopped: true,
+            retryable: false,
         }
     }
 
@@ -1026,34 +1028,62 @@ impl Runner<'_> {
                 })
             }
             StepAction::Uses { action, with } => {
-                let inputs = match actions::eval_inputs(action, with, &scope) {
+                let inputs = match actions::eval_with(with, &scope) {
                     Ok(inputs) => inputs,
-                    Err(e) => return Ok(AttemptResult::failed(e)),
+                    Err(e) => return Ok(AttemptResult::from_action_error(&e)),
                 };
+                let timeout_text = human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT));
                 let cx = ActionContext {
-                    log: &self.log,
+                    run: &self.run.id,
+                    run_number: self.run.number,
+                    pipeline: &self.run.pipeline,
                     step: index as u32,
-                    stop: &stop,
+                    step_id: &step.id,
+                    attempt: self.records[index].attempt,
+                    secrets: actions::named_secrets(with, &self.opts.secrets),
+                    log: &self.log,
+                    rec: &self.rec,
+                    stop: CancellationToken::new(),
+                    grace: self.opts.kill_grace,
                     deadline: step_deadline,
                 };
-                let work = actions::run(action.name, inputs, &cx);
+                let mut work = std::pin::pin!(actions::run(action.name(), &inputs, &cx));
                 let sleep = async {
                     match step_deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
                 };
-                Ok(tokio::select! {
-                    r = work => match r {
-                        Ok(outputs) => AttemptResult::succeeded(outputs),
-                        Err(reason) => AttemptResult::failed(reason),
-                    },
+                // On a timeout or a stop the action is asked to stop (its token), and given the
+                // grace period to end what it started and record what exists; only then is it
+                // abandoned.
+                let stopped = tokio::select! {
+                    r = &mut work => {
+                        return Ok(match r {
+                            Ok(outputs) => AttemptResult::succeeded(outputs),
+                            Err(e) => AttemptResult::from_action_error(&e),
+                        });
+                    }
                     () = sleep, if step_timeout_hit(step_deadline.unwrap_or_else(Instant::now)) => AttemptResult {
                         status: StepStatus::TimedOut,
-                        ..AttemptResult::failed(format!("timed out after {}", human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT))))
+                        ..AttemptResult::failed(format!("timed out after {timeout_text}"))
                     },
                     () = stop.cancelled() => self.stopped_result(step.phase),
-                })
+                };
+                cx.stop.cancel();
+                if tokio::time::timeout(cx.grace, &mut work).await.is_err() {
+                    self.log
+                        .note(
+                            Some(index as u32),
+                            &format!(
+                                "`{}` did not stop within {}; it was abandoned",
+                                action.name(),
+                                human(cx.grace)
+                            ),
+                        )
+                        .await;
+                }
+                Ok(stopped)
             }
         }
     }
@@ -1066,6 +1096,8 @@ struct AttemptResult {
     outputs: BTreeMap<String, String>,
     /// Ended by a cancel or the run's deadline (not retried).
     stopped: bool,
+    /// Whether the step's `retry:` may try again (not after an action's bad inputs or refusal).
+    retryable: bool,
 }
 
 impl AttemptResult {
@@ -1076,6 +1108,14 @@ impl AttemptResult {
             reason: None,
             outputs,
             stopped: false,
+            retryable: true,
+        }
+    }
+
+    fn from_action_error(e: &actions::ActionError) -> Self {
+        AttemptResult {
+            retryable: e.retryable(),
+            ..AttemptResult::failed(e.to_string())
         }
     }
 
@@ -1086,6 +1126,7 @@ impl AttemptResult {
             reason: Some(reason),
             outputs: BTreeMap::new(),
             stopped: false,
+            retryable: true,
         }
     }
 }

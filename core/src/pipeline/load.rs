@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use super::*;
-use crate::actions::{self, FieldKind};
+use crate::actions;
 use crate::diag::{Diagnostic, Lines, Pos, did_you_mean};
 use crate::duration;
 use crate::expr::{self, Expr, ExprError, Template};
@@ -916,7 +916,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             Some(n) => self.literal(n, "`name`").unwrap_or_default(),
             None => match &action {
                 Some(StepAction::Run { script }) => default_name_for_script(script),
-                Some(StepAction::Uses { action, .. }) => action.name.to_string(),
+                Some(StepAction::Uses { action, .. }) => action.name().to_string(),
                 None => id.clone(),
             },
         };
@@ -1025,13 +1025,13 @@ impl<'s, 'n> Cx<'s, 'n> {
     fn uses(&mut self, node: &'n Node, with: Option<&'n Node>, ctx: Ctx) -> Option<StepAction> {
         let name = self.literal(node, "`uses`")?;
         let Some(spec) = actions::find(&name) else {
-            let help =
-                did_you_mean(&name, actions::ACTIONS.iter().map(|a| a.name)).unwrap_or_else(|| {
+            let help = did_you_mean(&name, actions::ACTIONS.iter().map(|a| a.name()))
+                .unwrap_or_else(|| {
                     format!(
                         "built-in actions: {}",
                         actions::ACTIONS
                             .iter()
-                            .map(|a| a.name)
+                            .map(|a| a.name())
                             .collect::<Vec<_>>()
                             .join(", ")
                     )
@@ -1041,126 +1041,139 @@ impl<'s, 'n> Cx<'s, 'n> {
                 .help = Some(help);
             return None;
         };
-        let mut values = Vec::new();
-        let entries: &[(Key, Node)] = match with.map(|w| &w.value) {
-            None => &[],
-            Some(Value::Map(entries)) => entries,
-            Some(_) if with.is_some_and(Node::is_null) => &[],
-            Some(_) => {
-                if let Some(w) = with {
-                    self.type_error(w, "`with`", "a mapping");
-                }
+        let value = match with {
+            None => WithValue::Map(Vec::new()),
+            Some(w) if w.is_null() => WithValue::Map(Vec::new()),
+            Some(
+                w @ Node {
+                    value: Value::Map(_),
+                    ..
+                },
+            ) => self.with_value(w, "`with`", ctx)?,
+            Some(w) => {
+                self.type_error(w, "`with`", "a mapping");
                 return None;
             }
         };
-        let mut ok = true;
-        for (k, v) in entries {
-            let Some(field) = spec.field(&k.name) else {
-                let help = did_you_mean(&k.name, spec.fields.iter().map(|f| f.name))
-                    .unwrap_or_else(|| {
-                        format!(
-                            "`{}` takes: {}",
-                            spec.name,
-                            spec.fields
-                                .iter()
-                                .map(|f| f.name)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    });
-                self.error(
-                    k.pos,
-                    format!("unknown field `{}` for `{}`", k.name, spec.name),
-                )
-                .set_len(k.name.chars().count())
-                .help = Some(help);
-                ok = false;
-                continue;
-            };
-            let what = format!("`with.{}`", k.name);
-            let value = match (field.kind, &v.value) {
-                (FieldKind::StringList, Value::Seq(items)) => {
-                    let list: Option<Vec<Template>> =
-                        items.iter().map(|i| self.template(i, &what, ctx)).collect();
-                    list.map(WithValue::List)
-                }
-                (FieldKind::StringList, _) => {
-                    self.type_error(v, &what, field.kind.describe());
-                    None
-                }
-                (_, Value::Scalar { .. }) if !v.is_null() => {
-                    self.template(v, &what, ctx).and_then(|t| {
-                        self.check_literal(&t, v, &what, field)
-                            .then_some(WithValue::Scalar(t))
-                    })
-                }
-                _ => {
-                    self.type_error(v, &what, field.kind.describe());
-                    None
-                }
-            };
-            match value {
-                Some(value) => values.push((k.name.clone(), value)),
-                None => ok = false,
-            }
+        // The action's own `With` struct decides: the same code checks the evaluated values
+        // when the step runs.
+        let errors = spec.check(&value.to_checked_json());
+        for e in &errors {
+            self.with_error(spec, node, with, e);
         }
-        for field in spec.fields.iter().filter(|f| f.required) {
-            if !entries.iter().any(|(k, _)| k.name == field.name) {
-                let pos = with.map_or(node.pos, |w| w.pos);
-                self.error(
-                    pos,
-                    format!(
-                        "`{}` needs `with.{}` ({})",
-                        spec.name, field.name, field.doc
-                    ),
-                );
-                ok = false;
-            }
-        }
-        ok.then_some(StepAction::Uses {
+        errors.is_empty().then_some(StepAction::Uses {
             action: spec,
-            with: values,
+            with: value,
         })
     }
 
-    /// Type-checks a `with` value that holds no expression; templated values are checked when
-    /// the step runs.
-    fn check_literal(
-        &mut self,
-        t: &Template,
-        node: &Node,
-        what: &str,
-        field: &actions::Field,
-    ) -> bool {
-        if !t.is_literal() {
-            return true;
-        }
-        let Some((text, style)) = node.as_scalar() else {
-            return true;
-        };
-        let kind = field.kind;
-        let ok = match kind {
-            FieldKind::String | FieldKind::StringList => true,
-            FieldKind::Int => style == Style::Plain && text.parse::<i64>().is_ok(),
-            FieldKind::Bool => style == Style::Plain && matches!(text, "true" | "false"),
-            FieldKind::Duration => match duration::parse(text) {
-                Ok(_) => true,
-                Err(msg) => {
-                    self.error(node.pos, format!("{what}: {msg}"));
-                    return false;
+    /// A `with` value as written, its expressions parsed (and their references noted).
+    fn with_value(&mut self, node: &'n Node, what: &str, ctx: Ctx) -> Option<WithValue> {
+        Some(match &node.value {
+            Value::Seq(items) => {
+                let mut out = Vec::new();
+                let mut ok = true;
+                for (i, item) in items.iter().enumerate() {
+                    match self.with_value(item, &format!("{what}[{i}]"), ctx) {
+                        Some(v) => out.push(v),
+                        None => ok = false,
+                    }
                 }
-            },
-        };
-        if !ok {
-            self.type_error(node, what, kind.describe());
-            return false;
+                ok.then_some(WithValue::List(out))?
+            }
+            Value::Map(entries) => {
+                let mut out = Vec::new();
+                let mut ok = true;
+                for (k, v) in entries {
+                    let inner = format!("{}.{}`", what.trim_end_matches('`'), k.name);
+                    match self.with_value(v, &inner, ctx) {
+                        Some(v) => out.push((k.name.clone(), v)),
+                        None => ok = false,
+                    }
+                }
+                ok.then_some(WithValue::Map(out))?
+            }
+            Value::Scalar { text, style } => {
+                if *style == Style::Plain {
+                    if node.is_null() {
+                        return Some(WithValue::Lit(serde_json::Value::Null));
+                    }
+                    if let Ok(b) = text.parse::<bool>() {
+                        return Some(WithValue::Lit(serde_json::Value::Bool(b)));
+                    }
+                    if let Ok(n) = serde_json::from_str::<serde_json::Number>(text) {
+                        return Some(WithValue::Lit(serde_json::Value::Number(n)));
+                    }
+                }
+                let t = self.template(node, what, ctx)?;
+                if t.is_literal() {
+                    WithValue::Lit(serde_json::Value::String(text.clone()))
+                } else {
+                    WithValue::Template(t)
+                }
+            }
+        })
+    }
+
+    /// Reports a problem the action's `With` found, at the value it is about.
+    fn with_error(
+        &mut self,
+        spec: &dyn actions::Spec,
+        uses: &Node,
+        with: Option<&'n Node>,
+        e: &actions::WithError,
+    ) {
+        let field = e.dotted();
+        if let Some(missing) = e.message.strip_prefix("missing field `") {
+            let missing = missing.split('`').next().unwrap_or_default();
+            let at = with_node(with, &e.path).unwrap_or(uses);
+            let parent = field.trim_start_matches("with");
+            self.error(
+                at.pos,
+                format!("`{}` needs `with{parent}.{missing}`", spec.name()),
+            );
+            return;
         }
-        if let Some(Err(msg)) = field.check.map(|check| check(text)) {
-            self.error(node.pos, format!("{what}: {msg}"))
-                .set_len(text.chars().count());
-            return false;
+        if let Some(name) = actions::unknown_field(&e.message) {
+            let key = with_key(with, &e.path);
+            let expected: Vec<&str> = e
+                .message
+                .split("expected ")
+                .nth(1)
+                .unwrap_or_default()
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .collect();
+            let help = did_you_mean(name, expected.iter().copied()).unwrap_or_else(|| {
+                if expected.is_empty() {
+                    format!("`{field}` takes no fields")
+                } else {
+                    format!("it takes: {}", expected.join(", "))
+                }
+            });
+            let parent = field
+                .rsplit_once('.')
+                .map_or("with", |(p, _)| p)
+                .to_string();
+            let pos = key.map_or(uses.pos, |k| k.pos);
+            let what = if parent == "with" {
+                format!("`{}`", spec.name())
+            } else {
+                format!("`{parent}`")
+            };
+            self.error(pos, format!("unknown field `{name}` for {what}"))
+                .set_len(name.chars().count())
+                .help = Some(help);
+            return;
         }
-        true
+        let at = with_node(with, &e.path).unwrap_or(uses);
+        let message = humane(&e.message);
+        let len = at.as_scalar().map(|(t, _)| t.chars().count());
+        let d = self.error(at.pos, format!("`{field}`: {message}"));
+        if let Some(len) = len.filter(|l| *l > 0) {
+            d.set_len(len);
+        }
     }
 
     fn condition(&mut self, node: &'n Node, ctx: Ctx) -> Option<Condition> {
@@ -1565,18 +1578,18 @@ impl<'p> Refs<'p> {
                     ("status", 3) => {}
                     ("outputs", 4) => {
                         if let StepAction::Uses { action, .. } = &step.action
-                            && !action.outputs.contains(&path[3].as_str())
+                            && !action.outputs().contains(&path[3].as_str())
                         {
-                            let help = did_you_mean(&path[3], action.outputs.iter().copied())
+                            let help = did_you_mean(&path[3], action.outputs().iter().copied())
                                 .unwrap_or_else(|| {
                                     format!(
                                         "`{}` outputs: {}",
-                                        action.name,
-                                        action.outputs.join(", ")
+                                        action.name(),
+                                        action.outputs().join(", ")
                                     )
                                 });
                             return Err((
-                                format!("`{}` has no output `{}`", action.name, path[3]),
+                                format!("`{}` has no output `{}`", action.name(), path[3]),
                                 Some(help),
                             ));
                         }
@@ -1755,4 +1768,56 @@ fn check_cron(text: &str) -> Result<(), String> {
     croner::Cron::from_str(text)
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// The node at `path` inside `with`.
+fn with_node<'n>(with: Option<&'n Node>, path: &[actions::PathSeg]) -> Option<&'n Node> {
+    let mut at = with?;
+    for seg in path {
+        at = match (seg, &at.value) {
+            (actions::PathSeg::Key(k), Value::Map(entries)) => {
+                &entries.iter().find(|(key, _)| &key.name == k)?.1
+            }
+            (actions::PathSeg::Index(i), Value::Seq(items)) => items.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
+/// The key that ends `path` inside `with` (for an unknown field).
+fn with_key<'n>(with: Option<&'n Node>, path: &[actions::PathSeg]) -> Option<&'n Key> {
+    let (last, parent) = path.split_last()?;
+    let actions::PathSeg::Key(name) = last else {
+        return None;
+    };
+    match &with_node(with, parent)?.value {
+        Value::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| &k.name == name)
+            .map(|(k, _)| k),
+        _ => None,
+    }
+}
+
+/// serde's "invalid type: string \"ok\", expected i64" in the loader's words.
+fn humane(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("invalid type: ") else {
+        return message.to_string();
+    };
+    let Some((found, expected)) = rest.split_once(", expected ") else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "i64" | "u64" | "u32" | "u16" | "u8" | "i32" | "usize" => "a whole number",
+        "f64" | "f32" => "a number",
+        "a boolean" => "true or false",
+        other => other,
+    };
+    let found = match found.split_once(' ') {
+        Some(("string", text)) => format!("`{}`", text.trim_matches('"')),
+        Some(("integer" | "floating", _)) => found.to_string(),
+        _ => found.to_string(),
+    };
+    format!("must be {expected}, found {found}")
 }

@@ -157,15 +157,55 @@ pub enum StepAction {
     Run { script: String },
     /// A built-in action and its `with` inputs.
     Uses {
-        action: &'static crate::actions::ActionSpec,
-        with: Vec<(String, WithValue)>,
+        action: &'static dyn crate::actions::Spec,
+        /// The `with` mapping (checked against the action's `With` when the file loaded).
+        with: WithValue,
     },
 }
 
+/// A `with` value as written: a literal (typed as YAML reads it: `200` a number, `"200"` text),
+/// text with `${{ }}`, a list or a mapping.
 #[derive(Debug, Clone)]
 pub enum WithValue {
-    Scalar(Template),
-    List(Vec<Template>),
+    Lit(serde_json::Value),
+    Template(Template),
+    List(Vec<WithValue>),
+    Map(Vec<(String, WithValue)>),
+}
+
+impl WithValue {
+    /// As JSON, each template as `{EXPR_KEY: text}`: what the load-time check reads.
+    pub fn to_checked_json(&self) -> serde_json::Value {
+        self.to_json(&mut |_| {
+            Ok::<_, std::convert::Infallible>(serde_json::json!({
+                crate::actions::EXPR_KEY: "${{ }}"
+            }))
+        })
+        .unwrap_or_else(|never| match never {})
+    }
+
+    /// As JSON, each template replaced by what `eval` makes of it.
+    pub fn to_json<E>(
+        &self,
+        eval: &mut dyn FnMut(&Template) -> Result<serde_json::Value, E>,
+    ) -> Result<serde_json::Value, E> {
+        Ok(match self {
+            WithValue::Lit(v) => v.clone(),
+            WithValue::Template(t) => eval(t)?,
+            WithValue::List(items) => serde_json::Value::Array(
+                items
+                    .iter()
+                    .map(|i| i.to_json(eval))
+                    .collect::<Result<_, _>>()?,
+            ),
+            WithValue::Map(entries) => serde_json::Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), v.to_json(eval)?)))
+                    .collect::<Result<_, E>>()?,
+            ),
+        })
+    }
 }
 
 /// The environment variable name under which a param, an output or a step id reaches a script:

@@ -1,57 +1,16 @@
 //! `http/wait`: GET a URL until it answers with the expected status, or the time is up.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
-use serde::Deserialize;
+use async_trait::async_trait;
+use skiff_core::actions::http::{Wait, WaitOutputs, WaitWith};
+use skiff_core::actions::{HttpUrl, Val};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{ActionContext, DurationText};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Inputs {
-    url: String,
-    status: Option<u16>,
-    timeout: Option<DurationText>,
-    interval: Option<DurationText>,
-}
-
-struct Target {
-    authority: String,
-    path: String,
-}
-
-fn parse_url(url: &str) -> Result<Target, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        if url.starts_with("https://") {
-            format!("`{url}`: http/wait speaks plain http:// (it is for health checks on the node itself)")
-        } else {
-            format!("`{url}` is not an http:// URL")
-        }
-    })?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains(['@', ' ']) || path.contains([' ', '\r', '\n']) {
-        return Err(format!("`{url}` is not a valid URL"));
-    }
-    let authority = if authority.contains(':') && !authority.ends_with(']') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    Ok(Target {
-        authority,
-        path: path.to_string(),
-    })
-}
+use super::{ActionContext, ActionError, Execute};
 
 /// One GET; the status code, or why there was none.
-async fn probe(target: &Target, host: &str) -> Result<u16, String> {
+async fn probe(target: &HttpUrl, host: &str) -> Result<u16, String> {
     let mut stream = TcpStream::connect(&target.authority)
         .await
         .map_err(|e| e.to_string())?;
@@ -82,56 +41,62 @@ async fn probe(target: &Target, host: &str) -> Result<u16, String> {
         .ok_or_else(|| "the answer is not HTTP".to_string())
 }
 
-pub async fn run(
-    inputs: Inputs,
-    cx: &ActionContext<'_>,
-) -> Result<BTreeMap<String, String>, String> {
-    let target = parse_url(&inputs.url)?;
-    let host = target.authority.trim_end_matches(":80").to_string();
-    let want = inputs.status.unwrap_or(200);
-    let timeout = inputs.timeout.map_or(Duration::from_secs(30), |d| d.0);
-    let interval = inputs.interval.map_or(Duration::from_millis(250), |d| d.0);
-    let until = Instant::now() + timeout;
-    let until = cx.deadline.map_or(until, |d| d.min(until));
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let left = until.saturating_duration_since(Instant::now());
-        let outcome =
-            match tokio::time::timeout(left.max(Duration::from_millis(1)), probe(&target, &host))
-                .await
-            {
-                Ok(r) => r,
-                Err(_) => Err("no answer in time".to_string()),
+#[async_trait]
+impl Execute for Wait {
+    async fn execute(with: WaitWith, cx: &ActionContext<'_>) -> Result<WaitOutputs, ActionError> {
+        let target = with.url.get().map_err(ActionError::Inputs)?;
+        let want = Val::opt(&with.status)
+            .map_err(ActionError::Inputs)?
+            .map_or(WaitWith::DEFAULT_STATUS, |s| s.0);
+        let timeout = Val::opt(&with.timeout)
+            .map_err(ActionError::Inputs)?
+            .map_or(WaitWith::DEFAULT_TIMEOUT, |d| d.0);
+        let interval = Val::opt(&with.interval)
+            .map_err(ActionError::Inputs)?
+            .map_or(WaitWith::DEFAULT_INTERVAL, |d| d.0);
+        let host = target.authority.trim_end_matches(":80").to_string();
+        let until = Instant::now() + timeout;
+        let until = cx.deadline.map_or(until, |d| d.min(until));
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let left = until.saturating_duration_since(Instant::now());
+            let outcome = tokio::select! {
+                r = tokio::time::timeout(left.max(std::time::Duration::from_millis(1)), probe(target, &host)) => match r {
+                    Ok(r) => r,
+                    Err(_) => Err("no answer in time".to_string()),
+                },
+                () = cx.stop.cancelled() => return Err(ActionError::Stopped("stopped while waiting".into())),
             };
-        let last = match outcome {
-            Ok(code) if code == want => {
-                cx.note(&format!(
-                    "{} answered {code} after {attempts} attempt(s)",
-                    inputs.url
-                ))
-                .await;
-                return Ok(BTreeMap::from([
-                    ("status".into(), code.to_string()),
-                    ("attempts".into(), attempts.to_string()),
-                ]));
+            let last = match outcome {
+                Ok(code) if code == want => {
+                    cx.note(&format!(
+                        "{} answered {code} after {attempts} attempt(s)",
+                        target.text
+                    ))
+                    .await;
+                    return Ok(WaitOutputs {
+                        status: code,
+                        attempts,
+                    });
+                }
+                Ok(code) => format!("answered {code}, waiting for {want}"),
+                Err(e) => e,
+            };
+            if attempts == 1 || attempts.is_multiple_of(20) {
+                cx.note(&format!("{}: {last} (attempt {attempts})", target.text))
+                    .await;
             }
-            Ok(code) => format!("answered {code}, waiting for {want}"),
-            Err(e) => e,
-        };
-        if attempts == 1 || attempts.is_multiple_of(20) {
-            cx.note(&format!("{}: {last} (attempt {attempts})", inputs.url))
-                .await;
-        }
-        if Instant::now() + interval >= until {
-            return Err(format!(
-                "{} was not ready within {:?}: {last}",
-                inputs.url, timeout
-            ));
-        }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = cx.stop.cancelled() => return Err("stopped".into()),
+            if Instant::now() + interval >= until {
+                return Err(ActionError::failed(format!(
+                    "{} was not ready within {:?}: {last}",
+                    target.text, timeout
+                )));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = cx.stop.cancelled() => return Err(ActionError::Stopped("stopped while waiting".into())),
+            }
         }
     }
 }

@@ -1,145 +1,202 @@
-//! The built-in actions a step can `uses:`. Each takes its `with` inputs as a typed struct that
-//! rejects unknown fields; `skiff_core::actions` is the catalog the loader checks against.
+//! Executing the built-in actions. Each is defined once in `skiff_core::actions` (its name, its
+//! `with` struct, its outputs); the worker adds the execution ([`Execute`]) and nothing else.
+//! The dispatch below is made from `skiff_core::for_each_action!`, so an action defined there
+//! without an `Execute` impl here does not compile.
 
 mod http_wait;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use serde_json::{Map, Value as Json};
-use skiff_core::actions::{ActionSpec, FieldKind};
-use skiff_core::expr::{Scope, Value};
+use async_trait::async_trait;
+use serde_json::Value as Json;
+use skiff_core::actions::{self as defs, ActionDef};
+use skiff_core::expr::{Expr, Scope, Value, walk};
+use skiff_core::ledger::{NewResource, Resource, ResourceUpdate};
 use skiff_core::pipeline::WithValue;
+use skiff_core::run::RunId;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::logs::LogSender;
+use crate::record::Recorder;
+use crate::secrets::Secrets;
+
+/// Why an action failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// Its `with`, once evaluated, does not fit (a param that is not a URL, say). Trying again
+    /// cannot help: the step is not retried.
+    #[error("{0}")]
+    Inputs(String),
+    /// It failed; `retryable` says whether the step's `retry:` should try again (a service that
+    /// did not answer yet) or not (a refusal that will not change).
+    #[error("{message}")]
+    Failed { message: String, retryable: bool },
+    /// It stopped because it was asked to (cancel or timeout), after cleaning up.
+    #[error("{0}")]
+    Stopped(String),
+}
+
+impl ActionError {
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ActionError::Failed {
+                retryable: true,
+                ..
+            }
+        )
+    }
+
+    pub fn failed(message: impl Into<String>) -> Self {
+        ActionError::Failed {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    pub fn refused(message: impl Into<String>) -> Self {
+        ActionError::Failed {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
 
 /// What an action can use while it runs.
 pub struct ActionContext<'a> {
-    pub log: &'a LogSender,
+    pub run: &'a RunId,
+    pub run_number: u64,
+    pub pipeline: &'a str,
+    /// The step's index in the run and its id.
     pub step: u32,
-    pub stop: &'a CancellationToken,
+    pub step_id: &'a str,
+    /// 1 for the first try.
+    pub attempt: u32,
+    /// Only the secrets the step's `with` names.
+    pub secrets: Secrets,
+    /// The run's log; everything sent here is masked like the steps' output.
+    pub log: &'a LogSender,
+    /// The run's writes, under its claim (for the resources ledger).
+    pub rec: &'a Recorder,
+    /// Fired on cancel and on timeout: stop what was started, record what exists, return
+    /// (`ActionError::Stopped`) within `grace`; after that the action is abandoned.
+    pub stop: CancellationToken,
+    pub grace: Duration,
+    /// When the step's time is up (the runner fires `stop` then).
     pub deadline: Option<Instant>,
 }
 
 impl ActionContext<'_> {
+    /// A line in the run's log, marked as skiff's.
     pub async fn note(&self, text: &str) {
         self.log.note(Some(self.step), text).await;
     }
-}
 
-/// Evaluates a step's `with` into JSON, converting each value to its field's kind.
-pub fn eval_inputs(
-    spec: &ActionSpec,
-    with: &[(String, WithValue)],
-    scope: &dyn Scope,
-) -> Result<Json, String> {
-    let mut map = Map::new();
-    for (name, value) in with {
-        let kind = spec.field(name).map_or(FieldKind::String, |f| f.kind);
-        let json = match value {
-            WithValue::List(items) => Json::Array(
-                items
-                    .iter()
-                    .map(|t| {
-                        t.eval_string(scope)
-                            .map(Json::String)
-                            .map_err(|e| format!("with.{name}: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            WithValue::Scalar(t) => {
-                let v = t.eval(scope).map_err(|e| format!("with.{name}: {e}"))?;
-                convert(&v, kind).map_err(|e| format!("with.{name}: {e}"))?
-            }
-        };
-        map.insert(name.clone(), json);
+    /// Records a thing about to be created (an intent record: a crash mid-create leaves nothing
+    /// the ledger does not know); recording the same id again answers the first record.
+    pub async fn record_resource(&self, mut new: NewResource) -> Result<Resource, ActionError> {
+        new.run = Some(self.run.clone());
+        new.step = Some(self.step);
+        self.rec
+            .store()
+            .record_resource(Some(self.rec.claim()), new)
+            .await
+            .map_err(|e| ActionError::failed(format!("recording a resource: {e}")))
     }
-    Ok(Json::Object(map))
-}
 
-fn convert(v: &Value, kind: FieldKind) -> Result<Json, String> {
-    let text = v.to_string();
-    match kind {
-        FieldKind::String | FieldKind::StringList => Ok(Json::String(text)),
-        FieldKind::Int => text
-            .trim()
-            .parse::<i64>()
-            .map(Json::from)
-            .map_err(|_| format!("expected a whole number, got `{text}`")),
-        FieldKind::Bool => match (v, text.as_str()) {
-            (Value::Bool(b), _) => Ok(Json::Bool(*b)),
-            (_, "true") => Ok(Json::Bool(true)),
-            (_, "false") => Ok(Json::Bool(false)),
-            _ => Err(format!("expected true or false, got `{text}`")),
-        },
-        FieldKind::Duration => skiff_core::duration::parse(&text).map(|_| Json::String(text)),
+    /// Changes a recorded resource (it is live, its engine id, it was removed).
+    pub async fn update_resource(
+        &self,
+        id: &str,
+        update: &ResourceUpdate,
+    ) -> Result<Resource, ActionError> {
+        self.rec
+            .store()
+            .update_resource(Some(self.rec.claim()), id, update)
+            .await
+            .map_err(|e| ActionError::failed(format!("updating resource {id}: {e}")))
     }
 }
 
-/// Deserializes inputs into an action's typed struct.
-fn inputs<T: serde::de::DeserializeOwned>(json: Json) -> Result<T, String> {
-    serde_json::from_value(json).map_err(|e| format!("bad inputs: {e}"))
+/// The execution of one action defined in `skiff_core::actions`.
+#[async_trait]
+pub trait Execute: ActionDef {
+    async fn execute(
+        with: Self::With,
+        cx: &ActionContext<'_>,
+    ) -> Result<Self::Outputs, ActionError>;
 }
 
-/// Runs the named action; `Ok` holds its outputs, `Err` why it failed.
-pub async fn run(
-    name: &str,
-    json: Json,
+async fn execute<A: Execute>(
+    with: &Json,
     cx: &ActionContext<'_>,
-) -> Result<BTreeMap<String, String>, String> {
-    match name {
-        "http/wait" => http_wait::run(inputs(json)?, cx).await,
-        other => Err(format!("action `{other}` is not available on this worker")),
-    }
+) -> Result<BTreeMap<String, String>, ActionError> {
+    let with: A::With = defs::decode(with)
+        .map_err(|e| ActionError::Inputs(format!("`{}`: {}", e.dotted(), e.message)))?;
+    let outputs = A::execute(with, cx).await?;
+    defs::outputs_text(&outputs)
+        .map(|o| o.into_iter().collect())
+        .map_err(ActionError::refused)
 }
 
-/// A duration written as text (`30s`), as `with` fields carry them.
-#[derive(Debug, Clone, Copy)]
-pub struct DurationText(pub std::time::Duration);
-
-impl<'de> serde::Deserialize<'de> for DurationText {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        skiff_core::duration::parse(&text)
-            .map(DurationText)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every action in the catalog is implemented, and its struct accepts every catalog field
-    /// (and rejects one that is not there).
-    #[test]
-    fn catalog_and_structs_agree() {
-        for spec in skiff_core::actions::ACTIONS {
-            let mut full = Map::new();
-            for f in spec.fields {
-                let v = match f.kind {
-                    FieldKind::String => Json::String("http://127.0.0.1:1/".into()),
-                    FieldKind::Int => Json::from(200),
-                    FieldKind::Bool => Json::Bool(true),
-                    FieldKind::Duration => Json::String("1s".into()),
-                    FieldKind::StringList => Json::Array(vec![]),
-                };
-                full.insert(f.name.to_string(), v);
-            }
-            let check = |json: Json| -> Result<(), String> {
-                match spec.name {
-                    "http/wait" => inputs::<http_wait::Inputs>(json).map(|_| ()),
-                    other => panic!("catalog action `{other}` has no implementation"),
+macro_rules! dispatch {
+    ($($a:ty),* $(,)?) => {
+        /// Runs the named action with its evaluated `with`; its outputs as text.
+        pub async fn run(
+            name: &str,
+            with: &Json,
+            cx: &ActionContext<'_>,
+        ) -> Result<BTreeMap<String, String>, ActionError> {
+            $(
+                if name == <$a as ActionDef>::NAME {
+                    return execute::<$a>(with, cx).await;
                 }
-            };
-            check(Json::Object(full.clone())).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
-            full.insert("no_such_field".into(), Json::Null);
-            assert!(
-                check(Json::Object(full)).is_err(),
-                "{} accepts unknown fields",
-                spec.name
-            );
+            )*
+            Err(ActionError::refused(format!("action `{name}` is not available on this worker")))
         }
-    }
+    };
+}
+skiff_core::for_each_action!(dispatch);
+
+/// Evaluates a step's `with`: each template becomes its value (a template that is one expression
+/// keeps its type: `${{ params.port }}` of a number param is a number).
+pub fn eval_with(with: &WithValue, scope: &dyn Scope) -> Result<Json, ActionError> {
+    with.to_json(&mut |t| {
+        let v = t
+            .eval(scope)
+            .map_err(|e| ActionError::Inputs(format!("with: {e}")))?;
+        Ok(match v {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(b),
+            // A whole number stays whole (`8080`, not `8080.0`).
+            Value::Number(n) if n.fract() == 0.0 && n.abs() < 1e15 => Json::from(n as i64),
+            Value::Number(n) => serde_json::Number::from_f64(n).map_or(Json::Null, Json::Number),
+            Value::String(s) => Json::String(s),
+        })
+    })
+}
+
+/// The secrets a step's `with` names (`secrets.NAME`): all an action gets to see.
+pub fn named_secrets(with: &WithValue, all: &Secrets) -> Secrets {
+    let mut names = BTreeSet::new();
+    let _ = with.to_json(&mut |t| {
+        for (e, _) in t.exprs() {
+            walk(e, &mut |e| {
+                if let Expr::Ref { path, .. } = e
+                    && path.first().map(String::as_str) == Some("secrets")
+                    && let Some(name) = path.get(1)
+                {
+                    names.insert(name.clone());
+                }
+            });
+        }
+        Ok::<_, ()>(Json::Null)
+    });
+    Secrets::new(
+        names
+            .into_iter()
+            .filter_map(|n| all.get(&n).map(|v| (n.clone(), v.to_string()))),
+    )
 }
