@@ -6,7 +6,21 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
-use crate::pipeline::Phase;
+/// Which part of a run a step belongs to: the main steps, or the `finally` steps that always run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Main,
+    Finally,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Main => "main",
+            Phase::Finally => "finally",
+        }
+    }
+}
 
 /// A run's id: a UUIDv7, so ids sort by creation time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

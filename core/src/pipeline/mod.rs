@@ -103,20 +103,9 @@ pub struct EnvVar {
     pub value: Template,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Main,
-    Finally,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Main => "main",
-            Phase::Finally => "finally",
-        }
-    }
-}
+/// Defined with the run records (a step record has a phase), so that `run` does not depend on
+/// `pipeline`.
+pub use crate::run::Phase;
 
 #[derive(Debug, Clone)]
 pub struct Step {

@@ -7,7 +7,7 @@ use super::{
     ChangeKind, Claim, Delivery, DeliveryOutcome, RunQuery, Store, StoreError, Subject, TakeOver,
 };
 use crate::ledger::{NewResource, ResourceQuery, ResourceState, ResourceUpdate};
-use crate::pipeline::Phase;
+use crate::run::Phase;
 use crate::run::{LogChunk, NewRun, RunId, RunStatus, StepPlan, StepStatus, Trigger, TriggerKind};
 
 fn new_run(pipeline: &str, steps: usize) -> NewRun {

@@ -23,7 +23,7 @@ use super::{
     RunQuery, Store, StoreError, Subject, TakeOver, params_from_json, params_to_json,
 };
 use crate::ledger::{NewResource, Resource, ResourceQuery, ResourceState, ResourceUpdate};
-use crate::pipeline::Phase;
+use crate::run::Phase;
 use crate::run::{
     LogChunk, LogStream, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk, Trigger,
     TriggerKind,
