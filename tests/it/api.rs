@@ -3,8 +3,8 @@
 
 use serde_json::{Value, json};
 
-use crate::server::{ADMIN_TOKEN, EventStream, Server, call, eventually, raw, write_pipeline};
-use crate::support::{all_gone, pids};
+use crate::harness::{ADMIN_TOKEN, EventStream, Server, call, eventually, raw, write_pipeline};
+use crate::harness::{all_gone, pids};
 
 const HELLO: &str = "params:\n  who: { default: world }\n  mode: { options: [fast, slow], default: fast }\n  n: { type: number, default: \"1\" }\nsteps:\n  - id: greet\n    run: |\n      echo \"hello $SKIFF_PARAM_WHO ($SKIFF_PARAM_MODE, $SKIFF_PARAM_N)\"\n      echo \"said=hello $SKIFF_PARAM_WHO\" >> \"$SKIFF_OUTPUT\"\n";
 
@@ -617,13 +617,13 @@ fn skiff_trigger_follows_a_run_to_its_end() {
         "trigger", "hello", "--param", "who=cli", "--follow", "--server", &s.base,
     ])
     .env("SKIFF_TOKEN", ADMIN_TOKEN);
-    let out = crate::support::run_to_end(cmd);
+    let out = crate::harness::run_to_end(cmd);
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(out.stdout.contains("hello cli (fast, 1)"), "{}", out.all());
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"));
     cmd.args(["trigger", "fails", "--follow", "--server", &s.base])
         .env("SKIFF_TOKEN", ADMIN_TOKEN);
-    let out = crate::support::run_to_end(cmd);
+    let out = crate::harness::run_to_end(cmd);
     assert_eq!(
         out.code,
         Some(1),
@@ -640,7 +640,7 @@ fn skiff_trigger_follows_a_run_to_its_end() {
         &s.base,
     ])
     .env("SKIFF_TOKEN", ADMIN_TOKEN);
-    let out = crate::support::run_to_end(cmd);
+    let out = crate::harness::run_to_end(cmd);
     assert_eq!(out.code, Some(2));
     assert!(
         out.stderr.contains("param `mode`: `turbo` is not one of"),

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::server::{ADMIN_TOKEN, Server, call, raw};
+use crate::harness::{ADMIN_TOKEN, Server, call, raw};
 
 const HELLO: &str = "params:\n  who: { default: world }\n  n: { type: number, default: \"1\" }\nsteps:\n  - id: greet\n    run: echo \"hello $SKIFF_PARAM_WHO $SKIFF_PARAM_N\"\n";
 
@@ -67,7 +67,7 @@ fn tool(program: &str, args: &[&str], stdin: Option<&str>, package: &str) -> (bo
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(text.as_bytes()).expect("write to the tool");
     }
-    let out = crate::support::wait_with_deadline(child);
+    let out = crate::harness::wait_with_deadline(child);
     (out.code == Some(0), out.all())
 }
 
@@ -150,7 +150,7 @@ fn params_with_a_nul_or_past_the_size_limits_are_refused_at_trigger_time() {
 
 #[test]
 fn skiff_run_refuses_params_past_the_limits() {
-    let sb = crate::support::Sandbox::new();
+    let sb = crate::harness::Sandbox::new();
     let names: Vec<String> = (0..9).map(|i| format!("p{i}")).collect();
     let yaml = format!(
         "params:\n{}steps:\n  - run: echo ok\n",

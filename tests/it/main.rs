@@ -3,11 +3,10 @@
 mod api;
 mod browser;
 mod edge;
+mod harness;
 mod model;
 mod quickstart;
 mod records;
 mod runs;
-mod server;
-mod support;
 mod tracking;
 mod validate;

@@ -5,8 +5,8 @@
 use serde_json::{Value, json};
 
 use crate::api::{csrf_of, sign_in};
-use crate::server::{Server, eventually, raw};
-use crate::support::Sandbox;
+use crate::harness::Sandbox;
+use crate::harness::{Server, eventually, raw};
 
 fn status_of(run: &Value, id: &str) -> String {
     run["steps"]

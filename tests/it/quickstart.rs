@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::server::{call, raw};
-use crate::support::{DEADLINE, run_to_end};
+use crate::harness::{DEADLINE, run_to_end};
+use crate::harness::{call, raw};
 
 /// `skiff ARGS` in `dir` with none of skiff's variables set, as in a new user's shell.
 fn skiff_in(dir: &Path, args: &[&str]) -> Command {

@@ -5,8 +5,8 @@
 
 use serde_json::{Value, json};
 
-use crate::server::Server;
-use crate::support::{Sandbox, alive, all_gone, pids};
+use crate::harness::Server;
+use crate::harness::{Sandbox, alive, all_gone, pids};
 
 /// The steps of a run as (id, status, reason).
 fn steps_of(run: &Value) -> Vec<(String, String, String)> {
@@ -258,7 +258,7 @@ fn logs_come_back_exactly_as_written_in_pages_and_live() {
     let id = s.trigger("euro", json!({}));
     let mut live = String::new();
     let mut stream =
-        crate::server::EventStream::open(&s.url(&format!("/api/runs/{id}/logs/stream")), None);
+        crate::harness::EventStream::open(&s.url(&format!("/api/runs/{id}/logs/stream")), None);
     while let Some((name, _, data)) = stream.next() {
         match name.as_str() {
             "log" => live.push_str(data["text"].as_str().expect("text")),
@@ -322,13 +322,13 @@ fn retention_deletes_old_runs_with_their_logs() {
     s.stop();
     // The server's default keeps 2 runs of each pipeline; `short` keeps 1 of its own.
     let s = s.restart_with(&[("SKIFF_RETENTION_MAX_RUNS", "2")]);
-    crate::server::eventually("retention runs at start", || {
+    crate::harness::eventually("retention runs at start", || {
         s.api("GET", &format!("/api/runs/{}", kept[1]), None).0 == 404
     });
     for (ids, keep) in [(&kept, 2), (&short, 1)] {
         for (i, id) in ids.iter().enumerate() {
             let gone = i < ids.len() - keep;
-            crate::server::eventually("retention deletes the oldest runs", || {
+            crate::harness::eventually("retention deletes the oldest runs", || {
                 let (status, _) = s.api("GET", &format!("/api/runs/{id}"), None);
                 status == if gone { 404 } else { 200 }
             });
@@ -444,27 +444,7 @@ steps:
 
 /// The newest run in a sandbox's data folder, with its steps, as the API would show it.
 fn last_run(sb: &Sandbox) -> Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        use skiff_core::store::Store;
-        let store = sb.store().await;
-        let page = store.list_runs(&Default::default()).await.expect("list");
-        let run = page.runs.first().expect("a run").clone();
-        let steps = store.steps(&run.id).await.expect("steps");
-        json!({
-            "status": run.status.as_str(),
-            "reason": run.reason,
-            "steps": steps.iter().map(|s| json!({
-                "id": s.id,
-                "status": s.status.as_str(),
-                "reason": s.reason,
-                "outputs": s.outputs,
-            })).collect::<Vec<_>>(),
-        })
-    })
+    sb.last_run().0
 }
 
 #[test]
@@ -511,7 +491,7 @@ fn a_server_leaves_a_live_skiff_run_alone_and_finishes_it_when_it_dies() {
     );
     let mut cli = sb.skiff(&["run", file.to_str().expect("path")]);
     cli.env("SKIFF_LEASE", "1s");
-    let mut cli = crate::support::Live::start(cli);
+    let mut cli = crate::harness::Live::start(cli);
     cli.wait_for("started");
     let data = sb.data();
     let data = data.to_str().expect("data path");
@@ -531,7 +511,7 @@ fn a_server_leaves_a_live_skiff_run_alone_and_finishes_it_when_it_dies() {
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("SKIFF_DATA", data)
         .current_dir(sb.path());
-    let out = crate::support::run_to_end(second);
+    let out = crate::harness::run_to_end(second);
     assert_eq!(out.code, Some(2), "{}", out.all());
     assert!(
         out.stderr.contains("another `skiff serve` is running"),

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 
 use serde_json::json;
 
-use crate::server::Server;
-use crate::support::{Sandbox, alive, all_gone, pids, run_to_end};
+use crate::harness::Server;
+use crate::harness::{Sandbox, alive, all_gone, pids, run_to_end};
 
 const CGROUP2: &str = "cgroup2";
 const FREEZER: &str = "freezer";
@@ -235,7 +235,7 @@ fn the_start_message_names_the_mode() {
 
 /// `skiff ARGS` in a mount namespace where the cgroup hierarchies are read-only, as in most
 /// containers.
-fn in_read_only_cgroupfs(sb: &Sandbox, args: &[&str], mode: &str) -> crate::support::Out {
+fn in_read_only_cgroupfs(sb: &Sandbox, args: &[&str], mode: &str) -> crate::harness::Out {
     let skiff = env!("CARGO_BIN_EXE_skiff");
     let mut cmd = Command::new("unshare");
     cmd.args([

@@ -1,6 +1,6 @@
 //! `skiff validate` and the CLI's help.
 
-use crate::support::Sandbox;
+use crate::harness::Sandbox;
 
 #[test]
 fn every_example_pipeline_is_valid() {
@@ -86,7 +86,7 @@ fn help_is_complete() {
     for sub in ["run", "validate", "serve", "trigger", "login-link", "token"] {
         let mut cmd = sb.skiff(&[sub, "--help"]);
         cmd.env_remove("SKIFF_DATA").env_remove("SKIFF_KILL_GRACE");
-        let out = crate::support::run_to_end(cmd);
+        let out = crate::harness::run_to_end(cmd);
         assert_eq!(out.code, Some(0));
         insta::assert_snapshot!(format!("help_{sub}"), out.stdout);
     }

@@ -1,22 +1,266 @@
-//! The harness for `skiff serve`: a real server on a free loopback port, stopped on drop.
+//! The one test harness: the real `skiff` binary in a temporary folder, driven through its CLI
+//! ([`Sandbox`]) and its HTTP API ([`Server`]) only, every wait bounded by [`DEADLINE`].
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const ADMIN_TOKEN: &str = "it-admin-token-0123456789";
-const START_DEADLINE: Duration = Duration::from_secs(30);
+/// The longest any wait of a test lasts (a command to end, a server to start or stop, a log
+/// line, a condition to become true); a test that would wait longer fails, naming what it
+/// waited for.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub const ADMIN_TOKEN: &str = "it-admin-token-0123456789";
+
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        Sandbox {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.path().join("data")
+    }
+
+    /// A server on this sandbox's data folder: how a test reads what `skiff run` recorded.
+    pub fn serve(&self) -> Server {
+        std::fs::create_dir_all(self.path().join("pipelines")).expect("mkdir");
+        Server::spawn(Dir::At(self.path().to_path_buf()), &[])
+    }
+
+    /// The newest run in this sandbox's data folder as the API shows it (with its steps) and
+    /// its log, read through a server started for the purpose.
+    pub fn last_run(&self) -> (Value, String) {
+        let s = self.serve();
+        let (status, page) = s.api("GET", "/api/runs?limit=1", None);
+        assert_eq!(status, 200, "{page}");
+        let id = page["runs"][0]["id"].as_str().expect("a run").to_string();
+        let (status, run) = s.api("GET", &format!("/api/runs/{id}"), None);
+        assert_eq!(status, 200, "{run}");
+        (run, s.log_text(&id))
+    }
+
+    /// Writes a pipeline file and returns its path.
+    pub fn pipeline(&self, name: &str, yaml: &str) -> PathBuf {
+        let path = self.path().join(format!("{name}.yml"));
+        std::fs::write(&path, yaml).expect("write pipeline");
+        path
+    }
+
+    /// `skiff ARGS` with the data folder set and a clean environment for skiff's own variables.
+    pub fn skiff(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
+        cmd.args(args)
+            .env("SKIFF_DATA", self.data())
+            .env("SKIFF_KILL_GRACE", "2s")
+            .env_remove("SKIFF_SECRETS_FILE")
+            .env("NO_COLOR", "1")
+            .current_dir(self.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `skiff ARGS` to its end (killed at the deadline).
+    pub fn run(&self, args: &[&str]) -> Out {
+        run_to_end(self.skiff(args))
+    }
+}
+
+#[derive(Debug)]
+pub struct Out {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl From<Output> for Out {
+    fn from(o: Output) -> Self {
+        Out {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+pub fn run_to_end(mut cmd: Command) -> Out {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start skiff");
+    wait_with_deadline(child)
+}
+
+pub fn wait_with_deadline(child: Child) -> Out {
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait for skiff").into(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("skiff did not finish within {DEADLINE:?}");
+        }
+    }
+}
+
+/// A running `skiff` whose stdout is read line by line, to wait for events in its output.
+pub struct Live {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Live {
+    pub fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start skiff");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Live {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`.
+    pub fn wait_for(&mut self, needle: &str) {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} in time; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+    }
+
+    /// Waits for the end; returns the exit code and the rest of the output.
+    pub fn finish(mut self) -> (Option<i32>, String) {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let rest: Vec<String> = self.lines.iter().collect();
+                self.seen.extend(rest);
+                return (status.code(), self.seen.join("\n"));
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!(
+                    "skiff did not finish in time; saw:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            while let Ok(line) = self.lines.try_recv() {
+                self.seen.push(line);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Whether a process with this pid is alive (and not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Reads pids written one per line into a file.
+pub fn pids(path: &Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Waits (bounded) until none of `pids` is alive; false if some still are.
+pub fn all_gone(pids: &[i32]) -> bool {
+    let until = Instant::now() + DEADLINE;
+    while Instant::now() < until {
+        if pids.iter().all(|p| !alive(*p)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A server's folder: its own temporary one, or a sandbox's (to read what `skiff run` left).
+enum Dir {
+    Owned(tempfile::TempDir),
+    At(PathBuf),
+}
+
+impl Dir {
+    fn path(&self) -> &Path {
+        match self {
+            Dir::Owned(d) => d.path(),
+            Dir::At(p) => p,
+        }
+    }
+}
 
 pub struct Server {
     child: Child,
     pub base: String,
     pub login_link: String,
-    pub dir: tempfile::TempDir,
+    dir: Dir,
     env: Vec<(String, String)>,
 }
 
@@ -30,6 +274,7 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let pdir = dir.path().join("pipelines");
         std::fs::create_dir(&pdir).expect("mkdir");
+        let dir = Dir::Owned(dir);
         for (name, yaml) in pipelines {
             std::fs::write(pdir.join(format!("{name}.yml")), yaml).expect("write pipeline");
         }
@@ -90,7 +335,7 @@ impl Server {
 
     /// Starts the server again on the same data, with more environment variables.
     pub fn restart_with(mut self, extra_env: &[(&str, &str)]) -> Server {
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        let dir = std::mem::replace(&mut self.dir, Dir::At(PathBuf::new()));
         let env = std::mem::take(&mut self.env);
         let env: Vec<(&str, &str)> = env
             .iter()
@@ -100,7 +345,7 @@ impl Server {
         Self::spawn(dir, &env)
     }
 
-    fn spawn(dir: tempfile::TempDir, extra_env: &[(&str, &str)]) -> Server {
+    fn spawn(dir: Dir, extra_env: &[(&str, &str)]) -> Server {
         let pdir = dir.path().join("pipelines");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
         cmd.args([
@@ -130,7 +375,7 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        let until = Instant::now() + START_DEADLINE;
+        let until = Instant::now() + DEADLINE;
         let (mut base, mut link) = (None, None);
         while base.is_none() || link.is_none() {
             match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
@@ -223,7 +468,7 @@ impl Drop for Server {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let until = Instant::now() + Duration::from_secs(20);
+        let until = Instant::now() + DEADLINE;
         while Instant::now() < until {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
@@ -354,7 +599,7 @@ pub fn write_pipeline(dir: &Path, name: &str, yaml: &str) {
 
 /// Waits (bounded) for `check` to hold, for state with no event to wait on (a file reload).
 pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(10);
+    let until = Instant::now() + DEADLINE;
     while Instant::now() < until {
         if check() {
             return;
