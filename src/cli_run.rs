@@ -37,6 +37,8 @@ pub struct RunArgs {
     data: DataArgs,
     #[command(flatten)]
     lease: crate::LeaseArgs,
+    #[command(flatten)]
+    isolation: crate::IsolationArgs,
     /// Keep the run's workspace folder after it ends (it is removed by default)
     #[arg(long)]
     keep_workspace: bool,
@@ -71,6 +73,9 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Not dumpable (its environment and memory out of reach of its uid's other processes);
+    // what it creates, private.
+    skiff_worker::isolation::harden_this_process();
     let (source, loaded) = load_file(&args.file);
     let shown = args.file.display().to_string();
     let pipeline = match loaded {
@@ -119,6 +124,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     eprintln!("skiff: {}", skiff_worker::process_tracking()?.description());
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
     let data = args.data.open().await?;
+    let (workspaces, isolation) = args.isolation.resolve(&data)?;
     let store: Arc<dyn Store> = Arc::new(data.store.clone());
     let run = store.create_run(new).await?.run;
     // Claimed like any worker's run: its lease is renewed while it runs, so a `skiff serve` on
@@ -145,7 +151,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let abort = CancellationToken::new();
     tokio::spawn(watch_signals(cancel.clone(), abort.clone(), term.clone()));
     let opts = RunOptions {
-        workspace_root: data.workspaces(),
+        workspace_root: workspaces,
+        isolation,
         keep_workspace: args.keep_workspace,
         kill_grace: args.kill_grace,
         secrets,

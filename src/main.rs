@@ -53,6 +53,69 @@ pub struct DataArgs {
     pub data: PathBuf,
 }
 
+/// Where steps run and as whom (`skiff serve`, `skiff run`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct IsolationArgs {
+    /// Folder for run workspaces, outside the data folder [default: /var/lib/skiff/work as
+    /// root, $XDG_RUNTIME_DIR/skiff or /tmp/skiff-UID otherwise]
+    #[arg(long, env = "SKIFF_WORKSPACES", value_name = "DIR")]
+    pub workspaces: Option<PathBuf>,
+    /// Run steps with skiff's own uid and powers (for steps that need root): a step can then
+    /// read skiff's data folder and secrets
+    #[arg(long, env = "SKIFF_NO_ISOLATION")]
+    pub no_isolation: bool,
+    /// The uids isolated runs run as (skiff as root), FIRST-LAST
+    #[arg(long, env = "SKIFF_STEP_UIDS", default_value = "64000-64999", value_parser = parse_uids, value_name = "FIRST-LAST")]
+    pub step_uids: std::ops::RangeInclusive<u32>,
+}
+
+fn parse_uids(text: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (a, b) = text
+        .split_once('-')
+        .ok_or_else(|| format!("`{text}` is not FIRST-LAST"))?;
+    let (a, b): (u32, u32) = (
+        a.trim()
+            .parse()
+            .map_err(|_| format!("`{a}` is not a uid"))?,
+        b.trim()
+            .parse()
+            .map_err(|_| format!("`{b}` is not a uid"))?,
+    );
+    if a < 1000 || a > b || b >= 65534 {
+        return Err(format!(
+            "`{text}`: give a range of unused uids from 1000 to 65533, first to last"
+        ));
+    }
+    Ok(a..=b)
+}
+
+impl IsolationArgs {
+    /// The workspaces folder (absolute, outside the data folder) and the isolation to use;
+    /// says at start which it is.
+    pub fn resolve(
+        &self,
+        data: &Data,
+    ) -> anyhow::Result<(PathBuf, skiff_worker::isolation::Isolation)> {
+        use anyhow::Context;
+        let dir = self
+            .workspaces
+            .clone()
+            .unwrap_or_else(skiff_worker::isolation::default_workspaces);
+        let dir =
+            std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?;
+        anyhow::ensure!(
+            !dir.starts_with(&data.dir),
+            "the workspaces folder {} is inside the data folder {}: steps must not reach skiff's              data; give --workspaces a folder outside it",
+            dir.display(),
+            data.dir.display()
+        );
+        let isolation =
+            skiff_worker::isolation::Isolation::detect(self.no_isolation, self.step_uids.clone());
+        eprintln!("skiff: {}", isolation.description());
+        Ok((dir, isolation))
+    }
+}
+
 /// The lease on the runs a worker claims (`skiff serve`, `skiff run`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct LeaseArgs {
@@ -80,6 +143,7 @@ impl DataArgs {
             .with_context(|| format!("creating {}", self.data.display()))?;
         let dir = std::path::absolute(&self.data)
             .with_context(|| format!("resolving {}", self.data.display()))?;
+        make_private(&dir).with_context(|| format!("securing {}", dir.display()))?;
         let store = skiff_core::store::SqliteStore::open(&dir.join(DB_FILE))
             .await
             .context("opening the store")?;
@@ -90,6 +154,23 @@ impl DataArgs {
     pub fn exists(&self) -> bool {
         self.data.join(DB_FILE).exists()
     }
+}
+
+/// The data folder only its owner can enter (0700), its files only its owner can read (0600):
+/// it holds the credentials' hashes and every run's log.
+fn make_private(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        let mode = if meta.is_dir() { 0o700 } else { 0o600 };
+        if meta.is_dir() || meta.is_file() {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
 }
 
 /// The Store's file in the data folder.
@@ -124,11 +205,6 @@ impl Data {
                 Err(e).with_context(|| format!("locking {}", path.display()))
             }
         }
-    }
-
-    /// The folder under which each run gets its workspace.
-    pub fn workspaces(&self) -> PathBuf {
-        self.dir.join("workspaces")
     }
 }
 

@@ -48,6 +48,8 @@ pub struct ServeArgs {
     data: DataArgs,
     #[command(flatten)]
     lease: crate::LeaseArgs,
+    #[command(flatten)]
+    isolation: crate::IsolationArgs,
     /// A file of secrets as NAME=value lines, readable by its owner only (mode 600)
     #[arg(long, env = "SKIFF_SECRETS_FILE", value_name = "FILE")]
     secrets: Option<PathBuf>,
@@ -167,6 +169,9 @@ pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Not dumpable (its environment and memory out of reach of its uid's other processes);
+    // what it creates, private.
+    skiff_worker::isolation::harden_this_process();
     if let Some(t) = &args.admin_token {
         anyhow::ensure!(
             t.len() >= 16,
@@ -180,6 +185,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
     let data = args.data.open().await?;
+    let (workspaces, isolation) = args.isolation.resolve(&data)?;
     let _lock = data.lock_for_serve()?;
     let sqlite = data.store.clone();
     // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
@@ -208,7 +214,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let handler = Arc::new(Embedded {
         store: store.clone(),
         config: WorkerConfig {
-            workspace_root: data.workspaces(),
+            workspace_root: workspaces.clone(),
+            isolation: isolation.clone(),
             kill_grace: args.kill_grace,
             secrets,
             cancel_check: Duration::from_secs(1),

@@ -261,7 +261,7 @@ fn live_logs_follow_to_the_end_and_resume_in_the_middle() {
 
 #[test]
 fn cancel_stops_a_long_run_and_its_finally_runs() {
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = crate::harness::scratch();
     let pidfile = scratch.path().join("pids");
     let yaml = format!(
         "steps:\n  - id: long\n    run: |\n      sleep 1000 &\n      echo $! >> {p}\n      echo $$ >> {p}\n      echo started\n      sleep 1000\nfinally:\n  - run: echo \"finally after $SKIFF_RUN_STATUS\"\n",

@@ -16,15 +16,23 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 pub const ADMIN_TOKEN: &str = "it-admin-token-0123456789";
 
+/// A temporary folder that steps can write into whatever user they run as (mode 1777, like
+/// /tmp): skiff's data folder inside it stays skiff's own (0700).
+pub fn scratch() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod the scratch folder");
+    dir
+}
+
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
 }
 
 impl Sandbox {
     pub fn new() -> Self {
-        Sandbox {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        Sandbox { dir: scratch() }
     }
 
     pub fn path(&self) -> &Path {
@@ -65,6 +73,7 @@ impl Sandbox {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
         cmd.args(args)
             .env("SKIFF_DATA", self.data())
+            .env("SKIFF_WORKSPACES", self.path().join("work"))
             .env("SKIFF_KILL_GRACE", "2s")
             .env_remove("SKIFF_SECRETS_FILE")
             .env("NO_COLOR", "1")
@@ -271,7 +280,7 @@ impl Server {
     }
 
     pub fn start_with(pipelines: &[(&str, &str)], extra_env: &[(&str, &str)]) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = scratch();
         let pdir = dir.path().join("pipelines");
         std::fs::create_dir(&pdir).expect("mkdir");
         let dir = Dir::Owned(dir);
@@ -357,6 +366,7 @@ impl Server {
         ])
         .env("SKIFF_PIPELINES", &pdir)
         .env("SKIFF_DATA", dir.path().join("data"))
+        .env("SKIFF_WORKSPACES", dir.path().join("work"))
         .env("SKIFF_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("SKIFF_KILL_GRACE", "2s")
         .current_dir(dir.path())

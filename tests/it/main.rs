@@ -4,6 +4,7 @@ mod api;
 mod browser;
 mod edge;
 mod harness;
+mod isolation;
 mod model;
 mod quickstart;
 mod records;

@@ -26,7 +26,7 @@ fn steps_of(run: &Value) -> Vec<(String, String, String)> {
 
 #[test]
 fn a_crash_during_a_step_ends_every_record_and_runs_finally_after_the_restart() {
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = crate::harness::scratch();
     let pidfile = scratch.path().join("pids");
     let marker = scratch.path().join("cleaned");
     let yaml = format!(
@@ -123,7 +123,7 @@ finally:
 
 #[test]
 fn a_crash_during_a_finally_step_runs_it_again_after_the_restart() {
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = crate::harness::scratch();
     let marker = scratch.path().join("attempts");
     let pidfile = scratch.path().join("pids");
     let yaml = format!(
@@ -166,7 +166,7 @@ finally:
 
 #[test]
 fn stopping_stops_a_finally_step_that_outlasts_the_wait_and_says_so() {
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = crate::harness::scratch();
     let pidfile = scratch.path().join("pids");
     let yaml = format!(
         r#"steps:
@@ -210,8 +210,12 @@ finally:
 
 #[test]
 fn runs_waiting_when_skiff_stops_start_in_their_order_after_the_restart() {
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = crate::harness::scratch();
     let order = scratch.path().join("order");
+    // Each run is a user of its own: the file they all append to is open to all.
+    std::fs::write(&order, "").expect("create");
+    std::fs::set_permissions(&order, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .expect("chmod");
     let quick = format!(
         "steps:\n  - run: echo $SKIFF_RUN_NUMBER >> {}\n",
         order.display()

@@ -287,7 +287,7 @@ fn with_a_read_only_cgroupfs_auto_falls_back_and_a_forced_mode_is_refused() {
 
 fn crash_leaves_no_escapees(mode: &str) {
     let base = base_of(&Sandbox::new(), mode);
-    let scratch = tempfile::tempdir().expect("tempdir");
+    let scratch = crate::harness::scratch();
     let pidfile = scratch.path().join("pids");
     let s = Server::start_with(
         &[("long", &escaping_pipeline(&pidfile, "sleep 1000"))],

@@ -85,7 +85,9 @@ fn help_is_complete() {
     let sb = Sandbox::new();
     for sub in ["run", "validate", "serve", "trigger", "login-link", "token"] {
         let mut cmd = sb.skiff(&[sub, "--help"]);
-        cmd.env_remove("SKIFF_DATA").env_remove("SKIFF_KILL_GRACE");
+        cmd.env_remove("SKIFF_DATA")
+            .env_remove("SKIFF_KILL_GRACE")
+            .env_remove("SKIFF_WORKSPACES");
         let out = crate::harness::run_to_end(cmd);
         assert_eq!(out.code, Some(0));
         insta::assert_snapshot!(format!("help_{sub}"), out.stdout);

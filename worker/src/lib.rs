@@ -3,6 +3,7 @@
 
 pub mod actions;
 mod cgroup;
+pub mod isolation;
 pub mod logs;
 pub mod pool;
 mod process;

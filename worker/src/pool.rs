@@ -17,6 +17,8 @@ use crate::secrets::Secrets;
 #[derive(Clone)]
 pub struct WorkerConfig {
     pub workspace_root: std::path::PathBuf,
+    /// What the steps run as.
+    pub isolation: crate::isolation::Isolation,
     pub kill_grace: Duration,
     pub secrets: Secrets,
     /// How often a running run checks the Store for a cancel request it was not told about.
@@ -64,6 +66,7 @@ impl Stopping {
     fn options(&self, config: &WorkerConfig) -> RunOptions {
         RunOptions {
             workspace_root: config.workspace_root.clone(),
+            isolation: config.isolation.clone(),
             keep_workspace: false,
             kill_grace: config.kill_grace,
             secrets: config.secrets.clone(),

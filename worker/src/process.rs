@@ -31,6 +31,8 @@ pub struct Spawn<'a> {
     pub cwd: &'a Path,
     pub env: &'a [(String, String)],
     pub tracker: &'a RunTracker,
+    /// The uid and gid to run as (isolated runs); `None`: skiff's own.
+    pub user: Option<(u32, u32)>,
 }
 
 /// Where a run's step processes are tracked: the run's cgroup, taken at its first step, killed
@@ -157,6 +159,7 @@ pub async fn run(
             stdout: out,
             stderr: err,
             cgroup: dir,
+            user: spec.user,
         })?),
         None => {
             let mut cmd = tokio::process::Command::new(spec.program);
@@ -171,6 +174,33 @@ pub async fn run(
                 .kill_on_drop(true);
             if let Some(cgroup) = cgroup {
                 cgroup.place(&mut cmd);
+            }
+            let user = spec.user;
+            // SAFETY: only async-signal-safe system calls on this child's own credentials,
+            // descriptors and mask. Registered after the cgroup placement, which needs skiff's
+            // own powers.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some((uid, gid)) = user
+                        && (libc::setgroups(0, std::ptr::null()) != 0
+                            || libc::setresgid(gid, gid, gid) != 0
+                            || libc::setresuid(uid, uid, uid) != 0)
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Only fds 0-2 reach the step, whatever skiff inherited (close-on-exec:
+                    // the spawn's own error pipe must stay open until the exec); steps get the
+                    // usual umask, not skiff's private one.
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        3u32,
+                        u32::MAX,
+                        libc::CLOSE_RANGE_CLOEXEC,
+                    );
+                    libc::umask(0o022);
+                    Ok(())
+                });
             }
             let child = cmd.spawn()?;
             // Close this process's copies of the pipe's write end, so the reader sees the end

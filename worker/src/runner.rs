@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::{self, ActionContext};
+use crate::isolation::{Isolation, RunDirs, RunUser};
 use crate::logs::{LogSender, Masker, RunObserver, start_writer};
 use crate::process::{self, Ended, Spawn};
 use crate::record::{Health, Recorder};
@@ -67,13 +68,14 @@ pub const FINALLY_DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// Environment variables a step inherits from the worker; everything else is cleared, so the
 /// worker's own credentials never reach a script.
-const INHERITED_ENV: &[&str] = &[
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM",
-];
+const INHERITED_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM"];
 
 pub struct RunOptions {
-    /// Each run gets a workspace directory (named by its id) under this folder.
+    /// Each run gets a workspace directory (named by its id) under this folder, with its HOME
+    /// and TMPDIR beside it; its step files are kept here too, where no step can write.
     pub workspace_root: PathBuf,
+    /// What the steps run as (see `isolation.rs`).
+    pub isolation: Isolation,
     pub keep_workspace: bool,
     /// Time between SIGTERM and SIGKILL when a step is stopped.
     pub kill_grace: Duration,
@@ -224,6 +226,10 @@ struct Runner<'a> {
     log: LogSender,
     masker: Masker,
     workspace: PathBuf,
+    dirs: RunDirs,
+    /// The user the steps run as, when they run isolated; dropped (its uid free again) after
+    /// the run's processes are gone.
+    user: Option<RunUser>,
     base_env: Vec<(String, String)>,
     steps: HashMap<String, StepState>,
     records: Vec<StepRecord>,
@@ -286,11 +292,20 @@ async fn drive(
     }
     // The steps as planned when the run was created (the same plan, from the same snapshot).
     let records: Vec<StepRecord> = pipeline.plan().iter().map(StepRecord::planned).collect();
-    let workspace = opts.workspace_root.join(run.id.as_str());
-    std::fs::create_dir_all(&workspace).map_err(|source| RunnerError::Workspace {
-        path: workspace.display().to_string(),
-        source,
-    })?;
+    let user = match &opts.isolation {
+        Isolation::Uids(pool) => Some(pool.take().map_err(|source| RunnerError::Workspace {
+            path: opts.workspace_root.display().to_string(),
+            source,
+        })?),
+        Isolation::Off(_) => None,
+    };
+    let dirs = RunDirs::new(&opts.workspace_root, run.id.as_str());
+    dirs.create(&opts.workspace_root, user.as_ref())
+        .map_err(|source| RunnerError::Workspace {
+            path: dirs.workspace.display().to_string(),
+            source,
+        })?;
+    let workspace = dirs.workspace.clone();
 
     let rec = Recorder::new(store, claim, opts.store_patience);
     let renewing = rec.keep_claim(opts.lease);
@@ -328,6 +343,8 @@ async fn drive(
         masker: Masker::new(opts.secrets.values()),
         base_env: Vec::new(),
         workspace,
+        dirs,
+        user,
         steps: HashMap::new(),
         records,
         failed: false,
@@ -343,7 +360,18 @@ async fn drive(
         Some(stored) => runner.resume(stored).await,
     };
     timer.abort();
-    let Runner { log, workspace, .. } = runner;
+    let Runner {
+        log,
+        workspace,
+        dirs,
+        user,
+        tracker,
+        ..
+    } = runner;
+    // The run's processes end with its cgroup; only then is its uid free for another run.
+    drop(tracker);
+    drop(user);
+    dirs.remove_private();
     drop(log);
     let _ = writer.await;
     watcher.abort();
@@ -640,6 +668,17 @@ impl Runner<'_> {
         if !env.iter().any(|(k, _)| k == "PATH") {
             env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
         }
+        // The run's own HOME and TMPDIR (never skiff's), and its user's name.
+        let name = match &self.user {
+            Some(u) => format!("skiff-{}", u.uid),
+            None => std::env::var("USER").unwrap_or_else(|_| "skiff".into()),
+        };
+        env.extend([
+            ("HOME".to_string(), self.dirs.home.display().to_string()),
+            ("TMPDIR".to_string(), self.dirs.tmp.display().to_string()),
+            ("USER".to_string(), name.clone()),
+            ("LOGNAME".to_string(), name),
+        ]);
         env.extend([
             ("CI".to_string(), "true".to_string()),
             ("SKIFF".into(), "true".into()),
@@ -938,8 +977,14 @@ impl Runner<'_> {
                 let output_path = step_file(root, &self.run.id, index, "out");
                 let script_path = step_file(root, &self.run.id, index, "sh");
                 let inline = script.len() <= INLINE_SCRIPT_MAX;
+                let owner = self.user.as_ref().map(|u| (u.uid, u.gid));
                 if !inline {
-                    write_file(&script_path, script.as_bytes())?;
+                    write_step_file(&script_path, script.as_bytes(), owner)?;
+                }
+                if owner.is_some() {
+                    // The step's user cannot create files where step files live: its
+                    // `$SKIFF_OUTPUT` is made for it (and cannot be swapped for a link).
+                    write_step_file(&output_path, b"", owner)?;
                 }
                 let mut env = env.to_vec();
                 env.push(("SKIFF_OUTPUT".into(), output_path.display().to_string()));
@@ -961,6 +1006,7 @@ impl Runner<'_> {
                     cwd: &cwd,
                     env: &env,
                     tracker: &self.tracker,
+                    user: owner,
                 };
                 let ended = process::run(
                     spec,
@@ -972,7 +1018,7 @@ impl Runner<'_> {
                     self.opts.kill_grace,
                 )
                 .await;
-                let read = read_outputs(output_path).await;
+                let read = read_outputs(output_path, owner.map(|(uid, _)| uid)).await;
                 if !inline {
                     let _ = std::fs::remove_file(&script_path);
                 }
@@ -1131,11 +1177,27 @@ impl AttemptResult {
     }
 }
 
-fn write_file(path: &Path, data: &[u8]) -> Result<(), RunnerError> {
-    std::fs::write(path, data).map_err(|source| RunnerError::Workspace {
+/// Writes a step file (a long script, an empty `$SKIFF_OUTPUT`) as a new file: never through
+/// a link or over a file someone else made. It belongs to the step's user when there is one.
+fn write_step_file(path: &Path, data: &[u8], owner: Option<(u32, u32)>) -> Result<(), RunnerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| RunnerError::Workspace {
         path: path.display().to_string(),
         source,
-    })
+    };
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(err)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(err)?;
+    }
+    f.write_all(data).map_err(err)
 }
 
 /// The most output text a step may leave in `$SKIFF_OUTPUT`.
@@ -1148,29 +1210,57 @@ type ReadOutputs = (BTreeMap<String, String>, Vec<String>);
 
 /// Reads a step's `$SKIFF_OUTPUT` file (on a blocking thread: a big file takes a while to parse).
 /// A file past the limits fails the step: the error names the limit.
-async fn read_outputs(path: PathBuf) -> Result<ReadOutputs, String> {
-    tokio::task::spawn_blocking(move || read_outputs_now(&path))
+async fn read_outputs(path: PathBuf, owner: Option<u32>) -> Result<ReadOutputs, String> {
+    tokio::task::spawn_blocking(move || read_outputs_now(&path, owner))
         .await
         .unwrap_or_else(|e| Err(format!("reading $SKIFF_OUTPUT failed: {e}")))
 }
 
-fn read_outputs_now(path: &Path) -> Result<ReadOutputs, String> {
-    // No file: the step set no outputs.
-    let Ok(size) = std::fs::metadata(path).map(|m| m.len()) else {
-        return Ok((BTreeMap::new(), Vec::new()));
-    };
-    let bytes = (size <= MAX_OUTPUT_BYTES).then(|| std::fs::read(path));
+fn read_outputs_now(path: &Path, owner: Option<u32>) -> Result<ReadOutputs, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // Opened without following a link, and only if it is a regular file of the step's own: a
+    // step cannot make skiff read a file it could not read itself.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path);
     // Read once: a retried attempt starts with no outputs.
     let _ = std::fs::remove_file(path);
-    let text = match bytes {
-        None => {
-            return Err(format!(
-                "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES} bytes (1 MiB)"
-            ));
+    let mut file = match file {
+        // No file: the step set no outputs.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((BTreeMap::new(), Vec::new()));
         }
-        Some(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-        Some(Err(e)) => return Err(format!("reading $SKIFF_OUTPUT failed: {e}")),
+        Err(_) => return Err("$SKIFF_OUTPUT is not a regular file; it was not read".into()),
+        Ok(f) => f,
     };
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("reading $SKIFF_OUTPUT failed: {e}"))?;
+    let own = owner.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
+    if !meta.file_type().is_file() || meta.uid() != own {
+        return Err(
+            "$SKIFF_OUTPUT is not a regular file of the step's own; it was not read".into(),
+        );
+    }
+    let size = meta.len();
+    if size > MAX_OUTPUT_BYTES {
+        return Err(format!(
+            "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES} bytes (1 MiB)"
+        ));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.by_ref()
+        .take(MAX_OUTPUT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading $SKIFF_OUTPUT failed: {e}"))?;
+    if bytes.len() as u64 > MAX_OUTPUT_BYTES {
+        return Err(format!(
+            "$SKIFF_OUTPUT holds more than the limit of {MAX_OUTPUT_BYTES} bytes (1 MiB)"
+        ));
+    }
+    let text = String::from_utf8_lossy(&bytes).into_owned();
     let (values, errors) = skiff_core::kv::parse(&text);
     if values.len() > MAX_OUTPUTS {
         return Err(format!(
@@ -1178,9 +1268,15 @@ fn read_outputs_now(path: &Path) -> Result<ReadOutputs, String> {
             values.len()
         ));
     }
+    // The line itself is not repeated: it could be anything the step could read.
     let problems = errors
         .into_iter()
-        .map(|e| format!("$SKIFF_OUTPUT line {}: {}", e.line, e.message))
+        .map(|e| {
+            format!(
+                "$SKIFF_OUTPUT line {} is not NAME=value (or NAME<<DELIMITER ... DELIMITER); it was skipped",
+                e.line
+            )
+        })
         .collect();
     Ok((values.into_iter().collect(), problems))
 }

@@ -36,6 +36,8 @@ pub struct Start<'a> {
     pub stderr: OwnedFd,
     /// The cgroup's directory, opened.
     pub cgroup: BorrowedFd<'a>,
+    /// The uid and gid to run as; `None`: skiff's own.
+    pub user: Option<(u32, u32)>,
 }
 
 /// A started process, the leader of a new process group.
@@ -88,6 +90,10 @@ struct ChildArgs {
     cwd: *const libc::c_char,
     stdout: libc::c_int,
     stderr: libc::c_int,
+    /// Whether to become `uid`/`gid` (with no supplementary groups).
+    set_user: bool,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
     /// Set by the child when it could not exec (read by the parent once the clone returns).
     errno: libc::c_int,
 }
@@ -144,6 +150,16 @@ extern "C" fn child_main(args: *mut ChildArgs) -> ! {
         default.sa_sigaction = libc::SIG_DFL;
         // Rust ignores SIGPIPE, and an ignored signal stays ignored across exec.
         libc::sigaction(libc::SIGPIPE, &default, std::ptr::null_mut());
+        // Raw system calls for the credentials: glibc's setuid() would try to change every
+        // thread of what it takes for its process (this child shares skiff's memory).
+        if a.set_user
+            && (libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, a.gid, a.gid, a.gid) != 0
+                || libc::syscall(libc::SYS_setresuid, a.uid, a.uid, a.uid) != 0)
+        {
+            a.errno = *libc::__errno_location();
+            libc::_exit(127);
+        }
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
         if null < 0
             || libc::setpgid(0, 0) != 0
@@ -155,9 +171,9 @@ extern "C" fn child_main(args: *mut ChildArgs) -> ! {
             a.errno = *libc::__errno_location();
             libc::_exit(127);
         }
-        if null > 2 {
-            libc::close(null);
-        }
+        // Only fds 0-2 reach the step, whatever skiff inherited; the usual umask, not skiff's.
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::umask(0o022);
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
@@ -192,6 +208,9 @@ pub fn spawn(start: Start<'_>) -> io::Result<Child> {
         cwd: cwd.as_ptr(),
         stdout: start.stdout.as_raw_fd(),
         stderr: start.stderr.as_raw_fd(),
+        set_user: start.user.is_some(),
+        uid: start.user.map_or(0, |u| u.0),
+        gid: start.user.map_or(0, |u| u.1),
         errno: 0,
     };
     let mut stack = vec![0u8; CHILD_STACK];

@@ -213,6 +213,8 @@ impl Setup {
     fn options(&self, patience: Duration) -> RunOptions {
         RunOptions {
             workspace_root: self.dir.path().join("workspaces"),
+            // These tests are about the Store, not about who the steps run as.
+            isolation: skiff_worker::isolation::Isolation::Off("a Store test".into()),
             keep_workspace: false,
             kill_grace: Duration::from_secs(2),
             secrets: Secrets::default(),

@@ -1,0 +1,135 @@
+//! A step is untrusted code. These tests attack from inside steps, as a hostile pipeline (or a
+//! hostile git push) would, against a server running as root (each run as a user of its own):
+//! the server's environment and memory, its data folder and database, its sign-in links, other
+//! runs' workspaces and processes, files through a link at `$SKIFF_OUTPUT`, fds skiff inherited.
+
+use serde_json::json;
+
+use crate::harness::{ADMIN_TOKEN, Server, scratch};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn a_step_cannot_reach_the_server_its_data_or_its_secrets() {
+    assert!(
+        is_root(),
+        "this test attacks the uid isolation skiff gives as root: run the tests as root"
+    );
+    let s = Server::start_with(
+        &[],
+        &[("SKIFF_SECRET_DEPLOY_KEY", "s3cr3t-deploy-key-value")],
+    );
+    let data = s.data_dir();
+    let skiff = env!("CARGO_BIN_EXE_skiff");
+    let attack = format!(
+        r#"steps:
+  - run: |
+      echo "whoami=$(id -un) uid=$(id -u) home=$HOME"
+      [ "$HOME" != /root ] && [ -O "$HOME" ] && echo home-is-mine
+      [ -O "$SKIFF_WORKSPACE" ] && echo workspace-is-mine
+      echo "fds=$(ls /proc/$$/fd | tr '\n' ' ')"
+      (tr '\0' '\n' < /proc/$PPID/environ) 2>&1 | sed 's/^/environ: /' | head -50 || true
+      (base64 -w0 /proc/$PPID/environ) 2>&1 | sed 's/^/environ64: /' || true
+      (cat /proc/$PPID/cmdline | tr '\0' ' ') 2>&1 | sed 's/^/cmdline: /' || true
+      (ls -la {data}) 2>&1 | sed 's/^/data: /' || true
+      (base64 -w0 {data}/skiff.db) 2>&1 | head -c 300 | sed 's/^/db: /' || true
+      ({skiff} login-link --data {data}) 2>&1 | sed 's/^/link: /' || true
+      (kill -0 $PPID && echo SIGNALLED-THE-SERVER) 2>&1 | sed 's/^/kill: /' || true
+      (ln -sf /etc/shadow "$SKIFF_OUTPUT" && echo LINKED) 2>&1 | sed 's/^/ln: /' || true
+      echo done
+"#,
+        data = data.display(),
+    );
+    std::fs::write(s.pipelines_dir().join("attack.yml"), attack).expect("write");
+    crate::harness::eventually("the pipeline is loaded", || {
+        s.api("GET", "/api/pipelines/attack", None).0 == 200
+    });
+    let id = s.trigger("attack", json!({}));
+    let run = s.wait_for_end(&id);
+    let log = s.log_text(&id);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert!(
+        log.contains("whoami=skiff-"),
+        "the step has a user of its own: {log}"
+    );
+    assert!(
+        log.contains("home-is-mine") && log.contains("workspace-is-mine"),
+        "{log}"
+    );
+    assert!(
+        log.contains("fds=0 1 2 \n") || log.contains("fds=0 1 2 3 \n"),
+        "{log}"
+    );
+    for leak in [
+        ADMIN_TOKEN,
+        "s3cr3t-deploy-key-value",
+        "SKIFF_SECRET_DEPLOY_KEY",
+        "SKIFF_ADMIN_TOKEN",
+        // base64 of "SKIFF_" at each alignment would dodge a masker; the file must not be read.
+        "environ64: U0tJRk",
+        "U1FMaXRlIGZvcm1hdCAz", // "SQLite format 3"
+        "/login/link/",
+        "SIGNALLED-THE-SERVER",
+        "LINKED",
+        "root:",
+    ] {
+        assert!(!log.contains(leak), "the step reached {leak:?}:\n{log}");
+    }
+    assert!(log.contains("done"), "{log}");
+}
+
+#[test]
+fn runs_cannot_reach_each_other() {
+    assert!(is_root(), "run the tests as root");
+    let shared = scratch();
+    let board = shared.path().display().to_string();
+    let victim = format!(
+        r#"steps:
+  - run: |
+      echo private-data > "$SKIFF_WORKSPACE/secret.txt"
+      echo "$SKIFF_WORKSPACE" > {board}/victim-workspace
+      echo $$ > {board}/victim-pid
+      export VICTIM_TOKEN=victim-env-value
+      sleep 30 &
+      echo $! > {board}/victim-child
+      echo ready
+      wait
+"#
+    );
+    let attacker = format!(
+        r#"steps:
+  - run: |
+      ws=$(cat {board}/victim-workspace); pid=$(cat {board}/victim-pid); child=$(cat {board}/victim-child)
+      (cat "$ws/secret.txt") 2>&1 | sed 's/^/read: /' || true
+      (ls "$(dirname "$ws")") 2>&1 | sed 's/^/list: /' || true
+      (tr '\0' '\n' < /proc/$child/environ) 2>&1 | sed 's/^/environ: /' || true
+      (kill -9 $pid $child && echo KILLED-THE-OTHER-RUN) 2>&1 | sed 's/^/kill: /' || true
+      echo done
+"#
+    );
+    let s = Server::start(&[("victim", &victim), ("attacker", &attacker)]);
+    let v = s.trigger("victim", json!({}));
+    s.wait_for_log(&v, "ready");
+    let a = s.trigger("attacker", json!({}));
+    let run = s.wait_for_end(&a);
+    let log = s.log_text(&a);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    for leak in ["private-data", "victim-env-value", "KILLED-THE-OTHER-RUN"] {
+        assert!(
+            !log.contains(leak),
+            "one run reached another's {leak:?}:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains(&format!("list: {v}")),
+        "the workspaces folder is not listable: {log}"
+    );
+    assert!(log.contains("done"), "{log}");
+    let (_, victim_run) = s.api("GET", &format!("/api/runs/{v}"), None);
+    assert_eq!(victim_run["status"], "running", "the victim is untouched");
+    let (status, _) = s.api("POST", &format!("/api/runs/{v}/cancel"), None);
+    assert_eq!(status, 202);
+    s.wait_for_end(&v);
+}

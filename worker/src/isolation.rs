@@ -1,0 +1,254 @@
+//! A step is untrusted code: what it runs as. When skiff runs as root, each running run gets a
+//! user of its own from a range of uids (`--step-uids`), with a passwd entry (ssh, git and
+//! getpass look the user up), its own HOME and TMPDIR, and a workspace only it can enter, so a
+//! step cannot read skiff's data folder, skiff's environment (`/proc/PID/environ` of another
+//! uid, with skiff not dumpable), another run's workspace or environment, or signal any process
+//! but its own. No two running runs share a uid, across every skiff on the machine: a uid is
+//! held by a lock file while its run lasts.
+//!
+//! Without root this mode is not available; the steps then run with skiff's own powers, and skiff
+//! says so at start (`Isolation::Off` with its reason).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::RangeInclusive;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The default range of step uids.
+pub const DEFAULT_UIDS: RangeInclusive<u32> = 64000..=64999;
+/// Where the locks that hold uids live (root's, on a tmpfs where there is one).
+const UID_LOCKS: &str = "/run/skiff-uids";
+
+/// How steps are run.
+#[derive(Clone, Debug)]
+pub enum Isolation {
+    /// Each running run as a user of its own.
+    Uids(Arc<UidPool>),
+    /// With skiff's own uid and powers; the reason says why.
+    Off(String),
+}
+
+impl Isolation {
+    /// The isolation this process can give: uids when root (unless turned off).
+    pub fn detect(no_isolation: bool, uids: RangeInclusive<u32>) -> Isolation {
+        if no_isolation {
+            return Isolation::Off("--no-isolation was given".into());
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Isolation::Off(
+                "skiff is not running as root, so it cannot give steps users of their own".into(),
+            );
+        }
+        Isolation::Uids(Arc::new(UidPool { uids }))
+    }
+
+    /// One line for skiff's start-up and the UI.
+    pub fn description(&self) -> String {
+        match self {
+            Isolation::Uids(pool) => format!(
+                "steps run isolated: each run as a user of its own (uids {}-{}), in a workspace \
+                 only it can enter",
+                pool.uids.start(),
+                pool.uids.end()
+            ),
+            Isolation::Off(why) => format!(
+                "WARNING: steps run with skiff's own powers ({why}): a step can read skiff's data \
+                 folder and secrets and act as skiff"
+            ),
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        matches!(self, Isolation::Uids(_))
+    }
+}
+
+#[derive(Debug)]
+pub struct UidPool {
+    uids: RangeInclusive<u32>,
+}
+
+/// The user a run's steps run as, held while the run lasts; its uid is free again when this is
+/// dropped (after the run's processes are gone).
+#[derive(Debug)]
+pub struct RunUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// Holds the uid (an exclusive lock on its file) until dropped.
+    _lock: File,
+}
+
+impl UidPool {
+    /// Takes a free uid (one no running run of any skiff here holds), making sure it has a passwd
+    /// entry.
+    pub fn take(&self) -> io::Result<RunUser> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(UID_LOCKS)?;
+        for uid in self.uids.clone() {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(Path::new(UID_LOCKS).join(uid.to_string()))?;
+            match file.try_lock() {
+                Ok(()) => {
+                    ensure_passwd_entry(uid)?;
+                    return Ok(RunUser {
+                        uid,
+                        gid: uid,
+                        _lock: file,
+                    });
+                }
+                Err(std::fs::TryLockError::WouldBlock) => continue,
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
+        Err(io::Error::other(format!(
+            "every step uid ({}-{}) is in use",
+            self.uids.start(),
+            self.uids.end()
+        )))
+    }
+}
+
+/// Adds `skiff-UID` to /etc/passwd and /etc/group when the uid has no entry (under the lock
+/// the shadow tools use).
+fn ensure_passwd_entry(uid: u32) -> io::Result<()> {
+    if nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        return Ok(());
+    }
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open("/etc/.pwd.lock")?;
+    lock.lock()?;
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    let taken = passwd
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()));
+    if !taken {
+        append_line(
+            Path::new("/etc/passwd"),
+            &format!("skiff-{uid}:x:{uid}:{uid}:skiff step:/nonexistent:/bin/sh"),
+        )?;
+    }
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    if !group
+        .lines()
+        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()))
+    {
+        append_line(Path::new("/etc/group"), &format!("skiff-{uid}:x:{uid}:"))?;
+    }
+    Ok(())
+}
+
+fn append_line(path: &Path, line: &str) -> io::Result<()> {
+    let mut f = OpenOptions::new().append(true).open(path)?;
+    let text = std::fs::read(path)?;
+    let sep = if text.is_empty() || text.ends_with(b"\n") {
+        ""
+    } else {
+        "\n"
+    };
+    f.write_all(format!("{sep}{line}\n").as_bytes())
+}
+
+/// The folders of one run: its workspace, HOME and TMPDIR, each only its user can enter.
+#[derive(Debug, Clone)]
+pub struct RunDirs {
+    pub workspace: PathBuf,
+    pub home: PathBuf,
+    pub tmp: PathBuf,
+}
+
+impl RunDirs {
+    pub fn new(root: &Path, run: &str) -> RunDirs {
+        RunDirs {
+            workspace: root.join(run),
+            home: root.join(format!("{run}.home")),
+            tmp: root.join(format!("{run}.tmp")),
+        }
+    }
+
+    /// Creates the folders (mode 0700, owned by `user` when there is one). The root is made
+    /// traversable (0711) but not listable, so a user reaches only its own run's folders.
+    pub fn create(&self, root: &Path, user: Option<&RunUser>) -> io::Result<()> {
+        if user.is_some() {
+            // Every folder made on the way, traversable (skiff's umask would make them 0700).
+            let mut made = Vec::new();
+            let mut at = Some(root);
+            while let Some(dir) = at.filter(|d| !d.exists()) {
+                made.push(dir.to_path_buf());
+                at = dir.parent();
+            }
+            for dir in made.iter().rev() {
+                match std::fs::create_dir(dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+            }
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+        } else {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)?;
+        }
+        for dir in [&self.workspace, &self.home, &self.tmp] {
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(u) = user {
+                // Not following a link: the path was made just now, by skiff, under a root
+                // only skiff can write.
+                std::os::unix::fs::lchown(dir, Some(u.uid), Some(u.gid))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the HOME and TMPDIR (the workspace is removed by the runner, unless kept).
+    pub fn remove_private(&self) {
+        for dir in [&self.home, &self.tmp] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The default folder for run workspaces: outside the data folder, outside `/root`.
+pub fn default_workspaces() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/skiff/work");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if Path::new(&dir).is_absolute() => PathBuf::from(dir).join("skiff"),
+        _ => PathBuf::from(format!("/tmp/skiff-{}", nix::unistd::geteuid())),
+    }
+}
+
+/// Keeps skiff's own memory and environment out of reach of processes of its uid
+/// (`/proc/PID/environ`, `/proc/PID/mem`, ptrace), and makes every file it creates private.
+pub fn harden_this_process() {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) and umask change only this process's attributes.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::umask(0o077);
+    }
+}
