@@ -133,3 +133,35 @@ fn runs_cannot_reach_each_other() {
     assert_eq!(status, 202);
     s.wait_for_end(&v);
 }
+
+/// A secret that reaches an action's input is masked in everything skiff writes about it: the
+/// action's log lines, the step's and the run's reason, the API and the live stream.
+#[test]
+fn a_secret_in_an_action_input_never_shows() {
+    let secret = "tok-8f3e9a1c77d2";
+    let s = Server::start_with(
+        &[(
+            "leaky",
+            "steps:\n  - uses: http/wait\n    with: { url: \"http://127.0.0.1:1/health?key=${{ secrets.API_KEY }}\", timeout: 300ms, interval: 100ms }\n",
+        )],
+        &[("SKIFF_SECRET_API_KEY", secret)],
+    );
+    let id = s.trigger("leaky", json!({}));
+    let events = s.follow(&id, None);
+    let (_, run) = s.api("GET", &format!("/api/runs/{id}"), None);
+    let log = s.log_text(&id);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(log.contains("key=***"), "the URL is shown, masked: {log}");
+    let reason = run["steps"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("key=***"), "{run}");
+    for (what, text) in [
+        ("log", log),
+        ("run", run.to_string()),
+        ("stream", format!("{events:?}")),
+    ] {
+        assert!(
+            !text.contains(secret),
+            "the secret shows in the {what}: {text}"
+        );
+    }
+}

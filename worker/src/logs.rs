@@ -157,6 +157,9 @@ enum Event {
 #[derive(Clone)]
 pub struct LogSender {
     tx: mpsc::Sender<Event>,
+    /// skiff's own lines pass the masker too (an action's message may hold a URL with a
+    /// secret in it); step output is masked as it is read.
+    masker: Masker,
 }
 
 impl LogSender {
@@ -181,6 +184,11 @@ impl LogSender {
 
     /// A line from skiff itself (not from the step), marked so readers can tell it apart.
     pub async fn note(&self, step: Option<u32>, text: &str) {
+        let text = if self.masker.is_empty() {
+            std::borrow::Cow::Borrowed(text)
+        } else {
+            std::borrow::Cow::Owned(self.masker.mask_str(text))
+        };
         let mut data = Vec::with_capacity(text.len() + 10);
         data.extend_from_slice(b"[skiff] ");
         data.extend_from_slice(text.as_bytes());
@@ -207,6 +215,7 @@ const BATCH_BYTES: usize = 1 << 20;
 pub fn start_writer(
     rec: Recorder,
     observer: Arc<dyn RunObserver>,
+    masker: Masker,
 ) -> (LogSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Event>(CHANNEL_CHUNKS);
     let handle = tokio::spawn(async move {
@@ -258,7 +267,7 @@ pub fn start_writer(
         }
         flush(&rec, &mut batch).await;
     });
-    (LogSender { tx }, handle)
+    (LogSender { tx, masker }, handle)
 }
 
 /// Writes the batch (the recorder retries, or holds it back while the Store is away).

@@ -309,7 +309,8 @@ async fn drive(
 
     let rec = Recorder::new(store, claim, opts.store_patience);
     let renewing = rec.keep_claim(opts.lease);
-    let (log, writer) = start_writer(rec.clone(), observer.clone());
+    let masker = Masker::new(opts.secrets.values());
+    let (log, writer) = start_writer(rec.clone(), observer.clone(), masker.clone());
     let stop = opts.cancel.child_token();
     let abort = opts.abort.child_token();
     // Trouble with the Store stops the main steps; a lost claim stops everything.
@@ -340,7 +341,7 @@ async fn drive(
         pipeline,
         opts,
         log,
-        masker: Masker::new(opts.secrets.values()),
+        masker,
         base_env: Vec::new(),
         workspace,
         dirs,
@@ -366,6 +367,7 @@ async fn drive(
         dirs,
         user,
         tracker,
+        masker,
         ..
     } = runner;
     // The run's processes end with its cgroup; only then is its uid free for another run.
@@ -389,6 +391,9 @@ async fn drive(
         {
             outcome.reason = Some(reason);
         }
+    }
+    if !masker.is_empty() {
+        outcome.reason = outcome.reason.map(|r| masker.mask_str(&r));
     }
     if !rec
         .finish(outcome.status, outcome.reason.as_deref(), &opts.abort)
@@ -705,6 +710,12 @@ impl Runner<'_> {
     }
 
     async fn save(&mut self, index: usize) -> Result<(), RunnerError> {
+        // A reason may quote a value that held a secret (a working directory, an action's URL).
+        if !self.masker.is_empty()
+            && let Some(reason) = &self.records[index].reason
+        {
+            self.records[index].reason = Some(self.masker.mask_str(reason));
+        }
         let record = &self.records[index];
         self.rec.step(record).await;
         self.log.step_changed(record).await;
