@@ -153,6 +153,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         workspace_root: workspaces,
         isolation,
+        allow_docker_steps: args.isolation.allow_docker_steps,
         keep_workspace: args.keep_workspace,
         kill_grace: args.kill_grace,
         secrets,

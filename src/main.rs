@@ -64,6 +64,10 @@ pub struct IsolationArgs {
     /// read skiff's data folder and secrets
     #[arg(long, env = "SKIFF_NO_ISOLATION")]
     pub no_isolation: bool,
+    /// Give pipelines that ask for `permissions: [docker]` the Docker socket (root on the host:
+    /// whoever writes such a pipeline is root here)
+    #[arg(long, env = "SKIFF_ALLOW_DOCKER_STEPS")]
+    pub allow_docker_steps: bool,
     /// The uids isolated runs run as (skiff as root), FIRST-LAST
     #[arg(long, env = "SKIFF_STEP_UIDS", default_value = "64000-64999", value_parser = parse_uids, value_name = "FIRST-LAST")]
     pub step_uids: std::ops::RangeInclusive<u32>,

@@ -216,6 +216,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config: WorkerConfig {
             workspace_root: workspaces.clone(),
             isolation: isolation.clone(),
+            allow_docker_steps: args.isolation.allow_docker_steps,
             kill_grace: args.kill_grace,
             secrets,
             cancel_check: Duration::from_secs(1),
@@ -268,6 +269,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 .public_url
                 .as_deref()
                 .is_some_and(|u| u.starts_with("https://")),
+            steps_warning: (!isolation.is_on()).then(|| isolation.description()),
         }),
         metrics,
         shutdown: stopping.cancel.clone(),

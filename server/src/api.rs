@@ -160,6 +160,9 @@ pub struct PipelineDto {
     /// `null` for an invalid pipeline.
     pub triggers: Option<TriggersDto>,
     pub steps: Vec<PipelineStepDto>,
+    /// Powers it asks for beyond an isolated step's: `docker` (the Docker socket, root on the
+    /// host; given only by a worker started with `--allow-docker-steps`).
+    pub permissions: Vec<&'static str>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -234,6 +237,9 @@ pub fn pipeline_dto(entry: &Entry) -> PipelineDto {
                     })
                     .collect()
             })
+            .unwrap_or_default(),
+        permissions: p
+            .map(|p| p.permissions.iter().map(|x| x.as_str()).collect())
             .unwrap_or_default(),
     }
 }

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub admin_token_hash: Option<String>,
     /// Mark session cookies `Secure` (the server is reached over https).
     pub secure_cookies: bool,
+    /// Shown on the dashboard when steps run with skiff's own powers (not isolated).
+    pub steps_warning: Option<String>,
 }
 
 /// The pipelines folder as last loaded; swapped whole when files change.

@@ -166,6 +166,8 @@ pub struct PipelineCard {
 pub struct Dashboard {
     csrf: String,
     cards: Vec<PipelineCard>,
+    /// Steps run with skiff's own powers: said on the first screen.
+    warning: String,
 }
 
 pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dashboard, ApiError> {
@@ -188,6 +190,7 @@ pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dash
     Ok(Dashboard {
         csrf: page.csrf,
         cards,
+        warning: state.config.steps_warning.clone().unwrap_or_default(),
     })
 }
 
@@ -257,6 +260,14 @@ async fn pipeline_page(
                 s.cron,
                 s.timezone.map_or("UTC", |t| t.name())
             ));
+        }
+        for x in &p.permissions {
+            triggers.push(match x {
+                skiff_core::pipeline::Permission::Docker => {
+                    "permission: docker (root on the host; only where the worker allows it)"
+                        .to_string()
+                }
+            });
         }
     }
     let file = e.file.display().to_string();

@@ -165,3 +165,71 @@ fn a_secret_in_an_action_input_never_shows() {
         );
     }
 }
+
+const DOCKER_PING: &str = "curl -s --max-time 5 --unix-socket /var/run/docker.sock http://docker/_ping && echo ' <- the engine answered'";
+
+/// The Docker socket is root on the host: a step reaches it only when the worker allows it and
+/// the pipeline asks for it.
+#[test]
+fn the_docker_socket_needs_the_worker_and_the_pipeline_to_say_so() {
+    assert!(is_root(), "run the tests as root");
+    assert!(
+        std::path::Path::new("/var/run/docker.sock").exists(),
+        "this test needs the Docker engine's socket at /var/run/docker.sock"
+    );
+    let asks = format!("permissions: [docker]\nsteps:\n  - run: {DOCKER_PING}\n");
+    let plain = format!("steps:\n  - run: {DOCKER_PING} || echo refused\n");
+    let pipelines = [("asks", asks.as_str()), ("plain", plain.as_str())];
+    // A worker that does not allow it.
+    let s = Server::start(&pipelines);
+    let id = s.trigger("asks", json!({}));
+    let run = s.wait_for_end(&id);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("--allow-docker-steps")),
+        "{run}"
+    );
+    let id = s.trigger("plain", json!({}));
+    s.wait_for_end(&id);
+    let log = s.log_text(&id);
+    assert!(
+        log.contains("refused") && !log.contains("engine answered"),
+        "{log}"
+    );
+    drop(s);
+    // A worker that allows it: only the pipeline that asks gets it.
+    let s = Server::start_with(&pipelines, &[("SKIFF_ALLOW_DOCKER_STEPS", "true")]);
+    let id = s.trigger("asks", json!({}));
+    let run = s.wait_for_end(&id);
+    let log = s.log_text(&id);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert!(log.contains("OK <- the engine answered"), "{log}");
+    let id = s.trigger("plain", json!({}));
+    s.wait_for_end(&id);
+    let log = s.log_text(&id);
+    assert!(
+        log.contains("refused") && !log.contains("engine answered"),
+        "{log}"
+    );
+}
+
+/// `--no-isolation` gives isolation away on purpose, and says so where the owner looks.
+#[test]
+fn without_isolation_skiff_says_so() {
+    let s = Server::start_with(
+        &[("who", "steps:\n  - run: echo \"uid=$(id -u)\"\n")],
+        &[("SKIFF_NO_ISOLATION", "true")],
+    );
+    let id = s.trigger("who", json!({}));
+    s.wait_for_end(&id);
+    let me = nix::unistd::geteuid().as_raw();
+    assert!(s.log_text(&id).contains(&format!("uid={me}\n")));
+    let cookie = crate::api::sign_in(&s);
+    let (_, _, page) = crate::harness::raw("GET", &s.url("/"), None, &[("cookie", &cookie)]);
+    assert!(
+        page.contains(r#"id="steps-warning""#) && page.contains("skiff&#39;s own powers"),
+        "{page}"
+    );
+}

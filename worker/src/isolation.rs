@@ -252,3 +252,30 @@ pub fn harden_this_process() {
         libc::umask(0o077);
     }
 }
+
+/// Who a step's process becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    /// A supplementary group given on purpose (the Docker socket's), else none at all.
+    pub extra_group: Option<u32>,
+}
+
+/// The group that may use the Docker socket (`DOCKER_HOST=unix://...`, else
+/// /var/run/docker.sock).
+pub fn docker_socket_group() -> io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+        .unwrap_or_else(|| "/var/run/docker.sock".into());
+    let meta =
+        std::fs::metadata(&path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+    if meta.gid() == 0 {
+        return Err(io::Error::other(format!(
+            "{path} belongs to group root: giving it away would give root's group"
+        )));
+    }
+    Ok(meta.gid())
+}

@@ -19,6 +19,8 @@ pub struct WorkerConfig {
     pub workspace_root: std::path::PathBuf,
     /// What the steps run as.
     pub isolation: crate::isolation::Isolation,
+    /// Whether pipelines with `permissions: [docker]` get the Docker socket.
+    pub allow_docker_steps: bool,
     pub kill_grace: Duration,
     pub secrets: Secrets,
     /// How often a running run checks the Store for a cancel request it was not told about.
@@ -67,6 +69,7 @@ impl Stopping {
         RunOptions {
             workspace_root: config.workspace_root.clone(),
             isolation: config.isolation.clone(),
+            allow_docker_steps: config.allow_docker_steps,
             keep_workspace: false,
             kill_grace: config.kill_grace,
             secrets: config.secrets.clone(),

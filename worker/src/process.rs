@@ -31,8 +31,8 @@ pub struct Spawn<'a> {
     pub cwd: &'a Path,
     pub env: &'a [(String, String)],
     pub tracker: &'a RunTracker,
-    /// The uid and gid to run as (isolated runs); `None`: skiff's own.
-    pub user: Option<(u32, u32)>,
+    /// Who to run as (isolated runs); `None`: skiff's own.
+    pub user: Option<crate::isolation::Creds>,
 }
 
 /// Where a run's step processes are tracked: the run's cgroup, taken at its first step, killed
@@ -182,10 +182,13 @@ pub async fn run(
             #[allow(unsafe_code)]
             unsafe {
                 cmd.pre_exec(move || {
-                    if let Some((uid, gid)) = user
-                        && (libc::setgroups(0, std::ptr::null()) != 0
-                            || libc::setresgid(gid, gid, gid) != 0
-                            || libc::setresuid(uid, uid, uid) != 0)
+                    if let Some(c) = user
+                        && (libc::setgroups(
+                            usize::from(c.extra_group.is_some()),
+                            c.extra_group.as_ref().map_or(std::ptr::null(), |g| g),
+                        ) != 0
+                            || libc::setresgid(c.gid, c.gid, c.gid) != 0
+                            || libc::setresuid(c.uid, c.uid, c.uid) != 0)
                     {
                         return Err(std::io::Error::last_os_error());
                     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::Utc;
 use skiff_core::duration::human;
 use skiff_core::expr::{self, EvalError, Scope, Value};
-use skiff_core::pipeline::{EnvVar, Phase, Pipeline, Step, StepAction, env_key};
+use skiff_core::pipeline::{EnvVar, Permission, Phase, Pipeline, Step, StepAction, env_key};
 use skiff_core::run::{Run, RunStatus, StepRecord, StepStatus};
 use skiff_core::store::{Claim, Store, StoreError};
 use tokio::time::Instant;
@@ -76,6 +76,9 @@ pub struct RunOptions {
     pub workspace_root: PathBuf,
     /// What the steps run as (see `isolation.rs`).
     pub isolation: Isolation,
+    /// Whether pipelines that ask for `permissions: [docker]` get the Docker socket (root on
+    /// the host: `--allow-docker-steps`).
+    pub allow_docker_steps: bool,
     pub keep_workspace: bool,
     /// Time between SIGTERM and SIGKILL when a step is stopped.
     pub kill_grace: Duration,
@@ -230,6 +233,8 @@ struct Runner<'a> {
     /// The user the steps run as, when they run isolated; dropped (its uid free again) after
     /// the run's processes are gone.
     user: Option<RunUser>,
+    /// A group the run's user is given on purpose (the Docker socket's).
+    extra_group: Option<u32>,
     base_env: Vec<(String, String)>,
     steps: HashMap<String, StepState>,
     records: Vec<StepRecord>,
@@ -346,6 +351,7 @@ async fn drive(
         workspace,
         dirs,
         user,
+        extra_group: None,
         steps: HashMap::new(),
         records,
         failed: false,
@@ -411,6 +417,7 @@ const INTERRUPTED: &str = "interrupted: skiff stopped while this run was running
 impl Runner<'_> {
     async fn execute(&mut self) -> Result<RunOutcome, RunnerError> {
         self.prepare_env().await;
+        self.check_permissions().await;
         let main: Vec<Step> = self.pipeline.steps.clone();
         for (i, step) in main.iter().enumerate() {
             if self.interrupt.is_none()
@@ -603,6 +610,34 @@ impl Runner<'_> {
             }
         };
         RunOutcome { status, reason }
+    }
+
+    /// A pipeline that asks for a power this worker does not give fails before its first step;
+    /// one that is given gets it (the Docker socket's group for the run's user).
+    async fn check_permissions(&mut self) {
+        if !self.pipeline.permissions.contains(&Permission::Docker) {
+            return;
+        }
+        if !self.opts.allow_docker_steps {
+            let reason = "the pipeline asks for `permissions: [docker]` (root on the host), which \
+                          this worker does not allow (start it with --allow-docker-steps)"
+                .to_string();
+            self.log.note(None, &reason).await;
+            self.failed = true;
+            self.first_failure.get_or_insert(reason);
+            return;
+        }
+        if self.user.is_some() {
+            match crate::isolation::docker_socket_group() {
+                Ok(gid) => self.extra_group = Some(gid),
+                Err(e) => {
+                    let reason = format!("the Docker socket cannot be given to the steps: {e}");
+                    self.log.note(None, &reason).await;
+                    self.failed = true;
+                    self.first_failure.get_or_insert(reason);
+                }
+            }
+        }
     }
 
     /// The environment every step starts from: the runner's own, then the pipeline's `env:`.
@@ -989,6 +1024,11 @@ impl Runner<'_> {
                 let script_path = step_file(root, &self.run.id, index, "sh");
                 let inline = script.len() <= INLINE_SCRIPT_MAX;
                 let owner = self.user.as_ref().map(|u| (u.uid, u.gid));
+                let creds = self.user.as_ref().map(|u| crate::isolation::Creds {
+                    uid: u.uid,
+                    gid: u.gid,
+                    extra_group: self.extra_group,
+                });
                 if !inline {
                     write_step_file(&script_path, script.as_bytes(), owner)?;
                 }
@@ -1017,7 +1057,7 @@ impl Runner<'_> {
                     cwd: &cwd,
                     env: &env,
                     tracker: &self.tracker,
-                    user: owner,
+                    user: creds,
                 };
                 let ended = process::run(
                     spec,

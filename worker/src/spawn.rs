@@ -36,8 +36,8 @@ pub struct Start<'a> {
     pub stderr: OwnedFd,
     /// The cgroup's directory, opened.
     pub cgroup: BorrowedFd<'a>,
-    /// The uid and gid to run as; `None`: skiff's own.
-    pub user: Option<(u32, u32)>,
+    /// Who to run as; `None`: skiff's own.
+    pub user: Option<crate::isolation::Creds>,
 }
 
 /// A started process, the leader of a new process group.
@@ -94,6 +94,9 @@ struct ChildArgs {
     set_user: bool,
     uid: libc::uid_t,
     gid: libc::gid_t,
+    /// Supplementary groups: 0 or 1 of `group`.
+    groups: usize,
+    group: libc::gid_t,
     /// Set by the child when it could not exec (read by the parent once the clone returns).
     errno: libc::c_int,
 }
@@ -153,7 +156,11 @@ extern "C" fn child_main(args: *mut ChildArgs) -> ! {
         // Raw system calls for the credentials: glibc's setuid() would try to change every
         // thread of what it takes for its process (this child shares skiff's memory).
         if a.set_user
-            && (libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+            && (libc::syscall(
+                libc::SYS_setgroups,
+                a.groups,
+                &a.group as *const libc::gid_t,
+            ) != 0
                 || libc::syscall(libc::SYS_setresgid, a.gid, a.gid, a.gid) != 0
                 || libc::syscall(libc::SYS_setresuid, a.uid, a.uid, a.uid) != 0)
         {
@@ -209,8 +216,12 @@ pub fn spawn(start: Start<'_>) -> io::Result<Child> {
         stdout: start.stdout.as_raw_fd(),
         stderr: start.stderr.as_raw_fd(),
         set_user: start.user.is_some(),
-        uid: start.user.map_or(0, |u| u.0),
-        gid: start.user.map_or(0, |u| u.1),
+        uid: start.user.map_or(0, |u| u.uid),
+        gid: start.user.map_or(0, |u| u.gid),
+        groups: start
+            .user
+            .map_or(0, |u| usize::from(u.extra_group.is_some())),
+        group: start.user.and_then(|u| u.extra_group).unwrap_or(0),
         errno: 0,
     };
     let mut stack = vec![0u8; CHILD_STACK];

@@ -215,6 +215,7 @@ impl Setup {
             workspace_root: self.dir.path().join("workspaces"),
             // These tests are about the Store, not about who the steps run as.
             isolation: skiff_worker::isolation::Isolation::Off("a Store test".into()),
+            allow_docker_steps: false,
             keep_workspace: false,
             kill_grace: Duration::from_secs(2),
             secrets: Secrets::default(),

@@ -27,6 +27,24 @@ pub struct Pipeline {
     pub finally: Vec<Step>,
     /// How long finished runs of this pipeline are kept; unset fields leave the server's default.
     pub retention: Retention,
+    /// What its steps may do beyond an isolated step's powers (granted only where the worker
+    /// allows it too).
+    pub permissions: Vec<Permission>,
+}
+
+/// A power a pipeline asks for on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// The Docker socket: root on the host. A worker must allow it (`--allow-docker-steps`).
+    Docker,
+}
+
+impl Permission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Docker => "docker",
+        }
+    }
 }
 
 pub use crate::retention::Retention;

@@ -30,7 +30,10 @@ const TOP_KEYS: &[&str] = &[
     "steps",
     "finally",
     "retention",
+    "permissions",
 ];
+/// What a pipeline may ask for beyond an isolated step's powers.
+const PERMISSIONS: &[&str] = &["docker"];
 const STEP_KEYS: &[&str] = &[
     "id",
     "name",
@@ -468,6 +471,10 @@ impl<'s, 'n> Cx<'s, 'n> {
             .value("retention")
             .map(|n| self.retention(n))
             .unwrap_or_default();
+        let permissions = top
+            .value("permissions")
+            .map(|n| self.permissions(n))
+            .unwrap_or_default();
         self.check_step_ids(&steps, &finally, &top);
         Some(Pipeline {
             name,
@@ -481,7 +488,37 @@ impl<'s, 'n> Cx<'s, 'n> {
             steps,
             finally,
             retention,
+            permissions,
         })
+    }
+
+    fn permissions(&mut self, node: &'n Node) -> Vec<Permission> {
+        let items: Vec<&'n Node> = match &node.value {
+            Value::Seq(items) => items.iter().collect(),
+            _ if node.is_null() => Vec::new(),
+            _ => vec![node],
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let Some(name) = self.string(item, "a permission") else {
+                continue;
+            };
+            match name.as_str() {
+                "docker" => {
+                    if !out.contains(&Permission::Docker) {
+                        out.push(Permission::Docker);
+                    }
+                }
+                other => {
+                    let help = did_you_mean(other, PERMISSIONS.iter().copied())
+                        .unwrap_or_else(|| format!("permissions: {}", PERMISSIONS.join(", ")));
+                    self.error(item.pos, format!("unknown permission `{other}`"))
+                        .set_len(other.chars().count())
+                        .help = Some(help);
+                }
+            }
+        }
+        out
     }
 
     fn retention(&mut self, node: &'n Node) -> Retention {
