@@ -38,12 +38,25 @@ enum Command {
     LoginLink(login_link::LoginLinkArgs),
     /// Create an API token (for `skiff trigger` and scripts) and print it
     Token(login_link::TokenArgs),
+    /// (internal) the first process of a step run in namespaces
+    #[command(hide = true)]
+    StepInit(StepInitArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StepInitArgs {
+    /// A folder to hide from the step
+    #[arg(long)]
+    hide: Vec<PathBuf>,
+    /// The program and its arguments
+    #[arg(last = true, required = true)]
+    program: Vec<std::ffi::OsString>,
 }
 
 /// Options shared by subcommands that keep state.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Folder for skiff's database and run workspaces
+    /// Folder for skiff's database, run logs and credentials
     #[arg(
         long = "data",
         env = "SKIFF_DATA",
@@ -113,8 +126,11 @@ impl IsolationArgs {
             dir.display(),
             data.dir.display()
         );
-        let isolation =
-            skiff_worker::isolation::Isolation::detect(self.no_isolation, self.step_uids.clone());
+        let isolation = skiff_worker::isolation::Isolation::detect(
+            self.no_isolation,
+            self.step_uids.clone(),
+            vec![data.dir.clone()],
+        );
         eprintln!("skiff: {}", isolation.description());
         Ok((dir, isolation))
     }
@@ -256,6 +272,10 @@ fn main() -> ExitCode {
         Command::Trigger(args) => trigger::main(args),
         Command::LoginLink(args) => login_link::main(args),
         Command::Token(args) => login_link::token(args),
+        Command::StepInit(args) => {
+            let code = skiff_worker::isolation::step_init(&args.hide, &args.program);
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
     };
     match result {
         Ok(code) => code,

@@ -233,3 +233,81 @@ fn without_isolation_skiff_says_so() {
         "{page}"
     );
 }
+
+/// Without root, each step runs in user, mount and pid namespaces of its own: skiff's processes
+/// are out of sight (and out of reach), its data folder is hidden, and what a step leaves
+/// running ends with it, even after `setsid` with `SKIFF_RUN_ID` unset.
+#[test]
+fn without_root_steps_run_in_namespaces() {
+    assert!(
+        is_root(),
+        "this test starts skiff as `nobody`: run the tests as root"
+    );
+    let dir = scratch();
+    let skiff = dir.path().join("skiff");
+    // A link to the binary where `nobody` can reach it (the build folder may not be).
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_skiff"), &skiff).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_skiff"), &skiff).expect("copy skiff");
+    }
+    let data = dir.path().join("data");
+    let file = dir.path().join("attack.yml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"steps:
+  - run: |
+      echo "uid=$(id -u) pid=$$"
+      echo "procs=$(ls /proc | grep -c '^[0-9]')"
+      (ls {data} || true) 2>&1 | sed 's/^/data: /'
+      (cat {data}/skiff.db | head -c 20 || true) 2>&1 | sed 's/^/db: /'
+      env -u SKIFF_RUN_ID setsid sleep 1234 > /dev/null 2>&1 < /dev/null &
+      echo left-one-behind
+"#,
+            data = data.display()
+        ),
+    )
+    .expect("write");
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&skiff)
+        .args(["run", &file.display().to_string(), "--data"])
+        .arg(&data)
+        .arg("--workspaces")
+        .arg(dir.path().join("work"))
+        .env("NO_COLOR", "1")
+        .env_remove("SKIFF_DATA")
+        .env_remove("SKIFF_WORKSPACES")
+        .current_dir(dir.path());
+    let out = crate::harness::run_to_end(cmd);
+    let all = out.all();
+    assert_eq!(out.code, Some(0), "{all}");
+    assert!(
+        all.contains("namespaces of its own"),
+        "skiff says how steps run: {all}"
+    );
+    assert!(
+        all.contains("uid=65534 pid=2"),
+        "the step is in a pid namespace: {all}"
+    );
+    let procs: usize = all
+        .split("procs=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a process count");
+    assert!(
+        procs < 10,
+        "only the step's own processes are visible: {all}"
+    );
+    assert!(all.contains("data: ls: cannot open directory"), "{all}");
+    assert!(!all.contains("SQLite format"), "{all}");
+    // The process left behind ended with its step.
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c.as_slice() == b"sleep\x001234\x00")
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .collect();
+    assert!(left.is_empty(), "a process outlived its step: {left:?}");
+}

@@ -26,22 +26,44 @@ const UID_LOCKS: &str = "/run/skiff-uids";
 pub enum Isolation {
     /// Each running run as a user of its own.
     Uids(Arc<UidPool>),
+    /// skiff not root: each step in user, mount and pid namespaces of its own (through
+    /// `skiff step-init`, the program at `init`), with these folders hidden.
+    Namespaces { init: PathBuf, hide: Vec<PathBuf> },
     /// With skiff's own uid and powers; the reason says why.
     Off(String),
 }
 
 impl Isolation {
     /// The isolation this process can give: uids when root (unless turned off).
-    pub fn detect(no_isolation: bool, uids: RangeInclusive<u32>) -> Isolation {
+    /// `hide`: what a step must not see (the data folder) when it runs in namespaces.
+    pub fn detect(no_isolation: bool, uids: RangeInclusive<u32>, hide: Vec<PathBuf>) -> Isolation {
         if no_isolation {
             return Isolation::Off("--no-isolation was given".into());
         }
-        if !nix::unistd::geteuid().is_root() {
-            return Isolation::Off(
-                "skiff is not running as root, so it cannot give steps users of their own".into(),
-            );
+        if nix::unistd::geteuid().is_root() {
+            return Isolation::Uids(Arc::new(UidPool { uids }));
         }
-        Isolation::Uids(Arc::new(UidPool { uids }))
+        let init = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return Isolation::Off(format!("skiff cannot find its own program: {e}")),
+        };
+        // Tried once for real: unprivileged user namespaces may be turned off here.
+        let probe = std::process::Command::new(&init)
+            .args(["step-init", "--", "/bin/sh", "-c", "exit 0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output();
+        match probe {
+            Ok(out) if out.status.success() => Isolation::Namespaces { init, hide },
+            Ok(out) => Isolation::Off(format!(
+                "skiff is not root and cannot make namespaces here ({})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Isolation::Off(format!(
+                "skiff is not root and cannot make namespaces here ({e})"
+            )),
+        }
     }
 
     /// One line for skiff's start-up and the UI.
@@ -53,6 +75,9 @@ impl Isolation {
                 pool.uids.start(),
                 pool.uids.end()
             ),
+            Isolation::Namespaces { .. } => "steps run isolated: each in user, mount and pid \
+                 namespaces of its own (skiff's processes and data folder out of sight)"
+                .to_string(),
             Isolation::Off(why) => format!(
                 "WARNING: steps run with skiff's own powers ({why}): a step can read skiff's data \
                  folder and secrets and act as skiff"
@@ -61,7 +86,7 @@ impl Isolation {
     }
 
     pub fn is_on(&self) -> bool {
-        matches!(self, Isolation::Uids(_))
+        !matches!(self, Isolation::Off(_))
     }
 }
 
@@ -278,4 +303,117 @@ pub fn docker_socket_group() -> io::Result<u32> {
         )));
     }
     Ok(meta.gid())
+}
+
+/// The first process of a step run in namespaces (skiff not root): `skiff step-init --hide DIR
+/// ... -- PROGRAM ARGS...`. It makes new user, mount and pid namespaces (the user's own uid
+/// mapped to itself, so the step keeps no capability), hides each DIR under an empty read-only
+/// tmpfs, and starts a process that is pid 1 there: it mounts a fresh /proc (skiff and every
+/// other process out of sight) and runs PROGRAM, reaping whatever PROGRAM leaves behind. When
+/// PROGRAM ends, pid 1 ends, and with it every process in the namespace (nothing outlives its
+/// step). Signals sent to the step's process group reach PROGRAM; this process and pid 1 wait.
+/// Returns the exit code (128 + the signal for a PROGRAM killed by one).
+pub fn step_init(hide: &[PathBuf], program: &[std::ffi::OsString]) -> i32 {
+    match step_init_inner(hide, program) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("skiff step-init: {e}");
+            126
+        }
+    }
+}
+
+fn step_init_inner(hide: &[PathBuf], program: &[std::ffi::OsString]) -> io::Result<i32> {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{ForkResult, fork};
+    let Some((prog, args)) = program.split_first() else {
+        return Err(io::Error::other("no program to run"));
+    };
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)
+        .map_err(|e| io::Error::other(format!("user namespaces are not available: {e}")))?;
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))?;
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
+    let sealed = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for dir in hide.iter().filter(|d| d.exists()) {
+        mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            sealed,
+            Some("size=4k,mode=000"),
+        )?;
+    }
+    // This process and pid 1 outlast a SIGTERM or Ctrl-C sent to the group: PROGRAM gets it.
+    let keep = [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ];
+    // SAFETY: single-threaded here (a freshly started process); SIG_IGN installs no handler.
+    #[allow(unsafe_code)]
+    unsafe {
+        for s in keep {
+            let _ = signal(s, SigHandler::SigIgn);
+        }
+    }
+    // SAFETY: this process has one thread, so the child may do anything before it execs.
+    #[allow(unsafe_code)]
+    match unsafe { fork() }.map_err(io::Error::from)? {
+        ForkResult::Parent { child } => Ok(exit_code(waitpid(child, None)?)),
+        ForkResult::Child => {
+            // pid 1 of the new pid namespace.
+            let code = (|| -> io::Result<i32> {
+                mount(
+                    Some("proc"),
+                    "/proc",
+                    Some("proc"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    none,
+                )?;
+                let mut cmd = std::process::Command::new(prog);
+                cmd.args(args);
+                // SAFETY: resetting dispositions is async-signal-safe.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        for s in keep {
+                            let _ = signal(s, SigHandler::SigDfl);
+                        }
+                        Ok(())
+                    });
+                }
+                let main = cmd.spawn()?;
+                let main = nix::unistd::Pid::from_raw(main.id() as i32);
+                // Reap everything; end when the step's program ends.
+                loop {
+                    match waitpid(None, None) {
+                        Ok(status) if status.pid() == Some(main) => return Ok(exit_code(status)),
+                        Ok(_) => {}
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            })();
+            std::process::exit(code.unwrap_or_else(|e| {
+                eprintln!("skiff step-init: {e}");
+                126
+            }))
+        }
+    }
+}
+
+fn exit_code(status: nix::sys::wait::WaitStatus) -> i32 {
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, code) => code,
+        nix::sys::wait::WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => 1,
+    }
 }

@@ -302,7 +302,7 @@ async fn drive(
             path: opts.workspace_root.display().to_string(),
             source,
         })?),
-        Isolation::Off(_) => None,
+        Isolation::Namespaces { .. } | Isolation::Off(_) => None,
     };
     let dirs = RunDirs::new(&opts.workspace_root, run.id.as_str());
     dirs.create(&opts.workspace_root, user.as_ref())
@@ -1051,6 +1051,27 @@ impl Runner<'_> {
                 } else {
                     argv.push(script_path.as_os_str());
                 }
+                // In namespaces, the shell is started by `skiff step-init` (see `isolation.rs`).
+                let wrapped: Vec<&std::ffi::OsStr>;
+                let program: &Path = match &self.opts.isolation {
+                    Isolation::Namespaces { init, hide } => {
+                        let mut w: Vec<&std::ffi::OsStr> = vec![std::ffi::OsStr::new("step-init")];
+                        for h in hide {
+                            w.push(std::ffi::OsStr::new("--hide"));
+                            w.push(h.as_os_str());
+                        }
+                        w.push(std::ffi::OsStr::new("--"));
+                        w.push(program.as_os_str());
+                        w.extend(argv.iter().copied());
+                        wrapped = w;
+                        init
+                    }
+                    _ => {
+                        wrapped = argv;
+                        program
+                    }
+                };
+                let argv = wrapped;
                 let spec = Spawn {
                     program,
                     args: &argv,
