@@ -78,6 +78,14 @@ fn a_step_cannot_reach_the_server_its_data_or_its_secrets() {
         assert!(!log.contains(leak), "the step reached {leak:?}:\n{log}");
     }
     assert!(log.contains("done"), "{log}");
+    // The data folder is skiff's alone, whoever else is on the machine.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| p.metadata().expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for entry in std::fs::read_dir(&data).expect("data").flatten() {
+        let m = mode(&entry.path());
+        assert!(m & 0o077 == 0, "{} is mode {m:o}", entry.path().display());
+    }
 }
 
 #[test]
