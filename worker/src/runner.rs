@@ -651,7 +651,12 @@ impl Runner<'_> {
 
     async fn save(&mut self, index: usize) -> Result<(), RunnerError> {
         let record = &self.records[index];
-        self.rec.step(record).await;
+        if index + 1 == self.records.len() && record.status.is_terminal() {
+            // The run's last step: the run ends next, and its end is written with it.
+            self.rec.step_at_end(record);
+        } else {
+            self.rec.step(record).await;
+        }
         self.log.step_changed(record).await;
         Ok(())
     }
