@@ -538,10 +538,18 @@ impl SqliteQueue {
 #[derive(Clone)]
 struct Handler(Arc<dyn JobHandler>);
 
+/// The worker's service: the handler, on the job. Each job is handled in a task of its own:
+/// apalis polls the jobs it runs at once inside its
+/// worker's one task, where the runs would take turns on one thread (and with the worker's
+/// fetches) instead of running side by side on the runtime's threads.
 async fn handle(job: RunJob, handler: Data<Handler>) -> Result<(), BoxDynError> {
     let run = job.run_id.clone();
     let Handler(inner) = &*handler;
-    inner.handle(job).await.map_err(|e| {
+    let inner = inner.clone();
+    let handled = tokio::spawn(async move { inner.handle(job).await })
+        .await
+        .unwrap_or_else(|e| Err(format!("the run's task ended: {e}")));
+    handled.map_err(|e| {
         tracing::error!(run_id = %run, error = %e, "executing a run failed");
         AbortError::new(e).into()
     })
