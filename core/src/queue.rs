@@ -84,25 +84,94 @@ impl Wake {
 pub struct JobsTable {
     writer: Writer,
     config: Config,
+    acks: Arc<PendingAcks>,
 }
 
-/// What apalis-sqlite's `ack_tasks` writes, for one job found by its primary key. Its own query
-/// joins the acks (a JSON array) to every job the worker ever took and parses the JSON again for
-/// each of them, so an ack costs more with every job until the table is vacuumed.
-async fn ack_one(writer: &Writer, worker: &str, ack: &AckPayload) -> Result<(), SqliteError> {
+/// Acks are written after a short delay, several in one statement: off the path from one run's
+/// end to the worker's next run (its fetch and claim), where each would cost a round trip on the
+/// one writer connection.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+
+/// Acks waiting to be written, and whether a write of them is scheduled.
+#[derive(Default)]
+struct PendingAcks {
+    acks: std::sync::Mutex<Vec<Value>>,
+    scheduled: std::sync::atomic::AtomicBool,
+}
+
+impl PendingAcks {
+    fn take(&self) -> Vec<Value> {
+        let mut acks = match self.acks.lock() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        std::mem::take(&mut *acks)
+    }
+
+    fn add(&self, ack: Value) {
+        match self.acks.lock() {
+            Ok(mut a) => a.push(ack),
+            Err(poisoned) => poisoned.into_inner().push(ack),
+        }
+    }
+}
+
+/// One ack as [`write_acks`] reads it: what apalis-sqlite's `ack_tasks` writes, for one job
+/// found by its primary key. Its own query joins the acks (a JSON array) to every job the worker
+/// ever took and parses the JSON again for each of them, so an ack costs more with every job
+/// until the table is vacuumed.
+fn ack_entry(worker: &str, ack: &AckPayload) -> Result<Value, SqliteError> {
     let result = serde_json::to_string(&ack.result).map_err(SqliteError::JsonError)?;
+    Ok(serde_json::json!({
+        "id": ack.task_id.to_string(),
+        "worker": worker,
+        "status": ack.status.to_string(),
+        "attempts": i64::try_from(ack.attempt).unwrap_or(i64::MAX),
+        "result": result,
+    }))
+}
+
+/// Writes acks (from [`ack_entry`]) in one statement.
+async fn write_acks(writer: &Writer, acks: &[Value]) -> Result<(), SqliteError> {
+    if acks.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
-        "UPDATE Jobs SET status = ?3, attempts = ?4, last_result = ?5, done_at = strftime('%s', 'now')
-         WHERE id = ?1 AND lock_by = ?2",
+        "UPDATE Jobs SET status = a.value ->> 'status', attempts = a.value ->> 'attempts',
+            last_result = a.value ->> 'result', done_at = strftime('%s', 'now')
+         FROM json_each(?1) AS a
+         WHERE Jobs.id = a.value ->> 'id' AND Jobs.lock_by = a.value ->> 'worker'",
     )
-    .bind(ack.task_id.to_string())
-    .bind(worker)
-    .bind(ack.status.to_string())
-    .bind(i64::try_from(ack.attempt).unwrap_or(i64::MAX))
-    .bind(result)
+    .bind(Value::Array(acks.to_vec()).to_string())
     .execute(&mut *writer.lock().await)
     .await?;
     Ok(())
+}
+
+impl JobsTable {
+    /// Writes every ack not yet written.
+    async fn flush_acks(&self) -> Result<(), SqliteError> {
+        let acks = self.acks.take();
+        write_acks(&self.writer, &acks).await
+    }
+
+    /// Writes the pending acks [`ACK_DELAY`] from now, unless that is scheduled already.
+    fn schedule_acks(&self) {
+        if self.acks.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let table = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ACK_DELAY).await;
+            // Cleared before taking: an ack added after this schedules a write of its own.
+            table.acks.scheduled.store(false, Ordering::Release);
+            if let Err(e) = table.flush_acks().await {
+                // Only the jobs table's record is missing: the run's state is the Store's, and a
+                // job delivered again finds its run no longer queued.
+                tracing::warn!(error = %e, "acknowledging finished jobs failed");
+            }
+        });
+    }
 }
 
 impl Persistence for JobsTable {
@@ -173,10 +242,15 @@ impl Persistence for JobsTable {
         // Jobs are not locked (`lock_tasks(false)`): the run's claim in the Store is the lock.
         for event in &events {
             if let TaskEvent::Complete(ack) = event {
-                ack_one(&self.writer, worker.name(), ack).await?;
+                self.acks.add(ack_entry(worker.name(), ack)?);
             }
         }
-        Ok(())
+        if worker.is_shutting_down() {
+            self.flush_acks().await
+        } else {
+            self.schedule_acks();
+            Ok(())
+        }
     }
 
     async fn push_tasks(
@@ -392,6 +466,7 @@ impl SqliteQueue {
             table: JobsTable {
                 writer: writer.clone(),
                 config,
+                acks: Arc::default(),
             },
             wake: Arc::new(Wake::default()),
         })
@@ -439,6 +514,7 @@ impl SqliteQueue {
                 }
             }
         });
+        let table = self.table.clone();
         tokio::spawn(async move {
             let result = worker
                 .run_until(async move {
@@ -449,6 +525,10 @@ impl SqliteQueue {
             if let Err(e) = result {
                 tracing::error!(error = %e, "the queue worker stopped");
             }
+            // The acks still waiting for their delayed write.
+            if let Err(e) = table.flush_acks().await {
+                tracing::warn!(error = %e, "acknowledging finished jobs failed");
+            }
         })
     }
 }
@@ -458,10 +538,18 @@ impl SqliteQueue {
 #[derive(Clone)]
 struct Handler(Arc<dyn JobHandler>);
 
+/// The worker's service: the handler, on the job. Each job is handled in a task of its own:
+/// apalis polls the jobs it runs at once inside its
+/// worker's one task, where the runs would take turns on one thread (and with the worker's
+/// fetches) instead of running side by side on the runtime's threads.
 async fn handle(job: RunJob, handler: Data<Handler>) -> Result<(), BoxDynError> {
     let run = job.run_id.clone();
     let Handler(inner) = &*handler;
-    inner.handle(job).await.map_err(|e| {
+    let inner = inner.clone();
+    let handled = tokio::spawn(async move { inner.handle(job).await })
+        .await
+        .unwrap_or_else(|e| Err(format!("the run's task ended: {e}")));
+    handled.map_err(|e| {
         tracing::error!(run_id = %run, error = %e, "executing a run failed");
         AbortError::new(e).into()
     })

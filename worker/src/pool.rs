@@ -180,6 +180,7 @@ async fn load_snapshot(
             store
                 .finish_run(
                     claim,
+                    &[],
                     RunStatus::Failed,
                     Some(&format!("this worker cannot load the pipeline: {first}")),
                 )

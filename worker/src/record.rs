@@ -277,9 +277,18 @@ impl Recorder {
         .await
     }
 
-    /// Ends the run: what was held back is written first, then the end state. While the Store
-    /// stays away this keeps trying (every few seconds) until it is back, or `give_up` fires.
-    /// Returns false when the end could not be written (the claim was lost, or gave up).
+    /// Keeps a step's record to be written with the run's end, in the same write (for the run's
+    /// last step, which the run's end follows at once: one write instead of two).
+    pub fn step_at_end(&self, record: &StepRecord) {
+        if self.health() != Health::Lost {
+            self.held().steps.insert(record.index, record.clone());
+        }
+    }
+
+    /// Ends the run: the log held back is written first, then the end state with the step
+    /// records held back (or kept for it by [`Recorder::step_at_end`]), in one write. While the
+    /// Store stays away this keeps trying (every few seconds) until it is back, or `give_up`
+    /// fires. Returns false when the end could not be written (the claim was lost, or gave up).
     pub async fn finish(
         &self,
         status: RunStatus,
@@ -304,18 +313,30 @@ impl Recorder {
                 }
                 Health::Up => {}
             }
-            if !self.held().steps.is_empty() || !self.held().logs.is_empty() {
+            if !self.held().logs.is_empty() {
                 self.back().await;
                 continue;
             }
+            let steps: Vec<StepRecord> = std::mem::take(&mut self.held().steps)
+                .into_values()
+                .collect();
             let store = &self.store;
             let claim = &self.claim;
             if self
-                .attempt("the run's end", || store.finish_run(claim, status, reason))
+                .attempt("the run's end", || {
+                    store.finish_run(claim, &steps, status, reason)
+                })
                 .await
                 .is_some()
             {
                 return true;
+            }
+            // Not written: the steps wait with whatever else is held back.
+            if self.health() != Health::Lost {
+                let mut held = self.held();
+                for step in steps {
+                    held.steps.entry(step.index).or_insert(step);
+                }
             }
         }
     }

@@ -752,7 +752,12 @@ impl Runner<'_> {
             self.records[index].reason = Some(self.masker.mask_str(reason));
         }
         let record = &self.records[index];
-        self.rec.step(record).await;
+        if index + 1 == self.records.len() && record.status.is_terminal() {
+            // The run's last step: the run ends next, and its end is written with it.
+            self.rec.step_at_end(record);
+        } else {
+            self.rec.step(record).await;
+        }
         self.log.step_changed(record).await;
         Ok(())
     }
@@ -1283,6 +1288,18 @@ type ReadOutputs = (BTreeMap<String, String>, Vec<String>);
 /// Reads a step's `$SKIFF_OUTPUT` file (on a blocking thread: a big file takes a while to parse).
 /// A file past the limits fails the step: the error names the limit.
 async fn read_outputs(path: PathBuf, owner: Option<u32>) -> Result<ReadOutputs, String> {
+    // Most steps set no outputs: one `stat` tells (no file, or the empty one made for an
+    // isolated step), without a trip to a blocking thread and back.
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((BTreeMap::new(), Vec::new()));
+        }
+        Ok(m) if m.file_type().is_file() && m.len() == 0 => {
+            let _ = std::fs::remove_file(&path);
+            return Ok((BTreeMap::new(), Vec::new()));
+        }
+        _ => {}
+    }
     tokio::task::spawn_blocking(move || read_outputs_now(&path, owner))
         .await
         .unwrap_or_else(|e| Err(format!("reading $SKIFF_OUTPUT failed: {e}")))

@@ -81,11 +81,12 @@ impl Store for Flaky {
     async fn finish_run(
         &self,
         claim: &Claim,
+        steps: &[StepRecord],
         status: RunStatus,
         reason: Option<&str>,
     ) -> Result<Run> {
         self.check()?;
-        self.inner.finish_run(claim, status, reason).await
+        self.inner.finish_run(claim, steps, status, reason).await
     }
     async fn read_logs(&self, id: &RunId, offset: u64, max: usize) -> Result<LogRead> {
         self.check()?;
@@ -378,7 +379,7 @@ async fn a_run_taken_over_stops_and_its_old_worker_writes_nothing_more() {
         "the old worker ran no finally step and wrote nothing more"
     );
     s.sqlite
-        .finish_run(&new_claim, RunStatus::Failed, Some("worker lost"))
+        .finish_run(&new_claim, &[], RunStatus::Failed, Some("worker lost"))
         .await
         .expect("the new worker ends it");
 }

@@ -52,6 +52,7 @@ pub async fn conformance(store: Arc<dyn Store>) {
     round_trip(&store).await;
     transitions(&store).await;
     steps_and_outputs(&store).await;
+    ending_with_steps(&store).await;
     logs(&store).await;
     listing(&store).await;
     missing(&store).await;
@@ -118,7 +119,7 @@ async fn finished_run(store: &Arc<dyn Store>, pipeline: &str) -> crate::run::Run
         .await
         .expect("log");
     store
-        .finish_run(&claim, RunStatus::Succeeded, None)
+        .finish_run(&claim, &[], RunStatus::Succeeded, None)
         .await
         .expect("end")
 }
@@ -307,7 +308,12 @@ async fn cancelling(store: &Arc<dyn Store>) {
         "the first request is the one recorded"
     );
     let done = store
-        .finish_run(&held, RunStatus::Cancelled, got.cancel_reason.as_deref())
+        .finish_run(
+            &held,
+            &[],
+            RunStatus::Cancelled,
+            got.cancel_reason.as_deref(),
+        )
         .await
         .expect("worker cancels");
     assert_eq!(done.reason.as_deref(), Some("cancelled by admin"));
@@ -324,7 +330,7 @@ async fn cancelling(store: &Arc<dyn Store>) {
         .await
         .expect("cancel");
     let ended = store
-        .finish_run(&late_claim, RunStatus::Succeeded, None)
+        .finish_run(&late_claim, &[], RunStatus::Succeeded, None)
         .await
         .expect("ends as it would have");
     assert_eq!(
@@ -484,7 +490,7 @@ async fn transitions(store: &Arc<dyn Store>) {
         "a running run cannot be claimed again: {err}"
     );
     let err = store
-        .finish_run(&held, RunStatus::Queued, None)
+        .finish_run(&held, &[], RunStatus::Queued, None)
         .await
         .expect_err("running -> queued");
     assert!(
@@ -492,7 +498,7 @@ async fn transitions(store: &Arc<dyn Store>) {
         "a run ends only in an end state: {err}"
     );
     let failed = store
-        .finish_run(&held, RunStatus::Failed, Some("step 1 failed"))
+        .finish_run(&held, &[], RunStatus::Failed, Some("step 1 failed"))
         .await
         .expect("running -> failed");
     assert!(
@@ -505,7 +511,7 @@ async fn transitions(store: &Arc<dyn Store>) {
         "the reason is stored"
     );
     let err = store
-        .finish_run(&held, RunStatus::Succeeded, None)
+        .finish_run(&held, &[], RunStatus::Succeeded, None)
         .await
         .expect_err("failed -> succeeded");
     assert!(
@@ -614,7 +620,7 @@ async fn claims(store: Arc<dyn Store>) {
         (
             "finish_run",
             store
-                .finish_run(&first, RunStatus::Succeeded, None)
+                .finish_run(&first, &[], RunStatus::Succeeded, None)
                 .await
                 .map(|_| ()),
         ),
@@ -639,7 +645,7 @@ async fn claims(store: Arc<dyn Store>) {
         .expect("taken over whatever its lease");
     assert!(third.token > second.token);
     let ended = store
-        .finish_run(&third, RunStatus::Failed, Some("worker lost"))
+        .finish_run(&third, &[], RunStatus::Failed, Some("worker lost"))
         .await
         .expect("finish");
     assert_eq!(ended.status, RunStatus::Failed);
@@ -742,6 +748,108 @@ async fn steps_and_outputs(store: &Arc<dyn Store>) {
         got[1].status,
         StepStatus::Pending,
         "other steps are untouched"
+    );
+}
+
+/// `finish_run` writes the step records it is given with the run's end, all or nothing.
+async fn ending_with_steps(store: &Arc<dyn Store>) {
+    let run = store
+        .create_run(new_run("ending", 3))
+        .await
+        .expect("create")
+        .run;
+    let held = claim(store, &run.id).await;
+    let planned = store.steps(&run.id).await.expect("steps");
+    let ended = |i: usize, status: StepStatus| {
+        let mut step = planned[i].clone();
+        step.status = status;
+        step.attempt = 1;
+        step.exit_code = (status == StepStatus::Failed).then_some(2);
+        step.started_at = Some(chrono::Utc::now());
+        step.finished_at = step.started_at;
+        step.reason = (status == StepStatus::Failed).then(|| "failed with exit code 2".into());
+        step.outputs = BTreeMap::from([("n".to_string(), format!("{i}\n\"q\""))]);
+        step
+    };
+    let (first, last) = (
+        ended(0, StepStatus::Failed),
+        ended(2, StepStatus::Succeeded),
+    );
+    // A move the run cannot make writes none of the steps either.
+    let err = store
+        .finish_run(&held, std::slice::from_ref(&first), RunStatus::Queued, None)
+        .await
+        .expect_err("running -> queued");
+    assert!(matches!(err, StoreError::InvalidTransition { .. }), "{err}");
+    assert_eq!(
+        store.steps(&run.id).await.expect("steps")[0].status,
+        StepStatus::Pending,
+        "a refused end writes no step"
+    );
+    let mut changes = store.changes();
+    let run_now = store
+        .finish_run(
+            &held,
+            &[first.clone(), last.clone()],
+            RunStatus::Failed,
+            Some("step 0 failed"),
+        )
+        .await
+        .expect("the end with its steps");
+    assert_eq!(run_now.status, RunStatus::Failed);
+    assert_eq!(run_now.reason.as_deref(), Some("step 0 failed"));
+    let got = store.steps(&run.id).await.expect("steps");
+    for (want, got) in [(&first, &got[0]), (&last, &got[2])] {
+        assert_eq!(
+            got.status, want.status,
+            "the step's state is written with the end"
+        );
+        assert_eq!(got.attempt, want.attempt);
+        assert_eq!(got.exit_code, want.exit_code);
+        assert_eq!(got.reason, want.reason);
+        assert_eq!(got.outputs, want.outputs, "outputs survive unchanged");
+        assert_eq!(
+            got.finished_at.map(|t| t.timestamp_millis()),
+            want.finished_at.map(|t| t.timestamp_millis())
+        );
+    }
+    assert_eq!(
+        got[1].status,
+        StepStatus::Pending,
+        "steps not given are untouched"
+    );
+    let mut kinds = Vec::new();
+    while let Ok(change) = changes.try_recv() {
+        if change.run() == Some(&run.id) {
+            kinds.push(change.kind);
+        }
+    }
+    assert_eq!(
+        kinds,
+        vec![ChangeKind::Step, ChangeKind::Step, ChangeKind::Status],
+        "followers hear of the steps, then of the end"
+    );
+    // With a stale claim (the run has ended) nothing is written.
+    let mut late = ended(1, StepStatus::Succeeded);
+    late.reason = Some("late".into());
+    let err = store
+        .finish_run(&held, &[late], RunStatus::Succeeded, None)
+        .await
+        .expect_err("ended already");
+    assert!(matches!(err, StoreError::StaleClaim { .. }), "{err}");
+    assert_eq!(
+        store.steps(&run.id).await.expect("steps")[1].status,
+        StepStatus::Pending,
+        "a stale claim writes no step"
+    );
+    assert_eq!(
+        store
+            .get_run(&run.id)
+            .await
+            .expect("get")
+            .expect("run")
+            .status,
+        RunStatus::Failed
     );
 }
 
@@ -1024,7 +1132,7 @@ async fn ledger(store: &Arc<dyn Store>) {
     assert!(none.is_empty(), "state filters");
     // The run ends; its claim is stale, but the reaper (no claim) still updates the ledger.
     store
-        .finish_run(&held, RunStatus::Succeeded, None)
+        .finish_run(&held, &[], RunStatus::Succeeded, None)
         .await
         .expect("finish");
     let stale = store
@@ -1152,7 +1260,7 @@ async fn change_feed(store: &Arc<dyn Store>) {
         .await
         .expect("resource");
     store
-        .finish_run(&held, RunStatus::Succeeded, None)
+        .finish_run(&held, &[], RunStatus::Succeeded, None)
         .await
         .expect("finish");
     let mut seen = Vec::new();

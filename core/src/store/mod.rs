@@ -244,10 +244,14 @@ pub trait Store: Send + Sync + 'static {
     /// Appends chunks to the run's log in one write; returns the log's new length.
     async fn append_logs(&self, claim: &Claim, chunks: &[LogChunk]) -> Result<u64>;
     /// Ends the run (running -> an end state) with its reason, stamping its end time, and
-    /// releases the claim. Returns the run as it now is.
+    /// releases the claim. `steps` are step records (as [`Store::update_step`] writes them)
+    /// written with the end, atomically: all of it or, with a stale claim or a refused move,
+    /// none of it (the runner's last step ends as its run does: one write, not two). Returns the
+    /// run as it now is.
     async fn finish_run(
         &self,
         claim: &Claim,
+        steps: &[StepRecord],
         status: RunStatus,
         reason: Option<&str>,
     ) -> Result<Run>;

@@ -807,6 +807,7 @@ impl Store for SqliteStore {
     async fn finish_run(
         &self,
         claim: &Claim,
+        steps: &[StepRecord],
         status: RunStatus,
         reason: Option<&str>,
     ) -> Result<Run> {
@@ -817,23 +818,75 @@ impl Store for SqliteStore {
                 to: status,
             });
         }
-        let row = sqlx::query(concat!(
+        const FINISH: &str = concat!(
             "UPDATE runs SET status = ?3, finished_at = ?4, reason = ?5, lease_until = NULL
              WHERE id = ?1 AND status = 'running' AND claim_token = ?2 RETURNING ",
             run_columns!()
-        ))
+        );
+        // With steps: one transaction of two statements, sent as one query (one round trip to
+        // the connection's thread). Both are fenced by the claim: a stale one changes nothing.
+        const STEPS_AND_FINISH: &str = concat!(
+            "BEGIN IMMEDIATE;
+             UPDATE steps SET status = s.value ->> 'status', attempt = s.value ->> 'attempt',
+                exit_code = s.value ->> 'exit_code', started_at = s.value ->> 'started_at',
+                finished_at = s.value ->> 'finished_at', reason = s.value ->> 'reason',
+                outputs = s.value ->> 'outputs'
+             FROM json_each(?6) AS s
+             WHERE steps.run_id = ?1 AND steps.idx = s.value ->> 'idx'
+               AND EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND status = 'running' AND claim_token = ?2);
+             UPDATE runs SET status = ?3, finished_at = ?4, reason = ?5, lease_until = NULL
+             WHERE id = ?1 AND status = 'running' AND claim_token = ?2 RETURNING ",
+            run_columns!(),
+            ";
+             COMMIT;"
+        );
+        let records: Vec<serde_json::Value> = steps
+            .iter()
+            .map(|step| {
+                serde_json::json!({
+                    "idx": step.index,
+                    "status": step.status.as_str(),
+                    "attempt": step.attempt,
+                    "exit_code": step.exit_code,
+                    "started_at": step.started_at.map(millis),
+                    "finished_at": step.finished_at.map(millis),
+                    "reason": step.reason,
+                    "outputs": params_to_json(&step.outputs),
+                })
+            })
+            .collect();
+        let mut conn = self.writer.lock().await;
+        let query = sqlx::query(if steps.is_empty() {
+            FINISH
+        } else {
+            STEPS_AND_FINISH
+        })
         .bind(claim.run.as_str())
         .bind(token_of(claim))
         .bind(status.as_str())
         .bind(millis(Utc::now()))
         .bind(reason)
-        .fetch_optional(&mut *self.writer.lock().await)
-        .await
-        .map_err(backend)?;
-        match row {
+        .bind(serde_json::Value::Array(records).to_string());
+        // Every statement runs (`fetch_all`: a limit of one row would stop before the COMMIT).
+        let rows = match query.fetch_all(&mut *conn).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                if !steps.is_empty() {
+                    // A statement failed inside the transaction: nothing of it stays. (When the
+                    // BEGIN itself failed there is nothing to roll back, and this fails too.)
+                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                }
+                return Err(backend(e));
+            }
+        };
+        drop(conn);
+        match rows.first() {
             Some(row) => {
+                for _ in steps {
+                    self.changed(&claim.run, ChangeKind::Step);
+                }
                 self.changed(&claim.run, ChangeKind::Status);
-                run_from_row(&row)
+                run_from_row(row)
             }
             None => Err(self.stale(claim).await),
         }
