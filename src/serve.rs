@@ -297,6 +297,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let app = skiff_server::app(state);
     let stop = stopping.cancel.clone();
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         wait_for_signal().await;
         eprintln!(

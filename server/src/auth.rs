@@ -15,45 +15,119 @@ pub const SESSION_COOKIE: &str = "skiff_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 pub const SESSION_DAYS: i64 = 14;
 pub const LOGIN_LINK_MINUTES: i64 = 60;
-/// Wrong passwords allowed within [`GUESS_WINDOW`]; past that, password logins are refused until
-/// the oldest of them has left the window.
+/// Password attempts one client address may make within [`GUESS_WINDOW`] (each counted before
+/// the password is checked; a right one is not held against it).
 pub const GUESSES_ALLOWED: usize = 5;
 pub const GUESS_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Failed attempts from all addresses together within [`GUESS_WINDOW`] past which every
+/// password check waits [`GLOBAL_SLOWDOWN`] first: guessing from many addresses is slowed, but
+/// nobody is locked out of their own login.
+pub const GLOBAL_FAILURES: usize = 20;
+pub const GLOBAL_SLOWDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Slows password guessing. There is one admin password, so there is one count, whoever guesses:
-/// a guesser spread over many addresses gets no more tries. A locked-out admin still has the
-/// one-time link (`skiff login-link`) and API tokens.
+/// Slows password guessing. Each attempt is counted against its client address *before* the
+/// password is checked (so parallel guesses cannot all get through between a check and its
+/// count); past [`GUESSES_ALLOWED`] that address is refused until its oldest attempt leaves the
+/// window. Password checks run one at a time, and while many have failed recently from anywhere,
+/// each waits a little first. A refused owner still has the one-time link (`skiff login-link`)
+/// and API tokens.
 #[derive(Default)]
 pub struct LoginThrottle {
-    failures: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+    state: std::sync::Mutex<ThrottleState>,
+    /// One argon2 check at a time.
+    checking: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct ThrottleState {
+    by_addr:
+        std::collections::HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>,
+    failures: std::collections::VecDeque<std::time::Instant>,
+}
+
+/// An attempt counted against its address; [`LoginThrottle::succeeded`] takes it back.
+pub struct Attempt {
+    addr: std::net::IpAddr,
+    at: std::time::Instant,
 }
 
 impl LoginThrottle {
-    /// `Err(wait)` while too many recent guesses failed; checked before the password is, so a
-    /// refused attempt tells nothing about it.
-    pub fn check(&self) -> Result<(), std::time::Duration> {
+    /// Counts an attempt from `addr`, or `Err(wait)` when that address has used its attempts.
+    pub fn reserve(&self, addr: std::net::IpAddr) -> Result<Attempt, std::time::Duration> {
         let now = std::time::Instant::now();
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        while failures
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= GUESS_WINDOW)
-        {
-            failures.pop_front();
-        }
-        match failures.front() {
-            Some(oldest) if failures.len() >= GUESSES_ALLOWED => {
-                Err(GUESS_WINDOW.saturating_sub(now.duration_since(*oldest)))
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget what has left the window (all addresses, so the map stays small).
+        st.by_addr.retain(|_, q| {
+            while q
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= GUESS_WINDOW)
+            {
+                q.pop_front();
             }
-            _ => Ok(()),
+            !q.is_empty()
+        });
+        let q = st.by_addr.entry(addr).or_default();
+        if q.len() >= GUESSES_ALLOWED {
+            let oldest = q.front().copied().unwrap_or(now);
+            return Err(GUESS_WINDOW.saturating_sub(now.duration_since(oldest)));
+        }
+        q.push_back(now);
+        Ok(Attempt { addr, at: now })
+    }
+
+    /// Runs a password check: one at a time, after a pause while many failed recently.
+    pub async fn check<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let _one = self.checking.lock().await;
+        let busy = {
+            let now = std::time::Instant::now();
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            while st
+                .failures
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= GUESS_WINDOW)
+            {
+                st.failures.pop_front();
+            }
+            st.failures.len() >= GLOBAL_FAILURES
+        };
+        if busy {
+            tokio::time::sleep(GLOBAL_SLOWDOWN).await;
+        }
+        f.await
+    }
+
+    pub fn failed(&self, _attempt: Attempt) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.failures.push_back(std::time::Instant::now());
+        if st.failures.len() > GLOBAL_FAILURES {
+            st.failures.pop_front();
         }
     }
 
-    pub fn failed(&self) {
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures.push_back(std::time::Instant::now());
-        if failures.len() > GUESSES_ALLOWED {
-            failures.pop_front();
+    /// A right password: its attempt is not held against its address.
+    pub fn succeeded(&self, attempt: Attempt) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = st.by_addr.get_mut(&attempt.addr)
+            && let Some(i) = q.iter().position(|t| *t == attempt.at)
+        {
+            q.remove(i);
         }
+    }
+}
+
+/// The client's address (from the connection), when the server knows it.
+pub struct ClientAddr(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip()),
+        ))
     }
 }
 

@@ -511,32 +511,43 @@ fn signed_in(cookie: String) -> Response {
 
 pub async fn login(
     State(state): State<AppState>,
+    auth::ClientAddr(addr): auth::ClientAddr,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, ApiError> {
     let hash = state.auth.password_hash().await?;
-    if let Err(wait) = state.login_throttle.check() {
-        metrics::counter!("skiff_login_refused_total").increment(1);
-        let page = LoginPage {
-            error: format!(
-                "too many wrong passwords; try again in {} s",
-                wait.as_secs().max(1)
-            ),
-            has_password: hash.is_some(),
-        };
-        let retry = (header::RETRY_AFTER, wait.as_secs().max(1).to_string());
-        return Ok((StatusCode::TOO_MANY_REQUESTS, [retry], page).into_response());
-    }
+    // Counted before the password is checked: parallel guesses cannot slip between the two.
+    let attempt = match state.login_throttle.reserve(addr) {
+        Ok(attempt) => attempt,
+        Err(wait) => {
+            metrics::counter!("skiff_login_refused_total").increment(1);
+            let page = LoginPage {
+                error: format!(
+                    "too many password attempts from your address; try again in {} s (or use \
+                     `skiff login-link`)",
+                    wait.as_secs().max(1)
+                ),
+                has_password: hash.is_some(),
+            };
+            let retry = (header::RETRY_AFTER, wait.as_secs().max(1).to_string());
+            return Ok((StatusCode::TOO_MANY_REQUESTS, [retry], page).into_response());
+        }
+    };
     let ok = match &hash {
         Some(h) => {
             let (password, h) = (form.password.clone(), h.clone());
-            tokio::task::spawn_blocking(move || auth::verify_password(&password, &h))
+            state
+                .login_throttle
+                .check(async move {
+                    tokio::task::spawn_blocking(move || auth::verify_password(&password, &h))
+                        .await
+                        .unwrap_or(false)
+                })
                 .await
-                .unwrap_or(false)
         }
         None => false,
     };
     if !ok {
-        state.login_throttle.failed();
+        state.login_throttle.failed(attempt);
         metrics::counter!("skiff_login_failures_total").increment(1);
         let page = LoginPage {
             error: "wrong password".into(),
@@ -544,6 +555,7 @@ pub async fn login(
         };
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
+    state.login_throttle.succeeded(attempt);
     let cookie = auth::start_session(&state).await?;
     Ok(signed_in(cookie))
 }

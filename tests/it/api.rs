@@ -539,7 +539,7 @@ fn sessions_need_csrf_for_changes_and_links_work_once() {
     }
     let (status, headers, page) = login("correct-horse-1");
     assert_eq!(status, 429, "{page}");
-    assert!(page.contains("too many wrong passwords"), "{page}");
+    assert!(page.contains("too many password attempts"), "{page}");
     assert!(
         headers
             .iter()
@@ -670,4 +670,86 @@ fn behind_https_the_session_cookie_is_secure() {
         .map(|(_, v)| v.clone())
         .expect("cookie");
     assert!(cookie.contains("; Secure"), "{cookie}");
+}
+
+/// A login POST from a given loopback address (the server listens on 127.0.0.1; all of
+/// 127.0.0.0/8 reaches it); the status.
+fn login_from(s: &Server, from: [u8; 4], password: &str) -> u16 {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::io::{Read, Write};
+    let port: u16 = s
+        .base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(from[0], from[1], from[2], from[3], 0),
+    )
+    .expect("bind");
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(127, 0, 0, 1, port),
+    )
+    .expect("connect");
+    let mut stream = std::net::TcpStream::from(fd);
+    let body = format!("password={password}");
+    write!(
+        stream,
+        "POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status")
+}
+
+#[test]
+fn parallel_password_guesses_are_counted_and_the_owner_elsewhere_still_gets_in() {
+    let s = Server::start(&[("hello", HELLO)]);
+    let cookie = sign_in(&s);
+    let (_, _, page) = raw("GET", &s.url("/settings"), None, &[("cookie", &cookie)]);
+    let csrf = csrf_of(&page);
+    let (status, _, page) = raw(
+        "POST",
+        &s.url("/settings/password"),
+        Some(&format!(
+            "csrf={csrf}&password=owner-pass-123&confirm=owner-pass-123"
+        )),
+        &[
+            ("cookie", cookie.as_str()),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+    );
+    assert_eq!(status, 200, "{page}");
+    // 100 wrong guesses at once from one address: five are checked, the rest refused unchecked.
+    let s = std::sync::Arc::new(s);
+    let statuses: Vec<u16> = (0..100)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || login_from(&s, [127, 0, 0, 9], &format!("guess-{i}")))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().expect("guess"))
+        .collect();
+    let checked = statuses.iter().filter(|c| **c == 401).count();
+    let refused = statuses.iter().filter(|c| **c == 429).count();
+    assert_eq!((checked, refused), (5, 95), "{statuses:?}");
+    // That address is refused even the right password; the owner, elsewhere, gets in.
+    assert_eq!(login_from(&s, [127, 0, 0, 9], "owner-pass-123"), 429);
+    assert_eq!(login_from(&s, [127, 0, 0, 10], "owner-pass-123"), 303);
 }
