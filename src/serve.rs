@@ -297,15 +297,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let app = skiff_server::app(state);
     let stop = stopping.cancel.clone();
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        wait_for_signal().await;
-        eprintln!(
-            "skiff: stopping: cancelling running runs (their finally steps run), then exiting"
-        );
-        stop.cancel();
-    });
-    server.await.context("serving HTTP")?;
+    skiff_server::listen::serve(
+        listener,
+        app,
+        async move {
+            wait_for_signal().await;
+            eprintln!(
+                "skiff: stopping: cancelling running runs (their finally steps run), then exiting"
+            );
+            stop.cancel();
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .context("serving HTTP")?;
     stopping.cancel.cancel();
     // The runs were cancelled: wait for them to end (finally steps included). Finally steps that
     // are still running after the wait are stopped too (their records say so), and as a last

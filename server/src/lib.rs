@@ -5,6 +5,7 @@ mod ansi;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod listen;
 mod openapi;
 mod sse;
 mod ui;
