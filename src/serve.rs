@@ -59,14 +59,15 @@ pub struct ServeArgs {
     /// The URL people reach this server at, for the login link (default: http://ADDR)
     #[arg(long, env = "SKIFF_PUBLIC_URL", value_name = "URL")]
     public_url: Option<String>,
-    /// An admin API token accepted as `Authorization: Bearer`, for automation (at least 16 characters)
-    #[arg(
-        long = "admin-token",
-        env = "SKIFF_ADMIN_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    admin_token: Option<String>,
+    /// Refused: a flag shows in /proc/PID/cmdline to every local user (use SKIFF_ADMIN_TOKEN or
+    /// --admin-token-file)
+    #[arg(long = "admin-token", hide = true, value_name = "TOKEN")]
+    admin_token_flag: Option<String>,
+    /// A file (mode 600) holding an admin API token, accepted as `Authorization: Bearer`, for
+    /// automation; or the token itself in SKIFF_ADMIN_TOKEN (at least 16 printable ASCII
+    /// characters, no spaces)
+    #[arg(long, env = "SKIFF_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Finished runs older than this are deleted with their logs (`off`: kept however old);
     /// a pipeline's `retention.max_age` overrides it
     #[arg(long, env = "SKIFF_RETENTION_MAX_AGE", default_value = "90d", value_parser = parse_max_age, value_name = "DURATION")]
@@ -164,6 +165,49 @@ impl JobHandler for Embedded {
     }
 }
 
+/// The admin token, from SKIFF_ADMIN_TOKEN or a private file; one that could never match a
+/// `Authorization: Bearer` header (too short, a space, a character outside printable ASCII) is a
+/// start error, not a silent lock-out.
+fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let (token, from) = match (file, std::env::var("SKIFF_ADMIN_TOKEN")) {
+        (Some(_), Ok(_)) => anyhow::bail!(
+            "give the admin token in SKIFF_ADMIN_TOKEN or in --admin-token-file, not both"
+        ),
+        (Some(path), _) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta =
+                std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+            anyhow::ensure!(
+                meta.permissions().mode() & 0o077 == 0,
+                "{} is readable by others (mode {:o}): make it private (chmod 600)",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            );
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            (
+                text.trim_end_matches(['\n', '\r']).to_string(),
+                path.display().to_string(),
+            )
+        }
+        (None, Ok(t)) => (t, "SKIFF_ADMIN_TOKEN".to_string()),
+        (None, Err(std::env::VarError::NotPresent)) => return Ok(None),
+        (None, Err(std::env::VarError::NotUnicode(_))) => {
+            anyhow::bail!("SKIFF_ADMIN_TOKEN is not valid text")
+        }
+    };
+    anyhow::ensure!(
+        token.chars().count() >= 16,
+        "the admin token ({from}) must be at least 16 characters"
+    );
+    anyhow::ensure!(
+        token.bytes().all(|b| b.is_ascii_graphic()),
+        "the admin token ({from}) may hold only printable ASCII characters without spaces: no \
+         other token can ever match it in an Authorization header"
+    );
+    Ok(Some(token))
+}
+
 pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
     crate::runtime()?.block_on(serve(args))
 }
@@ -172,12 +216,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Not dumpable (its environment and memory out of reach of its uid's other processes);
     // what it creates, private.
     skiff_worker::isolation::harden_this_process();
-    if let Some(t) = &args.admin_token {
-        anyhow::ensure!(
-            t.len() >= 16,
-            "SKIFF_ADMIN_TOKEN must be at least 16 characters"
-        );
-    }
+    anyhow::ensure!(
+        args.admin_token_flag.is_none(),
+        "--admin-token is refused: a command line is readable by every local user \
+         (/proc/PID/cmdline); pass the token in SKIFF_ADMIN_TOKEN or in a file given to \
+         --admin-token-file"
+    );
+    let admin_token = admin_token(args.admin_token_file.as_deref())?;
     eprintln!("skiff: {}", skiff_worker::process_tracking()?.description());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -260,15 +305,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             queue: Arc::new(queue),
         },
         config: Arc::new(ServerConfig {
-            admin_token_hash: args
-                .admin_token
-                .as_deref()
-                .map(skiff_server::auth::hash_secret),
+            admin_token_hash: admin_token.as_deref().map(skiff_server::auth::hash_secret),
             // Behind a TLS proxy (an https public URL), the session cookie never travels in clear.
-            secure_cookies: args
-                .public_url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("https://")),
+            secure_cookies: args.public_url.as_deref().is_some_and(|u| {
+                u.get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            }),
             steps_warning: (!isolation.is_on()).then(|| isolation.description()),
         }),
         metrics,

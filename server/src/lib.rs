@@ -118,7 +118,10 @@ fn pages() -> Router<AppState> {
     Router::new()
         .route("/", get(ui::dashboard))
         .route("/login", get(ui::login_form).post(ui::login))
-        .route("/login/link/{token}", get(ui::login_link))
+        .route(
+            "/login/link/{token}",
+            get(ui::login_link).head(ui::login_link_head),
+        )
         .route("/logout", post(ui::logout))
         .route("/pipelines/{name}", get(ui::pipeline))
         .route("/pipelines/{name}/run", post(ui::run_pipeline))

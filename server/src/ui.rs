@@ -560,6 +560,11 @@ pub async fn login(
     Ok(signed_in(cookie))
 }
 
+/// A `HEAD` of a sign-in link (a chat app previewing it, a link checker) does not use it up.
+pub async fn login_link_head() -> StatusCode {
+    StatusCode::OK
+}
+
 pub async fn login_link(
     State(state): State<AppState>,
     Path(token): Path<String>,

@@ -651,17 +651,20 @@ fn skiff_trigger_follows_a_run_to_its_end() {
 
 #[test]
 fn behind_https_the_session_cookie_is_secure() {
+    // The scheme in any case; a preview's HEAD does not use the link up.
     let s = Server::start_with(
         &[("hello", HELLO)],
-        &[("SKIFF_PUBLIC_URL", "https://skiff.example.org")],
+        &[("SKIFF_PUBLIC_URL", "HTTPS://skiff.example.org")],
     );
     assert!(
         s.login_link
-            .starts_with("https://skiff.example.org/login/link/"),
+            .starts_with("HTTPS://skiff.example.org/login/link/"),
         "{}",
         s.login_link
     );
     let token = s.login_link.rsplit('/').next().expect("token");
+    let (status, _, _) = raw("HEAD", &s.url(&format!("/login/link/{token}")), None, &[]);
+    assert_eq!(status, 200);
     let (status, headers, _) = raw("GET", &s.url(&format!("/login/link/{token}")), None, &[]);
     assert_eq!(status, 303);
     let cookie = headers
@@ -808,4 +811,55 @@ fn half_open_connections_do_not_starve_the_server() {
     let id = s.trigger("hello", json!({}));
     assert_eq!(s.wait_for_end(&id)["status"], "succeeded");
     drop(held);
+}
+
+/// The admin token comes from the environment or a private file, never a flag, and one that
+/// could never match an `Authorization` header is a start error.
+#[test]
+fn the_admin_token_is_checked_at_start_and_never_a_flag() {
+    let sb = crate::harness::Sandbox::new();
+    let start = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = sb.skiff(&[&["serve", "--listen", "127.0.0.1:0"], args].concat());
+        cmd.env_remove("SKIFF_ADMIN_TOKEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        crate::harness::run_to_end(cmd)
+    };
+    for (token, needle) in [
+        ("short-token", "at least 16 characters"),
+        ("ééééééééééééééééé", "printable ASCII"),
+        ("a token with spaces in it", "printable ASCII"),
+    ] {
+        let out = start(&[("SKIFF_ADMIN_TOKEN", token)], &[]);
+        assert_ne!(out.code, Some(0), "{token:?}");
+        assert!(out.stderr.contains(needle), "{token:?}: {}", out.stderr);
+    }
+    let out = start(&[], &["--admin-token", "long-enough-admin-token-123"]);
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("/proc/PID/cmdline"), "{}", out.stderr);
+    let file = sb.path().join("admin-token");
+    std::fs::write(&file, "file-admin-token-0123456789\n").expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    let out = start(&[], &["--admin-token-file", file.to_str().expect("path")]);
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("chmod 600"), "{}", out.stderr);
+    // A private file works.
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let s = Server::start_with(
+        &[("hello", HELLO)],
+        &[
+            ("SKIFF_ADMIN_TOKEN", ""),
+            ("SKIFF_ADMIN_TOKEN_FILE", file.to_str().expect("path")),
+        ],
+    );
+    let (status, _) = call(
+        "GET",
+        &s.url("/api/runs"),
+        None,
+        &[("authorization", "Bearer file-admin-token-0123456789")],
+    );
+    assert_eq!(status, 200);
 }

@@ -373,8 +373,13 @@ impl Server {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+        // An empty value removes the variable (the admin token, say).
         for (k, v) in extra_env {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let mut child = cmd.spawn().expect("start skiff serve");
         let stderr = child.stderr.take().expect("stderr");
@@ -526,6 +531,13 @@ pub fn raw(
 ) -> (u16, Vec<(String, String)>, String) {
     let agent = agent();
     let mut response = match method {
+        "HEAD" => {
+            let mut r = agent.head(url);
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            r.call()
+        }
         "GET" => {
             let mut r = agent.get(url);
             for (k, v) in headers {
