@@ -20,6 +20,10 @@ pub struct TokenArgs {
     /// A name for the token (shown under Settings, where it can be revoked)
     #[arg(value_name = "NAME")]
     name: String,
+    /// What it may do: read (pipelines, runs, logs), run (also start, cancel, rerun), admin
+    /// (also manage tokens)
+    #[arg(long, default_value = "run", value_parser = ["read", "run", "admin"])]
+    scope: String,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -62,15 +66,18 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
     current_thread()?.block_on(async {
         let name = skiff_server::api::check_token_name(&args.name)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let scope: skiff_core::store::Scope =
+            args.scope.parse().map_err(|e: String| anyhow::anyhow!(e))?;
         let data = existing_store(&args.data).await?;
         let secret = skiff_server::auth::random_token("skiff_");
         use skiff_core::store::AuthStore;
         data.store
-            .create_token(&name, &skiff_server::auth::hash_secret(&secret))
+            .create_token(&name, &skiff_server::auth::hash_secret(&secret), scope)
             .await?;
         println!("{secret}");
         eprintln!(
-            "(an API token named `{name}`; it is shown once, and can be revoked under Settings)"
+            "(an API token named `{name}` with scope `{}`; it is shown once, and can be revoked under Settings)",
+            scope.as_str()
         );
         Ok(ExitCode::SUCCESS)
     })

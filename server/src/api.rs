@@ -21,7 +21,7 @@ use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::AppState;
-use crate::auth::{Auth, hash_secret, random_token};
+use crate::auth::{Auth, Scope, hash_secret, random_token};
 use crate::error::{ApiError, ErrorBody, JsonObject, Path, Query};
 
 // ---- enums on the wire: their values come from the domain types ----
@@ -377,6 +377,10 @@ pub struct LogsDto {
 pub struct TokenDto {
     pub id: String,
     pub name: String,
+    /// `read` (GET routes), `run` (also start, cancel, rerun), `admin` (also tokens).
+    pub scope: &'static str,
+    /// Made before tokens had scopes (and given `admin` so that nothing broke).
+    pub legacy: bool,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -392,6 +396,7 @@ pub struct TokenList {
 pub struct CreatedTokenDto {
     pub id: String,
     pub name: String,
+    pub scope: &'static str,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -403,6 +408,8 @@ fn token_dto(t: &ApiToken) -> TokenDto {
     TokenDto {
         id: t.id.clone(),
         name: t.name.clone(),
+        scope: t.scope.as_str(),
+        legacy: t.legacy,
         created_at: t.created_at,
         last_used_at: t.last_used_at,
         revoked_at: t.revoked_at,
@@ -849,6 +856,19 @@ pub async fn list_tokens(
 pub struct NewToken {
     /// 1 to 64 visible characters.
     name: String,
+    /// `read`, `run` (when absent) or `admin`.
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+/// A token's scope as given (`run` when absent).
+pub fn parse_scope(given: Option<&str>) -> Result<Scope, ApiError> {
+    match given {
+        None | Some("") => Ok(Scope::Run),
+        Some(s) => s.parse().map_err(|message: String| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_scope", message)
+        }),
+    }
 }
 
 /// Checks a token's name: 1 to 64 visible characters.
@@ -872,21 +892,24 @@ pub fn check_token_name(name: &str) -> Result<String, ApiError> {
         (status = 400, description = "the body is not JSON", body = ErrorBody),
         (status = 413, description = "the body is over 256 KiB", body = ErrorBody),
         (status = 415, description = "the body is not sent as JSON", body = ErrorBody),
-        (status = 422, description = "the body is not an object of this shape (`invalid_body`), or the name is not 1 to 64 visible characters (`invalid_name`)", body = ErrorBody)))]
+        (status = 422, description = "the body is not an object of this shape (`invalid_body`), the name is not 1 to 64 visible characters (`invalid_name`), or the scope is not read, run or admin (`invalid_scope`)", body = ErrorBody)))]
 pub async fn create_token(
     _auth: Auth,
     State(state): State<AppState>,
     JsonObject(body): JsonObject<NewToken>,
 ) -> Result<Response, ApiError> {
     let name = check_token_name(&body.name)?;
+    let scope = parse_scope(body.scope.as_deref())?;
     let secret = random_token("skiff_");
     let token = state
         .auth
-        .create_token(&name, &hash_secret(&secret))
+        .create_token(&name, &hash_secret(&secret), scope)
         .await?;
     let TokenDto {
         id,
         name,
+        scope,
+        legacy: _,
         created_at,
         last_used_at,
         revoked_at,
@@ -894,6 +917,7 @@ pub async fn create_token(
     let dto = CreatedTokenDto {
         id,
         name,
+        scope,
         created_at,
         last_used_at,
         revoked_at,

@@ -8,6 +8,8 @@ use chrono::{Duration, Utc};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub use skiff_core::store::Scope;
+
 use crate::AppState;
 use crate::error::ApiError;
 
@@ -135,19 +137,44 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     /// The admin, signed in through the UI; `csrf` must accompany state-changing requests.
-    Session { csrf: String },
-    /// A named API token.
-    Token { name: String },
+    /// `hash` names the session (to end the others when the password changes).
+    Session { csrf: String, hash: String },
+    /// A named API token and what it may do.
+    Token { name: String, scope: Scope },
     /// The token from `SKIFF_ADMIN_TOKEN`.
     AdminToken,
 }
 
 impl Principal {
+    /// What it may do: a session and the admin token, everything.
+    pub fn scope(&self) -> Scope {
+        match self {
+            Principal::Token { scope, .. } => *scope,
+            Principal::Session { .. } | Principal::AdminToken => Scope::Admin,
+        }
+    }
+
+    /// `Err` (403) unless it may do what `needed` allows.
+    pub fn allow(&self, needed: Scope) -> Result<(), ApiError> {
+        if self.scope() >= needed {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!(
+                "this token's scope is `{}`; this needs `{}`",
+                self.scope().as_str(),
+                needed.as_str()
+            ),
+        ))
+    }
+
     /// How runs record who triggered them.
     pub fn actor(&self) -> String {
         match self {
             Principal::Session { .. } => "admin".into(),
-            Principal::Token { name } => format!("token:{name}"),
+            Principal::Token { name, .. } => format!("token:{name}"),
             Principal::AdminToken => "admin-token".into(),
         }
     }
@@ -232,18 +259,35 @@ pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Principa
             return Ok(Some(Principal::AdminToken));
         }
         let found = state.auth.find_token(&hash_secret(token)).await?;
-        return Ok(found.map(|t| Principal::Token { name: t.name }));
+        return Ok(found.map(|t| Principal::Token {
+            name: t.name,
+            scope: t.scope,
+        }));
     }
-    if let Some(session) = cookie(&parts.headers, SESSION_COOKIE)
-        && let Some(s) = state.auth.find_session(&hash_secret(&session)).await?
-    {
-        return Ok(Some(Principal::Session { csrf: s.csrf }));
+    if let Some(session) = cookie(&parts.headers, SESSION_COOKIE) {
+        let hash = hash_secret(&session);
+        if let Some(s) = state.auth.find_session(&hash).await? {
+            return Ok(Some(Principal::Session { csrf: s.csrf, hash }));
+        }
     }
     Ok(None)
 }
 
-/// Requires a principal for an API route (401 otherwise). A session (cookie) request that
-/// changes state must carry the session's CSRF token in `X-CSRF-Token`.
+/// The scope a request needs: managing tokens `admin`, reading `read`, anything else that
+/// changes state (start, cancel, rerun) `run`. The one rule; the OpenAPI document lists it per
+/// operation from here.
+pub fn required_scope(method: &Method, path: &str) -> Scope {
+    if path == "/api/tokens" || path.starts_with("/api/tokens/") {
+        Scope::Admin
+    } else if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        Scope::Read
+    } else {
+        Scope::Run
+    }
+}
+
+/// Requires a principal for an API route (401 otherwise) whose scope allows it (403). A session
+/// (cookie) request that changes state must carry the session's CSRF token in `X-CSRF-Token`.
 pub struct Auth(pub Principal);
 
 impl FromRequestParts<AppState> for Auth {
@@ -256,7 +300,8 @@ impl FromRequestParts<AppState> for Auth {
         let principal = identify(parts, state)
             .await?
             .ok_or_else(ApiError::unauthorized)?;
-        if let Principal::Session { csrf } = &principal {
+        principal.allow(required_scope(&parts.method, parts.uri.path()))?;
+        if let Principal::Session { csrf, .. } = &principal {
             let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
             let sent = parts
                 .headers

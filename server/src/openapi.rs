@@ -18,7 +18,9 @@ use utoipa::openapi::security::{
 };
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 
-use crate::auth::{Auth, CSRF_HEADER, SESSION_COOKIE};
+use axum::http::Method;
+
+use crate::auth::{Auth, CSRF_HEADER, SESSION_COOKIE, Scope, required_scope};
 use crate::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -110,46 +112,64 @@ fn add_shared(doc: &mut utoipa::openapi::OpenApi) {
         ))),
     );
     debug_assert!("X-CSRF-Token".eq_ignore_ascii_case(CSRF_HEADER));
-    let read = || {
+    // A token's scope is the bearer requirement's role: the same rule the server applies
+    // (`auth::required_scope`).
+    let read = |scope: Scope| {
         vec![
-            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("bearer", [scope.as_str()]),
             SecurityRequirement::new("session", Vec::<String>::new()),
         ]
     };
-    let write = || {
+    let write = |scope: Scope| {
         vec![
-            SecurityRequirement::new("bearer", Vec::<String>::new()),
+            SecurityRequirement::new("bearer", [scope.as_str()]),
             SecurityRequirement::new("session", Vec::<String>::new())
                 .add("csrf", Vec::<String>::new()),
         ]
     };
-    doc.security = Some(read());
+    doc.security = Some(read(Scope::Read));
     for (path, item) in doc.paths.paths.iter_mut() {
         let ops = [
-            (&mut item.get, false),
-            (&mut item.head, false),
-            (&mut item.options, false),
-            (&mut item.post, true),
-            (&mut item.put, true),
-            (&mut item.patch, true),
-            (&mut item.delete, true),
+            (&mut item.get, Method::GET),
+            (&mut item.head, Method::HEAD),
+            (&mut item.options, Method::OPTIONS),
+            (&mut item.post, Method::POST),
+            (&mut item.put, Method::PUT),
+            (&mut item.patch, Method::PATCH),
+            (&mut item.delete, Method::DELETE),
         ];
-        for (op, changes) in ops {
+        for (op, method) in ops {
+            let changes = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+            let scope = required_scope(&method, path);
             let Some(op) = op.as_mut() else { continue };
             if path == "/healthz" {
                 op.security = Some(Vec::new());
                 continue;
             }
             add(op, "401", "no credentials, or wrong ones");
+            let needs = format!(
+                "Needs a token with scope `{}` (or a session).",
+                scope.as_str()
+            );
+            op.description = Some(match op.description.take() {
+                Some(d) if !d.is_empty() => format!("{d}\n\n{needs}"),
+                _ => needs,
+            });
             if changes {
-                op.security = Some(write());
+                op.security = Some(write(scope));
                 add(
                     op,
                     "403",
-                    "a session's request without its X-CSRF-Token (or with a wrong one)",
+                    "a token whose scope does not allow this (`insufficient_scope`), or a \
+                     session's request without its X-CSRF-Token (or with a wrong one)",
                 );
             } else {
-                op.security = Some(read());
+                op.security = Some(read(scope));
+                add(
+                    op,
+                    "403",
+                    "a token whose scope does not allow this (`insufficient_scope`)",
+                );
             }
             if path.contains('{') {
                 add(op, "400", "a path parameter that is not UTF-8 once decoded");

@@ -66,8 +66,13 @@ impl FromRequestParts<AppState> for Page {
     ) -> Result<Self, Self::Rejection> {
         match identify(parts, state).await {
             Ok(Some(principal)) => {
+                if let Err(e) =
+                    principal.allow(auth::required_scope(&parts.method, parts.uri.path()))
+                {
+                    return Err(e.into_response());
+                }
                 let csrf = match &principal {
-                    Principal::Session { csrf } => csrf.clone(),
+                    Principal::Session { csrf, .. } => csrf.clone(),
                     _ => String::new(),
                 };
                 Ok(Page { csrf, principal })
@@ -79,10 +84,23 @@ impl FromRequestParts<AppState> for Page {
 }
 
 impl Page {
+    /// The password and the settings are for the signed-in admin only: never a token.
+    fn require_session(&self) -> Result<&str, ApiError> {
+        match &self.principal {
+            Principal::Session { hash, .. } => Ok(hash),
+            _ => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "session_required",
+                "settings need a signed-in session (with the current password to change it), \
+                 never an API token",
+            )),
+        }
+    }
+
     /// Checks a form's CSRF token (forms only come from sessions).
     fn check(&self, sent: &str) -> Result<(), ApiError> {
         match &self.principal {
-            Principal::Session { csrf } if constant_time_eq(sent, csrf) => Ok(()),
+            Principal::Session { csrf, .. } if constant_time_eq(sent, csrf) => Ok(()),
             Principal::Session { .. } => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "csrf",
@@ -602,6 +620,8 @@ pub async fn logout(
 pub struct TokenRow {
     pub id: String,
     pub name: String,
+    pub scope: &'static str,
+    pub legacy: bool,
     pub created: String,
     pub last_used: String,
     pub revoked: bool,
@@ -611,6 +631,8 @@ fn token_row(t: &ApiToken) -> TokenRow {
     TokenRow {
         id: t.id.clone(),
         name: t.name.clone(),
+        scope: t.scope.as_str(),
+        legacy: t.legacy,
         created: t.created_at.format("%Y-%m-%d %H:%M").to_string(),
         last_used: t
             .last_used_at
@@ -652,6 +674,7 @@ async fn settings_page(
 }
 
 pub async fn settings(page: Page, State(state): State<AppState>) -> Result<SettingsPage, ApiError> {
+    page.require_session()?;
     settings_page(&page, &state, String::new(), String::new()).await
 }
 
@@ -659,6 +682,9 @@ pub async fn settings(page: Page, State(state): State<AppState>) -> Result<Setti
 pub struct PasswordForm {
     #[serde(default)]
     csrf: String,
+    /// The password now (when one is set).
+    #[serde(default)]
+    current: String,
     #[serde(default)]
     password: String,
     #[serde(default)]
@@ -668,32 +694,91 @@ pub struct PasswordForm {
 /// The shortest password accepted.
 const MIN_PASSWORD: usize = 10;
 
+/// Sets the admin password: a signed-in session only (never a token), with the current
+/// password when one is set (checked like a login, and counted against the address); every
+/// other session ends.
 pub async fn set_password(
     page: Page,
     State(state): State<AppState>,
+    auth::ClientAddr(addr): auth::ClientAddr,
     Form(form): Form<PasswordForm>,
 ) -> Result<Response, ApiError> {
+    let session = page.require_session()?.to_string();
     page.check(&form.csrf)?;
-    let message = if form.password.chars().count() < MIN_PASSWORD {
-        format!("a password needs at least {MIN_PASSWORD} characters")
-    } else if form.password != form.confirm {
-        "the two passwords differ".to_string()
-    } else {
-        let password = form.password.clone();
-        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
-            .await
-            .map_err(|e| ApiError::internal("hashing", e))??;
-        state.auth.set_password_hash(&hash).await?;
-        "password set".to_string()
+    let current_hash = state.auth.password_hash().await?;
+    let (page, state) = (&page, &state);
+    let refuse = |status: StatusCode, message: String| async move {
+        Ok::<_, ApiError>(
+            (
+                status,
+                settings_page(page, state, message, String::new()).await?,
+            )
+                .into_response(),
+        )
     };
-    let status = if message == "password set" {
-        StatusCode::OK
-    } else {
-        StatusCode::UNPROCESSABLE_ENTITY
-    };
+    if let Some(h) = current_hash {
+        let attempt = match state.login_throttle.reserve(addr) {
+            Ok(a) => a,
+            Err(wait) => {
+                return refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "too many password attempts from your address; try again in {} s",
+                        wait.as_secs().max(1)
+                    ),
+                )
+                .await;
+            }
+        };
+        let current = form.current.clone();
+        let ok = state
+            .login_throttle
+            .check(async move {
+                tokio::task::spawn_blocking(move || auth::verify_password(&current, &h))
+                    .await
+                    .unwrap_or(false)
+            })
+            .await;
+        if !ok {
+            state.login_throttle.failed(attempt);
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "the current password is wrong".to_string(),
+            )
+            .await;
+        }
+        state.login_throttle.succeeded(attempt);
+    }
+    if form.password.chars().count() < MIN_PASSWORD {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("a password needs at least {MIN_PASSWORD} characters"),
+        )
+        .await;
+    }
+    if form.password != form.confirm {
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the two passwords differ".to_string(),
+        )
+        .await;
+    }
+    let password = form.password.clone();
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(|e| ApiError::internal("hashing", e))??;
+    state.auth.set_password_hash(&hash).await?;
+    // Whoever else was signed in (with the old password, or a stolen cookie) is signed out.
+    state.auth.delete_sessions_except(&session).await?;
     Ok((
-        status,
-        settings_page(&page, &state, message, String::new()).await?,
+        StatusCode::OK,
+        settings_page(
+            page,
+            state,
+            "password set; every other session was signed out".to_string(),
+            String::new(),
+        )
+        .await?,
     )
         .into_response())
 }
@@ -704,6 +789,8 @@ pub struct TokenForm {
     csrf: String,
     #[serde(default)]
     name: String,
+    #[serde(default)]
+    scope: String,
 }
 
 pub async fn create_token(
@@ -711,8 +798,11 @@ pub async fn create_token(
     State(state): State<AppState>,
     Form(form): Form<TokenForm>,
 ) -> Result<Response, ApiError> {
+    page.require_session()?;
     page.check(&form.csrf)?;
-    let name = match crate::api::check_token_name(&form.name) {
+    let checked = crate::api::check_token_name(&form.name)
+        .and_then(|n| Ok((n, crate::api::parse_scope(Some(form.scope.as_str()))?)));
+    let (name, scope) = match checked {
         Ok(n) => n,
         Err(e) => {
             return Ok((
@@ -725,12 +815,15 @@ pub async fn create_token(
     let secret = auth::random_token("skiff_");
     state
         .auth
-        .create_token(&name, &hash_secret(&secret))
+        .create_token(&name, &hash_secret(&secret), scope)
         .await?;
     Ok(settings_page(
         &page,
         &state,
-        format!("token `{name}` created; copy it now, it is not shown again"),
+        format!(
+            "token `{name}` ({}) created; copy it now, it is not shown again",
+            scope.as_str()
+        ),
         secret,
     )
     .await?
@@ -743,6 +836,7 @@ pub async fn revoke_token(
     Path(id): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Result<Redirect, ApiError> {
+    page.require_session()?;
     page.check(&form.csrf)?;
     state.auth.revoke_token(&id).await?;
     Ok(Redirect::to("/settings"))

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `skiff` binary, driven through its CLI and its HTTP API.
 
 mod api;
+mod auth;
 mod browser;
 mod edge;
 mod harness;

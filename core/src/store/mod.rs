@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use crate::ledger::{NewResource, Resource, ResourceQuery, ResourceUpdate};
 use crate::run::{LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StoredChunk};
 
-pub use auth::{ApiToken, AuthStore, Session};
+pub use auth::{ApiToken, AuthStore, Scope, Session};
 pub use conformance::conformance;
 pub use sqlite::{SqliteStore, Writer};
 

@@ -29,7 +29,7 @@ use crate::run::{
     TriggerKind,
 };
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 /// How often the checkpointer copies the write-ahead log back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
@@ -157,7 +157,9 @@ const SCHEMA: &[&str] = &[
         hash TEXT NOT NULL UNIQUE,
         created_at INTEGER NOT NULL,
         last_used_at INTEGER,
-        revoked_at INTEGER
+        revoked_at INTEGER,
+        scope TEXT NOT NULL DEFAULT 'run',
+        legacy INTEGER NOT NULL DEFAULT 0
     )",
     "CREATE TABLE IF NOT EXISTS sessions (
         hash TEXT PRIMARY KEY,
@@ -191,6 +193,15 @@ const UPGRADES: &[(i64, &str)] = &[
     (5, "ALTER TABLE runs ADD COLUMN idempotency_key TEXT"),
     (6, "ALTER TABLE log_chunks ADD COLUMN at INTEGER"),
     (6, "ALTER TABLE log_chunks ADD COLUMN stream TEXT"),
+    // Tokens made before scopes keep every power, marked as such.
+    (
+        7,
+        "ALTER TABLE api_tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin'",
+    ),
+    (
+        7,
+        "ALTER TABLE api_tokens ADD COLUMN legacy INTEGER NOT NULL DEFAULT 1",
+    ),
 ];
 
 /// The embedded Store. Run state lives in SQLite; log bytes live in one append-only file per
@@ -412,7 +423,8 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        sqlx::query("PRAGMA user_version = 6")
+        // SCHEMA_VERSION (a PRAGMA takes no bound value).
+        sqlx::query("PRAGMA user_version = 7")
             .execute(&mut *tx)
             .await
             .map_err(backend)?;

@@ -5,13 +5,20 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::Result;
-use super::auth::{ApiToken, AuthStore, Session};
+use super::auth::{ApiToken, AuthStore, Scope, Session};
 use super::sqlite::{SqliteStore, backend, from_millis, millis};
 
 fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiToken> {
     Ok(ApiToken {
         id: r.try_get("id").map_err(backend)?,
         name: r.try_get("name").map_err(backend)?,
+        // An unknown scope (a newer skiff's) grants the least.
+        scope: r
+            .try_get::<String, _>("scope")
+            .map_err(backend)?
+            .parse()
+            .unwrap_or(Scope::Read),
+        legacy: r.try_get::<i64, _>("legacy").map_err(backend)? != 0,
         created_at: from_millis(r.try_get("created_at").map_err(backend)?).unwrap_or_default(),
         last_used_at: from_millis(r.try_get("last_used_at").map_err(backend)?),
         revoked_at: from_millis(r.try_get("revoked_at").map_err(backend)?),
@@ -37,19 +44,22 @@ impl AuthStore for SqliteStore {
         Ok(())
     }
 
-    async fn create_token(&self, name: &str, token_hash: &str) -> Result<ApiToken> {
+    async fn create_token(&self, name: &str, token_hash: &str, scope: Scope) -> Result<ApiToken> {
         let token = ApiToken {
             id: uuid::Uuid::now_v7().to_string(),
             name: name.to_string(),
+            scope,
+            legacy: false,
             created_at: from_millis(Some(millis(Utc::now()))).unwrap_or_default(),
             last_used_at: None,
             revoked_at: None,
         };
-        sqlx::query("INSERT INTO api_tokens (id, name, hash, created_at) VALUES (?1, ?2, ?3, ?4)")
+        sqlx::query("INSERT INTO api_tokens (id, name, hash, created_at, scope, legacy) VALUES (?1, ?2, ?3, ?4, ?5, 0)")
             .bind(&token.id)
             .bind(name)
             .bind(token_hash)
             .bind(millis(token.created_at))
+            .bind(scope.as_str())
             .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
@@ -57,7 +67,7 @@ impl AuthStore for SqliteStore {
     }
 
     async fn list_tokens(&self) -> Result<Vec<ApiToken>> {
-        let rows = sqlx::query("SELECT id, name, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY created_at DESC, id DESC")
+        let rows = sqlx::query("SELECT id, name, scope, legacy, created_at, last_used_at, revoked_at FROM api_tokens ORDER BY created_at DESC, id DESC")
             .fetch_all(&self.readers)
             .await
             .map_err(backend)?;
@@ -79,7 +89,7 @@ impl AuthStore for SqliteStore {
     async fn find_token(&self, token_hash: &str) -> Result<Option<ApiToken>> {
         let row = sqlx::query(
             "UPDATE api_tokens SET last_used_at = ?2 WHERE hash = ?1 AND revoked_at IS NULL
-             RETURNING id, name, created_at, last_used_at, revoked_at",
+             RETURNING id, name, scope, legacy, created_at, last_used_at, revoked_at",
         )
         .bind(token_hash)
         .bind(millis(Utc::now()))
@@ -132,6 +142,15 @@ impl AuthStore for SqliteStore {
     async fn delete_session(&self, session_hash: &str) -> Result<()> {
         sqlx::query("DELETE FROM sessions WHERE hash = ?1")
             .bind(session_hash)
+            .execute(&mut *self.writer.lock().await)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn delete_sessions_except(&self, keep: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sessions WHERE hash != ?1")
+            .bind(keep)
             .execute(&mut *self.writer.lock().await)
             .await
             .map_err(backend)?;
