@@ -482,7 +482,10 @@ fn the_openapi_document_is_valid_and_matches_the_server() {
             // 403: a token whose scope does not allow it (and, for a POST, a missing CSRF token).
             assert!(codes.contains(&"403".into()), "{what}: {codes:?}");
             let scope = op["security"][0]["bearer"][0].as_str().unwrap_or("");
-            assert!(matches!(scope, "read" | "run" | "admin"), "{what} names its scope");
+            assert!(
+                matches!(scope, "read" | "run" | "admin"),
+                "{what} names its scope"
+            );
             if path.contains('{') {
                 for code in ["400", "404"] {
                     assert!(codes.contains(&code.into()), "{what}: {codes:?}");

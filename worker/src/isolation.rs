@@ -41,7 +41,10 @@ impl Isolation {
             return Isolation::Off("--no-isolation was given".into());
         }
         if nix::unistd::geteuid().is_root() {
-            return Isolation::Uids(Arc::new(UidPool { uids }));
+            return Isolation::Uids(Arc::new(UidPool {
+                uids,
+                free: std::sync::Mutex::new(Vec::new()),
+            }));
         }
         let init = match std::env::current_exe() {
             Ok(exe) => exe,
@@ -90,25 +93,49 @@ impl Isolation {
     }
 }
 
+/// The uids of the range. A uid this process has locked stays locked (by its open lock file)
+/// until the process ends, and goes back to `free` after each run: the next run reuses it
+/// without a lock file or a passwd lookup.
 #[derive(Debug)]
 pub struct UidPool {
     uids: RangeInclusive<u32>,
+    free: std::sync::Mutex<Vec<(u32, File)>>,
 }
 
-/// The user a run's steps run as, held while the run lasts; its uid is free again when this is
-/// dropped (after the run's processes are gone).
+/// The user a run's steps run as, held while the run lasts; its uid goes back to the pool when
+/// this is dropped (after the run's processes are gone).
 #[derive(Debug)]
 pub struct RunUser {
     pub uid: u32,
     pub gid: u32,
-    /// Holds the uid (an exclusive lock on its file) until dropped.
-    _lock: File,
+    /// Holds the uid (an exclusive lock on its file) for this process.
+    lock: Option<File>,
+    pool: Option<Arc<UidPool>>,
+}
+
+impl Drop for RunUser {
+    fn drop(&mut self) {
+        if let (Some(pool), Some(lock)) = (self.pool.take(), self.lock.take()) {
+            pool.free
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((self.uid, lock));
+        }
+    }
 }
 
 impl UidPool {
-    /// Takes a free uid (one no running run of any skiff here holds), making sure it has a passwd
-    /// entry.
-    pub fn take(&self) -> io::Result<RunUser> {
+    /// Takes a free uid: one this process holds and no run uses now, or else one no skiff here
+    /// holds (locking it, making sure it has a passwd entry).
+    pub fn take(self: &Arc<Self>) -> io::Result<RunUser> {
+        if let Some((uid, lock)) = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(RunUser {
+                uid,
+                gid: uid,
+                lock: Some(lock),
+                pool: Some(self.clone()),
+            });
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -127,7 +154,8 @@ impl UidPool {
                     return Ok(RunUser {
                         uid,
                         gid: uid,
-                        _lock: file,
+                        lock: Some(file),
+                        pool: Some(self.clone()),
                     });
                 }
                 Err(std::fs::TryLockError::WouldBlock) => continue,
