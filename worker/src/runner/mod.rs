@@ -26,41 +26,12 @@ use crate::process::{self, Ended, Spawn};
 use crate::record::{Health, Recorder};
 use crate::secrets::Secrets;
 
-/// Scripts up to this size are given to the shell as its `-c` argument; longer ones go through a
-/// file (an argument may not exceed 128 KiB).
-const INLINE_SCRIPT_MAX: usize = 64 << 10;
+mod action;
+mod scope;
+mod script;
 
-/// After skiff died during a run: ends the processes the run left behind (by its cgroup, then by
-/// the `SKIFF_RUN_ID` every step's processes carry) and removes its step files. The workspace stays
-/// for the run's `finally` steps ([`finish_interrupted`] removes it). Returns whether any process
-/// was ended.
-pub fn clean_up_interrupted(workspace_root: &Path, run: &skiff_core::run::RunId) -> bool {
-    let ended = crate::process::end_interrupted(run.as_str());
-    let prefix = step_file_prefix(run);
-    if let Ok(entries) = std::fs::read_dir(workspace_root) {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-    ended
-}
-
-/// Step files (`$SKIFF_OUTPUT`, a long script) live beside the run's workspace, not in it, so a
-/// step cannot clobber them by cleaning its workspace; they exist only while their step runs.
-fn step_file_prefix(run: &skiff_core::run::RunId) -> String {
-    format!("{run}.step-")
-}
-
-fn step_file(
-    workspace_root: &Path,
-    run: &skiff_core::run::RunId,
-    index: usize,
-    ext: &str,
-) -> PathBuf {
-    workspace_root.join(format!("{}{index}.{ext}", step_file_prefix(run)))
-}
+use scope::{RunScope, StepState};
+pub use script::{MAX_OUTPUT_BYTES, MAX_OUTPUTS, clean_up_interrupted};
 
 /// How long a `finally` step may take when it does not say.
 pub const FINALLY_DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -128,95 +99,6 @@ enum Interrupt {
     TimedOut,
     /// The Store stayed away longer than the patience, or the run's claim was lost.
     StoreTrouble,
-}
-
-struct StepState {
-    status: StepStatus,
-    outputs: BTreeMap<String, String>,
-}
-
-/// What expressions see during a run.
-struct RunScope<'a> {
-    run: &'a Run,
-    pipeline: &'a Pipeline,
-    env: &'a [(String, String)],
-    secrets: &'a Secrets,
-    steps: &'a HashMap<String, StepState>,
-    failed: bool,
-    cancelled: bool,
-    run_status: &'a str,
-}
-
-impl Scope for RunScope<'_> {
-    fn lookup(&self, path: &[String]) -> Result<Value, EvalError> {
-        let s = |v: &str| Value::String(v.to_string());
-        let name = path.get(1).map(String::as_str).unwrap_or("");
-        Ok(match path[0].as_str() {
-            // Typed by the pipeline's declaration: `false` is false, numbers compare as numbers.
-            "params" => {
-                let given = self.run.params.get(name).map(String::as_str);
-                match self.pipeline.param(name) {
-                    Some(p) => p.typed(given),
-                    None => given.map_or(Value::Null, s),
-                }
-            }
-            "env" => self
-                .env
-                .iter()
-                .rev()
-                .find(|(k, _)| k == name)
-                .map_or(Value::Null, |(_, v)| s(v)),
-            "secrets" => match self.secrets.get(name) {
-                Some(v) => s(v),
-                None => {
-                    return Err(EvalError(format!(
-                        "secret `{name}` is not provided (set SKIFF_SECRET_{name} or add it to the secrets file)"
-                    )));
-                }
-            },
-            "steps" => match (self.steps.get(name), path.get(2).map(String::as_str)) {
-                (Some(st), Some("status")) => s(st.status.as_str()),
-                (Some(st), Some("outputs")) => path
-                    .get(3)
-                    .and_then(|o| st.outputs.get(o))
-                    .map_or(Value::Null, |v| s(v)),
-                (None, Some("status")) => s(StepStatus::Pending.as_str()),
-                _ => Value::Null,
-            },
-            "run" => match name {
-                "id" => s(self.run.id.as_str()),
-                "number" => Value::Number(self.run.number as f64),
-                "pipeline" => s(&self.run.pipeline),
-                "status" => s(self.run_status),
-                "trigger" => s(self.run.trigger.kind.as_str()),
-                _ => Value::Null,
-            },
-            _ => Value::Null,
-        })
-    }
-
-    fn failed(&self) -> bool {
-        self.failed
-    }
-
-    fn cancelled(&self) -> bool {
-        self.cancelled
-    }
-}
-
-/// The shell that runs `run:` scripts: bash with `-eo pipefail`, or `sh -e` where there is no bash.
-fn shell() -> &'static (PathBuf, Vec<&'static str>) {
-    static SHELL: std::sync::OnceLock<(PathBuf, Vec<&'static str>)> = std::sync::OnceLock::new();
-    SHELL.get_or_init(|| {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let bash = std::env::split_paths(&path)
-            .map(|d| d.join("bash"))
-            .find(|p| p.is_file());
-        match bash {
-            Some(bash) => (bash, vec!["--noprofile", "--norc", "-eo", "pipefail"]),
-            None => (PathBuf::from("/bin/sh"), vec!["-e"]),
-        }
-    })
 }
 
 struct Runner<'a> {
@@ -994,6 +876,11 @@ impl Runner<'_> {
     }
 
     /// One attempt of a step.
+    /// Whether a step's deadline passing at `now` is the step's own timeout (not the run's).
+    fn step_timeout_hit(&self, step: &Step, now: Instant) -> bool {
+        step.phase == Phase::Finally || now < self.deadline
+    }
+
     async fn attempt(
         &self,
         index: usize,
@@ -1007,7 +894,6 @@ impl Runner<'_> {
             (Phase::Main, None) => Some(self.deadline),
             (Phase::Finally, t) => Some(Instant::now() + t.unwrap_or(FINALLY_DEFAULT_TIMEOUT)),
         };
-        let step_timeout_hit = |now: Instant| step.phase == Phase::Finally || now < self.deadline;
         let scope = self.scope(env, status);
         let cwd = match &step.working_directory {
             None => self.workspace.clone(),
@@ -1021,192 +907,12 @@ impl Runner<'_> {
         }
         match &step.action {
             StepAction::Run { script } => {
-                // No file is made for a step unless it needs one: the script is the shell's
-                // `-c` argument (with the step's id as `$0`, which its error messages name), and
-                // `$SKIFF_OUTPUT` is created by the step when it writes an output.
-                let root = &self.opts.workspace_root;
-                let output_path = step_file(root, &self.run.id, index, "out");
-                let script_path = step_file(root, &self.run.id, index, "sh");
-                let inline = script.len() <= INLINE_SCRIPT_MAX;
-                let owner = self.user.as_ref().map(|u| (u.uid, u.gid));
-                let creds = self.user.as_ref().map(|u| crate::isolation::Creds {
-                    uid: u.uid,
-                    gid: u.gid,
-                    extra_group: self.extra_group,
-                });
-                if !inline {
-                    write_step_file(&script_path, script.as_bytes(), owner)?;
-                }
-                if owner.is_some() {
-                    // The step's user cannot create files where step files live: its
-                    // `$SKIFF_OUTPUT` is made for it (and cannot be swapped for a link).
-                    write_step_file(&output_path, b"", owner)?;
-                }
-                let mut env = env.to_vec();
-                env.push(("SKIFF_OUTPUT".into(), output_path.display().to_string()));
-                let (program, args) = shell();
-                let mut argv: Vec<&std::ffi::OsStr> =
-                    args.iter().map(std::ffi::OsStr::new).collect();
-                if inline {
-                    argv.extend([
-                        std::ffi::OsStr::new("-c"),
-                        std::ffi::OsStr::new(script.as_str()),
-                        std::ffi::OsStr::new(step.id.as_str()),
-                    ]);
-                } else {
-                    argv.push(script_path.as_os_str());
-                }
-                // In namespaces, the shell is started by `skiff step-init` (see `isolation.rs`).
-                let wrapped: Vec<&std::ffi::OsStr>;
-                let program: &Path = match &self.opts.isolation {
-                    Isolation::Namespaces { init, hide } => {
-                        let mut w: Vec<&std::ffi::OsStr> = vec![std::ffi::OsStr::new("step-init")];
-                        for h in hide {
-                            w.push(std::ffi::OsStr::new("--hide"));
-                            w.push(h.as_os_str());
-                        }
-                        w.push(std::ffi::OsStr::new("--"));
-                        w.push(program.as_os_str());
-                        w.extend(argv.iter().copied());
-                        wrapped = w;
-                        init
-                    }
-                    _ => {
-                        wrapped = argv;
-                        program
-                    }
-                };
-                let argv = wrapped;
-                let spec = Spawn {
-                    program,
-                    args: &argv,
-                    cwd: &cwd,
-                    env: &env,
-                    tracker: &self.tracker,
-                    user: creds,
-                };
-                let ended = process::run(
-                    spec,
-                    &self.log,
-                    index as u32,
-                    &self.masker,
-                    step_deadline,
-                    &stop,
-                    self.opts.kill_grace,
-                )
-                .await;
-                let read = read_outputs(output_path, owner.map(|(uid, _)| uid)).await;
-                if !inline {
-                    let _ = std::fs::remove_file(&script_path);
-                }
-                let mut outputs = match read {
-                    Ok((outputs, problems)) => {
-                        for p in problems {
-                            self.log.note(Some(index as u32), &p).await;
-                        }
-                        outputs
-                    }
-                    Err(reason) => {
-                        self.log.note(Some(index as u32), &reason).await;
-                        if matches!(&ended, Ok(Ended::Exited(status)) if status.success()) {
-                            return Ok(AttemptResult::failed(reason));
-                        }
-                        BTreeMap::new()
-                    }
-                };
-                if !self.masker.is_empty() {
-                    outputs
-                        .values_mut()
-                        .for_each(|v| *v = self.masker.mask_str(v));
-                }
-                Ok(match ended {
-                    Err(e) => AttemptResult::failed(format!(
-                        "could not start the shell {}: {e}",
-                        program.display()
-                    )),
-                    Ok(Ended::Exited(status)) => match (
-                        status.code(),
-                        std::os::unix::process::ExitStatusExt::signal(&status),
-                    ) {
-                        (Some(0), _) => AttemptResult::succeeded(outputs),
-                        (Some(code), _) => AttemptResult {
-                            exit_code: Some(code),
-                            ..AttemptResult::failed(format!("failed with exit code {code}"))
-                        },
-                        (None, Some(sig)) => {
-                            AttemptResult::failed(format!("was killed by signal {sig}"))
-                        }
-                        (None, None) => AttemptResult::failed("ended abnormally".to_string()),
-                    },
-                    Ok(Ended::DeadlineReached) if step_timeout_hit(Instant::now()) => {
-                        AttemptResult {
-                            status: StepStatus::TimedOut,
-                            ..AttemptResult::failed(format!(
-                                "timed out after {}",
-                                human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT))
-                            ))
-                        }
-                    }
-                    Ok(Ended::DeadlineReached | Ended::Stopped) => self.stopped_result(step.phase),
-                })
+                self.attempt_script(index, step, script, env, &cwd, &stop, step_deadline)
+                    .await
             }
             StepAction::Uses { action, with } => {
-                let inputs = match actions::eval_with(with, &scope) {
-                    Ok(inputs) => inputs,
-                    Err(e) => return Ok(AttemptResult::from_action_error(&e)),
-                };
-                let timeout_text = human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT));
-                let cx = ActionContext {
-                    run: &self.run.id,
-                    run_number: self.run.number,
-                    pipeline: &self.run.pipeline,
-                    step: index as u32,
-                    step_id: &step.id,
-                    attempt: self.records[index].attempt,
-                    secrets: actions::named_secrets(with, &self.opts.secrets),
-                    log: &self.log,
-                    rec: &self.rec,
-                    stop: CancellationToken::new(),
-                    grace: self.opts.kill_grace,
-                    deadline: step_deadline,
-                };
-                let mut work = std::pin::pin!(actions::run(action.name(), &inputs, &cx));
-                let sleep = async {
-                    match step_deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                // On a timeout or a stop the action is asked to stop (its token), and given the
-                // grace period to end what it started and record what exists; only then is it
-                // abandoned.
-                let stopped = tokio::select! {
-                    r = &mut work => {
-                        return Ok(match r {
-                            Ok(outputs) => AttemptResult::succeeded(outputs),
-                            Err(e) => AttemptResult::from_action_error(&e),
-                        });
-                    }
-                    () = sleep, if step_timeout_hit(step_deadline.unwrap_or_else(Instant::now)) => AttemptResult {
-                        status: StepStatus::TimedOut,
-                        ..AttemptResult::failed(format!("timed out after {timeout_text}"))
-                    },
-                    () = stop.cancelled() => self.stopped_result(step.phase),
-                };
-                cx.stop.cancel();
-                if tokio::time::timeout(cx.grace, &mut work).await.is_err() {
-                    self.log
-                        .note(
-                            Some(index as u32),
-                            &format!(
-                                "`{}` did not stop within {}; it was abandoned",
-                                action.name(),
-                                human(cx.grace)
-                            ),
-                        )
-                        .await;
-                }
-                Ok(stopped)
+                self.attempt_action(index, step, *action, with, &scope, &stop, step_deadline)
+                    .await
             }
         }
     }
@@ -1252,120 +958,4 @@ impl AttemptResult {
             retryable: true,
         }
     }
-}
-
-/// Writes a step file (a long script, an empty `$SKIFF_OUTPUT`) as a new file: never through
-/// a link or over a file someone else made. It belongs to the step's user when there is one.
-fn write_step_file(path: &Path, data: &[u8], owner: Option<(u32, u32)>) -> Result<(), RunnerError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| RunnerError::Workspace {
-        path: path.display().to_string(),
-        source,
-    };
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(err)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(err)?;
-    }
-    f.write_all(data).map_err(err)
-}
-
-/// The most output text a step may leave in `$SKIFF_OUTPUT`.
-pub const MAX_OUTPUT_BYTES: u64 = 1 << 20;
-/// The most outputs one step may set.
-pub const MAX_OUTPUTS: usize = 1000;
-
-/// A step's `$SKIFF_OUTPUT`, read: its values and the lines that could not be read.
-type ReadOutputs = (BTreeMap<String, String>, Vec<String>);
-
-/// Reads a step's `$SKIFF_OUTPUT` file (on a blocking thread: a big file takes a while to parse).
-/// A file past the limits fails the step: the error names the limit.
-async fn read_outputs(path: PathBuf, owner: Option<u32>) -> Result<ReadOutputs, String> {
-    // Most steps set no outputs: one `stat` tells (no file, or the empty one made for an
-    // isolated step), without a trip to a blocking thread and back.
-    match std::fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((BTreeMap::new(), Vec::new()));
-        }
-        Ok(m) if m.file_type().is_file() && m.len() == 0 => {
-            let _ = std::fs::remove_file(&path);
-            return Ok((BTreeMap::new(), Vec::new()));
-        }
-        _ => {}
-    }
-    tokio::task::spawn_blocking(move || read_outputs_now(&path, owner))
-        .await
-        .unwrap_or_else(|e| Err(format!("reading $SKIFF_OUTPUT failed: {e}")))
-}
-
-fn read_outputs_now(path: &Path, owner: Option<u32>) -> Result<ReadOutputs, String> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    // Opened without following a link, and only if it is a regular file of the step's own: a
-    // step cannot make skiff read a file it could not read itself.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path);
-    // Read once: a retried attempt starts with no outputs.
-    let _ = std::fs::remove_file(path);
-    let mut file = match file {
-        // No file: the step set no outputs.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((BTreeMap::new(), Vec::new()));
-        }
-        Err(_) => return Err("$SKIFF_OUTPUT is not a regular file; it was not read".into()),
-        Ok(f) => f,
-    };
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("reading $SKIFF_OUTPUT failed: {e}"))?;
-    let own = owner.unwrap_or_else(|| nix::unistd::geteuid().as_raw());
-    if !meta.file_type().is_file() || meta.uid() != own {
-        return Err(
-            "$SKIFF_OUTPUT is not a regular file of the step's own; it was not read".into(),
-        );
-    }
-    let size = meta.len();
-    if size > MAX_OUTPUT_BYTES {
-        return Err(format!(
-            "$SKIFF_OUTPUT holds {size} bytes, more than the limit of {MAX_OUTPUT_BYTES} bytes (1 MiB)"
-        ));
-    }
-    let mut bytes = Vec::with_capacity(size as usize);
-    file.by_ref()
-        .take(MAX_OUTPUT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("reading $SKIFF_OUTPUT failed: {e}"))?;
-    if bytes.len() as u64 > MAX_OUTPUT_BYTES {
-        return Err(format!(
-            "$SKIFF_OUTPUT holds more than the limit of {MAX_OUTPUT_BYTES} bytes (1 MiB)"
-        ));
-    }
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let (values, errors) = skiff_core::kv::parse(&text);
-    if values.len() > MAX_OUTPUTS {
-        return Err(format!(
-            "$SKIFF_OUTPUT sets {} outputs, more than the limit of {MAX_OUTPUTS} per step",
-            values.len()
-        ));
-    }
-    // The line itself is not repeated: it could be anything the step could read.
-    let problems = errors
-        .into_iter()
-        .map(|e| {
-            format!(
-                "$SKIFF_OUTPUT line {} is not NAME=value (or NAME<<DELIMITER ... DELIMITER); it was skipped",
-                e.line
-            )
-        })
-        .collect();
-    Ok((values.into_iter().collect(), problems))
 }
