@@ -16,6 +16,13 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 pub const ADMIN_TOKEN: &str = "it-admin-token-0123456789";
 
+/// An empty file that steps of several runs (each a user of its own) may all append to.
+pub fn shared_file(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, "").expect("create a shared file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+}
+
 /// A temporary folder that steps can write into whatever user they run as (mode 1777, like
 /// /tmp): skiff's data folder inside it stays skiff's own (0700).
 pub fn scratch() -> tempfile::TempDir {

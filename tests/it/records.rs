@@ -29,6 +29,8 @@ fn a_crash_during_a_step_ends_every_record_and_runs_finally_after_the_restart() 
     let scratch = crate::harness::scratch();
     let pidfile = scratch.path().join("pids");
     let marker = scratch.path().join("cleaned");
+    // Written by more than one run, each a user of its own.
+    crate::harness::shared_file(&pidfile);
     let yaml = format!(
         r#"steps:
   - id: prepare
@@ -126,6 +128,8 @@ fn a_crash_during_a_finally_step_runs_it_again_after_the_restart() {
     let scratch = crate::harness::scratch();
     let marker = scratch.path().join("attempts");
     let pidfile = scratch.path().join("pids");
+    // Written before and after the restart, perhaps as two different users.
+    crate::harness::shared_file(&marker);
     let yaml = format!(
         r#"steps:
   - run: echo main
@@ -213,9 +217,7 @@ fn runs_waiting_when_skiff_stops_start_in_their_order_after_the_restart() {
     let scratch = crate::harness::scratch();
     let order = scratch.path().join("order");
     // Each run is a user of its own: the file they all append to is open to all.
-    std::fs::write(&order, "").expect("create");
-    std::fs::set_permissions(&order, std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .expect("chmod");
+    crate::harness::shared_file(&order);
     let quick = format!(
         "steps:\n  - run: echo $SKIFF_RUN_NUMBER >> {}\n",
         order.display()
