@@ -675,11 +675,10 @@ fn behind_https_the_session_cookie_is_secure() {
     assert!(cookie.contains("; Secure"), "{cookie}");
 }
 
-/// A login POST from a given loopback address (the server listens on 127.0.0.1; all of
-/// 127.0.0.0/8 reaches it); the status.
-fn login_from(s: &Server, from: [u8; 4], password: &str) -> u16 {
+/// A connection to the server from a given loopback address (the server listens on
+/// 127.0.0.1; all of 127.0.0.0/8 reaches it).
+fn connect_from(s: &Server, from: [u8; 4]) -> std::net::TcpStream {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
-    use std::io::{Read, Write};
     let port: u16 = s
         .base
         .rsplit(':')
@@ -693,17 +692,16 @@ fn login_from(s: &Server, from: [u8; 4], password: &str) -> u16 {
         None,
     )
     .expect("socket");
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::new(from[0], from[1], from[2], from[3], 0),
-    )
-    .expect("bind");
-    connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::new(127, 0, 0, 1, port),
-    )
-    .expect("connect");
-    let mut stream = std::net::TcpStream::from(fd);
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    bind(raw, &SockaddrIn::new(from[0], from[1], from[2], from[3], 0)).expect("bind");
+    connect(raw, &SockaddrIn::new(127, 0, 0, 1, port)).expect("connect");
+    std::net::TcpStream::from(fd)
+}
+
+/// A login POST from a given loopback address; the status.
+fn login_from(s: &Server, from: [u8; 4], password: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = connect_from(s, from);
     let body = format!("password={password}");
     write!(
         stream,
@@ -762,25 +760,8 @@ fn parallel_password_guesses_are_counted_and_the_owner_elsewhere_still_gets_in()
 
 /// Connected from `from`, a request's head sent half; the open socket.
 fn half_open(s: &Server, from: [u8; 4]) -> std::net::TcpStream {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
     use std::io::Write;
-    let port: u16 = s
-        .base
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    bind(raw, &SockaddrIn::new(from[0], from[1], from[2], from[3], 0)).expect("bind");
-    connect(raw, &SockaddrIn::new(127, 0, 0, 1, port)).expect("connect");
-    let mut stream = std::net::TcpStream::from(fd);
+    let mut stream = connect_from(s, from);
     let _ = stream.write_all(b"POST /api/pipelines/hello/runs HTTP/1.1\r\nHost: x\r\nX-Slow: ");
     stream
 }

@@ -305,18 +305,25 @@ impl Server {
 
     /// Stops the server with SIGTERM and waits for it to exit.
     pub fn stop(&mut self) {
+        if !self.terminate() {
+            let _ = self.child.kill();
+            panic!("skiff serve did not stop within {DEADLINE:?} of SIGTERM");
+        }
+    }
+
+    /// Sends SIGTERM; whether the server exited within the deadline.
+    fn terminate(&mut self) -> bool {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let until = Instant::now() + DEADLINE;
         while Instant::now() < until {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        panic!("skiff serve did not stop within {DEADLINE:?} of SIGTERM");
+        false
     }
 
     /// The data folder.
@@ -487,15 +494,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let until = Instant::now() + DEADLINE;
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if self.terminate() {
+            return;
         }
         let pipelines: Vec<String> = std::fs::read_dir(self.pipelines_dir())
             .map(|d| {
