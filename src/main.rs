@@ -48,6 +48,12 @@ struct StepInitArgs {
     /// A folder to hide from the step
     #[arg(long)]
     hide: Vec<PathBuf>,
+    /// A folder of which the step sees only the --keep entries
+    #[arg(long)]
+    private: Option<PathBuf>,
+    /// An entry of the --private folder the step keeps
+    #[arg(long)]
+    keep: Vec<PathBuf>,
     /// The program and its arguments
     #[arg(last = true, required = true)]
     program: Vec<std::ffi::OsString>,
@@ -273,7 +279,12 @@ fn main() -> ExitCode {
         Command::LoginLink(args) => login_link::main(args),
         Command::Token(args) => login_link::token(args),
         Command::StepInit(args) => {
-            let code = skiff_worker::isolation::step_init(&args.hide, &args.program);
+            let code = skiff_worker::isolation::step_init(
+                &args.hide,
+                args.private.as_deref(),
+                &args.keep,
+                &args.program,
+            );
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
     };

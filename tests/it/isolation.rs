@@ -258,6 +258,17 @@ fn without_root_steps_run_in_namespaces() {
         std::fs::copy(env!("CARGO_BIN_EXE_skiff"), &skiff).expect("copy skiff");
     }
     let data = dir.path().join("data");
+    // Another run's workspace, of the same user (runs share skiff's uid here).
+    let other = dir.path().join("work").join("another-run");
+    std::fs::create_dir_all(&other).expect("mkdir");
+    std::fs::write(other.join("secret.txt"), "another-run-private").expect("write");
+    for p in [
+        dir.path().join("work"),
+        other.clone(),
+        other.join("secret.txt"),
+    ] {
+        nix::unistd::chown(&p, Some(65534.into()), Some(65534.into())).expect("chown");
+    }
     let file = dir.path().join("attack.yml");
     std::fs::write(
         &file,
@@ -268,8 +279,13 @@ fn without_root_steps_run_in_namespaces() {
       echo "procs=$(ls /proc | grep -c '^[0-9]')"
       (ls {data} || true) 2>&1 | sed 's/^/data: /'
       (cat {data}/skiff.db | head -c 20 || true) 2>&1 | sed 's/^/db: /'
+      (cat "$(dirname "$SKIFF_WORKSPACE")/another-run/secret.txt" || true) 2>&1 | sed 's/^/other: /'
+      echo "home-ok" > "$HOME/x" && cat "$HOME/x"
+      echo "color=green" >> "$SKIFF_OUTPUT"
       env -u SKIFF_RUN_ID setsid sleep 1234 > /dev/null 2>&1 < /dev/null &
       echo left-one-behind
+  - env: {{ C: "${{{{ steps.step-1.outputs.color }}}}" }}
+    run: echo "output=$C"
 "#,
             data = data.display()
         ),
@@ -309,6 +325,14 @@ fn without_root_steps_run_in_namespaces() {
     );
     assert!(all.contains("data: ls: cannot open directory"), "{all}");
     assert!(!all.contains("SQLite format"), "{all}");
+    assert!(
+        !all.contains("another-run-private"),
+        "another run's workspace is out of sight: {all}"
+    );
+    assert!(
+        all.contains("home-ok") && all.contains("output=green"),
+        "{all}"
+    );
     // The process left behind ended with its step.
     let left: Vec<String> = std::fs::read_dir("/proc")
         .expect("/proc")

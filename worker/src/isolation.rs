@@ -341,8 +341,13 @@ pub fn docker_socket_group() -> io::Result<u32> {
 /// PROGRAM ends, pid 1 ends, and with it every process in the namespace (nothing outlives its
 /// step). Signals sent to the step's process group reach PROGRAM; this process and pid 1 wait.
 /// Returns the exit code (128 + the signal for a PROGRAM killed by one).
-pub fn step_init(hide: &[PathBuf], program: &[std::ffi::OsString]) -> i32 {
-    match step_init_inner(hide, program) {
+pub fn step_init(
+    hide: &[PathBuf],
+    private: Option<&Path>,
+    keep: &[PathBuf],
+    program: &[std::ffi::OsString],
+) -> i32 {
+    match step_init_inner(hide, private, keep, program) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("skiff step-init: {e}");
@@ -351,7 +356,12 @@ pub fn step_init(hide: &[PathBuf], program: &[std::ffi::OsString]) -> i32 {
     }
 }
 
-fn step_init_inner(hide: &[PathBuf], program: &[std::ffi::OsString]) -> io::Result<i32> {
+fn step_init_inner(
+    hide: &[PathBuf],
+    private: Option<&Path>,
+    keep: &[PathBuf],
+    program: &[std::ffi::OsString],
+) -> io::Result<i32> {
     use nix::mount::{MsFlags, mount};
     use nix::sched::{CloneFlags, unshare};
     use nix::sys::signal::{SigHandler, Signal, signal};
@@ -378,8 +388,11 @@ fn step_init_inner(hide: &[PathBuf], program: &[std::ffi::OsString]) -> io::Resu
             Some("size=4k,mode=000"),
         )?;
     }
+    if let Some(root) = private {
+        show_only(root, keep)?;
+    }
     // This process and pid 1 outlast a SIGTERM or Ctrl-C sent to the group: PROGRAM gets it.
-    let keep = [
+    let held = [
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGHUP,
@@ -388,7 +401,7 @@ fn step_init_inner(hide: &[PathBuf], program: &[std::ffi::OsString]) -> io::Resu
     // SAFETY: single-threaded here (a freshly started process); SIG_IGN installs no handler.
     #[allow(unsafe_code)]
     unsafe {
-        for s in keep {
+        for s in held {
             let _ = signal(s, SigHandler::SigIgn);
         }
     }
@@ -412,7 +425,7 @@ fn step_init_inner(hide: &[PathBuf], program: &[std::ffi::OsString]) -> io::Resu
                 #[allow(unsafe_code)]
                 unsafe {
                     std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                        for s in keep {
+                        for s in held {
                             let _ = signal(s, SigHandler::SigDfl);
                         }
                         Ok(())
@@ -436,6 +449,55 @@ fn step_init_inner(hide: &[PathBuf], program: &[std::ffi::OsString]) -> io::Resu
             }))
         }
     }
+}
+
+/// Covers `root` with an empty tmpfs, then mounts back only the `keep` entries directly inside
+/// it (folders and files), and makes the cover read-only.
+fn show_only(root: &Path, keep: &[PathBuf]) -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    use std::os::fd::AsRawFd;
+    let none: Option<&str> = None;
+    // Opened before the cover hides them.
+    let mut kept = Vec::new();
+    for path in keep {
+        if path.parent() != Some(root) {
+            return Err(io::Error::other(format!(
+                "{} is not directly inside {}",
+                path.display(),
+                root.display()
+            )));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)?;
+        let is_dir = file.metadata()?.is_dir();
+        kept.push((path, file, is_dir));
+    }
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("size=64k,mode=711"),
+    )?;
+    for (path, file, is_dir) in &kept {
+        if *is_dir {
+            std::fs::create_dir(path)?;
+        } else {
+            File::create(path)?;
+        }
+        let source = format!("/proc/self/fd/{}", file.as_raw_fd());
+        mount(Some(source.as_str()), *path, none, MsFlags::MS_BIND, none)?;
+    }
+    mount(
+        none,
+        root,
+        none,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        none,
+    )?;
+    Ok(())
 }
 
 fn exit_code(status: nix::sys::wait::WaitStatus) -> i32 {

@@ -199,8 +199,10 @@ impl Runner<'_> {
         if !inline {
             write_step_file(&script_path, script.as_bytes(), owner)?;
         }
-        if owner.is_some() {
-            // The step's user cannot create files where step files live: its
+        let in_namespaces = matches!(self.opts.isolation, Isolation::Namespaces { .. });
+        if owner.is_some() || in_namespaces {
+            // The step cannot create files where step files live (a user of its own: the folder
+            // is not its; in namespaces: only its own files are visible there): its
             // `$SKIFF_OUTPUT` is made for it (and cannot be swapped for a link).
             write_step_file(&output_path, b"", owner)?;
         }
@@ -225,6 +227,23 @@ impl Runner<'_> {
                 for h in hide {
                     w.push(std::ffi::OsStr::new("--hide"));
                     w.push(h.as_os_str());
+                }
+                // The workspaces folder shows only this run's own folders and step files: other
+                // runs (the same uid here) are out of sight.
+                w.push(std::ffi::OsStr::new("--private"));
+                w.push(self.opts.workspace_root.as_os_str());
+                for keep in [
+                    &self.dirs.workspace,
+                    &self.dirs.home,
+                    &self.dirs.tmp,
+                    &output_path,
+                ] {
+                    w.push(std::ffi::OsStr::new("--keep"));
+                    w.push(keep.as_os_str());
+                }
+                if !inline {
+                    w.push(std::ffi::OsStr::new("--keep"));
+                    w.push(script_path.as_os_str());
                 }
                 w.push(std::ffi::OsStr::new("--"));
                 w.push(program.as_os_str());
