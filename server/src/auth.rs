@@ -56,6 +56,7 @@ pub struct Attempt {
 impl LoginThrottle {
     /// Counts an attempt from `addr`, or `Err(wait)` when that address has used its attempts.
     pub fn reserve(&self, addr: std::net::IpAddr) -> Result<Attempt, std::time::Duration> {
+        let addr = client_key(addr);
         let now = std::time::Instant::now();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         // Forget what has left the window (all addresses, so the map stays small).
@@ -114,6 +115,20 @@ impl LoginThrottle {
         {
             q.remove(i);
         }
+    }
+}
+
+/// What attempts are counted against: the address, or for IPv6 its /64 (one client usually
+/// holds a whole /64, and could otherwise take a fresh address for every guess).
+fn client_key(addr: std::net::IpAddr) -> std::net::IpAddr {
+    match addr {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            std::net::IpAddr::V6(o.into())
+        }
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, std::net::IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -356,6 +371,27 @@ pub async fn issue_login_link(
     )
     .await?;
     Ok(token)
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64() {
+        let t = LoginThrottle::default();
+        for i in 0..GUESSES_ALLOWED {
+            let a: std::net::IpAddr = format!("2001:db8:1:2::{i:x}").parse().expect("ip");
+            assert!(t.reserve(a).is_ok(), "{i}");
+        }
+        let same_64: std::net::IpAddr = "2001:db8:1:2:ffff::1".parse().expect("ip");
+        assert!(t.reserve(same_64).is_err(), "the same /64 is one client");
+        let other_64: std::net::IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert!(t.reserve(other_64).is_ok());
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().expect("ip");
+        let v4: std::net::IpAddr = "192.0.2.7".parse().expect("ip");
+        assert_eq!(client_key(mapped), v4);
+    }
 }
 
 #[cfg(test)]
