@@ -48,14 +48,44 @@ struct ThrottleState {
 }
 
 /// An attempt counted against its address; [`LoginThrottle::succeeded`] takes it back.
-pub struct Attempt {
+struct Attempt {
     addr: std::net::IpAddr,
     at: std::time::Instant,
 }
 
 impl LoginThrottle {
+    /// Checks `password` against `hash` (no password set: never right), counted against `addr`
+    /// before the check; `Err(wait)` when that address has used its attempts. The one way a
+    /// password is checked (sign-in, and the current password when changing it).
+    pub async fn verify(
+        &self,
+        addr: std::net::IpAddr,
+        password: &str,
+        hash: Option<&str>,
+    ) -> Result<bool, std::time::Duration> {
+        let attempt = self.reserve(addr)?;
+        let ok = match hash {
+            Some(h) => {
+                let (password, h) = (password.to_string(), h.to_string());
+                self.check(async move {
+                    tokio::task::spawn_blocking(move || verify_password(&password, &h))
+                        .await
+                        .unwrap_or(false)
+                })
+                .await
+            }
+            None => false,
+        };
+        if ok {
+            self.succeeded(attempt);
+        } else {
+            self.failed(attempt);
+        }
+        Ok(ok)
+    }
+
     /// Counts an attempt from `addr`, or `Err(wait)` when that address has used its attempts.
-    pub fn reserve(&self, addr: std::net::IpAddr) -> Result<Attempt, std::time::Duration> {
+    fn reserve(&self, addr: std::net::IpAddr) -> Result<Attempt, std::time::Duration> {
         let addr = client_key(addr);
         let now = std::time::Instant::now();
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,7 +109,7 @@ impl LoginThrottle {
     }
 
     /// Runs a password check: one at a time, after a pause while many failed recently.
-    pub async fn check<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+    async fn check<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         let _one = self.checking.lock().await;
         let busy = {
             let now = std::time::Instant::now();
@@ -99,7 +129,7 @@ impl LoginThrottle {
         f.await
     }
 
-    pub fn failed(&self, _attempt: Attempt) {
+    fn failed(&self, _attempt: Attempt) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.failures.push_back(std::time::Instant::now());
         if st.failures.len() > GLOBAL_FAILURES {
@@ -108,7 +138,7 @@ impl LoginThrottle {
     }
 
     /// A right password: its attempt is not held against its address.
-    pub fn succeeded(&self, attempt: Attempt) {
+    fn succeeded(&self, attempt: Attempt) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(q) = st.by_addr.get_mut(&attempt.addr)
             && let Some(i) = q.iter().position(|t| *t == attempt.at)
@@ -288,13 +318,19 @@ pub async fn identify(parts: &Parts, state: &AppState) -> Result<Option<Principa
     Ok(None)
 }
 
+/// Whether a request with this method may change state (and so needs a session's CSRF token,
+/// a `run` scope, and has a body): anything but GET, HEAD and OPTIONS.
+pub fn changes_state(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
 /// The scope a request needs: managing tokens `admin`, reading `read`, anything else that
 /// changes state (start, cancel, rerun) `run`. The one rule; the OpenAPI document lists it per
 /// operation from here.
 pub fn required_scope(method: &Method, path: &str) -> Scope {
     if path == "/api/tokens" || path.starts_with("/api/tokens/") {
         Scope::Admin
-    } else if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+    } else if !changes_state(method) {
         Scope::Read
     } else {
         Scope::Run
@@ -317,7 +353,7 @@ impl FromRequestParts<AppState> for Auth {
             .ok_or_else(ApiError::unauthorized)?;
         principal.allow(required_scope(&parts.method, parts.uri.path()))?;
         if let Principal::Session { csrf, .. } = &principal {
-            let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+            let safe = !changes_state(&parts.method);
             let sent = parts
                 .headers
                 .get(CSRF_HEADER)

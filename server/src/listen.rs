@@ -64,27 +64,26 @@ fn take_slot(open: &Arc<Mutex<Open>>, addr: IpAddr, cap: usize) -> Option<Slot> 
     })
 }
 
-/// The most connections this process can hold: [`MAX_CONNECTIONS`], or half its file limit.
+/// The most connections this process can hold: [`MAX_CONNECTIONS`], or half its open-file limit.
 fn connection_cap() -> usize {
-    let mut lim = libc_rlimit();
-    if lim == 0 {
-        lim = MAX_CONNECTIONS as u64 * 2;
+    match open_file_limit() {
+        Some(limit) => MAX_CONNECTIONS
+            .min(usize::try_from(limit / 2).unwrap_or(MAX_CONNECTIONS))
+            .max(16),
+        None => MAX_CONNECTIONS,
     }
-    MAX_CONNECTIONS
-        .min(usize::try_from(lim / 2).unwrap_or(MAX_CONNECTIONS))
-        .max(16)
 }
 
-fn libc_rlimit() -> u64 {
-    std::fs::read_to_string("/proc/self/limits")
+/// This process's soft limit on open files (`Max open files` in /proc/self/limits).
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|soft| soft.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then lets the open requests finish
@@ -148,9 +147,9 @@ async fn body_deadline(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use axum::http::{Method, StatusCode};
+    use axum::http::StatusCode;
     use axum::response::IntoResponse;
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+    if !crate::auth::changes_state(req.method()) {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();

@@ -20,7 +20,7 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 
 use axum::http::Method;
 
-use crate::auth::{Auth, CSRF_HEADER, SESSION_COOKIE, Scope, required_scope};
+use crate::auth::{Auth, CSRF_HEADER, SESSION_COOKIE, Scope, changes_state, required_scope};
 use crate::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -139,7 +139,7 @@ fn add_shared(doc: &mut utoipa::openapi::OpenApi) {
             (&mut item.delete, Method::DELETE),
         ];
         for (op, method) in ops {
-            let changes = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+            let changes = changes_state(&method);
             let scope = required_scope(&method, path);
             let Some(op) = op.as_mut() else { continue };
             if path == "/healthz" {

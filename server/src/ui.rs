@@ -534,8 +534,12 @@ pub async fn login(
 ) -> Result<Response, ApiError> {
     let hash = state.auth.password_hash().await?;
     // Counted before the password is checked: parallel guesses cannot slip between the two.
-    let attempt = match state.login_throttle.reserve(addr) {
-        Ok(attempt) => attempt,
+    let ok = match state
+        .login_throttle
+        .verify(addr, &form.password, hash.as_deref())
+        .await
+    {
+        Ok(ok) => ok,
         Err(wait) => {
             metrics::counter!("skiff_login_refused_total").increment(1);
             let page = LoginPage {
@@ -550,22 +554,7 @@ pub async fn login(
             return Ok((StatusCode::TOO_MANY_REQUESTS, [retry], page).into_response());
         }
     };
-    let ok = match &hash {
-        Some(h) => {
-            let (password, h) = (form.password.clone(), h.clone());
-            state
-                .login_throttle
-                .check(async move {
-                    tokio::task::spawn_blocking(move || auth::verify_password(&password, &h))
-                        .await
-                        .unwrap_or(false)
-                })
-                .await
-        }
-        None => false,
-    };
     if !ok {
-        state.login_throttle.failed(attempt);
         metrics::counter!("skiff_login_failures_total").increment(1);
         let page = LoginPage {
             error: "wrong password".into(),
@@ -573,7 +562,6 @@ pub async fn login(
         };
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
-    state.login_throttle.succeeded(attempt);
     let cookie = auth::start_session(&state).await?;
     Ok(signed_in(cookie))
 }
@@ -716,9 +704,20 @@ pub async fn set_password(
                 .into_response(),
         )
     };
-    if let Some(h) = current_hash {
-        let attempt = match state.login_throttle.reserve(addr) {
-            Ok(a) => a,
+    if current_hash.is_some() {
+        match state
+            .login_throttle
+            .verify(addr, &form.current, current_hash.as_deref())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    "the current password is wrong".to_string(),
+                )
+                .await;
+            }
             Err(wait) => {
                 return refuse(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -729,25 +728,7 @@ pub async fn set_password(
                 )
                 .await;
             }
-        };
-        let current = form.current.clone();
-        let ok = state
-            .login_throttle
-            .check(async move {
-                tokio::task::spawn_blocking(move || auth::verify_password(&current, &h))
-                    .await
-                    .unwrap_or(false)
-            })
-            .await;
-        if !ok {
-            state.login_throttle.failed(attempt);
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "the current password is wrong".to_string(),
-            )
-            .await;
         }
-        state.login_throttle.succeeded(attempt);
     }
     if form.password.chars().count() < MIN_PASSWORD {
         return refuse(

@@ -343,6 +343,13 @@ impl Server {
             .collect()
     }
 
+    /// Starts a run and follows it to its end: the run as the API shows it, and its log.
+    pub fn run_and_wait(&self, pipeline: &str, params: Value) -> (Value, String) {
+        let id = self.trigger(pipeline, params);
+        let run = self.wait_for_end(&id);
+        (run, self.log_text(&id))
+    }
+
     /// Follows a run to its end and returns it as the API shows it, with its steps.
     pub fn wait_for_end(&self, id: &str) -> Value {
         self.follow(id, None);

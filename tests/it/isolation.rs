@@ -199,10 +199,17 @@ fn the_docker_socket_needs_the_worker_and_the_pipeline_to_say_so() {
     let asks = format!("permissions: [docker]\nsteps:\n  - run: {DOCKER_PING}\n");
     let plain = format!("steps:\n  - run: {DOCKER_PING} || echo refused\n");
     let pipelines = [("asks", asks.as_str()), ("plain", plain.as_str())];
+    // A pipeline that does not ask is refused by the socket, whatever the worker allows.
+    let refused = |s: &Server| {
+        let (_, log) = s.run_and_wait("plain", json!({}));
+        assert!(
+            log.contains("refused") && !log.contains("engine answered"),
+            "{log}"
+        );
+    };
     // A worker that does not allow it.
     let s = Server::start(&pipelines);
-    let id = s.trigger("asks", json!({}));
-    let run = s.wait_for_end(&id);
+    let (run, _) = s.run_and_wait("asks", json!({}));
     assert_eq!(run["status"], "failed", "{run}");
     assert!(
         run["reason"]
@@ -210,28 +217,14 @@ fn the_docker_socket_needs_the_worker_and_the_pipeline_to_say_so() {
             .is_some_and(|r| r.contains("--allow-docker-steps")),
         "{run}"
     );
-    let id = s.trigger("plain", json!({}));
-    s.wait_for_end(&id);
-    let log = s.log_text(&id);
-    assert!(
-        log.contains("refused") && !log.contains("engine answered"),
-        "{log}"
-    );
+    refused(&s);
     drop(s);
     // A worker that allows it: only the pipeline that asks gets it.
     let s = Server::start_with(&pipelines, &[("SKIFF_ALLOW_DOCKER_STEPS", "true")]);
-    let id = s.trigger("asks", json!({}));
-    let run = s.wait_for_end(&id);
-    let log = s.log_text(&id);
+    let (run, log) = s.run_and_wait("asks", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     assert!(log.contains("OK <- the engine answered"), "{log}");
-    let id = s.trigger("plain", json!({}));
-    s.wait_for_end(&id);
-    let log = s.log_text(&id);
-    assert!(
-        log.contains("refused") && !log.contains("engine answered"),
-        "{log}"
-    );
+    refused(&s);
 }
 
 /// `--no-isolation` gives isolation away on purpose, and says so where the owner looks.

@@ -6,8 +6,9 @@
 //! but its own. No two running runs share a uid, across every skiff on the machine: a uid is
 //! held by a lock file while its run lasts.
 //!
-//! Without root this mode is not available; the steps then run with skiff's own powers, and skiff
-//! says so at start (`Isolation::Off` with its reason).
+//! Without root, each step runs in user, mount and pid namespaces of its own instead (see
+//! [`step_init`]); where those are not available either, the steps run with skiff's own powers,
+//! and skiff says so at start (`Isolation::Off` with its reason).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -16,8 +17,6 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The default range of step uids.
-pub const DEFAULT_UIDS: RangeInclusive<u32> = 64000..=64999;
 /// Where the locks that hold uids live (root's, on a tmpfs where there is one).
 const UID_LOCKS: &str = "/run/skiff-uids";
 
@@ -187,21 +186,19 @@ fn ensure_passwd_entry(uid: u32) -> io::Result<()> {
         .mode(0o600)
         .open("/etc/.pwd.lock")?;
     lock.lock()?;
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    let taken = passwd
-        .lines()
-        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()));
-    if !taken {
+    // The third field of a passwd or group line is its id.
+    let has = |text: &str| {
+        let id = uid.to_string();
+        text.lines()
+            .any(|l| l.split(':').nth(2) == Some(id.as_str()))
+    };
+    if !has(&std::fs::read_to_string("/etc/passwd")?) {
         append_line(
             Path::new("/etc/passwd"),
             &format!("skiff-{uid}:x:{uid}:{uid}:skiff step:/nonexistent:/bin/sh"),
         )?;
     }
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    if !group
-        .lines()
-        .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()))
-    {
+    if !has(&std::fs::read_to_string("/etc/group").unwrap_or_default()) {
         append_line(Path::new("/etc/group"), &format!("skiff-{uid}:x:{uid}:"))?;
     }
     Ok(())

@@ -110,7 +110,7 @@ struct Runner<'a> {
     opts: &'a RunOptions,
     log: LogSender,
     masker: Masker,
-    workspace: PathBuf,
+    /// Its workspace, HOME and TMPDIR.
     dirs: RunDirs,
     /// The user the steps run as, when they run isolated; dropped (its uid free again) after
     /// the run's processes are gone.
@@ -192,7 +192,6 @@ async fn drive(
             path: dirs.workspace.display().to_string(),
             source,
         })?;
-    let workspace = dirs.workspace.clone();
 
     let rec = Recorder::new(store, claim, opts.store_patience);
     let renewing = rec.keep_claim(opts.lease);
@@ -230,7 +229,6 @@ async fn drive(
         log,
         masker,
         base_env: Vec::new(),
-        workspace,
         dirs,
         user,
         extra_group: None,
@@ -251,7 +249,6 @@ async fn drive(
     timer.abort();
     let Runner {
         log,
-        workspace,
         dirs,
         user,
         tracker,
@@ -266,9 +263,9 @@ async fn drive(
     let _ = writer.await;
     watcher.abort();
     if !opts.keep_workspace
-        && let Err(e) = std::fs::remove_dir_all(&workspace)
+        && let Err(e) = std::fs::remove_dir_all(&dirs.workspace)
     {
-        tracing::warn!(path = %workspace.display(), error = %e, "removing the workspace failed");
+        tracing::warn!(path = %dirs.workspace.display(), error = %e, "removing the workspace failed");
     }
     let mut outcome = outcome?;
     if outcome.status == RunStatus::Cancelled && !abort.is_cancelled() {
@@ -610,7 +607,7 @@ impl Runner<'_> {
             ("SKIFF_TRIGGER".into(), self.run.trigger.kind.to_string()),
             (
                 "SKIFF_WORKSPACE".into(),
-                self.workspace.display().to_string(),
+                self.dirs.workspace.display().to_string(),
             ),
         ]);
         for (name, value) in &self.run.params {
@@ -896,8 +893,8 @@ impl Runner<'_> {
         };
         let scope = self.scope(env, status);
         let cwd = match &step.working_directory {
-            None => self.workspace.clone(),
-            Some(dir) => self.workspace.join(dir),
+            None => self.dirs.workspace.clone(),
+            Some(dir) => self.dirs.workspace.join(dir),
         };
         if !cwd.is_dir() {
             return Ok(AttemptResult::failed(format!(

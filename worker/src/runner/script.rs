@@ -185,17 +185,18 @@ impl Runner<'_> {
     ) -> Result<AttemptResult, RunnerError> {
         // No file is made for a step unless it needs one: the script is the shell's
         // `-c` argument (with the step's id as `$0`, which its error messages name), and
-        // `$SKIFF_OUTPUT` is created by the step when it writes an output.
+        // `$SKIFF_OUTPUT` is created by the step when it writes an output (made for it when
+        // it runs isolated, below).
         let root = &self.opts.workspace_root;
         let output_path = step_file(root, &self.run.id, index, "out");
         let script_path = step_file(root, &self.run.id, index, "sh");
         let inline = script.len() <= INLINE_SCRIPT_MAX;
-        let owner = self.user.as_ref().map(|u| (u.uid, u.gid));
         let creds = self.user.as_ref().map(|u| crate::isolation::Creds {
             uid: u.uid,
             gid: u.gid,
             extra_group: self.extra_group,
         });
+        let owner = creds.map(|c| (c.uid, c.gid));
         if !inline {
             write_step_file(&script_path, script.as_bytes(), owner)?;
         }
