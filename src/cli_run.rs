@@ -155,6 +155,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         isolation,
         allow_docker_steps: args.isolation.allow_docker_steps,
         keep_workspace: args.keep_workspace,
+        // One run: nothing would reuse its folders.
+        spares: std::sync::Arc::new(skiff_worker::isolation::SpareDirs::keeping(0)),
         kill_grace: args.kill_grace,
         secrets,
         cancel,

@@ -262,6 +262,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             workspace_root: workspaces.clone(),
             isolation: isolation.clone(),
             allow_docker_steps: args.isolation.allow_docker_steps,
+            spares: Default::default(),
             kill_grace: args.kill_grace,
             secrets,
             cancel_check: Duration::from_secs(1),

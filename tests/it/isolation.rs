@@ -347,3 +347,54 @@ fn without_root_steps_run_in_namespaces() {
         .collect();
     assert!(left.is_empty(), "a process outlived its step: {left:?}");
 }
+
+/// Run folders are kept for the next run of the same user only when the run left them exactly as
+/// made; whatever a run leaves behind (files, a wider mode) never reaches a later run.
+#[test]
+fn each_run_gets_its_folders_empty_and_private() {
+    assert!(is_root(), "run the tests as root");
+    let probe = r#"params:
+  mess: { type: boolean, default: false }
+steps:
+  - run: |
+      for d in "$HOME" "$TMPDIR" "$SKIFF_WORKSPACE"; do
+        echo "dir $(stat -c %a:%U "$d") entries=$(ls -A "$d" | wc -l)"
+      done
+      if [ "$SKIFF_PARAM_MESS" = true ]; then
+        echo left-behind > "$HOME/left"; mkdir "$TMPDIR/sub"; touch "$SKIFF_WORKSPACE/.hidden"
+        chmod 755 "$HOME" "$SKIFF_WORKSPACE"
+      fi
+"#;
+    // One worker: each run takes the uid (and the folders) the one before it gave back.
+    let s = Server::start_with(&[("probe", probe)], &[("SKIFF_WORKERS", "1")]);
+    let mut users = std::collections::BTreeSet::new();
+    for mess in [false, false, true, false, true, true, false, false] {
+        let (run, log) = s.run_and_wait("probe", json!({ "mess": mess }));
+        assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+        let dirs: Vec<&str> = log.lines().filter(|l| l.starts_with("dir ")).collect();
+        assert_eq!(dirs.len(), 3, "{log}");
+        for line in &dirs {
+            let (mode, rest) = line["dir ".len()..].split_once(':').expect("mode:user");
+            assert_eq!(mode, "700", "a run's folders are its own alone: {log}");
+            assert!(rest.ends_with("entries=0"), "a run's folders start empty: {log}");
+            users.insert(rest.split_whitespace().next().unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(users.len(), 1, "one worker, one uid reused: {users:?}");
+    // What the runs left: at most the empty spare folders skiff keeps for its next runs.
+    let work = s.data_dir().parent().expect("sandbox").join("work");
+    let left: Vec<String> = std::fs::read_dir(&work)
+        .expect("the workspaces folder")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().all(|n| n.starts_with(".spare-")),
+        "runs leave nothing behind: {left:?}"
+    );
+    assert!(!left.is_empty(), "the last run's folders are kept for the next");
+    for name in &left {
+        let entries = std::fs::read_dir(work.join(name)).expect("spare").count();
+        assert_eq!(entries, 0, "{name} is empty");
+    }
+}

@@ -232,33 +232,23 @@ impl RunDirs {
         }
     }
 
-    /// Creates the folders (mode 0700, owned by `user` when there is one). The root is made
-    /// traversable (0711) but not listable, so a user reaches only its own run's folders.
-    pub fn create(&self, root: &Path, user: Option<&RunUser>) -> io::Result<()> {
-        if user.is_some() {
-            // Every folder made on the way, traversable (skiff's umask would make them 0700).
-            let mut made = Vec::new();
-            let mut at = Some(root);
-            while let Some(dir) = at.filter(|d| !d.exists()) {
-                made.push(dir.to_path_buf());
-                at = dir.parent();
+    /// Creates the folders (mode 0700, owned by `user` when there is one), or takes a spare
+    /// set an earlier run of the same user left empty. The root is made traversable (0711) but
+    /// not listable, so a user reaches only its own run's folders.
+    pub fn create(&self, root: &Path, user: Option<&RunUser>, spares: &SpareDirs) -> io::Result<()> {
+        prepare_root(root, user.is_some())?;
+        let owner = user.map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
+        if let Some(spare) = spares.take(root, owner) {
+            if spare.rename_to(self).is_ok() {
+                return Ok(());
             }
-            for dir in made.iter().rev() {
-                match std::fs::create_dir(dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
-                }
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+            // Half moved (someone removed a folder): whatever is left goes, and the run gets
+            // folders made now.
+            for dir in spare.paths().iter().chain(self.paths().iter()) {
+                let _ = std::fs::remove_dir_all(dir);
             }
-            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
-        } else {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(root)?;
         }
-        for dir in [&self.workspace, &self.home, &self.tmp] {
+        for dir in self.paths() {
             match std::fs::DirBuilder::new().mode(0o700).create(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -273,10 +263,199 @@ impl RunDirs {
         Ok(())
     }
 
-    /// Removes the HOME and TMPDIR (the workspace is removed by the runner, unless kept).
-    pub fn remove_private(&self) {
+    fn paths(&self) -> [&PathBuf; 3] {
+        [&self.workspace, &self.home, &self.tmp]
+    }
+
+    /// After the run (its processes gone): the folders are removed, the workspace only unless
+    /// `keep_workspace`. Folders the run left exactly as they were made (empty, 0700, its user's,
+    /// no ACL or other extended attribute) are kept as a spare set for the next run of the same
+    /// user instead: a rename is all it costs then, where making and removing a folder costs a
+    /// block allocation, a journal write and a discard each.
+    pub fn finish(&self, root: &Path, owner: u32, keep_workspace: bool, spares: &SpareDirs) {
+        if !keep_workspace
+            && self.paths().iter().all(|d| pristine(d, owner))
+            && let Some(spare) = spares.room(root, owner)
+        {
+            if self.rename_to(&spare).is_ok() {
+                spares.put(owner, spare);
+                return;
+            }
+            for dir in spare.paths() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
         for dir in [&self.home, &self.tmp] {
             let _ = std::fs::remove_dir_all(dir);
+        }
+        if !keep_workspace
+            && let Err(e) = std::fs::remove_dir_all(&self.workspace)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.workspace.display(), error = %e, "removing the workspace failed");
+        }
+    }
+
+    /// Moves the three folders to `to`'s names (each rename is atomic; all three or an error).
+    fn rename_to(&self, to: &RunDirs) -> io::Result<()> {
+        for (from, to) in self.paths().into_iter().zip(to.paths()) {
+            std::fs::rename(from, to)?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes the workspaces root (and every folder on the way) when missing; with run users, each
+/// traversable by all (skiff's umask would make them 0700) and none listable but by skiff.
+fn prepare_root(root: &Path, for_users: bool) -> io::Result<()> {
+    if !for_users {
+        return std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root);
+    }
+    let mut made = Vec::new();
+    let mut at = Some(root);
+    while let Some(dir) = at.filter(|d| !d.exists()) {
+        made.push(dir.to_path_buf());
+        at = dir.parent();
+    }
+    for dir in made.iter().rev() {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    }
+    // A stat, and a change only when needed (a change dirties the inode, a journal write).
+    if std::fs::metadata(root)?.permissions().mode() & 0o7777 != 0o711 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+    }
+    Ok(())
+}
+
+/// Whether a run's folder is as it was made: a folder (not a link), mode 0700, owned by
+/// `owner`, empty, without extended attributes (an ACL would let another user in).
+fn pristine(dir: &Path, owner: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return false;
+    };
+    if !meta.file_type().is_dir() || meta.mode() & 0o7777 != 0o700 || meta.uid() != owner {
+        return false;
+    }
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+    empty && no_xattrs(dir)
+}
+
+fn no_xattrs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and a zero-sized list: the kernel only returns the size
+    // the names would take, writing nothing.
+    #[allow(unsafe_code)]
+    let size = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+    size == 0
+}
+
+/// Empty run folder sets ([`RunDirs::finish`]) waiting for the next run of their user, named
+/// `.spare-PID-N` (with `.home` and `.tmp`) under the workspaces root. Shared by every run of
+/// this process; a few per user at most; removed when this is dropped (and by the next skiff
+/// when this one died).
+#[derive(Debug)]
+pub struct SpareDirs {
+    /// Sets kept per user (0: none, for a process that runs one run).
+    per_user: usize,
+    free: std::sync::Mutex<Vec<(u32, RunDirs)>>,
+    next: std::sync::atomic::AtomicU64,
+    swept: std::sync::atomic::AtomicBool,
+}
+
+/// Spare sets kept per user: the runs a worker runs at once, and then some.
+const SPARES_PER_USER: usize = 8;
+
+impl Default for SpareDirs {
+    fn default() -> Self {
+        SpareDirs::keeping(SPARES_PER_USER)
+    }
+}
+
+impl Drop for SpareDirs {
+    fn drop(&mut self) {
+        for (_, dirs) in self.free().drain(..) {
+            for dir in dirs.paths() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+}
+
+impl SpareDirs {
+    /// Keeping up to `per_user` sets for each user.
+    pub fn keeping(per_user: usize) -> SpareDirs {
+        SpareDirs {
+            per_user,
+            free: Default::default(),
+            next: Default::default(),
+            swept: Default::default(),
+        }
+    }
+
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<(u32, RunDirs)>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take(&self, root: &Path, owner: u32) -> Option<RunDirs> {
+        let mut free = self.free();
+        let at = free
+            .iter()
+            .position(|(o, d)| *o == owner && d.workspace.parent() == Some(root))?;
+        Some(free.swap_remove(at).1)
+    }
+
+    /// Names for a new spare set, when there is room for one more of this user's.
+    fn room(&self, root: &Path, owner: u32) -> Option<RunDirs> {
+        if self.free().iter().filter(|(o, _)| *o == owner).count() >= self.per_user {
+            return None;
+        }
+        if !self.swept.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            sweep_spares(root);
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(RunDirs::new(
+            root,
+            &format!("{SPARE_PREFIX}{}-{n}", std::process::id()),
+        ))
+    }
+
+    fn put(&self, owner: u32, dirs: RunDirs) {
+        self.free().push((owner, dirs));
+    }
+}
+
+const SPARE_PREFIX: &str = ".spare-";
+
+/// Removes the spare sets a skiff that is gone left under `root` (a skiff still running keeps
+/// its own).
+fn sweep_spares(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SPARE_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

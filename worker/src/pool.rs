@@ -21,6 +21,8 @@ pub struct WorkerConfig {
     pub isolation: crate::isolation::Isolation,
     /// Whether pipelines with `permissions: [docker]` get the Docker socket.
     pub allow_docker_steps: bool,
+    /// Empty run folders kept for the next runs.
+    pub spares: Arc<crate::isolation::SpareDirs>,
     pub kill_grace: Duration,
     pub secrets: Secrets,
     /// How often a running run checks the Store for a cancel request it was not told about.
@@ -71,6 +73,7 @@ impl Stopping {
             isolation: config.isolation.clone(),
             allow_docker_steps: config.allow_docker_steps,
             keep_workspace: false,
+            spares: config.spares.clone(),
             kill_grace: config.kill_grace,
             secrets: config.secrets.clone(),
             cancel: self.cancel.child_token(),

@@ -218,6 +218,7 @@ impl Setup {
             isolation: skiff_worker::isolation::Isolation::Off("a Store test".into()),
             allow_docker_steps: false,
             keep_workspace: false,
+            spares: Default::default(),
             kill_grace: Duration::from_secs(2),
             secrets: Secrets::default(),
             cancel: CancellationToken::new(),

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::actions::{self, ActionContext};
-use crate::isolation::{Isolation, RunDirs, RunUser};
+use crate::isolation::{Isolation, RunDirs, RunUser, SpareDirs};
 use crate::logs::{LogSender, Masker, RunObserver, start_writer};
 use crate::process::{self, Ended, Spawn};
 use crate::record::{Health, Recorder};
@@ -51,6 +51,8 @@ pub struct RunOptions {
     /// the host: `--allow-docker-steps`).
     pub allow_docker_steps: bool,
     pub keep_workspace: bool,
+    /// Empty run folders kept for the next runs (shared by every run of the process).
+    pub spares: Arc<SpareDirs>,
     /// Time between SIGTERM and SIGKILL when a step is stopped.
     pub kill_grace: Duration,
     pub secrets: Secrets,
@@ -187,7 +189,7 @@ async fn drive(
         Isolation::Namespaces { .. } | Isolation::Off(_) => None,
     };
     let dirs = RunDirs::new(&opts.workspace_root, run.id.as_str());
-    dirs.create(&opts.workspace_root, user.as_ref())
+    dirs.create(&opts.workspace_root, user.as_ref(), &opts.spares)
         .map_err(|source| RunnerError::Workspace {
             path: dirs.workspace.display().to_string(),
             source,
@@ -255,18 +257,17 @@ async fn drive(
         masker,
         ..
     } = runner;
-    // The run's processes end with its cgroup; only then is its uid free for another run.
+    // The run's processes end with its cgroup; only then are its folders done with, and its
+    // uid free for another run.
     drop(tracker);
+    let owner = user
+        .as_ref()
+        .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
+    dirs.finish(&opts.workspace_root, owner, opts.keep_workspace, &opts.spares);
     drop(user);
-    dirs.remove_private();
     drop(log);
     let _ = writer.await;
     watcher.abort();
-    if !opts.keep_workspace
-        && let Err(e) = std::fs::remove_dir_all(&dirs.workspace)
-    {
-        tracing::warn!(path = %dirs.workspace.display(), error = %e, "removing the workspace failed");
-    }
     let mut outcome = outcome?;
     if outcome.status == RunStatus::Cancelled && !abort.is_cancelled() {
         // A cancel requested through the Store carries its own reason (who cancelled); keep it.
