@@ -494,6 +494,35 @@ fn throughput() {
         "  server RSS after: {:.1} MB",
         s.rss_kib("VmRSS:") as f64 / 1024.0
     );
+    drop(s);
+    let bare = bare_spawns(1000);
+    println!(
+        "  this machine's ceiling: 2 threads spawning `bash -c true` and nothing else: {bare:.0}/s (skiff: {:.0}% of it)",
+        rate / bare * 100.0
+    );
+}
+
+/// How many `bash -c true` two threads start and wait for per second, doing nothing else: the
+/// same work skiff's steps do, without skiff; the figure to read skiff's against on a machine.
+fn bare_spawns(n: usize) -> f64 {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..n / 2 {
+                    let status = Command::new("bash")
+                        .args(["-c", "true"])
+                        .status()
+                        .expect("bash");
+                    assert!(status.success());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("spawner");
+    }
+    (n / 2 * 2) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn logs() {
