@@ -30,6 +30,8 @@ pub struct RunArgs {
     /// A param for the run, as NAME=VALUE (repeat for more)
     #[arg(long = "param", short = 'p', value_name = "NAME=VALUE", value_parser = parse_param)]
     params: Vec<(String, String)>,
+    #[command(flatten)]
+    config: crate::ConfigArgs,
     /// A file of secrets as NAME=value lines, readable by its owner only (mode 600)
     #[arg(long, env = "SKIFF_SECRETS_FILE", value_name = "FILE")]
     secrets: Option<PathBuf>,
@@ -123,6 +125,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     eprintln!("skiff: {}", skiff_worker::process_tracking()?.description());
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
+    let tools = args.config.tools(&secrets)?;
     let data = args.data.open().await?;
     let (workspaces, isolation) = args.isolation.resolve(&data)?;
     let store: Arc<dyn Store> = Arc::new(data.store.clone());
@@ -157,6 +160,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         keep_workspace: args.keep_workspace,
         // One run: nothing would reuse its folders.
         spares: std::sync::Arc::new(skiff_worker::isolation::SpareDirs::keeping(0)),
+        tools,
         kill_grace: args.kill_grace,
         secrets,
         cancel,

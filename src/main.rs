@@ -142,6 +142,37 @@ impl IsolationArgs {
     }
 }
 
+/// skiff's config file (`skiff serve`, `skiff run`): registries today.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// skiff's config file (registries); default: skiff.toml in the current folder, if there
+    /// is one
+    #[arg(long, env = "SKIFF_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The config, with the registries' passwords found among `secrets`. A file named with
+    /// `--config` must exist; the default one may not.
+    pub fn tools(
+        &self,
+        secrets: &skiff_worker::secrets::Secrets,
+    ) -> anyhow::Result<std::sync::Arc<skiff_worker::actions::Tools>> {
+        let default = std::path::Path::new("skiff.toml");
+        let path = match &self.config {
+            Some(path) => Some(path.as_path()),
+            None => default.exists().then_some(default),
+        };
+        let config = match path {
+            Some(path) => skiff_core::config::Config::load(path).map_err(anyhow::Error::msg)?,
+            None => skiff_core::config::Config::default(),
+        };
+        let tools =
+            skiff_worker::actions::Tools::new(config, secrets).map_err(anyhow::Error::msg)?;
+        Ok(std::sync::Arc::new(tools))
+    }
+}
+
 /// The lease on the runs a worker claims (`skiff serve`, `skiff run`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct LeaseArgs {

@@ -50,6 +50,8 @@ pub struct ServeArgs {
     lease: crate::LeaseArgs,
     #[command(flatten)]
     isolation: crate::IsolationArgs,
+    #[command(flatten)]
+    config: crate::ConfigArgs,
     /// A file of secrets as NAME=value lines, readable by its owner only (mode 600)
     #[arg(long, env = "SKIFF_SECRETS_FILE", value_name = "FILE")]
     secrets: Option<PathBuf>,
@@ -229,6 +231,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
+    let tools = args.config.tools(&secrets)?;
     let data = args.data.open().await?;
     let (workspaces, isolation) = args.isolation.resolve(&data)?;
     let _lock = data.lock_for_serve()?;
@@ -263,6 +266,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             isolation: isolation.clone(),
             allow_docker_steps: args.isolation.allow_docker_steps,
             spares: Default::default(),
+            tools,
             kill_grace: args.kill_grace,
             secrets,
             cancel_check: Duration::from_secs(1),

@@ -3,6 +3,7 @@
 
 pub mod actions;
 pub mod catalog;
+pub mod config;
 pub mod diag;
 pub mod dispatch;
 pub mod duration;

@@ -376,7 +376,10 @@ steps:
         for line in &dirs {
             let (mode, rest) = line["dir ".len()..].split_once(':').expect("mode:user");
             assert_eq!(mode, "700", "a run's folders are its own alone: {log}");
-            assert!(rest.ends_with("entries=0"), "a run's folders start empty: {log}");
+            assert!(
+                rest.ends_with("entries=0"),
+                "a run's folders start empty: {log}"
+            );
             users.insert(rest.split_whitespace().next().unwrap_or("").to_string());
         }
     }
@@ -392,7 +395,10 @@ steps:
         left.iter().all(|n| n.starts_with(".spare-")),
         "runs leave nothing behind: {left:?}"
     );
-    assert!(!left.is_empty(), "the last run's folders are kept for the next");
+    assert!(
+        !left.is_empty(),
+        "the last run's folders are kept for the next"
+    );
     for name in &left {
         let entries = std::fs::read_dir(work.join(name)).expect("spare").count();
         assert_eq!(entries, 0, "{name} is empty");

@@ -3,6 +3,7 @@
 mod api;
 mod auth;
 mod browser;
+mod docker;
 mod edge;
 mod harness;
 mod isolation;

@@ -235,7 +235,12 @@ impl RunDirs {
     /// Creates the folders (mode 0700, owned by `user` when there is one), or takes a spare
     /// set an earlier run of the same user left empty. The root is made traversable (0711) but
     /// not listable, so a user reaches only its own run's folders.
-    pub fn create(&self, root: &Path, user: Option<&RunUser>, spares: &SpareDirs) -> io::Result<()> {
+    pub fn create(
+        &self,
+        root: &Path,
+        user: Option<&RunUser>,
+        spares: &SpareDirs,
+    ) -> io::Result<()> {
         prepare_root(root, user.is_some())?;
         let owner = user.map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
         if let Some(spare) = spares.take(root, owner) {

@@ -182,6 +182,18 @@ impl LogSender {
         let _ = self.tx.send(Event::Step(Box::new(record.clone()))).await;
     }
 
+    /// A line of output that did not come through a step's pipes (a build's, a push's),
+    /// masked like the steps' output.
+    pub async fn output_line(&self, step: Option<u32>, text: &str) {
+        let mut data = if self.masker.is_empty() {
+            text.as_bytes().to_vec()
+        } else {
+            self.masker.mask_str(text).into_bytes()
+        };
+        data.push(b'\n');
+        self.chunk(LogChunk::output(step, data)).await;
+    }
+
     /// A line from skiff itself (not from the step), marked so readers can tell it apart.
     pub async fn note(&self, step: Option<u32>, text: &str) {
         let text = if self.masker.is_empty() {

@@ -23,6 +23,8 @@ pub struct WorkerConfig {
     pub allow_docker_steps: bool,
     /// Empty run folders kept for the next runs.
     pub spares: Arc<crate::isolation::SpareDirs>,
+    /// skiff's config and the engines actions reach.
+    pub tools: Arc<crate::actions::Tools>,
     pub kill_grace: Duration,
     pub secrets: Secrets,
     /// How often a running run checks the Store for a cancel request it was not told about.
@@ -74,6 +76,7 @@ impl Stopping {
             allow_docker_steps: config.allow_docker_steps,
             keep_workspace: false,
             spares: config.spares.clone(),
+            tools: config.tools.clone(),
             kill_grace: config.kill_grace,
             secrets: config.secrets.clone(),
             cancel: self.cancel.child_token(),

@@ -219,6 +219,7 @@ impl Setup {
             allow_docker_steps: false,
             keep_workspace: false,
             spares: Default::default(),
+            tools: Default::default(),
             kill_grace: Duration::from_secs(2),
             secrets: Secrets::default(),
             cancel: CancellationToken::new(),

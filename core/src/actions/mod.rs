@@ -12,6 +12,7 @@
 //! The list of actions is [`for_each_action!`]: the catalog here and the worker's dispatch are
 //! both made from it, so an action without an execution does not compile.
 
+pub mod docker;
 pub mod http;
 
 use std::fmt;
@@ -27,7 +28,11 @@ use serde_json::Value as Json;
 #[macro_export]
 macro_rules! for_each_action {
     ($m:ident) => {
-        $m! { $crate::actions::http::Wait }
+        $m! {
+            $crate::actions::http::Wait,
+            $crate::actions::docker::Build,
+            $crate::actions::docker::Push,
+        }
     };
 }
 
@@ -505,7 +510,7 @@ mod tests {
     #[test]
     fn declared_outputs_match_the_outputs_struct() {
         macro_rules! outputs_agree {
-            ($($a:ty),*) => {$(
+            ($($a:ty),* $(,)?) => {$(
                 let fields: Vec<String> = outputs_text(&<$a as ActionDef>::Outputs::default())
                     .expect("a struct")
                     .into_iter()

@@ -3,7 +3,10 @@
 //! The dispatch below is made from `skiff_core::for_each_action!`, so an action defined there
 //! without an `Execute` impl here does not compile.
 
+mod docker;
 mod http_wait;
+
+pub use docker::Tools;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -76,6 +79,10 @@ pub struct ActionContext<'a> {
     pub attempt: u32,
     /// Only the secrets the step's `with` names.
     pub secrets: Secrets,
+    /// The run's workspace (a build context is a folder of it).
+    pub workspace: &'a std::path::Path,
+    /// skiff's config and the engines the worker reaches.
+    pub tools: &'a Tools,
     /// The run's log; everything sent here is masked like the steps' output.
     pub log: &'a LogSender,
     /// The run's writes, under its claim (for the resources ledger).

@@ -29,6 +29,8 @@ impl Runner<'_> {
             step_id: &step.id,
             attempt: self.records[index].attempt,
             secrets: actions::named_secrets(with, &self.opts.secrets),
+            workspace: &self.dirs.workspace,
+            tools: &self.opts.tools,
             log: &self.log,
             rec: &self.rec,
             stop: CancellationToken::new(),

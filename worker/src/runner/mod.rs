@@ -53,6 +53,8 @@ pub struct RunOptions {
     pub keep_workspace: bool,
     /// Empty run folders kept for the next runs (shared by every run of the process).
     pub spares: Arc<SpareDirs>,
+    /// skiff's config and the engines actions reach.
+    pub tools: Arc<crate::actions::Tools>,
     /// Time between SIGTERM and SIGKILL when a step is stopped.
     pub kill_grace: Duration,
     pub secrets: Secrets,
@@ -263,7 +265,12 @@ async fn drive(
     let owner = user
         .as_ref()
         .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
-    dirs.finish(&opts.workspace_root, owner, opts.keep_workspace, &opts.spares);
+    dirs.finish(
+        &opts.workspace_root,
+        owner,
+        opts.keep_workspace,
+        &opts.spares,
+    );
     drop(user);
     drop(log);
     let _ = writer.await;

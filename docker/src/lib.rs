@@ -1,0 +1,10 @@
+//! skiff's Docker engine client, through bollard: build contexts made without following a link
+//! ([`context`]), builds and pushes ([`engine`]). It knows nothing of runs or pipelines: the
+//! worker's `docker/*` actions drive it. bollard stays in this crate, so the rest of skiff
+//! builds without it.
+
+pub mod context;
+pub mod engine;
+
+pub use context::{Context, ContextError, ContextSummary};
+pub use engine::{BuildSpec, Credentials, Engine, EngineError, Lines};

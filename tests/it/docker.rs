@@ -1,0 +1,352 @@
+//! `docker/build` and `docker/push` against the real Docker engine on this machine and a real
+//! Docker Distribution registry (Debian's `docker-registry`) with htpasswd auth, on a free
+//! loopback port. Images are built FROM scratch around Debian's static busybox (nothing can be
+//! pulled here).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{Value, json};
+
+use crate::harness::Server;
+
+fn need(program: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{program} is missing: install Debian's {package} (`apt-get install {package}`)"
+    );
+}
+
+fn docker(args: &[&str]) -> (bool, String) {
+    need("docker", "docker.io");
+    let out = Command::new("docker").args(args).output().expect("docker");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A registry of its own on a free loopback port, with one user.
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    pub fn start(user: &str, password: &str) -> Registry {
+        need("docker-registry", "docker-registry");
+        need("htpasswd", "apache2-utils");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .expect("htpasswd");
+        assert!(out.status.success(), "htpasswd failed");
+        std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("htpasswd file");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: skiff-test\n    path: {htpasswd}\n",
+            root = dir.path().join("data").display(),
+            htpasswd = dir.path().join("htpasswd").display(),
+        );
+        std::fs::write(dir.path().join("config.yml"), config).expect("config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let registry = Registry {
+            child,
+            addr,
+            _dir: dir,
+        };
+        crate::harness::eventually("the registry answers", || {
+            std::net::TcpStream::connect(&registry.addr).is_ok()
+        });
+        registry
+    }
+
+    /// GET on the registry's API, with basic auth when given.
+    pub fn get(&self, path: &str, auth: Option<(&str, &str)>) -> (u16, Value) {
+        let mut headers = Vec::new();
+        let basic;
+        if let Some((u, p)) = auth {
+            use base64::Engine as _;
+            basic = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            );
+            headers.push(("Authorization", basic.as_str()));
+        }
+        crate::harness::call(
+            "GET",
+            &format!("http://{}{path}", self.addr),
+            None,
+            &headers,
+        )
+    }
+}
+
+const USER: &str = "skiff";
+/// Its standard base64 holds `+` and `/`, which the engine does not read (it reads base64url).
+const PASSWORD: &str = "s3cret>?~>?~pw";
+
+/// The files of a tiny HTTP service image (busybox httpd), written by a step into `app/`.
+fn context_step(dockerfile: &str) -> String {
+    format!(
+        r#"  - name: Write the context
+    run: |
+      mkdir -p app/www
+      cp /bin/busybox app/busybox
+      echo "hello from skiff" > app/www/index.html
+      printf '%s\n' {lines} > app/Dockerfile
+      printf 'www/*.tmp\n' > app/.dockerignore
+      echo junk > app/www/x.tmp
+"#,
+        lines = dockerfile
+            .lines()
+            .map(|l| format!("'{l}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+const DOCKERFILE: &str = "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]";
+
+fn server_with_registry(pipelines: &[(&str, &str)], registry: &Registry, dir: &Path) -> Server {
+    let config = dir.join("skiff.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[registry]]\nname = \"home\"\nkind = \"registry\"\nurl = \"{}\"\nusername = \"{USER}\"\npassword = \"${{{{ secrets.REGISTRY_PASSWORD }}}}\"\n",
+            registry.addr
+        ),
+    )
+    .expect("skiff.toml");
+    Server::start_with(
+        pipelines,
+        &[
+            ("SKIFF_CONFIG", config.to_str().expect("path")),
+            ("SKIFF_SECRET_REGISTRY_PASSWORD", PASSWORD),
+        ],
+    )
+}
+
+/// An image name no other test (or test run) uses.
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("skiff-it-{name}-{}-{nanos}", std::process::id())
+}
+
+fn step_outputs(s: &Server, id: &str) -> Vec<Value> {
+    let (_, run) = s.api("GET", &format!("/api/runs/{id}"), None);
+    run["steps"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_pipeline_builds_an_image_and_pushes_it_to_a_private_registry() {
+    let registry = Registry::start(USER, PASSWORD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = unique("app");
+    let yaml = format!(
+        "steps:\n{ctx}  - id: build\n    uses: docker/build\n    with:\n      context: app\n      tags: [\"{tag}:v1\"]\n      labels: {{ team: home }}\n  - id: push\n    uses: docker/push\n    with:\n      image: ${{{{ steps.build.outputs.image }}}}\n      registry: home\n  - run: echo \"pushed $SKIFF_STEP_PUSH_IMAGE at $SKIFF_STEP_PUSH_DIGEST\"\n",
+        ctx = context_step(DOCKERFILE)
+    );
+    let s = server_with_registry(&[("ship", &yaml)], &registry, dir.path());
+    let (run, log) = s.run_and_wait("ship", json!({}));
+    let _cleanup = Cleanup(vec![
+        format!("{tag}:v1"),
+        format!("{}/{tag}:v1", registry.addr),
+    ]);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert!(
+        log.contains(" : FROM scratch"),
+        "the build's output is in the log: {log}"
+    );
+    assert!(!log.contains(PASSWORD), "{log}");
+    let id = run["id"].as_str().expect("id");
+    let steps = step_outputs(&s, id);
+    let build = &steps[1]["outputs"];
+    let image_id = build["image_id"].as_str().expect("image_id");
+    assert!(image_id.starts_with("sha256:"), "{build}");
+    assert_eq!(build["image"], format!("{tag}:v1"));
+    let push = &steps[2]["outputs"];
+    assert_eq!(push["image"], format!("{}/{tag}:v1", registry.addr));
+    let digest = push["digest"].as_str().expect("digest");
+    assert!(digest.starts_with("sha256:"), "{push}");
+    assert!(log.contains(&format!("at {digest}")), "{log}");
+    // The registry has it, under the user's name.
+    let (status, tags) = registry.get(&format!("/v2/{tag}/tags/list"), Some((USER, PASSWORD)));
+    assert_eq!(status, 200, "{tags}");
+    assert_eq!(tags["tags"], json!(["v1"]));
+    // Labelled at the source with its run; the ignored file stayed out of the context.
+    let (ok, labels) = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .Config.Labels}}",
+        image_id,
+    ]);
+    assert!(ok, "{labels}");
+    let labels: Value = serde_json::from_str(labels.trim()).expect("labels");
+    assert_eq!(labels["skiff.run"], id);
+    assert_eq!(labels["skiff.pipeline"], "ship");
+    assert_eq!(labels["team"], "home");
+    let (_, files) = docker(&["run", "--rm", image_id, "/bin/busybox", "ls", "/www"]);
+    assert_eq!(files.trim(), "index.html", "`.dockerignore` is honoured");
+}
+
+#[test]
+fn build_and_push_failures_fail_the_step_with_a_clear_reason() {
+    let registry = Registry::start(USER, "another-password");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = unique("bad");
+    let broken = format!(
+        "steps:\n{ctx}  - uses: docker/build\n    with: {{ context: app, tags: [\"{tag}:broken\"] }}\n",
+        ctx = context_step("FROM scratch\nCOPY no-such-file /x")
+    );
+    let wrong_password = format!(
+        "steps:\n{ctx}  - id: build\n    uses: docker/build\n    with: {{ context: app, tags: [\"{tag}:ok\"] }}\n  - uses: docker/push\n    with: {{ image: \"{tag}:ok\", registry: home }}\n",
+        ctx = context_step(DOCKERFILE)
+    );
+    let undeclared = format!(
+        "steps:\n  - uses: docker/push\n    with: {{ image: \"{tag}:ok\", registry: elsewhere }}\n"
+    );
+    let s = server_with_registry(
+        &[
+            ("broken", &broken),
+            ("wrong-password", &wrong_password),
+            ("undeclared", &undeclared),
+        ],
+        &registry,
+        dir.path(),
+    );
+    let _cleanup = Cleanup(vec![
+        format!("{tag}:ok"),
+        format!("{}/{tag}:ok", registry.addr),
+    ]);
+
+    let (run, log) = s.run_and_wait("broken", json!({}));
+    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    let reason = run["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the build failed") && reason.contains("no-such-file"),
+        "the engine's own message: {run}\n{log}"
+    );
+
+    let (run, log) = s.run_and_wait("wrong-password", json!({}));
+    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    let reason = run["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("to registry {}", registry.addr))
+            && reason.contains("username and password"),
+        "a wrong password names the registry: {run}\n{log}"
+    );
+    assert!(!log.contains(PASSWORD) && !reason.contains(PASSWORD));
+
+    let (run, log) = s.run_and_wait("undeclared", json!({}));
+    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("registry `elsewhere` is not declared in skiff's config (declared: home)"),
+        "{run}"
+    );
+}
+
+/// A step plants links to skiff's database in the build context, and names a link as the
+/// context itself: the first is sent as a link (the image holds no database), the second is
+/// refused.
+#[test]
+fn a_link_in_a_build_context_leaks_nothing() {
+    let registry = Registry::start(USER, PASSWORD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = unique("links");
+    let s = server_with_registry(&[], &registry, dir.path());
+    let db = s.data_dir().join("skiff.db");
+    let yaml = format!(
+        "steps:\n{ctx}  - run: |\n      ln -s {db} app/db\n      ln -s {data} data-link\n  - uses: docker/build\n    with: {{ context: app, tags: [\"{tag}:v1\"] }}\n  - uses: docker/build\n    continue_on_error: true\n    with: {{ context: data-link, tags: [\"{tag}:data\"] }}\n",
+        ctx = context_step("FROM scratch\nCOPY busybox /bin/busybox\nCOPY . /ctx/"),
+        db = db.display(),
+        data = s.data_dir().display(),
+    );
+    std::fs::write(s.pipelines_dir().join("links.yml"), yaml).expect("pipeline");
+    crate::harness::eventually("the pipeline is loaded", || {
+        s.api("GET", "/api/pipelines/links", None).0 == 200
+    });
+    let (run, log) = s.run_and_wait("links", json!({}));
+    let _cleanup = Cleanup(vec![format!("{tag}:v1"), format!("{tag}:data")]);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let (_, link) = docker(&[
+        "run",
+        "--rm",
+        &format!("{tag}:v1"),
+        "/bin/busybox",
+        "readlink",
+        "/ctx/db",
+    ]);
+    assert_eq!(link.trim(), db.display().to_string(), "a link stays a link");
+    let (read, content) = docker(&[
+        "run",
+        "--rm",
+        &format!("{tag}:v1"),
+        "/bin/busybox",
+        "cat",
+        "/ctx/db",
+    ]);
+    assert!(
+        !read && !content.contains("SQLite format"),
+        "the database leaked: {content}"
+    );
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[3]["status"], "failed", "{steps:?}");
+    assert!(
+        steps[3]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("data-link is not a folder (a link is not followed)"),
+        "a link as the context is refused: {steps:?}"
+    );
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}:data")]);
+    assert!(!exists, "nothing was built from the data folder");
+}
+
+/// Removes the images a test made, however it ends.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for image in &self.0 {
+            let _ = Command::new("docker")
+                .args(["rmi", "-f", image])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
