@@ -105,6 +105,13 @@ impl Engine {
         &self.docker
     }
 
+    pub(crate) fn unreachable(&self, e: bollard::errors::Error) -> EngineError {
+        EngineError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            message: e.to_string(),
+        }
+    }
+
     /// Builds an image from a context with the classic builder; every line of the build goes to
     /// `lines`; the stream is read to its end (a failure arrives inside it). Returns the image
     /// ID. The first tag is given by the build, the others after it.
@@ -252,6 +259,65 @@ impl Engine {
                 "pushing {reference} to registry {registry} ended without a digest"
             ))
         })
+    }
+
+    /// Whether the engine has `image` (a reference or an ID).
+    pub async fn has_image(&self, image: &str) -> bool {
+        self.docker.inspect_image(image).await.is_ok()
+    }
+
+    /// Pulls `reference` (with `credentials` for its registry); the stream is read to its end,
+    /// and a spurious end is checked against the engine before it counts as a failure.
+    pub async fn pull<L: Lines>(
+        &self,
+        reference: &str,
+        credentials: Option<Credentials>,
+        lines: &L,
+    ) -> Result<(), EngineError> {
+        let (repo, tag) = split_reference(reference);
+        let registry = repo.split('/').next().unwrap_or_default().to_string();
+        let creds = credentials.map(|c| DockerCredentials {
+            username: Some(c.username),
+            password: Some(c.password),
+            serveraddress: Some(registry),
+            ..Default::default()
+        });
+        let mut stream = self.docker.create_image(
+            Some(
+                bollard::query_parameters::CreateImageOptionsBuilder::new()
+                    .from_image(repo)
+                    .tag(tag)
+                    .build(),
+            ),
+            None,
+            creds,
+        );
+        let mut failure = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(status) = info.status
+                        && info.progress_detail.is_none()
+                    {
+                        lines.line(status).await;
+                    }
+                }
+                Err(bollard::errors::Error::DockerStreamError { error }) => {
+                    failure.get_or_insert(error);
+                }
+                Err(e) => {
+                    failure.get_or_insert(e.to_string());
+                }
+            }
+        }
+        match failure {
+            Some(_) if self.has_image(reference).await => Ok(()),
+            Some(error) => Err(EngineError::Failed(format!(
+                "pulling {reference} failed: {}",
+                explain_push_error(&error)
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Removes an image (by ID or reference), with its untagged parents.

@@ -5,6 +5,7 @@
 
 pub mod context;
 pub mod engine;
+pub mod service;
 
 pub use context::{Context, ContextError, ContextSummary};
 pub use engine::{BuildSpec, Credentials, Engine, EngineError, Lines};

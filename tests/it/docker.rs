@@ -350,3 +350,128 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// Removes a service's containers, however the test ends.
+struct RemoveService(String);
+
+impl Drop for RemoveService {
+    fn drop(&mut self) {
+        let (_, ids) = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=skiff.service={}", self.0),
+        ]);
+        for id in ids.split_whitespace() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+    }
+}
+
+fn get_text(url: &str) -> Option<String> {
+    let (status, _, body) = crate::harness::raw("GET", url, None, &[]);
+    (status == 200).then_some(body)
+}
+
+/// Deploy, redeploy on the same fixed host port, and a version that never gets healthy: the
+/// step fails and the version before it serves again.
+#[test]
+fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy() {
+    let registry = Registry::start(USER, PASSWORD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = unique("web");
+    let service = format!("web{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dockerfile = "FROM scratch\nARG PORT=8080\nENV PORT=$PORT\nCOPY busybox /bin/busybox\nCOPY www /www\nCMD [\"/bin/busybox\", \"sh\", \"-c\", \"exec /bin/busybox httpd -f -p $PORT -h /www\"]";
+    let yaml = format!(
+        r#"params:
+  version: {{ required: true }}
+  listen: {{ default: "8080" }}
+steps:
+{ctx}  - run: echo "version $SKIFF_PARAM_VERSION" > app/www/index.html
+  - id: build
+    uses: docker/build
+    with:
+      context: app
+      tags: ["{tag}:${{{{ params.version }}}}"]
+      build_args: {{ PORT: "${{{{ params.listen }}}}" }}
+  - id: deploy
+    uses: docker/deploy
+    with:
+      name: {service}
+      image: "{tag}:${{{{ params.version }}}}"
+      ports: ["{port}:8080"]
+      memory: 64m
+      health: {{ port: 8080, path: /index.html, timeout: 3s }}
+"#,
+        ctx = context_step(dockerfile)
+    );
+    let s = server_with_registry(&[("web", &yaml)], &registry, dir.path());
+    let _images = Cleanup(vec![
+        format!("{tag}:1"),
+        format!("{tag}:2"),
+        format!("{tag}:3"),
+    ]);
+    let url = format!("http://127.0.0.1:{port}/index.html");
+
+    let (run, log) = s.run_and_wait("web", json!({ "version": "1" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert_eq!(get_text(&url).as_deref(), Some("version 1\n"));
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    let out = &steps[3]["outputs"];
+    assert_eq!(
+        out["addresses"],
+        format!("http://127.0.0.1:{port}"),
+        "{out}"
+    );
+    assert_eq!(out["container"], format!("{service}-1-1"));
+
+    let (run, log) = s.run_and_wait("web", json!({ "version": "2" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert_eq!(get_text(&url).as_deref(), Some("version 2\n"));
+    let (_, names) = docker(&[
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        &format!("label=skiff.service={service}"),
+    ]);
+    assert_eq!(
+        names.trim(),
+        format!("{service}-2-1"),
+        "the old version is gone"
+    );
+
+    // Version 3 listens on another port: it never answers on 8080.
+    let (run, log) = s.run_and_wait("web", json!({ "version": "3", "listen": "9999" }));
+    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    let reason = run["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("not healthy within 3s")
+            && reason.contains(&format!("rolled back: {service}-2-1 serves again")),
+        "{run}\n{log}"
+    );
+    assert_eq!(
+        get_text(&url).as_deref(),
+        Some("version 2\n"),
+        "the previous version serves"
+    );
+    let (_, names) = docker(&[
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        &format!("label=skiff.service={service}"),
+    ]);
+    assert_eq!(
+        names.trim(),
+        format!("{service}-2-1"),
+        "the unhealthy one is removed"
+    );
+}

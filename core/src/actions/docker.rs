@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{ActionDef, Val};
+use super::{ActionDef, DurationText, HttpStatus, Val};
 
 /// An image reference: `[host[:port]/]name[/name...][:tag]`, lowercase names, a tag of up to 128
 /// characters of `A-Za-z0-9_.-` (a digest is not a tag: what is built or pushed has a name).
@@ -153,6 +153,191 @@ impl ActionDef for Push {
     type With = PushWith;
     type Outputs = PushOutputs;
     const OUTPUTS: &'static [&'static str] = &["image", "digest"];
+}
+
+/// A service's name: what it is known by on its engine (label `skiff.service`) and the start
+/// of its containers' names: 1 to 40 of `a-z 0-9 -`, starting with a letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceName(pub String);
+
+impl<'de> Deserialize<'de> for ServiceName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let ok = (1..=40).contains(&text.len())
+            && text.starts_with(|c: char| c.is_ascii_lowercase())
+            && !text.ends_with('-')
+            && text
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            return Err(D::Error::custom(format!(
+                "`{text}` is not a service name: 1 to 40 of a-z 0-9 -, starting with a letter"
+            )));
+        }
+        Ok(ServiceName(text))
+    }
+}
+
+/// A published port: `8080` (the engine picks a free host port) or `HOST:CONTAINER`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortText {
+    pub container: u16,
+    pub host: Option<u16>,
+}
+
+impl<'de> Deserialize<'de> for PortText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let text = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return Err(D::Error::custom("a port is `8080` or `HOST:CONTAINER`")),
+        };
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    D::Error::custom(format!(
+                        "`{text}` is not a port: `8080` or `HOST:CONTAINER`"
+                    ))
+                })
+        };
+        Ok(match text.split_once(':') {
+            Some((h, c)) => PortText {
+                container: num(c)?,
+                host: Some(num(h)?),
+            },
+            None => PortText {
+                container: num(&text)?,
+                host: None,
+            },
+        })
+    }
+}
+
+/// A memory size: `256m`, `1g`, `512k` or bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryText(pub i64);
+
+impl<'de> Deserialize<'de> for MemoryText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let text = match &v {
+            serde_json::Value::String(s) => s.trim().to_ascii_lowercase(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return Err(D::Error::custom("a memory size is like `256m` or `1g`")),
+        };
+        let (num, unit) = text.split_at(
+            text.find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(text.len()),
+        );
+        let factor: i64 = match unit.trim_end_matches('b') {
+            "" => 1,
+            "k" => 1 << 10,
+            "m" => 1 << 20,
+            "g" => 1 << 30,
+            _ => {
+                return Err(D::Error::custom(format!(
+                    "`{text}`: a memory size is like `256m` or `1g`"
+                )));
+            }
+        };
+        let bytes = num
+            .parse::<i64>()
+            .ok()
+            .and_then(|n| n.checked_mul(factor))
+            .filter(|b| *b >= 6 << 20)
+            .ok_or_else(|| {
+                D::Error::custom(format!("`{text}`: at least 6m (the engine's minimum)"))
+            })?;
+        Ok(MemoryText(bytes))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    No,
+    Always,
+    UnlessStopped,
+    OnFailure,
+}
+
+impl Restart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Restart::No => "no",
+            Restart::Always => "always",
+            Restart::UnlessStopped => "unless-stopped",
+            Restart::OnFailure => "on-failure",
+        }
+    }
+}
+
+/// How a deploy knows the new container is ready.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthWith {
+    /// The container port to probe with GET (must be in `ports`); without it, the image's own
+    /// HEALTHCHECK decides.
+    pub port: Option<Val<u16>>,
+    /// The path to GET (default `/`).
+    pub path: Option<Val<String>>,
+    /// The status that means ready (default 200).
+    pub status: Option<Val<HttpStatus>>,
+    /// How long to wait (default 30s).
+    pub timeout: Option<Val<DurationText>>,
+}
+
+pub struct Deploy;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployWith {
+    /// The service: one name, whatever version runs.
+    pub name: Val<ServiceName>,
+    /// The image to run (pulled when the engine does not have it).
+    pub image: Val<String>,
+    #[serde(default)]
+    pub ports: Vec<Val<PortText>>,
+    /// Environment variables (`${{ secrets.X }}` allowed: readable by anyone with the Docker
+    /// socket through `docker inspect`).
+    #[serde(default)]
+    pub env: BTreeMap<String, Val<String>>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, Val<String>>,
+    /// Default `unless-stopped`.
+    pub restart: Option<Val<Restart>>,
+    pub memory: Option<Val<MemoryText>>,
+    pub cpus: Option<Val<f64>>,
+    /// An init process as PID 1 (signals reach the service; default true).
+    pub init: Option<Val<bool>>,
+    pub stop_signal: Option<Val<String>>,
+    pub stop_timeout: Option<Val<DurationText>>,
+    pub health: Option<HealthWith>,
+}
+
+impl DeployWith {
+    pub const DEFAULT_HEALTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct DeployOutputs {
+    pub container_id: String,
+    /// `<name>-<run number>-<attempt>`.
+    pub container: String,
+    /// `http://127.0.0.1:PORT` for each published port, space-separated.
+    pub addresses: String,
+}
+
+impl ActionDef for Deploy {
+    const NAME: &'static str = "docker/deploy";
+    const DOC: &'static str = "Run a service as a container, healthy before the old one goes (rolled back if it never is).";
+    type With = DeployWith;
+    type Outputs = DeployOutputs;
+    const OUTPUTS: &'static [&'static str] = &["container_id", "container", "addresses"];
 }
 
 #[cfg(test)]

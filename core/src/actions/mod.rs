@@ -32,6 +32,7 @@ macro_rules! for_each_action {
             $crate::actions::http::Wait,
             $crate::actions::docker::Build,
             $crate::actions::docker::Push,
+            $crate::actions::docker::Deploy,
         }
     };
 }

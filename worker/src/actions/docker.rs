@@ -6,9 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use async_trait::async_trait;
 use skiff_core::actions::Val;
-use skiff_core::actions::docker::{Build, BuildOutputs, BuildWith, Push, PushOutputs, PushWith};
+use skiff_core::actions::docker::{
+    Build, BuildOutputs, BuildWith, Deploy, DeployOutputs, DeployWith, Push, PushOutputs, PushWith,
+};
 use skiff_core::config::{Config, RegistryKind};
 use skiff_core::ledger::{NewResource, ResourceState, ResourceUpdate};
+use skiff_docker::service::{ContainerSpec, Health, Port};
 use skiff_docker::{BuildSpec, Credentials, Engine, EngineError, Lines};
 
 use super::{ActionContext, ActionError, Execute};
@@ -245,5 +248,244 @@ fn human_bytes(n: u64) -> String {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / (1 << 10) as f64),
         n => format!("{n} B"),
+    }
+}
+
+impl Tools {
+    /// The credentials of the declared registry an image reference names, if any.
+    fn credentials_for(&self, image: &str) -> Option<Credentials> {
+        let host = image.split_once('/')?.0;
+        let registry = self.config.registries.iter().find(|r| r.url == host)?;
+        self.credentials.get(&registry.name).cloned()
+    }
+}
+
+/// The ledger records of a service's containers that are live, by container ID.
+async fn live_records(
+    cx: &ActionContext<'_>,
+    service: &str,
+) -> Result<HashMap<String, String>, ActionError> {
+    let found = cx
+        .rec
+        .store()
+        .resources(&skiff_core::ledger::ResourceQuery {
+            service: Some(service.to_string()),
+            states: vec![ResourceState::Live],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+    Ok(found
+        .into_iter()
+        .filter(|r| r.kind == "container")
+        .filter_map(|r| Some((r.external_id?, r.id)))
+        .collect())
+}
+
+async fn mark(cx: &ActionContext<'_>, record: &str, state: ResourceState, external: Option<&str>) {
+    let update = ResourceUpdate {
+        state: Some(state),
+        external_id: external.map(str::to_string),
+        expires_at: None,
+    };
+    if let Err(e) = cx.update_resource(record, &update).await {
+        cx.note(&format!("the resources ledger: {e}")).await;
+    }
+}
+
+#[async_trait]
+impl Execute for Deploy {
+    async fn execute(
+        with: DeployWith,
+        cx: &ActionContext<'_>,
+    ) -> Result<DeployOutputs, ActionError> {
+        let input = |e: String| ActionError::Inputs(e);
+        let service = with.name.get().map_err(input)?.0.clone();
+        let image = with.image.get().map_err(input)?.clone();
+        let ports: Vec<Port> = with
+            .ports
+            .iter()
+            .map(|p| {
+                p.get().map(|p| Port {
+                    container: p.container,
+                    host: p.host,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(input)?;
+        let env: Vec<(String, String)> = strings(&with.env)?.into_iter().collect();
+        let mut labels = strings(&with.labels)?;
+        labels.insert("skiff.run".into(), cx.run.to_string());
+        labels.insert("skiff.pipeline".into(), cx.pipeline.to_string());
+        let health_timeout = match &with.health {
+            Some(h) => Val::opt(&h.timeout).map_err(input)?.map(|d| d.0),
+            None => None,
+        }
+        .unwrap_or(DeployWith::DEFAULT_HEALTH_TIMEOUT);
+        let health = match &with.health {
+            Some(h) => match Val::opt(&h.port).map_err(input)? {
+                Some(port) => Health::Http {
+                    port,
+                    path: Val::opt(&h.path)
+                        .map_err(input)?
+                        .unwrap_or_else(|| "/".into()),
+                    status: Val::opt(&h.status).map_err(input)?.map_or(200, |s| s.0),
+                },
+                None => Health::Image,
+            },
+            None => Health::Running,
+        };
+        let name = format!("{service}-{}-{}", cx.run_number, cx.attempt);
+        let spec = ContainerSpec {
+            service: service.clone(),
+            name: name.clone(),
+            image: image.clone(),
+            ports: ports.clone(),
+            env,
+            labels,
+            restart: Some(
+                Val::opt(&with.restart)
+                    .map_err(input)?
+                    .map_or("unless-stopped", |r| r.as_str())
+                    .to_string(),
+            ),
+            memory_bytes: Val::opt(&with.memory).map_err(input)?.map(|m| m.0),
+            nano_cpus: Val::opt(&with.cpus)
+                .map_err(input)?
+                .map(|c| (c * 1e9) as i64),
+            init: Val::opt(&with.init).map_err(input)?.unwrap_or(true),
+            stop_signal: Val::opt(&with.stop_signal).map_err(input)?,
+            stop_timeout: Val::opt(&with.stop_timeout)
+                .map_err(input)?
+                .map(|d| d.0.as_secs() as i64),
+        };
+        let engine = cx.tools.engine().await?;
+        let lines = StepLines { cx };
+        if !engine.has_image(&image).await {
+            cx.note(&format!("pulling {image}")).await;
+            engine
+                .pull(&image, cx.tools.credentials_for(&image), &lines)
+                .await
+                .map_err(engine_error)?;
+        }
+        // A container left by an earlier try of this very attempt goes first.
+        engine.remove_container(&name).await.map_err(engine_error)?;
+        let old: Vec<_> = engine
+            .service_containers(&service)
+            .await
+            .map_err(engine_error)?
+            .into_iter()
+            .filter(|c| c.running && c.name != name)
+            .collect();
+        let records = live_records(cx, &service).await?;
+        let record = format!("{}/{}/container/{}", cx.run, cx.step_id, cx.attempt);
+        cx.record_resource(NewResource {
+            id: record.clone(),
+            kind: "container".into(),
+            name: name.clone(),
+            engine: Some(engine.id.clone()),
+            service: Some(service.clone()),
+            run: None,
+            step: None,
+            expires_at: None,
+            hourly_price: None,
+        })
+        .await?;
+        // Old and new side by side when no host port is fixed; otherwise the old one stops
+        // first and comes back if the new one never gets healthy.
+        let fixed = ports.iter().any(|p| p.host.is_some());
+        if fixed {
+            for c in &old {
+                cx.note(&format!(
+                    "stopping {} (it holds the same host port)",
+                    c.name
+                ))
+                .await;
+                engine.stop_container(&c.id).await.map_err(engine_error)?;
+            }
+        }
+        let started = std::time::Instant::now();
+        let outcome = match engine.run_container(&spec).await {
+            Ok(new) => {
+                cx.note(&format!("started {name}; waiting until it is healthy"))
+                    .await;
+                let id = new.id.clone();
+                let healthy = tokio::select! {
+                    r = engine.wait_healthy(&id, &health, health_timeout) => r,
+                    () = cx.stop.cancelled() => Err(EngineError::Failed("stopped while waiting for health".into())),
+                };
+                match healthy {
+                    // Its addresses as published now (a port the engine picked is known).
+                    Ok(()) => engine.container(&id).await.map_err(|e| (Some(id), e)),
+                    Err(e) => Err((Some(id), e)),
+                }
+            }
+            Err(e) => Err((None, e)),
+        };
+        match outcome {
+            Ok(new) => {
+                mark(cx, &record, ResourceState::Live, Some(&new.id)).await;
+                cx.note(&format!(
+                    "{name} is healthy after {} ms",
+                    started.elapsed().as_millis()
+                ))
+                .await;
+                for c in &old {
+                    engine.remove_container(&c.id).await.map_err(engine_error)?;
+                    if let Some(r) = records.get(&c.id) {
+                        mark(cx, r, ResourceState::Removed, None).await;
+                    }
+                    cx.note(&format!("removed the previous version, {}", c.name))
+                        .await;
+                }
+                let addresses = new
+                    .ports
+                    .iter()
+                    .map(|(_, host)| format!("http://127.0.0.1:{host}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                Ok(DeployOutputs {
+                    container_id: new.id,
+                    container: name,
+                    addresses,
+                })
+            }
+            Err((new_id, e)) => {
+                if let Some(id) = &new_id {
+                    let _ = engine.remove_container(id).await;
+                }
+                mark(cx, &record, ResourceState::Removed, new_id.as_deref()).await;
+                let mut back = Vec::new();
+                if fixed {
+                    for c in &old {
+                        match engine.start_container(&c.id).await {
+                            Ok(()) => back.push(c.name.clone()),
+                            Err(e) => cx.note(&format!("bringing {} back: {e}", c.name)).await,
+                        }
+                    }
+                }
+                let rolled = if back.is_empty() {
+                    if old.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; the previous version ({}) still serves",
+                            old.iter()
+                                .map(|c| c.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                } else {
+                    format!("; rolled back: {} serves again", back.join(", "))
+                };
+                if cx.stop.is_cancelled() {
+                    return Err(ActionError::Stopped(format!(
+                        "the deploy of {name} was stopped{rolled}"
+                    )));
+                }
+                Err(ActionError::refused(format!("{name}: {e}{rolled}")))
+            }
+        }
     }
 }

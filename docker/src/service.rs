@@ -1,0 +1,434 @@
+//! Services as containers: a service is its name (label `skiff.service`) on an engine; each
+//! deploy makes a container `<name>-<run number>-<attempt>`, so an old and a new one can run side
+//! by side. Creating, starting, stopping, removing, listing a service's containers, and waiting
+//! until one is healthy.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use tokio::time::Instant;
+
+use crate::engine::{Engine, EngineError};
+
+pub const SERVICE_LABEL: &str = "skiff.service";
+
+/// One published port: the container's, and the host's (none: the engine picks a free one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    pub container: u16,
+    pub host: Option<u16>,
+}
+
+impl Port {
+    /// `8080` (the engine picks the host port) or `80:8080` (host:container).
+    pub fn parse(text: &str) -> Result<Port, String> {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("`{text}` is not a port (`8080` or `HOST:CONTAINER`)"))
+        };
+        match text.split_once(':') {
+            Some((host, container)) => Ok(Port {
+                container: num(container)?,
+                host: Some(num(host)?),
+            }),
+            None => Ok(Port {
+                container: num(text)?,
+                host: None,
+            }),
+        }
+    }
+}
+
+/// What a service's container is made from.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    pub service: String,
+    /// `<service>-<run number>-<attempt>`.
+    pub name: String,
+    pub image: String,
+    pub ports: Vec<Port>,
+    pub env: Vec<(String, String)>,
+    pub labels: HashMap<String, String>,
+    /// `no`, `always`, `unless-stopped`, `on-failure`.
+    pub restart: Option<String>,
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub init: bool,
+    pub stop_signal: Option<String>,
+    pub stop_timeout: Option<i64>,
+}
+
+/// A container of a service, as the engine lists it.
+#[derive(Debug, Clone)]
+pub struct ServiceContainer {
+    pub id: String,
+    pub name: String,
+    pub running: bool,
+    /// Published ports: (container, host).
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// How to tell a started container is ready.
+#[derive(Debug, Clone)]
+pub enum Health {
+    /// GET `path` on the host port published for `port` until it answers `status`.
+    Http {
+        port: u16,
+        path: String,
+        status: u16,
+    },
+    /// The image's own HEALTHCHECK says healthy.
+    Image,
+    /// Still running a moment after it started.
+    Running,
+}
+
+impl Engine {
+    /// Every container of `service` on this engine, running or not, newest first.
+    pub async fn service_containers(
+        &self,
+        service: &str,
+    ) -> Result<Vec<ServiceContainer>, EngineError> {
+        let mut filters = HashMap::new();
+        filters.insert("label", vec![format!("{SERVICE_LABEL}={service}")]);
+        let list = self
+            .client()
+            .list_containers(Some(
+                ListContainersOptionsBuilder::new()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(list
+            .into_iter()
+            .map(|c| ServiceContainer {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string(),
+                running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                ports: c
+                    .ports
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|p| Some((p.private_port, p.public_port?)))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// Creates and starts a container; its published ports once started.
+    pub async fn run_container(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<ServiceContainer, EngineError> {
+        let mut bindings = HashMap::new();
+        let mut exposed = Vec::new();
+        for p in &spec.ports {
+            let key = format!("{}/tcp", p.container);
+            exposed.push(key.clone());
+            bindings.insert(
+                key,
+                Some(vec![PortBinding {
+                    // Services answer on loopback only unless a proxy in front says otherwise.
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: Some(p.host.map(|h| h.to_string()).unwrap_or_default()),
+                }]),
+            );
+        }
+        let mut labels = spec.labels.clone();
+        labels.insert(SERVICE_LABEL.into(), spec.service.clone());
+        let restart = match spec.restart.as_deref() {
+            None | Some("no") => RestartPolicyNameEnum::NO,
+            Some("always") => RestartPolicyNameEnum::ALWAYS,
+            Some("unless-stopped") => RestartPolicyNameEnum::UNLESS_STOPPED,
+            Some("on-failure") => RestartPolicyNameEnum::ON_FAILURE,
+            Some(other) => {
+                return Err(EngineError::Failed(format!(
+                    "restart `{other}`: one of no, always, unless-stopped, on-failure"
+                )));
+            }
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            exposed_ports: Some(exposed),
+            stop_signal: spec.stop_signal.clone(),
+            stop_timeout: spec.stop_timeout,
+            host_config: Some(HostConfig {
+                port_bindings: Some(bindings),
+                init: Some(spec.init),
+                memory: spec.memory_bytes,
+                nano_cpus: spec.nano_cpus,
+                restart_policy: Some(RestartPolicy {
+                    name: Some(restart),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = self
+            .client()
+            .create_container(
+                Some(
+                    CreateContainerOptionsBuilder::new()
+                        .name(&spec.name)
+                        .build(),
+                ),
+                body,
+            )
+            .await
+            .map_err(|e| EngineError::Failed(format!("creating container {}: {e}", spec.name)))?;
+        if let Err(e) = self.client().start_container(&created.id, None).await {
+            let _ = self.remove_container(&created.id).await;
+            return Err(EngineError::Failed(format!(
+                "starting container {}: {e}",
+                spec.name
+            )));
+        }
+        self.container(&created.id).await
+    }
+
+    /// One container's state and published ports.
+    pub async fn container(&self, id: &str) -> Result<ServiceContainer, EngineError> {
+        let c = self
+            .client()
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| EngineError::Failed(format!("inspecting container {id}: {e}")))?;
+        let mut ports = Vec::new();
+        for (key, binds) in c.network_settings.and_then(|n| n.ports).unwrap_or_default() {
+            let Some(container) = key.split('/').next().and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            for b in binds.unwrap_or_default() {
+                if let Some(host) = b.host_port.and_then(|h| h.parse().ok()) {
+                    ports.push((container, host));
+                }
+            }
+        }
+        ports.sort();
+        ports.dedup();
+        Ok(ServiceContainer {
+            id: c.id.unwrap_or_default(),
+            name: c
+                .name
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            running: c.state.as_ref().and_then(|s| s.running).unwrap_or(false),
+            ports,
+        })
+    }
+
+    /// Stops a container (SIGTERM, then SIGKILL after its stop timeout).
+    pub async fn stop_container(&self, id: &str) -> Result<(), EngineError> {
+        match self
+            .client()
+            .stop_container(id, Some(StopContainerOptionsBuilder::new().build()))
+            .await
+        {
+            Ok(()) => Ok(()),
+            // Already stopped.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(EngineError::Failed(format!("stopping container {id}: {e}"))),
+        }
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), EngineError> {
+        self.client()
+            .start_container(id, None)
+            .await
+            .map_err(|e| EngineError::Failed(format!("starting container {id}: {e}")))
+    }
+
+    /// Removes a container (stopping it first), with its anonymous volumes.
+    pub async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
+        match self
+            .client()
+            .remove_container(
+                id,
+                Some(
+                    RemoveContainerOptionsBuilder::new()
+                        .force(true)
+                        .v(true)
+                        .build(),
+                ),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(EngineError::Failed(format!("removing container {id}: {e}"))),
+        }
+    }
+
+    /// Waits until the container is ready by `health`, or `timeout` passes (an error saying
+    /// what was seen last). A container that stops is not waited for.
+    pub async fn wait_healthy(
+        &self,
+        id: &str,
+        health: &Health,
+        timeout: Duration,
+    ) -> Result<(), EngineError> {
+        let until = Instant::now() + timeout;
+        let mut last: String;
+        loop {
+            let c = self
+                .client()
+                .inspect_container(id, None)
+                .await
+                .map_err(|e| EngineError::Failed(format!("inspecting container {id}: {e}")))?;
+            let state = c.state.unwrap_or_default();
+            if state.running != Some(true) {
+                return Err(EngineError::Failed(format!(
+                    "the container stopped (exit code {})",
+                    state.exit_code.unwrap_or(-1)
+                )));
+            }
+            match health {
+                Health::Running => {
+                    let up = state
+                        .started_at
+                        .as_deref()
+                        .and_then(elapsed_since)
+                        .unwrap_or_default();
+                    if up >= Duration::from_millis(300) {
+                        return Ok(());
+                    }
+                    last = "running for less than 300ms".into();
+                }
+                Health::Image => match state.health.and_then(|h| h.status) {
+                    Some(bollard::models::HealthStatusEnum::HEALTHY) => return Ok(()),
+                    Some(s) => last = format!("its HEALTHCHECK says {s}"),
+                    None => {
+                        return Err(EngineError::Failed(
+                            "the image has no HEALTHCHECK: give `health` a port and path".into(),
+                        ));
+                    }
+                },
+                Health::Http { port, path, status } => {
+                    let published = self.container(id).await?.ports;
+                    match published.iter().find(|(c, _)| c == port) {
+                        None => {
+                            return Err(EngineError::Failed(format!(
+                                "port {port} is not published (add it to `ports`)"
+                            )));
+                        }
+                        Some((_, host)) => match probe(*host, path).await {
+                            Ok(got) if got == *status => return Ok(()),
+                            Ok(got) => last = format!("GET {path} answered {got}"),
+                            Err(e) => last = format!("GET {path}: {e}"),
+                        },
+                    }
+                }
+            }
+            if Instant::now() >= until {
+                return Err(EngineError::Failed(format!(
+                    "not healthy within {}s ({last})",
+                    timeout.as_secs_f64()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How long ago an RFC 3339 time of the engine's was (the engine's clock is this machine's).
+fn elapsed_since(text: &str) -> Option<Duration> {
+    let at = chrono::DateTime::parse_from_rfc3339(text).ok()?;
+    (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
+        .to_std()
+        .ok()
+}
+
+/// One GET to 127.0.0.1:`port``path`: the status.
+async fn probe(port: u16, path: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .map_err(|_| "no connection within 2s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: skiff\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    let mut n = 0;
+    while n < head.len() {
+        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut head[n..]))
+            .await
+            .map_err(|_| "no answer within 2s".to_string())?
+            .map_err(|e| e.to_string())?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+    }
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| "the answer is not HTTP".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        assert_eq!(
+            Port::parse("8080"),
+            Ok(Port {
+                container: 8080,
+                host: None
+            })
+        );
+        assert_eq!(
+            Port::parse("80:8080"),
+            Ok(Port {
+                container: 8080,
+                host: Some(80)
+            })
+        );
+        assert!(Port::parse("0").is_err());
+        assert!(Port::parse("x:1").is_err());
+        assert!(Port::parse("70000").is_err());
+    }
+
+    #[test]
+    fn engine_times() {
+        let past = elapsed_since("2020-01-01T00:00:00.5Z").expect("past");
+        assert!(past > Duration::from_secs(3600 * 24 * 365));
+        assert!(elapsed_since("not a time").is_none());
+    }
+}
