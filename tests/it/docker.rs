@@ -49,24 +49,35 @@ impl Drop for Registry {
 
 impl Registry {
     pub fn start(user: &str, password: &str) -> Registry {
+        Registry::start_with(Some((user, password)))
+    }
+
+    /// A registry with one user, or open to all (as the README's local one).
+    pub fn start_with(user: Option<(&str, &str)>) -> Registry {
         need("docker-registry", "docker-registry");
-        need("htpasswd", "apache2-utils");
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", user, password])
-            .output()
-            .expect("htpasswd");
-        assert!(out.status.success(), "htpasswd failed");
-        std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("htpasswd file");
+        let mut auth = String::new();
+        if let Some((user, password)) = user {
+            need("htpasswd", "apache2-utils");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .expect("htpasswd");
+            assert!(out.status.success(), "htpasswd failed");
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout).expect("htpasswd file");
+            auth = format!(
+                "auth:\n  htpasswd:\n    realm: skiff-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            );
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let addr = format!("127.0.0.1:{port}");
         let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: skiff-test\n    path: {htpasswd}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\n{auth}",
             root = dir.path().join("data").display(),
-            htpasswd = dir.path().join("htpasswd").display(),
         );
         std::fs::write(dir.path().join("config.yml"), config).expect("config");
         let child = Command::new("docker-registry")
@@ -474,4 +485,48 @@ steps:
         format!("{service}-2-1"),
         "the unhealthy one is removed"
     );
+}
+
+/// The example pipeline, as the README has a new user run it: a local registry, skiff.toml
+/// declaring it as `local`, Run.
+#[test]
+fn the_build_push_deploy_example_works_as_the_readme_says() {
+    need("busybox", "busybox-static");
+    let registry = Registry::start_with(None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("skiff.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[registry]]\nname = \"local\"\nkind = \"registry\"\nurl = \"{}\"\n",
+            registry.addr
+        ),
+    )
+    .expect("skiff.toml");
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/build-push-deploy.yml"),
+    )
+    .expect("the example");
+    let s = Server::start_with(
+        &[("build-push-deploy", &example)],
+        &[("SKIFF_CONFIG", config.to_str().expect("path"))],
+    );
+    let _service = RemoveService("hello-web".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let started = std::time::Instant::now();
+    let (run, log) = s.run_and_wait("build-push-deploy", json!({ "port": port.to_string() }));
+    let took = started.elapsed();
+    let _images = Cleanup(vec![
+        "hello-web:1".into(),
+        format!("{}/hello-web:1", registry.addr),
+    ]);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert_eq!(
+        get_text(&format!("http://127.0.0.1:{port}/index.html")).as_deref(),
+        Some("hello from skiff, run 1\n")
+    );
+    eprintln!("the build-push-deploy example took {} ms", took.as_millis());
 }
