@@ -27,29 +27,6 @@ pub struct Port {
     pub host: Option<u16>,
 }
 
-impl Port {
-    /// `8080` (the engine picks the host port) or `80:8080` (host:container).
-    pub fn parse(text: &str) -> Result<Port, String> {
-        let num = |t: &str| {
-            t.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("`{text}` is not a port (`8080` or `HOST:CONTAINER`)"))
-        };
-        match text.split_once(':') {
-            Some((host, container)) => Ok(Port {
-                container: num(container)?,
-                host: Some(num(host)?),
-            }),
-            None => Ok(Port {
-                container: num(text)?,
-                host: None,
-            }),
-        }
-    }
-}
-
 /// What a service's container is made from.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerSpec {
@@ -403,27 +380,6 @@ async fn probe(port: u16, path: &str) -> Result<u16, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ports() {
-        assert_eq!(
-            Port::parse("8080"),
-            Ok(Port {
-                container: 8080,
-                host: None
-            })
-        );
-        assert_eq!(
-            Port::parse("80:8080"),
-            Ok(Port {
-                container: 8080,
-                host: Some(80)
-            })
-        );
-        assert!(Port::parse("0").is_err());
-        assert!(Port::parse("x:1").is_err());
-        assert!(Port::parse("70000").is_err());
-    }
 
     #[test]
     fn engine_times() {

@@ -33,6 +33,13 @@ fn docker(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// A registry of its own on a free loopback port, with one user.
 pub struct Registry {
     child: Child,
@@ -70,10 +77,7 @@ impl Registry {
                 dir.path().join("htpasswd").display()
             );
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\n{auth}",
@@ -393,10 +397,7 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
     let tag = unique("web");
     let service = format!("web{}", std::process::id());
     let _service = RemoveService(service.clone());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let dockerfile = "FROM scratch\nARG PORT=8080\nENV PORT=$PORT\nCOPY busybox /bin/busybox\nCOPY www /www\nCMD [\"/bin/busybox\", \"sh\", \"-c\", \"exec /bin/busybox httpd -f -p $PORT -h /www\"]";
     let yaml = format!(
         r#"params:
@@ -512,10 +513,7 @@ fn the_build_push_deploy_example_works_as_the_readme_says() {
         &[("SKIFF_CONFIG", config.to_str().expect("path"))],
     );
     let _service = RemoveService("hello-web".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let started = std::time::Instant::now();
     let (run, log) = s.run_and_wait("build-push-deploy", json!({ "port": port.to_string() }));
     let took = started.elapsed();
