@@ -89,6 +89,8 @@ impl Engine {
             ))
             .await
             .map_err(|e| self.unreachable(e))?;
+        let mut list = list;
+        list.sort_by_key(|c| std::cmp::Reverse(c.created.unwrap_or(0)));
         Ok(list
             .into_iter()
             .map(|c| ServiceContainer {

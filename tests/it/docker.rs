@@ -383,9 +383,10 @@ impl Drop for RemoveService {
     }
 }
 
+/// The body of a 200 answer; none for any other answer or no answer at all.
 fn get_text(url: &str) -> Option<String> {
-    let (status, _, body) = crate::harness::raw("GET", url, None, &[]);
-    (status == 200).then_some(body)
+    let mut answer = ureq::get(url).call().ok()?;
+    answer.body_mut().read_to_string().ok()
 }
 
 /// Deploy, redeploy on the same fixed host port, and a version that never gets healthy: the
@@ -422,7 +423,21 @@ steps:
 "#,
         ctx = context_step(dockerfile)
     );
-    let s = server_with_registry(&[("web", &yaml)], &registry, dir.path());
+    let stop = format!("steps:\n  - uses: docker/stop\n    with: {{ name: {service} }}\n");
+    let start =
+        format!("steps:\n  - id: start\n    uses: docker/start\n    with: {{ name: {service} }}\n");
+    let remove =
+        format!("steps:\n  - uses: docker/stop\n    with: {{ name: {service}, remove: true }}\n");
+    let s = server_with_registry(
+        &[
+            ("web", &yaml),
+            ("stop", &stop),
+            ("start", &start),
+            ("remove", &remove),
+        ],
+        &registry,
+        dir.path(),
+    );
     let _images = Cleanup(vec![
         format!("{tag}:1"),
         format!("{tag}:2"),
@@ -485,6 +500,38 @@ steps:
         names.trim(),
         format!("{service}-2-1"),
         "the unhealthy one is removed"
+    );
+
+    // Stop, start again, stop and remove.
+    let (run, log) = s.run_and_wait("stop", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert_eq!(get_text(&url), None, "a stopped service does not answer");
+    let (run, log) = s.run_and_wait("start", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[0]["outputs"]["container"], format!("{service}-2-1"));
+    crate::harness::eventually("the started service answers", || {
+        get_text(&url).as_deref() == Some("version 2\n")
+    });
+    let (run, log) = s.run_and_wait("remove", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let (_, names) = docker(&[
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        &format!("label=skiff.service={service}"),
+    ]);
+    assert_eq!(names.trim(), "", "removed");
+    let (run, _) = s.run_and_wait("start", json!({}));
+    assert_eq!(run["status"], "failed");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deploy it first"),
+        "{run}"
     );
 }
 

@@ -340,6 +340,55 @@ impl ActionDef for Deploy {
     const OUTPUTS: &'static [&'static str] = &["container_id", "container", "addresses"];
 }
 
+pub struct Stop;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopWith {
+    /// The service to stop (every running container of it on the worker's engine).
+    pub name: Val<ServiceName>,
+    /// Remove its containers too (default false: a stopped service can be started again).
+    pub remove: Option<Val<bool>>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct StopOutputs {
+    /// How many containers were stopped.
+    pub stopped: u32,
+}
+
+impl ActionDef for Stop {
+    const NAME: &'static str = "docker/stop";
+    const DOC: &'static str = "Stop a service (and, with `remove`, remove its containers).";
+    type With = StopWith;
+    type Outputs = StopOutputs;
+    const OUTPUTS: &'static [&'static str] = &["stopped"];
+}
+
+pub struct Start;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartWith {
+    /// The service to start again (its latest container).
+    pub name: Val<ServiceName>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct StartOutputs {
+    pub container: String,
+    /// `http://127.0.0.1:PORT` for each published port, space-separated.
+    pub addresses: String,
+}
+
+impl ActionDef for Start {
+    const NAME: &'static str = "docker/start";
+    const DOC: &'static str = "Start a stopped service again (its latest version).";
+    type With = StartWith;
+    type Outputs = StartOutputs;
+    const OUTPUTS: &'static [&'static str] = &["container", "addresses"];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,8 @@ macro_rules! for_each_action {
             $crate::actions::docker::Build,
             $crate::actions::docker::Push,
             $crate::actions::docker::Deploy,
+            $crate::actions::docker::Stop,
+            $crate::actions::docker::Start,
         }
     };
 }

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use skiff_core::actions::Val;
 use skiff_core::actions::docker::{
     Build, BuildOutputs, BuildWith, Deploy, DeployOutputs, DeployWith, Push, PushOutputs, PushWith,
+    Start, StartOutputs, StartWith, Stop, StopOutputs, StopWith,
 };
 use skiff_core::config::{Config, RegistryKind};
 use skiff_core::ledger::{NewResource, ResourceState, ResourceUpdate};
@@ -438,16 +439,10 @@ impl Execute for Deploy {
                     cx.note(&format!("removed the previous version, {}", c.name))
                         .await;
                 }
-                let addresses = new
-                    .ports
-                    .iter()
-                    .map(|(_, host)| format!("http://127.0.0.1:{host}"))
-                    .collect::<Vec<_>>()
-                    .join(" ");
                 Ok(DeployOutputs {
+                    addresses: addresses(&new.ports),
                     container_id: new.id,
                     container: name,
-                    addresses,
                 })
             }
             Err((new_id, e)) => {
@@ -487,5 +482,89 @@ impl Execute for Deploy {
                 Err(ActionError::refused(format!("{name}: {e}{rolled}")))
             }
         }
+    }
+}
+
+fn addresses(ports: &[(u16, u16)]) -> String {
+    ports
+        .iter()
+        .map(|(_, host)| format!("http://127.0.0.1:{host}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[async_trait]
+impl Execute for Stop {
+    async fn execute(with: StopWith, cx: &ActionContext<'_>) -> Result<StopOutputs, ActionError> {
+        let service = with.name.get().map_err(ActionError::Inputs)?.0.clone();
+        let remove = Val::opt(&with.remove)
+            .map_err(ActionError::Inputs)?
+            .unwrap_or(false);
+        let engine = cx.tools.engine().await?;
+        let containers = engine
+            .service_containers(&service)
+            .await
+            .map_err(engine_error)?;
+        let records = if remove {
+            live_records(cx, &service).await?
+        } else {
+            HashMap::new()
+        };
+        let mut stopped = 0;
+        for c in &containers {
+            if c.running {
+                engine.stop_container(&c.id).await.map_err(engine_error)?;
+                cx.note(&format!("stopped {}", c.name)).await;
+                stopped += 1;
+            }
+            if remove {
+                engine.remove_container(&c.id).await.map_err(engine_error)?;
+                if let Some(r) = records.get(&c.id) {
+                    mark(cx, r, ResourceState::Removed, None).await;
+                }
+                cx.note(&format!("removed {}", c.name)).await;
+            }
+        }
+        if containers.is_empty() {
+            cx.note(&format!(
+                "service {service} has no containers on this engine"
+            ))
+            .await;
+        }
+        Ok(StopOutputs { stopped })
+    }
+}
+
+#[async_trait]
+impl Execute for Start {
+    async fn execute(with: StartWith, cx: &ActionContext<'_>) -> Result<StartOutputs, ActionError> {
+        let service = with.name.get().map_err(ActionError::Inputs)?.0.clone();
+        let engine = cx.tools.engine().await?;
+        let Some(latest) = engine
+            .service_containers(&service)
+            .await
+            .map_err(engine_error)?
+            .into_iter()
+            .next()
+        else {
+            return Err(ActionError::refused(format!(
+                "service {service} has no containers on this engine: deploy it first"
+            )));
+        };
+        if latest.running {
+            cx.note(&format!("{} is already running", latest.name))
+                .await;
+        } else {
+            engine
+                .start_container(&latest.id)
+                .await
+                .map_err(engine_error)?;
+            cx.note(&format!("started {}", latest.name)).await;
+        }
+        let now = engine.container(&latest.id).await.map_err(engine_error)?;
+        Ok(StartOutputs {
+            container: now.name,
+            addresses: addresses(&now.ports),
+        })
     }
 }
