@@ -3,6 +3,7 @@
 mod cli_run;
 mod login_link;
 mod metrics;
+mod reap;
 mod serve;
 mod trigger;
 mod validate;
@@ -38,6 +39,9 @@ enum Command {
     LoginLink(login_link::LoginLinkArgs),
     /// Create an API token (for `skiff trigger` and scripts) and print it
     Token(login_link::TokenArgs),
+    /// Remove from the local Docker engine what runs created and nobody keeps (by the resources
+    /// ledger: a service's containers stay until they expire)
+    Reap(reap::ReapArgs),
     /// (internal) the first process of a step run in namespaces
     #[command(hide = true)]
     StepInit(StepInitArgs),
@@ -309,6 +313,7 @@ fn main() -> ExitCode {
         Command::Trigger(args) => trigger::main(args),
         Command::LoginLink(args) => login_link::main(args),
         Command::Token(args) => login_link::token(args),
+        Command::Reap(args) => reap::main(args),
         Command::StepInit(args) => {
             let code = skiff_worker::isolation::step_init(
                 &args.hide,

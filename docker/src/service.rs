@@ -112,6 +112,42 @@ impl Engine {
             .collect())
     }
 
+    /// Whether any container (running or not) was made from `image`.
+    pub async fn image_in_use(&self, image: &str) -> bool {
+        let mut filters = HashMap::new();
+        filters.insert("ancestor", vec![image.to_string()]);
+        self.client()
+            .list_containers(Some(
+                ListContainersOptionsBuilder::new()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            // When the engine cannot say, the image counts as used: it stays.
+            .map_or(true, |list| !list.is_empty())
+    }
+
+    /// Whether a container or image (`kind`) carries the label `skiff.run=RUN`.
+    pub async fn labelled_with_run(&self, kind: &str, id: &str, run: &str) -> bool {
+        let labels = if kind == "container" {
+            self.client()
+                .inspect_container(id, None)
+                .await
+                .ok()
+                .and_then(|c| c.config)
+                .and_then(|c| c.labels)
+        } else {
+            self.client()
+                .inspect_image(id)
+                .await
+                .ok()
+                .and_then(|i| i.config)
+                .and_then(|c| c.labels)
+        };
+        labels.is_some_and(|l| l.get("skiff.run").map(String::as_str) == Some(run))
+    }
+
     /// Creates and starts a container; its published ports once started.
     pub async fn run_container(
         &self,

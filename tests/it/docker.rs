@@ -575,3 +575,93 @@ fn the_build_push_deploy_example_works_as_the_readme_says() {
     );
     eprintln!("the build-push-deploy example took {} ms", took.as_millis());
 }
+
+fn skiff_reap(s: &Server, dry_run: bool) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
+    cmd.arg("reap").arg("--data").arg(s.data_dir());
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let out = cmd.output().expect("skiff reap");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "skiff reap failed: {text}");
+    text
+}
+
+/// The reaper decides from the ledger: a sleeping service (stopped on purpose) and the image it
+/// runs stay; a temporary deploy past its ttl and a build nothing uses go.
+#[test]
+fn the_reaper_removes_what_nobody_keeps_and_leaves_sleeping_services_alone() {
+    let registry = Registry::start(USER, PASSWORD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = unique("reap");
+    let svc = format!("reap{}", std::process::id());
+    let _keep = RemoveService(format!("{svc}-keep"));
+    let _temp = RemoveService(format!("{svc}-temp"));
+    let yaml = format!(
+        r#"steps:
+{ctx}  - uses: docker/build
+    with: {{ context: app, tags: ["{tag}:1"] }}
+  - uses: docker/build
+    with: {{ context: app, tags: ["{tag}-scratch:1"], labels: {{ kind: scratch }} }}
+  - uses: docker/deploy
+    with: {{ name: {svc}-keep, image: "{tag}:1", ports: ["8080"] }}
+  - uses: docker/deploy
+    with: {{ name: {svc}-temp, image: "{tag}:1", ports: ["8080"], ttl: 1s }}
+  - uses: docker/stop
+    with: {{ name: {svc}-keep }}
+"#,
+        ctx = context_step(DOCKERFILE)
+    );
+    let s = server_with_registry(&[("kit", &yaml)], &registry, dir.path());
+    let _images = Cleanup(vec![format!("{tag}:1"), format!("{tag}-scratch:1")]);
+    let (run, log) = s.run_and_wait("kit", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+
+    let dry = skiff_reap(&s, true);
+    assert!(
+        dry.contains(&format!(
+            "would remove image {tag}-scratch:1: its run (kit #1) is over"
+        )),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(&format!(
+            "would remove container {svc}-temp-1-1: its time is up"
+        )),
+        "{dry}"
+    );
+    assert!(
+        !dry.contains(&format!("{svc}-keep")),
+        "a sleeping service stays: {dry}"
+    );
+    assert!(
+        !dry.contains(&format!("image {tag}:1")),
+        "an image a service runs stays: {dry}"
+    );
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}-scratch:1")]);
+    assert!(exists, "a dry run removes nothing");
+
+    let done = skiff_reap(&s, false);
+    assert!(
+        done.contains(&format!("removed container {svc}-temp-1-1")),
+        "{done}"
+    );
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}-scratch:1")]);
+    assert!(!exists, "the unused build is gone");
+    let (exists, _) = docker(&["container", "inspect", &format!("{svc}-temp-1-1")]);
+    assert!(!exists, "the expired deploy is gone");
+    let (exists, _) = docker(&["container", "inspect", &format!("{svc}-keep-1-1")]);
+    assert!(exists, "the sleeping service is still there");
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}:1")]);
+    assert!(exists, "and the image it runs");
+    assert!(
+        skiff_reap(&s, false).contains("nothing to reap"),
+        "twice is once"
+    );
+}

@@ -7,6 +7,7 @@ pub mod isolation;
 pub mod logs;
 pub mod pool;
 mod process;
+pub mod reap;
 pub mod record;
 pub mod runner;
 pub mod secrets;

@@ -317,6 +317,9 @@ pub struct DeployWith {
     pub stop_signal: Option<Val<String>>,
     pub stop_timeout: Option<Val<DurationText>>,
     pub health: Option<HealthWith>,
+    /// A temporary service: removed by the reaper (`skiff reap`, `docker/reap`) this long after
+    /// it was deployed. Without it the service is kept until it is stopped and removed.
+    pub ttl: Option<Val<DurationText>>,
 }
 
 impl DeployWith {
@@ -387,6 +390,30 @@ impl ActionDef for Start {
     type With = StartWith;
     type Outputs = StartOutputs;
     const OUTPUTS: &'static [&'static str] = &["container", "addresses"];
+}
+
+pub struct Reap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReapWith {
+    /// Only say what would be removed (default false).
+    pub dry_run: Option<Val<bool>>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ReapOutputs {
+    /// How many containers and images were removed (or would be).
+    pub removed: u32,
+}
+
+impl ActionDef for Reap {
+    const NAME: &'static str = "docker/reap";
+    const DOC: &'static str =
+        "Remove from the worker's engine what runs created and nobody keeps (a nightly teardown).";
+    type With = ReapWith;
+    type Outputs = ReapOutputs;
+    const OUTPUTS: &'static [&'static str] = &["removed"];
 }
 
 #[cfg(test)]

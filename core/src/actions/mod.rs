@@ -35,6 +35,7 @@ macro_rules! for_each_action {
             $crate::actions::docker::Deploy,
             $crate::actions::docker::Stop,
             $crate::actions::docker::Start,
+            $crate::actions::docker::Reap,
         }
     };
 }

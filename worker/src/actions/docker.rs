@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use skiff_core::actions::Val;
 use skiff_core::actions::docker::{
     Build, BuildOutputs, BuildWith, Deploy, DeployOutputs, DeployWith, Push, PushOutputs, PushWith,
-    Start, StartOutputs, StartWith, Stop, StopOutputs, StopWith,
+    Reap, ReapOutputs, ReapWith, Start, StartOutputs, StartWith, Stop, StopOutputs, StopWith,
 };
 use skiff_core::config::{Config, RegistryKind};
 use skiff_core::ledger::{NewResource, ResourceState, ResourceUpdate};
@@ -336,6 +336,13 @@ impl Execute for Deploy {
             },
             None => Health::Running,
         };
+        let expires_at = Val::opt(&with.ttl)
+            .map_err(input)?
+            .and_then(|d| chrono::TimeDelta::from_std(d.0).ok())
+            .map(|d| chrono::Utc::now() + d);
+        if let Some(at) = expires_at {
+            labels.insert("skiff.expires-at".into(), at.to_rfc3339());
+        }
         let name = format!("{service}-{}-{}", cx.run_number, cx.attempt);
         let spec = ContainerSpec {
             service: service.clone(),
@@ -388,7 +395,7 @@ impl Execute for Deploy {
             service: Some(service.clone()),
             run: None,
             step: None,
-            expires_at: None,
+            expires_at,
             hourly_price: None,
         })
         .await?;
@@ -565,6 +572,27 @@ impl Execute for Start {
         Ok(StartOutputs {
             container: now.name,
             addresses: addresses(&now.ports),
+        })
+    }
+}
+
+#[async_trait]
+impl Execute for Reap {
+    async fn execute(with: ReapWith, cx: &ActionContext<'_>) -> Result<ReapOutputs, ActionError> {
+        let dry_run = Val::opt(&with.dry_run)
+            .map_err(ActionError::Inputs)?
+            .unwrap_or(false);
+        let engine = cx.tools.engine().await?;
+        let reaped = crate::reap::reap(cx.rec.store().as_ref(), engine, dry_run)
+            .await
+            .map_err(ActionError::failed)?;
+        let verb = if dry_run { "would remove" } else { "removed" };
+        for r in &reaped {
+            cx.note(&format!("{verb} {} {}: {}", r.kind, r.name, r.why))
+                .await;
+        }
+        Ok(ReapOutputs {
+            removed: reaped.len() as u32,
         })
     }
 }
