@@ -46,6 +46,11 @@ fn agent() -> ureq::Agent {
 
 /// Starts `skiff serve` with the given pipelines; returns it and the time its first /healthz answered.
 fn serve(pipelines: &[(&str, &str)]) -> (Serve, Duration) {
+    serve_with(pipelines, &[])
+}
+
+/// `serve`, with more environment variables.
+fn serve_with(pipelines: &[(&str, &str)], env: &[(&str, &str)]) -> (Serve, Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let pdir = dir.path().join("pipelines");
     std::fs::create_dir(&pdir).expect("mkdir");
@@ -64,6 +69,7 @@ fn serve(pipelines: &[(&str, &str)]) -> (Serve, Duration) {
         .env("SKIFF_PIPELINES", &pdir)
         .env("SKIFF_DATA", dir.path().join("data"))
         .env("SKIFF_ADMIN_TOKEN", TOKEN)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -204,6 +210,232 @@ fn main() {
     if wanted("logs") {
         logs();
     }
+    if wanted("docker") {
+        docker();
+    }
+}
+
+/// A Docker Distribution registry without auth on a free loopback port (stopped on drop).
+struct LocalRegistry {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LocalRegistry {
+    fn start() -> LocalRegistry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry (Debian's docker-registry package)");
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < until, "the registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        LocalRegistry {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Serve {
+    /// Triggers a run and waits for its end; the run.
+    fn run_to_end(&self, agent: &ureq::Agent, pipeline: &str, params: Value) -> Value {
+        let run = self.post(
+            agent,
+            &format!("/api/pipelines/{pipeline}/runs"),
+            json!({ "params": params }),
+        );
+        let id = run["id"].as_str().expect("id").to_string();
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            let run: Value = serde_json::from_str(&self.get(agent, &format!("/api/runs/{id}")))
+                .expect("run json");
+            let status = run["status"].as_str().unwrap_or_default();
+            if !matches!(status, "queued" | "running") {
+                assert_eq!(status, "succeeded", "{pipeline}: {run}");
+                return run;
+            }
+            assert!(Instant::now() < until, "{pipeline} did not end");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn answers(agent: &ureq::Agent, url: &str) -> bool {
+    agent.get(url).call().is_ok_and(|r| r.status() == 200)
+}
+
+fn step_ms(run: &Value, index: usize) -> f64 {
+    let step = &run["steps"][index];
+    let time = |k: &str| {
+        step[k]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .expect("step times")
+    };
+    (time("finished_at") - time("started_at"))
+        .num_microseconds()
+        .unwrap_or(0) as f64
+        / 1000.0
+}
+
+/// The Docker actions on this machine's engine, with a local registry: a warm build, a deploy of
+/// a built image from the trigger to the service answering, the gap a client polling every 50 ms
+/// sees while a new version replaces the old on the same host port, the whole
+/// build-push-deploy example, and the server's memory once its Docker client has been used.
+fn docker() {
+    let registry = LocalRegistry::start();
+    let config = tempfile::NamedTempFile::new().expect("config");
+    std::fs::write(
+        config.path(),
+        format!(
+            "[[registry]]\nname = \"local\"\nkind = \"registry\"\nurl = \"{}\"\n",
+            registry.addr
+        ),
+    )
+    .expect("skiff.toml");
+    let port = free_port();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/pipelines/build-push-deploy.yml"
+    ))
+    .expect("the example");
+    let build = "steps:\n  - run: |\n      mkdir -p site/www && cp \"$(command -v busybox)\" site/busybox && echo hi > site/www/index.html\n      printf '%s\\n' 'FROM scratch' 'COPY busybox /bin/busybox' 'COPY www /www' 'CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]' > site/Dockerfile\n  - uses: docker/build\n    with: { context: site, tags: [\"skiff-bench-web:1\", \"skiff-bench-web:2\"] }\n".to_string();
+    let deploy = format!(
+        "params:\n  v: {{ default: \"1\" }}\nsteps:\n  - uses: docker/deploy\n    with:\n      name: skiff-bench-web\n      image: \"skiff-bench-web:${{{{ params.v }}}}\"\n      ports: [\"{port}:8080\"]\n      health: {{ port: 8080, path: /index.html }}\n"
+    );
+    let remove = "steps:\n  - uses: docker/stop\n    with: { name: skiff-bench-web, remove: true }\n  - uses: docker/stop\n    with: { name: hello-web, remove: true }\n";
+    let (s, _) = serve_with(
+        &[
+            ("build", &build),
+            ("deploy", &deploy),
+            ("remove", remove),
+            ("build-push-deploy", &example),
+        ],
+        &[("SKIFF_CONFIG", config.path().to_str().expect("path"))],
+    );
+    let agent = agent();
+    let url = format!("http://127.0.0.1:{port}/index.html");
+    s.run_to_end(&agent, "remove", json!({}));
+
+    let mut builds: Vec<f64> = (0..6)
+        .map(|_| step_ms(&s.run_to_end(&agent, "build", json!({})), 1))
+        .collect();
+    let cold = builds.remove(0);
+    builds.sort_by(f64::total_cmp);
+
+    let mut deploys = Vec::new();
+    for _ in 0..5 {
+        s.run_to_end(&agent, "remove", json!({}));
+        let start = Instant::now();
+        s.post(&agent, "/api/pipelines/deploy/runs", json!({}));
+        while !answers(&agent, &url) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the service never answered"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        deploys.push(start.elapsed().as_secs_f64() * 1000.0);
+        // Let the run finish before the next remove.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    deploys.sort_by(f64::total_cmp);
+
+    // The longest gap between two answers a client polling every 50 ms sees across a redeploy.
+    let mut gaps = Vec::new();
+    for v in ["2", "1", "2"] {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = {
+            let (stop, url) = (stop.clone(), url.clone());
+            std::thread::spawn(move || {
+                let agent = self::agent();
+                let mut last_ok = Instant::now();
+                let mut worst = Duration::ZERO;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if answers(&agent, &url) {
+                        worst = worst.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                worst
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        s.run_to_end(&agent, "deploy", json!({ "v": v }));
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        gaps.push(poller.join().expect("poller").as_secs_f64() * 1000.0);
+    }
+    gaps.sort_by(f64::total_cmp);
+
+    let example_port = free_port().to_string();
+    let start = Instant::now();
+    s.run_to_end(&agent, "build-push-deploy", json!({ "port": example_port }));
+    let example_ms = start.elapsed().as_secs_f64() * 1000.0;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = s.rss_kib("VmRSS:") as f64 / 1024.0;
+    s.run_to_end(&agent, "remove", json!({}));
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", "skiff-bench-web:1", "skiff-bench-web:2"])
+        .output();
+
+    println!(
+        "\n[docker] the local engine ({}), a local registry",
+        registry.addr
+    );
+    println!(
+        "  build of the small image, warm cache (the step): p50 {:.0} ms, worst {:.0} ms (cold {cold:.0} ms)   (target < 2000 ms) {}",
+        percentile(&builds, 0.5),
+        builds[builds.len() - 1],
+        verdict(percentile(&builds, 0.5) < 2000.0)
+    );
+    println!(
+        "  deploy of a built image, trigger to the service answering: p50 {:.0} ms, worst {:.0} ms   (target p50 < 1000 ms) {}",
+        percentile(&deploys, 0.5),
+        deploys[deploys.len() - 1],
+        verdict(percentile(&deploys, 0.5) < 1000.0)
+    );
+    println!(
+        "  redeploy on the same host port, longest gap a 50 ms poller sees: {:.0} ms worst of {}   (target < 1000 ms) {}",
+        gaps[gaps.len() - 1],
+        gaps.len(),
+        verdict(gaps[gaps.len() - 1] < 1000.0)
+    );
+    println!(
+        "  the build-push-deploy example, trigger to end: {example_ms:.0} ms   (target < 8000 ms) {}",
+        verdict(example_ms < 8000.0)
+    );
+    println!(
+        "  server RSS after using the Docker client: {rss:.1} MB   (target idle < 20 MB) {}",
+        verdict(rss < 20.0)
+    );
 }
 
 fn idle() {

@@ -310,6 +310,11 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let until = Instant::now() + timeout;
         let mut last: String;
+        // A first answer can hang on the engine's side: the port proxy accepts at once, and its
+        // own connection into a container whose network is not quite up waits out a SYN
+        // retransmit (a second). A new probe gets a new connection: each waits 200 ms, twice
+        // that the next time, up to 2 s for a service that is slow to answer.
+        let mut patience = Duration::from_millis(200);
         loop {
             let c = self
                 .client()
@@ -352,7 +357,7 @@ impl Engine {
                                 "port {port} is not published (add it to `ports`)"
                             )));
                         }
-                        Some((_, host)) => match probe(*host, path).await {
+                        Some((_, host)) => match probe(*host, path, patience).await {
                             Ok(got) if got == *status => return Ok(()),
                             Ok(got) => last = format!("GET {path} answered {got}"),
                             Err(e) => last = format!("GET {path}: {e}"),
@@ -366,6 +371,7 @@ impl Engine {
                     timeout.as_secs_f64()
                 )));
             }
+            patience = (patience * 2).min(Duration::from_secs(2));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -379,16 +385,18 @@ fn elapsed_since(text: &str) -> Option<Duration> {
         .ok()
 }
 
-/// One GET to 127.0.0.1:`port``path`: the status.
-async fn probe(port: u16, path: &str) -> Result<u16, String> {
+/// One GET to 127.0.0.1:`port``path` answered within `wait`: the status.
+async fn probe(port: u16, path: &str, wait: Duration) -> Result<u16, String> {
+    tokio::time::timeout(wait, probe_now(port, path))
+        .await
+        .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
+}
+
+async fn probe_now(port: u16, path: &str) -> Result<u16, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    .map_err(|_| "no connection within 2s".to_string())?
-    .map_err(|e| e.to_string())?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: skiff\r\nConnection: close\r\n\r\n"
     );
@@ -399,9 +407,9 @@ async fn probe(port: u16, path: &str) -> Result<u16, String> {
     let mut head = [0u8; 12];
     let mut n = 0;
     while n < head.len() {
-        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut head[n..]))
+        let read = stream
+            .read(&mut head[n..])
             .await
-            .map_err(|_| "no answer within 2s".to_string())?
             .map_err(|e| e.to_string())?;
         if read == 0 {
             break;
