@@ -406,8 +406,11 @@ fn docker() {
         .args(["rmi", "-f", "skiff-bench-web:1", "skiff-bench-web:2"])
         .output();
 
+    let retrans = std::fs::read_to_string("/proc/sys/net/ipv4/neigh/docker0/retrans_time_ms")
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
     println!(
-        "\n[docker] the local engine ({}), a local registry",
+        "\n[docker] the local engine, a local registry ({}); docker0 retrans_time_ms = {retrans} (see the README)",
         registry.addr
     );
     println!(
