@@ -116,6 +116,8 @@ pub struct RunRow {
     pub id: String,
     pub number: u64,
     pub pipeline: String,
+    /// The pipeline's page, its name percent-encoded.
+    pub pipeline_href: String,
     pub status: &'static str,
     pub trigger: String,
     pub created: String,
@@ -143,6 +145,7 @@ fn row(run: &Run) -> RunRow {
         id: run.id.to_string(),
         number: run.number,
         pipeline: run.pipeline.clone(),
+        pipeline_href: pipeline_href(&run.pipeline),
         status: run.status.as_str(),
         trigger: run.trigger.to_string(),
         created: run.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
@@ -168,8 +171,14 @@ async fn recent_runs(
     Ok(page.runs.iter().map(row).collect())
 }
 
+/// A pipeline's page: its name is a file's, so anything (`x?y#z`) is encoded.
+pub fn pipeline_href(name: &str) -> String {
+    format!("/pipelines/{}", crate::web::encode(name))
+}
+
 pub struct PipelineCard {
     pub name: String,
+    pub href: String,
     pub description: String,
     pub valid: bool,
     pub problems: usize,
@@ -196,6 +205,7 @@ pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dash
         let p = e.pipeline.as_deref();
         cards.push(PipelineCard {
             name: e.name.clone(),
+            href: pipeline_href(&e.name),
             description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
             valid: p.is_some(),
             problems: e.diagnostics.len(),
@@ -228,6 +238,7 @@ pub struct ParamField {
 pub struct PipelinePage {
     csrf: String,
     name: String,
+    href: String,
     file: String,
     description: String,
     valid: bool,
@@ -292,6 +303,7 @@ async fn pipeline_page(
     Ok(PipelinePage {
         csrf: page.csrf.clone(),
         name: e.name.clone(),
+        href: pipeline_href(&e.name),
         file: file.clone(),
         description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
         valid: p.is_some(),
