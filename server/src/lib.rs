@@ -126,6 +126,7 @@ fn pages() -> Router<AppState> {
         .route("/logout", post(ui::logout))
         .route("/pipelines/{name}", get(ui::pipeline))
         .route("/pipelines/{name}/run", post(ui::run_pipeline))
+        .route("/runs", get(ui::runs))
         .route("/runs/{id}", get(ui::run))
         .route("/runs/{id}/cancel", post(ui::cancel_run))
         .route("/runs/{id}/rerun", post(ui::rerun_run))
@@ -134,6 +135,7 @@ fn pages() -> Router<AppState> {
         .route("/settings/tokens", post(ui::create_token))
         .route("/settings/tokens/{id}/revoke", post(ui::revoke_token))
         .route("/static/{*path}", get(ui::static_file))
+        .route("/favicon.ico", get(ui::favicon))
 }
 
 /// Every route, before the layers and the state: the API and the pages, with the JSON 404 and

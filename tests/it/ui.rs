@@ -282,3 +282,257 @@ fn links_to_pipelines_with_odd_names_are_encoded() {
     assert_eq!(status, 200, "the link leads to the pipeline: {page}");
     assert!(page.contains("This pipeline is invalid"), "{page}");
 }
+
+fn location(headers: &[(String, String)]) -> String {
+    header(headers, "location").unwrap_or("").to_string()
+}
+
+#[test]
+fn signing_in_from_a_deep_link_lands_there_and_only_on_this_server() {
+    let s = Server::start(&[("hello", HELLO)]);
+    // A page asked for without a session: sent to sign in, with where it was going.
+    let (status, headers, _) = raw("GET", &s.url("/runs?status=failed"), None, &[]);
+    assert_eq!(status, 303);
+    assert_eq!(location(&headers), "/login?next=%2Fruns%3Fstatus%3Dfailed");
+    // Set a password (through a session) to sign in with.
+    let cookie = sign_in(&s);
+    let (_, _, page) = raw("GET", &s.url("/settings"), None, &[("cookie", &cookie)]);
+    let csrf = csrf_of(&page);
+    let (status, _, page) = form(
+        &s,
+        &cookie,
+        "/settings/password",
+        &format!("csrf={csrf}&password=deep-link-123&confirm=deep-link-123"),
+    );
+    assert_eq!(status, 200, "{page}");
+    // The form carries `next` on.
+    let (_, _, page) = raw(
+        "GET",
+        &s.url("/login?next=%2Fruns%3Fstatus%3Dfailed"),
+        None,
+        &[],
+    );
+    assert!(
+        page.contains("name=\"next\" value=\"/runs?status=failed\""),
+        "{page}"
+    );
+    let login = |next: &str| {
+        let body = format!(
+            "password=deep-link-123&next={}",
+            next.replace('%', "%25")
+                .replace('&', "%26")
+                .replace('?', "%3F")
+                .replace('\\', "%5C")
+        );
+        let (status, headers, page) = raw(
+            "POST",
+            &s.url("/login"),
+            Some(&body),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        );
+        assert_eq!(status, 303, "{next}: {page}");
+        location(&headers)
+    };
+    assert_eq!(login("/runs?status=failed"), "/runs?status=failed");
+    assert_eq!(login("/pipelines/hello"), "/pipelines/hello");
+    for evil in [
+        "//evil.com",
+        "/\\evil.com",
+        "https://evil.com/",
+        "evil.com",
+        "/\\/evil.com",
+        "/a\\b",
+        "",
+        "/%0d%0aSet-Cookie:x=1",
+    ] {
+        let to = login(evil);
+        assert!(
+            to == "/" || (evil.starts_with("/%") && to == evil),
+            "{evil:?} led to {to:?}"
+        );
+    }
+    // A line break or a space never reaches the Location header (no panic, no header split).
+    let (status, headers, _) = raw(
+        "POST",
+        &s.url("/login"),
+        Some("password=deep-link-123&next=/x%0d%0aSet-Cookie:%20a=b"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    );
+    assert_eq!((status, location(&headers).as_str()), (303, "/"));
+    // Signed in, /login goes home (or on to `next`).
+    let (status, headers, _) = raw("GET", &s.url("/login"), None, &[("cookie", &cookie)]);
+    assert_eq!((status, location(&headers).as_str()), (303, "/"));
+    let (status, headers, _) = raw(
+        "GET",
+        &s.url("/login?next=//evil.com"),
+        None,
+        &[("cookie", &cookie)],
+    );
+    assert_eq!((status, location(&headers).as_str()), (303, "/"));
+}
+
+#[test]
+fn a_new_token_is_shown_once_after_a_redirect_and_a_revoked_one_looks_revoked() {
+    let s = Server::start(&[("hello", HELLO)]);
+    let cookie = sign_in(&s);
+    let (_, _, page) = raw("GET", &s.url("/settings"), None, &[("cookie", &cookie)]);
+    let csrf = csrf_of(&page);
+    let (status, headers, _) = form(
+        &s,
+        &cookie,
+        "/settings/tokens",
+        &format!("csrf={csrf}&name=ci&scope=read"),
+    );
+    assert_eq!((status, location(&headers).as_str()), (303, "/settings"));
+    let flash = headers
+        .iter()
+        .find(|(k, v)| k == "set-cookie" && v.starts_with("skiff_new_token="))
+        .map(|(_, v)| v.clone())
+        .expect("the new token travels to the next page");
+    assert!(
+        flash.contains("HttpOnly") && flash.contains("Path=/settings"),
+        "{flash}"
+    );
+    let flash = flash.split(';').next().unwrap_or("").to_string();
+    let both = format!("{cookie}; {flash}");
+    let (status, headers, page) = raw("GET", &s.url("/settings"), None, &[("cookie", &both)]);
+    assert_eq!(status, 200);
+    let secret = page
+        .split("<code id=\"new-token\" class=\"secret\">")
+        .nth(1)
+        .and_then(|t| t.split('<').next())
+        .expect("the token is shown")
+        .to_string();
+    assert!(secret.starts_with("skiff_"), "{secret}");
+    assert!(page.contains("data-copy=\"new-token\""), "a copy button");
+    assert!(page.contains("message ok"), "success looks like success");
+    assert_eq!(header(&headers, "cache-control"), Some("no-store"));
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "set-cookie" && v.starts_with("skiff_new_token=;")),
+        "the flash is cleared: {headers:?}"
+    );
+    // It works, with its scope.
+    let (status, _) = crate::harness::call(
+        "GET",
+        &s.url("/api/runs"),
+        None,
+        &[("authorization", &format!("Bearer {secret}"))],
+    );
+    assert_eq!(status, 200);
+    // A reload (the browser no longer sends the cleared cookie) shows no token and makes none.
+    let (_, _, page) = raw("GET", &s.url("/settings"), None, &[("cookie", &cookie)]);
+    assert!(!page.contains(&secret) && !page.contains("id=\"new-token\""));
+    let (_, tokens) = s.api("GET", "/api/tokens", None);
+    assert_eq!(
+        tokens["tokens"].as_array().map(Vec::len),
+        Some(1),
+        "{tokens}"
+    );
+    // Revoked: marked so.
+    let id = tokens["tokens"][0]["id"].as_str().expect("id").to_string();
+    let (status, _, _) = form(
+        &s,
+        &cookie,
+        &format!("/settings/tokens/{id}/revoke"),
+        &format!("csrf={csrf}"),
+    );
+    assert_eq!(status, 303);
+    let (_, _, page) = raw("GET", &s.url("/settings"), None, &[("cookie", &cookie)]);
+    assert!(
+        page.contains("class=\"token revoked\"") && page.contains("revoked-badge"),
+        "{page}"
+    );
+    // A bad name: an error that looks like one.
+    let (status, _, page) = form(
+        &s,
+        &cookie,
+        "/settings/tokens",
+        &format!("csrf={csrf}&name="),
+    );
+    assert_eq!(status, 422);
+    assert!(page.contains("message error"), "{page}");
+}
+
+#[test]
+fn the_runs_page_filters_by_pipeline_status_and_trigger_and_pages() {
+    let s = Server::start(&[
+        ("quick", "steps:\n  - run: \"true\"\n"),
+        ("sad", "steps:\n  - run: exit 3\n"),
+    ]);
+    let cookie = sign_in(&s);
+    let mut last = String::new();
+    for _ in 0..52 {
+        last = s.trigger("quick", json!({}));
+    }
+    s.wait_for_end(&last);
+    let (sad, _) = s.run_and_wait("sad", json!({}));
+    let sad_id = sad["id"].as_str().expect("id");
+    let (status, rerun) = s.api("POST", &format!("/api/runs/{sad_id}/rerun"), Some("{}"));
+    assert!(status == 201 || status == 200, "{rerun}");
+    s.wait_for_end(rerun["id"].as_str().expect("id"));
+    let get = |path: &str| {
+        let (status, _, page) = raw("GET", &s.url(path), None, &[("cookie", &cookie)]);
+        assert_eq!(status, 200, "{path}: {page}");
+        page
+    };
+    let rows = |page: &str| page.matches("class=\"run-row ").count();
+    // All runs, 50 a page, newest first: the rerun on top.
+    let page = get("/runs");
+    assert_eq!(rows(&page), 50);
+    assert!(page.contains("id=\"older\""), "a next page");
+    // By pipeline, paged with the cursor.
+    let page = get("/runs?pipeline=quick");
+    assert_eq!(rows(&page), 50);
+    let older = page
+        .split("id=\"older\" href=\"")
+        .nth(1)
+        .and_then(|t| t.split('"').next())
+        .expect("older")
+        .replace("&amp;", "&")
+        .replace("&#38;", "&");
+    assert!(older.starts_with("/runs?pipeline=quick&cursor="), "{older}");
+    let page = get(&older);
+    assert_eq!(rows(&page), 2, "the rest");
+    assert!(!page.contains("id=\"older\""));
+    // By status and by trigger.
+    let page = get("/runs?status=failed");
+    assert_eq!(rows(&page), 2, "{page}");
+    assert!(!page.contains("run-row succeeded"));
+    let page = get("/runs?trigger=rerun");
+    assert_eq!(rows(&page), 1, "{page}");
+    let page = get("/runs?trigger=api&pipeline=sad");
+    assert_eq!(rows(&page), 1, "{page}");
+    let page = get("/runs?status=queued");
+    assert!(page.contains("id=\"no-runs\""), "{page}");
+    // A removed pipeline's runs still list; bad filters are an HTML 400.
+    assert_html_error(
+        "bad status",
+        &raw(
+            "GET",
+            &s.url("/runs?status=nope"),
+            None,
+            &[("cookie", &cookie)],
+        ),
+        400,
+        "bad_request",
+    );
+    assert_html_error(
+        "bad cursor",
+        &raw(
+            "GET",
+            &s.url("/runs?cursor=%FF%FE"),
+            None,
+            &[("cookie", &cookie)],
+        ),
+        400,
+        "bad_request",
+    );
+    // The dashboard shows what is running now (nothing, here), and the favicon is there.
+    let page = get("/");
+    assert!(page.contains("id=\"active\""), "{page}");
+    let (status, headers, _) = raw("GET", &s.url("/favicon.ico"), None, &[]);
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-type"), Some("image/svg+xml"));
+}
