@@ -1,10 +1,158 @@
-//! ANSI colours in logs, as HTML for the web UI. Each line is converted whole; the colour state
-//! a line leaves open is carried to the next line, since a converter sees one line at a time.
+//! ANSI colours in logs, as HTML for the web UI. Colours and styles become classes (`f1`: red
+//! text, `b4`: blue background, `ab`: bold...), never `style` attributes, so the page keeps a
+//! strict Content-Security-Policy and the stylesheet themes the 16 colours for contrast; 256-colour
+//! and truecolor codes map to the nearest of the 16. Each line is converted whole; the state a
+//! line leaves open is carried to the next line, since a converter sees one line at a time.
+//! Other escape sequences (cursor moves, titles) are dropped.
 
-/// The SGR codes in force at the end of what was converted so far.
+/// What is in force: colours (0-15) and styles.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+struct Style {
+    fg: Option<u8>,
+    bg: Option<u8>,
+    bold: bool,
+    dim: bool,
+    italic: bool,
+    underline: bool,
+    inverse: bool,
+}
+
+impl Style {
+    fn classes(&self) -> String {
+        let (fg, bg) = if self.inverse {
+            (self.bg.or(Some(0)), self.fg.or(Some(7)))
+        } else {
+            (self.fg, self.bg)
+        };
+        let mut c = Vec::new();
+        if let Some(f) = fg {
+            c.push(format!("f{f}"));
+        }
+        if let Some(b) = bg {
+            c.push(format!("b{b}"));
+        }
+        for (on, name) in [
+            (self.bold, "ab"),
+            (self.dim, "ad"),
+            (self.italic, "ai"),
+            (self.underline, "au"),
+        ] {
+            if on {
+                c.push(name.to_string());
+            }
+        }
+        c.join(" ")
+    }
+
+    /// Applies one SGR sequence's parameters.
+    fn apply(&mut self, params: &str) {
+        let codes: Vec<u32> = params
+            .split([';', ':'])
+            .map(|p| p.parse().unwrap_or(0))
+            .collect();
+        let mut i = 0;
+        while i < codes.len() {
+            match codes[i] {
+                0 => *self = Style::default(),
+                1 => self.bold = true,
+                2 => self.dim = true,
+                3 => self.italic = true,
+                4 => self.underline = true,
+                7 => self.inverse = true,
+                22 => (self.bold, self.dim) = (false, false),
+                23 => self.italic = false,
+                24 => self.underline = false,
+                27 => self.inverse = false,
+                n @ 30..=37 => self.fg = Some(colour(n - 30)),
+                n @ 90..=97 => self.fg = Some(colour(n - 90 + 8)),
+                39 => self.fg = None,
+                n @ 40..=47 => self.bg = Some(colour(n - 40)),
+                n @ 100..=107 => self.bg = Some(colour(n - 100 + 8)),
+                49 => self.bg = None,
+                n @ (38 | 48) => {
+                    let (value, used) = extended(&codes[i + 1..]);
+                    if n == 38 {
+                        self.fg = value;
+                    } else {
+                        self.bg = value;
+                    }
+                    i += used;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+}
+
+fn colour(n: u32) -> u8 {
+    u8::try_from(n).unwrap_or(0)
+}
+
+/// `5;N` (256 colours) or `2;R;G;B` (truecolor) after a 38/48: the nearest of the 16, and how
+/// many codes it took.
+fn extended(rest: &[u32]) -> (Option<u8>, usize) {
+    match rest {
+        [5, n, ..] => (Some(nearest_256(*n)), 2),
+        [2, r, g, b, ..] => (Some(nearest_rgb([*r, *g, *b])), 4),
+        [5] => (None, 1),
+        [2, ..] => (None, rest.len()),
+        _ => (None, 0),
+    }
+}
+
+/// The 16 colours as xterm draws them, to find the nearest.
+const PALETTE: [[u32; 3]; 16] = [
+    [0, 0, 0],
+    [205, 0, 0],
+    [0, 205, 0],
+    [205, 205, 0],
+    [0, 0, 238],
+    [205, 0, 205],
+    [0, 205, 205],
+    [229, 229, 229],
+    [127, 127, 127],
+    [255, 0, 0],
+    [0, 255, 0],
+    [255, 255, 0],
+    [92, 92, 255],
+    [255, 0, 255],
+    [0, 255, 255],
+    [255, 255, 255],
+];
+
+fn nearest_rgb(rgb: [u32; 3]) -> u8 {
+    let rgb = rgb.map(|v| v.min(255));
+    let mut best = (u32::MAX, 0u8);
+    for (i, p) in (0u8..).zip(PALETTE.iter()) {
+        let d: u32 = (0..3).map(|k| rgb[k].abs_diff(p[k]).pow(2)).sum();
+        if d < best.0 {
+            best = (d, i);
+        }
+    }
+    best.1
+}
+
+fn nearest_256(n: u32) -> u8 {
+    match n {
+        0..=15 => colour(n),
+        16..=231 => {
+            let n = n - 16;
+            let level = |v: u32| if v == 0 { 0 } else { 55 + v * 40 };
+            nearest_rgb([level(n / 36), level(n / 6 % 6), level(n % 6)])
+        }
+        232..=255 => {
+            let v = 8 + (n - 232) * 10;
+            nearest_rgb([v, v, v])
+        }
+        _ => 7,
+    }
+}
+
+/// The style in force at the end of what was converted so far.
 #[derive(Default, Debug, Clone)]
 pub struct Carry {
-    open: Vec<String>,
+    style: Style,
 }
 
 impl Carry {
@@ -14,60 +162,78 @@ impl Carry {
     }
 
     fn line_to_html(&mut self, line: &str) -> String {
-        let prefix: String = self.open.iter().map(|c| format!("\x1b[{c}m")).collect();
-        let input = format!("{prefix}{line}");
-        self.track(line);
-        match ansi_to_html::convert(&input) {
-            Ok(html) => html,
-            // Not valid ANSI: show the text, escaped, without colours.
-            Err(_) => escape(&strip(line)),
-        }
-    }
-
-    /// Updates the open SGR codes from the escape sequences in `line`.
-    fn track(&mut self, line: &str) {
-        let mut rest = line;
-        while let Some(i) = rest.find("\x1b[") {
-            rest = &rest[i + 2..];
-            let end = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == ';'))
-                .unwrap_or(rest.len());
-            if rest[end..].starts_with('m') {
-                let codes = &rest[..end];
-                if codes.is_empty() || codes.split(';').any(|c| c == "0" || c.is_empty()) {
-                    self.open.clear();
+        let mut out = String::with_capacity(line.len() + 16);
+        let mut run = String::new();
+        let mut shown = self.style;
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '\x1b' {
+                if self.style != shown {
+                    flush(&mut out, &mut run, shown);
+                    shown = self.style;
                 }
-                let kept: Vec<&str> = codes
-                    .split(';')
-                    .filter(|c| !c.is_empty() && *c != "0")
-                    .collect();
-                if !kept.is_empty() {
-                    self.open.push(kept.join(";"));
-                }
-                if self.open.len() > 16 {
-                    self.open.remove(0);
-                }
+                run.push(c);
+                continue;
             }
-            rest = &rest[end..];
+            match chars.peek() {
+                Some('[') => {
+                    chars.next();
+                    let mut params = String::new();
+                    let mut end = None;
+                    for d in chars.by_ref() {
+                        if ('\x40'..='\x7e').contains(&d) {
+                            end = Some(d);
+                            break;
+                        }
+                        if params.len() < 64 {
+                            params.push(d);
+                        }
+                    }
+                    if end == Some('m') {
+                        self.style.apply(&params);
+                    }
+                }
+                Some(']') => {
+                    // OSC: up to BEL or ESC \.
+                    chars.next();
+                    while let Some(d) = chars.next() {
+                        if d == '\x07' {
+                            break;
+                        }
+                        if d == '\x1b' {
+                            if chars.peek() == Some(&'\\') {
+                                chars.next();
+                            }
+                            break;
+                        }
+                    }
+                }
+                Some(_) => {
+                    chars.next();
+                }
+                None => {}
+            }
         }
+        flush(&mut out, &mut run, shown);
+        out
     }
 }
 
-fn strip(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
+fn flush(out: &mut String, run: &mut String, style: Style) {
+    if run.is_empty() {
+        return;
     }
-    out
+    let classes = style.classes();
+    if classes.is_empty() {
+        out.push_str(&escape(run));
+    } else {
+        out.push_str("<span class=\"");
+        out.push_str(&classes);
+        out.push_str("\">");
+        out.push_str(&escape(run));
+        out.push_str("</span>");
+    }
+    run.clear();
 }
 
 pub fn escape(text: &str) -> String {
@@ -89,15 +255,40 @@ pub fn escape(text: &str) -> String {
 mod tests {
     use super::*;
 
+    fn html(text: &str) -> Vec<String> {
+        Carry::default().lines_to_html(text)
+    }
+
     #[test]
     fn carries_colour_across_lines_and_escapes() {
         let mut c = Carry::default();
         let lines = c.lines_to_html("\x1b[31mred starts\nstill red <b>\n\x1b[0mplain\n");
-        assert!(lines[0].contains("red starts"), "{lines:?}");
-        assert!(
-            lines[1].contains("<span") && lines[1].contains("&lt;b&gt;"),
-            "colour carried, text escaped: {lines:?}"
+        assert_eq!(lines[0], "<span class=\"f1\">red starts</span>");
+        assert_eq!(lines[1], "<span class=\"f1\">still red &lt;b&gt;</span>");
+        assert_eq!(lines[2], "plain", "reset ends it");
+    }
+
+    #[test]
+    fn colours_are_classes_never_styles() {
+        assert_eq!(
+            html("a\x1b[1;32mb\x1b[22mc\x1b[39;44md\x1b[0m")[0],
+            "a<span class=\"f2 ab\">b</span><span class=\"f2\">c</span><span class=\"b4\">d</span>"
         );
-        assert!(!lines[2].contains("<span"), "reset ends it: {lines:?}");
+        assert_eq!(html("\x1b[91mx")[0], "<span class=\"f9\">x</span>");
+        // 256 colours and truecolor: the nearest of the 16.
+        assert_eq!(html("\x1b[38;5;196mx")[0], "<span class=\"f9\">x</span>");
+        assert_eq!(html("\x1b[38;5;4mx")[0], "<span class=\"f4\">x</span>");
+        assert_eq!(
+            html("\x1b[38;2;0;200;0mx")[0],
+            "<span class=\"f2\">x</span>"
+        );
+        assert_eq!(html("\x1b[48;5;244mx")[0], "<span class=\"b8\">x</span>");
+        // Inverse swaps; other sequences vanish; broken ones do no harm.
+        assert_eq!(html("\x1b[7mx")[0], "<span class=\"f0 b7\">x</span>");
+        assert_eq!(html("\x1b[2K\x1b]0;title\x07ok")[0], "ok");
+        assert_eq!(html("\x1b[38;5mx\x1b[38;2;1m\x1b")[0], "x");
+        for line in html("\x1b[31;41;1;2;3;4;7;38;5;100;48;2;1;2;3mx") {
+            assert!(!line.contains("style"), "{line}");
+        }
     }
 }

@@ -758,11 +758,13 @@ pub async fn read_logs(
 pub enum StreamFormat {
     /// Each `log` event's data is `{offset, step, text}`.
     Text,
-    /// Also `html`: the chunk's lines with ANSI colours as HTML spans (the web UI's view).
+    /// `html`: the chunk's lines as HTML, ANSI colours as classes (the web UI's view), in place
+    /// of `text`.
     Html,
 }
 
-/// Follow a run live: Server-Sent Events. `log` (data `{offset, step, text}`; its `id` is the
+/// Follow a run live: Server-Sent Events. `log` (data `{offset, step, stream, at, text}`, or
+/// `html` (a list of lines) in place of `text` with `format=html`; its `id` is the
 /// offset after it), `step` (a step changed: a Step), `run` (the run changed: a Run) and `end`
 /// (data `{status, offset}`: the run is over and the whole log was sent). A client that
 /// reconnects sends the last id as `Last-Event-ID` and continues with no gap and no repeat.

@@ -9,6 +9,7 @@ pub mod listen;
 mod openapi;
 mod sse;
 mod ui;
+mod web;
 
 use std::sync::{Arc, RwLock};
 
@@ -125,6 +126,7 @@ fn pages() -> Router<AppState> {
         .route("/logout", post(ui::logout))
         .route("/pipelines/{name}", get(ui::pipeline))
         .route("/pipelines/{name}/run", post(ui::run_pipeline))
+        .route("/runs", get(ui::runs))
         .route("/runs/{id}", get(ui::run))
         .route("/runs/{id}/cancel", post(ui::cancel_run))
         .route("/runs/{id}/rerun", post(ui::rerun_run))
@@ -133,6 +135,7 @@ fn pages() -> Router<AppState> {
         .route("/settings/tokens", post(ui::create_token))
         .route("/settings/tokens/{id}/revoke", post(ui::revoke_token))
         .route("/static/{*path}", get(ui::static_file))
+        .route("/favicon.ico", get(ui::favicon))
 }
 
 /// Every route, before the layers and the state: the API and the pages, with the JSON 404 and
@@ -144,12 +147,18 @@ pub fn routes() -> Router<AppState> {
         .method_not_allowed_fallback(error::method_not_allowed)
 }
 
-/// The whole HTTP surface. Every error it answers is the JSON error body: handlers answer
-/// `ApiError`, and `json_errors` rewrites what axum answers by itself (a rejection in a UI
-/// handler, say) the same way.
+/// The whole HTTP surface. Every error of the API is the JSON error body: handlers answer
+/// `ApiError`, and `json_errors` rewrites what axum answers by itself (a rejection, say) the
+/// same way; `html_errors` then turns a page's error into an HTML page with a way back. Every
+/// answer carries the security headers; pages, CSS, JS and JSON are gzipped for clients that
+/// ask (never the live log stream).
 pub fn app(state: AppState) -> Router {
     routes()
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(listen::body_deadline))
         .layer(axum::middleware::map_response(error::json_errors))
+        .layer(axum::middleware::from_fn(web::html_errors))
+        .layer(axum::middleware::from_fn(web::security_headers))
+        .layer(web::compression())
         .with_state(state)
 }

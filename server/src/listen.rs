@@ -101,7 +101,6 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .keep_alive(true);
-    let app = app.layer(axum::middleware::from_fn(body_deadline));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -142,8 +141,8 @@ pub async fn serve(
 }
 
 /// A request's body must arrive within [`BODY_TIMEOUT`] (and is at most [`crate::MAX_BODY`]):
-/// read here, whole, before the handler runs.
-async fn body_deadline(
+/// read here, whole, before the handler runs (a layer of `app`, inside its error pages).
+pub(crate) async fn body_deadline(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {

@@ -35,7 +35,7 @@ const RECHECK: Duration = Duration::from_secs(1);
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {
     offset: Option<u64>,
-    /// `html` adds each chunk's lines as HTML (ANSI colours turned into spans) for the web UI.
+    /// `html` sends each chunk's lines as HTML (ANSI colours as classes) instead of text.
     format: Option<String>,
 }
 
@@ -133,10 +133,12 @@ async fn follow(
                     "step": chunk.step,
                     "stream": chunk.stream.as_str(),
                     "at": chunk.at,
-                    "text": text,
                 });
+                // Each line once: as text, or (the web UI) as HTML.
                 if html {
                     data["html"] = json!(colour.lines_to_html(&text));
+                } else {
+                    data["text"] = json!(text);
                 }
                 let next = chunk.offset + bytes.len() as u64;
                 if tx

@@ -29,6 +29,11 @@ use crate::error::ApiError;
 #[folder = "../web/static/"]
 struct Static;
 
+/// The tab's icon, also where browsers look for it without being told.
+pub async fn favicon() -> Response {
+    static_file(Path("favicon.svg".to_string())).await
+}
+
 pub async fn static_file(Path(path): Path<String>) -> Response {
     match Static::get(&path) {
         Some(file) => (
@@ -49,12 +54,31 @@ pub struct Page {
     principal: Principal,
 }
 
-pub struct ToLogin;
+/// Sent to sign in; a page that was asked for (a GET) is where signing in lands.
+pub struct ToLogin(Option<String>);
 
 impl IntoResponse for ToLogin {
     fn into_response(self) -> Response {
-        Redirect::to("/login").into_response()
+        match self.0.as_deref().map(safe_next) {
+            Some(next) if next != "/" => {
+                Redirect::to(&format!("/login?next={}", crate::web::encode(next))).into_response()
+            }
+            _ => Redirect::to("/login").into_response(),
+        }
     }
+}
+
+/// Where signing in may lead: a path on this server (one `/`, then no `/` or `\`, visible
+/// ASCII only: what a Location header carries as it is); anything else is the dashboard.
+pub fn safe_next(next: &str) -> &str {
+    let ok = next.len() <= 2048
+        && next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.starts_with("/\\")
+        && next
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'\\');
+    if ok { next } else { "/" }
 }
 
 impl FromRequestParts<AppState> for Page {
@@ -77,7 +101,12 @@ impl FromRequestParts<AppState> for Page {
                 };
                 Ok(Page { csrf, principal })
             }
-            Ok(None) => Err(ToLogin.into_response()),
+            Ok(None) => {
+                let asked = (parts.method == axum::http::Method::GET)
+                    .then(|| parts.uri.path_and_query().map(|p| p.as_str().to_string()))
+                    .flatten();
+                Err(ToLogin(asked).into_response())
+            }
             Err(e) => Err(e.into_response()),
         }
     }
@@ -116,11 +145,58 @@ pub struct RunRow {
     pub id: String,
     pub number: u64,
     pub pipeline: String,
+    /// The pipeline's page, its name percent-encoded.
+    pub pipeline_href: String,
     pub status: &'static str,
     pub trigger: String,
+    /// When it was created: RFC 3339 (for `<time datetime>`) and UTC text (without JS).
     pub created: String,
+    pub created_text: String,
+    /// RFC 3339, or empty while it has not happened.
+    pub started: String,
+    pub finished: String,
+    /// How long it ran (so far), and how long it waited for a worker, as text.
     pub took: String,
+    pub wait: String,
     pub reason: String,
+}
+
+#[derive(Template)]
+#[template(path = "run_list.html")]
+struct RunListHtml<'a> {
+    id: &'a str,
+    runs: &'a [RunRow],
+}
+
+/// A list of runs, each row a link to its run (the dashboard, a pipeline, the runs page).
+pub fn run_list(id: &str, runs: &[RunRow]) -> String {
+    RunListHtml { id, runs }.render().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "rendering a list of runs");
+        String::new()
+    })
+}
+
+/// A time for `<time datetime>` and `data-` attributes.
+pub fn iso(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn iso_opt(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.map(iso).unwrap_or_default()
+}
+
+/// A time as text for readers without JS (app.js shows it relative, in the viewer's zone).
+fn utc_text(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+/// How long from `a` to `b` (or to now), for people.
+fn span(a: chrono::DateTime<chrono::Utc>, b: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    human(
+        (b.unwrap_or_else(chrono::Utc::now) - a)
+            .to_std()
+            .unwrap_or_default(),
+    )
 }
 
 /// How long something took (or has taken so far), for people.
@@ -128,14 +204,7 @@ fn took(
     started: Option<chrono::DateTime<chrono::Utc>>,
     finished: Option<chrono::DateTime<chrono::Utc>>,
 ) -> String {
-    match (started, finished) {
-        (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
-        (Some(a), None) => format!(
-            "{} so far",
-            human((chrono::Utc::now() - a).to_std().unwrap_or_default())
-        ),
-        _ => String::new(),
-    }
+    started.map(|a| span(a, finished)).unwrap_or_default()
 }
 
 fn row(run: &Run) -> RunRow {
@@ -143,20 +212,31 @@ fn row(run: &Run) -> RunRow {
         id: run.id.to_string(),
         number: run.number,
         pipeline: run.pipeline.clone(),
+        pipeline_href: pipeline_href(&run.pipeline),
         status: run.status.as_str(),
         trigger: run.trigger.to_string(),
-        created: run.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+        created: iso(run.created_at),
+        created_text: utc_text(run.created_at),
+        started: iso_opt(run.started_at),
+        finished: iso_opt(run.finished_at),
         took: took(run.started_at, run.finished_at),
+        wait: if run.status == skiff_core::run::RunStatus::Queued {
+            span(run.created_at, None)
+        } else {
+            run.started_at
+                .map(|s| span(run.created_at, Some(s)))
+                .unwrap_or_default()
+        },
         reason: run.reason.clone().unwrap_or_default(),
     }
 }
 
-/// The newest runs of a pipeline, as rows.
+/// The newest runs of a pipeline, as rows, and the cursor of the older ones.
 async fn recent_runs(
     state: &AppState,
     pipeline: &str,
     limit: u32,
-) -> Result<Vec<RunRow>, ApiError> {
+) -> Result<(Vec<RunRow>, Option<String>), ApiError> {
     let page = state
         .store
         .list_runs(&RunQuery {
@@ -165,11 +245,34 @@ async fn recent_runs(
             ..RunQuery::default()
         })
         .await?;
+    Ok((page.runs.iter().map(row).collect(), page.next))
+}
+
+/// The runs in one state, newest first.
+async fn runs_in(
+    state: &AppState,
+    status: skiff_core::run::RunStatus,
+    limit: u32,
+) -> Result<Vec<RunRow>, ApiError> {
+    let page = state
+        .store
+        .list_runs(&RunQuery {
+            status: Some(status),
+            limit,
+            ..RunQuery::default()
+        })
+        .await?;
     Ok(page.runs.iter().map(row).collect())
+}
+
+/// A pipeline's page: its name is a file's, so anything (`x?y#z`) is encoded.
+pub fn pipeline_href(name: &str) -> String {
+    format!("/pipelines/{}", crate::web::encode(name))
 }
 
 pub struct PipelineCard {
     pub name: String,
+    pub href: String,
     pub description: String,
     pub valid: bool,
     pub problems: usize,
@@ -184,6 +287,8 @@ pub struct PipelineCard {
 pub struct Dashboard {
     csrf: String,
     cards: Vec<PipelineCard>,
+    /// What is running and waiting now.
+    active: Vec<RunRow>,
     /// Steps run with skiff's own powers: said on the first screen.
     warning: String,
 }
@@ -192,10 +297,11 @@ pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dash
     let catalog = state.catalog.current();
     let mut cards = Vec::new();
     for e in catalog.entries() {
-        let recent = recent_runs(&state, &e.name, 8).await?;
+        let (recent, _) = recent_runs(&state, &e.name, 6).await?;
         let p = e.pipeline.as_deref();
         cards.push(PipelineCard {
             name: e.name.clone(),
+            href: pipeline_href(&e.name),
             description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
             valid: p.is_some(),
             problems: e.diagnostics.len(),
@@ -205,9 +311,12 @@ pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dash
             recent,
         });
     }
+    let mut active = runs_in(&state, skiff_core::run::RunStatus::Running, 20).await?;
+    active.extend(runs_in(&state, skiff_core::run::RunStatus::Queued, 20).await?);
     Ok(Dashboard {
         csrf: page.csrf,
         cards,
+        active,
         warning: state.config.steps_warning.clone().unwrap_or_default(),
     })
 }
@@ -228,6 +337,7 @@ pub struct ParamField {
 pub struct PipelinePage {
     csrf: String,
     name: String,
+    href: String,
     file: String,
     description: String,
     valid: bool,
@@ -236,6 +346,8 @@ pub struct PipelinePage {
     triggers: Vec<String>,
     fields: Vec<ParamField>,
     runs: Vec<RunRow>,
+    /// The page of older runs (on the runs page), when there are more.
+    older: String,
     errors: Vec<String>,
 }
 
@@ -258,7 +370,16 @@ async fn pipeline_page(
 ) -> Result<PipelinePage, ApiError> {
     let e = entry_or_404(state, name)?;
     let p = e.pipeline.as_deref();
-    let runs = recent_runs(state, &e.name, 50).await?;
+    let (runs, next) = recent_runs(state, &e.name, 50).await?;
+    let older = next
+        .map(|c| {
+            format!(
+                "/runs?pipeline={}&cursor={}",
+                crate::web::encode(&e.name),
+                crate::web::encode(&c)
+            )
+        })
+        .unwrap_or_default();
     let mut triggers = Vec::new();
     if let Some(p) = p {
         if p.on.manual {
@@ -288,10 +409,16 @@ async fn pipeline_page(
             });
         }
     }
-    let file = e.file.display().to_string();
+    // The file's name: the server's own path is nobody's business on a page.
+    let file = e
+        .file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     Ok(PipelinePage {
         csrf: page.csrf.clone(),
         name: e.name.clone(),
+        href: pipeline_href(&e.name),
         file: file.clone(),
         description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
         valid: p.is_some(),
@@ -329,6 +456,7 @@ async fn pipeline_page(
             })
             .unwrap_or_default(),
         runs,
+        older,
         errors,
     })
 }
@@ -409,6 +537,9 @@ pub struct StepRow {
     pub status: &'static str,
     pub phase: &'static str,
     pub took: String,
+    /// RFC 3339, or empty while it has not happened (app.js ticks the duration between).
+    pub started: String,
+    pub finished: String,
     pub reason: String,
     pub attempt: u32,
 }
@@ -420,6 +551,8 @@ fn step_row(s: &StepRecord) -> StepRow {
         status: s.status.as_str(),
         phase: s.phase.as_str(),
         took: took(s.started_at, s.finished_at),
+        started: iso_opt(s.started_at),
+        finished: iso_opt(s.finished_at),
         reason: s.reason.clone().unwrap_or_default(),
         attempt: s.attempt,
     }
@@ -435,6 +568,8 @@ pub struct RunPage {
     active: bool,
     cancel_requested: bool,
     rerun_of: String,
+    /// The number of the run this one repeats (when it is still kept).
+    rerun_of_number: String,
 }
 
 pub async fn run(
@@ -444,7 +579,17 @@ pub async fn run(
 ) -> Result<RunPage, ApiError> {
     let run = load_run(&state, &id).await?;
     let steps = state.store.steps(&run.id).await?;
+    let rerun_of_number = match &run.rerun_of {
+        Some(earlier) => state
+            .store
+            .get_run(earlier)
+            .await?
+            .map(|r| r.number.to_string())
+            .unwrap_or_default(),
+        None => String::new(),
+    };
     Ok(RunPage {
+        rerun_of_number,
         csrf: page.csrf,
         params: run
             .params
@@ -460,6 +605,141 @@ pub async fn run(
             .map(ToString::to_string)
             .unwrap_or_default(),
         run: row(&run),
+    })
+}
+
+/// The runs page's filters and page (a GET form: every field may be empty).
+#[derive(Deserialize, Default)]
+pub struct RunsFilter {
+    #[serde(default)]
+    pipeline: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    trigger: String,
+    #[serde(default)]
+    cursor: String,
+}
+
+/// One choice of a filter's menu.
+pub struct Choice {
+    pub value: String,
+    pub selected: bool,
+}
+
+fn choices<'a>(all: impl IntoIterator<Item = &'a str>, chosen: &str) -> Vec<Choice> {
+    all.into_iter()
+        .map(|v| Choice {
+            value: v.to_string(),
+            selected: v == chosen,
+        })
+        .collect()
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "runs.html")]
+pub struct RunsPage {
+    csrf: String,
+    pipelines: Vec<Choice>,
+    statuses: Vec<Choice>,
+    triggers: Vec<Choice>,
+    /// Some filter is set (the page says so, with a way to clear it).
+    filtered: bool,
+    /// This is the first page (it updates itself while runs are going).
+    first: bool,
+    runs: Vec<RunRow>,
+    /// The next page's address, when there is one.
+    older: String,
+}
+
+/// Runs of a trigger kind are picked from the Store's pages (which filter by pipeline and
+/// status only): at most this many are read for one page of the runs page.
+const TRIGGER_SCAN: usize = 2000;
+const RUNS_PAGE: u32 = 50;
+
+/// All runs, newest first, filtered by pipeline, status and trigger, 50 a page.
+pub async fn runs(
+    page: Page,
+    State(state): State<AppState>,
+    filter: Result<axum::extract::Query<RunsFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<RunsPage, ApiError> {
+    let axum::extract::Query(f) = filter?;
+    let status = match f.status.as_str() {
+        "" => None,
+        s => Some(s.parse::<skiff_core::run::RunStatus>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "no run status `{}`",
+                s.chars().take(40).collect::<String>()
+            ))
+        })?),
+    };
+    let trigger = match f.trigger.as_str() {
+        "" => None,
+        t => Some(t.parse::<TriggerKind>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "no trigger `{}`",
+                t.chars().take(40).collect::<String>()
+            ))
+        })?),
+    };
+    let mut query = RunQuery {
+        pipeline: (!f.pipeline.is_empty()).then(|| f.pipeline.clone()),
+        status,
+        limit: RUNS_PAGE,
+        cursor: (!f.cursor.is_empty()).then(|| f.cursor.clone()),
+    };
+    let mut runs = Vec::new();
+    let mut scanned = 0;
+    let next = loop {
+        let got = state.store.list_runs(&query).await?;
+        scanned += got.runs.len();
+        runs.extend(
+            got.runs
+                .iter()
+                .filter(|r| trigger.is_none_or(|t| r.trigger.kind == t))
+                .map(row),
+        );
+        match got.next {
+            Some(c) if runs.len() < RUNS_PAGE as usize && scanned < TRIGGER_SCAN => {
+                query.cursor = Some(c);
+            }
+            other => break other,
+        }
+    };
+    let older = next
+        .map(|c| {
+            let mut q = vec![];
+            for (k, v) in [
+                ("pipeline", &f.pipeline),
+                ("status", &f.status),
+                ("trigger", &f.trigger),
+            ] {
+                if !v.is_empty() {
+                    q.push(format!("{k}={}", crate::web::encode(v)));
+                }
+            }
+            q.push(format!("cursor={}", crate::web::encode(&c)));
+            format!("/runs?{}", q.join("&"))
+        })
+        .unwrap_or_default();
+    let catalog = state.catalog.current();
+    let mut names: Vec<&str> = catalog.entries().map(|e| e.name.as_str()).collect();
+    // A removed pipeline's runs can still be asked for.
+    if !f.pipeline.is_empty() && !names.contains(&f.pipeline.as_str()) {
+        names.push(&f.pipeline);
+    }
+    Ok(RunsPage {
+        csrf: page.csrf,
+        pipelines: choices(names, &f.pipeline),
+        statuses: choices(
+            skiff_core::run::RunStatus::ALL.iter().map(|s| s.as_str()),
+            &f.status,
+        ),
+        triggers: choices(TriggerKind::ALL.iter().map(|t| t.as_str()), &f.trigger),
+        filtered: !(f.pipeline.is_empty() && f.status.is_empty() && f.trigger.is_empty()),
+        first: f.cursor.is_empty(),
+        runs,
+        older,
     })
 }
 
@@ -508,23 +788,49 @@ pub async fn rerun_run(
 pub struct LoginPage {
     error: String,
     has_password: bool,
+    /// Where signing in leads (already checked by `safe_next`).
+    next: String,
 }
 
-pub async fn login_form(State(state): State<AppState>) -> Result<LoginPage, ApiError> {
+#[derive(Deserialize, Default)]
+pub struct NextQuery {
+    #[serde(default)]
+    next: String,
+}
+
+/// The sign-in form; someone already signed in goes on to where they were going (or home).
+pub async fn login_form(
+    State(state): State<AppState>,
+    parts: Parts,
+    query: Result<axum::extract::Query<NextQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let next = query.map(|q| q.0.next).unwrap_or_default();
+    let next = safe_next(&next).to_string();
+    if identify(&parts, &state).await?.is_some() {
+        return Ok(Redirect::to(&next).into_response());
+    }
     Ok(LoginPage {
         error: String::new(),
         has_password: state.auth.password_hash().await?.is_some(),
-    })
+        next,
+    }
+    .into_response())
 }
 
 #[derive(Deserialize)]
 pub struct LoginForm {
     #[serde(default)]
     password: String,
+    #[serde(default)]
+    next: String,
 }
 
-fn signed_in(cookie: String) -> Response {
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+fn signed_in(cookie: String, next: &str) -> Response {
+    (
+        [(header::SET_COOKIE, cookie)],
+        Redirect::to(safe_next(next)),
+    )
+        .into_response()
 }
 
 pub async fn login(
@@ -543,6 +849,7 @@ pub async fn login(
         Err(wait) => {
             metrics::counter!("skiff_login_refused_total").increment(1);
             let page = LoginPage {
+                next: safe_next(&form.next).to_string(),
                 error: format!(
                     "too many password attempts from your address; try again in {} s (or use \
                      `skiff login-link`)",
@@ -557,13 +864,14 @@ pub async fn login(
     if !ok {
         metrics::counter!("skiff_login_failures_total").increment(1);
         let page = LoginPage {
+            next: safe_next(&form.next).to_string(),
             error: "wrong password".into(),
             has_password: hash.is_some(),
         };
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
     let cookie = auth::start_session(&state).await?;
-    Ok(signed_in(cookie))
+    Ok(signed_in(cookie, &form.next))
 }
 
 /// A `HEAD` of a sign-in link (a chat app previewing it, a link checker) does not use it up.
@@ -579,11 +887,12 @@ pub async fn login_link(
         let page = LoginPage {
             error: "this login link was already used or has expired; restart skiff serve or run `skiff login-link` for a new one".into(),
             has_password: state.auth.password_hash().await?.is_some(),
+            next: "/".into(),
         };
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
     let cookie = auth::start_session(&state).await?;
-    Ok(signed_in(cookie))
+    Ok(signed_in(cookie, "/"))
 }
 
 pub async fn logout(
@@ -636,15 +945,20 @@ pub struct SettingsPage {
     csrf: String,
     has_password: bool,
     tokens: Vec<TokenRow>,
+    /// What happened (`ok`) or what was refused (`error`).
     message: String,
+    message_kind: &'static str,
+    /// A token just created: its secret (shown once), name and scope.
     new_token: String,
+    new_token_name: String,
+    new_token_scope: &'static str,
 }
 
 async fn settings_page(
     page: &Page,
     state: &AppState,
     message: String,
-    new_token: String,
+    ok: bool,
 ) -> Result<SettingsPage, ApiError> {
     Ok(SettingsPage {
         csrf: page.csrf.clone(),
@@ -657,13 +971,60 @@ async fn settings_page(
             .map(token_row)
             .collect(),
         message,
-        new_token,
+        message_kind: if ok { "ok" } else { "error" },
+        new_token: String::new(),
+        new_token_name: String::new(),
+        new_token_scope: "",
     })
 }
 
-pub async fn settings(page: Page, State(state): State<AppState>) -> Result<SettingsPage, ApiError> {
+/// A new token's secret travels from its POST to the next GET of the settings in this cookie
+/// (HttpOnly, for the settings only, a minute at most), which that GET clears: the secret is
+/// shown once, and a reload neither shows it again nor creates another token. A cookie rather
+/// than server memory, so it works with several servers behind one address.
+const NEW_TOKEN_COOKIE: &str = "skiff_new_token";
+
+fn new_token_cookie(value: &str, max_age: u32, secure: bool) -> String {
+    format!(
+        "{NEW_TOKEN_COOKIE}={value}; Path=/settings; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+pub async fn settings(
+    page: Page,
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     page.require_session()?;
-    settings_page(&page, &state, String::new(), String::new()).await
+    let mut shown = settings_page(&page, &state, String::new(), true).await?;
+    let Some(flash) = auth::cookie(&headers, NEW_TOKEN_COOKIE) else {
+        return Ok(shown.into_response());
+    };
+    // `<id>.<secret>`: shown when the id is a live token's and the secret looks like one.
+    if let Some((id, secret)) = flash.split_once('.')
+        && secret.starts_with("skiff_")
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && let Some(t) = state
+            .auth
+            .list_tokens()
+            .await?
+            .into_iter()
+            .find(|t| t.id == id && t.revoked_at.is_none())
+    {
+        shown.new_token = secret.to_string();
+        shown.new_token_name = t.name.clone();
+        shown.new_token_scope = t.scope.as_str();
+        shown.message = format!(
+            "token `{}` ({}) created; copy it now, it is not shown again",
+            t.name,
+            t.scope.as_str()
+        );
+    }
+    let clear = new_token_cookie("", 0, state.config.secure_cookies);
+    Ok(([(header::SET_COOKIE, clear)], shown).into_response())
 }
 
 #[derive(Deserialize)]
@@ -697,11 +1058,7 @@ pub async fn set_password(
     let (page, state) = (&page, &state);
     let refuse = |status: StatusCode, message: String| async move {
         Ok::<_, ApiError>(
-            (
-                status,
-                settings_page(page, state, message, String::new()).await?,
-            )
-                .into_response(),
+            (status, settings_page(page, state, message, false).await?).into_response(),
         )
     };
     if current_hash.is_some() {
@@ -757,7 +1114,7 @@ pub async fn set_password(
             page,
             state,
             "password set; every other session was signed out".to_string(),
-            String::new(),
+            true,
         )
         .await?,
     )
@@ -788,27 +1145,22 @@ pub async fn create_token(
         Err(e) => {
             return Ok((
                 StatusCode::UNPROCESSABLE_ENTITY,
-                settings_page(&page, &state, e.message, String::new()).await?,
+                settings_page(&page, &state, e.message, false).await?,
             )
                 .into_response());
         }
     };
     let secret = auth::random_token("skiff_");
-    state
+    let token = state
         .auth
         .create_token(&name, &hash_secret(&secret), scope)
         .await?;
-    Ok(settings_page(
-        &page,
-        &state,
-        format!(
-            "token `{name}` ({}) created; copy it now, it is not shown again",
-            scope.as_str()
-        ),
-        secret,
-    )
-    .await?
-    .into_response())
+    let flash = new_token_cookie(
+        &format!("{}.{secret}", token.id),
+        60,
+        state.config.secure_cookies,
+    );
+    Ok(([(header::SET_COOKIE, flash)], Redirect::to("/settings")).into_response())
 }
 
 pub async fn revoke_token(
@@ -840,6 +1192,11 @@ pub fn symbol(status: &str) -> &'static str {
 impl RunRow {
     pub fn symbol(&self) -> &'static str {
         symbol(self.status)
+    }
+
+    /// The status as a word (`timed out`).
+    pub fn label(&self) -> String {
+        self.status.replace('_', " ")
     }
 }
 

@@ -23,6 +23,18 @@ struct Browser {
 
 impl Browser {
     fn start() -> Browser {
+        Self::start_with(json!({}))
+    }
+
+    /// A phone: chromedriver's `mobileEmulation` (touch, a device pixel ratio of 2, `width` CSS
+    /// pixels wide).
+    fn phone(width: u32) -> Browser {
+        Self::start_with(json!({ "mobileEmulation": { "deviceMetrics": {
+            "width": width, "height": 640, "pixelRatio": 2.0, "touch": true } } }))
+    }
+
+    /// A browser with more `goog:chromeOptions`.
+    fn start_with(options: Value) -> Browser {
         for program in [CHROMEDRIVER, CHROMIUM] {
             assert!(
                 std::path::Path::new(program).exists(),
@@ -60,9 +72,13 @@ impl Browser {
             session: String::new(),
             agent,
         };
+        let mut chrome = json!({ "binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"] });
+        if let (Some(c), Some(more)) = (chrome.as_object_mut(), options.as_object()) {
+            c.extend(more.clone());
+        }
         let caps = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": { "binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"] }
+            "goog:chromeOptions": chrome
         } } });
         let value = browser.send("POST", "/session", Some(caps));
         browser.session = value["sessionId"]
@@ -364,4 +380,210 @@ fn a_log_of_100000_lines_stays_usable() {
         "100,000-line log: loaded and rendered in {loaded:?}; reloaded at line 99,999 in {:?}",
         started.elapsed()
     );
+}
+
+/// What a reader can reach with a finger: these controls (not links inside a sentence, not the
+/// log's line numbers) are at least 44 x 44 px; the ones that are smaller, as "selector WxH".
+const SMALL_TARGETS: &str = r#"
+const sel = 'header.top a, header.top button, main button, main .button, .run-row, .dot, .last-run, .step .name, main select, main input[type=text], main input[type=password], .card .title, .ways a';
+return Array.from(document.querySelectorAll(sel)).filter(e => {
+  const r = e.getBoundingClientRect();
+  if (r.width === 0 && r.height === 0) return false;
+  return r.height < 43.5 || r.width < 43.5;
+}).map(e => { const r = e.getBoundingClientRect(); return e.tagName + '.' + e.className + ' "' + e.textContent.trim().slice(0, 20) + '" ' + Math.round(r.width) + 'x' + Math.round(r.height); });
+"#;
+
+/// Whether the document scrolls sideways: (scrollWidth, clientWidth).
+const SIDEWAYS: &str =
+    "const e = document.scrollingElement; return [e.scrollWidth, e.clientWidth];";
+
+#[test]
+fn on_a_phone_320px_wide_nothing_scrolls_sideways_and_targets_are_44px() {
+    let server = Server::start(&[
+        (
+            "a-pipeline-with-a-rather-long-name-for-a-phone",
+            "description: Prints long lines\nparams:\n  who: { default: world }\nsteps:\n  - name: A step whose name is long enough to wrap on any phone screen at all\n    run: |\n      echo \"$(printf 'x%.0s' $(seq 1 300))\"\n      echo done\n",
+        ),
+        (
+            "slow",
+            "steps:\n  - name: Wait\n    run: |\n      echo started\n      sleep 1000\n",
+        ),
+        ("x?y#z", "stpes: []\n"),
+    ]);
+    let (done, _) =
+        server.run_and_wait("a-pipeline-with-a-rather-long-name-for-a-phone", json!({}));
+    let done = done["id"].as_str().expect("id").to_string();
+    let slow = server.trigger("slow", json!({}));
+    server.wait_for_log(&slow, "started");
+    let b = Browser::phone(320);
+    b.goto(&server.login_link);
+    b.wait_text("main", "slow");
+    let pages = [
+        ("dashboard", "/".to_string()),
+        ("runs", "/runs".to_string()),
+        (
+            "pipeline",
+            "/pipelines/a-pipeline-with-a-rather-long-name-for-a-phone".to_string(),
+        ),
+        ("invalid", "/pipelines/x%3Fy%23z".to_string()),
+        ("run", format!("/runs/{done}")),
+        ("live-run", format!("/runs/{slow}")),
+        ("settings", "/settings".to_string()),
+        ("error", "/runs/no-such-run".to_string()),
+    ];
+    let mut problems = Vec::new();
+    for (name, path) in &pages {
+        b.goto(&server.url(path));
+        b.find("main");
+        if path.starts_with("/runs/") && name != &"error" {
+            b.wait_text("#log-state", "line");
+        }
+        let width = b.js("return window.innerWidth;");
+        assert_eq!(width, json!(320), "the phone is 320 px wide");
+        let sideways = b.js(SIDEWAYS);
+        if sideways[0].as_i64() > sideways[1].as_i64() {
+            problems.push(format!("{name}: scrolls sideways {sideways}"));
+        }
+        let small = b.js(SMALL_TARGETS);
+        if small.as_array().is_some_and(|a| !a.is_empty()) {
+            problems.push(format!("{name}: small targets {small}"));
+        }
+        let shot = b.screenshot(&format!("phone-320-{name}.png"));
+        eprintln!("screenshot: {}", shot.display());
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let status = b.js(
+        "return document.querySelector('.badge') && document.querySelector('.badge').textContent;",
+    );
+    eprintln!("a status on the error page? {status}");
+}
+
+#[test]
+fn the_run_page_keeps_its_head_in_view_and_its_times_tick() {
+    let server = Server::start(&[
+        (
+            "many",
+            "steps:\n  - name: Count\n    run: seq -f 'line %g' 1 300\n  - name: Second\n    run: seq -f 'more %g' 1 100\n",
+        ),
+        (
+            "slow",
+            "steps:\n  - name: Print then wait\n    run: |\n      seq -f 'live line %g' 1 200\n      sleep 1000\n",
+        ),
+    ]);
+    let (done, _) = server.run_and_wait("many", json!({}));
+    let done = done["id"].as_str().expect("id").to_string();
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+
+    // An error page is a page, with a way back.
+    b.goto(&server.url("/runs/no-such-run"));
+    b.wait_text("#error", "Not found");
+    b.click(".ways a[href='/']");
+    b.wait_text("main h1", "Pipelines");
+
+    // A finished run opens at its head, which stays in view when the reader goes down the log.
+    b.goto(&server.url(&format!("/runs/{done}")));
+    b.wait_text("#log-state", "400 lines");
+    let in_view = "const v = id => { const r = document.getElementById(id).getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight && r.height > 0; }; return [v('run-status'), v('rerun'), v('run-took'), Math.round(window.scrollY)];";
+    assert_eq!(
+        b.js(in_view),
+        json!([true, true, true, 0]),
+        "opened at the head, not at the end of the log"
+    );
+    let title = b.js("return document.title;");
+    assert!(
+        title
+            .as_str()
+            .is_some_and(|t| t.starts_with("✓ many #1 succeeded")),
+        "the tab says how the run went: {title}"
+    );
+    b.js("window.scrollTo(0, document.documentElement.scrollHeight);");
+    let v = b.js(in_view);
+    assert_eq!(
+        (&v[0], &v[1]),
+        (&json!(true), &json!(true)),
+        "the head stays in view at the end: {v}"
+    );
+    // A step's anchor lands below the sticky head, not under it.
+    b.js("window.scrollTo(0, 0);");
+    b.click("#step-1 .name");
+    std::thread::sleep(Duration::from_millis(300));
+    let below = b.js("const h = document.getElementById('run-head').getBoundingClientRect(); const s = document.getElementById('L-step-1').getBoundingClientRect(); return [Math.round(h.bottom), Math.round(s.top)];");
+    assert!(
+        below[1].as_i64() >= below[0].as_i64() && below[1].as_i64() < Some(400),
+        "the step's log starts below the head: head bottom, step top = {below}"
+    );
+    b.screenshot("run-finished-head.png");
+
+    // A live run: its duration ticks, its tab shows it running, the end of its log is followed
+    // while the reader is there, and Cancel stays in reach.
+    let slow = server.trigger("slow", json!({}));
+    server.wait_for_log(&slow, "live line 200");
+    b.goto(&server.url(&format!("/runs/{slow}")));
+    b.wait_text("#log", "live line 200");
+    let title = b.js("return document.title;");
+    assert!(
+        title.as_str().is_some_and(|t| t.contains("running")),
+        "{title}"
+    );
+    let took = b.text("#run-took");
+    std::thread::sleep(Duration::from_millis(2100));
+    let later = b.text("#run-took");
+    assert_ne!(took, later, "the duration ticks while the run runs");
+    let cancel = b.js("const r = document.getElementById('cancel').getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight;");
+    assert_eq!(cancel, json!(true), "Cancel is in reach");
+    b.click("#cancel");
+    b.wait_text("#run-status", "cancelled");
+    let title = b.js("return document.title;");
+    assert!(
+        title.as_str().is_some_and(|t| t.contains("cancelled")),
+        "{title}"
+    );
+    let took = b.text("#run-took");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        took,
+        b.text("#run-took"),
+        "an ended run's duration stands still"
+    );
+    let wait = b.text("#run-wait");
+    assert!(!wait.is_empty(), "the queue wait is shown");
+    // Times read relative, with the absolute time on hover.
+    let time = b
+        .js("const t = document.querySelector('.run-meta time'); return [t.textContent, t.title];");
+    assert_eq!(time[0], json!("just now"), "{time}");
+    assert!(time[1].as_str().is_some_and(|t| t.len() > 8), "{time}");
+}
+
+#[test]
+fn the_runs_page_filters_in_the_browser() {
+    let server = Server::start(&[
+        ("good", "steps:\n  - run: \"true\"\n"),
+        ("bad", "steps:\n  - run: exit 1\n"),
+    ]);
+    for p in ["good", "bad", "good", "bad", "good"] {
+        server.run_and_wait(p, json!({}));
+    }
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url("/runs"));
+    let count = "return document.querySelectorAll('#runs .run-row').length;";
+    assert_eq!(b.js(count), json!(5));
+    b.js("document.querySelector(\"select[name='status']\").value = 'failed';");
+    b.click("#filters button[type=submit]");
+    b.wait_text("main", "Clear");
+    assert!(b.url().contains("status=failed"), "{}", b.url());
+    assert_eq!(b.js(count), json!(2));
+    let statuses = b.js("return Array.from(document.querySelectorAll('#runs .run-row')).map(e => e.dataset.status);");
+    assert_eq!(statuses, json!(["failed", "failed"]));
+    b.js("document.querySelector(\"select[name='status']\").value = ''; document.querySelector(\"select[name='pipeline']\").value = 'good';");
+    b.click("#filters button[type=submit]");
+    b.wait_text("main", "Clear");
+    assert_eq!(b.js(count), json!(3));
+    // A row is one link to its run.
+    b.click("#runs .run-row");
+    b.find("#run-head");
+    assert!(b.url().contains("/runs/"), "{}", b.url());
 }

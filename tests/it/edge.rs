@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use serde_json::{Value, json};
 
 use crate::harness::{ADMIN_TOKEN, Server, call, raw};
+use crate::ui::assert_html_error;
 
 const HELLO: &str = "params:\n  who: { default: world }\n  n: { type: number, default: \"1\" }\nsteps:\n  - id: greet\n    run: echo \"hello $SKIFF_PARAM_WHO $SKIFF_PARAM_N\"\n";
 
@@ -292,8 +293,7 @@ fn every_error_is_the_json_error_body() {
     );
     // Unknown routes, API or not.
     assert_json_error("unknown API route", &get("/api/nothing"), 404, "not_found");
-    assert_json_error("unknown page", &get("/nothing"), 404, "not_found");
-    // The UI's routes answer JSON errors too (for now).
+    // Pages answer their errors as HTML pages with a way back (`ui::assert_html_error`).
     let cookie = crate::api::sign_in(&s);
     let page = |method: &str, path: &str, body: Option<&str>| {
         raw(
@@ -306,20 +306,26 @@ fn every_error_is_the_json_error_body() {
             ],
         )
     };
-    assert_json_error(
+    assert_html_error(
+        "unknown page",
+        &page("GET", "/nothing", None),
+        404,
+        "not_found",
+    );
+    assert_html_error(
         "UI 405",
         &page("POST", "/settings", Some("")),
         405,
         "method_not_allowed",
     );
-    assert_json_error(
+    assert_html_error(
         "UI bad path",
         &page("GET", "/runs/%FF", None),
         400,
         "bad_request",
     );
     let big_form = format!("csrf=x&param.who={}", "x".repeat(300_000));
-    assert_json_error(
+    assert_html_error(
         "UI huge form",
         &page("POST", "/pipelines/hello/run", Some(&big_form)),
         413,

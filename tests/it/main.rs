@@ -12,4 +12,5 @@ mod quickstart;
 mod records;
 mod runs;
 mod tracking;
+mod ui;
 mod validate;

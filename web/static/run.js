@@ -1,5 +1,7 @@
-// The run page: follows the run over Server-Sent Events, appending log lines as they come,
-// updating steps and status, and following the end of the log until the reader scrolls up.
+// The run page: follows the run over Server-Sent Events, appending log lines as they come and
+// updating steps, status, durations and the tab's title. The page follows the end of the log
+// only while the reader is at the end of a live run; a finished run opens at its head (status,
+// steps, Rerun), which stays in view (sticky) while the log scrolls.
 (function () {
   "use strict";
   const log = document.getElementById("log");
@@ -7,23 +9,40 @@
   const runId = log.dataset.run;
   const state = document.getElementById("log-state");
   const followBtn = document.getElementById("follow");
+  const head = document.getElementById("run-head");
   const BLOCK = 500; // lines per block; blocks off screen are not laid out
-  let lineNo = 0, block = null, blockCount = 0, lastStep = undefined, following = true, pending = [];
+  const SYM = { succeeded: "✓", failed: "✗", running: "●", queued: "○", pending: "○", cancelled: "⊘", timed_out: "⏱", skipped: "–" };
+  let live = log.dataset.active === "true";
+  let lineNo = 0, block = null, blockCount = 0, lastStep = undefined, pending = [];
   let stepNames = {};
   document.querySelectorAll("#steps .step").forEach(function (li) {
     stepNames[li.dataset.index] = li.querySelector(".name").textContent;
   });
 
+  // Anchors (#L123, a step) land below the sticky head, whatever its height.
+  function measureHead() {
+    if (head) document.documentElement.style.setProperty("--sticky", (head.offsetHeight + 8) + "px");
+  }
+  measureHead();
+  if (head && window.ResizeObserver) new ResizeObserver(measureHead).observe(head);
+
   function atBottom() {
     return window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 40;
   }
+  let following = live && atBottom();
+  function showFollow() {
+    // Offered while there is more log below than the screen shows.
+    followBtn.textContent = live ? "Follow the end" : "Jump to the end";
+    followBtn.hidden = following || atBottom();
+  }
   window.addEventListener("scroll", function () {
-    const bottom = atBottom();
-    if (!bottom && following) { following = false; followBtn.hidden = false; }
-    if (bottom && !following) { following = true; followBtn.hidden = true; }
+    following = live && atBottom();
+    showFollow();
   }, { passive: true });
   followBtn.addEventListener("click", function () {
-    following = true; followBtn.hidden = true; window.scrollTo(0, document.documentElement.scrollHeight);
+    following = live;
+    window.scrollTo(0, document.documentElement.scrollHeight);
+    showFollow();
   });
 
   function newBlock() {
@@ -59,6 +78,7 @@
     }
     block.appendChild(frag);
     if (following) window.scrollTo(0, document.documentElement.scrollHeight);
+    showFollow();
   }
 
   let scheduled = false;
@@ -68,27 +88,47 @@
     requestAnimationFrame(function () { scheduled = false; flush(); });
   }
 
+  function setDur(el, start, end) {
+    if (!el) return;
+    el.dataset.start = start || "";
+    el.dataset.end = end || "";
+    if (window.skiff) window.skiff.duration(el, Date.now());
+  }
+
   function setStep(s) {
     const li = document.getElementById("step-" + s.index);
     if (!li) return;
     li.className = "step " + s.status;
-    const sym = { succeeded: "✓", failed: "✗", running: "●", pending: "○", cancelled: "⊘", timed_out: "⏱", skipped: "–" };
-    li.querySelector(".sym").textContent = sym[s.status] || "?";
-    li.querySelector(".took").textContent = s.duration_ms != null ? (s.duration_ms < 1000 ? s.duration_ms + "ms" : (s.duration_ms / 1000).toFixed(1) + "s") : "";
+    const sym = li.querySelector(".sym");
+    sym.textContent = SYM[s.status] || "?";
+    sym.setAttribute("aria-label", s.status);
+    sym.title = s.status;
+    setDur(li.querySelector(".took"), s.started_at, s.finished_at);
     li.querySelector(".why").textContent = (s.attempt > 1 ? "attempt " + s.attempt + " " : "") + (s.reason || "");
   }
 
+  const baseTitle = head ? head.dataset.title : "";
   function setRun(r) {
     const badge = document.getElementById("run-status");
-    const sym = { succeeded: "✓", failed: "✗", running: "●", queued: "○", cancelled: "⊘", timed_out: "⏱" };
+    const word = r.status.replace("_", " ");
     badge.className = "badge " + r.status;
-    badge.textContent = (sym[r.status] || "?") + " " + r.status;
-    const reason = document.getElementById("run-reason");
-    reason.textContent = r.reason || "";
+    badge.querySelector(".sym").textContent = SYM[r.status] || "?";
+    badge.querySelector(".word").textContent = word;
+    document.title = (SYM[r.status] || "?") + " " + baseTitle + " " + word + " · skiff";
+    document.getElementById("run-reason").textContent = r.reason || "";
+    setDur(document.getElementById("run-took"), r.started_at, r.finished_at);
+    document.getElementById("run-time").firstChild.textContent = r.started_at ? "ran " : "not started ";
+    const wait = document.getElementById("run-wait");
+    if (wait) {
+      wait.dataset.end = r.started_at || (r.status === "queued" ? "" : (r.finished_at || ""));
+      if (window.skiff) window.skiff.duration(wait, Date.now());
+      document.getElementById("run-wait-label").textContent = r.status === "queued" ? "waiting" : "waited";
+    }
     const ended = !(r.status === "queued" || r.status === "running");
     document.getElementById("cancel-form").hidden = ended;
     const c = document.getElementById("cancelling");
     if (c && ended) c.remove();
+    if (ended) { live = false; following = false; showFollow(); }
   }
 
   const source = new EventSource("/api/runs/" + runId + "/logs/stream?format=html");
@@ -99,7 +139,7 @@
     }
     lastStep = chunk.step;
     for (const html of chunk.html) {
-      pending.push({ html: html, note: html.startsWith("[skiff] ") });
+      pending.push({ html: html, note: chunk.stream === "skiff" || html.startsWith("[skiff] ") });
     }
     state.textContent = lineNo + pending.length + " lines";
     schedule();
@@ -113,7 +153,7 @@
   source.addEventListener("end", function (e) {
     source.close();
     flush();
-    state.textContent = lineNo + " lines · run " + JSON.parse(e.data).status;
+    state.textContent = lineNo + " lines · run " + JSON.parse(e.data).status.replace("_", " ");
     if (location.hash.startsWith("#L")) {
       const target = document.getElementById(location.hash.slice(1));
       if (target) { following = false; target.classList.add("hl"); target.scrollIntoView({ block: "center" }); }
