@@ -839,6 +839,80 @@ pub async fn rerun(
     Ok(created(&new))
 }
 
+/// A service a run deployed, as the resources ledger knows it: its current container.
+#[derive(Serialize, ToSchema)]
+pub struct ServiceDto {
+    pub name: String,
+    /// Its current container (`NAME-RUN-ATTEMPT`).
+    pub container: String,
+    /// The engine's ID (`docker info`).
+    pub engine: Option<String>,
+    /// When this version was deployed.
+    pub since: DateTime<Utc>,
+    /// The run that deployed it.
+    pub run: Option<String>,
+    pub pipeline: Option<String>,
+    pub run_number: Option<u64>,
+    /// When a temporary deploy is removed by the reaper.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ServiceList {
+    pub services: Vec<ServiceDto>,
+}
+
+/// The services runs deployed and did not remove, by name, each with its current version.
+pub async fn services(state: &AppState) -> Result<Vec<ServiceDto>, ApiError> {
+    let records = state
+        .store
+        .resources(&skiff_core::ledger::ResourceQuery {
+            states: vec![skiff_core::ledger::ResourceState::Live],
+            ..Default::default()
+        })
+        .await?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    // Newest first: the first record of a service is its current version.
+    for r in records {
+        let Some(name) = r.service.clone() else {
+            continue;
+        };
+        if r.kind != "container" || !seen.insert(name.clone()) {
+            continue;
+        }
+        let run = match &r.run {
+            Some(id) => state.store.get_run(id).await?,
+            None => None,
+        };
+        out.push(ServiceDto {
+            name,
+            container: r.name,
+            engine: r.engine,
+            since: r.created_at,
+            run: r.run.map(|id| id.to_string()),
+            pipeline: run.as_ref().map(|run| run.pipeline.clone()),
+            run_number: run.as_ref().map(|run| run.number),
+            expires_at: r.expires_at,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The services runs deployed (`docker/deploy`) and did not remove, by name, with the run that
+/// deployed the current version.
+#[utoipa::path(get, path = "/api/services", tag = "services",
+    responses((status = 200, description = "the services", body = ServiceList)))]
+pub async fn list_services(
+    _auth: Auth,
+    State(state): State<AppState>,
+) -> Result<Json<ServiceList>, ApiError> {
+    Ok(Json(ServiceList {
+        services: services(&state).await?,
+    }))
+}
+
 /// API tokens, newest first (never their secrets).
 #[utoipa::path(get, path = "/api/tokens", tag = "tokens",
     responses((status = 200, description = "the tokens", body = TokenList)))]

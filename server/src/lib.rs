@@ -112,6 +112,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api::rerun))
         .routes(routes!(api::list_tokens, api::create_token))
         .routes(routes!(api::revoke_token))
+        .routes(routes!(api::list_services))
 }
 
 /// The web UI's pages and forms (not part of the API document).
@@ -127,6 +128,7 @@ fn pages() -> Router<AppState> {
         .route("/pipelines/{name}", get(ui::pipeline))
         .route("/pipelines/{name}/run", post(ui::run_pipeline))
         .route("/runs", get(ui::runs))
+        .route("/services", get(ui::services))
         .route("/runs/{id}", get(ui::run))
         .route("/runs/{id}/cancel", post(ui::cancel_run))
         .route("/runs/{id}/rerun", post(ui::rerun_run))

@@ -38,6 +38,7 @@ use crate::error::ErrorBody;
         (name = "runs", description = "Starting, listing, cancelling runs"),
         (name = "logs", description = "Run logs, read or followed live"),
         (name = "tokens", description = "API tokens"),
+        (name = "services", description = "The services runs deployed (from the resources ledger)"),
         (name = "server", description = "Health, metrics, this document"),
     )
 )]

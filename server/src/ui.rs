@@ -636,6 +636,55 @@ fn choices<'a>(all: impl IntoIterator<Item = &'a str>, chosen: &str) -> Vec<Choi
         .collect()
 }
 
+/// A service on the Services page.
+pub struct ServiceRow {
+    name: String,
+    container: String,
+    /// "deploy #3", or "a run no longer kept".
+    by: String,
+    /// The run that deployed it, else the runs page.
+    href: String,
+    since: String,
+    since_text: String,
+    expires: String,
+    expires_text: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "services.html")]
+pub struct ServicesPage {
+    csrf: String,
+    services: Vec<ServiceRow>,
+}
+
+/// The services runs deployed, each with its current version and the run behind it.
+pub async fn services(page: Page, State(state): State<AppState>) -> Result<ServicesPage, ApiError> {
+    let services = crate::api::services(&state)
+        .await?
+        .into_iter()
+        .map(|s| ServiceRow {
+            by: match (&s.pipeline, s.run_number) {
+                (Some(p), Some(n)) => format!("{p} #{n}"),
+                _ => "a run no longer kept".into(),
+            },
+            href: match (&s.run, s.pipeline.is_some()) {
+                (Some(id), true) => format!("/runs/{id}"),
+                _ => "/runs".into(),
+            },
+            since: iso(s.since),
+            since_text: utc_text(s.since),
+            expires: iso_opt(s.expires_at),
+            expires_text: s.expires_at.map(utc_text).unwrap_or_default(),
+            name: s.name,
+            container: s.container,
+        })
+        .collect();
+    Ok(ServicesPage {
+        csrf: page.csrf,
+        services,
+    })
+}
+
 #[derive(Template, WebTemplate)]
 #[template(path = "runs.html")]
 pub struct RunsPage {

@@ -473,6 +473,29 @@ steps:
         format!("{service}-2-1"),
         "the old version is gone"
     );
+    let (status, services) = s.api("GET", "/api/services", None);
+    assert_eq!(status, 200, "{services}");
+    let listed = services["services"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["name"] == service.as_str()).cloned())
+        .unwrap_or_default();
+    assert_eq!(listed["container"], format!("{service}-2-1"), "{services}");
+    assert_eq!(listed["pipeline"], "web");
+    assert_eq!(listed["run_number"], 2);
+    let (status, _, page) = crate::harness::raw(
+        "GET",
+        &s.url("/services"),
+        None,
+        &[(
+            "authorization",
+            &format!("Bearer {}", crate::harness::ADMIN_TOKEN),
+        )],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains(&format!("{service}-2-1")) && page.contains("deployed by web #2"),
+        "the Services page: {page}"
+    );
 
     // Version 3 listens on another port: it never answers on 8080.
     let (run, log) = s.run_and_wait("web", json!({ "version": "3", "listen": "9999" }));
@@ -524,6 +547,11 @@ steps:
         &format!("label=skiff.service={service}"),
     ]);
     assert_eq!(names.trim(), "", "removed");
+    let (_, services) = s.api("GET", "/api/services", None);
+    assert!(
+        !services.to_string().contains(&service),
+        "a removed service is no longer listed: {services}"
+    );
     let (run, _) = s.run_and_wait("start", json!({}));
     assert_eq!(run["status"], "failed");
     assert!(
