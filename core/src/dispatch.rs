@@ -109,6 +109,13 @@ pub fn new_run(
     })
 }
 
+/// What a built-in service run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceAction {
+    Stop,
+    Start,
+}
+
 #[derive(Clone)]
 pub struct Dispatcher {
     pub store: Arc<dyn Store>,
@@ -137,6 +144,41 @@ impl Dispatcher {
             source: run.source.clone(),
             steps: pipeline.plan(),
             rerun_of: Some(run.id.clone()),
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Starts a built-in run that stops or starts a service (trigger `service`): the pipeline
+    /// `service-NAME`, one `docker/stop` or `docker/start` step, recorded and shown like any run.
+    pub async fn service_run(
+        &self,
+        service: &crate::actions::docker::ServiceName,
+        action: ServiceAction,
+        actor: String,
+    ) -> Result<Run, DispatchError> {
+        let name = &service.0;
+        let (uses, what) = match action {
+            ServiceAction::Stop => ("docker/stop", "Stop"),
+            ServiceAction::Start => ("docker/start", "Start"),
+        };
+        // The name is checked (a-z 0-9 -): nothing else goes into this text.
+        let pipeline = format!("service-{name}");
+        let source = format!(
+            "name: {pipeline}\ndescription: {what} the service {name} (from the Services view).\non:\n  manual: false\nsteps:\n  - name: {what} {name}\n    uses: {uses}\n    with:\n      name: {name}\n"
+        );
+        let loaded = crate::pipeline::load(&source, &pipeline)
+            .map_err(|_| DispatchError::InvalidPipeline(pipeline.clone()))?;
+        self.start(NewRun {
+            pipeline,
+            trigger: Trigger {
+                kind: TriggerKind::Service,
+                actor,
+            },
+            params: BTreeMap::new(),
+            source,
+            steps: loaded.plan(),
+            rerun_of: None,
             idempotency_key: None,
         })
         .await

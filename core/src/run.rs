@@ -119,6 +119,7 @@ string_enum!(
         Webhook = "webhook",
         Schedule = "schedule",
         Rerun = "rerun",
+        Service = "service",
     }
 );
 

@@ -913,6 +913,86 @@ pub async fn list_services(
     }))
 }
 
+/// Stops, starts or redeploys a service: a run to watch. Stop and start are built-in runs
+/// (pipeline `service-NAME`, trigger `service`); redeploy is an exact rerun of the run that
+/// deployed the current version.
+pub async fn service_action(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    name: &str,
+    action: &str,
+) -> Result<Run, ApiError> {
+    let service = skiff_core::actions::docker::ServiceName::parse(name).map_err(|_| {
+        ApiError::not_found(format!(
+            "no service `{}`",
+            name.chars().take(60).collect::<String>()
+        ))
+    })?;
+    let current = services(state)
+        .await?
+        .into_iter()
+        .find(|s| s.name == service.0)
+        .ok_or_else(|| ApiError::not_found(format!("no service `{}`", service.0)))?;
+    let run = match action {
+        "stop" | "start" => {
+            let a = if action == "stop" {
+                skiff_core::dispatch::ServiceAction::Stop
+            } else {
+                skiff_core::dispatch::ServiceAction::Start
+            };
+            state
+                .dispatcher
+                .service_run(&service, a, principal.actor())
+                .await?
+        }
+        "redeploy" => {
+            let Some(id) = &current.run else {
+                return Err(ApiError::conflict(format!(
+                    "the run that deployed {} is no longer kept: run its pipeline again",
+                    service.0
+                )));
+            };
+            let run = load_run(state, id).await.map_err(|_| {
+                ApiError::conflict(format!(
+                    "the run that deployed {} is no longer kept: run its pipeline again",
+                    service.0
+                ))
+            })?;
+            state
+                .dispatcher
+                .rerun(&run, trigger_of(principal, TriggerKind::Rerun))
+                .await?
+        }
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no service action `{}` (stop, start, redeploy)",
+                other.chars().take(40).collect::<String>()
+            )));
+        }
+    };
+    Ok(run)
+}
+
+/// Stop, start or redeploy a service: 201 with the run that does it (stop and start are
+/// built-in runs with the trigger `service`; redeploy reruns the run that deployed the current
+/// version, exactly).
+#[utoipa::path(post, path = "/api/services/{name}/{action}", tag = "services",
+    params(("name" = String, Path, description = "the service"),
+        ("action" = String, Path, description = "stop, start or redeploy")),
+    responses(
+        (status = 201, description = "the run that does it", body = RunDto,
+            headers(("location" = String, description = "the run's URL"))),
+        (status = 404, description = "no such service or action", body = ErrorBody),
+        (status = 409, description = "the run that deployed it is no longer kept", body = ErrorBody)))]
+pub async fn act_on_service(
+    Auth(principal): Auth,
+    State(state): State<AppState>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let run = service_action(&state, &principal, &name, &action).await?;
+    Ok(created(&run))
+}
+
 /// API tokens, newest first (never their secrets).
 #[utoipa::path(get, path = "/api/tokens", tag = "tokens",
     responses((status = 200, description = "the tokens", body = TokenList)))]

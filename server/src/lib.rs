@@ -113,6 +113,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api::list_tokens, api::create_token))
         .routes(routes!(api::revoke_token))
         .routes(routes!(api::list_services))
+        .routes(routes!(api::act_on_service))
 }
 
 /// The web UI's pages and forms (not part of the API document).
@@ -129,6 +130,7 @@ fn pages() -> Router<AppState> {
         .route("/pipelines/{name}/run", post(ui::run_pipeline))
         .route("/runs", get(ui::runs))
         .route("/services", get(ui::services))
+        .route("/services/{name}/{action}", post(ui::act_on_service))
         .route("/runs/{id}", get(ui::run))
         .route("/runs/{id}/cancel", post(ui::cancel_run))
         .route("/runs/{id}/rerun", post(ui::rerun_run))

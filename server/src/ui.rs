@@ -657,6 +657,18 @@ pub struct ServicesPage {
     services: Vec<ServiceRow>,
 }
 
+/// The Services page's Stop, Start and Redeploy buttons: the run that does it, to watch.
+pub async fn act_on_service(
+    page: Page,
+    State(state): State<AppState>,
+    Path((name, action)): Path<(String, String)>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, ApiError> {
+    page.check(&form.csrf)?;
+    let run = crate::api::service_action(&state, &page.principal, &name, &action).await?;
+    Ok(Redirect::to(&format!("/runs/{}", run.id)))
+}
+
 /// The services runs deployed, each with its current version and the run behind it.
 pub async fn services(page: Page, State(state): State<AppState>) -> Result<ServicesPage, ApiError> {
     let services = crate::api::services(&state)

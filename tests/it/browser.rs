@@ -587,3 +587,45 @@ fn the_runs_page_filters_in_the_browser() {
     b.find("#run-head");
     assert!(b.url().contains("/runs/"), "{}", b.url());
 }
+
+/// The Services view in the browser: a deployed service is listed; Stop stops it (a run to
+/// watch); Start starts it again.
+#[test]
+fn the_services_view_stops_and_starts_a_service() {
+    use crate::docker::{
+        Cleanup, DOCKERFILE, RemoveService, context_step, free_port, get_text, unique,
+    };
+    let tag = unique("ui");
+    let service = format!("ui{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = free_port();
+    let yaml = format!(
+        "steps:\n{ctx}  - uses: docker/build\n    with: {{ context: app, tags: [\"{tag}:1\"] }}\n  - uses: docker/deploy\n    with: {{ name: {service}, image: \"{tag}:1\", ports: [\"{port}:8080\"], health: {{ port: 8080, path: /index.html }} }}\n",
+        ctx = context_step(DOCKERFILE)
+    );
+    let server = Server::start(&[("site", &yaml)]);
+    let _images = Cleanup(vec![format!("{tag}:1")]);
+    let (run, log) = server.run_and_wait("site", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let url = format!("http://127.0.0.1:{port}/index.html");
+    assert!(get_text(&url).is_some(), "deployed");
+
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url("/services"));
+    b.wait_text("#services", &format!("{service}-1-1"));
+    b.screenshot("services.png");
+    b.click(&format!("button[aria-label='Stop {service}']"));
+    b.wait_text("#run-status", "succeeded");
+    assert!(
+        b.url().contains("/runs/"),
+        "Stop leads to its run: {}",
+        b.url()
+    );
+    assert_eq!(get_text(&url), None, "stopped");
+    b.goto(&server.url("/services"));
+    b.click(&format!("button[aria-label='Start {service}']"));
+    b.wait_text("#run-status", "succeeded");
+    crate::harness::eventually("the service answers again", || get_text(&url).is_some());
+}

@@ -33,7 +33,7 @@ fn docker(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -128,7 +128,7 @@ const USER: &str = "skiff";
 const PASSWORD: &str = "s3cret>?~>?~pw";
 
 /// The files of a tiny HTTP service image (busybox httpd), written by a step into `app/`.
-fn context_step(dockerfile: &str) -> String {
+pub fn context_step(dockerfile: &str) -> String {
     format!(
         r#"  - name: Write the context
     run: |
@@ -147,7 +147,7 @@ fn context_step(dockerfile: &str) -> String {
     )
 }
 
-const DOCKERFILE: &str = "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]";
+pub const DOCKERFILE: &str = "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]";
 
 fn server_with_registry(pipelines: &[(&str, &str)], registry: &Registry, dir: &Path) -> Server {
     let config = dir.join("skiff.toml");
@@ -169,7 +169,7 @@ fn server_with_registry(pipelines: &[(&str, &str)], registry: &Registry, dir: &P
 }
 
 /// An image name no other test (or test run) uses.
-fn unique(name: &str) -> String {
+pub fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -352,7 +352,7 @@ fn a_link_in_a_build_context_leaks_nothing() {
 }
 
 /// Removes the images a test made, however it ends.
-struct Cleanup(Vec<String>);
+pub struct Cleanup(pub Vec<String>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -367,7 +367,7 @@ impl Drop for Cleanup {
 }
 
 /// Removes a service's containers, however the test ends.
-struct RemoveService(String);
+pub struct RemoveService(pub String);
 
 impl Drop for RemoveService {
     fn drop(&mut self) {
@@ -384,7 +384,7 @@ impl Drop for RemoveService {
 }
 
 /// The body of a 200 answer; none for any other answer or no answer at all.
-fn get_text(url: &str) -> Option<String> {
+pub fn get_text(url: &str) -> Option<String> {
     let mut answer = ureq::get(url).call().ok()?;
     answer.body_mut().read_to_string().ok()
 }
@@ -536,6 +536,45 @@ steps:
     crate::harness::eventually("the started service answers", || {
         get_text(&url).as_deref() == Some("version 2\n")
     });
+    // The same from the Services view: built-in runs to watch, and an exact redeploy.
+    let act = |action: &str| -> Value {
+        let (status, run) = s.api("POST", &format!("/api/services/{service}/{action}"), None);
+        assert_eq!(status, 201, "{action}: {run}");
+        s.wait_for_end(run["id"].as_str().expect("id"))
+    };
+    let stopped = act("stop");
+    assert_eq!(stopped["status"], "succeeded", "{stopped}");
+    assert_eq!(stopped["trigger"]["kind"], "service");
+    assert_eq!(stopped["pipeline"], format!("service-{service}"));
+    assert_eq!(get_text(&url), None, "stopped from the Services view");
+    assert_eq!(act("start")["status"], "succeeded");
+    crate::harness::eventually("the service answers again", || {
+        get_text(&url).as_deref() == Some("version 2\n")
+    });
+    let redeployed = act("redeploy");
+    assert_eq!(redeployed["status"], "succeeded", "{redeployed}");
+    assert_eq!(
+        redeployed["params"]["version"], "2",
+        "an exact rerun: {redeployed}"
+    );
+    assert_eq!(get_text(&url).as_deref(), Some("version 2\n"));
+    let (_, services) = s.api("GET", "/api/services", None);
+    assert!(
+        services.to_string().contains(&format!(
+            "{service}-{}-1",
+            redeployed["number"].as_u64().unwrap_or(0)
+        )),
+        "the redeployed container is the current one: {services}"
+    );
+    for (path, want) in [
+        (format!("/api/services/{service}/explode"), 404),
+        ("/api/services/no-such-service/stop".to_string(), 404),
+        ("/api/services/..%2Fetc/stop".to_string(), 404),
+    ] {
+        let (status, body) = s.api("POST", &path, None);
+        assert_eq!(status, want, "{path}: {body}");
+    }
+
     let (run, log) = s.run_and_wait("remove", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     let (_, names) = docker(&[

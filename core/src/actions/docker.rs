@@ -160,9 +160,8 @@ impl ActionDef for Push {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceName(pub String);
 
-impl<'de> Deserialize<'de> for ServiceName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
+impl ServiceName {
+    pub fn parse(text: &str) -> Result<ServiceName, String> {
         let ok = (1..=40).contains(&text.len())
             && text.starts_with(|c: char| c.is_ascii_lowercase())
             && !text.ends_with('-')
@@ -170,11 +169,19 @@ impl<'de> Deserialize<'de> for ServiceName {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !ok {
-            return Err(D::Error::custom(format!(
-                "`{text}` is not a service name: 1 to 40 of a-z 0-9 -, starting with a letter"
-            )));
+            return Err(format!(
+                "`{}` is not a service name: 1 to 40 of a-z 0-9 -, starting with a letter",
+                text.chars().take(60).collect::<String>()
+            ));
         }
-        Ok(ServiceName(text))
+        Ok(ServiceName(text.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ServiceName::parse(&text).map_err(D::Error::custom)
     }
 }
 
