@@ -44,6 +44,29 @@ pub struct ContainerSpec {
     pub init: bool,
     pub stop_signal: Option<String>,
     pub stop_timeout: Option<i64>,
+    /// Files at `/run/secrets/NAME` (mode 0444), put into the container before it starts: not
+    /// in its environment, its config or `docker inspect`.
+    pub secret_files: Vec<(String, String)>,
+}
+
+/// The tar of `run/secrets/NAME` files, to extract at `/`.
+fn secrets_tar(files: &[(String, String)]) -> std::io::Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for dir in ["run", "run/secrets"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        tar.append_data(&mut h, dir, std::io::empty())?;
+    }
+    for (name, value) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o444);
+        h.set_size(value.len() as u64);
+        tar.append_data(&mut h, format!("run/secrets/{name}"), value.as_bytes())?;
+    }
+    tar.into_inner()
 }
 
 /// A container of a service, as the engine lists it.
@@ -212,6 +235,30 @@ impl Engine {
             )
             .await
             .map_err(|e| EngineError::Failed(format!("creating container {}: {e}", spec.name)))?;
+        if !spec.secret_files.is_empty() {
+            let put = async {
+                let tar = secrets_tar(&spec.secret_files).map_err(|e| e.to_string())?;
+                self.client()
+                    .upload_to_container(
+                        &created.id,
+                        Some(
+                            bollard::query_parameters::UploadToContainerOptionsBuilder::new()
+                                .path("/")
+                                .build(),
+                        ),
+                        bollard::body_full(tar.into()),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            if let Err(e) = put.await {
+                let _ = self.remove_container(&created.id).await;
+                return Err(EngineError::Failed(format!(
+                    "putting the secret files into {}: {e}",
+                    spec.name
+                )));
+            }
+        }
         if let Err(e) = self.client().start_container(&created.id, None).await {
             let _ = self.remove_container(&created.id).await;
             return Err(EngineError::Failed(format!(

@@ -732,3 +732,45 @@ fn the_reaper_removes_what_nobody_keeps_and_leaves_sleeping_services_alone() {
         "twice is once"
     );
 }
+
+/// A secret given to a service goes into a file at /run/secrets/NAME, not into its environment:
+/// `docker inspect` (anyone with the socket) does not show it, and neither does the run's log.
+#[test]
+fn a_service_gets_its_secrets_as_files_not_in_its_environment() {
+    let tag = unique("sec");
+    let service = format!("sec{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let secret = "k3y-4d1f0c9e7b-value";
+    let yaml = format!(
+        "steps:\n{ctx}  - uses: docker/build\n    with: {{ context: app, tags: [\"{tag}:1\"] }}\n  - id: deploy\n    uses: docker/deploy\n    with:\n      name: {service}\n      image: \"{tag}:1\"\n      env: {{ MODE: plain }}\n      secrets: {{ API_KEY: \"${{{{ secrets.API_KEY }}}}\" }}\n",
+        ctx = context_step(DOCKERFILE)
+    );
+    let s = Server::start_with(&[("sec", &yaml)], &[("SKIFF_SECRET_API_KEY", secret)]);
+    let _images = Cleanup(vec![format!("{tag}:1")]);
+    let (run, log) = s.run_and_wait("sec", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let container = format!("{service}-1-1");
+    let (ok, file) = docker(&[
+        "exec",
+        &container,
+        "/bin/busybox",
+        "cat",
+        "/run/secrets/API_KEY",
+    ]);
+    assert!(ok, "{file}");
+    assert_eq!(file, secret, "the file holds the secret");
+    let (_, mode) = docker(&[
+        "exec",
+        &container,
+        "/bin/busybox",
+        "stat",
+        "-c",
+        "%a",
+        "/run/secrets/API_KEY",
+    ]);
+    assert_eq!(mode.trim(), "444");
+    let (_, inspect) = docker(&["inspect", &container]);
+    assert!(inspect.contains("MODE=plain"), "env is set: {inspect}");
+    assert!(!inspect.contains(secret), "docker inspect shows no secret");
+    assert!(!log.contains(secret), "{log}");
+}

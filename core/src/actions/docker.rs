@@ -185,6 +185,27 @@ impl<'de> Deserialize<'de> for ServiceName {
     }
 }
 
+/// A file name under `/run/secrets`: 1 to 64 of `A-Z a-z 0-9 _ . -`, not starting with a dot.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretFileName(pub String);
+
+impl<'de> Deserialize<'de> for SecretFileName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let ok = (1..=64).contains(&text.len())
+            && !text.starts_with('.')
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !ok {
+            return Err(D::Error::custom(format!(
+                "`{text}` is not a secret file name: 1 to 64 of A-Z a-z 0-9 _ . -, not starting with a dot"
+            )));
+        }
+        Ok(SecretFileName(text))
+    }
+}
+
 /// A published port: `8080` (the engine picks a free host port) or `HOST:CONTAINER`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortText {
@@ -309,10 +330,14 @@ pub struct DeployWith {
     pub image: Val<String>,
     #[serde(default)]
     pub ports: Vec<Val<PortText>>,
-    /// Environment variables (`${{ secrets.X }}` allowed: readable by anyone with the Docker
-    /// socket through `docker inspect`).
+    /// Environment variables (`${{ secrets.X }}` allowed, but readable by anyone with the Docker
+    /// socket through `docker inspect`: prefer `secrets`).
     #[serde(default)]
     pub env: BTreeMap<String, Val<String>>,
+    /// Files at `/run/secrets/NAME` (mode 0444) with these values, put into the container
+    /// before it starts: not in its environment or `docker inspect`.
+    #[serde(default)]
+    pub secrets: BTreeMap<SecretFileName, Val<String>>,
     #[serde(default)]
     pub labels: BTreeMap<String, Val<String>>,
     /// Default `unless-stopped`.

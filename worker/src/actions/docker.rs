@@ -366,6 +366,11 @@ impl Execute for Deploy {
             stop_timeout: Val::opt(&with.stop_timeout)
                 .map_err(input)?
                 .map(|d| d.0.as_secs() as i64),
+            secret_files: with
+                .secrets
+                .iter()
+                .map(|(k, v)| Ok((k.0.clone(), v.get().map_err(input)?.clone())))
+                .collect::<Result<_, ActionError>>()?,
         };
         let engine = cx.tools.engine().await?;
         let lines = StepLines { cx };
