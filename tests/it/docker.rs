@@ -399,30 +399,7 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
     let service = format!("web{}", std::process::id());
     let _service = RemoveService(service.clone());
     let port = free_port();
-    let dockerfile = "FROM scratch\nARG PORT=8080\nENV PORT=$PORT\nCOPY busybox /bin/busybox\nCOPY www /www\nCMD [\"/bin/busybox\", \"sh\", \"-c\", \"exec /bin/busybox httpd -f -p $PORT -h /www\"]";
-    let yaml = format!(
-        r#"params:
-  version: {{ required: true }}
-  listen: {{ default: "8080" }}
-steps:
-{ctx}  - run: echo "version $SKIFF_PARAM_VERSION" > app/www/index.html
-  - id: build
-    uses: docker/build
-    with:
-      context: app
-      tags: ["{tag}:${{{{ params.version }}}}"]
-      build_args: {{ PORT: "${{{{ params.listen }}}}" }}
-  - id: deploy
-    uses: docker/deploy
-    with:
-      name: {service}
-      image: "{tag}:${{{{ params.version }}}}"
-      ports: ["{port}:8080"]
-      memory: 64m
-      health: {{ port: 8080, path: /index.html, timeout: 3s }}
-"#,
-        ctx = context_step(dockerfile)
-    );
+    let yaml = versioned_web(&tag, &service, port, "3s");
     let stop = format!("steps:\n  - uses: docker/stop\n    with: {{ name: {service} }}\n");
     let start =
         format!("steps:\n  - id: start\n    uses: docker/start\n    with: {{ name: {service} }}\n");
@@ -773,4 +750,70 @@ fn a_service_gets_its_secrets_as_files_not_in_its_environment() {
     assert!(inspect.contains("MODE=plain"), "env is set: {inspect}");
     assert!(!inspect.contains(secret), "docker inspect shows no secret");
     assert!(!log.contains(secret), "{log}");
+}
+
+/// A web service pipeline: `params.version` is what it serves, `params.listen` the port its
+/// httpd listens on inside (anything but 8080 never gets healthy).
+fn versioned_web(tag: &str, service: &str, port: u16, health_timeout: &str) -> String {
+    let dockerfile = "FROM scratch\nARG PORT=8080\nENV PORT=$PORT\nCOPY busybox /bin/busybox\nCOPY www /www\nCMD [\"/bin/busybox\", \"sh\", \"-c\", \"exec /bin/busybox httpd -f -p $PORT -h /www\"]";
+    format!(
+        r#"params:
+  version: {{ required: true }}
+  listen: {{ default: "8080" }}
+steps:
+{ctx}  - run: echo "version $SKIFF_PARAM_VERSION" > app/www/index.html
+  - id: build
+    uses: docker/build
+    with:
+      context: app
+      tags: ["{tag}:${{{{ params.version }}}}"]
+      build_args: {{ PORT: "${{{{ params.listen }}}}" }}
+  - id: deploy
+    uses: docker/deploy
+    with:
+      name: {service}
+      image: "{tag}:${{{{ params.version }}}}"
+      ports: ["{port}:8080"]
+      memory: 64m
+      health: {{ port: 8080, path: /index.html, timeout: {health_timeout} }}
+"#,
+        ctx = context_step(dockerfile)
+    )
+}
+
+/// A deploy cancelled while it waits for the new version's health: the new container goes, the
+/// old one serves again, the run ends cancelled.
+#[test]
+fn a_deploy_cancelled_midway_leaves_the_old_version_serving() {
+    let tag = unique("cancel");
+    let service = format!("cancel{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = free_port();
+    let s = Server::start(&[("web", &versioned_web(&tag, &service, port, "60s"))]);
+    let _images = Cleanup(vec![format!("{tag}:1"), format!("{tag}:2")]);
+    let url = format!("http://127.0.0.1:{port}/index.html");
+    let (run, log) = s.run_and_wait("web", json!({ "version": "1" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let id = s.trigger("web", json!({ "version": "2", "listen": "9999" }));
+    s.wait_for_log(&id, "waiting until it is healthy");
+    let (status, _) = s.api("POST", &format!("/api/runs/{id}/cancel"), None);
+    assert_eq!(status, 202);
+    let run = s.wait_for_end(&id);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    crate::harness::eventually("the old version serves again", || {
+        get_text(&url).as_deref() == Some("version 1\n")
+    });
+    let (_, names) = docker(&[
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        &format!("label=skiff.service={service}"),
+    ]);
+    assert_eq!(
+        names.trim(),
+        format!("{service}-1-1"),
+        "the new container is gone"
+    );
 }

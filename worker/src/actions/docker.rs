@@ -465,7 +465,13 @@ impl Execute for Deploy {
                 let mut back = Vec::new();
                 if fixed {
                     for c in &old {
-                        match engine.start_container(&c.id).await {
+                        // Back, and answering, before the step ends: the old version serves
+                        // when the failure is reported.
+                        let back_up = match engine.start_container(&c.id).await {
+                            Ok(()) => engine.wait_healthy(&c.id, &health, health_timeout).await,
+                            Err(e) => Err(e),
+                        };
+                        match back_up {
                             Ok(()) => back.push(c.name.clone()),
                             Err(e) => cx.note(&format!("bringing {} back: {e}", c.name)).await,
                         }
