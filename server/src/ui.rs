@@ -289,6 +289,8 @@ pub struct Dashboard {
     cards: Vec<PipelineCard>,
     /// What is running and waiting now.
     active: Vec<RunRow>,
+    /// The services runs deployed: Start and Stop one tap away.
+    services: Vec<ServiceRow>,
     /// Steps run with skiff's own powers: said on the first screen.
     warning: String,
 }
@@ -317,6 +319,7 @@ pub async fn dashboard(page: Page, State(state): State<AppState>) -> Result<Dash
         csrf: page.csrf,
         cards,
         active,
+        services: service_rows(&state).await?,
         warning: state.config.steps_warning.clone().unwrap_or_default(),
     })
 }
@@ -671,7 +674,14 @@ pub async fn act_on_service(
 
 /// The services runs deployed, each with its current version and the run behind it.
 pub async fn services(page: Page, State(state): State<AppState>) -> Result<ServicesPage, ApiError> {
-    let services = crate::api::services(&state)
+    Ok(ServicesPage {
+        csrf: page.csrf,
+        services: service_rows(&state).await?,
+    })
+}
+
+async fn service_rows(state: &AppState) -> Result<Vec<ServiceRow>, ApiError> {
+    Ok(crate::api::services(state)
         .await?
         .into_iter()
         .map(|s| ServiceRow {
@@ -690,11 +700,7 @@ pub async fn services(page: Page, State(state): State<AppState>) -> Result<Servi
             name: s.name,
             container: s.container,
         })
-        .collect();
-    Ok(ServicesPage {
-        csrf: page.csrf,
-        services,
-    })
+        .collect())
 }
 
 #[derive(Template, WebTemplate)]

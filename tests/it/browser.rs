@@ -624,8 +624,12 @@ fn the_services_view_stops_and_starts_a_service() {
         b.url()
     );
     assert_eq!(get_text(&url), None, "stopped");
-    b.goto(&server.url("/services"));
-    b.click(&format!("button[aria-label='Start {service}']"));
+    // Starting a stopped service is one tap from the dashboard.
+    b.goto(&server.url("/"));
+    b.wait_text("#dash-services", &service);
+    b.click(&format!(
+        "#dash-services button[aria-label='Start {service}']"
+    ));
     b.wait_text("#run-status", "succeeded");
     crate::harness::eventually("the service answers again", || get_text(&url).is_some());
 }
