@@ -366,6 +366,19 @@ impl Drop for Cleanup {
     }
 }
 
+/// The names of a service's containers on the engine, one a line.
+fn container_names(service: &str) -> String {
+    docker(&[
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        &format!("label=skiff.service={service}"),
+    ])
+    .1
+}
+
 /// Removes a service's containers, however the test ends.
 pub struct RemoveService(pub String);
 
@@ -437,14 +450,7 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
     let (run, log) = s.run_and_wait("web", json!({ "version": "2" }));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     assert_eq!(get_text(&url).as_deref(), Some("version 2\n"));
-    let (_, names) = docker(&[
-        "ps",
-        "-a",
-        "--format",
-        "{{.Names}}",
-        "--filter",
-        &format!("label=skiff.service={service}"),
-    ]);
+    let names = container_names(&service);
     assert_eq!(
         names.trim(),
         format!("{service}-2-1"),
@@ -488,14 +494,7 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
         Some("version 2\n"),
         "the previous version serves"
     );
-    let (_, names) = docker(&[
-        "ps",
-        "-a",
-        "--format",
-        "{{.Names}}",
-        "--filter",
-        &format!("label=skiff.service={service}"),
-    ]);
+    let names = container_names(&service);
     assert_eq!(
         names.trim(),
         format!("{service}-2-1"),
@@ -554,14 +553,7 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
 
     let (run, log) = s.run_and_wait("remove", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
-    let (_, names) = docker(&[
-        "ps",
-        "-a",
-        "--format",
-        "{{.Names}}",
-        "--filter",
-        &format!("label=skiff.service={service}"),
-    ]);
+    let names = container_names(&service);
     assert_eq!(names.trim(), "", "removed");
     let (_, services) = s.api("GET", "/api/services", None);
     assert!(
@@ -803,14 +795,7 @@ fn a_deploy_cancelled_midway_leaves_the_old_version_serving() {
     crate::harness::eventually("the old version serves again", || {
         get_text(&url).as_deref() == Some("version 1\n")
     });
-    let (_, names) = docker(&[
-        "ps",
-        "-a",
-        "--format",
-        "{{.Names}}",
-        "--filter",
-        &format!("label=skiff.service={service}"),
-    ]);
+    let names = container_names(&service);
     assert_eq!(
         names.trim(),
         format!("{service}-1-1"),
