@@ -20,7 +20,7 @@ use skiff_worker::{RunObserver, RunOptions, execute_run};
 use tokio_util::sync::CancellationToken;
 
 use crate::DataArgs;
-use skiff_core::catalog::load_file;
+use skiff_core::catalog::load_file_with;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -78,7 +78,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Not dumpable (its environment and memory out of reach of its uid's other processes);
     // what it creates, private.
     skiff_worker::isolation::harden_this_process();
-    let (source, loaded) = load_file(&args.file);
+    let (source, loaded) = load_file_with(&args.file, &args.config.load_options()?);
     let shown = args.file.display().to_string();
     let pipeline = match loaded {
         Ok(p) => p,

@@ -156,23 +156,40 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
+    /// The config file (none found: an empty config, which declares nothing).
+    pub fn read(&self) -> anyhow::Result<skiff_core::config::Config> {
+        let default = std::path::Path::new("skiff.toml");
+        let path = match &self.config {
+            Some(path) => Some(path.as_path()),
+            None => default.exists().then_some(default),
+        };
+        match path {
+            Some(path) => skiff_core::config::Config::load(path).map_err(anyhow::Error::msg),
+            None => Ok(skiff_core::config::Config::default()),
+        }
+    }
+
+    /// What the pipeline loader is told: the registries the config declares.
+    pub fn load_options(&self) -> anyhow::Result<skiff_core::pipeline::LoadOptions> {
+        Ok(skiff_core::pipeline::LoadOptions {
+            registries: Some(
+                self.read()?
+                    .registries
+                    .into_iter()
+                    .map(|r| r.name)
+                    .collect(),
+            ),
+        })
+    }
+
     /// The config, with the registries' passwords found among `secrets`. A file named with
     /// `--config` must exist; the default one may not.
     pub fn tools(
         &self,
         secrets: &skiff_worker::secrets::Secrets,
     ) -> anyhow::Result<std::sync::Arc<skiff_worker::actions::Tools>> {
-        let default = std::path::Path::new("skiff.toml");
-        let path = match &self.config {
-            Some(path) => Some(path.as_path()),
-            None => default.exists().then_some(default),
-        };
-        let config = match path {
-            Some(path) => skiff_core::config::Config::load(path).map_err(anyhow::Error::msg)?,
-            None => skiff_core::config::Config::default(),
-        };
         let tools =
-            skiff_worker::actions::Tools::new(config, secrets).map_err(anyhow::Error::msg)?;
+            skiff_worker::actions::Tools::new(self.read()?, secrets).map_err(anyhow::Error::msg)?;
         Ok(std::sync::Arc::new(tools))
     }
 }

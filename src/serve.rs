@@ -246,7 +246,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let auth: Arc<dyn AuthStore> = Arc::new(sqlite.clone());
     let metrics = crate::metrics::install();
 
-    let catalog = CatalogHandle::new(Catalog::load(&args.pipelines));
+    let catalog = CatalogHandle::new(Catalog::load_with(
+        &args.pipelines,
+        &args.config.load_options()?,
+    ));
     let shown = catalog.current();
     tracing::info!(pipelines = shown.len(), dir = %args.pipelines.display(), "pipelines loaded");
     for e in shown.entries().filter(|e| !e.is_valid()) {

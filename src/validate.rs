@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use skiff_core::catalog::{self, load_file};
+use skiff_core::catalog::{self, load_file_with};
 use skiff_core::diag::Report;
 
 #[derive(clap::Args, Debug)]
@@ -16,6 +16,8 @@ pub struct ValidateArgs {
     /// Print nothing for valid files
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    config: crate::ConfigArgs,
 }
 
 /// The pipeline files a path stands for: itself, or the YAML files in a folder, sorted.
@@ -44,12 +46,13 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
                 .join(", ")
         );
     }
+    let options = args.config.load_options()?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let (mut bad, mut problems) = (0usize, 0usize);
     for file in &files {
         let shown = file.display().to_string();
-        let (text, loaded) = load_file(file);
+        let (text, loaded) = load_file_with(file, &options);
         match loaded {
             Ok(p) => {
                 if !args.quiet {

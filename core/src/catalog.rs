@@ -32,6 +32,8 @@ impl Entry {
 #[derive(Debug, Default)]
 pub struct Catalog {
     pub dir: PathBuf,
+    /// What the loader was told (skiff's registries): a reload is told the same.
+    pub options: pipeline::LoadOptions,
     entries: BTreeMap<String, Arc<Entry>>,
     /// What the folder looked like when loaded: (file, modified, size).
     stamp: Vec<(PathBuf, Option<SystemTime>, u64)>,
@@ -124,6 +126,14 @@ pub fn default_name(path: &Path) -> String {
 /// Reads and loads one file; an unreadable, oversized, non-regular or non-UTF-8 file is a
 /// diagnostic too.
 pub fn load_file(path: &Path) -> (String, Result<Pipeline, Vec<Diagnostic>>) {
+    load_file_with(path, &pipeline::LoadOptions::default())
+}
+
+/// [`load_file`], with what skiff's config declares.
+pub fn load_file_with(
+    path: &Path,
+    options: &pipeline::LoadOptions,
+) -> (String, Result<Pipeline, Vec<Diagnostic>>) {
     match read_file(path, crate::yaml::Limits::default().max_bytes) {
         Err(e) => (String::new(), Err(vec![Diagnostic::new(Pos::new(1, 1), e)])),
         Ok(bytes) => match String::from_utf8(bytes) {
@@ -141,7 +151,7 @@ pub fn load_file(path: &Path) -> (String, Result<Pipeline, Vec<Diagnostic>>) {
                 )
             }
             Ok(text) => {
-                let loaded = pipeline::load(&text, &default_name(path));
+                let loaded = pipeline::load_with(&text, &default_name(path), options);
                 (text, loaded)
             }
         },
@@ -175,11 +185,16 @@ fn guess_name(source: &str, file: &Path) -> String {
 impl Catalog {
     /// Loads every pipeline file in `dir`. A missing folder is an empty catalog.
     pub fn load(dir: &Path) -> Catalog {
+        Catalog::load_with(dir, &pipeline::LoadOptions::default())
+    }
+
+    /// [`Catalog::load`], with what skiff's config declares.
+    pub fn load_with(dir: &Path, options: &pipeline::LoadOptions) -> Catalog {
         let files = pipeline_files(dir).unwrap_or_default();
         let stamp = stamp_of(&files);
         let mut entries: BTreeMap<String, Arc<Entry>> = BTreeMap::new();
         for file in files {
-            let (source, loaded) = load_file(&file);
+            let (source, loaded) = load_file_with(&file, options);
             let mut entry = match loaded {
                 Ok(p) => Entry {
                     name: p.name.clone(),
@@ -220,6 +235,7 @@ impl Catalog {
         }
         Catalog {
             dir: dir.to_path_buf(),
+            options: options.clone(),
             entries,
             stamp,
         }

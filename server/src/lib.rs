@@ -67,11 +67,13 @@ impl CatalogHandle {
             tick.tick().await;
             let current = self.current();
             let dir = current.dir.clone();
+            let options = current.options.clone();
             let stale = tokio::task::spawn_blocking(move || current.is_stale())
                 .await
                 .unwrap_or(false);
             if stale
-                && let Ok(fresh) = tokio::task::spawn_blocking(move || Catalog::load(&dir)).await
+                && let Ok(fresh) =
+                    tokio::task::spawn_blocking(move || Catalog::load_with(&dir, &options)).await
             {
                 let invalid = fresh.entries().filter(|e| !e.is_valid()).count();
                 tracing::info!(pipelines = fresh.len(), invalid, "pipelines reloaded");

@@ -283,15 +283,17 @@ fn build_and_push_failures_fail_the_step_with_a_clear_reason() {
     );
     assert!(!log.contains(PASSWORD) && !reason.contains(PASSWORD));
 
-    let (run, log) = s.run_and_wait("undeclared", json!({}));
-    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    // An undeclared registry is found when the pipeline loads: no run starts.
+    let (status, pipeline) = s.api("GET", "/api/pipelines/undeclared", None);
+    assert_eq!(status, 200, "{pipeline}");
     assert!(
-        run["reason"]
-            .as_str()
-            .unwrap_or_default()
+        pipeline
+            .to_string()
             .contains("registry `elsewhere` is not declared in skiff's config (declared: home)"),
-        "{run}"
+        "{pipeline}"
     );
+    let (status, body) = s.api("POST", "/api/pipelines/undeclared/runs", Some("{}"));
+    assert_eq!(status, 409, "{body}");
 }
 
 /// A step plants links to skiff's database in the build context, and names a link as the

@@ -5,13 +5,29 @@ use crate::harness::Sandbox;
 #[test]
 fn every_example_pipeline_is_valid() {
     let sb = Sandbox::new();
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-    let out = sb.run(&["validate", dir.to_str().expect("path")]);
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = repo.join("pipelines");
+    // The repository's skiff.toml declares the registry the build-push-deploy example uses.
+    let config = repo.join("skiff.toml");
+    let out = sb.run(&[
+        "validate",
+        "--config",
+        config.to_str().expect("path"),
+        dir.to_str().expect("path"),
+    ]);
     assert_eq!(out.code, Some(0), "{}", out.all());
     let count = std::fs::read_dir(&dir).expect("pipelines").count();
     assert!(count >= 2);
     assert!(
         out.stdout.contains(&format!("{count} files valid")),
+        "{}",
+        out.stdout
+    );
+    // Without a config that declares it, the registry is an error at its line and column.
+    let out = sb.run(&["validate", dir.to_str().expect("path")]);
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout.contains("build-push-deploy.yml:26:17: error: registry `local` is not declared in skiff's config (declared: none: see [[registry]] in skiff.toml)"),
         "{}",
         out.stdout
     );

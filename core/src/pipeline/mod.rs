@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::expr::{Expr, Template};
 
-pub use load::{load, valid_ident, valid_name};
+pub use load::{LoadOptions, load, load_with, valid_ident, valid_name};
 pub use params::{ParamError, resolve_params};
 
 /// How long a run may take when its pipeline does not say.

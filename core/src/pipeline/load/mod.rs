@@ -85,15 +85,33 @@ fn valid_env_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// What the loader is told beyond the text (it still does no IO).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    /// The registries skiff's config declares: `docker/push`'s `with.registry` must name one.
+    /// None: not known here (a run's snapshot is loaded again without them; the worker checks).
+    pub registries: Option<Vec<String>>,
+}
+
 /// Loads a pipeline from its text. `default_name` (the file stem) names it when the file has no
 /// `name:`. Returns the pipeline, or every problem found, ordered by position.
 pub fn load(source: &str, default_name: &str) -> Result<Pipeline, Vec<Diagnostic>> {
+    load_with(source, default_name, &LoadOptions::default())
+}
+
+/// [`load`], with what skiff's config declares.
+pub fn load_with(
+    source: &str,
+    default_name: &str,
+    options: &LoadOptions,
+) -> Result<Pipeline, Vec<Diagnostic>> {
     let (root, yaml_diags) = yaml::parse(source, &yaml::Limits::default())?;
     let mut cx = Cx {
         lines: Lines::new(source),
         diags: yaml_diags,
         sites: Vec::new(),
         suggest_budget: SUGGEST_BUDGET,
+        registries: options.registries.as_deref(),
     };
     let pipeline = cx.pipeline(&root, default_name);
     let sites = std::mem::take(&mut cx.sites);
@@ -141,6 +159,8 @@ struct Cx<'s, 'n> {
     sites: Vec<Site<'n>>,
     /// Candidate comparisons left for suggestions among names the file declares.
     suggest_budget: usize,
+    /// The registries skiff's config declares, when known.
+    registries: Option<&'s [String]>,
 }
 
 /// How many candidate comparisons the suggestions for one file may make, over names the file

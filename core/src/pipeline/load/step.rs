@@ -234,6 +234,9 @@ impl<'s, 'n> Cx<'s, 'n> {
         for e in &errors {
             self.with_error(spec, node, with, e);
         }
+        if errors.is_empty() && !self.registry_declared(spec, with) {
+            return None;
+        }
         errors.is_empty().then_some(StepAction::Uses {
             action: spec,
             with: value,
@@ -471,6 +474,39 @@ fn default_name_for_script(script: &str) -> String {
 }
 
 /// The node at `path` inside `with`.
+impl Cx<'_, '_> {
+    /// `docker/push`'s `with.registry`, written as a name, must be one skiff's config declares
+    /// (when the loader is told which); false, with the error recorded, when it is not.
+    fn registry_declared(&mut self, spec: &dyn actions::Spec, with: Option<&Node>) -> bool {
+        let Some(declared) = self.registries else {
+            return true;
+        };
+        if spec.name() != <actions::docker::Push as actions::ActionDef>::NAME {
+            return true;
+        }
+        let Some(node) = with_node(with, &[actions::PathSeg::Key("registry".into())]) else {
+            return true;
+        };
+        let Value::Scalar { text, .. } = &node.value else {
+            return true;
+        };
+        if text.contains("${{") || declared.iter().any(|r| r == text) {
+            return true;
+        }
+        let names = if declared.is_empty() {
+            "none: see [[registry]] in skiff.toml".to_string()
+        } else {
+            declared.join(", ")
+        };
+        self.error(
+            node.pos,
+            format!("registry `{text}` is not declared in skiff's config (declared: {names})"),
+        )
+        .set_len(text.chars().count());
+        false
+    }
+}
+
 fn with_node<'n>(with: Option<&'n Node>, path: &[actions::PathSeg]) -> Option<&'n Node> {
     let mut at = with?;
     for seg in path {
