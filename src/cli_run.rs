@@ -78,7 +78,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Not dumpable (its environment and memory out of reach of its uid's other processes);
     // what it creates, private.
     skiff_worker::isolation::harden_this_process();
-    let (source, loaded) = load_file_with(&args.file, &args.config.load_options()?);
+    let config = args.config.read()?;
+    let (source, loaded) = load_file_with(&args.file, &config.load_options());
     let shown = args.file.display().to_string();
     let pipeline = match loaded {
         Ok(p) => p,
@@ -125,7 +126,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     eprintln!("skiff: {}", skiff_worker::process_tracking()?.description());
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    let tools = args.config.tools(&secrets)?;
+    let tools = crate::tools(config, &secrets)?;
     let data = args.data.open().await?;
     let (workspaces, isolation) = args.isolation.resolve(&data)?;
     let store: Arc<dyn Store> = Arc::new(data.store.clone());

@@ -156,7 +156,8 @@ pub struct ConfigArgs {
 }
 
 impl ConfigArgs {
-    /// The config file (none found: an empty config, which declares nothing).
+    /// The config file (none found: an empty config, which declares nothing). A file named with
+    /// `--config` must exist; the default one may not.
     pub fn read(&self) -> anyhow::Result<skiff_core::config::Config> {
         let default = std::path::Path::new("skiff.toml");
         let path = match &self.config {
@@ -168,30 +169,15 @@ impl ConfigArgs {
             None => Ok(skiff_core::config::Config::default()),
         }
     }
+}
 
-    /// What the pipeline loader is told: the registries the config declares.
-    pub fn load_options(&self) -> anyhow::Result<skiff_core::pipeline::LoadOptions> {
-        Ok(skiff_core::pipeline::LoadOptions {
-            registries: Some(
-                self.read()?
-                    .registries
-                    .into_iter()
-                    .map(|r| r.name)
-                    .collect(),
-            ),
-        })
-    }
-
-    /// The config, with the registries' passwords found among `secrets`. A file named with
-    /// `--config` must exist; the default one may not.
-    pub fn tools(
-        &self,
-        secrets: &skiff_worker::secrets::Secrets,
-    ) -> anyhow::Result<std::sync::Arc<skiff_worker::actions::Tools>> {
-        let tools =
-            skiff_worker::actions::Tools::new(self.read()?, secrets).map_err(anyhow::Error::msg)?;
-        Ok(std::sync::Arc::new(tools))
-    }
+/// The config, with the registries' passwords found among `secrets`.
+pub fn tools(
+    config: skiff_core::config::Config,
+    secrets: &skiff_worker::secrets::Secrets,
+) -> anyhow::Result<std::sync::Arc<skiff_worker::actions::Tools>> {
+    let tools = skiff_worker::actions::Tools::new(config, secrets).map_err(anyhow::Error::msg)?;
+    Ok(std::sync::Arc::new(tools))
 }
 
 /// The lease on the runs a worker claims (`skiff serve`, `skiff run`).

@@ -231,7 +231,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
-    let tools = args.config.tools(&secrets)?;
+    let config = args.config.read()?;
+    let load_options = config.load_options();
+    let tools = crate::tools(config, &secrets)?;
     let data = args.data.open().await?;
     let (workspaces, isolation) = args.isolation.resolve(&data)?;
     let _lock = data.lock_for_serve()?;
@@ -246,10 +248,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let auth: Arc<dyn AuthStore> = Arc::new(sqlite.clone());
     let metrics = crate::metrics::install();
 
-    let catalog = CatalogHandle::new(Catalog::load_with(
-        &args.pipelines,
-        &args.config.load_options()?,
-    ));
+    let catalog = CatalogHandle::new(Catalog::load_with(&args.pipelines, &load_options));
     let shown = catalog.current();
     tracing::info!(pipelines = shown.len(), dir = %args.pipelines.display(), "pipelines loaded");
     for e in shown.entries().filter(|e| !e.is_valid()) {

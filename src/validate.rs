@@ -46,7 +46,7 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
                 .join(", ")
         );
     }
-    let options = args.config.load_options()?;
+    let options = args.config.read()?.load_options();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let (mut bad, mut problems) = (0usize, 0usize);

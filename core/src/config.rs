@@ -99,6 +99,13 @@ impl Config {
         Ok(config)
     }
 
+    /// What the pipeline loader is told: the registries declared here.
+    pub fn load_options(&self) -> crate::pipeline::LoadOptions {
+        crate::pipeline::LoadOptions {
+            registries: Some(self.registries.iter().map(|r| r.name.clone()).collect()),
+        }
+    }
+
     pub fn registry(&self, name: &str) -> Option<&RegistryConfig> {
         self.registries.iter().find(|r| r.name == name)
     }
