@@ -5,6 +5,7 @@
 
 pub mod context;
 pub mod engine;
+pub mod http;
 pub mod service;
 
 pub use context::{Context, ContextError, ContextSummary};

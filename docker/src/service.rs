@@ -434,40 +434,10 @@ fn elapsed_since(text: &str) -> Option<Duration> {
 
 /// One GET to 127.0.0.1:`port``path` answered within `wait`: the status.
 async fn probe(port: u16, path: &str, wait: Duration) -> Result<u16, String> {
-    tokio::time::timeout(wait, probe_now(port, path))
+    let authority = format!("127.0.0.1:{port}");
+    tokio::time::timeout(wait, crate::http::get_status(&authority, &authority, path))
         .await
         .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
-}
-
-async fn probe_now(port: u16, path: &str) -> Result<u16, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: skiff\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut head = [0u8; 12];
-    let mut n = 0;
-    while n < head.len() {
-        let read = stream
-            .read(&mut head[n..])
-            .await
-            .map_err(|e| e.to_string())?;
-        if read == 0 {
-            break;
-        }
-        n += read;
-    }
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| "the answer is not HTTP".to_string())
 }
 
 #[cfg(test)]

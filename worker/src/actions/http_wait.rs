@@ -2,44 +2,10 @@
 
 use async_trait::async_trait;
 use skiff_core::actions::http::{Wait, WaitOutputs, WaitWith};
-use skiff_core::actions::{HttpUrl, Val};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use skiff_core::actions::Val;
 use tokio::time::Instant;
 
 use super::{ActionContext, ActionError, Execute};
-
-/// One GET; the status code, or why there was none.
-async fn probe(target: &HttpUrl, host: &str) -> Result<u16, String> {
-    let mut stream = TcpStream::connect(&target.authority)
-        .await
-        .map_err(|e| e.to_string())?;
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: skiff\r\nConnection: close\r\n\r\n",
-        target.path
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut head = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        let read = stream
-            .read(&mut head[n..])
-            .await
-            .map_err(|e| e.to_string())?;
-        if read == 0 {
-            break;
-        }
-        n += read;
-    }
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| "the answer is not HTTP".to_string())
-}
 
 #[async_trait]
 impl Execute for Wait {
@@ -62,7 +28,7 @@ impl Execute for Wait {
             attempts += 1;
             let left = until.saturating_duration_since(Instant::now());
             let outcome = tokio::select! {
-                r = tokio::time::timeout(left.max(std::time::Duration::from_millis(1)), probe(target, &host)) => match r {
+                r = tokio::time::timeout(left.max(std::time::Duration::from_millis(1)), skiff_docker::http::get_status(&target.authority, &host, &target.path)) => match r {
                     Ok(r) => r,
                     Err(_) => Err("no answer in time".to_string()),
                 },
