@@ -271,24 +271,8 @@ impl Engine {
 
     /// One container's state and published ports.
     pub async fn container(&self, id: &str) -> Result<ServiceContainer, EngineError> {
-        let c = self
-            .client()
-            .inspect_container(id, None)
-            .await
-            .map_err(|e| EngineError::Failed(format!("inspecting container {id}: {e}")))?;
-        let mut ports = Vec::new();
-        for (key, binds) in c.network_settings.and_then(|n| n.ports).unwrap_or_default() {
-            let Some(container) = key.split('/').next().and_then(|p| p.parse().ok()) else {
-                continue;
-            };
-            for b in binds.unwrap_or_default() {
-                if let Some(host) = b.host_port.and_then(|h| h.parse().ok()) {
-                    ports.push((container, host));
-                }
-            }
-        }
-        ports.sort();
-        ports.dedup();
+        let c = self.inspect(id).await?;
+        let ports = published_ports(&c);
         Ok(ServiceContainer {
             id: c.id.unwrap_or_default(),
             name: c
@@ -299,6 +283,16 @@ impl Engine {
             running: c.state.as_ref().and_then(|s| s.running).unwrap_or(false),
             ports,
         })
+    }
+
+    async fn inspect(
+        &self,
+        id: &str,
+    ) -> Result<bollard::models::ContainerInspectResponse, EngineError> {
+        self.client()
+            .inspect_container(id, None)
+            .await
+            .map_err(|e| EngineError::Failed(format!("inspecting container {id}: {e}")))
     }
 
     /// Stops a container (SIGTERM, then SIGKILL after its stop timeout).
@@ -363,11 +357,8 @@ impl Engine {
         // that the next time, up to 2 s for a service that is slow to answer.
         let mut patience = Duration::from_millis(200);
         loop {
-            let c = self
-                .client()
-                .inspect_container(id, None)
-                .await
-                .map_err(|e| EngineError::Failed(format!("inspecting container {id}: {e}")))?;
+            let c = self.inspect(id).await?;
+            let published = published_ports(&c);
             let state = c.state.unwrap_or_default();
             if state.running != Some(true) {
                 return Err(EngineError::Failed(format!(
@@ -397,7 +388,6 @@ impl Engine {
                     }
                 },
                 Health::Http { port, path, status } => {
-                    let published = self.container(id).await?.ports;
                     match published.iter().find(|(c, _)| c == port) {
                         None => {
                             return Err(EngineError::Failed(format!(
@@ -422,6 +412,25 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A container's published ports, (container, host), from its inspection.
+fn published_ports(c: &bollard::models::ContainerInspectResponse) -> Vec<(u16, u16)> {
+    let mut ports = Vec::new();
+    let bound = c.network_settings.as_ref().and_then(|n| n.ports.as_ref());
+    for (key, binds) in bound.into_iter().flatten() {
+        let Some(container) = key.split('/').next().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        for b in binds.iter().flatten() {
+            if let Some(host) = b.host_port.as_ref().and_then(|h| h.parse().ok()) {
+                ports.push((container, host));
+            }
+        }
+    }
+    ports.sort();
+    ports.dedup();
+    ports
 }
 
 /// How long ago an RFC 3339 time of the engine's was (the engine's clock is this machine's).

@@ -1,8 +1,8 @@
 //! `http/wait`: GET a URL until it answers with the expected status, or the time is up.
 
 use async_trait::async_trait;
-use skiff_core::actions::http::{Wait, WaitOutputs, WaitWith};
 use skiff_core::actions::Val;
+use skiff_core::actions::http::{Wait, WaitOutputs, WaitWith};
 use tokio::time::Instant;
 
 use super::{ActionContext, ActionError, Execute};
