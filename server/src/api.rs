@@ -863,10 +863,12 @@ pub struct ServiceList {
 }
 
 /// The services runs deployed and did not remove, by name, each with its current version.
-pub async fn services(state: &AppState) -> Result<Vec<ServiceDto>, ApiError> {
+/// `only`: that one service (none: all).
+pub async fn services(state: &AppState, only: Option<&str>) -> Result<Vec<ServiceDto>, ApiError> {
     let records = state
         .store
         .resources(&skiff_core::ledger::ResourceQuery {
+            service: only.map(str::to_string),
             states: vec![skiff_core::ledger::ResourceState::Live],
             ..Default::default()
         })
@@ -909,7 +911,7 @@ pub async fn list_services(
     State(state): State<AppState>,
 ) -> Result<Json<ServiceList>, ApiError> {
     Ok(Json(ServiceList {
-        services: services(&state).await?,
+        services: services(&state, None).await?,
     }))
 }
 
@@ -928,36 +930,34 @@ pub async fn service_action(
             name.chars().take(60).collect::<String>()
         ))
     })?;
-    let current = services(state)
+    let current = services(state, Some(&service.0))
         .await?
         .into_iter()
-        .find(|s| s.name == service.0)
+        .next()
         .ok_or_else(|| ApiError::not_found(format!("no service `{}`", service.0)))?;
+    use skiff_core::dispatch::ServiceAction;
     let run = match action {
-        "stop" | "start" => {
-            let a = if action == "stop" {
-                skiff_core::dispatch::ServiceAction::Stop
-            } else {
-                skiff_core::dispatch::ServiceAction::Start
-            };
+        "stop" => {
             state
                 .dispatcher
-                .service_run(&service, a, principal.actor())
+                .service_run(&service, ServiceAction::Stop, principal.actor())
+                .await?
+        }
+        "start" => {
+            state
+                .dispatcher
+                .service_run(&service, ServiceAction::Start, principal.actor())
                 .await?
         }
         "redeploy" => {
-            let Some(id) = &current.run else {
-                return Err(ApiError::conflict(format!(
-                    "the run that deployed {} is no longer kept: run its pipeline again",
-                    service.0
-                )));
-            };
-            let run = load_run(state, id).await.map_err(|_| {
+            let gone = || {
                 ApiError::conflict(format!(
                     "the run that deployed {} is no longer kept: run its pipeline again",
                     service.0
                 ))
-            })?;
+            };
+            let id = current.run.as_deref().ok_or_else(gone)?;
+            let run = load_run(state, id).await.map_err(|_| gone())?;
             state
                 .dispatcher
                 .rerun(&run, trigger_of(principal, TriggerKind::Rerun))

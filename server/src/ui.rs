@@ -681,7 +681,7 @@ pub async fn services(page: Page, State(state): State<AppState>) -> Result<Servi
 }
 
 async fn service_rows(state: &AppState) -> Result<Vec<ServiceRow>, ApiError> {
-    Ok(crate::api::services(state)
+    Ok(crate::api::services(state, None)
         .await?
         .into_iter()
         .map(|s| ServiceRow {
