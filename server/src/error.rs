@@ -425,6 +425,16 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
 /// The most bytes of a plain-text error that are kept as its message.
 const MAX_PLAIN_ERROR: usize = 16 << 10;
 
+/// A response's content type, lowercased ("" when it has none).
+pub fn content_type(response: &Response) -> String {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
 /// Turns an error answer that is not JSON (axum's plain-text rejections in handlers that do not
 /// use the extractors above, such as the UI's forms) into the JSON error body, keeping the status
 /// and the other headers. HTML pages (the UI's own error pages) and JSON pass as they are.
@@ -433,12 +443,7 @@ pub async fn json_errors(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let kind = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let kind = content_type(&response);
     if kind.starts_with("application/json") || kind.starts_with("text/html") {
         return response;
     }

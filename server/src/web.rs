@@ -125,12 +125,7 @@ pub async fn html_errors(req: Request, next: Next) -> Response {
     if is_api(&path) || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let kind = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let kind = crate::error::content_type(&response);
     if kind.starts_with("text/html") {
         return response;
     }
