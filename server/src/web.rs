@@ -37,11 +37,7 @@ fn never_stored(path: &str) -> bool {
 pub async fn security_headers(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let mut response = next.run(req).await;
-    let html = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("text/html"));
+    let html = crate::error::content_type(&response).starts_with("text/html");
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
