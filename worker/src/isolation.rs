@@ -112,6 +112,13 @@ pub struct RunUser {
     pool: Option<Arc<UidPool>>,
 }
 
+impl RunUser {
+    /// Who a run's folders belong to: its user, else skiff itself.
+    pub fn owner(user: Option<&RunUser>) -> u32 {
+        user.map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid)
+    }
+}
+
 impl Drop for RunUser {
     fn drop(&mut self) {
         if let (Some(pool), Some(lock)) = (self.pool.take(), self.lock.take()) {
@@ -242,7 +249,7 @@ impl RunDirs {
         spares: &SpareDirs,
     ) -> io::Result<()> {
         prepare_root(root, user.is_some())?;
-        let owner = user.map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
+        let owner = RunUser::owner(user);
         if let Some(spare) = spares.take(root, owner) {
             if spare.rename_to(self).is_ok() {
                 return Ok(());
@@ -301,7 +308,8 @@ impl RunDirs {
         }
     }
 
-    /// Moves the three folders to `to`'s names (each rename is atomic; all three or an error).
+    /// Moves the three folders to `to`'s names, one rename each (an error may come after some
+    /// have moved: the callers remove what is left under both names).
     fn rename_to(&self, to: &RunDirs) -> io::Result<()> {
         for (from, to) in self.paths().into_iter().zip(to.paths()) {
             std::fs::rename(from, to)?;

@@ -262,9 +262,7 @@ async fn drive(
     // The run's processes end with its cgroup; only then are its folders done with, and its
     // uid free for another run.
     drop(tracker);
-    let owner = user
-        .as_ref()
-        .map_or_else(|| nix::unistd::geteuid().as_raw(), |u| u.uid);
+    let owner = RunUser::owner(user.as_ref());
     dirs.finish(
         &opts.workspace_root,
         owner,
