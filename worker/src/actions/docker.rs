@@ -1,6 +1,7 @@
-//! `docker/build` and `docker/push` on the worker's local engine, through `skiff_docker`. What a
-//! build makes is in the resources ledger before it exists (an intent), labelled with its run at
-//! the source, and marked live with the engine's ID once built.
+//! The `docker/*` actions on the worker's local engine, through `skiff_docker`: build, push,
+//! deploy, stop, start, reap. What a build or a deploy makes is in the resources ledger before it
+//! exists (an intent), labelled with its run at the source, and marked live with the engine's ID
+//! once made.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -99,6 +100,18 @@ fn strings(map: &BTreeMap<String, Val<String>>) -> Result<HashMap<String, String
         .collect()
 }
 
+/// A step's `labels`, and the run that makes the thing: labelled at the source, so a lost ledger
+/// record can be rebuilt.
+fn run_labels(
+    given: &BTreeMap<String, Val<String>>,
+    cx: &ActionContext<'_>,
+) -> Result<HashMap<String, String>, ActionError> {
+    let mut labels = strings(given)?;
+    labels.insert("skiff.run".into(), cx.run.to_string());
+    labels.insert("skiff.pipeline".into(), cx.pipeline.to_string());
+    Ok(labels)
+}
+
 #[async_trait]
 impl Execute for Build {
     async fn execute(with: BuildWith, cx: &ActionContext<'_>) -> Result<BuildOutputs, ActionError> {
@@ -113,10 +126,7 @@ impl Execute for Build {
             .iter()
             .map(|t| t.get().map(|t| t.0.clone()).map_err(ActionError::Inputs))
             .collect::<Result<_, _>>()?;
-        let mut labels = strings(&with.labels)?;
-        // Labelled at the source with the run that made it, so a lost record can be rebuilt.
-        labels.insert("skiff.run".into(), cx.run.to_string());
-        labels.insert("skiff.pipeline".into(), cx.pipeline.to_string());
+        let labels = run_labels(&with.labels, cx)?;
         let spec = BuildSpec {
             dockerfile: dockerfile.clone(),
             build_args: strings(&with.build_args)?,
@@ -315,9 +325,7 @@ impl Execute for Deploy {
             .collect::<Result<_, _>>()
             .map_err(input)?;
         let env: Vec<(String, String)> = strings(&with.env)?.into_iter().collect();
-        let mut labels = strings(&with.labels)?;
-        labels.insert("skiff.run".into(), cx.run.to_string());
-        labels.insert("skiff.pipeline".into(), cx.pipeline.to_string());
+        let mut labels = run_labels(&with.labels, cx)?;
         let health_timeout = match &with.health {
             Some(h) => Val::opt(&h.timeout).map_err(input)?.map(|d| d.0),
             None => None,
@@ -477,20 +485,20 @@ impl Execute for Deploy {
                         }
                     }
                 }
-                let rolled = if back.is_empty() {
-                    if old.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; the previous version ({}) still serves",
-                            old.iter()
-                                .map(|c| c.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    }
-                } else {
+                let previous = old
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let rolled = if !back.is_empty() {
                     format!("; rolled back: {} serves again", back.join(", "))
+                } else if old.is_empty() {
+                    String::new()
+                } else if fixed {
+                    // Stopped for the new one, and it did not come back (the notes say why).
+                    format!("; the previous version ({previous}) could not be brought back")
+                } else {
+                    format!("; the previous version ({previous}) still serves")
                 };
                 if cx.stop.is_cancelled() {
                     return Err(ActionError::Stopped(format!(
