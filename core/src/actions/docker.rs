@@ -206,6 +206,16 @@ impl<'de> Deserialize<'de> for SecretFileName {
     }
 }
 
+/// A value written as text or as a number (`8080`, `"80:8080"`, `256m`), as text; anything else
+/// is refused with `expected`.
+fn scalar_text<'de, D: Deserializer<'de>>(d: D, expected: &str) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        _ => Err(D::Error::custom(expected)),
+    }
+}
+
 /// A published port: `8080` (the engine picks a free host port) or `HOST:CONTAINER`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortText {
@@ -215,12 +225,7 @@ pub struct PortText {
 
 impl<'de> Deserialize<'de> for PortText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = serde_json::Value::deserialize(d)?;
-        let text = match &v {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            _ => return Err(D::Error::custom("a port is `8080` or `HOST:CONTAINER`")),
-        };
+        let text = scalar_text(d, "a port is `8080` or `HOST:CONTAINER`")?;
         let num = |t: &str| {
             t.trim()
                 .parse::<u16>()
@@ -251,12 +256,9 @@ pub struct MemoryText(pub i64);
 
 impl<'de> Deserialize<'de> for MemoryText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = serde_json::Value::deserialize(d)?;
-        let text = match &v {
-            serde_json::Value::String(s) => s.trim().to_ascii_lowercase(),
-            serde_json::Value::Number(n) => n.to_string(),
-            _ => return Err(D::Error::custom("a memory size is like `256m` or `1g`")),
-        };
+        let text = scalar_text(d, "a memory size is like `256m` or `1g`")?
+            .trim()
+            .to_ascii_lowercase();
         let (num, unit) = text.split_at(
             text.find(|c: char| !c.is_ascii_digit())
                 .unwrap_or(text.len()),
