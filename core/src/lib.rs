@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod queue;
 pub mod retention;
 pub mod run;
+pub mod secrets;
 pub mod store;
 pub mod utf8;
 pub mod yaml;

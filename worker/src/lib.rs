@@ -10,7 +10,8 @@ mod process;
 pub mod reap;
 pub mod record;
 pub mod runner;
-pub mod secrets;
+/// Secrets live in skiff-core (the server checks webhook signatures with them too).
+pub use skiff_core::secrets;
 mod spawn;
 
 pub use cgroup::{

@@ -11,8 +11,8 @@ use skiff_core::run::{
     LogChunk, NewRun, Run, RunId, RunStatus, StepRecord, StepStatus, Trigger, TriggerKind,
 };
 use skiff_core::store::{
-    Change, Claim, Created, Delivery, LogRead, Prune, Result, RunPage, RunQuery, SqliteStore,
-    Store, StoreError, TakeOver,
+    Change, Claim, Created, Delivery, DeliveryQuery, LogRead, Prune, Result, RunPage, RunQuery,
+    SqliteStore, Store, StoreError, TakeOver,
 };
 use skiff_worker::secrets::Secrets;
 use skiff_worker::{RunObserver, RunOptions, execute_run};
@@ -121,13 +121,21 @@ impl Store for Flaky {
         self.check()?;
         self.inner.resources(query).await
     }
-    async fn record_delivery(&self, delivery: &Delivery) -> Result<bool> {
+    async fn record_delivery(&self, delivery: &Delivery) -> Result<()> {
         self.check()?;
         self.inner.record_delivery(delivery).await
     }
-    async fn deliveries(&self, hook: Option<&str>, limit: u32) -> Result<Vec<Delivery>> {
+    async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<Delivery>> {
         self.check()?;
-        self.inner.deliveries(hook, limit).await
+        self.inner.deliveries(query).await
+    }
+    async fn delivery(&self, key: &str) -> Result<Option<Delivery>> {
+        self.check()?;
+        self.inner.delivery(key).await
+    }
+    async fn prune_deliveries(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64> {
+        self.check()?;
+        self.inner.prune_deliveries(before).await
     }
     async fn schedule_mark(&self, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
         self.check()?;

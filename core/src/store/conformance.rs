@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{
-    ChangeKind, Claim, Delivery, DeliveryOutcome, RunQuery, Store, StoreError, Subject, TakeOver,
+    ChangeKind, Claim, Delivery, DeliveryOutcome, DeliveryQuery, DeliveryResult, Redelivery,
+    RunQuery, Store, StoreError, Subject, TakeOver,
 };
 use crate::ledger::{NewResource, ResourceQuery, ResourceState, ResourceUpdate};
 use crate::run::Phase;
@@ -1176,28 +1177,86 @@ async fn ledger(store: &Arc<dyn Store>) {
 /// Deliveries are recorded once per hook and id; a schedule slot fires once however many
 /// servers try.
 async fn deliveries_and_schedules(store: Arc<dyn Store>) {
-    let delivery = Delivery {
-        hook: "repo".into(),
+    // Times are kept to the millisecond.
+    let at = chrono::DateTime::from_timestamp_millis(chrono::Utc::now().timestamp_millis())
+        .expect("now");
+    let delivery = |key: &str, hook: &str, age: chrono::Duration| Delivery {
+        key: key.into(),
+        hook: hook.into(),
         id: "d-1".into(),
         provider: "github".into(),
         event: "push".into(),
-        received_at: chrono::Utc::now(),
+        received_at: at - age,
+        verified: true,
         outcome: DeliveryOutcome::Skipped,
         reason: Some("branch `dev` is not one of: main".into()),
-        runs: Vec::new(),
+        results: vec![DeliveryResult {
+            pipeline: "build".into(),
+            outcome: DeliveryOutcome::Skipped,
+            reason: Some("branch `dev` is not one of: main".into()),
+            run: None,
+        }],
+        headers: vec![("x-github-event".into(), "push".into())],
+        body: b"{\"ref\":\"refs/heads/dev\"}\0binary".to_vec(),
+        body_len: 1 << 20,
+        redelivery: None,
     };
-    assert!(store.record_delivery(&delivery).await.expect("record"));
-    assert!(
-        !store.record_delivery(&delivery).await.expect("again"),
-        "a delivery id is recorded once per hook"
+    let first = delivery("k-1", "repo", chrono::Duration::days(8));
+    store.record_delivery(&first).await.expect("record");
+    store
+        .record_delivery(&first)
+        .await
+        .expect("a key again changes nothing");
+    // GitHub's Redeliver sends the same delivery id: each arrival is an entry of its own.
+    let mut again = delivery("k-2", "repo", chrono::Duration::seconds(1));
+    again.outcome = DeliveryOutcome::Started;
+    again.results[0].outcome = DeliveryOutcome::Started;
+    again.results[0].run = Some("run-1".into());
+    again.redelivery = Some(Redelivery {
+        of: "k-1".into(),
+        by: "admin".into(),
+        count: 1,
+    });
+    store.record_delivery(&again).await.expect("again");
+    store
+        .record_delivery(&delivery("k-3", "other", chrono::Duration::zero()))
+        .await
+        .expect("other hook");
+    let listed = store
+        .deliveries(&DeliveryQuery {
+            hook: Some("repo".into()),
+            ..DeliveryQuery::default()
+        })
+        .await
+        .expect("list");
+    let keys: Vec<&str> = listed.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(keys, ["k-2", "k-1"], "one hook's deliveries, newest first");
+    assert_eq!(listed[1], first, "a delivery reads back as recorded");
+    assert!(!listed[1].body_whole());
+    assert_eq!(listed[0].runs().collect::<Vec<_>>(), ["run-1"]);
+    assert_eq!(
+        store.delivery("k-2").await.expect("one").as_ref(),
+        Some(&listed[0])
     );
-    let mut other = delivery.clone();
-    other.hook = "other".into();
-    assert!(store.record_delivery(&other).await.expect("other hook"));
-    let listed = store.deliveries(Some("repo"), 10).await.expect("list");
-    assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].reason, delivery.reason);
-    assert_eq!(listed[0].outcome, DeliveryOutcome::Skipped);
+    assert_eq!(store.delivery("nope").await.expect("none"), None);
+    let by_id = store
+        .deliveries(&DeliveryQuery {
+            id: Some("d-1".into()),
+            limit: 2,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .expect("by id");
+    assert_eq!(by_id.len(), 2, "the limit holds");
+    assert_eq!(
+        store
+            .prune_deliveries(at - chrono::Duration::days(7))
+            .await
+            .expect("prune"),
+        1,
+        "only what is older than the cut goes"
+    );
+    assert_eq!(store.delivery("k-1").await.expect("pruned"), None);
 
     let key = "nightly/0";
     assert_eq!(store.schedule_mark(key).await.expect("mark"), None);

@@ -163,14 +163,18 @@ pub struct Created {
     pub created: bool,
 }
 
-/// What came of a webhook delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What came of a webhook delivery, or of it for one pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeliveryOutcome {
-    /// Runs were started (or found: a delivery seen before starts nothing new).
+    /// A run was started (or found: a delivery seen before starts nothing new).
     Started,
-    /// It was verified but matched no pipeline's filters.
+    /// It was verified but did not match (the event, a branch, the paths, the `if:`).
     Skipped,
-    /// It was refused (a bad signature, an unknown hook, a malformed body).
+    /// It was verified and matched, but no run could be made (params that do not fit, the
+    /// Store or the queue away).
+    Failed,
+    /// It was refused: a bad or missing signature, an unknown hook, a malformed body.
     Refused,
 }
 
@@ -179,33 +183,96 @@ impl DeliveryOutcome {
         match self {
             DeliveryOutcome::Started => "started",
             DeliveryOutcome::Skipped => "skipped",
+            DeliveryOutcome::Failed => "failed",
             DeliveryOutcome::Refused => "refused",
         }
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Started, Self::Skipped, Self::Refused]
+        [Self::Started, Self::Skipped, Self::Failed, Self::Refused]
             .into_iter()
             .find(|o| o.as_str() == text)
     }
 }
 
-/// A webhook delivery as received, and what came of it.
+/// What one delivery did for one pipeline that names its hook.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeliveryResult {
+    pub pipeline: String,
+    pub outcome: DeliveryOutcome,
+    /// Why it was skipped or failed; for a repeat, that the run was made before.
+    pub reason: Option<String>,
+    /// The run it started (or found, for a delivery id seen before).
+    pub run: Option<String>,
+}
+
+/// skiff's own Redeliver: who asked, and which logged delivery was sent again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Redelivery {
+    /// The [`Delivery::key`] of the delivery sent again.
+    pub of: String,
+    pub by: String,
+    /// 1 for the first redelivery of that delivery id, then 2...
+    pub count: u32,
+}
+
+/// A webhook delivery as received, and what came of it: one entry of the deliveries log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
+    /// The log entry's own id (a UUIDv7): a provider's Redeliver sends the same delivery id
+    /// again, and each arrival is logged.
+    pub key: String,
     /// The hook it came to.
     pub hook: String,
     /// The provider's delivery id (`X-GitHub-Delivery`...), or one skiff made up.
     pub id: String,
+    /// `github`, `gitea`, `gitlab` or `generic`.
     pub provider: String,
-    /// The normalised event (`push`, `tag`...).
+    /// The normalised event (`push`, `tag`, `pull_request`, `release`, `ping`), or the raw
+    /// name of one skiff does not handle.
     pub event: String,
     pub received_at: chrono::DateTime<chrono::Utc>,
+    /// Whether its signature (or token) checked out.
+    pub verified: bool,
     pub outcome: DeliveryOutcome,
-    /// Why it was skipped or refused.
+    /// Why it was refused, or a summary of why it was skipped.
     pub reason: Option<String>,
-    /// The runs it started.
-    pub runs: Vec<RunId>,
+    /// One per pipeline that names the hook.
+    pub results: Vec<DeliveryResult>,
+    /// The request's headers, secrets masked.
+    pub headers: Vec<(String, String)>,
+    /// The body as received, cut to [`DELIVERY_BODY_KEPT`] bytes unless kept whole (see
+    /// `body_len`).
+    pub body: Vec<u8>,
+    /// The body's length as received.
+    pub body_len: u64,
+    pub redelivery: Option<Redelivery>,
+}
+
+/// How much of a delivery's body the log keeps, unless it is kept whole (a verified delivery
+/// that started nothing, so that it can be sent again).
+pub const DELIVERY_BODY_KEPT: usize = 64 << 10;
+
+impl Delivery {
+    /// The runs it started (or found).
+    pub fn runs(&self) -> impl Iterator<Item = &str> {
+        self.results.iter().filter_map(|r| r.run.as_deref())
+    }
+
+    /// Whether the log holds the whole body.
+    pub fn body_whole(&self) -> bool {
+        self.body.len() as u64 == self.body_len
+    }
+}
+
+/// A filter over the deliveries log, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    pub hook: Option<String>,
+    /// The provider's delivery id.
+    pub id: Option<String>,
+    /// At most this many (1..=500; 0 means the default of 50).
+    pub limit: u32,
 }
 
 #[async_trait]
@@ -279,10 +346,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Resource>;
     /// Recorded resources, newest first.
     async fn resources(&self, query: &ResourceQuery) -> Result<Vec<Resource>>;
-    /// Records a webhook delivery; false (and nothing recorded) when the hook has seen its id.
-    async fn record_delivery(&self, delivery: &Delivery) -> Result<bool>;
-    /// The newest deliveries (of one hook, or all), at most `limit`.
-    async fn deliveries(&self, hook: Option<&str>, limit: u32) -> Result<Vec<Delivery>>;
+    /// Adds an entry to the deliveries log (by its `key`: recording a key again changes
+    /// nothing).
+    async fn record_delivery(&self, delivery: &Delivery) -> Result<()>;
+    /// Deliveries, newest first.
+    async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<Delivery>>;
+    /// One delivery, by its log key.
+    async fn delivery(&self, key: &str) -> Result<Option<Delivery>>;
+    /// Deletes the deliveries received before `before`; returns how many.
+    async fn prune_deliveries(&self, before: chrono::DateTime<chrono::Utc>) -> Result<u64>;
     /// The last slot a schedule fired for (`key` names the schedule).
     async fn schedule_mark(&self, key: &str) -> Result<Option<chrono::DateTime<chrono::Utc>>>;
     /// Moves a schedule's mark from `expected` to `slot`, if it is still `expected`: of several

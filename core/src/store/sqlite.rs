@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    Change, ChangeKind, Claim, Created, Delivery, DeliveryOutcome, LogRead, Result, RunPage,
-    RunQuery, Store, StoreError, Subject, TakeOver, params_from_json, params_to_json,
+    Change, ChangeKind, Claim, Created, Delivery, DeliveryOutcome, DeliveryQuery, LogRead, Result,
+    RunPage, RunQuery, Store, StoreError, Subject, TakeOver, params_from_json, params_to_json,
 };
 use crate::ledger::{NewResource, Resource, ResourceQuery, ResourceState, ResourceUpdate};
 use crate::run::Phase;
@@ -29,7 +29,7 @@ use crate::run::{
     TriggerKind,
 };
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 /// How often the checkpointer copies the write-ahead log back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
@@ -137,18 +137,24 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS resources_by_run ON resources (run_id)",
     "CREATE INDEX IF NOT EXISTS resources_by_service ON resources (service)",
     "CREATE INDEX IF NOT EXISTS resources_by_state ON resources (state, updated_at)",
-    "CREATE TABLE IF NOT EXISTS deliveries (
+    "CREATE TABLE IF NOT EXISTS webhook_deliveries (
+        key TEXT PRIMARY KEY,
         hook TEXT NOT NULL,
         id TEXT NOT NULL,
         provider TEXT NOT NULL,
         event TEXT NOT NULL,
         received_at INTEGER NOT NULL,
+        verified INTEGER NOT NULL,
         outcome TEXT NOT NULL,
         reason TEXT,
-        runs TEXT NOT NULL,
-        PRIMARY KEY (hook, id)
+        results TEXT NOT NULL,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        body_len INTEGER NOT NULL,
+        redelivery TEXT
     ) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS deliveries_by_time ON deliveries (received_at)",
+    "CREATE INDEX IF NOT EXISTS webhook_deliveries_by_time ON webhook_deliveries (received_at)",
+    "CREATE INDEX IF NOT EXISTS webhook_deliveries_by_id ON webhook_deliveries (hook, id)",
     "CREATE TABLE IF NOT EXISTS schedules (key TEXT PRIMARY KEY, last_slot INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS admin (id INTEGER PRIMARY KEY CHECK (id = 1), password_hash TEXT)",
     "CREATE TABLE IF NOT EXISTS api_tokens (
@@ -198,6 +204,9 @@ const UPGRADES: &[(i64, &str)] = &[
         7,
         "ALTER TABLE api_tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'admin'",
     ),
+    // The first deliveries table (never written: no endpoint received webhooks yet) gave way
+    // to `webhook_deliveries`, which logs each arrival with its headers and body.
+    (8, "DROP TABLE IF EXISTS deliveries"),
     (
         7,
         "ALTER TABLE api_tokens ADD COLUMN legacy INTEGER NOT NULL DEFAULT 1",
@@ -424,7 +433,7 @@ impl SqliteStore {
         .await
         .map_err(backend)?;
         // SCHEMA_VERSION (a PRAGMA takes no bound value).
-        sqlx::query("PRAGMA user_version = 7")
+        sqlx::query("PRAGMA user_version = 8")
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -527,6 +536,54 @@ macro_rules! select_resources {
     ($tail:literal) => {
         concat!("SELECT ", resource_columns!(), " FROM resources ", $tail)
     };
+}
+
+/// A `SELECT` of every delivery column, followed by `$tail`.
+macro_rules! select_deliveries {
+    ($tail:literal) => {
+        concat!(
+            "SELECT key, hook, id, provider, event, received_at, verified, outcome, reason, ",
+            "results, headers, body, body_len, redelivery FROM webhook_deliveries ",
+            $tail
+        )
+    };
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Plain data (strings, numbers, lists) always serializes.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+fn delivery_from_row(row: &SqliteRow) -> Result<Delivery> {
+    fn json<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: &str) -> Result<T> {
+        let text: String = row.try_get(column).map_err(backend)?;
+        serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("delivery {column}: {e}")))
+    }
+    let outcome: String = row.try_get("outcome").map_err(backend)?;
+    let redelivery: Option<String> = row.try_get("redelivery").map_err(backend)?;
+    Ok(Delivery {
+        key: row.try_get("key").map_err(backend)?,
+        hook: row.try_get("hook").map_err(backend)?,
+        id: row.try_get("id").map_err(backend)?,
+        provider: row.try_get("provider").map_err(backend)?,
+        event: row.try_get("event").map_err(backend)?,
+        received_at: from_millis(row.try_get("received_at").map_err(backend)?).unwrap_or_default(),
+        verified: row.try_get("verified").map_err(backend)?,
+        outcome: DeliveryOutcome::parse(&outcome)
+            .ok_or_else(|| StoreError::Corrupt(format!("delivery outcome `{outcome}`")))?,
+        reason: row.try_get("reason").map_err(backend)?,
+        results: json(row, "results")?,
+        headers: json(row, "headers")?,
+        body: row.try_get("body").map_err(backend)?,
+        body_len: u64::try_from(row.try_get::<i64, _>("body_len").map_err(backend)?).unwrap_or(0),
+        redelivery: redelivery
+            .map(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("delivery redelivery: {e}")))
+            })
+            .transpose()?,
+    })
 }
 
 fn resource_from_row(row: &SqliteRow) -> Result<Resource> {
@@ -1312,60 +1369,67 @@ impl Store for SqliteStore {
         rows.iter().map(resource_from_row).collect()
     }
 
-    async fn record_delivery(&self, delivery: &Delivery) -> Result<bool> {
-        let runs: Vec<&str> = delivery.runs.iter().map(RunId::as_str).collect();
-        let done = sqlx::query(
-            "INSERT INTO deliveries (hook, id, provider, event, received_at, outcome, reason, runs)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (hook, id) DO NOTHING",
+    async fn record_delivery(&self, delivery: &Delivery) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (key, hook, id, provider, event, received_at, verified,
+                outcome, reason, results, headers, body, body_len, redelivery)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT (key) DO NOTHING",
         )
+        .bind(&delivery.key)
         .bind(&delivery.hook)
         .bind(&delivery.id)
         .bind(&delivery.provider)
         .bind(&delivery.event)
         .bind(millis(delivery.received_at))
+        .bind(delivery.verified)
         .bind(delivery.outcome.as_str())
         .bind(delivery.reason.as_deref())
-        .bind(serde_json::to_string(&runs).unwrap_or_else(|_| "[]".into()))
+        .bind(to_json(&delivery.results))
+        .bind(to_json(&delivery.headers))
+        .bind(&delivery.body)
+        .bind(i64::try_from(delivery.body_len).unwrap_or(i64::MAX))
+        .bind(delivery.redelivery.as_ref().map(to_json))
         .execute(&mut *self.writer.lock().await)
         .await
         .map_err(backend)?;
-        Ok(done.rows_affected() == 1)
+        Ok(())
     }
 
-    async fn deliveries(&self, hook: Option<&str>, limit: u32) -> Result<Vec<Delivery>> {
-        let rows = sqlx::query(
-            "SELECT hook, id, provider, event, received_at, outcome, reason, runs FROM deliveries
-             WHERE (?1 IS NULL OR hook = ?1) ORDER BY received_at DESC, id LIMIT ?2",
-        )
-        .bind(hook)
-        .bind(i64::from(limit.clamp(1, super::MAX_PAGE)))
+    async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<Delivery>> {
+        let limit = match query.limit {
+            0 => super::DEFAULT_PAGE,
+            n => n.min(super::MAX_PAGE),
+        };
+        let rows = sqlx::query(select_deliveries!(
+            "WHERE (?1 IS NULL OR hook = ?1) AND (?2 IS NULL OR id = ?2)
+             ORDER BY received_at DESC, key DESC LIMIT ?3"
+        ))
+        .bind(query.hook.as_deref())
+        .bind(query.id.as_deref())
+        .bind(i64::from(limit))
         .fetch_all(&self.readers)
         .await
         .map_err(backend)?;
-        rows.iter()
-            .map(|row| {
-                let outcome: String = row.try_get("outcome").map_err(backend)?;
-                let runs: String = row.try_get("runs").map_err(backend)?;
-                let runs: Vec<String> = serde_json::from_str(&runs)
-                    .map_err(|e| StoreError::Corrupt(format!("delivery runs: {e}")))?;
-                Ok(Delivery {
-                    hook: row.try_get("hook").map_err(backend)?,
-                    id: row.try_get("id").map_err(backend)?,
-                    provider: row.try_get("provider").map_err(backend)?,
-                    event: row.try_get("event").map_err(backend)?,
-                    received_at: from_millis(row.try_get("received_at").map_err(backend)?)
-                        .unwrap_or_default(),
-                    outcome: DeliveryOutcome::parse(&outcome).ok_or_else(|| {
-                        StoreError::Corrupt(format!("delivery outcome `{outcome}`"))
-                    })?,
-                    reason: row.try_get("reason").map_err(backend)?,
-                    runs: runs
-                        .iter()
-                        .map(|r| RunId::from_str(r).map_err(corrupt("delivery run")))
-                        .collect::<Result<_>>()?,
-                })
-            })
-            .collect()
+        rows.iter().map(delivery_from_row).collect()
+    }
+
+    async fn delivery(&self, key: &str) -> Result<Option<Delivery>> {
+        let row = sqlx::query(select_deliveries!("WHERE key = ?1"))
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(backend)?;
+        row.as_ref().map(delivery_from_row).transpose()
+    }
+
+    async fn prune_deliveries(&self, before: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM webhook_deliveries WHERE received_at < ?1")
+            .bind(millis(before))
+            .execute(&mut *self.writer.lock().await)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
     }
 
     async fn schedule_mark(&self, key: &str) -> Result<Option<DateTime<Utc>>> {

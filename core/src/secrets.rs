@@ -67,7 +67,7 @@ impl Secrets {
                 path: shown.clone(),
                 source,
             })?;
-            let (values, errors) = skiff_core::kv::parse(&text);
+            let (values, errors) = crate::kv::parse(&text);
             if let Some(e) = errors.into_iter().next() {
                 // The parser's message quotes the line, which may hold a secret: name the line only.
                 return Err(SecretsError::Syntax {
