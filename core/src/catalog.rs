@@ -182,6 +182,41 @@ fn guess_name(source: &str, file: &Path) -> String {
         .unwrap_or_else(|| default_name(file))
 }
 
+/// Pipelines that share a webhook (`on.webhook.hook`) must check its signature with the same
+/// secret: one delivery is signed once. The first pipeline (by name) that names the hook sets
+/// it; one that names another secret is invalid, with the reason at its `secret:`.
+fn check_shared_hooks(entries: &mut BTreeMap<String, Entry>) {
+    let mut first: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for entry in entries.values_mut() {
+        let Some(hook) = entry.pipeline.as_ref().and_then(|p| p.on.webhook.as_ref()) else {
+            continue;
+        };
+        match first.get(&hook.hook) {
+            None => {
+                first.insert(
+                    hook.hook.clone(),
+                    (entry.name.clone(), hook.secret_name.clone()),
+                );
+            }
+            Some((owner, secret)) if *secret != hook.secret_name => {
+                let mut d = Diagnostic::new(
+                    hook.secret_pos,
+                    format!(
+                        "hook `{}` is shared with pipeline `{owner}`, which checks it with secret `{secret}`, not `{}`",
+                        hook.hook, hook.secret_name
+                    ),
+                );
+                d.help = Some(format!(
+                    "a delivery is signed with one secret: use `${{{{ secrets.{secret} }}}}`, or give this pipeline its own `hook:`"
+                ));
+                entry.diagnostics.insert(0, d);
+                entry.pipeline = None;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 impl Catalog {
     /// Loads every pipeline file in `dir`. A missing folder is an empty catalog.
     pub fn load(dir: &Path) -> Catalog {
@@ -192,7 +227,7 @@ impl Catalog {
     pub fn load_with(dir: &Path, options: &pipeline::LoadOptions) -> Catalog {
         let files = pipeline_files(dir).unwrap_or_default();
         let stamp = stamp_of(&files);
-        let mut entries: BTreeMap<String, Arc<Entry>> = BTreeMap::new();
+        let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
         for file in files {
             let (source, loaded) = load_file_with(&file, options);
             let mut entry = match loaded {
@@ -231,8 +266,10 @@ impl Catalog {
                         .unwrap_or_default()
                 );
             }
-            entries.insert(entry.name.clone(), Arc::new(entry));
+            entries.insert(entry.name.clone(), entry);
         }
+        check_shared_hooks(&mut entries);
+        let entries = entries.into_iter().map(|(k, e)| (k, Arc::new(e))).collect();
         Catalog {
             dir: dir.to_path_buf(),
             options: options.clone(),
@@ -290,6 +327,31 @@ mod tests {
         assert!(!c.is_stale());
         std::fs::write(dir.path().join("c.yml"), "steps:\n  - run: echo c\n").expect("write");
         assert!(c.is_stale());
+    }
+
+    #[test]
+    fn pipelines_sharing_a_hook_share_its_secret() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hooked = |secret: &str| {
+            format!(
+                "on:\n  webhook:\n    hook: repo\n    secret: ${{{{ secrets.{secret} }}}}\nsteps:\n  - run: echo\n"
+            )
+        };
+        std::fs::write(dir.path().join("build.yml"), hooked("REPO_HOOK")).expect("write");
+        std::fs::write(dir.path().join("deploy.yml"), hooked("REPO_HOOK")).expect("write");
+        std::fs::write(dir.path().join("lint.yml"), hooked("OTHER")).expect("write");
+        let c = Catalog::load(dir.path());
+        assert!(c.get("build").is_some_and(|e| e.is_valid()));
+        assert!(c.get("deploy").is_some_and(|e| e.is_valid()));
+        let lint = c.get("lint").expect("lint");
+        assert!(!lint.is_valid());
+        let d = &lint.diagnostics[0];
+        assert_eq!((d.pos.line, d.pos.col), (4, 13), "at the secret");
+        assert!(
+            d.message.contains("shared with pipeline `build`") && d.message.contains("REPO_HOOK"),
+            "{}",
+            d.message
+        );
     }
 
     /// Runs `f` on a thread and fails the test if it does not finish in time: a FIFO opened for

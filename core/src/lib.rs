@@ -8,6 +8,7 @@ pub mod diag;
 pub mod dispatch;
 pub mod duration;
 pub mod expr;
+pub mod glob;
 pub mod kv;
 pub mod ledger;
 pub mod pipeline;

@@ -73,11 +73,49 @@ pub struct Triggers {
 
 #[derive(Debug, Clone)]
 pub struct Webhook {
+    /// The endpoint's id (`POST /hooks/ID`): `hook:`, or the pipeline's name.
+    pub hook: String,
     /// Always a `${{ secrets.NAME }}` reference: a secret is never written in the file.
     pub secret: Template,
+    /// The NAME of that reference (pipelines sharing a hook must name the same one).
+    pub secret_name: String,
+    /// Where the secret is written (for the catalog's check across files).
+    pub secret_pos: crate::diag::Pos,
+    /// Normalised events: `push`, `tag`, `pull_request`, `release`.
     pub events: Vec<String>,
+    /// Glob patterns (`!` in front excludes); a push or pull request must match when set.
     pub branches: Vec<String>,
+    /// Glob patterns for the tag of a `tag` or `release` event.
+    pub tags: Vec<String>,
+    /// Glob patterns for the files a push changed.
+    pub paths: Vec<String>,
+    /// `if:` over `event`.
+    pub condition: Option<Condition>,
+    /// Params from the event: each a template over `event`.
+    pub params: Vec<(String, Template)>,
 }
+
+/// The events a webhook filter can name.
+pub const WEBHOOK_EVENTS: &[&str] = &["push", "tag", "pull_request", "release"];
+
+/// What `event.NAME` can name in `on.webhook.params` and `on.webhook.if` (`payload` goes on:
+/// `event.payload.repository.name`).
+pub const EVENT_FIELDS: &[&str] = &[
+    "ref",
+    "branch",
+    "tag",
+    "sha",
+    "before",
+    "repo",
+    "provider",
+    "event",
+    "raw_event",
+    "action",
+    "number",
+    "sender",
+    "delivery",
+    "payload",
+];
 
 #[derive(Debug, Clone)]
 pub struct Schedule {

@@ -49,8 +49,9 @@ const STEP_KEYS: &[&str] = &[
 ];
 const PARAM_KEYS: &[&str] = &["type", "default", "description", "options", "required"];
 const ON_KEYS: &[&str] = &["manual", "webhook", "schedule"];
-const WEBHOOK_KEYS: &[&str] = &["secret", "events", "branches"];
-const WEBHOOK_EVENTS: &[&str] = &["push", "pull_request", "tag", "release", "ping"];
+const WEBHOOK_KEYS: &[&str] = &[
+    "hook", "secret", "events", "branches", "tags", "paths", "if", "params",
+];
 const SCHEDULE_KEYS: &[&str] = &["cron", "timezone", "params"];
 const RETRY_KEYS: &[&str] = &["count", "backoff"];
 const RETENTION_KEYS: &[&str] = &["max_age", "max_runs"];
@@ -137,6 +138,8 @@ enum Ctx {
     Pipeline,
     /// `on.webhook.secret`: secrets only.
     WebhookSecret,
+    /// `on.webhook.params` and `on.webhook.if`: `event` only.
+    Webhook,
     /// A step's fields; `condition` is true for its `if:`, where status functions are allowed.
     Step {
         phase: Phase,
@@ -463,7 +466,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             .value("timeout")
             .and_then(|n| self.duration(n, "`timeout`"));
         let on = match top.get("on") {
-            Some(n) => self.triggers(n, &params),
+            Some(n) => self.triggers(n, &params, &name),
             None => Triggers {
                 manual: true,
                 ..Triggers::default()

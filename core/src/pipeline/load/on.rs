@@ -130,7 +130,7 @@ impl<'s, 'n> Cx<'s, 'n> {
         Some(p)
     }
 
-    pub(super) fn triggers(&mut self, node: &'n Node, params: &[Param]) -> Triggers {
+    pub(super) fn triggers(&mut self, node: &'n Node, params: &[Param], name: &str) -> Triggers {
         let mut t = Triggers {
             manual: true,
             ..Triggers::default()
@@ -167,7 +167,7 @@ impl<'s, 'n> Cx<'s, 'n> {
             t.manual = self.bool(n, "`on.manual`").unwrap_or(true);
         }
         if let Some(n) = f.value("webhook") {
-            t.webhook = self.webhook(n);
+            t.webhook = self.webhook(n, params, name);
         }
         if let Some(n) = f.value("schedule") {
             let params: HashMap<&str, &Param> =
@@ -184,8 +184,30 @@ impl<'s, 'n> Cx<'s, 'n> {
         t
     }
 
-    pub(super) fn webhook(&mut self, node: &'n Node) -> Option<Webhook> {
+    pub(super) fn webhook(
+        &mut self,
+        node: &'n Node,
+        params: &[Param],
+        pipeline: &str,
+    ) -> Option<Webhook> {
         let f = self.map(node, "`on.webhook`", WEBHOOK_KEYS)?;
+        let mut hook_ok = true;
+        let hook = match f.value("hook") {
+            None => pipeline.to_string(),
+            Some(n) => {
+                let text = self.literal(n, "`on.webhook.hook`").unwrap_or_default();
+                if !valid_name(&text) {
+                    hook_ok = false;
+                    self.error(n.pos, format!("hook id `{text}` is not valid"))
+                        .set_len(text.chars().count())
+                        .help = Some(
+                        "use letters, digits, `-`, `_` and `.`, starting with a letter or digit"
+                            .into(),
+                    );
+                }
+                text
+            }
+        };
         let secret = match f.value("secret") {
             None => {
                 self.error(
@@ -197,13 +219,19 @@ impl<'s, 'n> Cx<'s, 'n> {
             }
             Some(n) => {
                 let t = self.template(n, "`on.webhook.secret`", Ctx::WebhookSecret);
-                let only_secret = t.as_ref().is_some_and(|t| matches!(t.parts.as_slice(),
-                    [expr::Part::Expr(Expr::Ref { path, .. }, _)] if path.first().is_some_and(|r| r == "secrets")));
-                if t.is_some() && !only_secret {
+                let name = t.as_ref().and_then(|t| match t.parts.as_slice() {
+                    [expr::Part::Expr(Expr::Ref { path, .. }, _)]
+                        if path.len() == 2 && path[0] == "secrets" =>
+                    {
+                        Some(path[1].clone())
+                    }
+                    _ => None,
+                });
+                if t.is_some() && name.is_none() {
                     self.error(n.pos, "`on.webhook.secret` must be a secret reference, not text in the file")
                         .help = Some("write `secret: ${{ secrets.HOOK_SECRET }}` and provide SKIFF_SECRET_HOOK_SECRET".into());
                 }
-                t.filter(|_| only_secret)
+                t.zip(name).map(|(t, name)| (t, name, n.pos))
             }
         };
         let events = match f.value("events") {
@@ -217,7 +245,11 @@ impl<'s, 'n> Cx<'s, 'n> {
                     let Some(e) = self.string(i, "an event") else {
                         continue;
                     };
-                    if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                    if e == "ping" {
+                        self.error(i.pos, "`ping` never starts a run")
+                            .set_len(e.len())
+                            .help = Some("a verified ping is answered 200 by skiff itself; drop it from `events`".into());
+                    } else if !WEBHOOK_EVENTS.contains(&e.as_str()) {
                         let help = did_you_mean(&e, WEBHOOK_EVENTS.iter().copied())
                             .unwrap_or_else(|| format!("events: {}", WEBHOOK_EVENTS.join(", ")));
                         self.error(i.pos, format!("unknown webhook event `{e}`"))
@@ -230,14 +262,65 @@ impl<'s, 'n> Cx<'s, 'n> {
             }
             None => vec!["push".to_string()],
         };
-        let branches = f
-            .value("branches")
-            .map(|n| self.string_list(n, "a branch"))
-            .unwrap_or_default();
+        let mut globs = |key: &str, what: &str| -> Vec<String> {
+            let Some(n) = f.value(key) else {
+                return Vec::new();
+            };
+            let list = self.string_list(n, what);
+            for g in &list {
+                if let Err(msg) = crate::glob::check(g) {
+                    self.error(n.pos, format!("{what} `{g}`: {msg}")).help = Some(
+                        "`*` matches within a path segment, `**` across `/`, `!` in front excludes"
+                            .into(),
+                    );
+                }
+            }
+            list
+        };
+        let branches = globs("branches", "a branch pattern");
+        let tags = globs("tags", "a tag pattern");
+        let paths = globs("paths", "a path pattern");
+        let condition = f.get("if").and_then(|n| self.condition(n, Ctx::Webhook));
+        let mut values = Vec::new();
+        if let Some(n) = f.value("params") {
+            if let Value::Map(entries) = &n.value {
+                let declared: HashMap<&str, &Param> =
+                    params.iter().map(|p| (p.name.as_str(), p)).collect();
+                for (k, v) in entries {
+                    if !declared.contains_key(k.name.as_str()) {
+                        let help = budgeted_did_you_mean(
+                            &mut self.suggest_budget,
+                            &k.name,
+                            declared.len(),
+                            declared.keys().copied(),
+                        )
+                        .or_else(|| Some("declare it under `params:` first".into()));
+                        self.error(k.pos, format!("unknown param `{}`", k.name))
+                            .set_len(k.name.len())
+                            .help = help;
+                        continue;
+                    }
+                    if let Some(t) = self.template(v, &format!("param `{}`", k.name), Ctx::Webhook)
+                    {
+                        values.push((k.name.clone(), t));
+                    }
+                }
+            } else {
+                self.type_error(n, "`on.webhook.params`", "a mapping of param: value");
+            }
+        }
+        let (secret, secret_name, secret_pos) = secret.filter(|_| hook_ok)?;
         Some(Webhook {
-            secret: secret?,
+            hook,
+            secret,
+            secret_name,
+            secret_pos,
             events,
             branches,
+            tags,
+            paths,
+            condition,
+            params: values,
         })
     }
 

@@ -195,7 +195,35 @@ impl<'p> Refs<'p> {
                 None,
             ));
         }
+        if ctx == Ctx::Webhook && root != "event" {
+            return Err((
+                format!("`{full}`: `on.webhook.params` and `on.webhook.if` can only use `event`"),
+                Some(format!(
+                    "for example `event.branch`; fields: {}",
+                    EVENT_FIELDS.join(", ")
+                )),
+            ));
+        }
         match root {
+            "event" => {
+                if ctx != Ctx::Webhook {
+                    return Err((
+                        format!("`{full}`: `event` is only known in `on.webhook.params` and `on.webhook.if`"),
+                        Some("map what a step needs to a param: `on: { webhook: { params: { sha: \"${{ event.sha }}\" } } }`, then use `params.sha`".into()),
+                    ));
+                }
+                let field = path.get(1).map(String::as_str);
+                match field {
+                    Some("payload") => {}
+                    Some(f) if EVENT_FIELDS.contains(&f) => want(2, "`event.FIELD`")?,
+                    _ => {
+                        let help = field
+                            .and_then(|f| did_you_mean(f, EVENT_FIELDS.iter().copied()))
+                            .unwrap_or_else(|| format!("event has: {}", EVENT_FIELDS.join(", ")));
+                        return Err((format!("`{full}` is not a field of the event"), Some(help)));
+                    }
+                }
+            }
             "params" => {
                 want(2, "`params.NAME`")?;
                 if !self.params.contains(path[1].as_str()) {
