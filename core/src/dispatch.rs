@@ -133,6 +133,20 @@ impl Dispatcher {
         self.start(new_run(entry, given, trigger)?).await
     }
 
+    /// Starts a run once per `key` (a webhook delivery, a schedule's slot): a key the pipeline
+    /// has seen answers the run it made, with `created: false`, and pushes nothing.
+    pub async fn trigger_once(
+        &self,
+        entry: &Entry,
+        given: &BTreeMap<String, String>,
+        trigger: Trigger,
+        key: String,
+    ) -> Result<crate::store::Created, DispatchError> {
+        let mut new = new_run(entry, given, trigger)?;
+        new.idempotency_key = Some(key);
+        self.create_and_push(new).await
+    }
+
     /// Starts a new run with the same pipeline snapshot and params as `run`.
     pub async fn rerun(&self, run: &Run, trigger: Trigger) -> Result<Run, DispatchError> {
         let pipeline = crate::pipeline::load(&run.source, &run.pipeline)
@@ -185,11 +199,16 @@ impl Dispatcher {
     }
 
     async fn start(&self, new: NewRun) -> Result<Run, DispatchError> {
-        let crate::store::Created { run, created } = self.store.create_run(new).await?;
-        if !created {
+        Ok(self.create_and_push(new).await?.run)
+    }
+
+    async fn create_and_push(&self, new: NewRun) -> Result<crate::store::Created, DispatchError> {
+        let created = self.store.create_run(new).await?;
+        if !created.created {
             // Its job was pushed when it was created.
-            return Ok(run);
+            return Ok(created);
         }
+        let run = &created.run;
         if let Err(e) = self.queue.push(RunJob::new(&run.id)).await {
             // The run would wait forever: record why it never started.
             let _ = self
@@ -198,7 +217,7 @@ impl Dispatcher {
                 .await;
             return Err(e.into());
         }
-        Ok(run)
+        Ok(created)
     }
 }
 

@@ -18,4 +18,5 @@ pub mod run;
 pub mod secrets;
 pub mod store;
 pub mod utf8;
+pub mod webhook;
 pub mod yaml;

@@ -103,6 +103,7 @@ pub const WEBHOOK_EVENTS: &[&str] = &["push", "tag", "pull_request", "release"];
 pub const EVENT_FIELDS: &[&str] = &[
     "ref",
     "branch",
+    "base",
     "tag",
     "sha",
     "before",
