@@ -85,6 +85,22 @@ pub struct ServeArgs {
     /// How often the pipelines folder is checked for changes
     #[arg(long, env = "SKIFF_RELOAD_EVERY", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     reload_every: Duration,
+    /// A second address that serves webhooks (`POST /hooks/ID`) and nothing else, to expose to
+    /// the internet while --listen stays private
+    #[arg(long, env = "SKIFF_HOOKS_LISTEN", value_name = "ADDR")]
+    hooks_listen: Option<SocketAddr>,
+    /// The largest webhook delivery accepted, in bytes (413 above it)
+    #[arg(long, env = "SKIFF_HOOKS_MAX_BODY", default_value_t = skiff_server::hooks::DEFAULT_MAX_BODY, value_name = "BYTES", value_parser = parse_max_body)]
+    hooks_max_body: usize,
+}
+
+fn parse_max_body(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1024..=64 << 20).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a byte count from 1024 to 67108864"
+        )),
+    }
 }
 
 /// `--retention-max-age`: a duration, or `off`.
@@ -138,6 +154,10 @@ async fn keep_retention(
         };
         if let Err(e) = sweep(store.as_ref(), defaults, &policy).await {
             tracing::warn!(error = %e, "applying retention failed");
+        }
+        let cut = chrono::Utc::now() - skiff_server::hooks::KEEP_DELIVERIES;
+        if let Err(e) = store.prune_deliveries(cut).await {
+            tracing::warn!(error = %e, "pruning the deliveries log failed");
         }
     }
 }
@@ -230,6 +250,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let hooks_listener = match args.hooks_listen {
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding {at} (--hooks-listen)"))?,
+        ),
+        None => None,
+    };
     let secrets = Secrets::load(std::env::vars(), args.secrets.as_deref())?;
     let config = args.config.read()?;
     let load_options = config.load_options();
@@ -319,11 +347,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
             }),
             steps_warning: (!isolation.is_on()).then(|| isolation.description()),
+            hooks_max_body: args.hooks_max_body,
         }),
         metrics,
         shutdown: stopping.cancel.clone(),
         login_throttle: Arc::default(),
+        secrets: Arc::new(handler.config.secrets.clone()),
     };
+    if let Some(hooks) = hooks_listener {
+        let at = hooks.local_addr()?;
+        eprintln!("skiff: webhooks on http://{at}/hooks/ID (nothing else is served there)");
+        let app = skiff_server::hooks_app(state.clone());
+        let stop = stopping.cancel.clone();
+        tokio::spawn(async move {
+            let stopped = async move { stop.cancelled().await };
+            if let Err(e) =
+                skiff_server::listen::serve(hooks, app, stopped, Duration::from_secs(5)).await
+            {
+                tracing::error!(error = %e, "the webhooks listener failed");
+            }
+        });
+    }
     let base = args
         .public_url
         .clone()

@@ -5,6 +5,7 @@ mod ansi;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod hooks;
 pub mod listen;
 mod openapi;
 mod sse;
@@ -26,7 +27,7 @@ use utoipa_axum::routes;
 /// The largest request body accepted (a trigger with its params is a few KiB).
 pub const MAX_BODY: usize = 256 << 10;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// SHA-256 of `SKIFF_ADMIN_TOKEN`, when one was given.
     pub admin_token_hash: Option<String>,
@@ -34,6 +35,19 @@ pub struct ServerConfig {
     pub secure_cookies: bool,
     /// Shown on the dashboard when steps run with skiff's own powers (not isolated).
     pub steps_warning: Option<String>,
+    /// The largest webhook delivery accepted (`--hooks-max-body`).
+    pub hooks_max_body: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            admin_token_hash: None,
+            secure_cookies: false,
+            steps_warning: None,
+            hooks_max_body: hooks::DEFAULT_MAX_BODY,
+        }
+    }
 }
 
 /// The pipelines folder as last loaded; swapped whole when files change.
@@ -94,6 +108,8 @@ pub struct AppState {
     /// Fired when the server stops: live streams end so that shutdown does not wait on them.
     pub shutdown: tokio_util::sync::CancellationToken,
     pub login_throttle: Arc<auth::LoginThrottle>,
+    /// skiff's secrets: the server checks webhook signatures with them.
+    pub secrets: Arc<skiff_core::secrets::Secrets>,
 }
 
 /// The API: every route here is in the OpenAPI document, by construction (`routes!` registers a
@@ -116,6 +132,10 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api::revoke_token))
         .routes(routes!(api::list_services))
         .routes(routes!(api::act_on_service))
+        .routes(routes!(hooks::receive))
+        .routes(routes!(hooks::list_deliveries))
+        .routes(routes!(hooks::get_delivery))
+        .routes(routes!(hooks::redeliver_delivery))
 }
 
 /// The web UI's pages and forms (not part of the API document).
@@ -153,6 +173,22 @@ pub fn routes() -> Router<AppState> {
         .method_not_allowed_fallback(error::method_not_allowed)
 }
 
+/// What `--hooks-listen` serves: `/hooks/{id}` and nothing else (the UI and the API stay on
+/// the private listener), with the same error bodies and security headers.
+pub fn hooks_app(state: AppState) -> Router {
+    Router::new()
+        .route("/hooks/{id}", post(hooks::receive))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            listen::body_deadline,
+        ))
+        .layer(axum::middleware::map_response(error::json_errors))
+        .layer(axum::middleware::from_fn(web::security_headers))
+        .with_state(state)
+}
+
 /// The whole HTTP surface. Every error of the API is the JSON error body: handlers answer
 /// `ApiError`, and `json_errors` rewrites what axum answers by itself (a rejection, say) the
 /// same way; `html_errors` then turns a page's error into an HTML page with a way back. Every
@@ -161,7 +197,10 @@ pub fn routes() -> Router<AppState> {
 pub fn app(state: AppState) -> Router {
     routes()
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(listen::body_deadline))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            listen::body_deadline,
+        ))
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(axum::middleware::from_fn(web::html_errors))
         .layer(axum::middleware::from_fn(web::security_headers))

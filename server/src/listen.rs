@@ -140,9 +140,11 @@ pub async fn serve(
     Ok(())
 }
 
-/// A request's body must arrive within [`BODY_TIMEOUT`] (and is at most [`crate::MAX_BODY`]):
-/// read here, whole, before the handler runs (a layer of `app`, inside its error pages).
+/// A request's body must arrive within [`BODY_TIMEOUT`] (and is at most [`crate::MAX_BODY`],
+/// or the hooks' own limit for `/hooks/*`): read here, whole, before the handler runs (a layer
+/// of `app`, inside its error pages).
 pub(crate) async fn body_deadline(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -151,13 +153,13 @@ pub(crate) async fn body_deadline(
     if !crate::auth::changes_state(req.method()) {
         return next.run(req).await;
     }
+    let limit = if req.uri().path().starts_with("/hooks/") {
+        state.config.hooks_max_body
+    } else {
+        crate::MAX_BODY
+    };
     let (parts, body) = req.into_parts();
-    match tokio::time::timeout(
-        BODY_TIMEOUT,
-        axum::body::to_bytes(body, crate::MAX_BODY + 1),
-    )
-    .await
-    {
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
         Err(_) => crate::error::ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
@@ -170,7 +172,7 @@ pub(crate) async fn body_deadline(
         Ok(Err(e)) if e.to_string().contains("length limit") => crate::error::ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("the body is over {} KiB", crate::MAX_BODY >> 10),
+            format!("the body is over {} KiB", limit >> 10),
         )
         .into_response(),
         Ok(Err(e)) => crate::error::ApiError::new(

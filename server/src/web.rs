@@ -18,7 +18,11 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 
 /// Whether a path is the API's (JSON errors) rather than a page's (HTML errors).
 pub fn is_api(path: &str) -> bool {
-    path == "/api" || path.starts_with("/api/") || path == "/healthz" || path == "/metrics"
+    path == "/api"
+        || path.starts_with("/api/")
+        || path.starts_with("/hooks/")
+        || path == "/healthz"
+        || path == "/metrics"
 }
 
 /// Pages that show secrets (a new token, a sign-in) are never stored by a browser or a proxy.

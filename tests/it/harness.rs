@@ -275,6 +275,8 @@ impl Dir {
 pub struct Server {
     child: Child,
     pub base: String,
+    /// `--hooks-listen`'s address (`http://ADDR`), when the server was given one.
+    pub hooks_base: Option<String>,
     pub login_link: String,
     dir: Dir,
     env: Vec<(String, String)>,
@@ -412,11 +414,17 @@ impl Server {
             }
         });
         let until = Instant::now() + DEADLINE;
-        let (mut base, mut link) = (None, None);
+        let (mut base, mut link, mut hooks_base) = (None, None, None);
         while base.is_none() || link.is_none() {
             match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
                 Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("skiff: listening on ") {
+                    if let Some(rest) = line.strip_prefix("skiff: webhooks on ") {
+                        hooks_base = rest
+                            .split_whitespace()
+                            .next()
+                            .and_then(|u| u.strip_suffix("/hooks/ID"))
+                            .map(str::to_string);
+                    } else if let Some(rest) = line.strip_prefix("skiff: listening on ") {
                         base = rest.split_whitespace().next().map(str::to_string);
                     } else if line.contains("/login/link/") {
                         link = Some(line.trim().to_string());
@@ -431,6 +439,7 @@ impl Server {
         Server {
             child,
             base: base.unwrap_or_default(),
+            hooks_base,
             login_link: link.unwrap_or_default(),
             dir,
             env: extra_env

@@ -6,6 +6,7 @@ mod browser;
 mod docker;
 mod edge;
 mod harness;
+mod hooks;
 mod isolation;
 mod model;
 mod quickstart;
