@@ -354,6 +354,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         login_throttle: Arc::default(),
         secrets: Arc::new(handler.config.secrets.clone()),
     };
+    tokio::spawn(skiff_server::schedules::keep_schedules(
+        state.catalog.clone(),
+        state.dispatcher.clone(),
+        stopping.cancel.clone(),
+    ));
     if let Some(hooks) = hooks_listener {
         let at = hooks.local_addr()?;
         eprintln!("skiff: webhooks on http://{at}/hooks/ID (nothing else is served there)");

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod queue;
 pub mod retention;
 pub mod run;
+pub mod schedule;
 pub mod secrets;
 pub mod store;
 pub mod utf8;

@@ -55,6 +55,7 @@ cases! {
     expr_in_run: "params:\n  branch: main\nsteps:\n  - run: |\n      echo building\n      git checkout ${{ params.branch }}\n      curl -H \"$T\" ${{ secrets.TOKEN }}\n";
     bad_durations: "timeout: 30\nsteps:\n  - run: echo\n    timeout: 5 minutes\n    retry: { count: 2, backoff: 1x }\n";
     bad_cron: "on:\n  schedule:\n    - cron: \"0 2 * *\"\n    - cron: \"61 * * * *\"\n      timezone: Europe/Madird\n    - cron: \"@dialy\"\nsteps:\n  - run: echo\n";
+    bad_missed_policy: "on:\n  schedule:\n    - { cron: \"0 2 * * *\", missed: twice }\nsteps:\n  - run: x\n";
     good_cron: "on:\n  schedule:\n    - cron: \"0 2 * * *\"\n      timezone: Europe/Madrid\n    - \"@daily\"\n    - cron: \"*/5 * * * 1-5\"\n    - cron: \"30 0 2 * * *\"\nsteps:\n  - run: echo\n";
     six_field_cron_errors: "on:\n  schedule:\n    - cron: \"61 0 2 * * *\"\n    - cron: \"0 0 0 2 * * *\"\nsteps:\n  - run: echo\n";
     if_constants: "steps:\n  - run: echo\n    if: 42\n  - run: echo\n    if: \"0\"\n  - run: echo\n    if: ${{ 'deploy' }}\n  - run: echo\n    if: \"${{ null }}\"\n  - run: echo\n    if: yes\n  - run: echo\n    if: \"  ${{ 1.5 }}\"\n";

@@ -117,6 +117,8 @@ pub struct ParamDto {
 
 #[derive(Serialize, ToSchema)]
 pub struct WebhookDto {
+    /// The endpoint's id: `POST /hooks/{hook}`.
+    pub hook: String,
     pub events: Vec<String>,
     pub branches: Vec<String>,
 }
@@ -125,7 +127,11 @@ pub struct WebhookDto {
 pub struct ScheduleDto {
     pub cron: String,
     pub timezone: Option<String>,
+    /// What becomes of slots missed while no server ran: `skip` or `once`.
+    pub missed: &'static str,
     pub params: BTreeMap<String, String>,
+    /// The next five slots (UTC).
+    pub next: Vec<DateTime<Utc>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -209,6 +215,7 @@ pub fn pipeline_dto(entry: &Entry) -> PipelineDto {
         triggers: p.map(|p| TriggersDto {
             manual: p.on.manual,
             webhook: p.on.webhook.as_ref().map(|w| WebhookDto {
+                hook: w.hook.clone(),
                 events: w.events.clone(),
                 branches: w.branches.clone(),
             }),
@@ -219,7 +226,9 @@ pub fn pipeline_dto(entry: &Entry) -> PipelineDto {
                 .map(|s| ScheduleDto {
                     cron: s.cron.clone(),
                     timezone: s.timezone.map(|t| t.name().to_string()),
+                    missed: s.missed.as_str(),
                     params: s.params.iter().cloned().collect(),
+                    next: skiff_core::schedule::upcoming(s, Utc::now(), 5),
                 })
                 .collect(),
         }),

@@ -8,6 +8,7 @@ pub mod error;
 pub mod hooks;
 pub mod listen;
 mod openapi;
+pub mod schedules;
 mod sse;
 mod ui;
 mod web;

@@ -347,11 +347,38 @@ pub struct PipelinePage {
     diagnostics: String,
     manual: bool,
     triggers: Vec<String>,
+    schedules: Vec<ScheduleRow>,
     fields: Vec<ParamField>,
     runs: Vec<RunRow>,
     /// The page of older runs (on the runs page), when there are more.
     older: String,
     errors: Vec<String>,
+}
+
+/// One `on.schedule` line on a pipeline's page, with its next slots (shown in the viewer's
+/// time zone by app.js; in UTC without it).
+pub struct ScheduleRow {
+    cron: String,
+    timezone: &'static str,
+    once: bool,
+    /// (RFC 3339, UTC text) of each of the next slots.
+    next: Vec<(String, String)>,
+}
+
+fn schedule_rows(p: &skiff_core::pipeline::Pipeline) -> Vec<ScheduleRow> {
+    let now = chrono::Utc::now();
+    p.on.schedules
+        .iter()
+        .map(|s| ScheduleRow {
+            cron: s.cron.clone(),
+            timezone: skiff_core::schedule::timezone(s).name(),
+            once: s.missed == skiff_core::pipeline::Missed::Once,
+            next: skiff_core::schedule::upcoming(s, now, 5)
+                .into_iter()
+                .map(|t| (iso(t), t.format("%a %Y-%m-%d %H:%M:%S UTC").to_string()))
+                .collect(),
+        })
+        .collect()
 }
 
 fn entry_or_404(state: &AppState, name: &str) -> Result<std::sync::Arc<Entry>, ApiError> {
@@ -396,13 +423,6 @@ async fn pipeline_page(
             };
             triggers.push(format!("webhook: {}{branches}", w.events.join(", ")));
         }
-        for s in &p.on.schedules {
-            triggers.push(format!(
-                "schedule: {} ({})",
-                s.cron,
-                s.timezone.map_or("UTC", |t| t.name())
-            ));
-        }
         for x in &p.permissions {
             triggers.push(match x {
                 skiff_core::pipeline::Permission::Docker => {
@@ -433,6 +453,7 @@ async fn pipeline_page(
         .to_string(),
         manual: p.is_some_and(|p| p.on.manual),
         triggers,
+        schedules: p.map(schedule_rows).unwrap_or_default(),
         fields: p
             .map(|p| {
                 p.params

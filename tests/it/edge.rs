@@ -491,8 +491,15 @@ fn the_openapi_document_is_valid_and_matches_the_server() {
             if path == "/hooks/{id}" {
                 // Signed, not signed in: an unknown hook answers 401 like a bad signature (no
                 // 404, so the URL cannot probe pipeline names).
-                assert_eq!(op["security"], json!([]), "{what} takes no session or token");
-                assert!(codes.contains(&"401".into()) && codes.contains(&"413".into()), "{what}: {codes:?}");
+                assert_eq!(
+                    op["security"],
+                    json!([]),
+                    "{what} takes no session or token"
+                );
+                assert!(
+                    codes.contains(&"401".into()) && codes.contains(&"413".into()),
+                    "{what}: {codes:?}"
+                );
                 assert!(!codes.contains(&"404".into()), "{what}: {codes:?}");
                 continue;
             }

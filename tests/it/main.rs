@@ -12,6 +12,7 @@ mod model;
 mod quickstart;
 mod records;
 mod runs;
+mod schedules;
 mod tracking;
 mod ui;
 mod validate;

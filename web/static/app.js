@@ -36,7 +36,8 @@
       if (isNaN(at)) return;
       const abs = absolute.format(new Date(at));
       t.title = abs;
-      t.textContent = relative(now - at) || abs;
+      // `data-abs`: a time to come (a schedule's next slots), shown as it is, in this zone.
+      t.textContent = t.hasAttribute("data-abs") ? abs : relative(now - at) || abs;
     });
   }
 

@@ -118,11 +118,37 @@ pub const EVENT_FIELDS: &[&str] = &[
     "payload",
 ];
 
+/// One `on.schedule` entry.
 #[derive(Debug, Clone)]
 pub struct Schedule {
+    /// The line as written.
     pub cron: String,
+    /// The line, parsed (5 fields, 6 with seconds first, or a nickname such as `@daily`).
+    pub line: croner::Cron,
+    /// Where the line's wall clock is (UTC when not given).
     pub timezone: Option<chrono_tz::Tz>,
+    /// What happens to the slots missed while skiff was not running.
+    pub missed: Missed,
     pub params: Vec<(String, String)>,
+}
+
+/// `missed:` of a schedule: what becomes of the slots that passed while no server ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Missed {
+    /// They are gone (the default): the next run is the next slot.
+    #[default]
+    Skip,
+    /// One run, for the most recent missed slot.
+    Once,
+}
+
+impl Missed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Missed::Skip => "skip",
+            Missed::Once => "once",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -52,7 +52,7 @@ const ON_KEYS: &[&str] = &["manual", "webhook", "schedule"];
 const WEBHOOK_KEYS: &[&str] = &[
     "hook", "secret", "events", "branches", "tags", "paths", "if", "params",
 ];
-const SCHEDULE_KEYS: &[&str] = &["cron", "timezone", "params"];
+const SCHEDULE_KEYS: &[&str] = &["cron", "timezone", "missed", "params"];
 const RETRY_KEYS: &[&str] = &["count", "backoff"];
 const RETENTION_KEYS: &[&str] = &["max_age", "max_runs"];
 const RUN_FIELDS: &[&str] = &["id", "number", "pipeline", "status", "trigger"];

@@ -329,8 +329,8 @@ impl<'s, 'n> Cx<'s, 'n> {
         node: &'n Node,
         params: &HashMap<&str, &Param>,
     ) -> Option<Schedule> {
-        let (cron_node, tz_node, params_node) = match &node.value {
-            Value::Scalar { .. } => (node, None, None),
+        let (cron_node, tz_node, missed_node, params_node) = match &node.value {
+            Value::Scalar { .. } => (node, None, None, None),
             _ => {
                 let f = self.map(node, "a schedule", SCHEDULE_KEYS)?;
                 let Some(c) = f.value("cron") else {
@@ -338,12 +338,12 @@ impl<'s, 'n> Cx<'s, 'n> {
                         Some("for example `cron: \"0 2 * * *\"`".into());
                     return None;
                 };
-                (c, f.value("timezone"), f.value("params"))
+                (c, f.value("timezone"), f.value("missed"), f.value("params"))
             }
         };
         let cron_text = self.literal(cron_node, "`cron`")?;
-        let cron_ok = match check_cron(&cron_text) {
-            Ok(()) => true,
+        let line = match check_cron(&cron_text) {
+            Ok(line) => Some(line),
             Err(msg) => {
                 self.error(
                     cron_node.pos,
@@ -351,9 +351,24 @@ impl<'s, 'n> Cx<'s, 'n> {
                 )
                 .set_len(cron_text.chars().count())
                 .help = Some(CRON_HELP.into());
-                false
+                None
             }
         };
+        let mut missed = Missed::Skip;
+        if let Some(n) = missed_node {
+            let text = self.literal(n, "`missed`")?;
+            match text.as_str() {
+                "skip" => missed = Missed::Skip,
+                "once" => missed = Missed::Once,
+                _ => {
+                    self.error(n.pos, format!("unknown `missed` policy `{text}`"))
+                        .set_len(text.chars().count())
+                        .help = Some(
+                        "`skip` (the default: slots missed while skiff was down are gone) or `once` (one run for the latest missed slot)".into(),
+                    );
+                }
+            }
+        }
         let timezone = match tz_node {
             None => None,
             Some(n) => {
@@ -409,9 +424,11 @@ impl<'s, 'n> Cx<'s, 'n> {
                 self.type_error(n, "schedule `params`", "a mapping");
             }
         }
-        cron_ok.then_some(Schedule {
+        Some(Schedule {
             cron: cron_text,
+            line: line?,
             timezone,
+            missed,
             params: values,
         })
     }
@@ -429,7 +446,7 @@ const CRON_NICKNAMES: &[&str] = &[
     "@hourly",
 ];
 
-fn check_cron(text: &str) -> Result<(), String> {
+fn check_cron(text: &str) -> Result<croner::Cron, String> {
     let trimmed = text.trim();
     if trimmed.starts_with('@') && !CRON_NICKNAMES.contains(&trimmed) {
         let hint = did_you_mean(trimmed, CRON_NICKNAMES.iter().copied())
@@ -442,7 +459,5 @@ fn check_cron(text: &str) -> Result<(), String> {
             "it has {fields} fields; a cron line has 5, or 6 with seconds first"
         ));
     }
-    croner::Cron::from_str(text)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    croner::Cron::from_str(text).map_err(|e| e.to_string())
 }
