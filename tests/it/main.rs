@@ -5,6 +5,7 @@ mod auth;
 mod browser;
 mod docker;
 mod edge;
+mod git;
 mod harness;
 mod hooks;
 mod isolation;

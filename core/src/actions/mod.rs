@@ -13,6 +13,7 @@
 //! both made from it, so an action without an execution does not compile.
 
 pub mod docker;
+pub mod git;
 pub mod http;
 
 use std::fmt;
@@ -36,6 +37,7 @@ macro_rules! for_each_action {
             $crate::actions::docker::Stop,
             $crate::actions::docker::Start,
             $crate::actions::docker::Reap,
+            $crate::actions::git::Checkout,
         }
     };
 }

@@ -4,6 +4,7 @@
 //! without an `Execute` impl here does not compile.
 
 mod docker;
+mod git;
 mod http_wait;
 
 pub use docker::Tools;
@@ -81,6 +82,9 @@ pub struct ActionContext<'a> {
     pub secrets: Secrets,
     /// The run's workspace (a build context is a folder of it).
     pub workspace: &'a std::path::Path,
+    /// The uid and gid the run's steps run as, when they run isolated: what an action leaves
+    /// in the workspace is made theirs.
+    pub owner: Option<(u32, u32)>,
     /// skiff's config and the engines the worker reaches.
     pub tools: &'a Tools,
     /// The run's log; everything sent here is masked like the steps' output.

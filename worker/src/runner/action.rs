@@ -30,6 +30,7 @@ impl Runner<'_> {
             attempt: self.records[index].attempt,
             secrets: actions::named_secrets(with, &self.opts.secrets),
             workspace: &self.dirs.workspace,
+            owner: self.user.as_ref().map(|u| (u.uid, u.gid)),
             tools: &self.opts.tools,
             log: &self.log,
             rec: &self.rec,
