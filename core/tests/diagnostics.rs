@@ -55,6 +55,7 @@ cases! {
     expr_in_run: "params:\n  branch: main\nsteps:\n  - run: |\n      echo building\n      git checkout ${{ params.branch }}\n      curl -H \"$T\" ${{ secrets.TOKEN }}\n";
     bad_durations: "timeout: 30\nsteps:\n  - run: echo\n    timeout: 5 minutes\n    retry: { count: 2, backoff: 1x }\n";
     bad_cron: "on:\n  schedule:\n    - cron: \"0 2 * *\"\n    - cron: \"61 * * * *\"\n      timezone: Europe/Madird\n    - cron: \"@dialy\"\nsteps:\n  - run: echo\n";
+    stop_needs_one_target: "steps:\n  - uses: docker/stop\n    with: { remove: true }\n  - uses: docker/stop\n    with: { name: web, temporary: true }\n  - uses: docker/stop\n    with: { temporary: false }\n";
     bad_missed_policy: "on:\n  schedule:\n    - { cron: \"0 2 * * *\", missed: twice }\nsteps:\n  - run: x\n";
     good_cron: "on:\n  schedule:\n    - cron: \"0 2 * * *\"\n      timezone: Europe/Madrid\n    - \"@daily\"\n    - cron: \"*/5 * * * 1-5\"\n    - cron: \"30 0 2 * * *\"\nsteps:\n  - run: echo\n";
     six_field_cron_errors: "on:\n  schedule:\n    - cron: \"61 0 2 * * *\"\n    - cron: \"0 0 0 2 * * *\"\nsteps:\n  - run: echo\n";

@@ -804,3 +804,78 @@ fn a_deploy_cancelled_midway_leaves_the_old_version_serving() {
         "the new container is gone"
     );
 }
+
+/// The nightly teardown example, run by hand: every temporary service (deployed with a `ttl`)
+/// stops, a permanent one keeps serving, and the reaper runs; its schedule is 02:00 in Madrid.
+#[test]
+fn the_nightly_teardown_stops_temporary_services_and_keeps_the_rest() {
+    let registry = Registry::start(USER, PASSWORD);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tag = unique("night");
+    let svc = format!("night{}", std::process::id());
+    let _keep = RemoveService(format!("{svc}-keep"));
+    let _temp = RemoveService(format!("{svc}-temp"));
+    let _temp2 = RemoveService(format!("{svc}-temp2"));
+    let kit = format!(
+        r#"steps:
+{ctx}  - uses: docker/build
+    with: {{ context: app, tags: ["{tag}:1"] }}
+  - uses: docker/deploy
+    with: {{ name: {svc}-keep, image: "{tag}:1", ports: ["8080"] }}
+  - uses: docker/deploy
+    with: {{ name: {svc}-temp, image: "{tag}:1", ports: ["8080"], ttl: 1h }}
+  - uses: docker/deploy
+    with: {{ name: {svc}-temp2, image: "{tag}:1", ports: ["8080"], ttl: 8h }}
+"#,
+        ctx = context_step(DOCKERFILE)
+    );
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nightly-teardown.yml"),
+    )
+    .expect("the example");
+    let s = server_with_registry(
+        &[("kit", &kit), ("nightly-teardown", &example)],
+        &registry,
+        dir.path(),
+    );
+    let _images = Cleanup(vec![format!("{tag}:1")]);
+    let (run, log) = s.run_and_wait("kit", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let running = |name: &str| {
+        docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}}",
+            &format!("{name}-1-1"),
+        ])
+        .1
+        .trim()
+            == "true"
+    };
+    assert!(running(&format!("{svc}-temp")) && running(&format!("{svc}-keep")));
+
+    let (status, p) = s.api("GET", "/api/pipelines/nightly-teardown", None);
+    assert_eq!(status, 200, "{p}");
+    let next = p["triggers"]["schedules"][0]["next"][0]
+        .as_str()
+        .expect("a next slot")
+        .to_string();
+    // 02:00 in Madrid: 01:00 UTC in winter, 00:00 in summer.
+    assert!(
+        next.ends_with("T01:00:00Z") || next.ends_with("T00:00:00Z"),
+        "{next}"
+    );
+
+    let (run, log) = s.run_and_wait("nightly-teardown", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert!(!running(&format!("{svc}-temp")), "{log}");
+    assert!(!running(&format!("{svc}-temp2")), "{log}");
+    assert!(
+        running(&format!("{svc}-keep")),
+        "a permanent service keeps serving: {log}"
+    );
+    assert!(log.contains("stopped 2 container(s)"), "{log}");
+    // Stopped, not removed: a temporary service can be started again before its time is up.
+    let (exists, _) = docker(&["container", "inspect", &format!("{svc}-temp-1-1")]);
+    assert!(exists, "{log}");
+}

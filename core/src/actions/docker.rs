@@ -380,12 +380,50 @@ impl ActionDef for Deploy {
 pub struct Stop;
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "StopFields")]
 pub struct StopWith {
     /// The service to stop (every running container of it on the worker's engine).
-    pub name: Val<ServiceName>,
+    pub name: Option<Val<ServiceName>>,
+    /// Instead of `name`: every service deployed with a `ttl` (a temporary one) that the
+    /// resources ledger holds live (the nightly teardown).
+    pub temporary: Option<Val<bool>>,
     /// Remove its containers too (default false: a stopped service can be started again).
     pub remove: Option<Val<bool>>,
+}
+
+/// `docker/stop`'s fields as written; [`StopWith`] once one of `name` and `temporary` is
+/// known to be there.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopFields {
+    name: Option<Val<ServiceName>>,
+    temporary: Option<Val<bool>>,
+    remove: Option<Val<bool>>,
+}
+
+impl TryFrom<StopFields> for StopWith {
+    type Error = String;
+
+    fn try_from(f: StopFields) -> Result<Self, String> {
+        match (&f.name, &f.temporary) {
+            (None, None) => {
+                return Err(
+                    "give `name` (one service) or `temporary: true` (every service deployed with a `ttl`)"
+                        .into(),
+                );
+            }
+            (Some(_), Some(_)) => return Err("give `name` or `temporary`, not both".into()),
+            (None, Some(Val::Lit(false))) => {
+                return Err("`temporary: false` stops nothing: give `name` instead".into());
+            }
+            _ => {}
+        }
+        Ok(StopWith {
+            name: f.name,
+            temporary: f.temporary,
+            remove: f.remove,
+        })
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -396,7 +434,8 @@ pub struct StopOutputs {
 
 impl ActionDef for Stop {
     const NAME: &'static str = "docker/stop";
-    const DOC: &'static str = "Stop a service (and, with `remove`, remove its containers).";
+    const DOC: &'static str =
+        "Stop a service, or every temporary one (and, with `remove`, remove their containers).";
     type With = StopWith;
     type Outputs = StopOutputs;
     const OUTPUTS: &'static [&'static str] = &["stopped"];

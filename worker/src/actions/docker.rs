@@ -522,43 +522,92 @@ fn addresses(ports: &[(u16, u16)]) -> String {
 #[async_trait]
 impl Execute for Stop {
     async fn execute(with: StopWith, cx: &ActionContext<'_>) -> Result<StopOutputs, ActionError> {
-        let service = with.name.get().map_err(ActionError::Inputs)?.0.clone();
         let remove = Val::opt(&with.remove)
             .map_err(ActionError::Inputs)?
             .unwrap_or(false);
-        let engine = cx.tools.engine().await?;
-        let containers = engine
-            .service_containers(&service)
-            .await
-            .map_err(engine_error)?;
-        let records = if remove {
-            live_records(cx, &service).await?
-        } else {
-            HashMap::new()
+        let temporary = Val::opt(&with.temporary)
+            .map_err(ActionError::Inputs)?
+            .unwrap_or(false);
+        let services = match Val::opt(&with.name).map_err(ActionError::Inputs)? {
+            Some(name) => vec![name.0],
+            None if temporary => temporary_services(cx).await?,
+            None => {
+                return Err(ActionError::Inputs(
+                    "`temporary` is false and there is no `name`: nothing to stop".into(),
+                ));
+            }
         };
-        let mut stopped = 0;
-        for c in &containers {
-            if c.running {
-                engine.stop_container(&c.id).await.map_err(engine_error)?;
-                cx.note(&format!("stopped {}", c.name)).await;
-                stopped += 1;
-            }
-            if remove {
-                engine.remove_container(&c.id).await.map_err(engine_error)?;
-                if let Some(r) = records.get(&c.id) {
-                    mark(cx, r, ResourceState::Removed, None).await;
-                }
-                cx.note(&format!("removed {}", c.name)).await;
-            }
+        if temporary && services.is_empty() {
+            cx.note("no temporary services (deployed with a `ttl`) are live")
+                .await;
         }
-        if containers.is_empty() {
-            cx.note(&format!(
-                "service {service} has no containers on this engine"
-            ))
-            .await;
+        let mut stopped = 0;
+        for service in &services {
+            stopped += stop_service(cx, service, remove).await?;
         }
         Ok(StopOutputs { stopped })
     }
+}
+
+/// The services the ledger holds live containers of, deployed with a `ttl`.
+async fn temporary_services(cx: &ActionContext<'_>) -> Result<Vec<String>, ActionError> {
+    let found = cx
+        .rec
+        .store()
+        .resources(&skiff_core::ledger::ResourceQuery {
+            states: vec![ResourceState::Live],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+    let mut services: Vec<String> = found
+        .into_iter()
+        .filter(|r| r.kind == "container" && r.expires_at.is_some())
+        .filter_map(|r| r.service)
+        .collect();
+    services.sort();
+    services.dedup();
+    Ok(services)
+}
+
+/// Stops (and with `remove`, removes) a service's containers; how many were running.
+async fn stop_service(
+    cx: &ActionContext<'_>,
+    service: &str,
+    remove: bool,
+) -> Result<u32, ActionError> {
+    let engine = cx.tools.engine().await?;
+    let containers = engine
+        .service_containers(service)
+        .await
+        .map_err(engine_error)?;
+    let records = if remove {
+        live_records(cx, service).await?
+    } else {
+        HashMap::new()
+    };
+    let mut stopped = 0;
+    for c in &containers {
+        if c.running {
+            engine.stop_container(&c.id).await.map_err(engine_error)?;
+            cx.note(&format!("stopped {}", c.name)).await;
+            stopped += 1;
+        }
+        if remove {
+            engine.remove_container(&c.id).await.map_err(engine_error)?;
+            if let Some(r) = records.get(&c.id) {
+                mark(cx, r, ResourceState::Removed, None).await;
+            }
+            cx.note(&format!("removed {}", c.name)).await;
+        }
+    }
+    if containers.is_empty() {
+        cx.note(&format!(
+            "service {service} has no containers on this engine"
+        ))
+        .await;
+    }
+    Ok(stopped)
 }
 
 #[async_trait]
