@@ -6,7 +6,8 @@ use metrics::Unit;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Buckets for the time from a run's push to a worker taking it: quarter milliseconds around
-/// an idle worker's 1 ms (the queue hop's target is 1.2 ms), up to hours (a backlog).
+/// an idle worker's 1 ms (the queue hop's target is 1.2 ms), up to hours (a backlog). A
+/// schedule's lateness uses them too (its target: under 100 ms).
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.0025, 0.003, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
@@ -30,6 +31,11 @@ pub fn install() -> Option<PrometheusHandle> {
         .set_buckets_for_metric(
             Matcher::Full("skiff_step_duration_seconds".into()),
             STEP_DURATION_BUCKETS,
+        )
+        .ok()?
+        .set_buckets_for_metric(
+            Matcher::Full("skiff_schedule_lateness_seconds".into()),
+            QUEUE_WAIT_BUCKETS,
         )
         .ok()?
         .install_recorder()
@@ -70,6 +76,18 @@ fn describe() {
         "skiff_queue_wait_seconds",
         Unit::Seconds,
         "Time from a run's push on the queue to a worker taking it."
+    );
+    // Recorded by the webhooks endpoint (server/src/hooks.rs).
+    metrics::describe_counter!(
+        "skiff_webhook_deliveries_total",
+        Unit::Count,
+        "Webhook deliveries received, by outcome (started, skipped, failed, refused)."
+    );
+    // Recorded by the schedules loop (server/src/schedules.rs).
+    metrics::describe_histogram!(
+        "skiff_schedule_lateness_seconds",
+        Unit::Seconds,
+        "Time from a schedule's slot to its run made and its job pushed."
     );
     // Recorded by the login form (server/src/ui.rs).
     metrics::describe_counter!(

@@ -421,7 +421,11 @@ async fn pipeline_page(
             } else {
                 format!(" on {}", w.branches.join(", "))
             };
-            triggers.push(format!("webhook: {}{branches}", w.events.join(", ")));
+            triggers.push(format!(
+                "webhook: {}{branches} (POST /hooks/{})",
+                w.events.join(", "),
+                w.hook
+            ));
         }
         for x in &p.permissions {
             triggers.push(match x {
@@ -1292,4 +1296,155 @@ impl StepRow {
     pub fn symbol(&self) -> &'static str {
         symbol(self.status)
     }
+}
+
+/// A delivery on the Deliveries page.
+pub struct DeliveryRow {
+    key: String,
+    hook: String,
+    what: String,
+    verified: bool,
+    outcome: &'static str,
+    reason: String,
+    at: String,
+    at_text: String,
+    redelivered_by: String,
+    results: Vec<ResultRow>,
+}
+
+/// What a delivery came to for one pipeline.
+pub struct ResultRow {
+    pipeline: String,
+    outcome: &'static str,
+    reason: String,
+    run: String,
+}
+
+fn delivery_row(d: &skiff_core::store::Delivery) -> DeliveryRow {
+    DeliveryRow {
+        key: d.key.clone(),
+        hook: d.hook.clone(),
+        what: format!("{} {} · {}", d.provider, d.event, d.id),
+        verified: d.verified,
+        outcome: d.outcome.as_str(),
+        reason: d.reason.clone().unwrap_or_default(),
+        at: iso(d.received_at),
+        at_text: utc_text(d.received_at),
+        redelivered_by: d
+            .redelivery
+            .as_ref()
+            .map(|r| format!("redelivery #{} by {}", r.count, r.by))
+            .unwrap_or_default(),
+        results: d
+            .results
+            .iter()
+            .map(|r| ResultRow {
+                pipeline: r.pipeline.clone(),
+                outcome: r.outcome.as_str(),
+                reason: r.reason.clone().unwrap_or_default(),
+                run: r.run.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "deliveries.html")]
+pub struct DeliveriesPage {
+    csrf: String,
+    hook: String,
+    deliveries: Vec<DeliveryRow>,
+}
+
+#[derive(Deserialize)]
+pub struct DeliveriesFilter {
+    #[serde(default)]
+    hook: String,
+}
+
+/// The webhook deliveries of the last 7 days, newest first (one hook's with `?hook=`).
+pub async fn deliveries(
+    page: Page,
+    State(state): State<AppState>,
+    filter: Result<
+        axum::extract::Query<DeliveriesFilter>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<DeliveriesPage, ApiError> {
+    let axum::extract::Query(f) = filter?;
+    let found = state
+        .store
+        .deliveries(&skiff_core::store::DeliveryQuery {
+            hook: (!f.hook.is_empty()).then(|| f.hook.clone()),
+            id: None,
+            limit: 200,
+        })
+        .await?;
+    Ok(DeliveriesPage {
+        csrf: page.csrf,
+        hook: f.hook,
+        deliveries: found.iter().map(delivery_row).collect(),
+    })
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "delivery.html")]
+pub struct DeliveryPage {
+    csrf: String,
+    d: DeliveryRow,
+    headers: Vec<(String, String)>,
+    body: String,
+    body_len: u64,
+    body_whole: bool,
+    /// Why it cannot be sent again (empty: it can).
+    no_redeliver: String,
+}
+
+/// One delivery: what came of it, its headers and body, and Redeliver.
+pub async fn delivery(
+    page: Page,
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<DeliveryPage, ApiError> {
+    let d = state.store.delivery(&key).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no delivery `{}` (deliveries are kept 7 days)",
+            key.chars().take(60).collect::<String>()
+        ))
+    })?;
+    let no_redeliver = if !d.verified {
+        "It was refused (its signature did not check out): it cannot be sent again.".to_string()
+    } else if !d.body_whole() {
+        format!(
+            "Only the first {} bytes of its body are kept: rerun its runs instead.",
+            skiff_core::store::DELIVERY_BODY_KEPT
+        )
+    } else {
+        String::new()
+    };
+    Ok(DeliveryPage {
+        csrf: page.csrf,
+        d: delivery_row(&d),
+        headers: d.headers.clone(),
+        body: String::from_utf8_lossy(&d.body).into_owned(),
+        body_len: d.body_len,
+        body_whole: d.body_whole(),
+        no_redeliver,
+    })
+}
+
+/// Redeliver: the delivery is evaluated again as skiff's own redelivery (new runs, who asked
+/// recorded); lands on the new entry.
+pub async fn redeliver(
+    page: Page,
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Result<Redirect, ApiError> {
+    page.check(&form.csrf)?;
+    let d = crate::hooks::redeliver(&state, &page.principal, &key).await?;
+    Ok(Redirect::to(&format!(
+        "/deliveries/{}",
+        crate::web::encode(&d.key)
+    )))
 }

@@ -399,17 +399,45 @@ const SIDEWAYS: &str =
 
 #[test]
 fn on_a_phone_320px_wide_nothing_scrolls_sideways_and_targets_are_44px() {
-    let server = Server::start(&[
-        (
-            "a-pipeline-with-a-rather-long-name-for-a-phone",
-            "description: Prints long lines\nparams:\n  who: { default: world }\nsteps:\n  - name: A step whose name is long enough to wrap on any phone screen at all\n    run: |\n      echo \"$(printf 'x%.0s' $(seq 1 300))\"\n      echo done\n",
-        ),
-        (
-            "slow",
-            "steps:\n  - name: Wait\n    run: |\n      echo started\n      sleep 1000\n",
-        ),
-        ("x?y#z", "stpes: []\n"),
-    ]);
+    let server = Server::start_with(
+        &[
+            (
+                "a-pipeline-with-a-rather-long-name-for-a-phone",
+                "description: Prints long lines\nparams:\n  who: { default: world }\nsteps:\n  - name: A step whose name is long enough to wrap on any phone screen at all\n    run: |\n      echo \"$(printf 'x%.0s' $(seq 1 300))\"\n      echo done\n",
+            ),
+            (
+                "slow",
+                "steps:\n  - name: Wait\n    run: |\n      echo started\n      sleep 1000\n",
+            ),
+            ("x?y#z", "stpes: []\n"),
+            (
+                "nightly",
+                "on:\n  webhook: { secret: \"${{ secrets.HOOK }}\" }\n  schedule:\n    - { cron: \"0 2 * * *\", timezone: Europe/Madrid, missed: once }\nsteps:\n  - run: \"true\"\n",
+            ),
+        ],
+        &[("SKIFF_SECRET_HOOK", "phone-secret")],
+    );
+    // A delivery with a long unbroken body line, for the Deliveries pages.
+    let payload = format!(
+        "{{\"ref\":\"refs/heads/main\",\"after\":\"{}\"}}",
+        "a".repeat(400)
+    );
+    let (status, answer) = crate::harness::call(
+        "POST",
+        &server.url("/hooks/nightly"),
+        Some(&payload),
+        &[
+            ("x-skiff-event", "push"),
+            ("x-skiff-delivery", "phone-1"),
+            ("x-skiff-signature-256", "00"),
+        ],
+    );
+    assert_eq!(status, 401, "{answer}");
+    let (_, log) = server.api("GET", "/api/deliveries", None);
+    let delivery = log["deliveries"][0]["key"]
+        .as_str()
+        .expect("logged")
+        .to_string();
     let (done, _) =
         server.run_and_wait("a-pipeline-with-a-rather-long-name-for-a-phone", json!({}));
     let done = done["id"].as_str().expect("id").to_string();
@@ -430,6 +458,9 @@ fn on_a_phone_320px_wide_nothing_scrolls_sideways_and_targets_are_44px() {
         ("live-run", format!("/runs/{slow}")),
         ("settings", "/settings".to_string()),
         ("error", "/runs/no-such-run".to_string()),
+        ("scheduled", "/pipelines/nightly".to_string()),
+        ("deliveries", "/deliveries".to_string()),
+        ("delivery", format!("/deliveries/{delivery}")),
     ];
     let mut problems = Vec::new();
     for (name, path) in &pages {

@@ -349,3 +349,80 @@ fn gitlab_and_gitea_pushes_and_redeliver() {
     assert_eq!(log["deliveries"][0]["redelivery"]["count"], 2, "{log}");
     assert_eq!(log["deliveries"][0]["redelivery"]["of"], key);
 }
+
+/// The Deliveries pages: the log as a list, one delivery with its headers and (escaped) body,
+/// and Redeliver through the form (CSRF-checked), landing on the new entry.
+#[test]
+fn the_deliveries_pages_show_the_log_and_redeliver() {
+    use crate::api::{csrf_of, sign_in};
+    let s = Server::start_with(&[("build", BUILD)], &[("SKIFF_SECRET_HOOK", SECRET)]);
+    let url = format!("{}/hooks/repo", s.base);
+    let body =
+        fixture("github-push.json").replacen('{', "{\"note\":\"<script>alert(1)</script>\",", 1);
+    let (status, answer) = github(&url, "push", "ui-1", &body, Some(&sign(SECRET, &body)));
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = github(&url, "push", "ui-2", &body, Some("00"));
+    assert_eq!(status, 401, "{answer}");
+    let cookie = sign_in(&s);
+    let page = |path: &str| {
+        let (status, _, html) = raw("GET", &s.url(path), None, &[("cookie", &cookie)]);
+        assert_eq!(status, 200, "{path}: {html}");
+        html
+    };
+    let list = page("/deliveries");
+    assert!(list.contains("ui-1") && list.contains("ui-2"), "{list}");
+    assert!(
+        list.contains("not verified"),
+        "the refused one says so: {list}"
+    );
+    assert!(list.contains("href=\"/deliveries\""), "in the menu");
+    let (_, log) = s.api("GET", "/api/deliveries?hook=repo", None);
+    let key = log["deliveries"]
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["id"] == "ui-1"))
+        .and_then(|d| d["key"].as_str())
+        .expect("ui-1")
+        .to_string();
+    let one = page(&format!("/deliveries/{key}"));
+    assert!(one.contains("x-github-delivery"), "{one}");
+    assert!(
+        one.contains("&#60;script&#62;alert(1)&#60;"),
+        "the body is escaped"
+    );
+    assert!(!one.contains("<script>alert(1)"), "{one}");
+    assert!(one.contains("its run"), "a link to the run it made: {one}");
+    let runs_before = runs(&s).len();
+    let csrf = csrf_of(&one);
+    let (status, headers, _) = raw(
+        "POST",
+        &s.url(&format!("/deliveries/{key}/redeliver")),
+        Some("csrf=wrong"),
+        &[
+            ("cookie", &cookie),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+    );
+    assert_eq!(status, 403, "a wrong CSRF token: {headers:?}");
+    let (status, headers, _) = raw(
+        "POST",
+        &s.url(&format!("/deliveries/{key}/redeliver")),
+        Some(&format!("csrf={csrf}")),
+        &[
+            ("cookie", &cookie),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+    );
+    assert_eq!(status, 303, "{headers:?}");
+    let to = headers
+        .iter()
+        .find(|(k, _)| k == "location")
+        .map(|(_, v)| v.clone())
+        .expect("a redirect");
+    assert!(
+        to.starts_with("/deliveries/") && !to.ends_with(&key),
+        "{to}"
+    );
+    let again = page(&to);
+    assert!(again.contains("redelivery #1 by"), "{again}");
+    eventually("the redelivery's run", || runs(&s).len() == runs_before + 1);
+}
