@@ -50,10 +50,35 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let (mut bad, mut problems) = (0usize, 0usize);
-    for file in &files {
-        let shown = file.display().to_string();
-        let (text, loaded) = load_file_with(file, &options);
-        match loaded {
+    let mut loaded: Vec<(String, String, Result<_, Vec<_>>)> = files
+        .iter()
+        .map(|file| {
+            let (text, result) = load_file_with(file, &options);
+            (file.display().to_string(), text, result)
+        })
+        .collect();
+    // What only shows across files: pipelines sharing a hook must name one secret.
+    let across = {
+        let mut valid: Vec<(usize, &str, &skiff_core::pipeline::Pipeline)> = loaded
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, r))| r.as_ref().ok().map(|p| (i, p.name.as_str(), p)))
+            .collect();
+        valid.sort_by(|a, b| a.1.cmp(b.1));
+        let named: Vec<(&str, &skiff_core::pipeline::Pipeline)> =
+            valid.iter().map(|(_, n, p)| (*n, *p)).collect();
+        catalog::shared_hook_problems(&named)
+            .into_iter()
+            .map(|(i, d)| (valid[i].0, d))
+            .collect::<Vec<_>>()
+    };
+    for (i, d) in across {
+        if let Some(entry) = loaded.get_mut(i) {
+            entry.2 = Err(vec![d]);
+        }
+    }
+    for (shown, text, result) in &loaded {
+        match result {
             Ok(p) => {
                 if !args.quiet {
                     writeln!(
@@ -71,9 +96,9 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
                     out,
                     "{}",
                     Report {
-                        file: &shown,
-                        source: &text,
-                        diagnostics: &diags
+                        file: shown,
+                        source: text,
+                        diagnostics: diags
                     }
                 )?;
             }

@@ -183,20 +183,19 @@ fn guess_name(source: &str, file: &Path) -> String {
 }
 
 /// Pipelines that share a webhook (`on.webhook.hook`) must check its signature with the same
-/// secret: one delivery is signed once. The first pipeline (by name) that names the hook sets
-/// it; one that names another secret is invalid, with the reason at its `secret:`.
-fn check_shared_hooks(entries: &mut BTreeMap<String, Entry>) {
-    let mut first: BTreeMap<String, (String, String)> = BTreeMap::new();
-    for entry in entries.values_mut() {
-        let Some(hook) = entry.pipeline.as_ref().and_then(|p| p.on.webhook.as_ref()) else {
+/// secret: one delivery is signed once. Of `pipelines` (by name), the first that names a hook
+/// sets its secret; each that names another secret gets a diagnostic at its `secret:` (by its
+/// index in `pipelines`). `skiff validate` and the catalog both ask this.
+pub fn shared_hook_problems(pipelines: &[(&str, &Pipeline)]) -> Vec<(usize, Diagnostic)> {
+    let mut first: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (i, (name, p)) in pipelines.iter().enumerate() {
+        let Some(hook) = p.on.webhook.as_ref() else {
             continue;
         };
-        match first.get(&hook.hook) {
+        match first.get(hook.hook.as_str()) {
             None => {
-                first.insert(
-                    hook.hook.clone(),
-                    (entry.name.clone(), hook.secret_name.clone()),
-                );
+                first.insert(&hook.hook, (name, &hook.secret_name));
             }
             Some((owner, secret)) if *secret != hook.secret_name => {
                 let mut d = Diagnostic::new(
@@ -209,10 +208,29 @@ fn check_shared_hooks(entries: &mut BTreeMap<String, Entry>) {
                 d.help = Some(format!(
                     "a delivery is signed with one secret: use `${{{{ secrets.{secret} }}}}`, or give this pipeline its own `hook:`"
                 ));
-                entry.diagnostics.insert(0, d);
-                entry.pipeline = None;
+                problems.push((i, d));
             }
             Some(_) => {}
+        }
+    }
+    problems
+}
+
+fn check_shared_hooks(entries: &mut BTreeMap<String, Entry>) {
+    let problems = {
+        let valid: Vec<(&str, &Pipeline)> = entries
+            .values()
+            .filter_map(|e| Some((e.name.as_str(), e.pipeline.as_deref()?)))
+            .collect();
+        shared_hook_problems(&valid)
+            .into_iter()
+            .map(|(i, d)| (valid[i].0.to_string(), d))
+            .collect::<Vec<_>>()
+    };
+    for (name, d) in problems {
+        if let Some(entry) = entries.get_mut(&name) {
+            entry.diagnostics.insert(0, d);
+            entry.pipeline = None;
         }
     }
 }

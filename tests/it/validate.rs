@@ -261,3 +261,32 @@ fn working_directory_is_a_folder_of_the_workspace() {
         out.all()
     );
 }
+
+/// What only shows across files: two pipelines sharing a hook with different secrets. The
+/// second by name is at fault, at its `secret:`.
+#[test]
+fn pipelines_sharing_a_hook_must_name_one_secret_in_validate_too() {
+    let sb = Sandbox::new();
+    sb.pipeline(
+        "a-build",
+        "on:\n  webhook: { hook: repo, secret: \"${{ secrets.ONE }}\" }\nsteps:\n  - run: \"true\"\n",
+    );
+    sb.pipeline(
+        "b-test",
+        "on:\n  webhook:\n    hook: repo\n    secret: \"${{ secrets.TWO }}\"\nsteps:\n  - run: \"true\"\n",
+    );
+    let a = sb.path().join("a-build.yml");
+    let b = sb.path().join("b-test.yml");
+    let out = sb.run(&[
+        "validate",
+        a.to_str().expect("path"),
+        b.to_str().expect("path"),
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout.contains("b-test.yml:4:13: error: hook `repo` is shared with pipeline `a-build`, which checks it with secret `ONE`, not `TWO`"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("a-build.yml: ok"), "{}", out.stdout);
+}
