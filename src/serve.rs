@@ -231,8 +231,27 @@ fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>>
 }
 
 pub fn main(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    keep_freed_memory();
     crate::runtime()?.block_on(serve(args))
 }
+
+/// glibc gives every allocation over 128 KiB its own mapping, unmapped on free, and trims the
+/// threads' heaps as soon as their top is free: a webhook's 1 MiB body then costs its pages
+/// faulted in and cleared again at each delivery (measured: 1.9 ms of a 4.7 ms delivery).
+/// Buffers up to 4 MiB come from the heap instead, and up to 8 MiB freed stays for the next.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+    // exists, and a refused setting (0) leaves glibc's default.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Not dumpable (its environment and memory out of reach of its uid's other processes);

@@ -93,29 +93,74 @@ pub async fn receive(
             format!("a delivery's body is limited to {limit} bytes"),
         )
     };
-    if headers
+    if content_length(&headers).is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    // The body's HMAC under the hook's secret is computed as the body arrives (a megabyte's
+    // HMAC overlaps its reading); the signature is only compared once it is all there.
+    let secret = hook_secret(&state, &hook);
+    let mut mac = secret
+        .as_ref()
+        .and_then(|s| Hmac::<Sha256>::new_from_slice(s.as_bytes()).ok());
+    let body = read_body(body, content_length(&headers), limit, mac.as_mut())
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => too_large(),
+            BodyError::Read(e) => ApiError::bad_request(format!("reading the body: {e}")),
+        })?;
+    let mut got = Received::new(hook, &headers, body);
+    got.body_mac = secret.zip(mac.map(|m| m.finalize().into_bytes().to_vec()));
+    let delivery = handle(&state, got, None).await;
+    answer(&delivery)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > limit)
-    {
-        return Err(too_large());
-    }
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            return Err(if over {
-                too_large()
-            } else {
-                ApiError::bad_request(format!("reading the body: {e}"))
-            });
+}
+
+enum BodyError {
+    TooLarge,
+    Read(axum::Error),
+}
+
+/// The body, up to `limit` bytes, read into one buffer sized from its Content-Length (a
+/// megabyte copied once, not grown and copied again).
+async fn read_body(
+    body: Body,
+    length: Option<usize>,
+    limit: usize,
+    mut mac: Option<&mut Hmac<Sha256>>,
+) -> Result<Vec<u8>, BodyError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = Vec::with_capacity(length.unwrap_or(0).min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            if let Some(mac) = mac.as_deref_mut() {
+                mac.update(&data);
+            }
+            buf.extend_from_slice(&data);
         }
-    };
-    let got = Received::new(hook, &headers, body.to_vec());
-    let delivery = handle(&state, got, None).await;
-    answer(&delivery)
+    }
+    Ok(buf)
+}
+
+/// The secret of the hook's pipelines (the first by name: they all name the same one).
+fn hook_secret(state: &AppState, hook: &str) -> Option<String> {
+    let catalog = state.catalog.current();
+    let name = catalog
+        .entries()
+        .filter_map(|e| e.pipeline.as_ref()?.on.webhook.as_ref())
+        .find(|w| w.hook == hook)
+        .map(|w| w.secret_name.clone())?;
+    state.secrets.get(&name).map(str::to_string)
 }
 
 /// A delivery as it arrived.
@@ -123,6 +168,9 @@ pub struct Received {
     pub hook: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// HMAC-SHA256 of `body` under a secret (the hook's, when the body came), computed as it
+    /// arrived.
+    pub body_mac: Option<(String, Vec<u8>)>,
 }
 
 impl Received {
@@ -140,6 +188,7 @@ impl Received {
             hook,
             headers,
             body,
+            body_mac: None,
         }
     }
 
@@ -275,8 +324,12 @@ pub async fn handle(state: &AppState, got: Received, redelivery: Option<Redelive
     } else {
         got.body.len().min(DELIVERY_BODY_KEPT)
     };
-    d.body = got.body[..kept].to_vec();
-    d.headers = got.headers;
+    let Received {
+        headers, mut body, ..
+    } = got;
+    body.truncate(kept);
+    d.body = body;
+    d.headers = headers;
     mask(&mut d, secret.as_deref());
     if let Err(e) = state.store.record_delivery(&d).await {
         tracing::warn!(error = %e, hook = %d.hook, "logging a webhook delivery failed");
@@ -443,15 +496,17 @@ fn verify(provider: Provider, got: &Received, secret: &[u8]) -> Result<(), Strin
         Provider::Gitea if got.header("x-gitea-signature").is_some() => {
             let sig = got.header("x-gitea-signature").unwrap_or_default();
             // Gitea signs the JSON payload, even when the body is form-encoded.
-            let signed: Vec<u8> = if got.form_encoded() {
-                form_urlencoded::parse(&got.body)
+            let payload;
+            let signed: &[u8] = if got.form_encoded() {
+                payload = form_urlencoded::parse(&got.body)
                     .find(|(k, _)| k == "payload")
                     .map(|(_, v)| v.into_owned().into_bytes())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                &payload
             } else {
-                got.body.clone()
+                &got.body
             };
-            check_hmac(secret, &signed, sig, "X-Gitea-Signature")
+            check_hmac(secret, signed, sig, "X-Gitea-Signature")
         }
         Provider::GitHub | Provider::Gitea => {
             let sig = got
@@ -460,7 +515,7 @@ fn verify(provider: Provider, got: &Received, secret: &[u8]) -> Result<(), Strin
             let hex = sig
                 .strip_prefix("sha256=")
                 .ok_or("X-Hub-Signature-256 does not start with sha256=")?;
-            check_hmac(secret, &got.body, hex, "X-Hub-Signature-256")
+            check_body_hmac(got, secret, hex, "X-Hub-Signature-256")
         }
         Provider::Generic => {
             let sig = got
@@ -468,8 +523,26 @@ fn verify(provider: Provider, got: &Received, secret: &[u8]) -> Result<(), Strin
                 .or_else(|| got.header("x-hub-signature-256"))
                 .ok_or("no X-Skiff-Signature-256 header")?;
             let hex = sig.strip_prefix("sha256=").unwrap_or(sig);
-            check_hmac(secret, &got.body, hex, "X-Skiff-Signature-256")
+            check_body_hmac(got, secret, hex, "X-Skiff-Signature-256")
         }
+    }
+}
+
+/// [`check_hmac`] of the raw body, with the HMAC computed as it arrived when there is one.
+fn check_body_hmac(got: &Received, secret: &[u8], hex: &str, header: &str) -> Result<(), String> {
+    match &got.body_mac {
+        // Under the secret that checks it now (not one a reload replaced since).
+        Some((keyed, tag)) if keyed.as_bytes() == secret => {
+            let given = decode_hex(hex.trim()).ok_or_else(|| format!("{header} is not hex"))?;
+            if bool::from(given.as_slice().ct_eq(tag)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{header} does not match the body and the hook's secret"
+                ))
+            }
+        }
+        _ => check_hmac(secret, &got.body, hex, header),
     }
 }
 
@@ -680,6 +753,7 @@ pub async fn redeliver(
         .await?;
     let count = earlier.iter().filter(|e| e.redelivery.is_some()).count() as u32 + 1;
     let got = Received {
+        body_mac: None,
         hook: d.hook.clone(),
         headers: d.headers.clone(),
         body: d.body.clone(),
