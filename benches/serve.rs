@@ -248,6 +248,19 @@ fn deliver(agent: &ureq::Agent, url: &str, body: &[u8], id: &str) -> (u16, f64) 
     (status, started.elapsed().as_secs_f64() * 1000.0)
 }
 
+/// CPU time (ms) this process has used, all its threads.
+fn own_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) * 10.0
+}
+
 /// Every run of `pipeline`, paging through the API.
 fn all_runs(s: &Serve, agent: &ureq::Agent, pipeline: &str) -> Vec<Value> {
     let mut runs = Vec::new();
@@ -352,6 +365,7 @@ fn hooks() {
     };
     let before = s.rss_kib("VmRSS:");
     let (cpu_server, cpu_steps) = s.cpu_ms();
+    let cpu_clients = own_cpu_ms();
     let started = Instant::now();
     let clients: Vec<_> = (0..8)
         .map(|c| {
@@ -377,6 +391,7 @@ fn hooks() {
         .collect();
     let took = started.elapsed().as_secs_f64();
     let (cpu_server_after, cpu_steps_after) = s.cpu_ms();
+    let cpu_clients = own_cpu_ms() - cpu_clients;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().expect("sampler");
     let accepted = statuses.iter().filter(|s| **s == 202).count();
@@ -407,11 +422,12 @@ fn hooks() {
         )
     );
     println!(
-        "  CPU during the load (2 cores: {:.0} ms of wall time each): skiff's threads {:.0} ms ({:.2} ms a delivery, the runs' claims and records included), the runs' step processes {:.0} ms",
+        "  CPU during the load (2 cores: {:.0} ms of wall time each): skiff's threads {:.0} ms ({:.2} ms a delivery, the runs' claims and records included), the runs' step processes {:.0} ms, the 8 clients (this process) {:.0} ms",
         took * 1000.0,
         cpu_server_after - cpu_server,
         (cpu_server_after - cpu_server) / statuses.len() as f64,
-        cpu_steps_after - cpu_steps
+        cpu_steps_after - cpu_steps,
+        cpu_clients
     );
     println!(
         "  server RSS: {:.1} MB before, {:.1} MB peak during the load, {:.1} MB after",
