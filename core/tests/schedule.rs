@@ -277,37 +277,34 @@ fn madrid(cron: &str) -> String {
     )
 }
 
-#[tokio::test]
-async fn spring_forward_moves_a_fixed_time_into_the_next_valid_instant() {
-    // Europe/Madrid, 2026-03-29: 02:00 CET becomes 03:00 CEST (01:00 UTC).
+/// A fixed-time line and a half-hourly one in Madrid, ticked every minute from `from` to `to`:
+/// the slots each fired.
+async fn dst_night(from: &str, to: &str) -> (World, Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) {
     let w = world(&[
         ("fixed", &madrid("30 2 * * *")),
         ("halfhourly", &madrid("*/30 * * * *")),
     ])
     .await;
     let mut s = scheduler(&w);
-    let fired = walk(
-        &mut s,
-        &w,
-        at("2026-03-28T22:00:00.010Z"),
-        at("2026-03-30T03:00:00.010Z"),
-        TimeDelta::minutes(1),
-    )
-    .await;
-    let fixed: Vec<_> = fired
-        .iter()
-        .filter(|f| f.0 == "fixed")
-        .map(|f| f.1)
-        .collect();
+    let fired = walk(&mut s, &w, at(from), at(to), TimeDelta::minutes(1)).await;
+    let of = |name: &str| -> Vec<DateTime<Utc>> {
+        fired.iter().filter(|f| f.0 == name).map(|f| f.1).collect()
+    };
+    let (fixed, half) = (of("fixed"), of("halfhourly"));
+    (w, fixed, half)
+}
+
+#[tokio::test]
+async fn spring_forward_moves_a_fixed_time_into_the_next_valid_instant() {
+    // Europe/Madrid, 2026-03-29: 02:00 CET becomes 03:00 CEST (01:00 UTC).
+    let (_w, fixed, half) = dst_night("2026-03-28T22:00:00.010Z", "2026-03-30T03:00:00.010Z").await;
     // 02:30 does not exist that night: it runs at 03:00 CEST; the next night at 02:30 CEST.
     assert_eq!(
         fixed,
         vec![at("2026-03-29T01:00:00Z"), at("2026-03-30T00:30:00Z")]
     );
-    let half: Vec<_> = fired
-        .iter()
-        .filter(|f| f.0 == "halfhourly")
-        .map(|f| f.1)
+    let half: Vec<_> = half
+        .into_iter()
         .filter(|t| *t < at("2026-03-29T03:00:00Z"))
         .collect();
     // Every half hour of real time; no 02:00 or 02:30 that night (the wall clock skips them).
@@ -330,35 +327,12 @@ async fn spring_forward_moves_a_fixed_time_into_the_next_valid_instant() {
 #[tokio::test]
 async fn fall_back_fires_a_fixed_time_once_and_an_interval_on_both_passes() {
     // Europe/Madrid, 2026-10-25: 03:00 CEST becomes 02:00 CET; 02:00-02:59 comes twice.
-    let w = world(&[
-        ("fixed", &madrid("30 2 * * *")),
-        ("halfhourly", &madrid("*/30 * * * *")),
-    ])
-    .await;
-    let mut s = scheduler(&w);
-    let fired = walk(
-        &mut s,
-        &w,
-        at("2026-10-24T23:00:00.010Z"),
-        at("2026-10-25T03:00:00.010Z"),
-        TimeDelta::minutes(1),
-    )
-    .await;
-    let fixed: Vec<_> = fired
-        .iter()
-        .filter(|f| f.0 == "fixed")
-        .map(|f| f.1)
-        .collect();
+    let (w, fixed, half) = dst_night("2026-10-24T23:00:00.010Z", "2026-10-25T03:00:00.010Z").await;
     assert_eq!(
         fixed,
         vec![at("2026-10-25T00:30:00Z")],
         "once, on the first pass"
     );
-    let half: Vec<_> = fired
-        .iter()
-        .filter(|f| f.0 == "halfhourly")
-        .map(|f| f.1)
-        .collect();
     let expected: Vec<DateTime<Utc>> = (1..=8)
         .map(|i| at("2026-10-24T23:00:00Z") + TimeDelta::minutes(30 * i))
         .collect();

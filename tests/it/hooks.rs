@@ -11,7 +11,7 @@ use crate::harness::{Server, call, eventually, raw};
 
 const SECRET: &str = "It's a Secret to Everybody";
 
-fn sign(secret: &str, body: &str) -> String {
+pub fn sign(secret: &str, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("key");
     mac.update(body.as_bytes());
     mac.finalize()
