@@ -1257,6 +1257,26 @@ async fn deliveries_and_schedules(store: Arc<dyn Store>) {
         "only what is older than the cut goes"
     );
     assert_eq!(store.delivery("k-1").await.expect("pruned"), None);
+    // A burst of deliveries at once: each is logged, once, and each caller learns it is.
+    let burst: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            let d = delivery(&format!("burst-{i}"), "burst", chrono::Duration::zero());
+            tokio::spawn(async move { store.record_delivery(&d).await })
+        })
+        .collect();
+    for task in burst {
+        task.await.expect("task").expect("logged");
+    }
+    let logged = store
+        .deliveries(&DeliveryQuery {
+            hook: Some("burst".into()),
+            limit: 500,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .expect("burst");
+    assert_eq!(logged.len(), 40, "every delivery of a burst is logged once");
 
     let key = "nightly/0";
     assert_eq!(store.schedule_mark(key).await.expect("mark"), None);

@@ -225,7 +225,12 @@ pub struct SqliteStore {
     pub(super) readers: SqlitePool,
     logs: PathBuf,
     changes: Arc<Feed>,
+    /// Deliveries waiting to be logged: whoever gets the writer next logs all of them in one
+    /// commit (under a burst of webhooks, one commit for many).
+    pending_deliveries: Arc<std::sync::Mutex<Vec<PendingDelivery>>>,
 }
+
+type PendingDelivery = (Delivery, tokio::sync::oneshot::Sender<Result<()>>);
 
 /// The change feed: numbered in the order changes are announced.
 pub(super) struct Feed {
@@ -296,6 +301,57 @@ fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
     move |e| StoreError::Corrupt(format!("{what}: {e}"))
 }
 
+/// Deliveries taken to be logged; put back if they were not (see `record_delivery`).
+struct Batch<'a> {
+    items: Vec<PendingDelivery>,
+    pending: &'a std::sync::Mutex<Vec<PendingDelivery>>,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if !self.items.is_empty() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut self.items);
+        }
+    }
+}
+
+/// Logs deliveries in one transaction.
+async fn insert_deliveries<'a>(
+    conn: &mut SqliteConnection,
+    deliveries: impl Iterator<Item = &'a Delivery>,
+) -> Result<()> {
+    let mut tx = write_tx(conn).await?;
+    for delivery in deliveries {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (key, hook, id, provider, event, received_at, verified,
+                outcome, reason, results, headers, body, body_len, redelivery)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(&delivery.key)
+        .bind(&delivery.hook)
+        .bind(&delivery.id)
+        .bind(&delivery.provider)
+        .bind(&delivery.event)
+        .bind(millis(delivery.received_at))
+        .bind(delivery.verified)
+        .bind(delivery.outcome.as_str())
+        .bind(delivery.reason.as_deref())
+        .bind(to_json(&delivery.results))
+        .bind(to_json(&delivery.headers))
+        .bind(&delivery.body)
+        .bind(i64::try_from(delivery.body_len).unwrap_or(i64::MAX))
+        .bind(delivery.redelivery.as_ref().map(to_json))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+    }
+    tx.commit().await.map_err(backend)
+}
+
 impl SqliteStore {
     /// Opens (creating when missing) the database file and brings its schema up to date.
     pub async fn open(path: &Path) -> Result<Self> {
@@ -326,6 +382,7 @@ impl SqliteStore {
                 .connect_lazy_with(options.clone().read_only(true)),
             logs,
             changes,
+            pending_deliveries: Arc::default(),
         };
         store.migrate().await?;
         tokio::spawn(checkpoint(options));
@@ -1370,30 +1427,36 @@ impl Store for SqliteStore {
     }
 
     async fn record_delivery(&self, delivery: &Delivery) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries (key, hook, id, provider, event, received_at, verified,
-                outcome, reason, results, headers, body, body_len, redelivery)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-             ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(&delivery.key)
-        .bind(&delivery.hook)
-        .bind(&delivery.id)
-        .bind(&delivery.provider)
-        .bind(&delivery.event)
-        .bind(millis(delivery.received_at))
-        .bind(delivery.verified)
-        .bind(delivery.outcome.as_str())
-        .bind(delivery.reason.as_deref())
-        .bind(to_json(&delivery.results))
-        .bind(to_json(&delivery.headers))
-        .bind(&delivery.body)
-        .bind(i64::try_from(delivery.body_len).unwrap_or(i64::MAX))
-        .bind(delivery.redelivery.as_ref().map(to_json))
-        .execute(&mut *self.writer.lock().await)
-        .await
-        .map_err(backend)?;
-        Ok(())
+        let (done, logged) = tokio::sync::oneshot::channel();
+        let pending = &self.pending_deliveries;
+        pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((delivery.clone(), done));
+        {
+            let mut conn = self.writer.lock().await;
+            // Declared after the writer's guard, so dropped before it: a caller that goes away
+            // mid-write (its client hung up) puts the batch back for the next holder of the
+            // writer, which every waiting caller is about to be.
+            let mut batch = Batch {
+                items: std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner())),
+                pending,
+            };
+            // Empty: an earlier holder of the writer logged this one with its own.
+            if !batch.items.is_empty() {
+                let written =
+                    insert_deliveries(&mut conn, batch.items.iter().map(|(d, _)| d)).await;
+                for (_, done) in batch.items.drain(..) {
+                    let _ = done.send(match &written {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(StoreError::Backend(e.to_string())),
+                    });
+                }
+            }
+        }
+        logged
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Backend("the deliveries log was dropped".into())))
     }
 
     async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<Delivery>> {
