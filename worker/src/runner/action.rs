@@ -18,7 +18,7 @@ impl Runner<'_> {
     ) -> Result<AttemptResult, RunnerError> {
         let inputs = match actions::eval_with(with, scope) {
             Ok(inputs) => inputs,
-            Err(e) => return Ok(AttemptResult::from_action_error(&e)),
+            Err(e) => return Ok(self.action_failed(index, action.name(), &e).await),
         };
         let timeout_text = human(step.timeout.unwrap_or(FINALLY_DEFAULT_TIMEOUT));
         let cx = ActionContext {
@@ -52,7 +52,8 @@ impl Runner<'_> {
             r = &mut work => {
                 return Ok(match r {
                     Ok(outputs) => AttemptResult::succeeded(outputs),
-                    Err(e) => AttemptResult::from_action_error(&e),
+                    Err(e @ actions::ActionError::Stopped(_)) => AttemptResult::from_action_error(&e),
+                    Err(e) => self.action_failed(index, action.name(), &e).await,
                 });
             }
             () = sleep, if self.step_timeout_hit(step, step_deadline.unwrap_or_else(Instant::now)) => AttemptResult {
@@ -75,5 +76,19 @@ impl Runner<'_> {
                 .await;
         }
         Ok(stopped)
+    }
+
+    /// A failed attempt, with its reason in the log too (where people read), not only in the
+    /// step's record.
+    async fn action_failed(
+        &self,
+        index: usize,
+        name: &str,
+        e: &actions::ActionError,
+    ) -> AttemptResult {
+        self.log
+            .note(Some(index as u32), &format!("`{name}` failed: {e}"))
+            .await;
+        AttemptResult::from_action_error(e)
     }
 }
