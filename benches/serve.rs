@@ -139,17 +139,8 @@ impl Serve {
     /// CPU time (ms) of the server's own threads, and of its children that ended (the steps),
     /// from `/proc/<pid>/stat` (in clock ticks of 10 ms).
     fn cpu_ms(&self) -> (f64, f64) {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let fields: Vec<f64> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .unwrap_or("")
-            .split_whitespace()
-            .map(|f| f.parse().unwrap_or(0.0))
-            .collect();
-        let tick = |i: usize| fields.get(i).copied().unwrap_or(0.0) * 10.0;
-        (tick(11) + tick(12), tick(13) + tick(14))
+        let ms = stat_ms(&self.child.id().to_string());
+        (ms(11) + ms(12), ms(13) + ms(14))
     }
 
     /// Context switches of all the server's threads so far.
@@ -171,15 +162,33 @@ impl Serve {
     }
 
     fn rss_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        status_kib(self.child.id(), field)
     }
+}
+
+/// A field of `/proc/PID/stat` (after the command's name, from 0) as milliseconds: the CPU
+/// times, in clock ticks of 10 ms.
+fn stat_ms(pid: &str) -> impl Fn(usize) -> f64 + use<> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    move |i| fields.get(i).copied().unwrap_or(0.0) * 10.0
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -250,15 +259,8 @@ fn deliver(agent: &ureq::Agent, url: &str, body: &[u8], id: &str) -> (u16, f64) 
 
 /// CPU time (ms) this process has used, all its threads.
 fn own_cpu_ms() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or("")
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0)) * 10.0
+    let ms = stat_ms("self");
+    ms(11) + ms(12)
 }
 
 /// Every run of `pipeline`, paging through the API.
@@ -341,13 +343,10 @@ fn hooks() {
         let (peak, done) = (peak.clone(), done.clone());
         std::thread::spawn(move || {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .unwrap_or_default()
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    .unwrap_or(0);
-                peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                peak.fetch_max(
+                    status_kib(pid, "VmRSS:"),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         })

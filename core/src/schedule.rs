@@ -143,11 +143,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(dispatcher: Dispatcher) -> Self {
-        Scheduler {
-            dispatcher,
-            due: HashMap::new(),
-            clock: Arc::new(Utc::now),
-        }
+        Scheduler::with_clock(dispatcher, Arc::new(Utc::now))
     }
 
     /// A scheduler that reads lateness from `clock` (tests move time by hand).

@@ -93,24 +93,26 @@ pub async fn receive(
             format!("a delivery's body is limited to {limit} bytes"),
         )
     };
-    if content_length(&headers).is_some_and(|n| n > limit) {
+    let length = content_length(&headers);
+    if length.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
     // The body's HMAC under the hook's secret is computed as the body arrives (a megabyte's
     // HMAC overlaps its reading); the signature is only compared once it is all there.
-    let secret = hook_secret(&state, &hook);
-    let mut mac = secret
+    let target = Hook::find(&state, &hook);
+    let mut mac = target
+        .secret
         .as_ref()
         .and_then(|s| Hmac::<Sha256>::new_from_slice(s.as_bytes()).ok());
-    let body = read_body(body, content_length(&headers), limit, mac.as_mut())
+    let body = read_body(body, length, limit, mac.as_mut())
         .await
         .map_err(|e| match e {
             BodyError::TooLarge => too_large(),
             BodyError::Read(e) => ApiError::bad_request(format!("reading the body: {e}")),
         })?;
     let mut got = Received::new(hook, &headers, body);
-    got.body_mac = secret.zip(mac.map(|m| m.finalize().into_bytes().to_vec()));
-    let delivery = handle(&state, got, None).await;
+    got.body_mac = mac.map(|m| m.finalize().into_bytes().to_vec());
+    let delivery = handle(&state, &target, got, None).await;
     answer(&delivery)
 }
 
@@ -152,15 +154,42 @@ async fn read_body(
     Ok(buf)
 }
 
-/// The secret of the hook's pipelines (the first by name: they all name the same one).
-fn hook_secret(state: &AppState, hook: &str) -> Option<String> {
-    let catalog = state.catalog.current();
-    let name = catalog
-        .entries()
-        .filter_map(|e| e.pipeline.as_ref()?.on.webhook.as_ref())
-        .find(|w| w.hook == hook)
-        .map(|w| w.secret_name.clone())?;
-    state.secrets.get(&name).map(str::to_string)
+/// The pipelines naming a hook, and the secret that checks its deliveries.
+struct Hook {
+    entries: Vec<Arc<Entry>>,
+    /// The secret's name (the first pipeline's by name: they all name the same one).
+    secret_name: Option<String>,
+    /// Its value, when skiff's secrets hold it.
+    secret: Option<String>,
+}
+
+impl Hook {
+    fn find(state: &AppState, hook: &str) -> Hook {
+        let catalog = state.catalog.current();
+        let entries: Vec<Arc<Entry>> = catalog
+            .entries()
+            .filter(|e| {
+                e.pipeline
+                    .as_ref()
+                    .and_then(|p| p.on.webhook.as_ref())
+                    .is_some_and(|w| w.hook == hook)
+            })
+            .cloned()
+            .collect();
+        let secret_name = entries
+            .first()
+            .and_then(|e| e.pipeline.as_ref()?.on.webhook.as_ref())
+            .map(|w| w.secret_name.clone());
+        let secret = secret_name
+            .as_deref()
+            .and_then(|n| state.secrets.get(n))
+            .map(str::to_string);
+        Hook {
+            entries,
+            secret_name,
+            secret,
+        }
+    }
 }
 
 /// A delivery as it arrived.
@@ -168,9 +197,8 @@ pub struct Received {
     pub hook: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-    /// HMAC-SHA256 of `body` under a secret (the hook's, when the body came), computed as it
-    /// arrived.
-    pub body_mac: Option<(String, Vec<u8>)>,
+    /// HMAC-SHA256 of `body` under the hook's secret, computed as it arrived.
+    pub body_mac: Option<Vec<u8>>,
 }
 
 impl Received {
@@ -199,9 +227,17 @@ impl Received {
             .map(|(_, v)| v.as_str())
     }
 
-    fn form_encoded(&self) -> bool {
+    /// The JSON a form-encoded delivery carries in its `payload` field (empty when it has
+    /// none); `None` for a body that is not form-encoded.
+    fn form_payload(&self) -> Option<Vec<u8>> {
         self.header("content-type")
             .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"))
+            .then(|| {
+                form_urlencoded::parse(&self.body)
+                    .find(|(k, _)| k == "payload")
+                    .map(|(_, v)| v.into_owned().into_bytes())
+                    .unwrap_or_default()
+            })
     }
 }
 
@@ -243,7 +279,12 @@ const SEEN: &str = "delivered before";
 
 /// Checks, evaluates and logs one delivery; `redelivery` when skiff's own Redeliver sends it
 /// again (already verified when it first came, and keyed apart so that it makes new runs).
-pub async fn handle(state: &AppState, got: Received, redelivery: Option<Redelivery>) -> Delivery {
+async fn handle(
+    state: &AppState,
+    target: &Hook,
+    got: Received,
+    redelivery: Option<Redelivery>,
+) -> Delivery {
     let received_at = chrono::Utc::now();
     let (provider, raw_event) = Provider::detect(|h| got.header(h));
     let delivery_id = [
@@ -257,26 +298,11 @@ pub async fn handle(state: &AppState, got: Received, redelivery: Option<Redelive
     .find_map(|h| got.header(h))
     .filter(|id| !id.is_empty() && id.len() <= 200)
     .map(str::to_string);
-    let catalog = state.catalog.current();
-    let entries: Vec<Arc<Entry>> = catalog
-        .entries()
-        .filter(|e| {
-            e.pipeline
-                .as_ref()
-                .and_then(|p| p.on.webhook.as_ref())
-                .is_some_and(|w| w.hook == got.hook)
-        })
-        .cloned()
-        .collect();
-    let secret_name = entries
-        .first()
-        .and_then(|e| e.pipeline.as_ref())
-        .and_then(|p| p.on.webhook.as_ref())
-        .map(|w| w.secret_name.clone());
-    let secret = secret_name
-        .as_deref()
-        .and_then(|n| state.secrets.get(n))
-        .map(str::to_string);
+    let Hook {
+        entries,
+        secret_name,
+        secret,
+    } = target;
     let mut d = Delivery {
         key: uuid::Uuid::now_v7().to_string(),
         hook: got.hook.clone(),
@@ -314,7 +340,7 @@ pub async fn handle(state: &AppState, got: Received, redelivery: Option<Redelive
         }
         Ok(()) => {
             d.verified = true;
-            evaluate(state, &got, &entries, provider, &raw_event, &mut d).await;
+            evaluate(state, &got, entries, provider, &raw_event, &mut d).await;
         }
     }
     // A verified delivery that started nothing is kept whole, so it can be sent again.
@@ -355,17 +381,8 @@ async fn evaluate(
         d.reason = Some("a ping: the hook is set up".into());
         return;
     }
-    // A form-encoded delivery carries the JSON in its `payload` field.
-    let form_json;
-    let json: &[u8] = if got.form_encoded() {
-        form_json = form_urlencoded::parse(&got.body)
-            .find(|(k, _)| k == "payload")
-            .map(|(_, v)| v.into_owned().into_bytes())
-            .unwrap_or_default();
-        &form_json
-    } else {
-        &got.body
-    };
+    let form_json = got.form_payload();
+    let json = form_json.as_deref().unwrap_or(&got.body);
     let ev = match webhook::parse(provider, raw_event, &d.id, json) {
         Ok(ev) => ev,
         Err(e) => {
@@ -496,17 +513,10 @@ fn verify(provider: Provider, got: &Received, secret: &[u8]) -> Result<(), Strin
         Provider::Gitea if got.header("x-gitea-signature").is_some() => {
             let sig = got.header("x-gitea-signature").unwrap_or_default();
             // Gitea signs the JSON payload, even when the body is form-encoded.
-            let payload;
-            let signed: &[u8] = if got.form_encoded() {
-                payload = form_urlencoded::parse(&got.body)
-                    .find(|(k, _)| k == "payload")
-                    .map(|(_, v)| v.into_owned().into_bytes())
-                    .unwrap_or_default();
-                &payload
-            } else {
-                &got.body
-            };
-            check_hmac(secret, signed, sig, "X-Gitea-Signature")
+            match got.form_payload() {
+                Some(payload) => check_hmac(secret, &payload, sig, "X-Gitea-Signature"),
+                None => check_body_hmac(got, secret, sig, "X-Gitea-Signature"),
+            }
         }
         Provider::GitHub | Provider::Gitea => {
             let sig = got
@@ -531,29 +541,29 @@ fn verify(provider: Provider, got: &Received, secret: &[u8]) -> Result<(), Strin
 /// [`check_hmac`] of the raw body, with the HMAC computed as it arrived when there is one.
 fn check_body_hmac(got: &Received, secret: &[u8], hex: &str, header: &str) -> Result<(), String> {
     match &got.body_mac {
-        // Under the secret that checks it now (not one a reload replaced since).
-        Some((keyed, tag)) if keyed.as_bytes() == secret => {
-            let given = decode_hex(hex.trim()).ok_or_else(|| format!("{header} is not hex"))?;
-            if bool::from(given.as_slice().ct_eq(tag)) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{header} does not match the body and the hook's secret"
-                ))
-            }
-        }
-        _ => check_hmac(secret, &got.body, hex, header),
+        Some(tag) => check_tag(tag, hex, header),
+        None => check_hmac(secret, &got.body, hex, header),
     }
 }
 
 /// HMAC-SHA256 of `body` under `secret` against a hex signature, in constant time.
 fn check_hmac(secret: &[u8], body: &[u8], hex: &str, header: &str) -> Result<(), String> {
-    let given = decode_hex(hex.trim()).ok_or_else(|| format!("{header} is not hex"))?;
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret).map_err(|_| "the secret cannot key an HMAC")?;
     mac.update(body);
-    mac.verify_slice(&given)
-        .map_err(|_| format!("{header} does not match the body and the hook's secret"))
+    check_tag(&mac.finalize().into_bytes(), hex, header)
+}
+
+/// An HMAC against the hex signature a header gave, in constant time.
+fn check_tag(tag: &[u8], hex: &str, header: &str) -> Result<(), String> {
+    let given = decode_hex(hex.trim()).ok_or_else(|| format!("{header} is not hex"))?;
+    if bool::from(given.as_slice().ct_eq(tag)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{header} does not match the body and the hook's secret"
+        ))
+    }
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
@@ -716,10 +726,11 @@ pub async fn get_delivery(
     Ok(Json(delivery_dto(&d, true)))
 }
 
-async fn find(state: &AppState, key: &str) -> Result<Delivery, ApiError> {
+/// A delivery of the log, or a 404.
+pub async fn find(state: &AppState, key: &str) -> Result<Delivery, ApiError> {
     state.store.delivery(key).await?.ok_or_else(|| {
         ApiError::not_found(format!(
-            "no delivery `{}`",
+            "no delivery `{}` (deliveries are kept 7 days)",
             key.chars().take(60).collect::<String>()
         ))
     })
@@ -733,15 +744,8 @@ pub async fn redeliver(
     key: &str,
 ) -> Result<Delivery, ApiError> {
     let d = find(state, key).await?;
-    if !d.verified {
-        return Err(ApiError::conflict(
-            "the delivery was refused (its signature did not check out): it cannot be sent again",
-        ));
-    }
-    if !d.body_whole() {
-        return Err(ApiError::conflict(format!(
-            "the log keeps only the first {DELIVERY_BODY_KEPT} bytes of this delivery's body; rerun its runs instead"
-        )));
+    if let Some(why) = why_not_redeliverable(&d) {
+        return Err(ApiError::conflict(why));
     }
     let earlier = state
         .store
@@ -763,7 +767,23 @@ pub async fn redeliver(
         by: principal.actor(),
         count,
     };
-    Ok(handle(state, got, Some(redelivery)).await)
+    Ok(handle(state, &Hook::find(state, &d.hook), got, Some(redelivery)).await)
+}
+
+/// Why a logged delivery cannot be sent again, if it cannot (the API's 409, the page's note).
+pub fn why_not_redeliverable(d: &Delivery) -> Option<String> {
+    if !d.verified {
+        Some(
+            "the delivery was refused (its signature did not check out): it cannot be sent again"
+                .into(),
+        )
+    } else if !d.body_whole() {
+        Some(format!(
+            "the log keeps only the first {DELIVERY_BODY_KEPT} bytes of this delivery's body; rerun its runs instead"
+        ))
+    } else {
+        None
+    }
 }
 
 /// Send a delivery again (skiff's Redeliver): the new entry in the log, with the runs it made.

@@ -1406,22 +1406,8 @@ pub async fn delivery(
     State(state): State<AppState>,
     Path(key): Path<String>,
 ) -> Result<DeliveryPage, ApiError> {
-    let d = state.store.delivery(&key).await?.ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no delivery `{}` (deliveries are kept 7 days)",
-            key.chars().take(60).collect::<String>()
-        ))
-    })?;
-    let no_redeliver = if !d.verified {
-        "It was refused (its signature did not check out): it cannot be sent again.".to_string()
-    } else if !d.body_whole() {
-        format!(
-            "Only the first {} bytes of its body are kept: rerun its runs instead.",
-            skiff_core::store::DELIVERY_BODY_KEPT
-        )
-    } else {
-        String::new()
-    };
+    let d = crate::hooks::find(&state, &key).await?;
+    let no_redeliver = crate::hooks::why_not_redeliverable(&d).unwrap_or_default();
     Ok(DeliveryPage {
         csrf: page.csrf,
         d: delivery_row(&d),
