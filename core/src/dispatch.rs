@@ -204,8 +204,8 @@ impl Dispatcher {
 
     async fn create_and_push(&self, new: NewRun) -> Result<crate::store::Created, DispatchError> {
         let created = self.store.create_run(new).await?;
-        if !created.created {
-            // Its job was pushed when it was created.
+        if !created.created || created.queued {
+            // Its job was pushed when it was created, or written with it.
             return Ok(created);
         }
         let run = &created.run;

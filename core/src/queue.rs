@@ -375,6 +375,82 @@ impl WireFormatBackend for JobSource {
     }
 }
 
+/// The embedded queue's side of a new run's transaction: the Store writes the run's job in the
+/// same transaction as the run (one commit, and never one without the other), then calls
+/// [`JobOutbox::pushed`]. Set on the Store's writer when the queue is opened on it.
+pub struct JobOutbox {
+    queue: String,
+    wake: Arc<Wake>,
+    /// Job ids in the order their runs were made: jobs are fetched by `run_at` (seconds), then
+    /// id, and ids from one monotonic generator keep runs made within a second in order.
+    ids: std::sync::Mutex<ulid::Generator>,
+}
+
+/// A job's row in apalis-sqlite's jobs table, as its `push_tasks` makes it from a task.
+pub(crate) struct JobRow {
+    args: Vec<u8>,
+    id: String,
+    queue: String,
+    max_attempts: i64,
+    run_at: i64,
+    priority: i64,
+    metadata: String,
+}
+
+impl JobOutbox {
+    /// The row of `run`'s job, with apalis's defaults (a new ULID, now, 25 attempts).
+    pub(crate) fn row(&self, run: &crate::run::RunId) -> Result<JobRow, String> {
+        let args = serde_json::to_vec(&RunJob::new(run)).map_err(|e| e.to_string())?;
+        let id = self
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generate()
+            .map_err(|e| e.to_string())?;
+        let task = apalis_core::task::builder::TaskBuilder::new(args)
+            .task_id(apalis_core::task::task_id::TaskId::from(id))
+            .build();
+        let id = id.to_string();
+        let run_at = task.run_at().unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+        });
+        Ok(JobRow {
+            id,
+            queue: self.queue.clone(),
+            max_attempts: i64::try_from(task.max_attempts().unwrap_or(25)).unwrap_or(25),
+            run_at: i64::try_from(run_at).unwrap_or(i64::MAX),
+            priority: i64::try_from(task.priority().unwrap_or_default()).unwrap_or(0),
+            metadata: serde_json::to_string(task.metadata()).map_err(|e| e.to_string())?,
+            args: task.args,
+        })
+    }
+
+    /// Wakes the worker's fetch, once the transaction with the job has committed.
+    pub(crate) fn pushed(&self) {
+        self.wake.raise();
+    }
+}
+
+impl JobRow {
+    /// Binds the row as `?11` to `?17` of the Store's run-and-job statement.
+    pub(crate) fn bind(
+        &self,
+        query: sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+        query
+            .bind(self.args.clone())
+            .bind(self.id.clone())
+            .bind(self.queue.clone())
+            .bind(self.max_attempts)
+            .bind(self.run_at)
+            .bind(self.priority)
+            .bind(self.metadata.clone())
+    }
+}
+
 fn queue_error(e: impl std::fmt::Display) -> QueueError {
     QueueError(e.to_string())
 }
@@ -462,13 +538,22 @@ impl SqliteQueue {
             .queue(QUEUE_NAME)
             .batch_size(batch.max(1))
             .lock_tasks(false);
+        // From now on the Store writes each new run's job with the run.
+        let wake = writer
+            .carry_jobs(|| JobOutbox {
+                queue: QUEUE_NAME.to_string(),
+                wake: Arc::new(Wake::default()),
+                ids: std::sync::Mutex::new(ulid::Generator::new()),
+            })
+            .wake
+            .clone();
         Ok(SqliteQueue {
             table: JobsTable {
                 writer: writer.clone(),
                 config,
                 acks: Arc::default(),
             },
-            wake: Arc::new(Wake::default()),
+            wake,
         })
     }
 

@@ -1,12 +1,14 @@
-//! The embedded queue against a real SQLite file: every pushed job reaches the handler once.
+//! The embedded queue against a real SQLite file: every pushed job reaches the handler once, and
+//! a run made through the Store carries its job in its own transaction.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use skiff_core::dispatch::{Queue, RunJob};
 use skiff_core::queue::{JobHandler, QUEUE_NAME, SqliteQueue};
-use skiff_core::run::RunId;
-use skiff_core::store::SqliteStore;
+use skiff_core::run::{NewRun, Phase, RunId, StepPlan, Trigger, TriggerKind};
+use skiff_core::store::{SqliteStore, Store};
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
@@ -110,4 +112,117 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
             .expect("clean"),
         10
     );
+}
+
+fn new_run(key: Option<&str>) -> NewRun {
+    NewRun {
+        pipeline: "p".into(),
+        trigger: Trigger {
+            kind: TriggerKind::Api,
+            actor: "tester".into(),
+        },
+        params: BTreeMap::new(),
+        source: "name: p\nsteps:\n  - run: echo\n".into(),
+        steps: vec![StepPlan {
+            index: 0,
+            id: "s0".into(),
+            name: "Step 0".into(),
+            phase: Phase::Main,
+        }],
+        rerun_of: None,
+        idempotency_key: key.map(str::to_string),
+    }
+}
+
+async fn jobs_of(store: &SqliteStore) -> Vec<String> {
+    sqlx::query("SELECT job ->> 'run_id' FROM Jobs WHERE job_type = ?1 ORDER BY id")
+        .bind(QUEUE_NAME)
+        .fetch_all(&mut *store.writer().lock().await)
+        .await
+        .expect("jobs")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// With the queue open on the Store's writer, a new run's job is written in the run's own
+/// transaction: the Dispatcher pushes nothing more, a repeated key writes no second job, and the
+/// worker is woken and takes every run once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_run_carries_its_job_in_its_own_transaction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(&dir.path().join("skiff.db"))
+        .await
+        .expect("store");
+    // Before a queue is open, the Store writes runs only.
+    let alone = store.create_run(new_run(None)).await.expect("create");
+    assert!(alone.created && !alone.queued);
+    let queue = SqliteQueue::open(store.writer(), 4).await.expect("queue");
+    assert!(jobs_of(&store).await.is_empty());
+
+    let mut made = Vec::new();
+    for i in 0..20 {
+        let key = (i % 2 == 0).then(|| format!("k{i}"));
+        let created = store
+            .create_run(new_run(key.as_deref()))
+            .await
+            .expect("create");
+        assert!(created.created && created.queued, "run {i}: {created:?}");
+        made.push(created.run.id.to_string());
+        if let Some(key) = key {
+            let again = store.create_run(new_run(Some(&key))).await.expect("repeat");
+            assert!(!again.created && !again.queued);
+            assert_eq!(again.run.id, created.run.id);
+        }
+    }
+    assert_eq!(
+        jobs_of(&store).await,
+        made,
+        "one job per new run, none for a repeat"
+    );
+
+    let handler = Arc::new(Record {
+        seen: Mutex::new(Vec::new()),
+        done: tokio::sync::Notify::new(),
+    });
+    let shutdown = CancellationToken::new();
+    let worker = queue.spawn_workers(2, handler.clone(), shutdown.clone());
+    let all = async {
+        loop {
+            if handler.seen.lock().expect("lock").len() >= made.len() {
+                return;
+            }
+            handler.done.notified().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), all)
+        .await
+        .expect("every run's job is handled");
+    // A run made while the worker waits wakes it (well before its half-second safety tick).
+    let late = store.create_run(new_run(None)).await.expect("create");
+    let woke = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !handler
+            .seen
+            .lock()
+            .expect("lock")
+            .contains(&late.run.id.to_string())
+        {
+            handler.done.notified().await;
+        }
+    })
+    .await
+    .expect("the late run is handled");
+    assert!(
+        woke.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        woke.elapsed()
+    );
+    made.push(late.run.id.to_string());
+    let mut seen = handler.seen.lock().expect("lock").clone();
+    seen.sort();
+    made.sort();
+    assert_eq!(seen, made, "each run's job exactly once");
+    shutdown.cancel();
+    worker.await.expect("the worker stops");
 }

@@ -161,6 +161,9 @@ pub enum TakeOver {
 pub struct Created {
     pub run: Run,
     pub created: bool,
+    /// Whether the run's job was written with it, in its transaction (a Store that carries the
+    /// queue's jobs: the embedded one once its queue is open); otherwise the Dispatcher pushes it.
+    pub queued: bool,
 }
 
 /// What came of a webhook delivery, or of it for one pipeline.

@@ -267,12 +267,33 @@ impl Feed {
 /// one: sqlx pings a pooled connection each time it goes back to its pool, a second round trip
 /// to the connection's thread for every statement, which the next writer waits out.
 #[derive(Clone)]
-pub struct Writer(Arc<tokio::sync::Mutex<SqliteConnection>>);
+pub struct Writer {
+    conn: Arc<tokio::sync::Mutex<SqliteConnection>>,
+    /// The embedded queue, once it is opened on this writer: a new run's job is then written in
+    /// the run's own transaction (see [`Store::create_run`]).
+    jobs: Arc<std::sync::OnceLock<crate::queue::JobOutbox>>,
+}
 
 impl Writer {
+    fn new(conn: SqliteConnection) -> Self {
+        Writer {
+            conn: Arc::new(tokio::sync::Mutex::new(conn)),
+            jobs: Arc::default(),
+        }
+    }
+
     /// The connection, once the writers before have finished with it.
     pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, SqliteConnection> {
-        self.0.lock().await
+        self.conn.lock().await
+    }
+
+    /// The queue's job outbox: `make`'s, or the one a queue opened earlier on this writer set
+    /// (every queue on one writer then shares its wake-ups).
+    pub(crate) fn carry_jobs(
+        &self,
+        make: impl FnOnce() -> crate::queue::JobOutbox,
+    ) -> &crate::queue::JobOutbox {
+        self.jobs.get_or_init(make)
     }
 }
 
@@ -374,7 +395,7 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("creating {}: {e}", logs.display())))?;
         let changes = Arc::new(Feed::new());
         let store = SqliteStore {
-            writer: Writer(Arc::new(tokio::sync::Mutex::new(writer))),
+            writer: Writer::new(writer),
             readers: SqlitePoolOptions::new()
                 .max_connections(4)
                 // A ping before each read is a round trip for a file that cannot go away.
@@ -709,20 +730,42 @@ impl Store for SqliteStore {
             .iter()
             .map(|p| serde_json::json!({ "i": p.index, "id": p.id, "name": p.name, "phase": p.phase.as_str() }))
             .collect();
-        let mut conn = self.writer.lock().await;
-        // One statement (the run, and through the trigger its steps, atomically). The number is
-        // past every run of the pipeline and past `run_numbers`, the high-water mark kept for
-        // numbers of runs that were deleted, so a number is never given twice. A key the
-        // pipeline has seen inserts nothing.
-        let number: Option<i64> = sqlx::query(
-            "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key)
-             VALUES (?1, ?2, 1 + MAX(
-                 COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
-                 COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
-               'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-             RETURNING number",
-        )
+        // The run, and through the trigger its steps, in one statement. The number is past
+        // every run of the pipeline and past `run_numbers`, the high-water mark kept for numbers
+        // of runs that were deleted, so a number is never given twice. A key the pipeline has
+        // seen inserts nothing.
+        macro_rules! insert_run {
+            () => {
+                "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key)
+                 VALUES (?1, ?2, 1 + MAX(
+                     COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
+                     COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
+                   'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+                 RETURNING number"
+            };
+        }
+        // With the embedded queue on this writer, the run's job too (apalis-sqlite's own row,
+        // as its `sink.sql` writes it), in the same transaction, sent as one query: one round
+        // trip and one commit, and never a run without its job. Nothing when the run was not
+        // inserted (its id is new, so it exists only if its INSERT happened).
+        const RUN_AND_JOB: &str = concat!(
+            "BEGIN IMMEDIATE;\n",
+            insert_run!(),
+            ";\nINSERT INTO Jobs SELECT ?11, ?12, ?13, 'Pending', 0, ?14, ?15, NULL, NULL, NULL, NULL, ?16, ?17, NULL
+             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1);
+             COMMIT;"
+        );
+        let outbox = self.writer.jobs.get();
+        let job = outbox
+            .map(|o| o.row(&id))
+            .transpose()
+            .map_err(|e| StoreError::Backend(format!("the run's job: {e}")))?;
+        let query = sqlx::query(if job.is_some() {
+            RUN_AND_JOB
+        } else {
+            insert_run!()
+        })
         .bind(id.as_str())
         .bind(&new.pipeline)
         .bind(new.trigger.kind.as_str())
@@ -732,12 +775,24 @@ impl Store for SqliteStore {
         .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
         .bind(millis(now))
         .bind(serde_json::Value::Array(plan).to_string())
-        .bind(new.idempotency_key.as_deref())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(backend)?
-        .map(|row| row.get(0));
-        let Some(number) = number else {
+        .bind(new.idempotency_key.as_deref());
+        let query = match &job {
+            Some(job) => job.bind(query),
+            None => query,
+        };
+        let mut conn = self.writer.lock().await;
+        // Every statement runs (`fetch_all`: a limit of one row would stop before the COMMIT).
+        let rows = match query.fetch_all(&mut *conn).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                if job.is_some() {
+                    // A statement failed inside the transaction: nothing of it stays.
+                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                }
+                return Err(backend(e));
+            }
+        };
+        let Some(number) = rows.first().map(|row| row.get::<i64, _>(0)) else {
             let row = sqlx::query(select_runs!("WHERE pipeline = ?1 AND idempotency_key = ?2"))
                 .bind(&new.pipeline)
                 .bind(new.idempotency_key.as_deref())
@@ -747,9 +802,14 @@ impl Store for SqliteStore {
             return Ok(Created {
                 run: run_from_row(&row)?,
                 created: false,
+                queued: false,
             });
         };
         drop(conn);
+        if let Some(outbox) = outbox.filter(|_| job.is_some()) {
+            // After the commit: the woken worker's fetch sees the job.
+            outbox.pushed();
+        }
         self.changed(&id, ChangeKind::Status);
         Ok(Created {
             run: Run {
@@ -773,6 +833,7 @@ impl Store for SqliteStore {
                 idempotency_key: new.idempotency_key,
             },
             created: true,
+            queued: job.is_some(),
         })
     }
 
