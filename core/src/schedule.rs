@@ -163,6 +163,14 @@ impl Scheduler {
     pub async fn tick(&mut self, catalog: &Catalog, now: DateTime<Utc>) -> Tick {
         let mut tick = Tick::default();
         let mut seen = HashMap::with_capacity(self.due.len());
+        let mut remember = |key: String, next: Option<DateTime<Utc>>, tick: &mut Tick| {
+            // A schedule left out is read again on the next tick.
+            if let Some(n) = next {
+                seen.insert(key, n);
+                tick.next = Some(tick.next.map_or(n, |t| t.min(n)));
+            }
+        };
+        let mut due_now = Vec::new();
         for entry in catalog.entries() {
             let Some(p) = entry.pipeline.as_ref() else {
                 continue;
@@ -173,21 +181,24 @@ impl Scheduler {
                     Some(d) => Some(*d),
                     None => self.first_due(&key, s, now).await,
                 };
-                let next = match due {
-                    Some(d) if d <= now => match self.fire(entry, s, &key, d, now).await {
-                        Ok((fired, next)) => {
-                            tick.fired.push(fired);
-                            next
-                        }
-                        Err(()) => None,
-                    },
-                    other => other,
-                };
-                // A schedule left out is read again on the next tick.
-                if let Some(n) = next {
-                    seen.insert(key, n);
-                    tick.next = Some(tick.next.map_or(n, |t| t.min(n)));
+                match due {
+                    Some(d) if d <= now => due_now.push((entry, s, key, d)),
+                    other => remember(key, other, &mut tick),
                 }
+            }
+        }
+        // Every schedule due at this instant fires at once: none waits for another's run and
+        // mark (their writes still queue in order at the Store).
+        let fired = futures_util::future::join_all(
+            due_now
+                .iter()
+                .map(|(entry, s, key, d)| self.fire(entry, s, key, *d, now)),
+        )
+        .await;
+        for ((_, _, key, _), result) in due_now.into_iter().zip(fired) {
+            if let Ok((fired, next)) = result {
+                tick.fired.push(fired);
+                remember(key, next, &mut tick);
             }
         }
         self.due = seen;
