@@ -17,6 +17,25 @@ struct Record {
     done: tokio::sync::Notify,
 }
 
+impl Record {
+    fn new() -> Arc<Self> {
+        Arc::new(Record {
+            seen: Mutex::new(Vec::new()),
+            done: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Waits up to `limit` until the run ids seen so far satisfy `enough`.
+    async fn wait_until(&self, limit: Duration, what: &str, enough: impl Fn(&[String]) -> bool) {
+        let wait = async {
+            while !enough(&self.seen.lock().expect("lock")) {
+                self.done.notified().await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.expect(what);
+    }
+}
+
 #[async_trait::async_trait]
 impl JobHandler for Record {
     async fn handle(&self, job: RunJob) -> Result<(), String> {
@@ -34,10 +53,7 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
         .await
         .expect("store");
     let queue = SqliteQueue::open(store.writer(), 4).await.expect("queue");
-    let handler = Arc::new(Record {
-        seen: Mutex::new(Vec::new()),
-        done: tokio::sync::Notify::new(),
-    });
+    let handler = Record::new();
     let shutdown = CancellationToken::new();
     let worker = queue.spawn_workers(2, handler.clone(), shutdown.clone());
     let mut ids: Vec<String> = (0..60).map(|_| RunId::generate().to_string()).collect();
@@ -53,17 +69,11 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
             tokio::task::yield_now().await;
         }
     }
-    let all = async {
-        loop {
-            if handler.seen.lock().expect("lock").len() >= ids.len() {
-                return;
-            }
-            handler.done.notified().await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), all)
-        .await
-        .expect("every job is handled");
+    handler
+        .wait_until(Duration::from_secs(20), "every job is handled", |seen| {
+            seen.len() >= ids.len()
+        })
+        .await;
     let mut seen = handler.seen.lock().expect("lock").clone();
     seen.sort();
     ids.sort();
@@ -181,44 +191,31 @@ async fn a_new_run_carries_its_job_in_its_own_transaction() {
         "one job per new run, none for a repeat"
     );
 
-    let handler = Arc::new(Record {
-        seen: Mutex::new(Vec::new()),
-        done: tokio::sync::Notify::new(),
-    });
+    let handler = Record::new();
     let shutdown = CancellationToken::new();
     let worker = queue.spawn_workers(2, handler.clone(), shutdown.clone());
-    let all = async {
-        loop {
-            if handler.seen.lock().expect("lock").len() >= made.len() {
-                return;
-            }
-            handler.done.notified().await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), all)
-        .await
-        .expect("every run's job is handled");
+    handler
+        .wait_until(
+            Duration::from_secs(20),
+            "every run's job is handled",
+            |seen| seen.len() >= made.len(),
+        )
+        .await;
     // A run made while the worker waits wakes it (well before its half-second safety tick).
     let late = store.create_run(new_run(None)).await.expect("create");
     let woke = std::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !handler
-            .seen
-            .lock()
-            .expect("lock")
-            .contains(&late.run.id.to_string())
-        {
-            handler.done.notified().await;
-        }
-    })
-    .await
-    .expect("the late run is handled");
+    let late_id = late.run.id.to_string();
+    handler
+        .wait_until(Duration::from_secs(5), "the late run is handled", |seen| {
+            seen.contains(&late_id)
+        })
+        .await;
     assert!(
         woke.elapsed() < Duration::from_millis(400),
         "{:?}",
         woke.elapsed()
     );
-    made.push(late.run.id.to_string());
+    made.push(late_id);
     let mut seen = handler.seen.lock().expect("lock").clone();
     seen.sort();
     made.sort();
