@@ -77,6 +77,23 @@ pub struct ServiceContainer {
     pub running: bool,
     /// Published ports: (container, host).
     pub ports: Vec<(u16, u16)>,
+    /// The ID of the image it runs (`sha256:...`).
+    pub image_id: String,
+}
+
+/// A container or image on an engine that carries skiff's run label (`skiff.run`).
+#[derive(Debug, Clone)]
+pub struct Labelled {
+    /// `container` or `image`.
+    pub kind: &'static str,
+    pub id: String,
+    /// A container's name, an image's first tag (empty when it has none).
+    pub name: String,
+    pub run: String,
+    /// `skiff.service`, when it has one.
+    pub service: Option<String>,
+    /// When the engine made it.
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// How to tell a started container is ready.
@@ -131,15 +148,18 @@ impl Engine {
                     .into_iter()
                     .filter_map(|p| Some((p.private_port, p.public_port?)))
                     .collect(),
+                image_id: c.image_id.unwrap_or_default(),
             })
             .collect())
     }
 
-    /// Whether any container (running or not) was made from `image`.
-    pub async fn image_in_use(&self, image: &str) -> bool {
+    /// Every container and image on this engine with a `skiff.run` label: what skiff made here,
+    /// whatever the ledger says (a lost record is found this way).
+    pub async fn labelled(&self) -> Result<Vec<Labelled>, EngineError> {
         let mut filters = HashMap::new();
-        filters.insert("ancestor", vec![image.to_string()]);
-        self.client()
+        filters.insert("label", vec!["skiff.run".to_string()]);
+        let containers = self
+            .client()
             .list_containers(Some(
                 ListContainersOptionsBuilder::new()
                     .all(true)
@@ -147,8 +167,88 @@ impl Engine {
                     .build(),
             ))
             .await
-            // When the engine cannot say, the image counts as used: it stays.
-            .map_or(true, |list| !list.is_empty())
+            .map_err(|e| self.unreachable(e))?;
+        let images = self
+            .client()
+            .list_images(Some(
+                bollard::query_parameters::ListImagesOptionsBuilder::new()
+                    .all(false)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let at = |secs: i64| chrono::DateTime::from_timestamp(secs, 0);
+        let mut out = Vec::new();
+        for c in containers {
+            let labels = c.labels.unwrap_or_default();
+            let Some(run) = labels.get("skiff.run").cloned() else {
+                continue;
+            };
+            out.push(Labelled {
+                kind: "container",
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string(),
+                run,
+                service: labels.get(SERVICE_LABEL).cloned(),
+                created: c.created.and_then(at),
+            });
+        }
+        for i in images {
+            let Some(run) = i.labels.get("skiff.run").cloned() else {
+                continue;
+            };
+            out.push(Labelled {
+                kind: "image",
+                name: i
+                    .repo_tags
+                    .iter()
+                    .find(|t| t.as_str() != "<none>:<none>")
+                    .cloned()
+                    .unwrap_or_default(),
+                service: i.labels.get(SERVICE_LABEL).cloned(),
+                id: i.id,
+                run,
+                created: at(i.created),
+            });
+        }
+        Ok(out)
+    }
+
+    /// An image's ID (`sha256:...`) from a reference or an ID; None when the engine lacks it.
+    pub async fn image_id(&self, image: &str) -> Option<String> {
+        self.client().inspect_image(image).await.ok()?.id
+    }
+
+    /// Whether any container (running or not) was made from `image`.
+    pub async fn image_in_use(&self, image: &str) -> bool {
+        // When the engine cannot say, the image counts as used: it stays.
+        self.containers_using(image)
+            .await
+            .is_none_or(|users| !users.is_empty())
+    }
+
+    /// The IDs of the containers (running or not) made from `image` or an image built on it;
+    /// None when the engine cannot say.
+    pub async fn containers_using(&self, image: &str) -> Option<Vec<String>> {
+        let mut filters = HashMap::new();
+        filters.insert("ancestor", vec![image.to_string()]);
+        let list = self
+            .client()
+            .list_containers(Some(
+                ListContainersOptionsBuilder::new()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .ok()?;
+        Some(list.into_iter().filter_map(|c| c.id).collect())
     }
 
     /// Whether a container or image (`kind`) carries the label `skiff.run=RUN`.
@@ -282,6 +382,7 @@ impl Engine {
                 .to_string(),
             running: c.state.as_ref().and_then(|s| s.running).unwrap_or(false),
             ports,
+            image_id: c.image.unwrap_or_default(),
         })
     }
 

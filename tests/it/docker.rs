@@ -879,3 +879,133 @@ fn the_nightly_teardown_stops_temporary_services_and_keeps_the_rest() {
     let (exists, _) = docker(&["container", "inspect", &format!("{svc}-temp-1-1")]);
     assert!(exists, "{log}");
 }
+
+/// `docker/prune` on the real engine: of what is older than `older_than`, it removes the images
+/// no service owns and what skiff labelled whose ledger record was lost, and keeps a sleeping
+/// service's current container, the images of its current and previous versions, and what
+/// carries the label of a run this skiff does not know.
+#[test]
+fn prune_removes_what_no_service_owns_and_keeps_current_and_previous_versions() {
+    let tag = unique("prune");
+    let service = format!("prune{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = free_port();
+    let scratch = format!(
+        "steps:\n{ctx}  - uses: docker/build\n    with: {{ context: app, tags: [\"{tag}-scratch:1\"], labels: {{ kind: scratch }} }}\n",
+        ctx = context_step(DOCKERFILE)
+    );
+    let prune = "params:\n  age: { default: 1h }\nsteps:\n  - id: prune\n    uses: docker/prune\n    with: { older_than: \"${{ params.age }}\" }\n";
+    let dry = "steps:\n  - id: prune\n    uses: docker/prune\n    with: { older_than: 1s, dry_run: true }\n";
+    let stop = format!("steps:\n  - uses: docker/stop\n    with: {{ name: {service} }}\n");
+    let s = Server::start(&[
+        ("web", &versioned_web(&tag, &service, port, "10s")),
+        ("scratch", &scratch),
+        ("prune", prune),
+        ("dry", dry),
+        ("stop", &stop),
+    ]);
+    let _images = Cleanup(vec![
+        format!("{tag}:1"),
+        format!("{tag}:2"),
+        format!("{tag}:3"),
+        format!("{tag}-scratch:1"),
+    ]);
+    let mut first = String::new();
+    for version in ["1", "2", "3"] {
+        let (run, log) = s.run_and_wait("web", json!({ "version": version }));
+        assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+        if first.is_empty() {
+            first = run["id"].as_str().expect("id").to_string();
+        }
+    }
+    let (run, log) = s.run_and_wait("scratch", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    // Asleep on purpose: stopped and labelled is no reason to go.
+    let (run, log) = s.run_and_wait("stop", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    // A container whose ledger record was lost (it carries a run of this skiff's), holding the
+    // oldest image; and one labelled with a run this skiff never had (another skiff's).
+    let stray = format!("{service}-stray");
+    let foreign = format!("{service}-foreign");
+    for (name, run, image) in [
+        (&stray, first.as_str(), format!("{tag}:1")),
+        (
+            &foreign,
+            "0190a0a0-0000-7000-8000-000000000000",
+            format!("{tag}:3"),
+        ),
+    ] {
+        let (ok, out) = docker(&[
+            "create",
+            "--name",
+            name,
+            "--label",
+            &format!("skiff.run={run}"),
+            "--label",
+            &format!("skiff.service={service}"),
+            &image,
+        ]);
+        assert!(ok, "{out}");
+    }
+    let exists = |what: &str, name: &str| docker(&[what, "inspect", name]).0;
+
+    // Nothing is an hour old yet.
+    let (run, log) = s.run_and_wait("prune", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[0]["outputs"]["removed"], "0", "{log}");
+
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (run, log) = s.run_and_wait("dry", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    for gone in [
+        format!("would remove container {stray}: an old version of service {service}"),
+        format!("would remove image {tag}:1: no service runs it (its run (web #1) is over)"),
+        format!("would remove image {tag}-scratch:1: no service runs it"),
+    ] {
+        assert!(log.contains(&gone), "{gone}\n{log}");
+    }
+    assert!(log.contains("its ledger record was lost"), "{log}");
+    for kept in [
+        format!("{tag}:2"),
+        format!("{tag}:3"),
+        format!("{service}-3-1"),
+        foreign.clone(),
+    ] {
+        assert!(!log.contains(&kept), "{kept} is kept:\n{log}");
+    }
+    assert!(
+        exists("image", &format!("{tag}:1")),
+        "a dry run removes nothing"
+    );
+    assert!(exists("container", &stray), "a dry run removes nothing");
+
+    let (run, log) = s.run_and_wait("prune", json!({ "age": "1s" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[0]["outputs"]["removed"], "3", "{log}");
+    assert!(!exists("container", &stray), "{log}");
+    assert!(!exists("image", &format!("{tag}:1")), "{log}");
+    assert!(!exists("image", &format!("{tag}-scratch:1")), "{log}");
+    assert!(
+        exists("container", &format!("{service}-3-1")),
+        "the sleeping service stays: {log}"
+    );
+    assert!(
+        exists("image", &format!("{tag}:3")),
+        "its current image: {log}"
+    );
+    assert!(
+        exists("image", &format!("{tag}:2")),
+        "its previous image: {log}"
+    );
+    assert!(
+        exists("container", &foreign),
+        "another skiff's stays: {log}"
+    );
+    // Pruned once: the ledger says so, and a second prune finds nothing more.
+    let (run, log) = s.run_and_wait("prune", json!({ "age": "1s" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[0]["outputs"]["removed"], "0", "{log}");
+}

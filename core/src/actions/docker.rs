@@ -489,6 +489,47 @@ impl ActionDef for Reap {
     const OUTPUTS: &'static [&'static str] = &["removed"];
 }
 
+pub struct Prune;
+
+/// An age: a duration of up to ten years (`30d`, `12h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgeText(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for AgeText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::duration::parse_up_to(&text, std::time::Duration::from_secs(3650 * 86_400))
+            .map(AgeText)
+            .map_err(D::Error::custom)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneWith {
+    /// Only what was made longer ago than this (`7d`, `12h`; required: a prune says how old).
+    pub older_than: Val<AgeText>,
+    /// Only say what would be removed (default false).
+    pub dry_run: Option<Val<bool>>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PruneOutputs {
+    /// How many containers and images were removed (or would be).
+    pub removed: u32,
+    /// How many were kept because a service owns them (its current container, the images of
+    /// its current and previous versions).
+    pub kept: u32,
+}
+
+impl ActionDef for Prune {
+    const NAME: &'static str = "docker/prune";
+    const DOC: &'static str = "Remove from the worker's engine the containers and images skiff made that no service owns, older than `older_than`.";
+    type With = PruneWith;
+    type Outputs = PruneOutputs;
+    const OUTPUTS: &'static [&'static str] = &["removed", "kept"];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

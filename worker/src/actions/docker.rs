@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use async_trait::async_trait;
 use skiff_core::actions::Val;
 use skiff_core::actions::docker::{
-    Build, BuildOutputs, BuildWith, Deploy, DeployOutputs, DeployWith, Push, PushOutputs, PushWith,
-    Reap, ReapOutputs, ReapWith, Start, StartOutputs, StartWith, Stop, StopOutputs, StopWith,
+    Build, BuildOutputs, BuildWith, Deploy, DeployOutputs, DeployWith, Prune, PruneOutputs,
+    PruneWith, Push, PushOutputs, PushWith, Reap, ReapOutputs, ReapWith, Start, StartOutputs,
+    StartWith, Stop, StopOutputs, StopWith,
 };
 use skiff_core::config::{Config, RegistryKind};
 use skiff_core::ledger::{NewResource, ResourceState, ResourceUpdate};
@@ -446,6 +447,26 @@ impl Execute for Deploy {
         match outcome {
             Ok(new) => {
                 mark(cx, &record, ResourceState::Live, Some(&new.id)).await;
+                // The version this deploy made current: the service owns its image (prune
+                // keeps a service's current and previous ones).
+                let version = format!("{}/{}/service-image/{}", cx.run, cx.step_id, cx.attempt);
+                let recorded = cx
+                    .record_resource(NewResource {
+                        id: version.clone(),
+                        kind: "image".into(),
+                        name: image.clone(),
+                        engine: Some(engine.id.clone()),
+                        service: Some(service.clone()),
+                        run: None,
+                        step: None,
+                        expires_at,
+                        hourly_price: None,
+                    })
+                    .await;
+                match recorded {
+                    Ok(_) => mark(cx, &version, ResourceState::Live, Some(&new.image_id)).await,
+                    Err(e) => cx.note(&format!("the resources ledger: {e}")).await,
+                }
                 cx.note(&format!(
                     "{name} is healthy after {} ms",
                     started.elapsed().as_millis()
@@ -661,6 +682,34 @@ impl Execute for Reap {
         }
         Ok(ReapOutputs {
             removed: reaped.len() as u32,
+        })
+    }
+}
+
+#[async_trait]
+impl Execute for Prune {
+    async fn execute(with: PruneWith, cx: &ActionContext<'_>) -> Result<PruneOutputs, ActionError> {
+        let older_than = with.older_than.get().map_err(ActionError::Inputs)?.0;
+        let dry_run = Val::opt(&with.dry_run)
+            .map_err(ActionError::Inputs)?
+            .unwrap_or(false);
+        let engine = cx.tools.engine().await?;
+        let pruned = crate::reap::prune(cx.rec.store().as_ref(), engine, older_than, dry_run)
+            .await
+            .map_err(ActionError::failed)?;
+        let verb = if dry_run { "would remove" } else { "removed" };
+        for r in &pruned.removed {
+            cx.note(&format!("{verb} {} {}: {}", r.kind, r.name, r.why))
+                .await;
+        }
+        cx.note(&format!(
+            "kept {} older thing(s) that a service owns (its current container, the images of its current and previous versions)",
+            pruned.kept
+        ))
+        .await;
+        Ok(PruneOutputs {
+            removed: pruned.removed.len() as u32,
+            kept: pruned.kept,
         })
     }
 }
