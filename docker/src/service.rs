@@ -386,6 +386,22 @@ impl Engine {
         })
     }
 
+    /// When a container that is not running stopped; None while it runs (or never ran).
+    pub async fn stopped_at(
+        &self,
+        id: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, EngineError> {
+        let state = self.inspect(id).await?.state.unwrap_or_default();
+        if state.running == Some(true) {
+            return Ok(None);
+        }
+        Ok(state
+            .finished_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc)))
+    }
+
     async fn inspect(
         &self,
         id: &str,

@@ -924,6 +924,95 @@ pub async fn list_services(
     }))
 }
 
+/// A record of the resources ledger: something a run created (or is about to: `creating`).
+#[derive(Serialize, ToSchema)]
+pub struct ResourceDto {
+    /// skiff's own id for it.
+    pub id: String,
+    /// `container`, `image`...
+    pub kind: String,
+    /// A container's name, an image reference.
+    pub name: String,
+    /// The engine's ID (`docker info`).
+    pub engine: Option<String>,
+    pub service: Option<String>,
+    pub run: Option<String>,
+    /// `creating`, `live` or `removed`.
+    pub state: String,
+    /// The engine's own id, once it exists.
+    pub external_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub hourly_price: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResourceList {
+    pub resources: Vec<ResourceDto>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ResourcesQuery {
+    /// Only what this run created.
+    run: Option<String>,
+    /// Only this service's.
+    service: Option<String>,
+    /// Only records in this state: creating, live or removed.
+    state: Option<String>,
+}
+
+/// The resources ledger, newest first: every container and image runs created, with its state.
+#[utoipa::path(get, path = "/api/resources", tag = "services", params(ResourcesQuery),
+    responses(
+        (status = 200, description = "the records", body = ResourceList),
+        (status = 400, description = "a bad run id, an unknown state or parameter", body = ErrorBody)))]
+pub async fn list_resources(
+    _auth: Auth,
+    State(state): State<AppState>,
+    Query(q): Query<ResourcesQuery>,
+) -> Result<Json<ResourceList>, ApiError> {
+    use skiff_core::ledger::{ResourceQuery, ResourceState};
+    let run = match q.run.as_deref() {
+        None | Some("") => None,
+        Some(id) => Some(id.parse::<RunId>().map_err(ApiError::bad_request)?),
+    };
+    let states = match q.state.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(s) => vec![s.parse::<ResourceState>().map_err(ApiError::bad_request)?],
+    };
+    let records = state
+        .store
+        .resources(&ResourceQuery {
+            run,
+            service: q.service.filter(|s| !s.is_empty()),
+            engine: None,
+            states,
+        })
+        .await?;
+    Ok(Json(ResourceList {
+        resources: records
+            .into_iter()
+            .map(|r| ResourceDto {
+                id: r.id,
+                kind: r.kind,
+                name: r.name,
+                engine: r.engine,
+                service: r.service,
+                run: r.run.map(|id| id.to_string()),
+                state: r.state.to_string(),
+                external_id: r.external_id,
+                created_at: r.created_at,
+                updated_at: r.updated_at,
+                expires_at: r.expires_at,
+                hourly_price: r.hourly_price,
+            })
+            .collect(),
+    }))
+}
+
 /// Stops, starts or redeploys a service: a run to watch. Stop and start are built-in runs
 /// (pipeline `service-NAME`, trigger `service`); redeploy is an exact rerun of the run that
 /// deployed the current version.

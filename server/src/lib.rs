@@ -133,6 +133,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api::revoke_token))
         .routes(routes!(api::list_services))
         .routes(routes!(api::act_on_service))
+        .routes(routes!(api::list_resources))
         .routes(routes!(hooks::receive))
         .routes(routes!(hooks::list_deliveries))
         .routes(routes!(hooks::get_delivery))

@@ -1009,3 +1009,129 @@ fn prune_removes_what_no_service_owns_and_keeps_current_and_previous_versions() 
     let steps = step_outputs(&s, run["id"].as_str().expect("id"));
     assert_eq!(steps[0]["outputs"]["removed"], "0", "{log}");
 }
+
+/// Every container and image on the engine that carries one of `runs`' labels, as
+/// (kind, id, name): what skiff made for them, whatever its ledger says.
+fn labelled_with(runs: &[&str]) -> Vec<(String, String, String)> {
+    let mut found = Vec::new();
+    for run in runs {
+        let filter = format!("label=skiff.run={run}");
+        let (ok, containers) = docker(&[
+            "ps",
+            "-a",
+            "--no-trunc",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.ID}} {{.Names}}",
+        ]);
+        assert!(ok, "{containers}");
+        let (ok, images) = docker(&[
+            "images",
+            "--no-trunc",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.ID}} {{.Repository}}:{{.Tag}}",
+        ]);
+        assert!(ok, "{images}");
+        for (kind, text) in [("container", containers), ("image", images)] {
+            for line in text.lines() {
+                if let Some((id, name)) = line.split_once(' ') {
+                    found.push((kind.to_string(), id.to_string(), name.to_string()));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `skiff serve` killed with SIGKILL while a deploy waits for the new version's health (the
+/// old one stopped to free the fixed host port): everything on the engine with the runs' labels
+/// is in the ledger (the new container as an intent), the restarted server ends the run, and
+/// the reaper removes the half-made container and starts the version it replaced again.
+#[test]
+fn a_worker_killed_mid_deploy_leaves_nothing_the_ledger_does_not_know() {
+    let tag = unique("kill");
+    let service = format!("kill{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = free_port();
+    let mut s = Server::start(&[("web", &versioned_web(&tag, &service, port, "60s"))]);
+    let _images = Cleanup(vec![format!("{tag}:1"), format!("{tag}:2")]);
+    let url = format!("http://127.0.0.1:{port}/index.html");
+    let (run, log) = s.run_and_wait("web", json!({ "version": "1" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let first = run["id"].as_str().expect("id").to_string();
+    // Version 2 never answers on 8080: the deploy waits for it.
+    let second = s.trigger("web", json!({ "version": "2", "listen": "9999" }));
+    s.wait_for_log(&second, "waiting until it is healthy");
+    s.crash();
+
+    let mut s = s.restart();
+    let run = s.wait_for_end(&second);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"),
+        "{run}"
+    );
+    let (status, ledger) = s.api("GET", "/api/resources", None);
+    assert_eq!(status, 200, "{ledger}");
+    let records = ledger["resources"].as_array().cloned().unwrap_or_default();
+    let found = labelled_with(&[&first, &second]);
+    assert!(
+        found
+            .iter()
+            .any(|(kind, _, name)| kind == "container" && *name == format!("{service}-2-1")),
+        "the half-made container is on the engine: {found:?}"
+    );
+    for (kind, id, name) in &found {
+        let known = records.iter().any(|r| {
+            r["kind"] == kind.as_str()
+                && r["state"] != "removed"
+                && (r["external_id"] == id.as_str()
+                    || (r["external_id"].is_null() && r["name"] == name.as_str()))
+        });
+        assert!(
+            known,
+            "{kind} {name} ({id}) is on the engine but not in the ledger: {ledger}"
+        );
+    }
+    let intent = records
+        .iter()
+        .find(|r| r["name"] == format!("{service}-2-1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        intent["state"], "creating",
+        "recorded before it was made: {ledger}"
+    );
+    assert_eq!(intent["run"], second.as_str());
+
+    let reaped = skiff_reap(&s, false);
+    assert!(
+        reaped.contains(&format!("removed container {service}-2-1")),
+        "{reaped}"
+    );
+    assert!(
+        reaped.contains(&format!("started {service}-1-1 again")),
+        "the version the deploy stopped serves again: {reaped}"
+    );
+    crate::harness::eventually("the old version serves again", || {
+        get_text(&url).as_deref() == Some("version 1\n")
+    });
+    assert_eq!(
+        container_names(&service).trim(),
+        format!("{service}-1-1"),
+        "the half-made container is gone"
+    );
+    // The built image of the interrupted run goes with it (no service runs it); the one
+    // serving stays.
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}:2")]);
+    assert!(!exists, "{reaped}");
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}:1")]);
+    assert!(exists, "{reaped}");
+    s.stop();
+}

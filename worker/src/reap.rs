@@ -36,7 +36,9 @@ pub struct Reaped {
 /// Why a record's thing should go, or None to keep it.
 async fn verdict(store: &dyn Store, r: &Resource, now: DateTime<Utc>) -> Option<String> {
     let expired = r.expires_at.is_some_and(|at| at <= now);
-    if r.service.is_some() && !expired {
+    // A service's things stay until their time is up; an intent of one (a deploy that never
+    // finished) is its run's like anything else.
+    if r.service.is_some() && !expired && r.state == ResourceState::Live {
         return None;
     }
     if expired {
@@ -124,6 +126,41 @@ async fn owned_images(live: &[Resource], engine: &Engine) -> HashSet<String> {
     owned
 }
 
+/// After an unfinished deploy's container (an intent of a service) is gone: the service's
+/// current version, when it stopped after that deploy began, was stopped by the deploy to free
+/// a fixed host port, and the deploy never got to bring it back: it is started again. A
+/// version stopped before the deploy began (asleep on purpose) stays stopped.
+async fn restore_replaced(store: &dyn Store, engine: &Engine, r: &Resource) -> Option<String> {
+    if r.kind != "container" || r.state != ResourceState::Creating {
+        return None;
+    }
+    let service = r.service.as_deref()?;
+    let live = store
+        .resources(&ResourceQuery {
+            service: Some(service.to_string()),
+            engine: Some(engine.id.clone()),
+            states: vec![ResourceState::Live],
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+    let current = live
+        .iter()
+        .find(|c| c.kind == "container" && c.created_at < r.created_at)?;
+    let id = current.external_id.as_deref()?;
+    let stopped = engine.stopped_at(id).await.ok()??;
+    if stopped < r.created_at {
+        return None;
+    }
+    Some(match engine.start_container(id).await {
+        Ok(()) => format!(
+            "started {} again (the unfinished deploy had stopped it)",
+            current.name
+        ),
+        Err(e) => format!("starting {} again failed: {e}", current.name),
+    })
+}
+
 /// Reaps what this engine holds of the ledger's live and intended things.
 pub async fn reap(
     store: &dyn Store,
@@ -171,6 +208,7 @@ pub async fn reap(
         {
             continue;
         }
+        let mut why = why;
         if !dry_run {
             if existed {
                 let removed = match r.kind.as_str() {
@@ -181,6 +219,9 @@ pub async fn reap(
                     tracing::warn!(record = %r.id, error = %e, "the reaper could not remove it");
                     continue;
                 }
+            }
+            if let Some(back) = restore_replaced(store, engine, &r).await {
+                why = format!("{why}; {back}");
             }
             let update = ResourceUpdate {
                 state: Some(ResourceState::Removed),
