@@ -372,6 +372,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown: stopping.cancel.clone(),
         login_throttle: Arc::default(),
         secrets: Arc::new(handler.config.secrets.clone()),
+        engines: Some(Arc::new(crate::engines::Engines::default())),
     };
     tokio::spawn(skiff_server::schedules::keep_schedules(
         state.catalog.clone(),

@@ -96,6 +96,21 @@ pub struct Labelled {
     pub created: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// A container as its engine says it is now.
+#[derive(Debug, Clone)]
+pub struct ContainerView {
+    pub running: bool,
+    /// When it started (running) or stopped.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub exit_code: Option<i64>,
+    /// Its HEALTHCHECK's verdict, if the image has one.
+    pub health: Option<String>,
+    /// The image as it was named when the container was made.
+    pub image: Option<String>,
+    /// Published ports: (container, host).
+    pub ports: Vec<(u16, u16)>,
+}
+
 /// How to tell a started container is ready.
 #[derive(Debug, Clone)]
 pub enum Health {
@@ -384,6 +399,45 @@ impl Engine {
             ports,
             image_id: c.image.unwrap_or_default(),
         })
+    }
+
+    /// What the engine says of a container now; None when it has no such container.
+    pub async fn observe(&self, id: &str) -> Result<Option<ContainerView>, EngineError> {
+        let c = match self.client().inspect_container(id, None).await {
+            Ok(c) => c,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => return Err(self.unreachable(e)),
+        };
+        let ports = published_ports(&c);
+        let state = c.state.unwrap_or_default();
+        let running = state.running == Some(true);
+        let time = |t: Option<&str>| {
+            t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+                // A container that never ran says 0001-01-01.
+                .filter(|t| t.timestamp() > 0)
+        };
+        Ok(Some(ContainerView {
+            running,
+            since: if running {
+                time(state.started_at.as_deref())
+            } else {
+                time(state.finished_at.as_deref())
+            },
+            exit_code: (!running).then_some(state.exit_code).flatten(),
+            health: state
+                .health
+                .and_then(|h| h.status)
+                .filter(|s| {
+                    *s != bollard::models::HealthStatusEnum::NONE
+                        && *s != bollard::models::HealthStatusEnum::EMPTY
+                })
+                .map(|s| s.to_string()),
+            image: c.config.and_then(|c| c.image),
+            ports,
+        }))
     }
 
     /// When a container that is not running stopped; None while it runs (or never ran).

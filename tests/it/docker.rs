@@ -467,6 +467,20 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
     assert_eq!(listed["container"], format!("{service}-2-1"), "{services}");
     assert_eq!(listed["pipeline"], "web");
     assert_eq!(listed["run_number"], 2);
+    // As its engine says now.
+    assert_eq!(listed["state"], "running", "{services}");
+    assert!(listed["state_since"].is_string(), "{services}");
+    assert_eq!(listed["image"], format!("{tag}:2"), "{services}");
+    assert_eq!(
+        listed["addresses"],
+        json!([format!("http://127.0.0.1:{port}")]),
+        "{services}"
+    );
+    let (_, info) = docker(&["info", "-f", "{{.ID}}"]);
+    assert_eq!(listed["engine"], info.trim(), "{services}");
+    assert_eq!(listed["recent_runs"][0]["pipeline"], "web", "{services}");
+    assert_eq!(listed["recent_runs"][0]["number"], 2, "{services}");
+    assert_eq!(listed["recent_runs"][1]["number"], 1, "{services}");
     let (status, _, page) = crate::harness::raw(
         "GET",
         &s.url("/services"),
@@ -507,6 +521,16 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
     let (run, log) = s.run_and_wait("stop", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     assert_eq!(get_text(&url), None, "a stopped service does not answer");
+    let (_, services) = s.api("GET", "/api/services", None);
+    let listed = &services["services"][0];
+    assert_eq!(listed["state"], "stopped", "{services}");
+    assert!(
+        listed["state_note"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("exit code"),
+        "{services}"
+    );
     let (run, log) = s.run_and_wait("start", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     let steps = step_outputs(&s, run["id"].as_str().expect("id"));
