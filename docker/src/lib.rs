@@ -6,7 +6,9 @@
 pub mod context;
 pub mod engine;
 pub mod http;
+pub mod remote;
 pub mod service;
 
 pub use context::{Context, ContextError, ContextSummary};
 pub use engine::{BuildSpec, Credentials, Engine, EngineError, Lines};
+pub use remote::{HostUrl, SshTarget, Target};

@@ -520,6 +520,11 @@ impl Engine {
         health: &Health,
         timeout: Duration,
     ) -> Result<(), EngineError> {
+        if matches!(health, Health::Http { .. })
+            && let Some(why) = self.http_probe_refusal()
+        {
+            return Err(EngineError::Failed(why));
+        }
         let until = Instant::now() + timeout;
         let mut last: String;
         // A first answer can hang on the engine's side: the port proxy accepts at once, and its
@@ -565,7 +570,7 @@ impl Engine {
                                 "port {port} is not published (add it to `ports`)"
                             )));
                         }
-                        Some((_, host)) => match probe(*host, path, patience).await {
+                        Some((_, host)) => match self.probe(*host, path, patience).await {
                             Ok(got) if got == *status => return Ok(()),
                             Ok(got) => last = format!("GET {path} answered {got}"),
                             Err(e) => last = format!("GET {path}: {e}"),
@@ -612,12 +617,46 @@ fn elapsed_since(text: &str) -> Option<Duration> {
         .ok()
 }
 
-/// One GET to 127.0.0.1:`port``path` answered within `wait`: the status.
-async fn probe(port: u16, path: &str, wait: Duration) -> Result<u16, String> {
-    let authority = format!("127.0.0.1:{port}");
-    tokio::time::timeout(wait, crate::http::get_status(&authority, &authority, path))
-        .await
-        .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
+impl Engine {
+    /// One GET to `path` on the engine's host's 127.0.0.1:`port` (where services are
+    /// published), made from that host, answered within `wait`: the status. The local engine
+    /// and a `tcp://` engine on this machine's loopback: directly; an `ssh://` engine: through
+    /// `ssh -W`, so the connection starts on the engine's host.
+    async fn probe(&self, port: u16, path: &str, wait: Duration) -> Result<u16, String> {
+        let authority = format!("127.0.0.1:{port}");
+        let get = async {
+            match &self.target {
+                crate::remote::Target::Ssh(ssh) => {
+                    let (pipes, _child) = ssh
+                        .connect_from_host(&authority)
+                        .map_err(|e| e.to_string())?;
+                    crate::http::get_status_over(pipes, &authority, path).await
+                }
+                _ => crate::http::get_status(&authority, &authority, path).await,
+            }
+        };
+        tokio::time::timeout(wait, get)
+            .await
+            .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
+    }
+
+    /// Why an HTTP probe cannot be made from this engine's host, if it cannot: a `tcp://`
+    /// engine on another machine gives no way onto its host (its services are published on
+    /// that host's loopback).
+    pub fn http_probe_refusal(&self) -> Option<String> {
+        match &self.target {
+            crate::remote::Target::Tls { host, .. }
+                if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]")
+                    && !host.starts_with("127.") =>
+            {
+                Some(format!(
+                    "an HTTP health probe must run on the engine's host, and a tcp:// engine ({}) gives no way onto it: use the image's HEALTHCHECK (`health` without `port`), or reach the engine over ssh://",
+                    self.endpoint
+                ))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

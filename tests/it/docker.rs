@@ -1159,3 +1159,300 @@ fn a_worker_killed_mid_deploy_leaves_nothing_the_ledger_does_not_know() {
     assert!(exists, "{reaped}");
     s.stop();
 }
+
+/// Kills a helper daemon (stunnel, sshd) however the test ends.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    crate::harness::eventually(&format!("{what} listens on {port}"), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}) before listening");
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl in `dir`.
+fn certificates(dir: &Path) {
+    need("openssl", "openssl");
+    let openssl = |args: &[&str]| run_ok(Command::new("openssl").args(args).current_dir(dir));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509", "-days", "1", "-subj", "/CN=skiff test CA"][..],
+            &ec[..],
+            &["-keyout", "ca-key.pem", "-out", "ca.pem"][..],
+        ]
+        .concat(),
+    );
+    for (name, cn, usage) in [
+        (
+            "server",
+            "127.0.0.1",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "skiff", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), usage).expect("ext");
+        openssl(
+            &[
+                &["req", "-subj", &format!("/CN={cn}")][..],
+                &ec[..],
+                &[
+                    "-keyout",
+                    &format!("{name}-key.pem"),
+                    "-out",
+                    &format!("{name}.csr"),
+                ][..],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+}
+
+/// `docker/deploy`, `docker/stop` and `docker/start` on engines reached over TLS (stunnel checking
+/// client certificates in front of this machine's engine: a second dockerd was not tried) and
+/// over SSH (Debian's sshd on a loopback port running `docker system dial-stdio`), by a skiff
+/// whose own engine socket does not exist: every step reaches the service's engine through
+/// the ledger's record of it and the config's `[[engine]]`. The health probe of the ssh engine
+/// runs on its host (`ssh -W`).
+#[test]
+fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
+    need("stunnel", "stunnel4");
+    need("ssh-keygen", "openssh-client");
+    let sshd = Path::new("/usr/sbin/sshd");
+    assert!(
+        sshd.exists(),
+        "/usr/sbin/sshd is missing: install Debian's openssh-server (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+
+    // TLS: stunnel asks for a client certificate signed by the test CA (socat's TLS cannot
+    // serve a client that resumes sessions when it checks certificates: "session id context
+    // uninitialized").
+    certificates(d);
+    let tls_port = free_port();
+    std::fs::write(
+        d.join("stunnel.conf"),
+        format!(
+            "foreground = yes\npid =\n[docker]\naccept = 127.0.0.1:{tls_port}\nconnect = {socket}\ncert = {0}/server.pem\nkey = {0}/server-key.pem\nCAfile = {0}/ca.pem\nverifyChain = yes\n",
+            d.display(),
+            socket = skiff_socket()
+        ),
+    )
+    .expect("stunnel.conf");
+    let mut stunnel = Command::new("stunnel")
+        .arg(d.join("stunnel.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("stunnel");
+    wait_for_port(tls_port, &mut stunnel, "stunnel");
+    let _stunnel = Daemon(stunnel);
+
+    // SSH: sshd with a host key of its own and one authorized client key.
+    let keygen = |name: &str| {
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(d.join(name)),
+        );
+        d.join(name)
+    };
+    let host_key = keygen("host");
+    let client_key = keygen("client");
+    std::fs::copy(client_key.with_extension("pub"), d.join("authorized_keys")).expect("keys");
+    let ssh_port = free_port();
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port {ssh_port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n",
+            host_key.display(),
+            d.join("authorized_keys").display(),
+            d.join("sshd.pid").display()
+        ),
+    )
+    .expect("sshd_config");
+    std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+    let mut daemon = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sshd");
+    wait_for_port(ssh_port, &mut daemon, "sshd");
+    let _sshd = Daemon(daemon);
+    let public = std::fs::read_to_string(host_key.with_extension("pub")).expect("pub");
+    let mut parts = public.split_whitespace();
+    std::fs::write(
+        d.join("known_hosts"),
+        format!(
+            "[127.0.0.1]:{ssh_port} {} {}\n",
+            parts.next().expect("type"),
+            parts.next().expect("key")
+        ),
+    )
+    .expect("known_hosts");
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let tls_host = format!("tcp://127.0.0.1:{tls_port}");
+    let ssh_host = format!("ssh://{user}@127.0.0.1:{ssh_port}");
+    std::fs::write(
+        d.join("skiff.toml"),
+        format!(
+            "[[engine]]\nhost = \"{tls_host}\"\ntls_ca = \"{0}/ca.pem\"\ntls_cert = \"{0}/client.pem\"\ntls_key = \"{0}/client-key.pem\"\n\n[[engine]]\nhost = \"{ssh_host}\"\nssh_key = \"{1}\"\nknown_hosts = \"{0}/known_hosts\"\n",
+            d.display(),
+            client_key.display()
+        ),
+    )
+    .expect("skiff.toml");
+
+    // The image, built here with the docker CLI (skiff's own engine socket will be missing).
+    let tag = unique("remote");
+    let ctx = d.join("ctx");
+    std::fs::create_dir_all(ctx.join("www")).expect("ctx");
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox");
+    std::fs::write(ctx.join("www/index.html"), "remote\n").expect("index");
+    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE).expect("Dockerfile");
+    let (ok, out) = docker(&[
+        "build",
+        "-q",
+        "-t",
+        &format!("{tag}:1"),
+        ctx.to_str().expect("ctx"),
+    ]);
+    assert!(ok, "{out}");
+    let _images = Cleanup(vec![format!("{tag}:1")]);
+
+    let pid = std::process::id();
+    let mut pipelines = Vec::new();
+    let mut services = Vec::new();
+    for (kind, host) in [("tls", &tls_host), ("ssh", &ssh_host)] {
+        let service = format!("{kind}{pid}");
+        let port = free_port();
+        pipelines.push((
+            format!("deploy-{kind}"),
+            format!(
+                "steps:\n  - id: deploy\n    uses: docker/deploy\n    with: {{ name: {service}, host: \"{host}\", image: \"{tag}:1\", ports: [\"{port}:8080\"], health: {{ port: 8080, path: /index.html, timeout: 20s }} }}\n"
+            ),
+        ));
+        for action in ["stop", "start"] {
+            pipelines.push((
+                format!("{action}-{kind}"),
+                format!("steps:\n  - id: {action}\n    uses: docker/{action}\n    with: {{ name: {service} }}\n"),
+            ));
+        }
+        services.push((kind, service, port, host.clone()));
+    }
+    pipelines.push((
+        "undeclared".into(),
+        format!("steps:\n  - uses: docker/deploy\n    with: {{ name: nowhere{pid}, host: \"tcp://127.0.0.1:1\", image: \"{tag}:1\" }}\n"),
+    ));
+    let _cleanup: Vec<RemoveService> = services
+        .iter()
+        .map(|(_, s, _, _)| RemoveService(s.clone()))
+        .collect();
+    let refs: Vec<(&str, &str)> = pipelines
+        .iter()
+        .map(|(n, y)| (n.as_str(), y.as_str()))
+        .collect();
+    let no_engine = format!("unix://{}/no-engine.sock", d.display());
+    let config = d.join("skiff.toml");
+    let s = Server::start_with(
+        &refs,
+        &[
+            ("SKIFF_CONFIG", config.to_str().expect("path")),
+            ("DOCKER_HOST", &no_engine),
+        ],
+    );
+    let (_, engine_id) = docker(&["info", "-f", "{{.ID}}"]);
+
+    for (kind, service, port, host) in &services {
+        let url = format!("http://127.0.0.1:{port}/index.html");
+        let (run, log) = s.run_and_wait(&format!("deploy-{kind}"), json!({}));
+        assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
+        assert!(log.contains(&format!("deploying on {host}")), "{log}");
+        assert_eq!(get_text(&url).as_deref(), Some("remote\n"), "{kind}");
+        let (_, ledger) = s.api("GET", &format!("/api/resources?service={service}"), None);
+        let container = &ledger["resources"]
+            .as_array()
+            .and_then(|l| l.iter().find(|r| r["kind"] == "container").cloned())
+            .unwrap_or_default();
+        assert_eq!(container["state"], "live", "{ledger}");
+        assert_eq!(container["engine"], engine_id.trim(), "{ledger}");
+        let (_, engines) = s.api("GET", "/api/resources", None);
+        assert!(
+            engines["resources"].as_array().is_some_and(|l| l
+                .iter()
+                .any(|r| r["kind"] == "engine" && r["name"] == host.as_str())),
+            "how the engine was reached is recorded: {engines}"
+        );
+
+        let (run, log) = s.run_and_wait(&format!("stop-{kind}"), json!({}));
+        assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
+        assert!(log.contains(&format!("on {host}")), "{log}");
+        assert_eq!(get_text(&url), None, "{kind}: stopped");
+        let (run, log) = s.run_and_wait(&format!("start-{kind}"), json!({}));
+        assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
+        crate::harness::eventually("the service answers again", || {
+            get_text(&url).as_deref() == Some("remote\n")
+        });
+    }
+    let (run, log) = s.run_and_wait("undeclared", json!({}));
+    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("engine `tcp://127.0.0.1:1` is not declared in skiff's config"),
+        "{run}"
+    );
+}
+
+/// The engine socket this machine's docker CLI uses.
+fn skiff_socket() -> String {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+        .unwrap_or_else(|| "/var/run/docker.sock".into())
+}

@@ -330,6 +330,9 @@ pub struct DeployWith {
     pub name: Val<ServiceName>,
     /// The image to run (pulled when the engine does not have it).
     pub image: Val<String>,
+    /// The engine to run it on: `tcp://HOST:PORT` or `ssh://USER@HOST[:PORT]`, declared in
+    /// skiff's config (`[[engine]]`, with its certificates or key); default the worker's own.
+    pub host: Option<Val<String>>,
     #[serde(default)]
     pub ports: Vec<Val<PortText>>,
     /// Environment variables (`${{ secrets.X }}` allowed, but readable by anyone with the Docker
