@@ -1428,6 +1428,14 @@ fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
             "how the engine was reached is recorded: {engines}"
         );
 
+        // The Services view asks the engine where the ledger says the service is.
+        let (_, listed) = s.api("GET", "/api/services", None);
+        let shown = listed["services"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["name"] == service.as_str()).cloned())
+            .unwrap_or_default();
+        assert_eq!(shown["state"], "running", "{listed}");
+        assert_eq!(shown["state_note"], format!("on {host}"), "{listed}");
         let (run, log) = s.run_and_wait(&format!("stop-{kind}"), json!({}));
         assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
         assert!(log.contains(&format!("on {host}")), "{log}");
