@@ -663,6 +663,8 @@ fn the_services_view_stops_and_starts_a_service() {
         json!(true),
         "the list updated in place"
     );
+    // Settled: the Start run's end is shown (no row is replaced under the click below).
+    b.wait_text("#services", &format!("service-{service} #2 succeeded"));
     b.click(&format!("button[aria-label='Stop {service}']"));
     b.wait_text("#run-status", "succeeded");
     assert!(
