@@ -1384,6 +1384,14 @@ fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
         }
         services.push((kind, service, port, host.clone()));
     }
+    // A temporary service on the ssh engine, for the reaper (also from the ledger).
+    let temporary = format!("tmp{pid}");
+    pipelines.push((
+        "temporary".into(),
+        format!("steps:\n  - uses: docker/deploy\n    with: {{ name: {temporary}, host: \"{ssh_host}\", image: \"{tag}:1\", ports: [\"8080\"], ttl: 1s }}\n"),
+    ));
+    pipelines.push(("reap".into(), "steps:\n  - uses: docker/reap\n".into()));
+    services.push(("tmp", temporary.clone(), 0, ssh_host.clone()));
     pipelines.push((
         "undeclared".into(),
         format!("steps:\n  - uses: docker/deploy\n    with: {{ name: nowhere{pid}, host: \"tcp://127.0.0.1:1\", image: \"{tag}:1\" }}\n"),
@@ -1407,7 +1415,7 @@ fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
     );
     let (_, engine_id) = docker(&["info", "-f", "{{.ID}}"]);
 
-    for (kind, service, port, host) in &services {
+    for (kind, service, port, host) in services.iter().filter(|s| s.0 != "tmp") {
         let url = format!("http://127.0.0.1:{port}/index.html");
         let (run, log) = s.run_and_wait(&format!("deploy-{kind}"), json!({}));
         assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
@@ -1446,6 +1454,20 @@ fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
             get_text(&url).as_deref() == Some("remote\n")
         });
     }
+    let (run, log) = s.run_and_wait("temporary", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let (run, log) = s.run_and_wait("reap", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    // The engine is reached by whichever declared host the ledger names first.
+    assert!(
+        log.contains(&format!("removed container {temporary}-1-1 on "))
+            && log.contains("its time is up"),
+        "{log}"
+    );
+    assert!(log.contains("skipping this worker's own engine"), "{log}");
+    assert_eq!(container_names(&temporary).trim(), "", "{log}");
+
     let (run, log) = s.run_and_wait("undeclared", json!({}));
     assert_eq!(run["status"], "failed", "{run}\n{log}");
     assert!(

@@ -841,24 +841,91 @@ impl Execute for Start {
     }
 }
 
+/// Every engine the ledger records that this worker reaches (its own, and the remote ones its
+/// config declares), each once; the ones it cannot reach are noted in the log. None reached is
+/// an error.
+async fn known_engines(cx: &ActionContext<'_>) -> Result<Vec<Engine>, ActionError> {
+    let records = cx
+        .rec
+        .store()
+        .resources(&skiff_core::ledger::ResourceQuery {
+            states: vec![ResourceState::Live],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+    let mut ids: Vec<String> = Vec::new();
+    for id in records
+        .into_iter()
+        .filter(|r| r.kind == "engine")
+        .filter_map(|r| r.engine)
+    {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let mut engines: Vec<Engine> = Vec::new();
+    let mut missed = None;
+    match cx.tools.engine().await {
+        Ok(local) => engines.push(local.clone()),
+        Err(e) => {
+            cx.note(&format!("skipping this worker's own engine: {e}"))
+                .await;
+            missed = Some(e);
+        }
+    }
+    for id in ids {
+        if engines.iter().any(|e| e.id == id) {
+            continue;
+        }
+        match cx.tools.engine_by_id(cx, &id).await {
+            Ok(engine) => engines.push(engine),
+            Err(e) => {
+                cx.note(&format!("skipping engine {id}: {e}")).await;
+                missed = Some(e);
+            }
+        }
+    }
+    match (engines.is_empty(), missed) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(engines),
+    }
+}
+
+/// "" for the worker's own engine, " on HOST" for a remote one.
+fn on(engine: &Engine) -> String {
+    if engine.is_local() {
+        String::new()
+    } else {
+        format!(" on {}", engine.endpoint)
+    }
+}
+
 #[async_trait]
 impl Execute for Reap {
     async fn execute(with: ReapWith, cx: &ActionContext<'_>) -> Result<ReapOutputs, ActionError> {
         let dry_run = Val::opt(&with.dry_run)
             .map_err(ActionError::Inputs)?
             .unwrap_or(false);
-        let engine = cx.tools.engine().await?;
-        let reaped = crate::reap::reap(cx.rec.store().as_ref(), engine, dry_run)
-            .await
-            .map_err(ActionError::failed)?;
         let verb = if dry_run { "would remove" } else { "removed" };
-        for r in &reaped {
-            cx.note(&format!("{verb} {} {}: {}", r.kind, r.name, r.why))
+        let mut removed = 0;
+        for engine in known_engines(cx).await? {
+            let reaped = crate::reap::reap(cx.rec.store().as_ref(), &engine, dry_run)
+                .await
+                .map_err(ActionError::failed)?;
+            for r in &reaped {
+                cx.note(&format!(
+                    "{verb} {} {}{}: {}",
+                    r.kind,
+                    r.name,
+                    on(&engine),
+                    r.why
+                ))
                 .await;
+            }
+            removed += reaped.len() as u32;
         }
-        Ok(ReapOutputs {
-            removed: reaped.len() as u32,
-        })
+        Ok(ReapOutputs { removed })
     }
 }
 
@@ -869,23 +936,29 @@ impl Execute for Prune {
         let dry_run = Val::opt(&with.dry_run)
             .map_err(ActionError::Inputs)?
             .unwrap_or(false);
-        let engine = cx.tools.engine().await?;
-        let pruned = crate::reap::prune(cx.rec.store().as_ref(), engine, older_than, dry_run)
-            .await
-            .map_err(ActionError::failed)?;
         let verb = if dry_run { "would remove" } else { "removed" };
-        for r in &pruned.removed {
-            cx.note(&format!("{verb} {} {}: {}", r.kind, r.name, r.why))
+        let (mut removed, mut kept) = (0, 0);
+        for engine in known_engines(cx).await? {
+            let pruned = crate::reap::prune(cx.rec.store().as_ref(), &engine, older_than, dry_run)
+                .await
+                .map_err(ActionError::failed)?;
+            for r in &pruned.removed {
+                cx.note(&format!(
+                    "{verb} {} {}{}: {}",
+                    r.kind,
+                    r.name,
+                    on(&engine),
+                    r.why
+                ))
                 .await;
+            }
+            removed += pruned.removed.len() as u32;
+            kept += pruned.kept;
         }
         cx.note(&format!(
-            "kept {} older thing(s) that a service owns (its current container, the images of its current and previous versions)",
-            pruned.kept
+            "kept {kept} older thing(s) that a service owns (its current container, the images of its current and previous versions)"
         ))
         .await;
-        Ok(PruneOutputs {
-            removed: pruned.removed.len() as u32,
-            kept: pruned.kept,
-        })
+        Ok(PruneOutputs { removed, kept })
     }
 }
