@@ -1,5 +1,6 @@
 //! skiff's Docker engine client, through bollard: build contexts made without following a link
-//! ([`context`]), builds and pushes ([`engine`]). It knows nothing of runs or pipelines: the
+//! ([`context`]), builds and pushes ([`engine`]), services as containers ([`service`]), remote
+//! engines over TLS and SSH ([`remote`]). It knows nothing of runs or pipelines: the
 //! worker's `docker/*` actions drive it. bollard stays in this crate, so the rest of skiff
 //! builds without it.
 
