@@ -1393,6 +1393,10 @@ fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
     pipelines.push(("reap".into(), "steps:\n  - uses: docker/reap\n".into()));
     services.push(("tmp", temporary.clone(), 0, ssh_host.clone()));
     pipelines.push((
+        "badhost".into(),
+        format!("steps:\n  - uses: docker/deploy\n    with: {{ name: bad{pid}, host: \"http://127.0.0.1:2375\", image: \"{tag}:1\" }}\n"),
+    ));
+    pipelines.push((
         "undeclared".into(),
         format!("steps:\n  - uses: docker/deploy\n    with: {{ name: nowhere{pid}, host: \"tcp://127.0.0.1:1\", image: \"{tag}:1\" }}\n"),
     ));
@@ -1468,6 +1472,9 @@ fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
     assert!(log.contains("skipping this worker's own engine"), "{log}");
     assert_eq!(container_names(&temporary).trim(), "", "{log}");
 
+    // A host that is no engine's form is found when the pipeline loads.
+    let (_, bad) = s.api("GET", "/api/pipelines/badhost", None);
+    assert!(bad.to_string().contains("is not an engine host"), "{bad}");
     let (run, log) = s.run_and_wait("undeclared", json!({}));
     assert_eq!(run["status"], "failed", "{run}\n{log}");
     assert!(

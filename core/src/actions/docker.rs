@@ -185,6 +185,35 @@ impl<'de> Deserialize<'de> for ServiceName {
     }
 }
 
+/// A remote engine as `docker/deploy`'s `host` names it: `tcp://HOST:PORT` or
+/// `ssh://USER@HOST[:PORT]` (the worker checks it further against skiff's config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineHost(pub String);
+
+impl<'de> Deserialize<'de> for EngineHost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let rest = text
+            .strip_prefix("tcp://")
+            .or_else(|| text.strip_prefix("ssh://"));
+        let ok = rest.is_some_and(|r| {
+            !r.is_empty()
+                && !r.starts_with('-')
+                && r.chars().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || matches!(c, '.' | '-' | '_' | ':' | '@' | '[' | ']')
+                })
+        });
+        if !ok {
+            return Err(D::Error::custom(format!(
+                "`{}` is not an engine host: tcp://HOST:PORT (TLS) or ssh://USER@HOST[:PORT], declared in skiff's config",
+                text.chars().take(80).collect::<String>()
+            )));
+        }
+        Ok(EngineHost(text))
+    }
+}
+
 /// A file name under `/run/secrets`: 1 to 64 of `A-Z a-z 0-9 _ . -`, not starting with a dot.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SecretFileName(pub String);
@@ -332,7 +361,7 @@ pub struct DeployWith {
     pub image: Val<String>,
     /// The engine to run it on: `tcp://HOST:PORT` or `ssh://USER@HOST[:PORT]`, declared in
     /// skiff's config (`[[engine]]`, with its certificates or key); default the worker's own.
-    pub host: Option<Val<String>>,
+    pub host: Option<Val<EngineHost>>,
     #[serde(default)]
     pub ports: Vec<Val<PortText>>,
     /// Environment variables (`${{ secrets.X }}` allowed, but readable by anyone with the Docker

@@ -476,7 +476,7 @@ impl Execute for Deploy {
                 .map(|(k, v)| Ok((k.0.clone(), v.get().map_err(input)?.clone())))
                 .collect::<Result<_, ActionError>>()?,
         };
-        let host = Val::opt(&with.host).map_err(input)?;
+        let host = Val::opt(&with.host).map_err(input)?.map(|h| h.0);
         let engine = &cx.tools.engine_at(host.as_deref()).await?;
         record_engine(cx, engine).await?;
         if !engine.is_local() {
