@@ -1,6 +1,7 @@
 //! The `skiff` binary: subcommands that call into the crates.
 
 mod cli_run;
+mod engines;
 mod login_link;
 mod metrics;
 mod reap;

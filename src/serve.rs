@@ -281,6 +281,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = args.config.read()?;
     let load_options = config.load_options();
     let tools = crate::tools(config, &secrets)?;
+    let view_tools = tools.clone();
     let data = args.data.open().await?;
     let (workspaces, isolation) = args.isolation.resolve(&data)?;
     let _lock = data.lock_for_serve()?;
@@ -372,6 +373,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown: stopping.cancel.clone(),
         login_throttle: Arc::default(),
         secrets: Arc::new(handler.config.secrets.clone()),
+        engines: Some(Arc::new(crate::engines::Engines {
+            tools: view_tools,
+            store: store.clone(),
+        })),
     };
     tokio::spawn(skiff_server::schedules::keep_schedules(
         state.catalog.clone(),

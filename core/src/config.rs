@@ -13,6 +13,21 @@
 //!
 //! A password is always a secret's name, never the password itself: the config file may be
 //! read by people who must not know it, and the secret is masked in every log.
+//!
+//! Remote Docker engines `docker/deploy` may name as `host`, with how to reach them:
+//!
+//! ```toml
+//! [[engine]]
+//! host = "tcp://10.0.0.5:2376"     # TLS with a client certificate (PEM files)
+//! tls_ca = "/etc/skiff/edge/ca.pem"
+//! tls_cert = "/etc/skiff/edge/cert.pem"
+//! tls_key = "/etc/skiff/edge/key.pem"
+//!
+//! [[engine]]
+//! host = "ssh://deploy@10.0.0.6:22"  # the system ssh client runs `docker system dial-stdio`
+//! ssh_key = "/etc/skiff/edge/id_ed25519"
+//! known_hosts = "/etc/skiff/edge/known_hosts"   # the host's key: never taken on first sight
+//! ```
 
 use std::path::Path;
 
@@ -23,6 +38,23 @@ use serde::Deserialize;
 pub struct Config {
     #[serde(default, rename = "registry")]
     pub registries: Vec<RegistryConfig>,
+    #[serde(default, rename = "engine")]
+    pub engines: Vec<EngineConfig>,
+}
+
+/// A remote Docker engine and how to reach it (files the worker reads; never in a pipeline).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `tcp://HOST:PORT` or `ssh://USER@HOST[:PORT]`: what `docker/deploy`'s `host` names.
+    pub host: String,
+    /// tcp://: the CA that signed the engine's certificate, the client certificate and its key.
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// ssh://: the private key (default: ssh's own) and the known_hosts file with the host's key.
+    pub ssh_key: Option<std::path::PathBuf>,
+    pub known_hosts: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -96,7 +128,39 @@ impl Config {
                 ));
             }
         }
+        let mut hosts = std::collections::BTreeSet::new();
+        for e in &config.engines {
+            if !hosts.insert(e.host.as_str()) {
+                return Err(format!("engine `{}` is declared twice", e.host));
+            }
+            let tls = [&e.tls_ca, &e.tls_cert, &e.tls_key];
+            if e.host.starts_with("tcp://") {
+                if tls.iter().any(|f| f.is_none()) || e.ssh_key.is_some() || e.known_hosts.is_some()
+                {
+                    return Err(format!(
+                        "engine `{}`: a tcp:// engine takes tls_ca, tls_cert and tls_key (a Docker engine without TLS is root for anyone who reaches it)",
+                        e.host
+                    ));
+                }
+            } else if e.host.starts_with("ssh://") {
+                if e.known_hosts.is_none() || tls.iter().any(|f| f.is_some()) {
+                    return Err(format!(
+                        "engine `{}`: an ssh:// engine takes known_hosts (the host's key) and, optionally, ssh_key",
+                        e.host
+                    ));
+                }
+            } else {
+                return Err(format!(
+                    "engine `{}`: host is tcp://HOST:PORT (TLS) or ssh://USER@HOST[:PORT]",
+                    e.host
+                ));
+            }
+        }
         Ok(config)
+    }
+
+    pub fn engine(&self, host: &str) -> Option<&EngineConfig> {
+        self.engines.iter().find(|e| e.host == host)
     }
 
     /// What the pipeline loader is told: the registries declared here.
@@ -136,5 +200,23 @@ mod tests {
         let e = Config::parse("[[registry]]\nname = \"a\"\nkind = \"quay\"\nurl = \"h\"\n")
             .expect_err("a kind");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn engines_say_how_to_reach_them() {
+        let c = Config::parse(
+            "[[engine]]\nhost = \"tcp://10.0.0.5:2376\"\ntls_ca = \"/c/ca.pem\"\ntls_cert = \"/c/cert.pem\"\ntls_key = \"/c/key.pem\"\n\n[[engine]]\nhost = \"ssh://deploy@10.0.0.6\"\nknown_hosts = \"/c/known_hosts\"\n",
+        )
+        .expect("valid");
+        assert!(c.engine("tcp://10.0.0.5:2376").is_some());
+        assert!(c.engine("ssh://deploy@10.0.0.6").is_some());
+        for (bad, says) in [
+            ("[[engine]]\nhost = \"tcp://h:2375\"\n", "tls_ca"),
+            ("[[engine]]\nhost = \"ssh://u@h\"\n", "known_hosts"),
+            ("[[engine]]\nhost = \"http://h:2375\"\n", "tcp://HOST:PORT"),
+        ] {
+            let e = Config::parse(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -33,12 +33,14 @@ pub enum EngineError {
 #[derive(Clone)]
 pub struct Engine {
     docker: Docker,
-    /// How it was reached (`unix:///var/run/docker.sock`).
+    /// How it was reached (`unix:///var/run/docker.sock`, `tcp://HOST:PORT`,
+    /// `ssh://USER@HOST:PORT`): what the resources ledger records beside its ID.
     pub endpoint: String,
     /// The engine's own ID (`docker info`): what the resources ledger records.
     pub id: String,
     /// The API version agreed on.
     pub api_version: String,
+    pub(crate) target: crate::remote::Target,
 }
 
 impl std::fmt::Debug for Engine {
@@ -80,12 +82,22 @@ fn reencode_registry_auth(mut req: bollard::BollardRequest) -> bollard::BollardR
 impl Engine {
     /// Connects to the local engine and agrees on the API version with it.
     pub async fn local() -> Result<Engine, EngineError> {
-        let endpoint = local_socket();
+        Engine::connect(crate::remote::Target::Local).await
+    }
+
+    /// Connects to an engine, local or remote, and agrees on the API version with it.
+    pub async fn connect(target: crate::remote::Target) -> Result<Engine, EngineError> {
+        use crate::remote::Target;
+        let endpoint = match &target {
+            Target::Local => local_socket(),
+            Target::Tls { host, port, .. } => format!("tcp://{host}:{port}"),
+            Target::Ssh(s) => format!("ssh://{}@{}:{}", s.user, s.host, s.port),
+        };
         let unreachable = |e: bollard::errors::Error| EngineError::Unreachable {
             endpoint: endpoint.clone(),
-            message: e.to_string(),
+            message: chain(&e),
         };
-        let docker = Docker::connect_with_unix(&endpoint, 120, bollard::API_DEFAULT_VERSION)
+        let docker = crate::remote::client(&target, 120)
             .map_err(unreachable)?
             .with_request_modifier(reencode_registry_auth);
         // The engine here may speak an older API than bollard's default: agree first, and use
@@ -98,7 +110,13 @@ impl Engine {
             id: info.id.unwrap_or_default(),
             endpoint,
             api_version,
+            target,
         })
+    }
+
+    /// Whether this is the local engine (reached through its socket).
+    pub fn is_local(&self) -> bool {
+        self.target == crate::remote::Target::Local
     }
 
     pub fn client(&self) -> &Docker {
@@ -108,7 +126,7 @@ impl Engine {
     pub(crate) fn unreachable(&self, e: bollard::errors::Error) -> EngineError {
         EngineError::Unreachable {
             endpoint: self.endpoint.clone(),
-            message: e.to_string(),
+            message: chain(&e),
         }
     }
 
@@ -336,6 +354,21 @@ impl Engine {
             .map(|_| ())
             .map_err(|e| EngineError::Failed(format!("removing image {image}: {e}")))
     }
+}
+
+/// An error with its causes (hyper's "client error (Connect)" says nothing of why).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn explain_push_error(error: &str) -> String {

@@ -77,6 +77,38 @@ pub struct ServiceContainer {
     pub running: bool,
     /// Published ports: (container, host).
     pub ports: Vec<(u16, u16)>,
+    /// The ID of the image it runs (`sha256:...`).
+    pub image_id: String,
+}
+
+/// A container or image on an engine that carries skiff's run label (`skiff.run`).
+#[derive(Debug, Clone)]
+pub struct Labelled {
+    /// `container` or `image`.
+    pub kind: &'static str,
+    pub id: String,
+    /// A container's name, an image's first tag (empty when it has none).
+    pub name: String,
+    pub run: String,
+    /// `skiff.service`, when it has one.
+    pub service: Option<String>,
+    /// When the engine made it.
+    pub created: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A container as its engine says it is now.
+#[derive(Debug, Clone)]
+pub struct ContainerView {
+    pub running: bool,
+    /// When it started (running) or stopped.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub exit_code: Option<i64>,
+    /// Its HEALTHCHECK's verdict, if the image has one.
+    pub health: Option<String>,
+    /// The image as it was named when the container was made.
+    pub image: Option<String>,
+    /// Published ports: (container, host).
+    pub ports: Vec<(u16, u16)>,
 }
 
 /// How to tell a started container is ready.
@@ -131,15 +163,18 @@ impl Engine {
                     .into_iter()
                     .filter_map(|p| Some((p.private_port, p.public_port?)))
                     .collect(),
+                image_id: c.image_id.unwrap_or_default(),
             })
             .collect())
     }
 
-    /// Whether any container (running or not) was made from `image`.
-    pub async fn image_in_use(&self, image: &str) -> bool {
+    /// Every container and image on this engine with a `skiff.run` label: what skiff made here,
+    /// whatever the ledger says (a lost record is found this way).
+    pub async fn labelled(&self) -> Result<Vec<Labelled>, EngineError> {
         let mut filters = HashMap::new();
-        filters.insert("ancestor", vec![image.to_string()]);
-        self.client()
+        filters.insert("label", vec!["skiff.run".to_string()]);
+        let containers = self
+            .client()
             .list_containers(Some(
                 ListContainersOptionsBuilder::new()
                     .all(true)
@@ -147,8 +182,88 @@ impl Engine {
                     .build(),
             ))
             .await
-            // When the engine cannot say, the image counts as used: it stays.
-            .map_or(true, |list| !list.is_empty())
+            .map_err(|e| self.unreachable(e))?;
+        let images = self
+            .client()
+            .list_images(Some(
+                bollard::query_parameters::ListImagesOptionsBuilder::new()
+                    .all(false)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let at = |secs: i64| chrono::DateTime::from_timestamp(secs, 0);
+        let mut out = Vec::new();
+        for c in containers {
+            let labels = c.labels.unwrap_or_default();
+            let Some(run) = labels.get("skiff.run").cloned() else {
+                continue;
+            };
+            out.push(Labelled {
+                kind: "container",
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string(),
+                run,
+                service: labels.get(SERVICE_LABEL).cloned(),
+                created: c.created.and_then(at),
+            });
+        }
+        for i in images {
+            let Some(run) = i.labels.get("skiff.run").cloned() else {
+                continue;
+            };
+            out.push(Labelled {
+                kind: "image",
+                name: i
+                    .repo_tags
+                    .iter()
+                    .find(|t| t.as_str() != "<none>:<none>")
+                    .cloned()
+                    .unwrap_or_default(),
+                service: i.labels.get(SERVICE_LABEL).cloned(),
+                id: i.id,
+                run,
+                created: at(i.created),
+            });
+        }
+        Ok(out)
+    }
+
+    /// An image's ID (`sha256:...`) from a reference or an ID; None when the engine lacks it.
+    pub async fn image_id(&self, image: &str) -> Option<String> {
+        self.client().inspect_image(image).await.ok()?.id
+    }
+
+    /// Whether any container (running or not) was made from `image`.
+    pub async fn image_in_use(&self, image: &str) -> bool {
+        // When the engine cannot say, the image counts as used: it stays.
+        self.containers_using(image)
+            .await
+            .is_none_or(|users| !users.is_empty())
+    }
+
+    /// The IDs of the containers (running or not) made from `image` or an image built on it;
+    /// None when the engine cannot say.
+    pub async fn containers_using(&self, image: &str) -> Option<Vec<String>> {
+        let mut filters = HashMap::new();
+        filters.insert("ancestor", vec![image.to_string()]);
+        let list = self
+            .client()
+            .list_containers(Some(
+                ListContainersOptionsBuilder::new()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .ok()?;
+        Some(list.into_iter().filter_map(|c| c.id).collect())
     }
 
     /// Whether a container or image (`kind`) carries the label `skiff.run=RUN`.
@@ -282,7 +397,63 @@ impl Engine {
                 .to_string(),
             running: c.state.as_ref().and_then(|s| s.running).unwrap_or(false),
             ports,
+            image_id: c.image.unwrap_or_default(),
         })
+    }
+
+    /// What the engine says of a container now; None when it has no such container.
+    pub async fn observe(&self, id: &str) -> Result<Option<ContainerView>, EngineError> {
+        let c = match self.client().inspect_container(id, None).await {
+            Ok(c) => c,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return Ok(None),
+            Err(e) => return Err(self.unreachable(e)),
+        };
+        let ports = published_ports(&c);
+        let state = c.state.unwrap_or_default();
+        let running = state.running == Some(true);
+        let time = |t: Option<&str>| {
+            t.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc))
+                // A container that never ran says 0001-01-01.
+                .filter(|t| t.timestamp() > 0)
+        };
+        Ok(Some(ContainerView {
+            running,
+            since: if running {
+                time(state.started_at.as_deref())
+            } else {
+                time(state.finished_at.as_deref())
+            },
+            exit_code: (!running).then_some(state.exit_code).flatten(),
+            health: state
+                .health
+                .and_then(|h| h.status)
+                .filter(|s| {
+                    *s != bollard::models::HealthStatusEnum::NONE
+                        && *s != bollard::models::HealthStatusEnum::EMPTY
+                })
+                .map(|s| s.to_string()),
+            image: c.config.and_then(|c| c.image),
+            ports,
+        }))
+    }
+
+    /// When a container that is not running stopped; None while it runs (or never ran).
+    pub async fn stopped_at(
+        &self,
+        id: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, EngineError> {
+        let state = self.inspect(id).await?.state.unwrap_or_default();
+        if state.running == Some(true) {
+            return Ok(None);
+        }
+        Ok(state
+            .finished_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc)))
     }
 
     async fn inspect(
@@ -349,6 +520,11 @@ impl Engine {
         health: &Health,
         timeout: Duration,
     ) -> Result<(), EngineError> {
+        if matches!(health, Health::Http { .. })
+            && let Some(why) = self.http_probe_refusal()
+        {
+            return Err(EngineError::Failed(why));
+        }
         let until = Instant::now() + timeout;
         let mut last: String;
         // A first answer can hang on the engine's side: the port proxy accepts at once, and its
@@ -394,7 +570,7 @@ impl Engine {
                                 "port {port} is not published (add it to `ports`)"
                             )));
                         }
-                        Some((_, host)) => match probe(*host, path, patience).await {
+                        Some((_, host)) => match self.probe(*host, path, patience).await {
                             Ok(got) if got == *status => return Ok(()),
                             Ok(got) => last = format!("GET {path} answered {got}"),
                             Err(e) => last = format!("GET {path}: {e}"),
@@ -441,12 +617,46 @@ fn elapsed_since(text: &str) -> Option<Duration> {
         .ok()
 }
 
-/// One GET to 127.0.0.1:`port``path` answered within `wait`: the status.
-async fn probe(port: u16, path: &str, wait: Duration) -> Result<u16, String> {
-    let authority = format!("127.0.0.1:{port}");
-    tokio::time::timeout(wait, crate::http::get_status(&authority, &authority, path))
-        .await
-        .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
+impl Engine {
+    /// One GET to `path` on the engine's host's 127.0.0.1:`port` (where services are
+    /// published), made from that host, answered within `wait`: the status. The local engine
+    /// and a `tcp://` engine on this machine's loopback: directly; an `ssh://` engine: through
+    /// `ssh -W`, so the connection starts on the engine's host.
+    async fn probe(&self, port: u16, path: &str, wait: Duration) -> Result<u16, String> {
+        let authority = format!("127.0.0.1:{port}");
+        let get = async {
+            match &self.target {
+                crate::remote::Target::Ssh(ssh) => {
+                    let (pipes, _child) = ssh
+                        .connect_from_host(&authority)
+                        .map_err(|e| e.to_string())?;
+                    crate::http::get_status_over(pipes, &authority, path).await
+                }
+                _ => crate::http::get_status(&authority, &authority, path).await,
+            }
+        };
+        tokio::time::timeout(wait, get)
+            .await
+            .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
+    }
+
+    /// Why an HTTP probe cannot be made from this engine's host, if it cannot: a `tcp://`
+    /// engine on another machine gives no way onto its host (its services are published on
+    /// that host's loopback).
+    pub fn http_probe_refusal(&self) -> Option<String> {
+        match &self.target {
+            crate::remote::Target::Tls { host, .. }
+                if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]")
+                    && !host.starts_with("127.") =>
+            {
+                Some(format!(
+                    "an HTTP health probe must run on the engine's host, and a tcp:// engine ({}) gives no way onto it: use the image's HEALTHCHECK (`health` without `port`), or reach the engine over ssh://",
+                    self.endpoint
+                ))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -848,7 +848,8 @@ pub async fn rerun(
     Ok(created(&new))
 }
 
-/// A service a run deployed, as the resources ledger knows it: its current container.
+/// A service a run deployed, as the resources ledger knows it (its current container) and as its
+/// engine says it is now (state, health, image, addresses).
 #[derive(Serialize, ToSchema)]
 pub struct ServiceDto {
     pub name: String,
@@ -864,6 +865,31 @@ pub struct ServiceDto {
     pub run_number: Option<u64>,
     /// When a temporary deploy is removed by the reaper.
     pub expires_at: Option<DateTime<Utc>>,
+    /// What its engine says now: `running`, `stopped`, `missing` (the engine has no such
+    /// container) or `unknown` (the engine could not be asked).
+    pub state: String,
+    /// Since when it is in that state (started, or stopped).
+    pub state_since: Option<DateTime<Utc>>,
+    /// More about the state: an exit code, why the engine could not be asked.
+    pub state_note: Option<String>,
+    /// The image's HEALTHCHECK verdict (`healthy`, `unhealthy`, `starting`), if it has one.
+    pub health: Option<String>,
+    /// The image the container runs, as the deploy named it.
+    pub image: Option<String>,
+    /// `http://HOST:PORT` for each published port.
+    pub addresses: Vec<String>,
+    /// The newest runs that acted on it (deploys, Stop, Start), newest first, at most 5.
+    pub recent_runs: Vec<ServiceRunDto>,
+}
+
+/// A run that acted on a service.
+#[derive(Serialize, ToSchema)]
+pub struct ServiceRunDto {
+    pub id: String,
+    pub pipeline: String,
+    pub number: u64,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -871,14 +897,18 @@ pub struct ServiceList {
     pub services: Vec<ServiceDto>,
 }
 
+/// How many recent runs a service lists.
+const SERVICE_RUNS: usize = 5;
+
 /// The services runs deployed and did not remove, by name, each with its current version.
 /// `only`: that one service (none: all).
 pub async fn services(state: &AppState, only: Option<&str>) -> Result<Vec<ServiceDto>, ApiError> {
+    use skiff_core::ledger::{ResourceQuery, ResourceState};
     let records = state
         .store
-        .resources(&skiff_core::ledger::ResourceQuery {
+        .resources(&ResourceQuery {
             service: only.map(str::to_string),
-            states: vec![skiff_core::ledger::ResourceState::Live],
+            states: vec![ResourceState::Live],
             ..Default::default()
         })
         .await?;
@@ -896,7 +926,18 @@ pub async fn services(state: &AppState, only: Option<&str>) -> Result<Vec<Servic
             Some(id) => state.store.get_run(id).await?,
             None => None,
         };
+        let observed = match &state.engines {
+            Some(engines) => {
+                let target = r.external_id.as_deref().unwrap_or(&r.name);
+                engines.observe(r.engine.as_deref(), target).await
+            }
+            None => crate::services::Observed {
+                note: Some("this server asks no engine".into()),
+                ..Default::default()
+            },
+        };
         out.push(ServiceDto {
+            recent_runs: service_runs(state, &name).await?,
             name,
             container: r.name,
             engine: r.engine,
@@ -905,10 +946,64 @@ pub async fn services(state: &AppState, only: Option<&str>) -> Result<Vec<Servic
             pipeline: run.as_ref().map(|run| run.pipeline.clone()),
             run_number: run.as_ref().map(|run| run.number),
             expires_at: r.expires_at,
+            state: observed.state.as_str().to_string(),
+            state_since: observed.since,
+            state_note: observed.note,
+            health: observed.health,
+            image: observed.image,
+            addresses: observed.addresses,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// The newest runs that acted on a service: those that deployed it (the ledger's records of
+/// its containers) and its built-in Stop and Start runs.
+async fn service_runs(state: &AppState, service: &str) -> Result<Vec<ServiceRunDto>, ApiError> {
+    use skiff_core::ledger::ResourceQuery;
+    let records = state
+        .store
+        .resources(&ResourceQuery {
+            service: Some(service.to_string()),
+            ..Default::default()
+        })
+        .await?;
+    let mut runs: Vec<Run> = Vec::new();
+    for r in records {
+        if runs.len() >= SERVICE_RUNS {
+            break;
+        }
+        let Some(id) = r.run else { continue };
+        if runs.iter().any(|run| run.id == id) {
+            continue;
+        }
+        if let Some(run) = state.store.get_run(&id).await? {
+            runs.push(run);
+        }
+    }
+    let own = state
+        .store
+        .list_runs(&RunQuery {
+            pipeline: Some(format!("service-{service}")),
+            status: None,
+            limit: SERVICE_RUNS as u32,
+            cursor: None,
+        })
+        .await?;
+    runs.extend(own.runs);
+    runs.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+    runs.truncate(SERVICE_RUNS);
+    Ok(runs
+        .into_iter()
+        .map(|r| ServiceRunDto {
+            id: r.id.to_string(),
+            pipeline: r.pipeline,
+            number: r.number,
+            status: r.status.as_str().to_string(),
+            created_at: r.created_at,
+        })
+        .collect())
 }
 
 /// The services runs deployed (`docker/deploy`) and did not remove, by name, with the run that
@@ -921,6 +1016,95 @@ pub async fn list_services(
 ) -> Result<Json<ServiceList>, ApiError> {
     Ok(Json(ServiceList {
         services: services(&state, None).await?,
+    }))
+}
+
+/// A record of the resources ledger: something a run created (or is about to: `creating`).
+#[derive(Serialize, ToSchema)]
+pub struct ResourceDto {
+    /// skiff's own id for it.
+    pub id: String,
+    /// `container`, `image`...
+    pub kind: String,
+    /// A container's name, an image reference.
+    pub name: String,
+    /// The engine's ID (`docker info`).
+    pub engine: Option<String>,
+    pub service: Option<String>,
+    pub run: Option<String>,
+    /// `creating`, `live` or `removed`.
+    pub state: String,
+    /// The engine's own id, once it exists.
+    pub external_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub hourly_price: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResourceList {
+    pub resources: Vec<ResourceDto>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ResourcesQuery {
+    /// Only what this run created.
+    run: Option<String>,
+    /// Only this service's.
+    service: Option<String>,
+    /// Only records in this state: creating, live or removed.
+    state: Option<String>,
+}
+
+/// The resources ledger, newest first: every container and image runs created, with its state.
+#[utoipa::path(get, path = "/api/resources", tag = "services", params(ResourcesQuery),
+    responses(
+        (status = 200, description = "the records", body = ResourceList),
+        (status = 400, description = "a bad run id, an unknown state or parameter", body = ErrorBody)))]
+pub async fn list_resources(
+    _auth: Auth,
+    State(state): State<AppState>,
+    Query(q): Query<ResourcesQuery>,
+) -> Result<Json<ResourceList>, ApiError> {
+    use skiff_core::ledger::{ResourceQuery, ResourceState};
+    let run = match q.run.as_deref() {
+        None | Some("") => None,
+        Some(id) => Some(id.parse::<RunId>().map_err(ApiError::bad_request)?),
+    };
+    let states = match q.state.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(s) => vec![s.parse::<ResourceState>().map_err(ApiError::bad_request)?],
+    };
+    let records = state
+        .store
+        .resources(&ResourceQuery {
+            run,
+            service: q.service.filter(|s| !s.is_empty()),
+            engine: None,
+            states,
+        })
+        .await?;
+    Ok(Json(ResourceList {
+        resources: records
+            .into_iter()
+            .map(|r| ResourceDto {
+                id: r.id,
+                kind: r.kind,
+                name: r.name,
+                engine: r.engine,
+                service: r.service,
+                run: r.run.map(|id| id.to_string()),
+                state: r.state.to_string(),
+                external_id: r.external_id,
+                created_at: r.created_at,
+                updated_at: r.updated_at,
+                expires_at: r.expires_at,
+                hourly_price: r.hourly_price,
+            })
+            .collect(),
     }))
 }
 

@@ -9,6 +9,7 @@ pub mod hooks;
 pub mod listen;
 mod openapi;
 pub mod schedules;
+pub mod services;
 mod sse;
 mod ui;
 mod web;
@@ -111,6 +112,8 @@ pub struct AppState {
     pub login_throttle: Arc<auth::LoginThrottle>,
     /// skiff's secrets: the server checks webhook signatures with them.
     pub secrets: Arc<skiff_core::secrets::Secrets>,
+    /// What the Services view asks engines (`services::EngineView`); None: states unknown.
+    pub engines: Option<Arc<dyn services::EngineView>>,
 }
 
 /// The API: every route here is in the OpenAPI document, by construction (`routes!` registers a
@@ -133,6 +136,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api::revoke_token))
         .routes(routes!(api::list_services))
         .routes(routes!(api::act_on_service))
+        .routes(routes!(api::list_resources))
         .routes(routes!(hooks::receive))
         .routes(routes!(hooks::list_deliveries))
         .routes(routes!(hooks::get_delivery))
@@ -153,6 +157,7 @@ fn pages() -> Router<AppState> {
         .route("/pipelines/{name}/run", post(ui::run_pipeline))
         .route("/runs", get(ui::runs))
         .route("/services", get(ui::services))
+        .route("/services/live", get(ui::services_live))
         .route("/services/{name}/{action}", post(ui::act_on_service))
         .route("/deliveries", get(ui::deliveries))
         .route("/deliveries/{key}", get(ui::delivery))

@@ -676,8 +676,22 @@ pub struct ServiceRow {
     since_text: String,
     expires: String,
     expires_text: String,
+    /// What its engine says now (running, stopped, missing, unknown), and the badge's class.
+    state: String,
+    state_class: &'static str,
+    state_since: String,
+    state_since_text: String,
+    state_note: String,
+    /// The image's HEALTHCHECK verdict (empty without one), and the badge's class.
+    health: String,
+    health_class: &'static str,
+    image: String,
+    /// The engine's ID, shortened.
+    engine: String,
+    addresses: Vec<String>,
+    /// (link, "pipeline #N", status) of the runs that acted on it, newest first.
+    recent: Vec<(String, String, String)>,
 }
-
 #[derive(Template, WebTemplate)]
 #[template(path = "services.html")]
 pub struct ServicesPage {
@@ -705,6 +719,26 @@ pub async fn services(page: Page, State(state): State<AppState>) -> Result<Servi
     })
 }
 
+/// The Services page's list alone: what the live list sends when it changes.
+#[derive(Template)]
+#[template(path = "service_list.html")]
+struct ServiceList {
+    csrf: String,
+    services: Vec<ServiceRow>,
+}
+
+/// The Services page's list, live: its HTML again (`list` events) whenever it changes.
+pub async fn services_live(page: Page, State(state): State<AppState>) -> impl IntoResponse {
+    let csrf = page.csrf;
+    crate::services::live(state, move |state| {
+        let csrf = csrf.clone();
+        async move {
+            let services = service_rows(&state).await.ok()?;
+            ServiceList { csrf, services }.render().ok()
+        }
+    })
+}
+
 async fn service_rows(state: &AppState) -> Result<Vec<ServiceRow>, ApiError> {
     Ok(crate::api::services(state, None)
         .await?
@@ -722,6 +756,40 @@ async fn service_rows(state: &AppState) -> Result<Vec<ServiceRow>, ApiError> {
             since_text: utc_text(s.since),
             expires: iso_opt(s.expires_at),
             expires_text: s.expires_at.map(utc_text).unwrap_or_default(),
+            state_class: match s.state.as_str() {
+                "running" => "running",
+                "stopped" => "cancelled",
+                "missing" => "failed",
+                _ => "",
+            },
+            state: s.state,
+            state_since: iso_opt(s.state_since),
+            state_since_text: s.state_since.map(utc_text).unwrap_or_default(),
+            state_note: s.state_note.unwrap_or_default(),
+            health_class: match s.health.as_deref() {
+                Some("healthy") => "succeeded",
+                Some("unhealthy") => "failed",
+                Some(_) => "running",
+                None => "",
+            },
+            health: s.health.unwrap_or_default(),
+            image: s.image.unwrap_or_default(),
+            engine: s
+                .engine
+                .map(|e| e.chars().take(12).collect())
+                .unwrap_or_default(),
+            addresses: s.addresses,
+            recent: s
+                .recent_runs
+                .into_iter()
+                .map(|r| {
+                    (
+                        format!("/runs/{}", r.id),
+                        format!("{} #{}", r.pipeline, r.number),
+                        r.status,
+                    )
+                })
+                .collect(),
             name: s.name,
             container: s.container,
         })

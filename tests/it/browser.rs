@@ -646,7 +646,25 @@ fn the_services_view_stops_and_starts_a_service() {
     b.find("main");
     b.goto(&server.url("/services"));
     b.wait_text("#services", &format!("{service}-1-1"));
+    b.wait_text("#services", "running since");
+    b.wait_text("#services", &format!("image {tag}:1"));
     b.screenshot("services.png");
+    // Stopped and started elsewhere (the API): the open page follows, without a reload.
+    let marker = "window.__notReloaded = true; return true;";
+    b.js(marker);
+    for (action, state) in [("stop", "stopped since"), ("start", "running since")] {
+        let (status, run) = server.api("POST", &format!("/api/services/{service}/{action}"), None);
+        assert_eq!(status, 201, "{run}");
+        server.wait_for_end(run["id"].as_str().expect("id"));
+        b.wait_text("#services", state);
+    }
+    assert_eq!(
+        b.js("return window.__notReloaded === true;"),
+        json!(true),
+        "the list updated in place"
+    );
+    // Settled: the Start run's end is shown (no row is replaced under the click below).
+    b.wait_text("#services", &format!("service-{service} #2 succeeded"));
     b.click(&format!("button[aria-label='Stop {service}']"));
     b.wait_text("#run-status", "succeeded");
     assert!(
@@ -663,4 +681,14 @@ fn the_services_view_stops_and_starts_a_service() {
     ));
     b.wait_text("#run-status", "succeeded");
     crate::harness::eventually("the service answers again", || get_text(&url).is_some());
+    // Removed behind skiff's back: the Services view says the engine has no such container.
+    b.goto(&server.url("/services"));
+    b.wait_text("#services", "running since");
+    let removed = std::process::Command::new("docker")
+        .args(["rm", "-f", &format!("{service}-1-1")])
+        .output()
+        .expect("docker rm");
+    assert!(removed.status.success(), "{removed:?}");
+    b.wait_text("#services", "the engine has no container");
+    b.wait_text("#services", "missing");
 }

@@ -467,6 +467,20 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
     assert_eq!(listed["container"], format!("{service}-2-1"), "{services}");
     assert_eq!(listed["pipeline"], "web");
     assert_eq!(listed["run_number"], 2);
+    // As its engine says now.
+    assert_eq!(listed["state"], "running", "{services}");
+    assert!(listed["state_since"].is_string(), "{services}");
+    assert_eq!(listed["image"], format!("{tag}:2"), "{services}");
+    assert_eq!(
+        listed["addresses"],
+        json!([format!("http://127.0.0.1:{port}")]),
+        "{services}"
+    );
+    let (_, info) = docker(&["info", "-f", "{{.ID}}"]);
+    assert_eq!(listed["engine"], info.trim(), "{services}");
+    assert_eq!(listed["recent_runs"][0]["pipeline"], "web", "{services}");
+    assert_eq!(listed["recent_runs"][0]["number"], 2, "{services}");
+    assert_eq!(listed["recent_runs"][1]["number"], 1, "{services}");
     let (status, _, page) = crate::harness::raw(
         "GET",
         &s.url("/services"),
@@ -507,6 +521,16 @@ fn a_service_is_deployed_replaced_and_rolled_back_when_the_new_one_is_unhealthy(
     let (run, log) = s.run_and_wait("stop", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     assert_eq!(get_text(&url), None, "a stopped service does not answer");
+    let (_, services) = s.api("GET", "/api/services", None);
+    let listed = &services["services"][0];
+    assert_eq!(listed["state"], "stopped", "{services}");
+    assert!(
+        listed["state_note"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("exit code"),
+        "{services}"
+    );
     let (run, log) = s.run_and_wait("start", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     let steps = step_outputs(&s, run["id"].as_str().expect("id"));
@@ -878,4 +902,594 @@ fn the_nightly_teardown_stops_temporary_services_and_keeps_the_rest() {
     // Stopped, not removed: a temporary service can be started again before its time is up.
     let (exists, _) = docker(&["container", "inspect", &format!("{svc}-temp-1-1")]);
     assert!(exists, "{log}");
+}
+
+/// `docker/prune` on the real engine: of what is older than `older_than`, it removes the images
+/// no service owns and what skiff labelled whose ledger record was lost, and keeps a sleeping
+/// service's current container, the images of its current and previous versions, and what
+/// carries the label of a run this skiff does not know.
+#[test]
+fn prune_removes_what_no_service_owns_and_keeps_current_and_previous_versions() {
+    let tag = unique("prune");
+    let service = format!("prune{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = free_port();
+    let scratch = format!(
+        "steps:\n{ctx}  - uses: docker/build\n    with: {{ context: app, tags: [\"{tag}-scratch:1\"], labels: {{ kind: scratch }} }}\n",
+        ctx = context_step(DOCKERFILE)
+    );
+    let prune = "params:\n  age: { default: 1h }\nsteps:\n  - id: prune\n    uses: docker/prune\n    with: { older_than: \"${{ params.age }}\" }\n";
+    let dry = "steps:\n  - id: prune\n    uses: docker/prune\n    with: { older_than: 1s, dry_run: true }\n";
+    let stop = format!("steps:\n  - uses: docker/stop\n    with: {{ name: {service} }}\n");
+    let s = Server::start(&[
+        ("web", &versioned_web(&tag, &service, port, "10s")),
+        ("scratch", &scratch),
+        ("prune", prune),
+        ("dry", dry),
+        ("stop", &stop),
+    ]);
+    let _images = Cleanup(vec![
+        format!("{tag}:1"),
+        format!("{tag}:2"),
+        format!("{tag}:3"),
+        format!("{tag}-scratch:1"),
+    ]);
+    let mut first = String::new();
+    for version in ["1", "2", "3"] {
+        let (run, log) = s.run_and_wait("web", json!({ "version": version }));
+        assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+        if first.is_empty() {
+            first = run["id"].as_str().expect("id").to_string();
+        }
+    }
+    let (run, log) = s.run_and_wait("scratch", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    // Asleep on purpose: stopped and labelled is no reason to go.
+    let (run, log) = s.run_and_wait("stop", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    // A container whose ledger record was lost (it carries a run of this skiff's), holding the
+    // oldest image; and one labelled with a run this skiff never had (another skiff's).
+    let stray = format!("{service}-stray");
+    let foreign = format!("{service}-foreign");
+    for (name, run, image) in [
+        (&stray, first.as_str(), format!("{tag}:1")),
+        (
+            &foreign,
+            "0190a0a0-0000-7000-8000-000000000000",
+            format!("{tag}:3"),
+        ),
+    ] {
+        let (ok, out) = docker(&[
+            "create",
+            "--name",
+            name,
+            "--label",
+            &format!("skiff.run={run}"),
+            "--label",
+            &format!("skiff.service={service}"),
+            &image,
+        ]);
+        assert!(ok, "{out}");
+    }
+    let exists = |what: &str, name: &str| docker(&[what, "inspect", name]).0;
+
+    // Nothing is an hour old yet.
+    let (run, log) = s.run_and_wait("prune", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[0]["outputs"]["removed"], "0", "{log}");
+
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (run, log) = s.run_and_wait("dry", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    for gone in [
+        format!("would remove container {stray}: an old version of service {service}"),
+        format!("would remove image {tag}:1: no service runs it (its run (web #1) is over)"),
+        format!("would remove image {tag}-scratch:1: no service runs it"),
+    ] {
+        assert!(log.contains(&gone), "{gone}\n{log}");
+    }
+    assert!(log.contains("its ledger record was lost"), "{log}");
+    for kept in [
+        format!("{tag}:2"),
+        format!("{tag}:3"),
+        format!("{service}-3-1"),
+        foreign.clone(),
+    ] {
+        assert!(!log.contains(&kept), "{kept} is kept:\n{log}");
+    }
+    assert!(
+        exists("image", &format!("{tag}:1")),
+        "a dry run removes nothing"
+    );
+    assert!(exists("container", &stray), "a dry run removes nothing");
+
+    let (run, log) = s.run_and_wait("prune", json!({ "age": "1s" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[0]["outputs"]["removed"], "3", "{log}");
+    assert!(!exists("container", &stray), "{log}");
+    assert!(!exists("image", &format!("{tag}:1")), "{log}");
+    assert!(!exists("image", &format!("{tag}-scratch:1")), "{log}");
+    assert!(
+        exists("container", &format!("{service}-3-1")),
+        "the sleeping service stays: {log}"
+    );
+    assert!(
+        exists("image", &format!("{tag}:3")),
+        "its current image: {log}"
+    );
+    assert!(
+        exists("image", &format!("{tag}:2")),
+        "its previous image: {log}"
+    );
+    assert!(
+        exists("container", &foreign),
+        "another skiff's stays: {log}"
+    );
+    // Pruned once: the ledger says so, and a second prune finds nothing more.
+    let (run, log) = s.run_and_wait("prune", json!({ "age": "1s" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let steps = step_outputs(&s, run["id"].as_str().expect("id"));
+    assert_eq!(steps[0]["outputs"]["removed"], "0", "{log}");
+}
+
+/// Every container and image on the engine that carries one of `runs`' labels, as
+/// (kind, id, name): what skiff made for them, whatever its ledger says.
+fn labelled_with(runs: &[&str]) -> Vec<(String, String, String)> {
+    let mut found = Vec::new();
+    for run in runs {
+        let filter = format!("label=skiff.run={run}");
+        let (ok, containers) = docker(&[
+            "ps",
+            "-a",
+            "--no-trunc",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.ID}} {{.Names}}",
+        ]);
+        assert!(ok, "{containers}");
+        let (ok, images) = docker(&[
+            "images",
+            "--no-trunc",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.ID}} {{.Repository}}:{{.Tag}}",
+        ]);
+        assert!(ok, "{images}");
+        for (kind, text) in [("container", containers), ("image", images)] {
+            for line in text.lines() {
+                if let Some((id, name)) = line.split_once(' ') {
+                    found.push((kind.to_string(), id.to_string(), name.to_string()));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `skiff serve` killed with SIGKILL while a deploy waits for the new version's health (the
+/// old one stopped to free the fixed host port): everything on the engine with the runs' labels
+/// is in the ledger (the new container as an intent), the restarted server ends the run, and
+/// the reaper removes the half-made container and starts the version it replaced again.
+#[test]
+fn a_worker_killed_mid_deploy_leaves_nothing_the_ledger_does_not_know() {
+    let tag = unique("kill");
+    let service = format!("kill{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = free_port();
+    let mut s = Server::start(&[("web", &versioned_web(&tag, &service, port, "60s"))]);
+    let _images = Cleanup(vec![format!("{tag}:1"), format!("{tag}:2")]);
+    let url = format!("http://127.0.0.1:{port}/index.html");
+    let (run, log) = s.run_and_wait("web", json!({ "version": "1" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let first = run["id"].as_str().expect("id").to_string();
+    // Version 2 never answers on 8080: the deploy waits for it.
+    let second = s.trigger("web", json!({ "version": "2", "listen": "9999" }));
+    s.wait_for_log(&second, "waiting until it is healthy");
+    s.crash();
+
+    let mut s = s.restart();
+    let run = s.wait_for_end(&second);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("interrupted"),
+        "{run}"
+    );
+    let (status, ledger) = s.api("GET", "/api/resources", None);
+    assert_eq!(status, 200, "{ledger}");
+    let records = ledger["resources"].as_array().cloned().unwrap_or_default();
+    let found = labelled_with(&[&first, &second]);
+    assert!(
+        found
+            .iter()
+            .any(|(kind, _, name)| kind == "container" && *name == format!("{service}-2-1")),
+        "the half-made container is on the engine: {found:?}"
+    );
+    for (kind, id, name) in &found {
+        let known = records.iter().any(|r| {
+            r["kind"] == kind.as_str()
+                && r["state"] != "removed"
+                && (r["external_id"] == id.as_str()
+                    || (r["external_id"].is_null() && r["name"] == name.as_str()))
+        });
+        assert!(
+            known,
+            "{kind} {name} ({id}) is on the engine but not in the ledger: {ledger}"
+        );
+    }
+    let intent = records
+        .iter()
+        .find(|r| r["name"] == format!("{service}-2-1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        intent["state"], "creating",
+        "recorded before it was made: {ledger}"
+    );
+    assert_eq!(intent["run"], second.as_str());
+
+    let reaped = skiff_reap(&s, false);
+    assert!(
+        reaped.contains(&format!("removed container {service}-2-1")),
+        "{reaped}"
+    );
+    assert!(
+        reaped.contains(&format!("started {service}-1-1 again")),
+        "the version the deploy stopped serves again: {reaped}"
+    );
+    crate::harness::eventually("the old version serves again", || {
+        get_text(&url).as_deref() == Some("version 1\n")
+    });
+    assert_eq!(
+        container_names(&service).trim(),
+        format!("{service}-1-1"),
+        "the half-made container is gone"
+    );
+    // The built image of the interrupted run goes with it (no service runs it); the one
+    // serving stays.
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}:2")]);
+    assert!(!exists, "{reaped}");
+    let (exists, _) = docker(&["image", "inspect", &format!("{tag}:1")]);
+    assert!(exists, "{reaped}");
+    s.stop();
+}
+
+/// Kills a helper daemon (stunnel, sshd) however the test ends.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    crate::harness::eventually(&format!("{what} listens on {port}"), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}) before listening");
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl in `dir`.
+fn certificates(dir: &Path) {
+    need("openssl", "openssl");
+    let openssl = |args: &[&str]| run_ok(Command::new("openssl").args(args).current_dir(dir));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509", "-days", "1", "-subj", "/CN=skiff test CA"][..],
+            &ec[..],
+            &["-keyout", "ca-key.pem", "-out", "ca.pem"][..],
+        ]
+        .concat(),
+    );
+    for (name, cn, usage) in [
+        (
+            "server",
+            "127.0.0.1",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "skiff", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), usage).expect("ext");
+        openssl(
+            &[
+                &["req", "-subj", &format!("/CN={cn}")][..],
+                &ec[..],
+                &[
+                    "-keyout",
+                    &format!("{name}-key.pem"),
+                    "-out",
+                    &format!("{name}.csr"),
+                ][..],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+}
+
+/// `docker/deploy`, `docker/stop` and `docker/start` on engines reached over TLS (stunnel checking
+/// client certificates in front of this machine's engine: a second dockerd was not tried) and
+/// over SSH (Debian's sshd on a loopback port running `docker system dial-stdio`), by a skiff
+/// whose own engine socket does not exist: every step reaches the service's engine through
+/// the ledger's record of it and the config's `[[engine]]`. The health probe of the ssh engine
+/// runs on its host (`ssh -W`).
+#[test]
+fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
+    need("stunnel", "stunnel4");
+    need("ssh-keygen", "openssh-client");
+    let sshd = Path::new("/usr/sbin/sshd");
+    assert!(
+        sshd.exists(),
+        "/usr/sbin/sshd is missing: install Debian's openssh-server (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+
+    // TLS: stunnel asks for a client certificate signed by the test CA (socat's TLS cannot
+    // serve a client that resumes sessions when it checks certificates: "session id context
+    // uninitialized").
+    certificates(d);
+    let tls_port = free_port();
+    std::fs::write(
+        d.join("stunnel.conf"),
+        format!(
+            "foreground = yes\npid =\n[docker]\naccept = 127.0.0.1:{tls_port}\nconnect = {socket}\ncert = {0}/server.pem\nkey = {0}/server-key.pem\nCAfile = {0}/ca.pem\nverifyChain = yes\n",
+            d.display(),
+            socket = skiff_socket()
+        ),
+    )
+    .expect("stunnel.conf");
+    let mut stunnel = Command::new("stunnel")
+        .arg(d.join("stunnel.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("stunnel");
+    wait_for_port(tls_port, &mut stunnel, "stunnel");
+    let _stunnel = Daemon(stunnel);
+
+    // SSH: sshd with a host key of its own and one authorized client key.
+    let keygen = |name: &str| {
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(d.join(name)),
+        );
+        d.join(name)
+    };
+    let host_key = keygen("host");
+    let client_key = keygen("client");
+    std::fs::copy(client_key.with_extension("pub"), d.join("authorized_keys")).expect("keys");
+    let ssh_port = free_port();
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port {ssh_port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n",
+            host_key.display(),
+            d.join("authorized_keys").display(),
+            d.join("sshd.pid").display()
+        ),
+    )
+    .expect("sshd_config");
+    std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+    let mut daemon = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sshd");
+    wait_for_port(ssh_port, &mut daemon, "sshd");
+    let _sshd = Daemon(daemon);
+    let public = std::fs::read_to_string(host_key.with_extension("pub")).expect("pub");
+    let mut parts = public.split_whitespace();
+    std::fs::write(
+        d.join("known_hosts"),
+        format!(
+            "[127.0.0.1]:{ssh_port} {} {}\n",
+            parts.next().expect("type"),
+            parts.next().expect("key")
+        ),
+    )
+    .expect("known_hosts");
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let tls_host = format!("tcp://127.0.0.1:{tls_port}");
+    let ssh_host = format!("ssh://{user}@127.0.0.1:{ssh_port}");
+    std::fs::write(
+        d.join("skiff.toml"),
+        format!(
+            "[[engine]]\nhost = \"{tls_host}\"\ntls_ca = \"{0}/ca.pem\"\ntls_cert = \"{0}/client.pem\"\ntls_key = \"{0}/client-key.pem\"\n\n[[engine]]\nhost = \"{ssh_host}\"\nssh_key = \"{1}\"\nknown_hosts = \"{0}/known_hosts\"\n",
+            d.display(),
+            client_key.display()
+        ),
+    )
+    .expect("skiff.toml");
+
+    // The image, built here with the docker CLI (skiff's own engine socket will be missing).
+    let tag = unique("remote");
+    let ctx = d.join("ctx");
+    std::fs::create_dir_all(ctx.join("www")).expect("ctx");
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).expect("busybox");
+    std::fs::write(ctx.join("www/index.html"), "remote\n").expect("index");
+    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE).expect("Dockerfile");
+    let (ok, out) = docker(&[
+        "build",
+        "-q",
+        "-t",
+        &format!("{tag}:1"),
+        ctx.to_str().expect("ctx"),
+    ]);
+    assert!(ok, "{out}");
+    let _images = Cleanup(vec![format!("{tag}:1")]);
+
+    let pid = std::process::id();
+    let mut pipelines = Vec::new();
+    let mut services = Vec::new();
+    for (kind, host) in [("tls", &tls_host), ("ssh", &ssh_host)] {
+        let service = format!("{kind}{pid}");
+        let port = free_port();
+        pipelines.push((
+            format!("deploy-{kind}"),
+            format!(
+                "steps:\n  - id: deploy\n    uses: docker/deploy\n    with: {{ name: {service}, host: \"{host}\", image: \"{tag}:1\", ports: [\"{port}:8080\"], health: {{ port: 8080, path: /index.html, timeout: 20s }} }}\n"
+            ),
+        ));
+        for action in ["stop", "start"] {
+            pipelines.push((
+                format!("{action}-{kind}"),
+                format!("steps:\n  - id: {action}\n    uses: docker/{action}\n    with: {{ name: {service} }}\n"),
+            ));
+        }
+        services.push((kind, service, port, host.clone()));
+    }
+    // A temporary service on the ssh engine, for the reaper (also from the ledger).
+    let temporary = format!("tmp{pid}");
+    pipelines.push((
+        "temporary".into(),
+        format!("steps:\n  - uses: docker/deploy\n    with: {{ name: {temporary}, host: \"{ssh_host}\", image: \"{tag}:1\", ports: [\"8080\"], ttl: 1s }}\n"),
+    ));
+    pipelines.push(("reap".into(), "steps:\n  - uses: docker/reap\n".into()));
+    services.push(("tmp", temporary.clone(), 0, ssh_host.clone()));
+    pipelines.push((
+        "badhost".into(),
+        format!("steps:\n  - uses: docker/deploy\n    with: {{ name: bad{pid}, host: \"http://127.0.0.1:2375\", image: \"{tag}:1\" }}\n"),
+    ));
+    pipelines.push((
+        "undeclared".into(),
+        format!("steps:\n  - uses: docker/deploy\n    with: {{ name: nowhere{pid}, host: \"tcp://127.0.0.1:1\", image: \"{tag}:1\" }}\n"),
+    ));
+    let _cleanup: Vec<RemoveService> = services
+        .iter()
+        .map(|(_, s, _, _)| RemoveService(s.clone()))
+        .collect();
+    let refs: Vec<(&str, &str)> = pipelines
+        .iter()
+        .map(|(n, y)| (n.as_str(), y.as_str()))
+        .collect();
+    let no_engine = format!("unix://{}/no-engine.sock", d.display());
+    let config = d.join("skiff.toml");
+    let s = Server::start_with(
+        &refs,
+        &[
+            ("SKIFF_CONFIG", config.to_str().expect("path")),
+            ("DOCKER_HOST", &no_engine),
+        ],
+    );
+    let (_, engine_id) = docker(&["info", "-f", "{{.ID}}"]);
+
+    for (kind, service, port, host) in services.iter().filter(|s| s.0 != "tmp") {
+        let url = format!("http://127.0.0.1:{port}/index.html");
+        let (run, log) = s.run_and_wait(&format!("deploy-{kind}"), json!({}));
+        assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
+        assert!(log.contains(&format!("deploying on {host}")), "{log}");
+        assert_eq!(get_text(&url).as_deref(), Some("remote\n"), "{kind}");
+        let (_, ledger) = s.api("GET", &format!("/api/resources?service={service}"), None);
+        let container = &ledger["resources"]
+            .as_array()
+            .and_then(|l| l.iter().find(|r| r["kind"] == "container").cloned())
+            .unwrap_or_default();
+        assert_eq!(container["state"], "live", "{ledger}");
+        assert_eq!(container["engine"], engine_id.trim(), "{ledger}");
+        let (_, engines) = s.api("GET", "/api/resources", None);
+        assert!(
+            engines["resources"].as_array().is_some_and(|l| l
+                .iter()
+                .any(|r| r["kind"] == "engine" && r["name"] == host.as_str())),
+            "how the engine was reached is recorded: {engines}"
+        );
+
+        // The Services view asks the engine where the ledger says the service is.
+        let (_, listed) = s.api("GET", "/api/services", None);
+        let shown = listed["services"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["name"] == service.as_str()).cloned())
+            .unwrap_or_default();
+        assert_eq!(shown["state"], "running", "{listed}");
+        assert_eq!(shown["state_note"], format!("on {host}"), "{listed}");
+        let (run, log) = s.run_and_wait(&format!("stop-{kind}"), json!({}));
+        assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
+        assert!(log.contains(&format!("on {host}")), "{log}");
+        assert_eq!(get_text(&url), None, "{kind}: stopped");
+        let (run, log) = s.run_and_wait(&format!("start-{kind}"), json!({}));
+        assert_eq!(run["status"], "succeeded", "{kind}: {run}\n{log}");
+        crate::harness::eventually("the service answers again", || {
+            get_text(&url).as_deref() == Some("remote\n")
+        });
+    }
+    let (run, log) = s.run_and_wait("temporary", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let (run, log) = s.run_and_wait("reap", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    // The engine is reached by whichever declared host the ledger names first.
+    assert!(
+        log.contains(&format!("removed container {temporary}-1-1 on "))
+            && log.contains("its time is up"),
+        "{log}"
+    );
+    assert!(log.contains("skipping this worker's own engine"), "{log}");
+    assert_eq!(container_names(&temporary).trim(), "", "{log}");
+
+    // A host that is no engine's form is found when the pipeline loads.
+    let (_, bad) = s.api("GET", "/api/pipelines/badhost", None);
+    assert!(bad.to_string().contains("is not an engine host"), "{bad}");
+    let (run, log) = s.run_and_wait("undeclared", json!({}));
+    assert_eq!(run["status"], "failed", "{run}\n{log}");
+    assert!(
+        run["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("engine `tcp://127.0.0.1:1` is not declared in skiff's config"),
+        "{run}"
+    );
+}
+
+/// The engine socket this machine's docker CLI uses.
+fn skiff_socket() -> String {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|h| h.strip_prefix("unix://").map(str::to_string))
+        .unwrap_or_else(|| "/var/run/docker.sock".into())
 }

@@ -185,6 +185,35 @@ impl<'de> Deserialize<'de> for ServiceName {
     }
 }
 
+/// A remote engine as `docker/deploy`'s `host` names it: `tcp://HOST:PORT` or
+/// `ssh://USER@HOST[:PORT]` (the worker checks it further against skiff's config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineHost(pub String);
+
+impl<'de> Deserialize<'de> for EngineHost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let rest = text
+            .strip_prefix("tcp://")
+            .or_else(|| text.strip_prefix("ssh://"));
+        let ok = rest.is_some_and(|r| {
+            !r.is_empty()
+                && !r.starts_with('-')
+                && r.chars().all(|c| {
+                    c.is_ascii_alphanumeric()
+                        || matches!(c, '.' | '-' | '_' | ':' | '@' | '[' | ']')
+                })
+        });
+        if !ok {
+            return Err(D::Error::custom(format!(
+                "`{}` is not an engine host: tcp://HOST:PORT (TLS) or ssh://USER@HOST[:PORT], declared in skiff's config",
+                text.chars().take(80).collect::<String>()
+            )));
+        }
+        Ok(EngineHost(text))
+    }
+}
+
 /// A file name under `/run/secrets`: 1 to 64 of `A-Z a-z 0-9 _ . -`, not starting with a dot.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SecretFileName(pub String);
@@ -330,6 +359,9 @@ pub struct DeployWith {
     pub name: Val<ServiceName>,
     /// The image to run (pulled when the engine does not have it).
     pub image: Val<String>,
+    /// The engine to run it on: `tcp://HOST:PORT` or `ssh://USER@HOST[:PORT]`, declared in
+    /// skiff's config (`[[engine]]`, with its certificates or key); default the worker's own.
+    pub host: Option<Val<EngineHost>>,
     #[serde(default)]
     pub ports: Vec<Val<PortText>>,
     /// Environment variables (`${{ secrets.X }}` allowed, but readable by anyone with the Docker
@@ -487,6 +519,47 @@ impl ActionDef for Reap {
     type With = ReapWith;
     type Outputs = ReapOutputs;
     const OUTPUTS: &'static [&'static str] = &["removed"];
+}
+
+pub struct Prune;
+
+/// An age: a duration of up to ten years (`30d`, `12h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgeText(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for AgeText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        crate::duration::parse_up_to(&text, std::time::Duration::from_secs(3650 * 86_400))
+            .map(AgeText)
+            .map_err(D::Error::custom)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneWith {
+    /// Only what was made longer ago than this (`7d`, `12h`; required: a prune says how old).
+    pub older_than: Val<AgeText>,
+    /// Only say what would be removed (default false).
+    pub dry_run: Option<Val<bool>>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PruneOutputs {
+    /// How many containers and images were removed (or would be).
+    pub removed: u32,
+    /// How many were kept because a service owns them (its current container, the images of
+    /// its current and previous versions).
+    pub kept: u32,
+}
+
+impl ActionDef for Prune {
+    const NAME: &'static str = "docker/prune";
+    const DOC: &'static str = "Remove from the worker's engine the containers and images skiff made that no service owns, older than `older_than`.";
+    type With = PruneWith;
+    type Outputs = PruneOutputs;
+    const OUTPUTS: &'static [&'static str] = &["removed", "kept"];
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ macro_rules! for_each_action {
             $crate::actions::docker::Stop,
             $crate::actions::docker::Start,
             $crate::actions::docker::Reap,
+            $crate::actions::docker::Prune,
             $crate::actions::git::Checkout,
         }
     };

@@ -8,13 +8,16 @@ use std::collections::{BTreeMap, HashMap};
 use async_trait::async_trait;
 use skiff_core::actions::Val;
 use skiff_core::actions::docker::{
-    Build, BuildOutputs, BuildWith, Deploy, DeployOutputs, DeployWith, Push, PushOutputs, PushWith,
-    Reap, ReapOutputs, ReapWith, Start, StartOutputs, StartWith, Stop, StopOutputs, StopWith,
+    Build, BuildOutputs, BuildWith, Deploy, DeployOutputs, DeployWith, Prune, PruneOutputs,
+    PruneWith, Push, PushOutputs, PushWith, Reap, ReapOutputs, ReapWith, Start, StartOutputs,
+    StartWith, Stop, StopOutputs, StopWith,
 };
 use skiff_core::config::{Config, RegistryKind};
 use skiff_core::ledger::{NewResource, ResourceState, ResourceUpdate};
 use skiff_docker::service::{ContainerSpec, Health, Port};
-use skiff_docker::{BuildSpec, Credentials, Engine, EngineError, Lines};
+use skiff_docker::{
+    BuildSpec, Credentials, Engine, EngineError, HostUrl, Lines, SshTarget, Target,
+};
 
 use super::{ActionContext, ActionError, Execute};
 use crate::secrets::Secrets;
@@ -26,6 +29,9 @@ pub struct Tools {
     config: Config,
     credentials: HashMap<String, Credentials>,
     engine: tokio::sync::OnceCell<Engine>,
+    /// The remote engines the config declares, by their `host`, and those connected so far.
+    targets: HashMap<String, Target>,
+    remotes: tokio::sync::Mutex<HashMap<String, Engine>>,
 }
 
 impl std::fmt::Debug for Tools {
@@ -59,11 +65,101 @@ impl Tools {
                 },
             );
         }
+        let mut targets = HashMap::new();
+        for e in &config.engines {
+            let target = match skiff_docker::remote::parse_host(&e.host)? {
+                HostUrl::Tcp { host, port } => Target::Tls {
+                    host,
+                    port,
+                    ca: e.tls_ca.clone().unwrap_or_default(),
+                    cert: e.tls_cert.clone().unwrap_or_default(),
+                    key: e.tls_key.clone().unwrap_or_default(),
+                },
+                HostUrl::Ssh { user, host, port } => Target::Ssh(SshTarget {
+                    user,
+                    host,
+                    port,
+                    key: e.ssh_key.clone(),
+                    known_hosts: e.known_hosts.clone().unwrap_or_default(),
+                }),
+            };
+            targets.insert(e.host.clone(), target);
+        }
         Ok(Tools {
             config,
             credentials,
             engine: Default::default(),
+            targets,
+            remotes: Default::default(),
         })
+    }
+
+    /// The engine `host` names (one the config declares), or the local one: connected once
+    /// and kept (a failed connect is tried again next time).
+    pub async fn engine_at(&self, host: Option<&str>) -> Result<Engine, ActionError> {
+        let Some(host) = host else {
+            return self.engine().await.cloned();
+        };
+        let Some(target) = self.targets.get(host) else {
+            let declared: Vec<&str> = self.targets.keys().map(String::as_str).collect();
+            return Err(ActionError::refused(format!(
+                "engine `{host}` is not declared in skiff's config (declared: {}); see [[engine]] in skiff.toml",
+                if declared.is_empty() {
+                    "none".to_string()
+                } else {
+                    declared.join(", ")
+                }
+            )));
+        };
+        let mut remotes = self.remotes.lock().await;
+        if let Some(e) = remotes.get(host) {
+            return Ok(e.clone());
+        }
+        let engine = Engine::connect(target.clone())
+            .await
+            .map_err(|e| ActionError::failed(e.to_string()))?;
+        remotes.insert(host.to_string(), engine.clone());
+        Ok(engine)
+    }
+
+    /// The engine whose ID the ledger recorded, reached the way the ledger says it was (its
+    /// `engine` records), through the config's declaration of that host; the local one when
+    /// it is that engine.
+    async fn engine_by_id(&self, cx: &ActionContext<'_>, id: &str) -> Result<Engine, ActionError> {
+        let local = self.engine().await;
+        if let Ok(local) = &local
+            && local.id == id
+        {
+            return Ok((*local).clone());
+        }
+        let reached = cx
+            .rec
+            .store()
+            .resources(&skiff_core::ledger::ResourceQuery {
+                engine: Some(id.to_string()),
+                states: vec![ResourceState::Live],
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+        let hosts: Vec<String> = reached
+            .into_iter()
+            .filter(|r| r.kind == "engine")
+            .map(|r| r.name)
+            .collect();
+        for host in &hosts {
+            if self.targets.contains_key(host) {
+                return self.engine_at(Some(host)).await;
+            }
+        }
+        Err(ActionError::refused(format!(
+            "engine {id} (reached as {}) is neither this worker's own nor declared in its config",
+            if hosts.is_empty() {
+                "nothing the ledger recorded".to_string()
+            } else {
+                hosts.join(", ")
+            }
+        )))
     }
 
     /// The local engine, connected once (a failed connect is tried again next time).
@@ -380,7 +476,16 @@ impl Execute for Deploy {
                 .map(|(k, v)| Ok((k.0.clone(), v.get().map_err(input)?.clone())))
                 .collect::<Result<_, ActionError>>()?,
         };
-        let engine = cx.tools.engine().await?;
+        let host = Val::opt(&with.host).map_err(input)?.map(|h| h.0);
+        let engine = &cx.tools.engine_at(host.as_deref()).await?;
+        record_engine(cx, engine).await?;
+        if !engine.is_local() {
+            cx.note(&format!(
+                "deploying on {} (engine {})",
+                engine.endpoint, engine.id
+            ))
+            .await;
+        }
         let lines = StepLines { cx };
         if !engine.has_image(&image).await {
             cx.note(&format!("pulling {image}")).await;
@@ -446,6 +551,26 @@ impl Execute for Deploy {
         match outcome {
             Ok(new) => {
                 mark(cx, &record, ResourceState::Live, Some(&new.id)).await;
+                // The version this deploy made current: the service owns its image (prune
+                // keeps a service's current and previous ones).
+                let version = format!("{}/{}/service-image/{}", cx.run, cx.step_id, cx.attempt);
+                let recorded = cx
+                    .record_resource(NewResource {
+                        id: version.clone(),
+                        kind: "image".into(),
+                        name: image.clone(),
+                        engine: Some(engine.id.clone()),
+                        service: Some(service.clone()),
+                        run: None,
+                        step: None,
+                        expires_at,
+                        hourly_price: None,
+                    })
+                    .await;
+                match recorded {
+                    Ok(_) => mark(cx, &version, ResourceState::Live, Some(&new.image_id)).await,
+                    Err(e) => cx.note(&format!("the resources ledger: {e}")).await,
+                }
                 cx.note(&format!(
                     "{name} is healthy after {} ms",
                     started.elapsed().as_millis()
@@ -509,6 +634,64 @@ impl Execute for Deploy {
             }
         }
     }
+}
+
+/// Records how an engine was reached (kind `engine`: its ID, and its endpoint as the name), so
+/// that a later step on any worker (Stop, Start, a `finally`) finds it again by the ID its
+/// services' records carry. Recording it again answers the first record.
+async fn record_engine(cx: &ActionContext<'_>, engine: &Engine) -> Result<(), ActionError> {
+    let id = format!("engine/{}/{}", engine.id, engine.endpoint);
+    let r = cx
+        .record_resource(NewResource {
+            id: id.clone(),
+            kind: "engine".into(),
+            name: engine.endpoint.clone(),
+            engine: Some(engine.id.clone()),
+            service: None,
+            run: None,
+            step: None,
+            expires_at: None,
+            hourly_price: None,
+        })
+        .await?;
+    if r.state != ResourceState::Live {
+        mark(cx, &id, ResourceState::Live, None).await;
+    }
+    Ok(())
+}
+
+/// The engines a service's live containers are on, by the ledger (the local one when the
+/// ledger knows none).
+async fn service_engines(
+    cx: &ActionContext<'_>,
+    service: &str,
+) -> Result<Vec<Engine>, ActionError> {
+    let found = cx
+        .rec
+        .store()
+        .resources(&skiff_core::ledger::ResourceQuery {
+            service: Some(service.to_string()),
+            states: vec![ResourceState::Live],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+    let mut ids: Vec<String> = found
+        .into_iter()
+        .filter(|r| r.kind == "container")
+        .filter_map(|r| r.engine)
+        .collect();
+    ids.dedup();
+    if ids.is_empty() {
+        return Ok(vec![cx.tools.engine().await?.clone()]);
+    }
+    let mut engines = Vec::new();
+    for id in ids {
+        if !engines.iter().any(|e: &Engine| e.id == id) {
+            engines.push(cx.tools.engine_by_id(cx, &id).await?);
+        }
+    }
+    Ok(engines)
 }
 
 fn addresses(ports: &[(u16, u16)]) -> String {
@@ -576,18 +759,27 @@ async fn stop_service(
     service: &str,
     remove: bool,
 ) -> Result<u32, ActionError> {
-    let engine = cx.tools.engine().await?;
-    let containers = engine
-        .service_containers(service)
-        .await
-        .map_err(engine_error)?;
     let records = if remove {
         live_records(cx, service).await?
     } else {
         HashMap::new()
     };
     let mut stopped = 0;
-    for c in &containers {
+    let mut containers = Vec::new();
+    for engine in service_engines(cx, service).await? {
+        if !engine.is_local() {
+            cx.note(&format!("on {} (engine {})", engine.endpoint, engine.id))
+                .await;
+        }
+        for c in engine
+            .service_containers(service)
+            .await
+            .map_err(engine_error)?
+        {
+            containers.push((engine.clone(), c));
+        }
+    }
+    for (engine, c) in &containers {
         if c.running {
             engine.stop_container(&c.id).await.map_err(engine_error)?;
             cx.note(&format!("stopped {}", c.name)).await;
@@ -614,7 +806,12 @@ async fn stop_service(
 impl Execute for Start {
     async fn execute(with: StartWith, cx: &ActionContext<'_>) -> Result<StartOutputs, ActionError> {
         let service = with.name.get().map_err(ActionError::Inputs)?.0.clone();
-        let engine = cx.tools.engine().await?;
+        // Its newest version, on the engine the ledger says it is on.
+        let engine = &service_engines(cx, &service)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ActionError::refused(format!("service {service} has no engine")))?;
         let Some(latest) = engine
             .service_containers(&service)
             .await
@@ -644,23 +841,124 @@ impl Execute for Start {
     }
 }
 
+/// Every engine the ledger records that this worker reaches (its own, and the remote ones its
+/// config declares), each once; the ones it cannot reach are noted in the log. None reached is
+/// an error.
+async fn known_engines(cx: &ActionContext<'_>) -> Result<Vec<Engine>, ActionError> {
+    let records = cx
+        .rec
+        .store()
+        .resources(&skiff_core::ledger::ResourceQuery {
+            states: vec![ResourceState::Live],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+    let mut ids: Vec<String> = Vec::new();
+    for id in records
+        .into_iter()
+        .filter(|r| r.kind == "engine")
+        .filter_map(|r| r.engine)
+    {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    let mut engines: Vec<Engine> = Vec::new();
+    let mut missed = None;
+    match cx.tools.engine().await {
+        Ok(local) => engines.push(local.clone()),
+        Err(e) => {
+            cx.note(&format!("skipping this worker's own engine: {e}"))
+                .await;
+            missed = Some(e);
+        }
+    }
+    for id in ids {
+        if engines.iter().any(|e| e.id == id) {
+            continue;
+        }
+        match cx.tools.engine_by_id(cx, &id).await {
+            Ok(engine) => engines.push(engine),
+            Err(e) => {
+                cx.note(&format!("skipping engine {id}: {e}")).await;
+                missed = Some(e);
+            }
+        }
+    }
+    match (engines.is_empty(), missed) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(engines),
+    }
+}
+
+/// "" for the worker's own engine, " on HOST" for a remote one.
+fn on(engine: &Engine) -> String {
+    if engine.is_local() {
+        String::new()
+    } else {
+        format!(" on {}", engine.endpoint)
+    }
+}
+
 #[async_trait]
 impl Execute for Reap {
     async fn execute(with: ReapWith, cx: &ActionContext<'_>) -> Result<ReapOutputs, ActionError> {
         let dry_run = Val::opt(&with.dry_run)
             .map_err(ActionError::Inputs)?
             .unwrap_or(false);
-        let engine = cx.tools.engine().await?;
-        let reaped = crate::reap::reap(cx.rec.store().as_ref(), engine, dry_run)
-            .await
-            .map_err(ActionError::failed)?;
         let verb = if dry_run { "would remove" } else { "removed" };
-        for r in &reaped {
-            cx.note(&format!("{verb} {} {}: {}", r.kind, r.name, r.why))
+        let mut removed = 0;
+        for engine in known_engines(cx).await? {
+            let reaped = crate::reap::reap(cx.rec.store().as_ref(), &engine, dry_run)
+                .await
+                .map_err(ActionError::failed)?;
+            for r in &reaped {
+                cx.note(&format!(
+                    "{verb} {} {}{}: {}",
+                    r.kind,
+                    r.name,
+                    on(&engine),
+                    r.why
+                ))
                 .await;
+            }
+            removed += reaped.len() as u32;
         }
-        Ok(ReapOutputs {
-            removed: reaped.len() as u32,
-        })
+        Ok(ReapOutputs { removed })
+    }
+}
+
+#[async_trait]
+impl Execute for Prune {
+    async fn execute(with: PruneWith, cx: &ActionContext<'_>) -> Result<PruneOutputs, ActionError> {
+        let older_than = with.older_than.get().map_err(ActionError::Inputs)?.0;
+        let dry_run = Val::opt(&with.dry_run)
+            .map_err(ActionError::Inputs)?
+            .unwrap_or(false);
+        let verb = if dry_run { "would remove" } else { "removed" };
+        let (mut removed, mut kept) = (0, 0);
+        for engine in known_engines(cx).await? {
+            let pruned = crate::reap::prune(cx.rec.store().as_ref(), &engine, older_than, dry_run)
+                .await
+                .map_err(ActionError::failed)?;
+            for r in &pruned.removed {
+                cx.note(&format!(
+                    "{verb} {} {}{}: {}",
+                    r.kind,
+                    r.name,
+                    on(&engine),
+                    r.why
+                ))
+                .await;
+            }
+            removed += pruned.removed.len() as u32;
+            kept += pruned.kept;
+        }
+        cx.note(&format!(
+            "kept {kept} older thing(s) that a service owns (its current container, the images of its current and previous versions)"
+        ))
+        .await;
+        Ok(PruneOutputs { removed, kept })
     }
 }
