@@ -1296,6 +1296,11 @@ impl StepRow {
     pub fn symbol(&self) -> &'static str {
         symbol(self.status)
     }
+
+    /// The status as a word (`timed out`), read out by a screen reader as it changes.
+    pub fn status_word(&self) -> String {
+        self.status.replace('_', " ")
+    }
 }
 
 /// A delivery on the Deliveries page.

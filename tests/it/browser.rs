@@ -664,3 +664,108 @@ fn the_services_view_stops_and_starts_a_service() {
     b.wait_text("#run-status", "succeeded");
     crate::harness::eventually("the service answers again", || get_text(&url).is_some());
 }
+
+/// Where `.ci/run` puts axe-core's `axe.min.js` (4.12.1, from PyPI's `axe-playwright-python`
+/// 0.1.8 wheel); `SKIFF_AXE_JS` points elsewhere.
+const AXE_DEFAULT: &str = "/var/cache/skiff-ci/axe.min.js";
+
+fn axe_source() -> String {
+    let path = std::env::var("SKIFF_AXE_JS").unwrap_or_else(|_| AXE_DEFAULT.to_string());
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "axe-core is missing at {path} ({e}); fetch it as .ci/run does:\n  \
+             pip download --no-deps axe-playwright-python==0.1.8 -d /tmp/axe && \
+             mkdir -p /var/cache/skiff-ci && \
+             python3 -c \"import zipfile; open('{AXE_DEFAULT}', 'wb').write(zipfile.ZipFile('/tmp/axe/axe_playwright_python-0.1.8-py3-none-any.whl').read('axe_playwright_python/axe.min.js'))\""
+        )
+    })
+}
+
+impl Browser {
+    /// A Chrome DevTools Protocol command through chromedriver's `goog/cdp/execute`.
+    fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.cmd(
+            "POST",
+            "/goog/cdp/execute",
+            Some(json!({ "cmd": cmd, "params": params })),
+        )
+    }
+
+    /// axe-core's WCAG 2.0/2.1 A and AA violations on the current page, one line each.
+    fn axe(&self, source: &str) -> Vec<String> {
+        self.js(source);
+        let result = self.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({ "script": r#"
+const done = arguments[arguments.length - 1];
+axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } })
+  .then(r => done(r.violations.map(v => v.id + ': ' + v.help + ' at ' + v.nodes.slice(0, 4).map(n => n.target.join(' ') + ' (' + (n.failureSummary || '').replace(/\s+/g, ' ') + ')').join('; '))))
+  .catch(e => done(['axe failed: ' + e]));
+"#, "args": [] })),
+        );
+        result
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![format!("axe returned {result}")])
+    }
+}
+
+/// axe-core finds no WCAG 2.1 A/AA violation on the dashboard, a pipeline, a run with a fixed
+/// coloured log, the runs page and settings, in the light and the dark scheme.
+#[test]
+fn axe_core_finds_no_violations_light_and_dark() {
+    let axe = axe_source();
+    let server = Server::start(&[
+        (
+            "colours",
+            "description: Prints every ANSI colour\nparams:\n  target_env: { options: [staging, production], default: staging, description: Where to deploy }\n  dry_run: { type: boolean, default: false }\nsteps:\n  - name: Colours\n    run: |\n      for c in 30 31 32 33 34 35 36 37 90 91 92 93 94 95 96 97; do printf '\\033[%sm colour %s \\033[0m\\n' $c $c; done\n      printf '\\033[1;31mbold red\\033[0m \\033[38;5;27m256 blue\\033[0m \\033[38;2;200;30;30mtruecolor\\033[0m\\n'\n  - name: Fails\n    run: |\n      echo about to fail\n      exit 3\n",
+        ),
+        ("broken", "stpes: []\n"),
+    ]);
+    let id = server.trigger("colours", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    let pages = [
+        ("/", "main"),
+        ("/pipelines/colours", "#run-form"),
+        (&*format!("/runs/{id}"), "#log .ln-row"),
+        ("/runs", "#runs"),
+        ("/settings", "#tokens"),
+        ("/pipelines/broken", "main"),
+    ];
+    // Run and step statuses are live regions; the log is not.
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.find("#log .ln-row");
+    let live = b.js("return [document.getElementById('run-status').getAttribute('aria-live'), Array.from(document.querySelectorAll('#steps .st')).map(e => e.getAttribute('aria-live') + ' ' + e.textContent), document.getElementById('log').closest('[aria-live]')];");
+    assert_eq!(
+        live,
+        json!(["polite", ["polite succeeded", "polite failed"], null]),
+        "statuses are announced, the log is not"
+    );
+    let skip = b.js("return document.querySelector('a.skip').getAttribute('href') + ' ' + !!document.getElementById('main');");
+    assert_eq!(skip, json!("#main true"), "a skip link to the content");
+    let mut found = Vec::new();
+    for scheme in ["light", "dark"] {
+        b.cdp(
+            "Emulation.setEmulatedMedia",
+            json!({ "features": [{ "name": "prefers-color-scheme", "value": scheme }] }),
+        );
+        for (path, ready) in pages {
+            b.goto(&server.url(path));
+            b.find(ready);
+            let dark = b.js("return matchMedia('(prefers-color-scheme: dark)').matches;");
+            assert_eq!(dark, json!(scheme == "dark"), "the emulated scheme holds");
+            for v in b.axe(&axe) {
+                found.push(format!("{scheme} {path}: {v}"));
+            }
+        }
+    }
+    assert!(found.is_empty(), "axe-core found:\n{}", found.join("\n"));
+}

@@ -101,8 +101,8 @@
     li.className = "step " + s.status;
     const sym = li.querySelector(".sym");
     sym.textContent = SYM[s.status] || "?";
-    sym.setAttribute("aria-label", s.status);
     sym.title = s.status;
+    li.querySelector(".st").textContent = s.status.replace("_", " ");
     setDur(li.querySelector(".took"), s.started_at, s.finished_at);
     li.querySelector(".why").textContent = (s.attempt > 1 ? "attempt " + s.attempt + " " : "") + (s.reason || "");
   }
