@@ -1439,3 +1439,213 @@ pub async fn redeliver(
         crate::web::encode(&d.key)
     )))
 }
+
+/// Lines on one page of the log without JavaScript (`/runs/{id}/log`).
+pub const LOG_PAGE_LINES: usize = 2000;
+
+/// One row of the script-free log: a numbered line (HTML, ANSI colours as classes), or the
+/// header of a step that starts there.
+pub struct LogRow {
+    pub number: usize,
+    pub html: String,
+    pub head: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "log.html")]
+pub struct LogPage {
+    csrf: String,
+    run: RunRow,
+    rows: Vec<LogRow>,
+    page: usize,
+    pages: usize,
+    total: usize,
+    prev: String,
+    next: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogPageQuery {
+    page: Option<String>,
+}
+
+/// The log rendered on the server, 2,000 lines a page: readable without JavaScript. Line `n`
+/// is `#Ln` as on the run page; colours carry over from earlier pages.
+pub async fn log_page(
+    page_auth: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogPageQuery>,
+) -> Result<LogPage, ApiError> {
+    let run = load_run(&state, &id).await?;
+    let page = match q.page.as_deref() {
+        None | Some("") => 1,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("page must be a number from 1, not `{text}`"))
+            })?,
+    };
+    let names: BTreeMap<u32, String> = state
+        .store
+        .steps(&run.id)
+        .await?
+        .into_iter()
+        .map(|s| (s.index, s.name))
+        .collect();
+    let first = (page - 1).saturating_mul(LOG_PAGE_LINES) + 1;
+    let last = first.saturating_add(LOG_PAGE_LINES - 1);
+    let mut rows = Vec::new();
+    let mut colour = crate::ansi::Carry::default();
+    let mut number = 0usize;
+    let mut step: Option<Option<u32>> = None;
+    let mut partial: Vec<u8> = Vec::new();
+    let mut on_lines = |text: &[u8], chunk_step: Option<u32>, rows: &mut Vec<LogRow>| {
+        let text = String::from_utf8_lossy(text);
+        for html in colour.lines_to_html(&text) {
+            number += 1;
+            if step != Some(chunk_step) {
+                step = Some(chunk_step);
+                if (first..=last).contains(&number)
+                    && let Some(index) = chunk_step
+                {
+                    let name = names
+                        .get(&index)
+                        .cloned()
+                        .unwrap_or_else(|| format!("step {index}"));
+                    rows.push(LogRow {
+                        number: 0,
+                        html: String::new(),
+                        head: name,
+                    });
+                }
+            }
+            if (first..=last).contains(&number) {
+                rows.push(LogRow {
+                    number,
+                    html,
+                    head: String::new(),
+                });
+            }
+        }
+    };
+    let mut offset = 0;
+    let mut partial_step = None;
+    loop {
+        let read = state
+            .store
+            .read_logs(&run.id, offset, crate::api::MAX_LOG_READ as usize)
+            .await?;
+        if read.chunks.is_empty() {
+            break;
+        }
+        for chunk in &read.chunks {
+            if !partial.is_empty() && partial_step != chunk.step {
+                on_lines(&std::mem::take(&mut partial), partial_step, &mut rows);
+            }
+            partial_step = chunk.step;
+            match memchr::memrchr(b'\n', &chunk.data) {
+                Some(end) => {
+                    partial.extend_from_slice(&chunk.data[..=end]);
+                    on_lines(&std::mem::take(&mut partial), chunk.step, &mut rows);
+                    partial.extend_from_slice(&chunk.data[end + 1..]);
+                }
+                None => partial.extend_from_slice(&chunk.data),
+            }
+        }
+        if read.next_offset <= offset || read.next_offset >= read.len {
+            break;
+        }
+        offset = read.next_offset;
+    }
+    if !partial.is_empty() {
+        on_lines(&partial, partial_step, &mut rows);
+    }
+    let total = number;
+    let pages = total.div_ceil(LOG_PAGE_LINES).max(1);
+    if page > pages {
+        return Err(ApiError::not_found(format!(
+            "this log has {pages} page{} of {LOG_PAGE_LINES} lines, not {page}",
+            if pages == 1 { "" } else { "s" }
+        )));
+    }
+    let href = |p: usize| format!("/runs/{}/log?page={p}", run.id);
+    Ok(LogPage {
+        csrf: page_auth.csrf,
+        prev: if page > 1 {
+            href(page - 1)
+        } else {
+            String::new()
+        },
+        next: if page < pages {
+            href(page + 1)
+        } else {
+            String::new()
+        },
+        run: row(&run),
+        rows,
+        page,
+        pages,
+        total,
+    })
+}
+
+/// The run's log as it was written (ANSI codes included, secrets already masked), as a
+/// download named after the run; streamed in 1 MiB reads.
+pub async fn raw_log(
+    _page: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run = load_run(&state, &id).await?;
+    let store = state.store.clone();
+    let run_id = run.id.clone();
+    let body = futures_util::stream::unfold(Some(0u64), move |offset| {
+        let store = store.clone();
+        let run_id = run_id.clone();
+        async move {
+            let offset = offset?;
+            match store
+                .read_logs(&run_id, offset, crate::api::MAX_LOG_READ as usize)
+                .await
+            {
+                Ok(read) if read.chunks.is_empty() => None,
+                Ok(read) => {
+                    let bytes: Vec<u8> = read.chunks.iter().flat_map(|c| c.data.clone()).collect();
+                    let next = (read.next_offset > offset && read.next_offset < read.len)
+                        .then_some(read.next_offset);
+                    Some((Ok::<_, std::io::Error>(bytes), next))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    let name: String = run
+        .pipeline
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}-{}.log\"", run.number),
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}

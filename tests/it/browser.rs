@@ -769,3 +769,88 @@ fn axe_core_finds_no_violations_light_and_dark() {
     }
     assert!(found.is_empty(), "axe-core found:\n{}", found.join("\n"));
 }
+
+/// With JavaScript off, `/runs/{id}/log` shows the log rendered on the server, 2,000 lines a
+/// page with colours and step headers; the raw log downloads as written.
+#[test]
+fn the_log_reads_without_javascript_in_pages_and_downloads_raw() {
+    let server = Server::start(&[(
+        "lines",
+        "steps:\n  - name: Count\n    run: |\n      printf '\\033[31mred <b>\\033[0m\\n'\n      seq -f 'line %g' 2 4500\n",
+    )]);
+    let id = server.trigger("lines", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start_with(json!({ "prefs": {
+        "profile.managed_default_content_settings.javascript": 2 } }));
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.click("#plain-log");
+    b.wait_text("#log-summary", "4500 lines · page 1 of 3");
+    assert_eq!(
+        b.js("return 1;"),
+        json!(1),
+        "WebDriver's own scripts still run"
+    );
+    let page1 = b.js("return [document.querySelectorAll('#log .ln-row').length, document.querySelector('#log .step-head').textContent, document.querySelector('#L1 .f1') && document.querySelector('#L1 .f1').textContent, !!document.querySelector('#L1 b')];");
+    assert_eq!(
+        page1,
+        json!([2000, "▸ Count", "red <b>", false]),
+        "a page of 2,000 lines, coloured and escaped"
+    );
+    b.click("a[rel=next]");
+    b.click("a[rel=next]");
+    b.wait_text("#log-summary", "page 3 of 3");
+    let page3 = b.js("return [document.querySelectorAll('#log .ln-row').length, document.querySelector('#log .ln-row').id, document.getElementById('L4500').textContent];");
+    assert_eq!(page3, json!([500, "L4001", "4500line 4500"]));
+    let sideways = b.js(SIDEWAYS);
+    assert_eq!(sideways[0], sideways[1], "no sideways scroll: {sideways}");
+
+    // The browser's session (the one-time link is spent).
+    let cookie = b
+        .cmd("GET", "/cookie", None)
+        .as_array()
+        .and_then(|all| all.first().cloned())
+        .map(|c| {
+            format!(
+                "{}={}",
+                c["name"].as_str().unwrap_or(""),
+                c["value"].as_str().unwrap_or("")
+            )
+        })
+        .expect("a session cookie");
+    let (status, headers, body) = crate::harness::raw(
+        "GET",
+        &server.url(&format!("/runs/{id}/log.txt")),
+        None,
+        &[("cookie", &cookie)],
+    );
+    assert_eq!(status, 200);
+    assert!(
+        headers.iter().any(|(k, v)| k == "content-disposition"
+            && v.contains("attachment")
+            && v.contains("lines-1.log")),
+        "{headers:?}"
+    );
+    assert!(
+        body.starts_with("\x1b[31mred <b>\x1b[0m\nline 2\n") && body.ends_with("line 4500\n"),
+        "the raw log as written: {:?}",
+        &body[..40.min(body.len())]
+    );
+    let (status, _, page) = crate::harness::raw(
+        "GET",
+        &server.url(&format!("/runs/{id}/log?page=4")),
+        None,
+        &[("cookie", &cookie)],
+    );
+    assert_eq!(status, 404);
+    assert!(page.contains("3 pages of 2000 lines, not 4"), "{page}");
+    let (status, _, page) = crate::harness::raw(
+        "GET",
+        &server.url(&format!("/runs/{id}/log?page=x")),
+        None,
+        &[("cookie", &cookie)],
+    );
+    assert_eq!(status, 400);
+    assert!(page.contains("page must be a number from 1"), "{page}");
+}
