@@ -353,6 +353,9 @@ pub struct PipelinePage {
     /// The page of older runs (on the runs page), when there are more.
     older: String,
     errors: Vec<String>,
+    /// The run the form was prefilled from (its id and number), recorded as `rerun_of`.
+    rerun_of: String,
+    rerun_of_number: u64,
 }
 
 /// One `on.schedule` line on a pipeline's page, with its next slots (shown in the viewer's
@@ -486,15 +489,51 @@ async fn pipeline_page(
         runs,
         older,
         errors,
+        rerun_of: String::new(),
+        rerun_of_number: 0,
     })
+}
+
+/// `?from=RUN`: the form prefilled from that run ("Run again with changes...").
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineQuery {
+    from: Option<String>,
+}
+
+/// The run `from` names, which must be one of pipeline `name`'s.
+async fn earlier_run(state: &AppState, name: &str, from: &str) -> Result<Run, ApiError> {
+    let run = load_run(state, from).await?;
+    if run.pipeline != name {
+        return Err(ApiError::bad_request(format!(
+            "run {} is a run of {}, not of {name}",
+            run.id, run.pipeline
+        )));
+    }
+    Ok(run)
+}
+
+/// A form shown again (refused params) still says which run it repeats.
+fn keep_rerun_of(shown: &mut PipelinePage, earlier: Option<&Run>) {
+    if let Some(earlier) = earlier {
+        shown.rerun_of = earlier.id.to_string();
+        shown.rerun_of_number = earlier.number;
+    }
 }
 
 pub async fn pipeline(
     page: Page,
     State(state): State<AppState>,
     Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<PipelineQuery>,
 ) -> Result<PipelinePage, ApiError> {
-    pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new(), &[]).await
+    let Some(from) = q.from.as_deref().filter(|f| !f.is_empty()) else {
+        return pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new(), &[]).await;
+    };
+    let earlier = earlier_run(&state, &name, from).await?;
+    let mut shown = pipeline_page(&page, &state, &name, &earlier.params, Vec::new(), &[]).await?;
+    keep_rerun_of(&mut shown, Some(&earlier));
+    Ok(shown)
 }
 
 /// The Run form: `csrf` plus `param.NAME` fields.
@@ -523,11 +562,21 @@ pub async fn run_pipeline(
                 .or_insert_with(|| "false".into());
         }
     }
-    match state
-        .dispatcher
-        .trigger(&e, &given, trigger_of(&page.principal, TriggerKind::Manual))
-        .await
-    {
+    let trigger = trigger_of(&page.principal, TriggerKind::Manual);
+    let earlier = match form.get("rerun_of").filter(|f| !f.is_empty()) {
+        Some(from) => Some(earlier_run(&state, &e.name, from).await?),
+        None => None,
+    };
+    let started = match &earlier {
+        Some(earlier) => {
+            state
+                .dispatcher
+                .trigger_as_rerun(&e, &given, trigger, earlier)
+                .await
+        }
+        None => state.dispatcher.trigger(&e, &given, trigger).await,
+    };
+    match started {
         Ok(run) => Ok(Redirect::to(&format!("/runs/{}", run.id)).into_response()),
         Err(DispatchError::Params(errors)) => {
             // Beside its field when it names one; above the form otherwise.
@@ -541,17 +590,17 @@ pub async fn run_pipeline(
                 .filter(|e| !declared(&e.param))
                 .map(|e| format!("{}: {}", e.param, e.message))
                 .collect();
-            let mut page = pipeline_page(&page, &state, &name, &given, others, &errors)
-                .await?
-                .into_response();
+            let mut shown = pipeline_page(&page, &state, &name, &given, others, &errors).await?;
+            keep_rerun_of(&mut shown, earlier.as_ref());
+            let mut page = shown.into_response();
             *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
             Ok(page)
         }
         Err(refused @ DispatchError::NotAccepted { .. }) => {
-            let mut page =
-                pipeline_page(&page, &state, &name, &given, vec![refused.to_string()], &[])
-                    .await?
-                    .into_response();
+            let mut shown =
+                pipeline_page(&page, &state, &name, &given, vec![refused.to_string()], &[]).await?;
+            keep_rerun_of(&mut shown, earlier.as_ref());
+            let mut page = shown.into_response();
             *page.status_mut() = StatusCode::CONFLICT;
             Ok(page)
         }
@@ -570,6 +619,8 @@ pub struct StepRow {
     pub finished: String,
     pub reason: String,
     pub attempt: u32,
+    /// The outputs the step set (`name`, value).
+    pub outputs: Vec<(String, String)>,
 }
 
 fn step_row(s: &StepRecord) -> StepRow {
@@ -583,7 +634,51 @@ fn step_row(s: &StepRecord) -> StepRow {
         finished: iso_opt(s.finished_at),
         reason: s.reason.clone().unwrap_or_default(),
         attempt: s.attempt,
+        outputs: s
+            .outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
+}
+
+/// The runs of the same pipeline just before and after `run` (older, newer), as (id, number).
+/// The Store lists runs newest first by an opaque cursor, so this walks at most
+/// `NEIGHBOUR_PAGES` pages of 500 back from the newest; a run older than that shows none.
+async fn neighbours(
+    state: &AppState,
+    run: &Run,
+) -> Result<(Option<(String, u64)>, Option<(String, u64)>), ApiError> {
+    const NEIGHBOUR_PAGES: usize = 10;
+    let mut cursor = None;
+    let mut newer: Option<(String, u64)> = None;
+    let mut found = false;
+    for _ in 0..NEIGHBOUR_PAGES {
+        let page = state
+            .store
+            .list_runs(&RunQuery {
+                pipeline: Some(run.pipeline.clone()),
+                limit: 500,
+                cursor: cursor.take(),
+                ..RunQuery::default()
+            })
+            .await?;
+        for r in &page.runs {
+            if found {
+                return Ok((Some((r.id.to_string(), r.number)), newer));
+            }
+            if r.id == run.id {
+                found = true;
+            } else {
+                newer = Some((r.id.to_string(), r.number));
+            }
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok((None, if found { newer } else { None }))
 }
 
 #[derive(Template, WebTemplate)]
@@ -598,6 +693,12 @@ pub struct RunPage {
     rerun_of: String,
     /// The number of the run this one repeats (when it is still kept).
     rerun_of_number: String,
+    /// "Run again with changes...": the current pipeline's form prefilled from this run, when
+    /// the pipeline is still there and runs by hand.
+    run_again_href: String,
+    /// The pipeline's previous (older) and next (newer) runs: (id, number).
+    older: Option<(String, u64)>,
+    newer: Option<(String, u64)>,
 }
 
 pub async fn run(
@@ -616,7 +717,18 @@ pub async fn run(
             .unwrap_or_default(),
         None => String::new(),
     };
+    let (older, newer) = neighbours(&state, &run).await?;
+    let run_again_href = state
+        .catalog
+        .current()
+        .get(&run.pipeline)
+        .filter(|e| e.pipeline.as_deref().is_some_and(|p| p.on.manual))
+        .map(|e| format!("{}?from={}", pipeline_href(&e.name), run.id))
+        .unwrap_or_default();
     Ok(RunPage {
+        older,
+        newer,
+        run_again_href,
         rerun_of_number,
         csrf: page.csrf,
         params: run
@@ -1265,6 +1377,19 @@ pub async fn revoke_token(
     page.check(&form.csrf)?;
     state.auth.revoke_token(&id).await?;
     Ok(Redirect::to("/settings"))
+}
+
+/// A param's name as a label: `target_env` -> "Target env", `dry-run` -> "Dry run".
+pub fn humanise(name: &str) -> String {
+    let spaced: String = name
+        .chars()
+        .map(|c| if c == '_' || c == '-' { ' ' } else { c })
+        .collect();
+    let mut chars = spaced.trim().chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 /// The symbol shown beside a status.

@@ -854,3 +854,56 @@ fn the_log_reads_without_javascript_in_pages_and_downloads_raw() {
     assert_eq!(status, 400);
     assert!(page.contains("page must be a number from 1"), "{page}");
 }
+
+/// A run's context: Rerun repeats it exactly; "Run again with changes..." opens the pipeline's
+/// form prefilled from it and the new run says which run it repeats; outputs, readable params
+/// and the previous/next run are on the page.
+#[test]
+fn run_again_with_changes_prefills_the_form_and_records_the_rerun() {
+    let server = Server::start(&[(
+        "deploy",
+        "params:\n  target_env: { options: [staging, production], default: staging }\n  who: { default: world }\nsteps:\n  - id: greet\n    name: Greet\n    run: |\n      echo \"hello $SKIFF_PARAM_WHO\"\n      echo \"message=hi $SKIFF_PARAM_WHO\" >> \"$SKIFF_OUTPUT\"\n",
+    )]);
+    let first = server.trigger("deploy", json!({ "who": "first" }));
+    server.follow(&first, None);
+    let second = server.trigger(
+        "deploy",
+        json!({ "who": "second", "target_env": "production" }),
+    );
+    server.follow(&second, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url(&format!("/runs/{second}")));
+    b.wait_text("#run-status", "succeeded");
+    assert_eq!(b.text("#params"), "Target env\nproduction\nWho\nsecond");
+    b.wait_text("#step-0 .outputs", "message");
+    b.wait_text("#step-0 .outputs", "hi second");
+    assert_eq!(b.text("#prev-run"), "← #1");
+    assert_eq!(
+        b.js("return document.getElementById('next-run');"),
+        json!(null),
+        "the newest run has no next"
+    );
+    b.click("#run-again");
+    b.wait_text("#prefilled", "Prefilled from #2");
+    let values = b.js("return [document.querySelector(\"[name='param.who']\").value, document.querySelector(\"[name='param.target_env']\").value];");
+    assert_eq!(values, json!(["second", "production"]));
+    b.type_into("input[name='param.who']", "changed");
+    b.click("#run-form button[type=submit]");
+    b.wait_text("#run-status", "succeeded");
+    b.wait_text(".run-meta", "rerun of #2");
+    b.wait_text("#params", "changed");
+    let id = b.url().rsplit('/').next().unwrap_or("").to_string();
+    let (_, run) = server.api("GET", &format!("/api/runs/{id}"), None);
+    assert_eq!(run["rerun_of"], json!(second), "{run}");
+    assert_eq!(run["number"], json!(3), "{run}");
+    b.wait_text("#prev-run", "#2");
+    b.click("#prev-run");
+    b.wait_text("#next-run", "#3");
+    // A run of another pipeline cannot prefill this one; an unknown run is a 404.
+    b.goto(&server.url("/pipelines/deploy?from=nope"));
+    b.find("[data-status]");
+    let status = b.js("return document.querySelector('[data-status]').dataset.status;");
+    assert_eq!(status, json!("404"));
+}
