@@ -907,3 +907,61 @@ fn run_again_with_changes_prefills_the_form_and_records_the_rerun() {
     let status = b.js("return document.querySelector('[data-status]').dataset.status;");
     assert_eq!(status, json!("404"));
 }
+
+/// skiff installs on a phone's home screen: Chromium finds no installability error (its
+/// manifest, icons and start URL; 127.0.0.1 is a secure context), and the icons are served.
+#[test]
+fn the_ui_is_installable() {
+    let server = Server::start(&[("hello", "steps:\n  - run: \"true\"\n")]);
+    let b = Browser::phone(390);
+    b.goto(&server.login_link);
+    b.find("main");
+    let manifest = b.js("return document.querySelector('link[rel=manifest]').href;");
+    assert_eq!(
+        manifest,
+        json!(server.url("/static/manifest.webmanifest")),
+        "the pages link the manifest"
+    );
+    let until = Instant::now() + WAIT;
+    loop {
+        let errors = b.cdp("Page.getInstallabilityErrors", json!({}));
+        let list = errors["installabilityErrors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if list.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "Chromium says it cannot install: {errors}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let manifest = b.cdp("Page.getAppManifest", json!({}));
+    assert!(
+        manifest["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/static/manifest.webmanifest"))
+            && manifest["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("standalone")),
+        "Chromium read the manifest: {manifest}"
+    );
+    assert!(
+        manifest["errors"].as_array().is_some_and(Vec::is_empty),
+        "the manifest parses cleanly: {manifest}"
+    );
+    // The icons are public PNGs of the sizes the manifest says.
+    for (path, size) in [("/static/icon-192.png", 192), ("/static/icon-512.png", 512)] {
+        let probe = format!(
+            "const done = arguments[0]; const i = new Image(); i.onload = () => done([i.naturalWidth, i.naturalHeight]); i.onerror = () => done('failed'); i.src = '{path}';"
+        );
+        let got = b.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({ "script": probe, "args": [] })),
+        );
+        assert_eq!(got, json!([size, size]), "{path}");
+    }
+}
