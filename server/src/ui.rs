@@ -344,7 +344,7 @@ pub struct PipelinePage {
     file: String,
     description: String,
     valid: bool,
-    diagnostics: String,
+    problems: Vec<Problem>,
     manual: bool,
     triggers: Vec<String>,
     schedules: Vec<ScheduleRow>,
@@ -356,6 +356,14 @@ pub struct PipelinePage {
     /// The run the form was prefilled from (its id and number), recorded as `rerun_of`.
     rerun_of: String,
     rerun_of_number: u64,
+}
+
+/// One problem of an invalid pipeline, on its page.
+pub struct Problem {
+    line: u32,
+    col: u32,
+    message: String,
+    context: String,
 }
 
 /// One `on.schedule` line on a pipeline's page, with its next slots (shown in the viewer's
@@ -452,12 +460,29 @@ async fn pipeline_page(
         file: file.clone(),
         description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
         valid: p.is_some(),
-        diagnostics: Report {
-            file: &file,
-            source: &e.source,
-            diagnostics: &e.diagnostics,
-        }
-        .to_string(),
+        problems: e
+            .diagnostics
+            .iter()
+            .map(|d| {
+                let report = Report {
+                    file: &file,
+                    source: &e.source,
+                    diagnostics: std::slice::from_ref(d),
+                }
+                .to_string();
+                Problem {
+                    line: d.pos.line,
+                    col: d.pos.col,
+                    message: d.message.clone(),
+                    // The source line with its underline and help (the first line repeats
+                    // file, place and message).
+                    context: report
+                        .split_once('\n')
+                        .map(|(_, rest)| rest.trim_end().to_string())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect(),
         manual: p.is_some_and(|p| p.on.manual),
         triggers,
         schedules: p.map(schedule_rows).unwrap_or_default(),

@@ -965,3 +965,58 @@ fn the_ui_is_installable() {
         assert_eq!(got, json!([size, size]), "{path}");
     }
 }
+
+/// Small things: a description's Markdown is rendered (safely), params are labelled in words,
+/// an invalid pipeline counts its problems in words and lists each with its place and source
+/// line, and no page shows where the server keeps its files.
+#[test]
+fn descriptions_render_markdown_and_problems_are_counted_in_words() {
+    let server = Server::start(&[
+        (
+            "docs",
+            "description: \"Deploys `main` to **prod** <b>now</b>; see [the docs](https://example.org/x)\"\nparams:\n  target_env: { default: staging, description: \"Where, as in `kubectl config get-contexts`\" }\nsteps:\n  - run: \"true\"\n",
+        ),
+        ("one-bad", "stpes: []\n"),
+        (
+            "two-bad",
+            "steps:\n  - run: \"true\"\n    timeout: soon\n    retyr: 2\n",
+        ),
+    ]);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url("/pipelines/docs"));
+    let rendered = b.js("const d = document.getElementById('description'); return [d.querySelector('code').textContent, d.querySelector('strong').textContent, d.querySelector('a').href, !!d.querySelector('b'), d.textContent.includes('<b>now</b>')];");
+    assert_eq!(
+        rendered,
+        json!(["main", "prod", "https://example.org/x", false, true]),
+        "Markdown rendered, HTML in it shown as text"
+    );
+    let label = b.js("return document.querySelector(\"input[name='param.target_env']\").closest('label').firstChild.textContent.trim();");
+    assert_eq!(label, json!("Target env"));
+    b.wait_text("#run-form small code", "kubectl config get-contexts");
+    let dir = server.pipelines_dir().display().to_string();
+    for (path, count) in [
+        ("/pipelines/one-bad", "1 problem"),
+        ("/pipelines/two-bad", "2 problems"),
+    ] {
+        b.goto(&server.url(path));
+        b.wait_text("main h2", &format!("This pipeline is invalid: {count}"));
+        let items = b.js("return Array.from(document.querySelectorAll('#diagnostics li .where')).map(e => e.textContent);");
+        assert!(
+            items.as_array().is_some_and(|a| !a.is_empty()
+                && a.iter()
+                    .all(|w| w.as_str().is_some_and(|w| w.starts_with("Line ")))),
+            "{items}"
+        );
+        let text = b.text("main");
+        assert!(
+            !text.contains(&dir),
+            "the server's path shows on {path}: {text}"
+        );
+        assert!(!text.contains("problem(s)"), "{text}");
+    }
+    b.goto(&server.url("/"));
+    b.wait_text("main", "Invalid: 1 problem.");
+    b.wait_text("main", "Invalid: 2 problems.");
+}
