@@ -1,6 +1,6 @@
 //! The server benchmark: trigger-to-first-step latency and the queue hop, trivial-run
 //! throughput, idle memory, time to the first HTTP answer, and a chatty step followed live.
-//! Run with `cargo bench --bench serve` (or `-- latency | throughput | idle | logs`).
+//! Run with `cargo bench --bench serve` (or `-- latency | throughput | idle | logs | ui`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -227,6 +227,9 @@ fn main() {
     }
     if wanted("schedule") {
         schedule();
+    }
+    if wanted("ui") {
+        ui();
     }
 }
 
@@ -1097,4 +1100,210 @@ fn logs() {
 
 fn verdict(ok: bool) -> &'static str {
     if ok { "ok" } else { "MISSED" }
+}
+
+/// A WebDriver session on headless Chromium (Debian's chromium and chromium-driver), for `ui`.
+struct Chrome {
+    driver: Child,
+    base: String,
+    session: String,
+    agent: ureq::Agent,
+}
+
+impl Chrome {
+    fn start() -> Chrome {
+        for program in ["/usr/bin/chromedriver", "/usr/bin/chromium"] {
+            assert!(
+                std::path::Path::new(program).exists(),
+                "{program} is missing: `apt-get install chromium chromium-driver`"
+            );
+        }
+        let port = free_port();
+        let driver = Command::new("/usr/bin/chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let base = format!("http://127.0.0.1:{port}");
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut c = Chrome {
+            driver,
+            base,
+            session: String::new(),
+            agent: agent(),
+        };
+        let caps = json!({ "capabilities": { "alwaysMatch": { "browserName": "chrome",
+            "goog:chromeOptions": { "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"] } } } });
+        let v = c.call("POST", "/session", caps);
+        c.session = v["sessionId"].as_str().expect("a session").to_string();
+        c
+    }
+
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}{path}", self.base);
+        let mut r = if method == "POST" {
+            self.agent.post(&url).send_json(body)
+        } else {
+            self.agent.get(&url).call()
+        }
+        .expect("WebDriver");
+        let v: Value = r.body_mut().read_json().expect("WebDriver JSON");
+        v["value"].clone()
+    }
+
+    fn goto(&self, url: &str) {
+        self.call(
+            "POST",
+            &format!("/session/{}/url", self.session),
+            json!({ "url": url }),
+        );
+    }
+
+    fn js(&self, script: &str) -> Value {
+        self.call(
+            "POST",
+            &format!("/session/{}/execute/sync", self.session),
+            json!({ "script": script, "args": [] }),
+        )
+    }
+
+    /// Waits (up to 60 s) until `script` returns something other than null.
+    fn until(&self, script: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.js(script);
+            if !v.is_null() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "never: {script}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Chrome {
+    fn drop(&mut self) {
+        let _ = self
+            .agent
+            .delete(&format!("{}/session/{}", self.base, self.session))
+            .call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// What a page weighs over the wire (compressed HTML + CSS + JS; the live log's stream left out)
+/// in bytes, and when it was interactive (ms from navigation start to DOMContentLoaded's end).
+const PAGE_COST: &str = r#"
+const nav = performance.getEntriesByType('navigation')[0];
+if (!nav || nav.domContentLoadedEventEnd === 0) return null;
+let bytes = nav.encodedBodySize;
+for (const r of performance.getEntriesByType('resource')) {
+  if (r.initiatorType === 'link' || r.initiatorType === 'script' || r.initiatorType === 'css') bytes += r.encodedBodySize;
+}
+return [bytes, nav.domContentLoadedEventEnd];
+"#;
+
+/// The web UI in headless Chromium: each page's compressed weight and time to interactive,
+/// the run page's first live event, and a 100,000-line log until its last line is in the DOM.
+fn ui() {
+    let (s, _) = serve(&[
+        (
+            "hello",
+            "description: Says hello in `colour`\nparams:\n  who: { default: world }\nsteps:\n  - name: Greet\n    run: |\n      for i in $(seq 1 40); do printf '\\033[32mhello\\033[0m %s line %s\\n' \"$SKIFF_PARAM_WHO\" $i; done\n",
+        ),
+        (
+            "big",
+            "steps:\n  - run: seq -f 'line %06g of a long log' 1 100000\n",
+        ),
+    ]);
+    let agent = agent();
+    let mut ids = Vec::new();
+    for p in ["hello", "hello", "big"] {
+        let run = s.post(&agent, &format!("/api/pipelines/{p}/runs"), json!({}));
+        let id = run["id"].as_str().expect("id").to_string();
+        loop {
+            let r: Value =
+                serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}"))).expect("run");
+            if r["finished_at"].is_string() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ids.push(id);
+    }
+    let link = Command::new(skiff())
+        .args(["login-link", "--data"])
+        .arg(s._dir.path().join("data"))
+        .arg("--public-url")
+        .arg(&s.base)
+        .stderr(Stdio::null())
+        .output()
+        .expect("skiff login-link");
+    let link = String::from_utf8_lossy(&link.stdout).trim().to_string();
+    let chrome = Chrome::start();
+    chrome.goto(&link);
+    chrome.until("return document.querySelector('main') ? 1 : null;");
+    println!("\n[ui] headless Chromium over WebDriver; median of 5 loads each");
+    println!("  page                      wire (gzip)   DOMContentLoaded   first SSE event");
+    let run_page = format!("/runs/{}", ids[0]);
+    let pages = [
+        ("dashboard /", "/"),
+        ("pipeline /pipelines/hello", "/pipelines/hello"),
+        ("run (40 lines)", run_page.as_str()),
+        ("runs /runs", "/runs"),
+        ("settings /settings", "/settings"),
+        ("log without script", &*format!("{run_page}/log")),
+    ];
+    let mut all_ok = true;
+    for (name, path) in pages {
+        let mut dcl = Vec::new();
+        let mut first = Vec::new();
+        let mut bytes = 0.0;
+        for _ in 0..5 {
+            chrome.goto(&format!("{}{path}", s.base));
+            let cost = chrome.until(PAGE_COST);
+            bytes = cost[0].as_f64().unwrap_or(f64::NAN);
+            dcl.push(cost[1].as_f64().unwrap_or(f64::NAN));
+            if path == run_page {
+                let t = chrome.until("const m = performance.getEntriesByName('skiff-first-event')[0]; return m ? m.startTime : null;");
+                first.push(t.as_f64().unwrap_or(f64::NAN));
+            }
+        }
+        dcl.sort_by(f64::total_cmp);
+        first.sort_by(f64::total_cmp);
+        let interactive = first.get(2).copied().unwrap_or(0.0).max(dcl[2]);
+        let ok = bytes < 15.0 * 1024.0 && interactive < 100.0;
+        all_ok &= ok;
+        println!(
+            "  {name:<25} {:>6.1} KB     {:>6.1} ms          {}   {}",
+            bytes / 1024.0,
+            dcl[2],
+            first
+                .get(2)
+                .map_or("       -".to_string(), |t| format!("{t:>6.1} ms")),
+            verdict(ok)
+        );
+    }
+    println!(
+        "  targets: under 15 KB and interactive under 100 ms: {}",
+        verdict(all_ok)
+    );
+    let mut rendered = Vec::new();
+    for _ in 0..3 {
+        chrome.goto(&format!("{}/", s.base));
+        chrome.goto(&format!("{}/runs/{}", s.base, ids[2]));
+        let t = chrome.until("const m = performance.getEntriesByName('skiff-log-end')[0]; return m && document.getElementById('L100000') ? m.startTime : null;");
+        rendered.push(t.as_f64().unwrap_or(f64::NAN));
+    }
+    rendered.sort_by(f64::total_cmp);
+    println!(
+        "  100,000-line log, navigation start to its last line in the DOM: {:.0} ms (median of 3; target < 1000) {}",
+        rendered[1],
+        verdict(rendered[1] < 1000.0)
+    );
 }

@@ -147,6 +147,20 @@ impl Dispatcher {
         self.create_and_push(new).await
     }
 
+    /// Starts a run of the current pipeline with the given params, recorded as a rerun of
+    /// `earlier` ("Run again with changes...": the pipeline as it is now, not the snapshot).
+    pub async fn trigger_as_rerun(
+        &self,
+        entry: &Entry,
+        given: &BTreeMap<String, String>,
+        trigger: Trigger,
+        earlier: &Run,
+    ) -> Result<Run, DispatchError> {
+        let mut new = new_run(entry, given, trigger)?;
+        new.rerun_of = Some(earlier.id.clone());
+        self.start(new).await
+    }
+
     /// Starts a new run with the same pipeline snapshot and params as `run`.
     pub async fn rerun(&self, run: &Run, trigger: Trigger) -> Result<Run, DispatchError> {
         let pipeline = crate::pipeline::load(&run.source, &run.pipeline)

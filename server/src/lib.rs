@@ -163,6 +163,8 @@ fn pages() -> Router<AppState> {
         .route("/deliveries/{key}", get(ui::delivery))
         .route("/deliveries/{key}/redeliver", post(ui::redeliver))
         .route("/runs/{id}", get(ui::run))
+        .route("/runs/{id}/log", get(ui::log_page))
+        .route("/runs/{id}/log.txt", get(ui::raw_log))
         .route("/runs/{id}/cancel", post(ui::cancel_run))
         .route("/runs/{id}/rerun", post(ui::rerun_run))
         .route("/settings", get(ui::settings))

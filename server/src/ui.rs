@@ -344,7 +344,7 @@ pub struct PipelinePage {
     file: String,
     description: String,
     valid: bool,
-    diagnostics: String,
+    problems: Vec<Problem>,
     manual: bool,
     triggers: Vec<String>,
     schedules: Vec<ScheduleRow>,
@@ -353,6 +353,17 @@ pub struct PipelinePage {
     /// The page of older runs (on the runs page), when there are more.
     older: String,
     errors: Vec<String>,
+    /// The run the form was prefilled from (its id and number), recorded as `rerun_of`.
+    rerun_of: String,
+    rerun_of_number: u64,
+}
+
+/// One problem of an invalid pipeline, on its page.
+pub struct Problem {
+    line: u32,
+    col: u32,
+    message: String,
+    context: String,
 }
 
 /// One `on.schedule` line on a pipeline's page, with its next slots (shown in the viewer's
@@ -449,12 +460,29 @@ async fn pipeline_page(
         file: file.clone(),
         description: p.and_then(|p| p.description.clone()).unwrap_or_default(),
         valid: p.is_some(),
-        diagnostics: Report {
-            file: &file,
-            source: &e.source,
-            diagnostics: &e.diagnostics,
-        }
-        .to_string(),
+        problems: e
+            .diagnostics
+            .iter()
+            .map(|d| {
+                let report = Report {
+                    file: &file,
+                    source: &e.source,
+                    diagnostics: std::slice::from_ref(d),
+                }
+                .to_string();
+                Problem {
+                    line: d.pos.line,
+                    col: d.pos.col,
+                    message: d.message.clone(),
+                    // The source line with its underline and help (the first line repeats
+                    // file, place and message).
+                    context: report
+                        .split_once('\n')
+                        .map(|(_, rest)| rest.trim_end().to_string())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect(),
         manual: p.is_some_and(|p| p.on.manual),
         triggers,
         schedules: p.map(schedule_rows).unwrap_or_default(),
@@ -486,15 +514,51 @@ async fn pipeline_page(
         runs,
         older,
         errors,
+        rerun_of: String::new(),
+        rerun_of_number: 0,
     })
+}
+
+/// `?from=RUN`: the form prefilled from that run ("Run again with changes...").
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineQuery {
+    from: Option<String>,
+}
+
+/// The run `from` names, which must be one of pipeline `name`'s.
+async fn earlier_run(state: &AppState, name: &str, from: &str) -> Result<Run, ApiError> {
+    let run = load_run(state, from).await?;
+    if run.pipeline != name {
+        return Err(ApiError::bad_request(format!(
+            "run {} is a run of {}, not of {name}",
+            run.id, run.pipeline
+        )));
+    }
+    Ok(run)
+}
+
+/// A form shown again (refused params) still says which run it repeats.
+fn keep_rerun_of(shown: &mut PipelinePage, earlier: Option<&Run>) {
+    if let Some(earlier) = earlier {
+        shown.rerun_of = earlier.id.to_string();
+        shown.rerun_of_number = earlier.number;
+    }
 }
 
 pub async fn pipeline(
     page: Page,
     State(state): State<AppState>,
     Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<PipelineQuery>,
 ) -> Result<PipelinePage, ApiError> {
-    pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new(), &[]).await
+    let Some(from) = q.from.as_deref().filter(|f| !f.is_empty()) else {
+        return pipeline_page(&page, &state, &name, &BTreeMap::new(), Vec::new(), &[]).await;
+    };
+    let earlier = earlier_run(&state, &name, from).await?;
+    let mut shown = pipeline_page(&page, &state, &name, &earlier.params, Vec::new(), &[]).await?;
+    keep_rerun_of(&mut shown, Some(&earlier));
+    Ok(shown)
 }
 
 /// The Run form: `csrf` plus `param.NAME` fields.
@@ -523,11 +587,21 @@ pub async fn run_pipeline(
                 .or_insert_with(|| "false".into());
         }
     }
-    match state
-        .dispatcher
-        .trigger(&e, &given, trigger_of(&page.principal, TriggerKind::Manual))
-        .await
-    {
+    let trigger = trigger_of(&page.principal, TriggerKind::Manual);
+    let earlier = match form.get("rerun_of").filter(|f| !f.is_empty()) {
+        Some(from) => Some(earlier_run(&state, &e.name, from).await?),
+        None => None,
+    };
+    let started = match &earlier {
+        Some(earlier) => {
+            state
+                .dispatcher
+                .trigger_as_rerun(&e, &given, trigger, earlier)
+                .await
+        }
+        None => state.dispatcher.trigger(&e, &given, trigger).await,
+    };
+    match started {
         Ok(run) => Ok(Redirect::to(&format!("/runs/{}", run.id)).into_response()),
         Err(DispatchError::Params(errors)) => {
             // Beside its field when it names one; above the form otherwise.
@@ -541,17 +615,17 @@ pub async fn run_pipeline(
                 .filter(|e| !declared(&e.param))
                 .map(|e| format!("{}: {}", e.param, e.message))
                 .collect();
-            let mut page = pipeline_page(&page, &state, &name, &given, others, &errors)
-                .await?
-                .into_response();
+            let mut shown = pipeline_page(&page, &state, &name, &given, others, &errors).await?;
+            keep_rerun_of(&mut shown, earlier.as_ref());
+            let mut page = shown.into_response();
             *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
             Ok(page)
         }
         Err(refused @ DispatchError::NotAccepted { .. }) => {
-            let mut page =
-                pipeline_page(&page, &state, &name, &given, vec![refused.to_string()], &[])
-                    .await?
-                    .into_response();
+            let mut shown =
+                pipeline_page(&page, &state, &name, &given, vec![refused.to_string()], &[]).await?;
+            keep_rerun_of(&mut shown, earlier.as_ref());
+            let mut page = shown.into_response();
             *page.status_mut() = StatusCode::CONFLICT;
             Ok(page)
         }
@@ -570,6 +644,8 @@ pub struct StepRow {
     pub finished: String,
     pub reason: String,
     pub attempt: u32,
+    /// The outputs the step set (`name`, value).
+    pub outputs: Vec<(String, String)>,
 }
 
 fn step_row(s: &StepRecord) -> StepRow {
@@ -583,7 +659,51 @@ fn step_row(s: &StepRecord) -> StepRow {
         finished: iso_opt(s.finished_at),
         reason: s.reason.clone().unwrap_or_default(),
         attempt: s.attempt,
+        outputs: s
+            .outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
+}
+
+/// The runs of the same pipeline just before and after `run` (older, newer), as (id, number).
+/// The Store lists runs newest first by an opaque cursor, so this walks at most
+/// `NEIGHBOUR_PAGES` pages of 500 back from the newest; a run older than that shows none.
+async fn neighbours(
+    state: &AppState,
+    run: &Run,
+) -> Result<(Option<(String, u64)>, Option<(String, u64)>), ApiError> {
+    const NEIGHBOUR_PAGES: usize = 10;
+    let mut cursor = None;
+    let mut newer: Option<(String, u64)> = None;
+    let mut found = false;
+    for _ in 0..NEIGHBOUR_PAGES {
+        let page = state
+            .store
+            .list_runs(&RunQuery {
+                pipeline: Some(run.pipeline.clone()),
+                limit: 500,
+                cursor: cursor.take(),
+                ..RunQuery::default()
+            })
+            .await?;
+        for r in &page.runs {
+            if found {
+                return Ok((Some((r.id.to_string(), r.number)), newer));
+            }
+            if r.id == run.id {
+                found = true;
+            } else {
+                newer = Some((r.id.to_string(), r.number));
+            }
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok((None, if found { newer } else { None }))
 }
 
 #[derive(Template, WebTemplate)]
@@ -598,6 +718,12 @@ pub struct RunPage {
     rerun_of: String,
     /// The number of the run this one repeats (when it is still kept).
     rerun_of_number: String,
+    /// "Run again with changes...": the current pipeline's form prefilled from this run, when
+    /// the pipeline is still there and runs by hand.
+    run_again_href: String,
+    /// The pipeline's previous (older) and next (newer) runs: (id, number).
+    older: Option<(String, u64)>,
+    newer: Option<(String, u64)>,
 }
 
 pub async fn run(
@@ -616,7 +742,18 @@ pub async fn run(
             .unwrap_or_default(),
         None => String::new(),
     };
+    let (older, newer) = neighbours(&state, &run).await?;
+    let run_again_href = state
+        .catalog
+        .current()
+        .get(&run.pipeline)
+        .filter(|e| e.pipeline.as_deref().is_some_and(|p| p.on.manual))
+        .map(|e| format!("{}?from={}", pipeline_href(&e.name), run.id))
+        .unwrap_or_default();
     Ok(RunPage {
+        older,
+        newer,
+        run_again_href,
         rerun_of_number,
         csrf: page.csrf,
         params: run
@@ -1335,6 +1472,19 @@ pub async fn revoke_token(
     Ok(Redirect::to("/settings"))
 }
 
+/// A param's name as a label: `target_env` -> "Target env", `dry-run` -> "Dry run".
+pub fn humanise(name: &str) -> String {
+    let spaced: String = name
+        .chars()
+        .map(|c| if c == '_' || c == '-' { ' ' } else { c })
+        .collect();
+    let mut chars = spaced.trim().chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
 /// The symbol shown beside a status.
 pub fn symbol(status: &str) -> &'static str {
     match status {
@@ -1363,6 +1513,11 @@ impl RunRow {
 impl StepRow {
     pub fn symbol(&self) -> &'static str {
         symbol(self.status)
+    }
+
+    /// The status as a word (`timed out`), read out by a screen reader as it changes.
+    pub fn status_word(&self) -> String {
+        self.status.replace('_', " ")
     }
 }
 
@@ -1501,4 +1656,214 @@ pub async fn redeliver(
         "/deliveries/{}",
         crate::web::encode(&d.key)
     )))
+}
+
+/// Lines on one page of the log without JavaScript (`/runs/{id}/log`).
+pub const LOG_PAGE_LINES: usize = 2000;
+
+/// One row of the script-free log: a numbered line (HTML, ANSI colours as classes), or the
+/// header of a step that starts there.
+pub struct LogRow {
+    pub number: usize,
+    pub html: String,
+    pub head: String,
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "log.html")]
+pub struct LogPage {
+    csrf: String,
+    run: RunRow,
+    rows: Vec<LogRow>,
+    page: usize,
+    pages: usize,
+    total: usize,
+    prev: String,
+    next: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogPageQuery {
+    page: Option<String>,
+}
+
+/// The log rendered on the server, 2,000 lines a page: readable without JavaScript. Line `n`
+/// is `#Ln` as on the run page; colours carry over from earlier pages.
+pub async fn log_page(
+    page_auth: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogPageQuery>,
+) -> Result<LogPage, ApiError> {
+    let run = load_run(&state, &id).await?;
+    let page = match q.page.as_deref() {
+        None | Some("") => 1,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("page must be a number from 1, not `{text}`"))
+            })?,
+    };
+    let names: BTreeMap<u32, String> = state
+        .store
+        .steps(&run.id)
+        .await?
+        .into_iter()
+        .map(|s| (s.index, s.name))
+        .collect();
+    let first = (page - 1).saturating_mul(LOG_PAGE_LINES) + 1;
+    let last = first.saturating_add(LOG_PAGE_LINES - 1);
+    let mut rows = Vec::new();
+    let mut colour = crate::ansi::Carry::default();
+    let mut number = 0usize;
+    let mut step: Option<Option<u32>> = None;
+    let mut partial: Vec<u8> = Vec::new();
+    let mut on_lines = |text: &[u8], chunk_step: Option<u32>, rows: &mut Vec<LogRow>| {
+        let text = String::from_utf8_lossy(text);
+        for html in colour.lines_to_html(&text) {
+            number += 1;
+            if step != Some(chunk_step) {
+                step = Some(chunk_step);
+                if (first..=last).contains(&number)
+                    && let Some(index) = chunk_step
+                {
+                    let name = names
+                        .get(&index)
+                        .cloned()
+                        .unwrap_or_else(|| format!("step {index}"));
+                    rows.push(LogRow {
+                        number: 0,
+                        html: String::new(),
+                        head: name,
+                    });
+                }
+            }
+            if (first..=last).contains(&number) {
+                rows.push(LogRow {
+                    number,
+                    html,
+                    head: String::new(),
+                });
+            }
+        }
+    };
+    let mut offset = 0;
+    let mut partial_step = None;
+    loop {
+        let read = state
+            .store
+            .read_logs(&run.id, offset, crate::api::MAX_LOG_READ as usize)
+            .await?;
+        if read.chunks.is_empty() {
+            break;
+        }
+        for chunk in &read.chunks {
+            if !partial.is_empty() && partial_step != chunk.step {
+                on_lines(&std::mem::take(&mut partial), partial_step, &mut rows);
+            }
+            partial_step = chunk.step;
+            match memchr::memrchr(b'\n', &chunk.data) {
+                Some(end) => {
+                    partial.extend_from_slice(&chunk.data[..=end]);
+                    on_lines(&std::mem::take(&mut partial), chunk.step, &mut rows);
+                    partial.extend_from_slice(&chunk.data[end + 1..]);
+                }
+                None => partial.extend_from_slice(&chunk.data),
+            }
+        }
+        if read.next_offset <= offset || read.next_offset >= read.len {
+            break;
+        }
+        offset = read.next_offset;
+    }
+    if !partial.is_empty() {
+        on_lines(&partial, partial_step, &mut rows);
+    }
+    let total = number;
+    let pages = total.div_ceil(LOG_PAGE_LINES).max(1);
+    if page > pages {
+        return Err(ApiError::not_found(format!(
+            "this log has {pages} page{} of {LOG_PAGE_LINES} lines, not {page}",
+            if pages == 1 { "" } else { "s" }
+        )));
+    }
+    let href = |p: usize| format!("/runs/{}/log?page={p}", run.id);
+    Ok(LogPage {
+        csrf: page_auth.csrf,
+        prev: if page > 1 {
+            href(page - 1)
+        } else {
+            String::new()
+        },
+        next: if page < pages {
+            href(page + 1)
+        } else {
+            String::new()
+        },
+        run: row(&run),
+        rows,
+        page,
+        pages,
+        total,
+    })
+}
+
+/// The run's log as it was written (ANSI codes included, secrets already masked), as a
+/// download named after the run; streamed in 1 MiB reads.
+pub async fn raw_log(
+    _page: Page,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run = load_run(&state, &id).await?;
+    let store = state.store.clone();
+    let run_id = run.id.clone();
+    let body = futures_util::stream::unfold(Some(0u64), move |offset| {
+        let store = store.clone();
+        let run_id = run_id.clone();
+        async move {
+            let offset = offset?;
+            match store
+                .read_logs(&run_id, offset, crate::api::MAX_LOG_READ as usize)
+                .await
+            {
+                Ok(read) if read.chunks.is_empty() => None,
+                Ok(read) => {
+                    let bytes: Vec<u8> = read.chunks.iter().flat_map(|c| c.data.clone()).collect();
+                    let next = (read.next_offset > offset && read.next_offset < read.len)
+                        .then_some(read.next_offset);
+                    Some((Ok::<_, std::io::Error>(bytes), next))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    let name: String = run
+        .pipeline
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}-{}.log\"", run.number),
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }

@@ -249,6 +249,94 @@ pub fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A description's Markdown, the inline part only, as HTML: `code`, **strong**, *emphasis* and
+/// [links](https://...) (http, https or a path on this server; anything else stays text).
+/// The text is escaped first, so nothing in it becomes markup but these.
+pub fn markdown(text: &str) -> String {
+    let escaped = crate::ansi::escape(text.trim());
+    let mut out = String::with_capacity(escaped.len() + 16);
+    for (i, part) in escaped.split('`').enumerate() {
+        if i % 2 == 1 {
+            out.push_str("<code>");
+            out.push_str(part);
+            out.push_str("</code>");
+        } else {
+            out.push_str(&inline(part));
+        }
+    }
+    // An odd number of backticks: the last one opened nothing; it was dropped by `split`.
+    if escaped.matches('`').count() % 2 == 1 {
+        if let Some(at) = out.rfind("<code>") {
+            out.replace_range(at..at + 6, "`");
+        }
+        if let Some(at) = out.rfind("</code>") {
+            out.replace_range(at..at + 7, "");
+        }
+    }
+    out
+}
+
+fn inline(text: &str) -> String {
+    let text = pairs(text, "**", "strong");
+    let text = pairs(&text, "*", "em");
+    links(&text)
+}
+
+/// Wraps text between a pair of `mark`s in `<tag>` when it neither is empty nor starts or ends
+/// with a space (as Markdown); other marks stay as they are.
+fn pairs(text: &str, mark: &str, tag: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find(mark) {
+        let after = &rest[open + mark.len()..];
+        let Some(close) = after.find(mark) else {
+            break;
+        };
+        let inner = &after[..close];
+        out.push_str(&rest[..open]);
+        if !inner.is_empty()
+            && !inner.starts_with(char::is_whitespace)
+            && !inner.ends_with(char::is_whitespace)
+        {
+            out.push_str(&format!("<{tag}>{inner}</{tag}>"));
+            rest = &after[close + mark.len()..];
+        } else {
+            out.push_str(mark);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `[text](url)` with an http(s) URL or a path becomes a link.
+fn links(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('[') {
+        let Some((label, after)) = rest[open + 1..].split_once("](") else {
+            break;
+        };
+        let Some((url, tail)) = after.split_once(')') else {
+            break;
+        };
+        let safe =
+            (url.starts_with("https://") || url.starts_with("http://") || url.starts_with('/'))
+                && !url.starts_with("//")
+                && !url.contains(char::is_whitespace)
+                && !label.contains('[');
+        out.push_str(&rest[..open]);
+        if safe {
+            out.push_str(&format!("<a href=\"{url}\">{label}</a>"));
+        } else {
+            out.push_str(&rest[open..open + 1 + label.len() + 2 + url.len() + 1]);
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +359,27 @@ mod tests {
         for p in ["/", "/runs", "/apix", "/api-docs", "/pipelines/api"] {
             assert!(!is_api(p), "{p}");
         }
+    }
+
+    #[test]
+    fn markdown_renders_a_safe_inline_subset() {
+        assert_eq!(
+            markdown("Deploys `main` to **prod**, *carefully*"),
+            "Deploys <code>main</code> to <strong>prod</strong>, <em>carefully</em>"
+        );
+        assert_eq!(
+            markdown("<script>alert(1)</script> `<b>`"),
+            "&lt;script&gt;alert(1)&lt;/script&gt; <code>&lt;b&gt;</code>"
+        );
+        assert_eq!(
+            markdown("see [the docs](https://example.org/a?b=1&c=2) or [x](javascript:alert(1))"),
+            "see <a href=\"https://example.org/a?b=1&amp;c=2\">the docs</a> or [x](javascript:alert(1))"
+        );
+        assert_eq!(
+            markdown("[q](https://x.org/\"onmouseover=1)"),
+            "<a href=\"https://x.org/&quot;onmouseover=1\">q</a>"
+        );
+        assert_eq!(markdown("a * b and `c"), "a * b and `c");
+        assert_eq!(markdown("2 ** 3"), "2 ** 3");
     }
 }

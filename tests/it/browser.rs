@@ -692,3 +692,359 @@ fn the_services_view_stops_and_starts_a_service() {
     b.wait_text("#services", "the engine has no container");
     b.wait_text("#services", "missing");
 }
+
+/// Where `.ci/run` puts axe-core's `axe.min.js` (4.12.1, from PyPI's `axe-playwright-python`
+/// 0.1.8 wheel); `SKIFF_AXE_JS` points elsewhere.
+const AXE_DEFAULT: &str = "/var/cache/skiff-ci/axe.min.js";
+
+fn axe_source() -> String {
+    let path = std::env::var("SKIFF_AXE_JS").unwrap_or_else(|_| AXE_DEFAULT.to_string());
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "axe-core is missing at {path} ({e}); fetch it as .ci/run does:\n  \
+             pip download --no-deps axe-playwright-python==0.1.8 -d /tmp/axe && \
+             mkdir -p /var/cache/skiff-ci && \
+             python3 -c \"import zipfile; open('{AXE_DEFAULT}', 'wb').write(zipfile.ZipFile('/tmp/axe/axe_playwright_python-0.1.8-py3-none-any.whl').read('axe_playwright_python/axe.min.js'))\""
+        )
+    })
+}
+
+impl Browser {
+    /// A Chrome DevTools Protocol command through chromedriver's `goog/cdp/execute`.
+    fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.cmd(
+            "POST",
+            "/goog/cdp/execute",
+            Some(json!({ "cmd": cmd, "params": params })),
+        )
+    }
+
+    /// axe-core's WCAG 2.0/2.1 A and AA violations on the current page, one line each.
+    fn axe(&self, source: &str) -> Vec<String> {
+        self.js(source);
+        let result = self.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({ "script": r#"
+const done = arguments[arguments.length - 1];
+axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } })
+  .then(r => done(r.violations.map(v => v.id + ': ' + v.help + ' at ' + v.nodes.slice(0, 4).map(n => n.target.join(' ') + ' (' + (n.failureSummary || '').replace(/\s+/g, ' ') + ')').join('; '))))
+  .catch(e => done(['axe failed: ' + e]));
+"#, "args": [] })),
+        );
+        result
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![format!("axe returned {result}")])
+    }
+}
+
+/// axe-core finds no WCAG 2.1 A/AA violation on the dashboard, a pipeline, a run with a fixed
+/// coloured log, the runs page and settings, in the light and the dark scheme.
+#[test]
+fn axe_core_finds_no_violations_light_and_dark() {
+    let axe = axe_source();
+    let server = Server::start(&[
+        (
+            "colours",
+            "description: Prints every ANSI colour\nparams:\n  target_env: { options: [staging, production], default: staging, description: Where to deploy }\n  dry_run: { type: boolean, default: false }\nsteps:\n  - name: Colours\n    run: |\n      for c in 30 31 32 33 34 35 36 37 90 91 92 93 94 95 96 97; do printf '\\033[%sm colour %s \\033[0m\\n' $c $c; done\n      printf '\\033[1;31mbold red\\033[0m \\033[38;5;27m256 blue\\033[0m \\033[38;2;200;30;30mtruecolor\\033[0m\\n'\n  - name: Fails\n    run: |\n      echo about to fail\n      exit 3\n",
+        ),
+        ("broken", "stpes: []\n"),
+    ]);
+    let id = server.trigger("colours", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    let pages = [
+        ("/", "main"),
+        ("/pipelines/colours", "#run-form"),
+        (&*format!("/runs/{id}"), "#log .ln-row"),
+        ("/runs", "#runs"),
+        ("/settings", "#tokens"),
+        ("/pipelines/broken", "main"),
+    ];
+    // Run and step statuses are live regions; the log is not.
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.find("#log .ln-row");
+    let live = b.js("return [document.getElementById('run-status').getAttribute('aria-live'), Array.from(document.querySelectorAll('#steps .st')).map(e => e.getAttribute('aria-live') + ' ' + e.textContent), document.getElementById('log').closest('[aria-live]')];");
+    assert_eq!(
+        live,
+        json!(["polite", ["polite succeeded", "polite failed"], null]),
+        "statuses are announced, the log is not"
+    );
+    let skip = b.js("return document.querySelector('a.skip').getAttribute('href') + ' ' + !!document.getElementById('main');");
+    assert_eq!(skip, json!("#main true"), "a skip link to the content");
+    let mut found = Vec::new();
+    for scheme in ["light", "dark"] {
+        b.cdp(
+            "Emulation.setEmulatedMedia",
+            json!({ "features": [{ "name": "prefers-color-scheme", "value": scheme }] }),
+        );
+        for (path, ready) in pages {
+            b.goto(&server.url(path));
+            b.find(ready);
+            let dark = b.js("return matchMedia('(prefers-color-scheme: dark)').matches;");
+            assert_eq!(dark, json!(scheme == "dark"), "the emulated scheme holds");
+            for v in b.axe(&axe) {
+                found.push(format!("{scheme} {path}: {v}"));
+            }
+        }
+    }
+    assert!(found.is_empty(), "axe-core found:\n{}", found.join("\n"));
+}
+
+/// With JavaScript off, `/runs/{id}/log` shows the log rendered on the server, 2,000 lines a
+/// page with colours and step headers; the raw log downloads as written.
+#[test]
+fn the_log_reads_without_javascript_in_pages_and_downloads_raw() {
+    let server = Server::start(&[(
+        "lines",
+        "steps:\n  - name: Count\n    run: |\n      printf '\\033[31mred <b>\\033[0m\\n'\n      seq -f 'line %g' 2 4500\n",
+    )]);
+    let id = server.trigger("lines", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start_with(json!({ "prefs": {
+        "profile.managed_default_content_settings.javascript": 2 } }));
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.click("#plain-log");
+    b.wait_text("#log-summary", "4500 lines · page 1 of 3");
+    assert_eq!(
+        b.js("return 1;"),
+        json!(1),
+        "WebDriver's own scripts still run"
+    );
+    let page1 = b.js("return [document.querySelectorAll('#log .ln-row').length, document.querySelector('#log .step-head').textContent, document.querySelector('#L1 .f1') && document.querySelector('#L1 .f1').textContent, !!document.querySelector('#L1 b')];");
+    assert_eq!(
+        page1,
+        json!([2000, "▸ Count", "red <b>", false]),
+        "a page of 2,000 lines, coloured and escaped"
+    );
+    b.click("a[rel=next]");
+    b.click("a[rel=next]");
+    b.wait_text("#log-summary", "page 3 of 3");
+    let page3 = b.js("return [document.querySelectorAll('#log .ln-row').length, document.querySelector('#log .ln-row').id, document.getElementById('L4500').textContent];");
+    assert_eq!(page3, json!([500, "L4001", "4500line 4500"]));
+    let sideways = b.js(SIDEWAYS);
+    assert_eq!(sideways[0], sideways[1], "no sideways scroll: {sideways}");
+
+    // The browser's session (the one-time link is spent).
+    let cookie = b
+        .cmd("GET", "/cookie", None)
+        .as_array()
+        .and_then(|all| all.first().cloned())
+        .map(|c| {
+            format!(
+                "{}={}",
+                c["name"].as_str().unwrap_or(""),
+                c["value"].as_str().unwrap_or("")
+            )
+        })
+        .expect("a session cookie");
+    let (status, headers, body) = crate::harness::raw(
+        "GET",
+        &server.url(&format!("/runs/{id}/log.txt")),
+        None,
+        &[("cookie", &cookie)],
+    );
+    assert_eq!(status, 200);
+    assert!(
+        headers.iter().any(|(k, v)| k == "content-disposition"
+            && v.contains("attachment")
+            && v.contains("lines-1.log")),
+        "{headers:?}"
+    );
+    assert!(
+        body.starts_with("\x1b[31mred <b>\x1b[0m\nline 2\n") && body.ends_with("line 4500\n"),
+        "the raw log as written: {:?}",
+        &body[..40.min(body.len())]
+    );
+    let (status, _, page) = crate::harness::raw(
+        "GET",
+        &server.url(&format!("/runs/{id}/log?page=4")),
+        None,
+        &[("cookie", &cookie)],
+    );
+    assert_eq!(status, 404);
+    assert!(page.contains("3 pages of 2000 lines, not 4"), "{page}");
+    let (status, _, page) = crate::harness::raw(
+        "GET",
+        &server.url(&format!("/runs/{id}/log?page=x")),
+        None,
+        &[("cookie", &cookie)],
+    );
+    assert_eq!(status, 400);
+    assert!(page.contains("page must be a number from 1"), "{page}");
+}
+
+/// A run's context: Rerun repeats it exactly; "Run again with changes..." opens the pipeline's
+/// form prefilled from it and the new run says which run it repeats; outputs, readable params
+/// and the previous/next run are on the page.
+#[test]
+fn run_again_with_changes_prefills_the_form_and_records_the_rerun() {
+    let server = Server::start(&[(
+        "deploy",
+        "params:\n  target_env: { options: [staging, production], default: staging }\n  who: { default: world }\nsteps:\n  - id: greet\n    name: Greet\n    run: |\n      echo \"hello $SKIFF_PARAM_WHO\"\n      echo \"message=hi $SKIFF_PARAM_WHO\" >> \"$SKIFF_OUTPUT\"\n",
+    )]);
+    let first = server.trigger("deploy", json!({ "who": "first" }));
+    server.follow(&first, None);
+    let second = server.trigger(
+        "deploy",
+        json!({ "who": "second", "target_env": "production" }),
+    );
+    server.follow(&second, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url(&format!("/runs/{second}")));
+    b.wait_text("#run-status", "succeeded");
+    assert_eq!(b.text("#params"), "Target env\nproduction\nWho\nsecond");
+    b.wait_text("#step-0 .outputs", "message");
+    b.wait_text("#step-0 .outputs", "hi second");
+    assert_eq!(b.text("#prev-run"), "← #1");
+    assert_eq!(
+        b.js("return document.getElementById('next-run');"),
+        json!(null),
+        "the newest run has no next"
+    );
+    b.click("#run-again");
+    b.wait_text("#prefilled", "Prefilled from #2");
+    let values = b.js("return [document.querySelector(\"[name='param.who']\").value, document.querySelector(\"[name='param.target_env']\").value];");
+    assert_eq!(values, json!(["second", "production"]));
+    b.type_into("input[name='param.who']", "changed");
+    b.click("#run-form button[type=submit]");
+    b.wait_text("#run-status", "succeeded");
+    b.wait_text(".run-meta", "rerun of #2");
+    b.wait_text("#params", "changed");
+    let id = b.url().rsplit('/').next().unwrap_or("").to_string();
+    let (_, run) = server.api("GET", &format!("/api/runs/{id}"), None);
+    assert_eq!(run["rerun_of"], json!(second), "{run}");
+    assert_eq!(run["number"], json!(3), "{run}");
+    b.wait_text("#prev-run", "#2");
+    b.click("#prev-run");
+    b.wait_text("#next-run", "#3");
+    // A run of another pipeline cannot prefill this one; an unknown run is a 404.
+    b.goto(&server.url("/pipelines/deploy?from=nope"));
+    b.find("[data-status]");
+    let status = b.js("return document.querySelector('[data-status]').dataset.status;");
+    assert_eq!(status, json!("404"));
+}
+
+/// skiff installs on a phone's home screen: Chromium finds no installability error (its
+/// manifest, icons and start URL; 127.0.0.1 is a secure context), and the icons are served.
+#[test]
+fn the_ui_is_installable() {
+    let server = Server::start(&[("hello", "steps:\n  - run: \"true\"\n")]);
+    let b = Browser::phone(390);
+    b.goto(&server.login_link);
+    b.find("main");
+    let manifest = b.js("return document.querySelector('link[rel=manifest]').href;");
+    assert_eq!(
+        manifest,
+        json!(server.url("/static/manifest.webmanifest")),
+        "the pages link the manifest"
+    );
+    let until = Instant::now() + WAIT;
+    loop {
+        let errors = b.cdp("Page.getInstallabilityErrors", json!({}));
+        let list = errors["installabilityErrors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if list.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "Chromium says it cannot install: {errors}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let manifest = b.cdp("Page.getAppManifest", json!({}));
+    assert!(
+        manifest["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/static/manifest.webmanifest"))
+            && manifest["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("standalone")),
+        "Chromium read the manifest: {manifest}"
+    );
+    assert!(
+        manifest["errors"].as_array().is_some_and(Vec::is_empty),
+        "the manifest parses cleanly: {manifest}"
+    );
+    // The icons are public PNGs of the sizes the manifest says.
+    for (path, size) in [("/static/icon-192.png", 192), ("/static/icon-512.png", 512)] {
+        let probe = format!(
+            "const done = arguments[0]; const i = new Image(); i.onload = () => done([i.naturalWidth, i.naturalHeight]); i.onerror = () => done('failed'); i.src = '{path}';"
+        );
+        let got = b.cmd(
+            "POST",
+            "/execute/async",
+            Some(json!({ "script": probe, "args": [] })),
+        );
+        assert_eq!(got, json!([size, size]), "{path}");
+    }
+}
+
+/// Small things: a description's Markdown is rendered (safely), params are labelled in words,
+/// an invalid pipeline counts its problems in words and lists each with its place and source
+/// line, and no page shows where the server keeps its files.
+#[test]
+fn descriptions_render_markdown_and_problems_are_counted_in_words() {
+    let server = Server::start(&[
+        (
+            "docs",
+            "description: \"Deploys `main` to **prod** <b>now</b>; see [the docs](https://example.org/x)\"\nparams:\n  target_env: { default: staging, description: \"Where, as in `kubectl config get-contexts`\" }\nsteps:\n  - run: \"true\"\n",
+        ),
+        ("one-bad", "stpes: []\n"),
+        (
+            "two-bad",
+            "steps:\n  - run: \"true\"\n    timeout: soon\n    retyr: 2\n",
+        ),
+    ]);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url("/pipelines/docs"));
+    let rendered = b.js("const d = document.getElementById('description'); return [d.querySelector('code').textContent, d.querySelector('strong').textContent, d.querySelector('a').href, !!d.querySelector('b'), d.textContent.includes('<b>now</b>')];");
+    assert_eq!(
+        rendered,
+        json!(["main", "prod", "https://example.org/x", false, true]),
+        "Markdown rendered, HTML in it shown as text"
+    );
+    let label = b.js("return document.querySelector(\"input[name='param.target_env']\").closest('label').firstChild.textContent.trim();");
+    assert_eq!(label, json!("Target env"));
+    b.wait_text("#run-form small code", "kubectl config get-contexts");
+    let dir = server.pipelines_dir().display().to_string();
+    for (path, count) in [
+        ("/pipelines/one-bad", "1 problem"),
+        ("/pipelines/two-bad", "2 problems"),
+    ] {
+        b.goto(&server.url(path));
+        b.wait_text("main h2", &format!("This pipeline is invalid: {count}"));
+        let items = b.js("return Array.from(document.querySelectorAll('#diagnostics li .where')).map(e => e.textContent);");
+        assert!(
+            items.as_array().is_some_and(|a| !a.is_empty()
+                && a.iter()
+                    .all(|w| w.as_str().is_some_and(|w| w.starts_with("Line ")))),
+            "{items}"
+        );
+        let text = b.text("main");
+        assert!(
+            !text.contains(&dir),
+            "the server's path shows on {path}: {text}"
+        );
+        assert!(!text.contains("problem(s)"), "{text}");
+    }
+    b.goto(&server.url("/"));
+    b.wait_text("main", "Invalid: 1 problem.");
+    b.wait_text("main", "Invalid: 2 problems.");
+}

@@ -52,31 +52,32 @@
     log.appendChild(block);
   }
 
+  function esc(t) {
+    return t.replace(/[&<>"]/g, function (c) { return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]; });
+  }
+
+  // Lines are added as one HTML string per block (the server's lines are escaped HTML already):
+  // one parse per 500 lines instead of an element and a parse per line.
   function flush() {
     if (pending.length === 0) return;
     const items = pending; pending = [];
-    let frag = document.createDocumentFragment();
+    let html = "";
+    function put() {
+      if (html) { block.insertAdjacentHTML("beforeend", html); html = ""; }
+    }
     for (const item of items) {
-      if (block === null || blockCount >= BLOCK) {
-        if (block && frag.childNodes.length) { block.appendChild(frag); frag = document.createDocumentFragment(); }
-        newBlock();
-      }
+      if (block === null || blockCount >= BLOCK) { put(); newBlock(); }
       blockCount += 1;
       if (item.head !== undefined) {
-        const h = document.createElement("div");
-        h.className = "step-head"; h.id = "L-step-" + item.head;
-        h.textContent = "▸ " + (stepNames[item.head] || ("step " + item.head));
-        frag.appendChild(h);
+        html += '<div class="step-head" id="L-step-' + item.head + '">▸ ' +
+          esc(stepNames[item.head] || ("step " + item.head)) + "</div>";
         continue;
       }
       lineNo += 1;
-      const row = document.createElement("div");
-      row.className = "ln-row"; row.id = "L" + lineNo;
-      if (item.note) row.classList.add("skiff-note");
-      row.innerHTML = '<a class="ln" href="#L' + lineNo + '">' + lineNo + "</a><span>" + item.html + "</span>";
-      frag.appendChild(row);
+      html += '<div class="ln-row' + (item.note ? " skiff-note" : "") + '" id="L' + lineNo +
+        '"><a class="ln" href="#L' + lineNo + '">' + lineNo + "</a><span>" + item.html + "</span></div>";
     }
-    block.appendChild(frag);
+    put();
     if (following) window.scrollTo(0, document.documentElement.scrollHeight);
     showFollow();
   }
@@ -101,8 +102,8 @@
     li.className = "step " + s.status;
     const sym = li.querySelector(".sym");
     sym.textContent = SYM[s.status] || "?";
-    sym.setAttribute("aria-label", s.status);
     sym.title = s.status;
+    li.querySelector(".st").textContent = s.status.replace("_", " ");
     setDur(li.querySelector(".took"), s.started_at, s.finished_at);
     li.querySelector(".why").textContent = (s.attempt > 1 ? "attempt " + s.attempt + " " : "") + (s.reason || "");
   }
@@ -132,6 +133,13 @@
   }
 
   const source = new EventSource("/api/runs/" + runId + "/logs/stream?format=html");
+  // For the benchmark (`cargo bench --bench serve -- ui`): when the page first handled an
+  // event, and when the whole log was in the DOM.
+  let marked = false;
+  function firstEvent() {
+    if (!marked && window.performance && performance.mark) { marked = true; performance.mark("skiff-first-event"); }
+  }
+  ["log", "step", "run"].forEach(function (name) { source.addEventListener(name, firstEvent); });
   source.addEventListener("log", function (e) {
     const chunk = JSON.parse(e.data);
     if (chunk.step !== lastStep && chunk.step !== null) {
@@ -153,6 +161,8 @@
   source.addEventListener("end", function (e) {
     source.close();
     flush();
+    firstEvent();
+    if (window.performance && performance.mark) performance.mark("skiff-log-end");
     state.textContent = lineNo + " lines · run " + JSON.parse(e.data).status.replace("_", " ");
     if (location.hash.startsWith("#L")) {
       const target = document.getElementById(location.hash.slice(1));
