@@ -75,7 +75,7 @@ fn describe() {
     metrics::describe_histogram!(
         "skiff_queue_wait_seconds",
         Unit::Seconds,
-        "Time from a run's push on the queue to a worker taking it."
+        "Time from a run's job being made (embedded: with the run, in its transaction) to a worker taking it."
     );
     // Recorded by the webhooks endpoint (server/src/hooks.rs).
     metrics::describe_counter!(
