@@ -92,7 +92,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     diagnostics: &diags
                 }
             );
-            bail!("{shown} is not a valid pipeline ({} problems)", diags.len());
+            bail!(
+                "{shown} is not a valid pipeline ({})",
+                skiff_core::diag::problems(diags.len())
+            );
         }
     };
     let mut given = BTreeMap::new();

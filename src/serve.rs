@@ -301,9 +301,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(pipelines = shown.len(), dir = %args.pipelines.display(), "pipelines loaded");
     for e in shown.entries().filter(|e| !e.is_valid()) {
         eprintln!(
-            "skiff: pipeline {} is invalid ({} problems); see `skiff validate`",
+            "skiff: pipeline {} is invalid ({}); see `skiff validate`",
             e.file.display(),
-            e.diagnostics.len()
+            skiff_core::diag::problems(e.diagnostics.len())
         );
     }
     tokio::spawn(catalog.clone().watch(args.reload_every));

@@ -107,8 +107,9 @@ pub fn main(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     if bad > 0 {
         writeln!(
             out,
-            "{bad} of {} files invalid, {problems} problems",
-            files.len()
+            "{bad} of {} files invalid, {}",
+            files.len(),
+            skiff_core::diag::problems(problems)
         )?;
     } else if !args.quiet {
         writeln!(out, "{} files valid", files.len())?;

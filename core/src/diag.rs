@@ -199,6 +199,15 @@ impl fmt::Display for Report<'_> {
     }
 }
 
+/// "1 problem", "2 problems": a count of diagnostics in words, as the terminal and the UI say it.
+pub fn problems(n: usize) -> String {
+    if n == 1 {
+        "1 problem".to_string()
+    } else {
+        format!("{n} problems")
+    }
+}
+
 /// The closest candidate to `word`, when one is close enough to be a likely typo.
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (word.chars().count() / 3).clamp(1, 3);

@@ -173,6 +173,12 @@ fn only_regular_files_are_read() {
         let out = sb.run(&["validate", &path]);
         assert_eq!(out.code, Some(1), "{path}: {}", out.all());
         assert!(out.stdout.contains(&expected), "{path}: {}", out.all());
+        // One problem is counted as one, not as "1 problems".
+        assert!(
+            out.stdout.contains("1 of 1 files invalid, 1 problem\n"),
+            "{path}: {}",
+            out.all()
+        );
     }
     // In a folder, a FIFO named like a pipeline is reported, not skipped and not waited on.
     let out = sb.run(&["validate", sb.path().to_str().expect("path")]);
