@@ -132,16 +132,8 @@ impl Engine {
         &self,
         service: &str,
     ) -> Result<Vec<ServiceContainer>, EngineError> {
-        let mut filters = HashMap::new();
-        filters.insert("label", vec![format!("{SERVICE_LABEL}={service}")]);
         let list = self
-            .client()
-            .list_containers(Some(
-                ListContainersOptionsBuilder::new()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
+            .containers_where("label", format!("{SERVICE_LABEL}={service}"))
             .await
             .map_err(|e| self.unreachable(e))?;
         let mut list = list;
@@ -168,13 +160,14 @@ impl Engine {
             .collect())
     }
 
-    /// Every container and image on this engine with a `skiff.run` label: what skiff made here,
-    /// whatever the ledger says (a lost record is found this way).
-    pub async fn labelled(&self) -> Result<Vec<Labelled>, EngineError> {
-        let mut filters = HashMap::new();
-        filters.insert("label", vec!["skiff.run".to_string()]);
-        let containers = self
-            .client()
+    /// Every container (running or not) that one filter (`label`, `ancestor`...) picks.
+    async fn containers_where(
+        &self,
+        filter: &str,
+        value: String,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, bollard::errors::Error> {
+        let filters = HashMap::from([(filter, vec![value])]);
+        self.client()
             .list_containers(Some(
                 ListContainersOptionsBuilder::new()
                     .all(true)
@@ -182,7 +175,16 @@ impl Engine {
                     .build(),
             ))
             .await
+    }
+
+    /// Every container and image on this engine with a `skiff.run` label: what skiff made here,
+    /// whatever the ledger says (a lost record is found this way).
+    pub async fn labelled(&self) -> Result<Vec<Labelled>, EngineError> {
+        let containers = self
+            .containers_where("label", "skiff.run".to_string())
+            .await
             .map_err(|e| self.unreachable(e))?;
+        let filters = HashMap::from([("label", vec!["skiff.run".to_string()])]);
         let images = self
             .client()
             .list_images(Some(
@@ -251,16 +253,8 @@ impl Engine {
     /// The IDs of the containers (running or not) made from `image` or an image built on it;
     /// None when the engine cannot say.
     pub async fn containers_using(&self, image: &str) -> Option<Vec<String>> {
-        let mut filters = HashMap::new();
-        filters.insert("ancestor", vec![image.to_string()]);
         let list = self
-            .client()
-            .list_containers(Some(
-                ListContainersOptionsBuilder::new()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
+            .containers_where("ancestor", image.to_string())
             .await
             .ok()?;
         Some(list.into_iter().filter_map(|c| c.id).collect())

@@ -132,16 +132,14 @@ impl Tools {
         {
             return Ok((*local).clone());
         }
-        let reached = cx
-            .rec
-            .store()
-            .resources(&skiff_core::ledger::ResourceQuery {
+        let reached = live_resources(
+            cx,
+            skiff_core::ledger::ResourceQuery {
                 engine: Some(id.to_string()),
-                states: vec![ResourceState::Live],
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+            },
+        )
+        .await?;
         let hosts: Vec<String> = reached
             .into_iter()
             .filter(|r| r.kind == "engine")
@@ -367,21 +365,34 @@ impl Tools {
     }
 }
 
+/// The ledger's live records that `query` picks (its `states` are set here).
+async fn live_resources(
+    cx: &ActionContext<'_>,
+    query: skiff_core::ledger::ResourceQuery,
+) -> Result<Vec<skiff_core::ledger::Resource>, ActionError> {
+    cx.rec
+        .store()
+        .resources(&skiff_core::ledger::ResourceQuery {
+            states: vec![ResourceState::Live],
+            ..query
+        })
+        .await
+        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))
+}
+
 /// The ledger records of a service's containers that are live, by container ID.
 async fn live_records(
     cx: &ActionContext<'_>,
     service: &str,
 ) -> Result<HashMap<String, String>, ActionError> {
-    let found = cx
-        .rec
-        .store()
-        .resources(&skiff_core::ledger::ResourceQuery {
+    let found = live_resources(
+        cx,
+        skiff_core::ledger::ResourceQuery {
             service: Some(service.to_string()),
-            states: vec![ResourceState::Live],
             ..Default::default()
-        })
-        .await
-        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+        },
+    )
+    .await?;
     Ok(found
         .into_iter()
         .filter(|r| r.kind == "container")
@@ -666,16 +677,14 @@ async fn service_engines(
     cx: &ActionContext<'_>,
     service: &str,
 ) -> Result<Vec<Engine>, ActionError> {
-    let found = cx
-        .rec
-        .store()
-        .resources(&skiff_core::ledger::ResourceQuery {
+    let found = live_resources(
+        cx,
+        skiff_core::ledger::ResourceQuery {
             service: Some(service.to_string()),
-            states: vec![ResourceState::Live],
             ..Default::default()
-        })
-        .await
-        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+        },
+    )
+    .await?;
     let mut ids: Vec<String> = found
         .into_iter()
         .filter(|r| r.kind == "container")
@@ -734,15 +743,7 @@ impl Execute for Stop {
 
 /// The services the ledger holds live containers of, deployed with a `ttl`.
 async fn temporary_services(cx: &ActionContext<'_>) -> Result<Vec<String>, ActionError> {
-    let found = cx
-        .rec
-        .store()
-        .resources(&skiff_core::ledger::ResourceQuery {
-            states: vec![ResourceState::Live],
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+    let found = live_resources(cx, skiff_core::ledger::ResourceQuery::default()).await?;
     let mut services: Vec<String> = found
         .into_iter()
         .filter(|r| r.kind == "container" && r.expires_at.is_some())
@@ -845,15 +846,7 @@ impl Execute for Start {
 /// config declares), each once; the ones it cannot reach are noted in the log. None reached is
 /// an error.
 async fn known_engines(cx: &ActionContext<'_>) -> Result<Vec<Engine>, ActionError> {
-    let records = cx
-        .rec
-        .store()
-        .resources(&skiff_core::ledger::ResourceQuery {
-            states: vec![ResourceState::Live],
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ActionError::failed(format!("reading the resources ledger: {e}")))?;
+    let records = live_resources(cx, skiff_core::ledger::ResourceQuery::default()).await?;
     let mut ids: Vec<String> = Vec::new();
     for id in records
         .into_iter()
