@@ -437,17 +437,17 @@ impl JobOutbox {
 impl JobRow {
     /// Binds the row as `?11` to `?17` of the Store's run-and-job statement.
     pub(crate) fn bind(
-        &self,
+        self,
         query: sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
     ) -> sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
         query
-            .bind(self.args.clone())
-            .bind(self.id.clone())
-            .bind(self.queue.clone())
+            .bind(self.args)
+            .bind(self.id)
+            .bind(self.queue)
             .bind(self.max_attempts)
             .bind(self.run_at)
             .bind(self.priority)
-            .bind(self.metadata.clone())
+            .bind(self.metadata)
     }
 }
 

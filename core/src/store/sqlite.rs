@@ -761,7 +761,7 @@ impl Store for SqliteStore {
             .map(|o| o.row(&id))
             .transpose()
             .map_err(|e| StoreError::Backend(format!("the run's job: {e}")))?;
-        let query = sqlx::query(if job.is_some() {
+        let query = sqlx::query(if outbox.is_some() {
             RUN_AND_JOB
         } else {
             insert_run!()
@@ -776,7 +776,7 @@ impl Store for SqliteStore {
         .bind(millis(now))
         .bind(serde_json::Value::Array(plan).to_string())
         .bind(new.idempotency_key.as_deref());
-        let query = match &job {
+        let query = match job {
             Some(job) => job.bind(query),
             None => query,
         };
@@ -785,7 +785,7 @@ impl Store for SqliteStore {
         let rows = match query.fetch_all(&mut *conn).await {
             Ok(rows) => rows,
             Err(e) => {
-                if job.is_some() {
+                if outbox.is_some() {
                     // A statement failed inside the transaction: nothing of it stays.
                     let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
                 }
@@ -806,7 +806,7 @@ impl Store for SqliteStore {
             });
         };
         drop(conn);
-        if let Some(outbox) = outbox.filter(|_| job.is_some()) {
+        if let Some(outbox) = outbox {
             // After the commit: the woken worker's fetch sees the job.
             outbox.pushed();
         }
@@ -833,7 +833,7 @@ impl Store for SqliteStore {
                 idempotency_key: new.idempotency_key,
             },
             created: true,
-            queued: job.is_some(),
+            queued: outbox.is_some(),
         })
     }
 
