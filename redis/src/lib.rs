@@ -1,0 +1,5 @@
+//! skiff's distributed deployment on Redis: the Store (runs, steps, outputs, logs in Streams,
+//! the ledger, deliveries, schedule marks, sessions and tokens), the queue (apalis-redis), the
+//! change feed (pub/sub) and the worker registry.
+
+pub mod testing;
