@@ -1,13 +1,17 @@
 //! The `skiff` binary: subcommands that call into the crates.
 
 mod cli_run;
+mod distributed;
 mod engines;
 mod login_link;
 mod metrics;
 mod reap;
+mod redis_args;
+mod runs;
 mod serve;
 mod trigger;
 mod validate;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +38,8 @@ enum Command {
     Validate(validate::ValidateArgs),
     /// Start the server with its web UI, API and in-process workers (the embedded deployment)
     Serve(serve::ServeArgs),
+    /// Execute runs from a distributed skiff's queue on this machine (with `--redis`)
+    Worker(worker::WorkerArgs),
     /// Start a run on a server (and follow it with --follow)
     Trigger(trigger::TriggerArgs),
     /// Print a new one-time sign-in link for the web UI
@@ -124,6 +130,14 @@ impl IsolationArgs {
         &self,
         data: &Data,
     ) -> anyhow::Result<(PathBuf, skiff_worker::isolation::Isolation)> {
+        self.resolve_protecting(std::slice::from_ref(&data.dir))
+    }
+
+    /// The same, keeping the steps out of the folders `protected` (skiff's data folder).
+    pub fn resolve_protecting(
+        &self,
+        protected: &[PathBuf],
+    ) -> anyhow::Result<(PathBuf, skiff_worker::isolation::Isolation)> {
         use anyhow::Context;
         let dir = self
             .workspaces
@@ -131,16 +145,18 @@ impl IsolationArgs {
             .unwrap_or_else(skiff_worker::isolation::default_workspaces);
         let dir =
             std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?;
-        anyhow::ensure!(
-            !dir.starts_with(&data.dir),
-            "the workspaces folder {} is inside the data folder {}: steps must not reach skiff's              data; give --workspaces a folder outside it",
-            dir.display(),
-            data.dir.display()
-        );
+        if let Some(inside) = protected.iter().find(|p| dir.starts_with(p)) {
+            anyhow::bail!(
+                "the workspaces folder {} is inside {}: steps must not reach skiff's data; give \
+                 --workspaces a folder outside it",
+                dir.display(),
+                inside.display()
+            );
+        }
         let isolation = skiff_worker::isolation::Isolation::detect(
             self.no_isolation,
             self.step_uids.clone(),
-            vec![data.dir.clone()],
+            protected.to_vec(),
         );
         eprintln!("skiff: {}", isolation.description());
         Ok((dir, isolation))
@@ -314,6 +330,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cli_run::main(args),
         Command::Validate(args) => validate::main(args),
         Command::Serve(args) => serve::main(args),
+        Command::Worker(args) => worker::main(args),
         Command::Trigger(args) => trigger::main(args),
         Command::LoginLink(args) => login_link::main(args),
         Command::Token(args) => login_link::token(args),

@@ -9,19 +9,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use skiff_core::catalog::Catalog;
-use skiff_core::dispatch::{Dispatcher, RunJob};
-use skiff_core::queue::{JobHandler, SqliteQueue};
+use skiff_core::dispatch::{Dispatcher, Queue};
+use skiff_core::queue::SqliteQueue;
 use skiff_core::retention::{Retention, SWEEP_EVERY, sweep};
-use skiff_core::run::{Run, RunStatus};
+use skiff_core::run::RunStatus;
 use skiff_core::store::{AuthStore, Store};
-use skiff_core::store::{RunQuery, StoreError, TakeOver};
+use skiff_redis::queue::RedisQueue;
 use skiff_server::{AppState, CatalogHandle, ServerConfig};
-use skiff_worker::pool::{Stopping, WorkerConfig, finish_interrupted_run, handle_job};
+use skiff_worker::pool::{Stopping, WorkerConfig};
 use skiff_worker::secrets::Secrets;
 use tokio_util::sync::CancellationToken;
 
 use crate::DataArgs;
 use crate::cli_run::parse_duration;
+use crate::runs::{
+    Handler, Interrupted, SERVE_WORKER, end_leftover_processes, finish_interrupted_runs,
+    recover_abandoned_runs, runs_in, wait_for_signal,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -46,6 +50,17 @@ pub struct ServeArgs {
     workers: u16,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    redis: crate::redis_args::RedisArgs,
+    /// With --redis: labels of the in-process workers besides `local` (and `docker` when the
+    /// engine answers), comma-separated
+    #[arg(
+        long,
+        env = "SKIFF_LABELS",
+        value_delimiter = ',',
+        value_name = "LABELS"
+    )]
+    labels: Vec<String>,
     #[command(flatten)]
     lease: crate::LeaseArgs,
     #[command(flatten)]
@@ -162,31 +177,6 @@ async fn keep_retention(
     }
 }
 
-/// The in-process workers' job handler.
-struct Embedded {
-    store: Arc<dyn Store>,
-    config: WorkerConfig,
-    stopping: Stopping,
-    /// Runs in progress, so that stopping waits for them (and their finally steps), not for the
-    /// queue worker's own shutdown, which can sit out a 30 s heartbeat.
-    running: tokio_util::task::TaskTracker,
-}
-
-#[async_trait::async_trait]
-impl JobHandler for Embedded {
-    async fn handle(&self, job: RunJob) -> Result<(), String> {
-        if self.stopping.cancel.is_cancelled() {
-            // Not claimed: the run stays queued and is queued again, in order, at the next start.
-            return Err("skiff is stopping; the run will start after the next start".into());
-        }
-        let _running = self.running.token();
-        handle_job(self.store.clone(), job, &self.config, &self.stopping)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-}
-
 /// The admin token, from SKIFF_ADMIN_TOKEN or a private file; one that could never match a
 /// `Authorization: Bearer` header (too short, a space, a character outside printable ASCII) is a
 /// start error, not a silent lock-out.
@@ -282,18 +272,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let load_options = config.load_options();
     let tools = crate::tools(config, &secrets)?;
     let view_tools = tools.clone();
-    let data = args.data.open().await?;
-    let (workspaces, isolation) = args.isolation.resolve(&data)?;
-    let _lock = data.lock_for_serve()?;
-    let sqlite = data.store.clone();
-    // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot frees,
-    // instead of a fetch round trip later. The embedded worker is the only one, so it keeps
-    // nothing from other workers (remote workers will claim only what they can run).
-    let queue = SqliteQueue::open(sqlite.writer(), usize::from(args.workers) * 2)
-        .await
-        .context("opening the queue")?;
-    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
-    let auth: Arc<dyn AuthStore> = Arc::new(sqlite.clone());
+    let backend = match args.redis.resolve()? {
+        None => {
+            let data = args.data.open().await?;
+            let lock = data.lock_for_serve()?;
+            // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot
+            // frees, instead of a fetch round trip later. The embedded worker is the only one,
+            // so it keeps nothing from other workers.
+            let queue = SqliteQueue::open(data.store.writer(), usize::from(args.workers) * 2)
+                .await
+                .context("opening the queue")?;
+            Backend::Embedded {
+                data,
+                queue,
+                _lock: lock,
+            }
+        }
+        Some(redis) => {
+            let store = crate::distributed::open_store(&redis).await?;
+            let queue = RedisQueue::new(crate::distributed::manager(&redis).await?);
+            Backend::Redis {
+                store,
+                queue,
+                redis,
+            }
+        }
+    };
+    let (workspaces, isolation) = match &backend {
+        Backend::Embedded { data, .. } => args.isolation.resolve(data)?,
+        Backend::Redis { .. } => args.isolation.resolve_protecting(&[])?,
+    };
+    let (store, auth): (Arc<dyn Store>, Arc<dyn AuthStore>) = match &backend {
+        Backend::Embedded { data, .. } => {
+            (Arc::new(data.store.clone()), Arc::new(data.store.clone()))
+        }
+        Backend::Redis { store, .. } => (Arc::new(store.clone()), Arc::new(store.clone())),
+    };
     let metrics = crate::metrics::install();
 
     let catalog = CatalogHandle::new(Catalog::load_with(&args.pipelines, &load_options));
@@ -309,7 +323,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     tokio::spawn(catalog.clone().watch(args.reload_every));
 
     let stopping = Stopping::default();
-    let handler = Arc::new(Embedded {
+    let handler = Arc::new(Handler {
         store: store.clone(),
         config: WorkerConfig {
             workspace_root: workspaces.clone(),
@@ -329,19 +343,52 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         stopping: stopping.clone(),
         running: tokio_util::task::TaskTracker::new(),
+        // The embedded queue has one list: its workers take every run. With Redis they take
+        // the label sets their labels cover.
+        labels: match &backend {
+            Backend::Embedded { .. } => None,
+            Backend::Redis { .. } => {
+                Some(crate::distributed::labels(&args.labels, &view_tools, &["local"]).await)
+            }
+        },
     });
     let running = handler.running.clone();
-    finish_interrupted_runs(&handler, true).await?;
-    tokio::spawn(recover_abandoned_runs(handler.clone()));
-    requeue_waiting_runs(store.as_ref(), &queue).await?;
-    // The queue worker stops only after the runs it started have ended: they write through the
-    // same connection it fetches with.
+    // The queue worker stops only after the runs it started have ended: embedded, they write
+    // through the same connection it fetches with.
     let queue_stop = CancellationToken::new();
-    let workers = queue.spawn_workers(
-        usize::from(args.workers),
-        handler.clone(),
-        queue_stop.clone(),
-    );
+    let (workers, queue): (tokio::task::JoinHandle<()>, Arc<dyn Queue>) = match &backend {
+        Backend::Embedded { queue, .. } => {
+            finish_interrupted_runs(&handler, Interrupted::AtStart).await?;
+            requeue_waiting_runs(store.as_ref(), queue).await?;
+            let workers = queue.spawn_workers(
+                usize::from(args.workers),
+                handler.clone(),
+                queue_stop.clone(),
+            );
+            (workers, Arc::new(queue.clone()))
+        }
+        Backend::Redis { queue, redis, .. } => {
+            // Other servers' and workers' runs are theirs while their leases hold.
+            finish_interrupted_runs(&handler, Interrupted::Expired).await?;
+            tokio::spawn(crate::distributed::keep_jobs(
+                store.clone(),
+                queue.clone(),
+                SWEEP_JOBS,
+                SWEEP_JOBS,
+                stopping.cancel.clone(),
+            ));
+            let workers = crate::distributed::work(
+                redis,
+                handler.clone(),
+                args.workers,
+                true,
+                queue_stop.clone(),
+            )
+            .await?;
+            (workers, Arc::new(queue.clone()))
+        }
+    };
+    tokio::spawn(recover_abandoned_runs(handler.clone()));
     tokio::spawn(keep_retention(
         store.clone(),
         catalog.clone(),
@@ -357,7 +404,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         catalog,
         dispatcher: Dispatcher {
             store: store.clone(),
-            queue: Arc::new(queue),
+            queue,
         },
         config: Arc::new(ServerConfig {
             admin_token_hash: admin_token.as_deref().map(skiff_server::auth::hash_secret),
@@ -373,6 +420,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown: stopping.cancel.clone(),
         login_throttle: Arc::default(),
         secrets: Arc::new(handler.config.secrets.clone()),
+        workers: Some(match &backend {
+            Backend::Embedded { .. } => {
+                let info = crate::distributed::info(&handler, args.workers, true);
+                Arc::new(crate::distributed::EmbeddedView(
+                    skiff_server::workers::Seen {
+                        name: info.name,
+                        host: info.host,
+                        labels: info.labels,
+                        version: info.version,
+                        actions: info.actions,
+                        secrets: info.secrets,
+                        concurrency: info.concurrency,
+                        embedded: true,
+                        started_at: info.started_at,
+                        last_beat: info.started_at,
+                        lost: false,
+                        takes_all: true,
+                    },
+                ))
+            }
+            Backend::Redis { redis, .. } => Arc::new(crate::distributed::RegistryView(
+                skiff_redis::workers::Registry::new(crate::distributed::manager(redis).await?),
+            )),
+        }),
         engines: Some(Arc::new(crate::engines::Engines {
             tools: view_tools,
             store: store.clone(),
@@ -401,13 +472,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
-    // `skiff login-link` (and `skiff trigger`) find this server through its data folder.
-    crate::write_server_url(&data.dir, &base);
-    eprintln!(
-        "skiff: listening on http://{addr} ({} in-process workers; data in {})",
-        args.workers,
-        data.dir.display()
-    );
+    match &backend {
+        Backend::Embedded { data, .. } => {
+            // `skiff login-link` (and `skiff trigger`) find this server through its data
+            // folder.
+            crate::write_server_url(&data.dir, &base);
+            eprintln!(
+                "skiff: listening on http://{addr} ({} in-process workers; data in {})",
+                args.workers,
+                data.dir.display()
+            );
+        }
+        Backend::Redis { .. } => eprintln!(
+            "skiff: listening on http://{addr} ({} in-process workers with labels [{}]; data in Redis at {})",
+            args.workers,
+            handler
+                .labels
+                .iter()
+                .flatten()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            args.redis.redis.as_deref().unwrap_or_default()
+        ),
+    }
     if auth.password_hash().await?.is_none() {
         let token = skiff_server::auth::issue_login_link(auth.as_ref()).await?;
         eprintln!(
@@ -451,7 +539,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .await
             .is_err()
         {
-            let left = end_leftover_processes(store.as_ref(), &handler.config.workspace_root).await;
+            let left = end_leftover_processes(&handler).await;
             eprintln!(
                 "skiff: {left} runs did not end; their processes were ended, and the next start finishes their records"
             );
@@ -465,34 +553,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("the queue worker did not stop within 5s");
     }
     skiff_worker::release_cgroups();
-    if let Err(e) = sqlite.close().await {
+    if let Backend::Embedded { data, .. } = &backend
+        && let Err(e) = data.store.close().await
+    {
         tracing::warn!(error = %e, "closing the store failed");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Every run in `status`, oldest first.
-async fn runs_in(store: &dyn Store, status: RunStatus) -> anyhow::Result<Vec<Run>> {
-    let mut runs = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = store
-            .list_runs(&RunQuery {
-                status: Some(status),
-                limit: 500,
-                cursor,
-                ..RunQuery::default()
-            })
-            .await?;
-        runs.extend(page.runs);
-        match page.next {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    runs.reverse();
-    Ok(runs)
+/// Where the data and the queue are.
+enum Backend {
+    /// A data folder (held by its lock) with the SQLite Store and queue.
+    Embedded {
+        data: crate::Data,
+        queue: SqliteQueue,
+        _lock: std::fs::File,
+    },
+    /// Redis, shared with other servers and workers.
+    Redis {
+        store: skiff_redis::store::RedisStore,
+        queue: RedisQueue,
+        redis: crate::redis_args::Redis,
+    },
 }
+
+/// How often a distributed server looks for waiting runs whose job was lost (and how long a run
+/// waits before it counts as such).
+const SWEEP_JOBS: Duration = Duration::from_secs(10);
 
 /// Gives every run still `queued` in the Store a job, in the order the runs were created, in
 /// place of the jobs the last process left (see [`SqliteQueue::requeue_in_order`]).
@@ -504,109 +591,4 @@ async fn requeue_waiting_runs(store: &dyn Store, queue: &SqliteQueue) -> anyhow:
         .collect();
     queue.requeue_in_order(&waiting).await?;
     Ok(())
-}
-
-/// The start of the names of the in-process workers of `skiff serve`.
-const SERVE_WORKER: &str = "serve:";
-
-/// Finishes the runs whose worker is gone: their leftover processes are ended, then each is
-/// finished the way a run ends (its unfinished steps recorded truthfully and its `finally` steps
-/// run, see `finish_interrupted`), beside the queue. At start (`at_start`), a run held by the
-/// in-process workers of an earlier `skiff serve` on this data folder is taken over whatever its
-/// lease: this process holds the data folder's lock, so that server is gone. Any other run (a
-/// `skiff run` on the same data folder) is taken over only once its lease has run out: its
-/// worker stopped renewing it.
-async fn finish_interrupted_runs(handler: &Arc<Embedded>, at_start: bool) -> anyhow::Result<()> {
-    let store = &handler.store;
-    for run in runs_in(store.as_ref(), RunStatus::Running).await? {
-        let holder = run.claimed_by.clone().unwrap_or_default();
-        if holder == handler.config.name {
-            continue;
-        }
-        let when = if at_start && (holder.is_empty() || holder.starts_with(SERVE_WORKER)) {
-            TakeOver::Any
-        } else {
-            TakeOver::Expired
-        };
-        let claim = match store
-            .take_over_run(&run.id, &handler.config.name, handler.config.lease, when)
-            .await
-        {
-            Ok((_, claim)) => claim,
-            // Its worker is alive (or the run ended meanwhile).
-            Err(StoreError::Held { .. } | StoreError::InvalidTransition { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let reaped = skiff_worker::clean_up_interrupted(&handler.config.workspace_root, &run.id);
-        eprintln!(
-            "skiff: run {} #{} was interrupted ({}){}; running its finally steps",
-            run.pipeline,
-            run.number,
-            if at_start {
-                "skiff stopped while it ran"
-            } else {
-                "its worker stopped renewing its claim"
-            },
-            if reaped {
-                " and its leftover processes were ended"
-            } else {
-                ""
-            }
-        );
-        let handler = handler.clone();
-        let token = handler.running.token();
-        tokio::spawn(async move {
-            let _running = token;
-            if let Err(e) = finish_interrupted_run(
-                handler.store.clone(),
-                &run,
-                claim,
-                &handler.config,
-                &handler.stopping,
-            )
-            .await
-            {
-                tracing::error!(run_id = %run.id, error = %e, "finishing an interrupted run failed");
-            }
-        });
-    }
-    Ok(())
-}
-
-/// Looks for runs whose worker stopped renewing its claim (a `skiff run` killed with -9), every
-/// third of a lease, until skiff stops.
-async fn recover_abandoned_runs(handler: Arc<Embedded>) {
-    let mut tick = tokio::time::interval(handler.config.lease / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = handler.stopping.cancel.cancelled() => return,
-        }
-        if let Err(e) = finish_interrupted_runs(&handler, false).await {
-            tracing::warn!(error = %e, "looking for abandoned runs failed");
-        }
-    }
-}
-
-/// Ends the processes of every run still `running` (when stopping could not wait any longer);
-/// returns how many runs that was.
-async fn end_leftover_processes(store: &dyn Store, workspaces: &std::path::Path) -> usize {
-    let runs = runs_in(store, RunStatus::Running).await.unwrap_or_default();
-    for run in &runs {
-        skiff_worker::clean_up_interrupted(workspaces, &run.id);
-    }
-    runs.len()
-}
-
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

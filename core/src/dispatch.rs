@@ -13,25 +13,55 @@ use crate::pipeline::{ParamError, resolve_params};
 use crate::run::{NewRun, Run, RunId, Trigger, TriggerKind};
 use crate::store::{Store, StoreError};
 
-/// The job a queue carries: which run to execute, and when it was pushed (for the queue-wait
-/// metric).
+/// The job format this build writes and reads ([`RunJob::v`]). A worker takes jobs of its own
+/// version only: the distributed queue keeps each version's jobs apart, so a worker of an older
+/// build never meets a job it cannot read.
+pub const JOB_VERSION: u32 = 1;
+
+/// The job a queue carries: which run to execute, the labels a worker needs to take it, and
+/// when it was pushed (for the queue-wait metric).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunJob {
+    /// The job format's version ([`JOB_VERSION`]; absent in jobs of builds before it: 1).
+    #[serde(default = "first_job_version")]
+    pub v: u32,
     pub run_id: String,
     /// Microseconds since the Unix epoch when the job was pushed.
     pub pushed_at_us: u64,
+    /// The pipeline's `runs_on`, sorted and without repeats: a worker takes the job only if it
+    /// has every one of these labels. Empty: any worker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}
+
+fn first_job_version() -> u32 {
+    1
 }
 
 impl RunJob {
     pub fn new(run: &RunId) -> Self {
+        Self::with_labels(run, Vec::new())
+    }
+
+    /// A job for a run that needs workers with `labels` (a pipeline's `runs_on`).
+    pub fn with_labels(run: &RunId, labels: Vec<String>) -> Self {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         RunJob {
+            v: JOB_VERSION,
             run_id: run.to_string(),
             pushed_at_us: u64::try_from(now.as_micros()).unwrap_or(u64::MAX),
+            labels: labels_of(labels),
         }
     }
+}
+
+/// A label set in its one spelling: sorted, without repeats (the distributed queue's name for it).
+pub fn labels_of(mut labels: Vec<String>) -> Vec<String> {
+    labels.sort();
+    labels.dedup();
+    labels
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +139,15 @@ pub fn new_run(
     })
 }
 
+/// The labels a worker needs for a run of `entry` (its `runs_on`).
+fn runs_on(entry: &Entry) -> Vec<String> {
+    entry
+        .pipeline
+        .as_ref()
+        .map(|p| p.runs_on.clone())
+        .unwrap_or_default()
+}
+
 /// What a built-in service run does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceAction {
@@ -130,7 +169,8 @@ impl Dispatcher {
         given: &BTreeMap<String, String>,
         trigger: Trigger,
     ) -> Result<Run, DispatchError> {
-        self.start(new_run(entry, given, trigger)?).await
+        let labels = runs_on(entry);
+        self.start(new_run(entry, given, trigger)?, labels).await
     }
 
     /// Starts a run once per `key` (a webhook delivery, a schedule's slot): a key the pipeline
@@ -144,7 +184,7 @@ impl Dispatcher {
     ) -> Result<crate::store::Created, DispatchError> {
         let mut new = new_run(entry, given, trigger)?;
         new.idempotency_key = Some(key);
-        self.create_and_push(new).await
+        self.create_and_push(new, runs_on(entry)).await
     }
 
     /// Starts a run of the current pipeline with the given params, recorded as a rerun of
@@ -158,22 +198,25 @@ impl Dispatcher {
     ) -> Result<Run, DispatchError> {
         let mut new = new_run(entry, given, trigger)?;
         new.rerun_of = Some(earlier.id.clone());
-        self.start(new).await
+        self.start(new, runs_on(entry)).await
     }
 
     /// Starts a new run with the same pipeline snapshot and params as `run`.
     pub async fn rerun(&self, run: &Run, trigger: Trigger) -> Result<Run, DispatchError> {
         let pipeline = crate::pipeline::load(&run.source, &run.pipeline)
             .map_err(|_| DispatchError::BadSnapshot(run.id.clone()))?;
-        self.start(NewRun {
-            pipeline: run.pipeline.clone(),
-            trigger,
-            params: run.params.clone(),
-            source: run.source.clone(),
-            steps: pipeline.plan(),
-            rerun_of: Some(run.id.clone()),
-            idempotency_key: None,
-        })
+        self.start(
+            NewRun {
+                pipeline: run.pipeline.clone(),
+                trigger,
+                params: run.params.clone(),
+                source: run.source.clone(),
+                steps: pipeline.plan(),
+                rerun_of: Some(run.id.clone()),
+                idempotency_key: None,
+            },
+            pipeline.runs_on.clone(),
+        )
         .await
     }
 
@@ -197,33 +240,40 @@ impl Dispatcher {
         );
         let loaded = crate::pipeline::load(&source, &pipeline)
             .map_err(|_| DispatchError::InvalidPipeline(pipeline.clone()))?;
-        self.start(NewRun {
-            pipeline,
-            trigger: Trigger {
-                kind: TriggerKind::Service,
-                actor,
+        self.start(
+            NewRun {
+                pipeline,
+                trigger: Trigger {
+                    kind: TriggerKind::Service,
+                    actor,
+                },
+                params: BTreeMap::new(),
+                source,
+                steps: loaded.plan(),
+                rerun_of: None,
+                idempotency_key: None,
             },
-            params: BTreeMap::new(),
-            source,
-            steps: loaded.plan(),
-            rerun_of: None,
-            idempotency_key: None,
-        })
+            loaded.runs_on.clone(),
+        )
         .await
     }
 
-    async fn start(&self, new: NewRun) -> Result<Run, DispatchError> {
-        Ok(self.create_and_push(new).await?.run)
+    async fn start(&self, new: NewRun, labels: Vec<String>) -> Result<Run, DispatchError> {
+        Ok(self.create_and_push(new, labels).await?.run)
     }
 
-    async fn create_and_push(&self, new: NewRun) -> Result<crate::store::Created, DispatchError> {
+    async fn create_and_push(
+        &self,
+        new: NewRun,
+        labels: Vec<String>,
+    ) -> Result<crate::store::Created, DispatchError> {
         let created = self.store.create_run(new).await?;
         if !created.created || created.queued {
             // Its job was pushed when it was created, or written with it.
             return Ok(created);
         }
         let run = &created.run;
-        if let Err(e) = self.queue.push(RunJob::new(&run.id)).await {
+        if let Err(e) = self.queue.push(RunJob::with_labels(&run.id, labels)).await {
             // The run would wait forever: record why it never started.
             let _ = self
                 .store

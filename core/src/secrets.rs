@@ -88,6 +88,11 @@ impl Secrets {
     pub fn values(&self) -> impl Iterator<Item = &str> {
         self.0.values().map(String::as_str)
     }
+
+    /// The secrets' names (what a worker says it holds; never their values).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
 }
 
 #[cfg(test)]

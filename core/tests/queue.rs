@@ -60,8 +60,10 @@ async fn every_job_is_handled_once_under_its_own_queue_name() {
     for (i, id) in ids.iter().enumerate() {
         queue
             .push(RunJob {
+                v: skiff_core::dispatch::JOB_VERSION,
                 run_id: id.clone(),
                 pushed_at_us: 0,
+                labels: Vec::new(),
             })
             .await
             .expect("push");

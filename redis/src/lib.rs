@@ -2,4 +2,11 @@
 //! the ledger, deliveries, schedule marks, sessions and tokens), the queue (apalis-redis), the
 //! change feed (pub/sub) and the worker registry.
 
+pub mod acl;
+pub mod queue;
 pub mod testing;
+pub mod workers;
+
+/// The Redis client library skiff-redis is built on (one version for the whole build).
+pub use redis;
+pub mod store;

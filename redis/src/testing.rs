@@ -10,6 +10,7 @@ pub struct RedisServer {
     child: Child,
     dir: tempfile::TempDir,
     socket: PathBuf,
+    args: Vec<String>,
 }
 
 impl RedisServer {
@@ -42,17 +43,28 @@ impl RedisServer {
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("redis-server could not start ({e}): install Debian's redis-server")
-            });
-        let server = RedisServer { child, dir, socket };
+        let child = spawn(&args);
+        let server = RedisServer {
+            child,
+            dir,
+            socket,
+            args,
+        };
         server.wait_ready();
         server
+    }
+
+    /// Stops the server gracefully (SIGTERM: it writes its AOF and RDB out, as a restart of
+    /// the service would) and starts it again on the same folder and socket.
+    pub fn restart(mut self) -> Self {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = spawn(&self.args);
+        self.wait_ready();
+        self
     }
 
     fn wait_ready(&self) {
@@ -63,7 +75,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not listen on {} within 10 s", self.socket.display());
+        panic!(
+            "redis-server did not listen on {} within 10 s",
+            self.socket.display()
+        );
     }
 
     /// The URL to reach it (`redis+unix:///.../redis.sock`).
@@ -84,6 +99,17 @@ impl RedisServer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+fn spawn(args: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("redis-server could not start ({e}): install Debian's redis-server")
+        })
 }
 
 impl Drop for RedisServer {

@@ -318,6 +318,12 @@ pub struct RunDto {
     pub reason: Option<String>,
     pub log_len: u64,
     pub cancel_requested: bool,
+    /// The worker that holds the run, or held it last (`null` before one took it).
+    pub worker: Option<String>,
+    /// Only on `GET /api/runs/{id}`, for a queued run that no live worker can take: what it
+    /// waits for ("a worker with labels aws, docker").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// Only on `GET /api/runs/{id}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepDto>>,
@@ -345,6 +351,8 @@ pub fn run_dto(r: &Run, steps: Option<&[StepRecord]>) -> RunDto {
         reason: r.reason.clone(),
         log_len: r.log_len,
         cancel_requested: r.cancel_requested,
+        worker: r.claimed_by.clone(),
+        waiting_for: None,
         steps: steps.map(|s| s.iter().map(step_dto).collect()),
     }
 }
@@ -699,7 +707,9 @@ pub async fn get_run(
 ) -> Result<Json<RunDto>, ApiError> {
     let run = load_run(&state, &id).await?;
     let steps = state.store.steps(&run.id).await?;
-    Ok(Json(run_dto(&run, Some(&steps))))
+    let mut dto = run_dto(&run, Some(&steps));
+    dto.waiting_for = crate::workers::waiting_for(&state, &run).await;
+    Ok(Json(dto))
 }
 
 /// The most log bytes one read returns.

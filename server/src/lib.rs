@@ -13,6 +13,7 @@ pub mod services;
 mod sse;
 mod ui;
 mod web;
+pub mod workers;
 
 use std::sync::{Arc, RwLock};
 
@@ -114,6 +115,8 @@ pub struct AppState {
     pub secrets: Arc<skiff_core::secrets::Secrets>,
     /// What the Services view asks engines (`services::EngineView`); None: states unknown.
     pub engines: Option<Arc<dyn services::EngineView>>,
+    /// Who executes runs (`workers::WorkersView`); None: not known.
+    pub workers: Option<Arc<dyn workers::WorkersView>>,
 }
 
 /// The API: every route here is in the OpenAPI document, by construction (`routes!` registers a
@@ -137,6 +140,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(api::list_services))
         .routes(routes!(api::act_on_service))
         .routes(routes!(api::list_resources))
+        .routes(routes!(workers::list_workers))
         .routes(routes!(hooks::receive))
         .routes(routes!(hooks::list_deliveries))
         .routes(routes!(hooks::get_delivery))
@@ -157,6 +161,7 @@ fn pages() -> Router<AppState> {
         .route("/pipelines/{name}/run", post(ui::run_pipeline))
         .route("/runs", get(ui::runs))
         .route("/services", get(ui::services))
+        .route("/workers", get(ui::workers))
         .route("/services/live", get(ui::services_live))
         .route("/services/{name}/{action}", post(ui::act_on_service))
         .route("/deliveries", get(ui::deliveries))

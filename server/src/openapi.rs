@@ -39,6 +39,7 @@ use crate::error::ErrorBody;
         (name = "logs", description = "Run logs, read or followed live"),
         (name = "tokens", description = "API tokens"),
         (name = "services", description = "The services runs deployed (from the resources ledger)"),
+        (name = "workers", description = "Who executes runs: their labels, capabilities, beats and runs"),
         (name = "server", description = "Health, metrics, this document"),
     )
 )]

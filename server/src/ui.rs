@@ -724,6 +724,10 @@ pub struct RunPage {
     /// The pipeline's previous (older) and next (newer) runs: (id, number).
     older: Option<(String, u64)>,
     newer: Option<(String, u64)>,
+    /// What a queued run that no live worker can take waits for.
+    waiting_for: String,
+    /// The worker that holds it or held it last.
+    worker: String,
 }
 
 pub async fn run(
@@ -751,6 +755,10 @@ pub async fn run(
         .map(|e| format!("{}?from={}", pipeline_href(&e.name), run.id))
         .unwrap_or_default();
     Ok(RunPage {
+        waiting_for: crate::workers::waiting_for(&state, &run)
+            .await
+            .unwrap_or_default(),
+        worker: run.claimed_by.clone().unwrap_or_default(),
         older,
         newer,
         run_again_href,
@@ -846,6 +854,63 @@ pub async fn act_on_service(
     page.check(&form.csrf)?;
     let run = crate::api::service_action(&state, &page.principal, &name, &action).await?;
     Ok(Redirect::to(&format!("/runs/{}", run.id)))
+}
+
+#[derive(Template, WebTemplate)]
+#[template(path = "workers.html")]
+pub struct WorkersPage {
+    csrf: String,
+    workers: Vec<WorkerRow>,
+}
+
+pub struct WorkerRow {
+    name: String,
+    host: String,
+    labels: String,
+    version: String,
+    concurrency: u32,
+    embedded: bool,
+    lost: bool,
+    beat: String,
+    beat_text: String,
+    started: String,
+    started_text: String,
+    secrets: String,
+    actions: usize,
+    /// (link, id) of the runs it holds.
+    runs: Vec<(String, String)>,
+}
+
+/// The workers: labels, capabilities, the runs each holds, and whether it is alive.
+pub async fn workers(page: Page, State(state): State<AppState>) -> Result<WorkersPage, ApiError> {
+    let workers = crate::workers::rows(&state)
+        .await?
+        .into_iter()
+        .map(|w| WorkerRow {
+            labels: w.labels.join(", "),
+            beat: iso(w.last_beat),
+            beat_text: utc_text(w.last_beat),
+            started: iso(w.started_at),
+            started_text: utc_text(w.started_at),
+            secrets: w.secrets.join(", "),
+            actions: w.actions.len(),
+            runs: w
+                .runs
+                .iter()
+                .map(|id| (format!("/runs/{id}"), id.chars().take(8).collect()))
+                .collect(),
+            name: w.name,
+            host: w.host,
+            version: w.version,
+            concurrency: w.concurrency,
+            embedded: w.embedded,
+            lost: w.lost,
+        })
+        .collect();
+    Ok(WorkersPage {
+        csrf: page.csrf,
+        workers,
+    })
 }
 
 /// The services runs deployed, each with its current version and the run behind it.

@@ -3,6 +3,7 @@
 mod api;
 mod auth;
 mod browser;
+mod distributed;
 mod docker;
 mod edge;
 mod git;

@@ -1,0 +1,196 @@
+//! What `skiff serve --redis` and `skiff worker` share: the Store on Redis, this process's
+//! workers registered and beating, taking jobs from the label sets they serve, and the sweeper
+//! that gives a waiting run whose job was lost a new one.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use skiff_core::run::RunStatus;
+use skiff_redis::queue::{Consumer, RedisQueue};
+use skiff_redis::redis;
+use skiff_redis::workers::{Registry, WorkerInfo, keep_beating};
+use tokio_util::sync::CancellationToken;
+
+use crate::redis_args::Redis;
+use crate::runs::{Handler, labels_of, runs_in};
+
+/// The Store on Redis (both its halves: runs and credentials).
+pub async fn open_store(redis: &Redis) -> anyhow::Result<skiff_redis::store::RedisStore> {
+    skiff_redis::store::RedisStore::connect(&skiff_redis::store::RedisConfig {
+        url: redis.url.clone(),
+        username: redis.username.clone(),
+        password: redis.password.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("opening the Store on Redis")
+}
+
+pub async fn manager(redis: &Redis) -> anyhow::Result<redis::aio::ConnectionManager> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    redis::aio::ConnectionManager::new_with_config(redis.client.clone(), config)
+        .await
+        .context("connecting to Redis")
+}
+
+/// What this process's workers are, for the registry.
+pub fn info(handler: &Handler, concurrency: u16, embedded: bool) -> WorkerInfo {
+    WorkerInfo {
+        v: skiff_redis::workers::WORKER_RECORD_VERSION,
+        name: handler.config.name.clone(),
+        host: skiff_redis::workers::hostname(),
+        pid: std::process::id(),
+        labels: handler.labels.clone().unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        job_version: skiff_core::dispatch::JOB_VERSION,
+        actions: skiff_core::actions::ACTIONS
+            .iter()
+            .map(|a| a.name().to_string())
+            .collect(),
+        secrets: handler.config.secrets.names().map(str::to_string).collect(),
+        concurrency: u32::from(concurrency),
+        embedded,
+        lease_ms: u64::try_from(handler.config.lease.as_millis()).unwrap_or(u64::MAX),
+        started_at: chrono::Utc::now(),
+    }
+}
+
+/// Registers this process's workers, keeps their beat, and takes jobs for them until
+/// `stop_taking`; returns when the runs it started have ended.
+pub async fn work(
+    redis: &Redis,
+    handler: Arc<Handler>,
+    concurrency: u16,
+    embedded: bool,
+    stop_taking: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let registry = Registry::new(manager(redis).await?);
+    let info = info(&handler, concurrency, embedded);
+    registry
+        .register(&info, false)
+        .await
+        .context("registering the worker")?;
+    let beat_stop = CancellationToken::new();
+    let beating = tokio::spawn(keep_beating(
+        registry.clone(),
+        info.clone(),
+        beat_stop.clone(),
+    ));
+    let consumer = Consumer {
+        client: redis.client.clone(),
+        name: info.name.clone(),
+        labels: info.labels.clone(),
+        slots: usize::from(concurrency),
+    };
+    Ok(tokio::spawn(async move {
+        if let Err(e) = consumer.run(handler, stop_taking).await {
+            tracing::error!(error = %e, "the worker's queue failed");
+        }
+        beat_stop.cancel();
+        let _ = beating.await;
+        if let Err(e) = registry.deregister(&info.name).await {
+            tracing::warn!(error = %e, "removing the worker from the registry failed");
+        }
+    }))
+}
+
+/// The labels `skiff serve`'s in-process workers and `skiff worker` take: those given, plus
+/// `docker` when this machine's engine answers.
+pub async fn labels(
+    given: &[String],
+    tools: &skiff_worker::actions::Tools,
+    extra: &[&str],
+) -> BTreeSet<String> {
+    let mut labels: BTreeSet<String> = given
+        .iter()
+        .flat_map(|l| l.split(','))
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    labels.extend(extra.iter().map(|l| l.to_string()));
+    if tools.engine().await.is_ok() {
+        labels.insert("docker".into());
+    }
+    labels
+}
+
+/// Every `every`, gives the runs waiting for longer than `after` whose job is on no list a new
+/// one (a worker that died between taking a job and claiming its run).
+pub async fn keep_jobs(
+    store: Arc<dyn skiff_core::store::Store>,
+    queue: RedisQueue,
+    every: Duration,
+    after: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let waiting = match runs_in(store.as_ref(), RunStatus::Queued).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the waiting runs failed");
+                continue;
+            }
+        };
+        let now = chrono::Utc::now();
+        let old: Vec<(String, Vec<String>)> = waiting
+            .iter()
+            .filter(|r| (now - r.created_at).to_std().unwrap_or_default() >= after)
+            .map(|r| (r.id.to_string(), labels_of(r)))
+            .collect();
+        match queue.requeue_missing(&old).await {
+            Ok(0) => {}
+            Ok(n) => eprintln!("skiff: {n} waiting runs had lost their jobs; queued them again"),
+            Err(e) => tracing::warn!(error = %e, "looking for lost jobs failed"),
+        }
+    }
+}
+
+/// The Workers view on the registry in Redis.
+pub struct RegistryView(pub Registry);
+
+#[async_trait::async_trait]
+impl skiff_server::workers::WorkersView for RegistryView {
+    async fn workers(&self) -> Result<Vec<skiff_server::workers::Seen>, String> {
+        let list = self.0.list().await.map_err(|e| e.to_string())?;
+        Ok(list
+            .into_iter()
+            .map(|p| skiff_server::workers::Seen {
+                name: p.info.name,
+                host: p.info.host,
+                labels: p.info.labels,
+                version: p.info.version,
+                actions: p.info.actions,
+                secrets: p.info.secrets,
+                concurrency: p.info.concurrency,
+                embedded: p.info.embedded,
+                started_at: p.info.started_at,
+                last_beat: p.last_beat,
+                lost: p.lost,
+                takes_all: false,
+            })
+            .collect())
+    }
+}
+
+/// The Workers view of the embedded deployment: its own in-process workers, which take every
+/// run.
+pub struct EmbeddedView(pub skiff_server::workers::Seen);
+
+#[async_trait::async_trait]
+impl skiff_server::workers::WorkersView for EmbeddedView {
+    async fn workers(&self) -> Result<Vec<skiff_server::workers::Seen>, String> {
+        let mut me = self.0.clone();
+        me.last_beat = chrono::Utc::now();
+        Ok(vec![me])
+    }
+}

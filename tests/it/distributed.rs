@@ -1,0 +1,454 @@
+//! The distributed deployment for real: a `redis-server`, `skiff serve --redis` and `skiff
+//! worker` processes on loopback, driven through the API.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use skiff_redis::testing::RedisServer;
+
+use crate::harness::{DEADLINE, Server, scratch, shared_file};
+
+/// A `skiff worker` process.
+pub struct Worker {
+    child: Child,
+    pub name: String,
+    _dir: tempfile::TempDir,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Worker {
+    pub fn start(redis: &str, name: &str, labels: &str, env: &[(&str, &str)]) -> Worker {
+        let dir = scratch();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
+        cmd.args(["worker", "--name", name, "--labels", labels])
+            .env("SKIFF_REDIS", redis)
+            .env("SKIFF_WORKSPACES", dir.path().join("work"))
+            .env("SKIFF_KILL_GRACE", "2s")
+            .env_remove("SKIFF_SECRETS_FILE")
+            .env_remove("SKIFF_DATA")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start skiff worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{tag}] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let mut worker = Worker {
+            child,
+            name: name.to_string(),
+            _dir: dir,
+            lines: rx,
+        };
+        worker.wait_for_line(&format!("worker {name} takes runs"));
+        worker
+    }
+
+    /// Waits for a line of its output holding `needle`; returns it.
+    pub fn wait_for_line(&mut self, needle: &str) -> String {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            match self
+                .lines
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("worker {} never printed {needle:?}", self.name),
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let until = Instant::now() + DEADLINE;
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        panic!(
+            "worker {} did not stop within {DEADLINE:?} of SIGTERM",
+            self.name
+        );
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn serve(redis: &RedisServer, pipelines: &[(&str, &str)], env: &[(&str, &str)]) -> Server {
+    let url = redis.url();
+    let mut all = vec![("SKIFF_REDIS", url.as_str()), ("SKIFF_WORKERS", "1")];
+    all.extend_from_slice(env);
+    Server::start_with(pipelines, &all)
+}
+
+fn run(server: &Server, id: &str) -> Value {
+    let (status, run) = server.api("GET", &format!("/api/runs/{id}"), None);
+    assert_eq!(status, 200, "{run}");
+    run
+}
+
+/// Waits until the run satisfies `done`; returns it.
+fn wait_run(server: &Server, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let r = run(server, id);
+        if done(&r) {
+            return r;
+        }
+        assert!(Instant::now() < until, "run {id} never {what}: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ended(r: &Value) -> bool {
+    matches!(
+        r["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+#[test]
+fn runs_go_to_the_workers_whose_labels_they_need() {
+    let redis = RedisServer::start();
+    let server = serve(
+        &redis,
+        &[
+            ("on-gpu", "runs_on: [gpu]\nsteps:\n  - run: echo on gpu\n"),
+            (
+                "on-arm",
+                "runs_on: [arm, linux]\nsteps:\n  - run: echo on arm\n",
+            ),
+            ("on-aws", "runs_on: [aws]\nsteps:\n  - run: echo never\n"),
+            ("anywhere", "steps:\n  - run: echo anywhere\n"),
+        ],
+        &[],
+    );
+    let _gpu = Worker::start(&redis.url(), "w-gpu", "gpu", &[]);
+    let _arm = Worker::start(&redis.url(), "w-arm", "linux,arm", &[]);
+    for (pipeline, worker) in [("on-gpu", "w-gpu"), ("on-arm", "w-arm")] {
+        for _ in 0..3 {
+            let (r, log) = server.run_and_wait(pipeline, json!({}));
+            assert_eq!(r["status"], "succeeded", "{r}\n{log}");
+            assert_eq!(r["worker"], worker, "{r}");
+        }
+    }
+    let (r, _) = server.run_and_wait("anywhere", json!({}));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    // No worker has `aws`: the run waits, and says for what.
+    let id = server.trigger("on-aws", json!({}));
+    std::thread::sleep(Duration::from_millis(500));
+    let r = run(&server, &id);
+    assert_eq!(r["status"], "queued", "{r}");
+    let (status, workers) = server.api("GET", "/api/workers", None);
+    assert_eq!(status, 200, "{workers}");
+    let names: Vec<&str> = workers["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"w-gpu") && names.contains(&"w-arm"),
+        "{workers}"
+    );
+    assert_eq!(
+        names.len(),
+        3,
+        "two workers and the server's own: {workers}"
+    );
+    let (status, page) = server.api("GET", &format!("/api/runs/{id}"), None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        page["waiting_for"], "a worker with labels aws",
+        "a run no live worker can take says so: {page}"
+    );
+}
+
+#[test]
+fn a_remote_workers_log_is_live_and_a_cancel_reaches_it() {
+    let redis = RedisServer::start();
+    let scratch = scratch();
+    let marker = scratch.path().join("finally");
+    shared_file(&marker);
+    let server = serve(
+        &redis,
+        &[(
+            "slow",
+            &format!(
+                "runs_on: [far]\nsteps:\n  - run: echo started; sleep 30\nfinally:\n  - run: echo done >> {}\n",
+                marker.display()
+            ),
+        )],
+        &[],
+    );
+    let _far = Worker::start(&redis.url(), "w-far", "far", &[]);
+    let id = server.trigger("slow", json!({}));
+    server.wait_for_log(&id, "started");
+    assert_eq!(run(&server, &id)["status"], "running");
+    let asked = Instant::now();
+    let (status, body) = server.api("POST", &format!("/api/runs/{id}/cancel"), None);
+    assert!(status == 202 || status == 200, "{status} {body}");
+    let r = wait_run(&server, &id, "ended", ended);
+    let took = asked.elapsed();
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(r["worker"], "w-far");
+    assert!(took < Duration::from_secs(4), "the cancel took {took:?}");
+    assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "done\n");
+}
+
+#[test]
+fn a_killed_workers_run_fails_as_lost_and_its_finally_runs_elsewhere() {
+    let redis = RedisServer::start();
+    let scratch = scratch();
+    let main_marker = scratch.path().join("main");
+    let fin_marker = scratch.path().join("finally");
+    shared_file(&main_marker);
+    shared_file(&fin_marker);
+    let lease = [("SKIFF_LEASE", "1500ms")];
+    let server = serve(
+        &redis,
+        &[(
+            "deploy",
+            &format!(
+                "runs_on: [site]\nsteps:\n  - run: echo $SKIFF_RUN_ID >> {m}; echo started; sleep 60\nfinally:\n  - run: echo $SKIFF_RUN_ID >> {f}\n",
+                m = main_marker.display(),
+                f = fin_marker.display()
+            ),
+        )],
+        &lease,
+    );
+    let mut doomed = Worker::start(&redis.url(), "w-doomed", "site", &lease);
+    let id = server.trigger("deploy", json!({}));
+    server.wait_for_log(&id, "started");
+    assert_eq!(run(&server, &id)["worker"], "w-doomed");
+    let _heir = Worker::start(&redis.url(), "w-heir", "site", &lease);
+    doomed.kill();
+    let killed = Instant::now();
+    let r = wait_run(&server, &id, "ended", ended);
+    let noticed = killed.elapsed();
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["reason"].as_str().is_some_and(|s| s.contains("worker")),
+        "the reason says the worker was lost: {r}"
+    );
+    assert!(
+        noticed < Duration::from_millis(1500) + Duration::from_secs(3),
+        "the lost worker's run ended {noticed:?} after the kill (lease 1.5 s)"
+    );
+    let lines = |p: &Path| std::fs::read_to_string(p).expect("marker");
+    assert_eq!(
+        lines(&main_marker).lines().count(),
+        1,
+        "the main step ran once"
+    );
+    assert_eq!(
+        lines(&fin_marker).lines().count(),
+        1,
+        "finally ran once, elsewhere"
+    );
+    let (status, workers) = server.api("GET", "/api/workers", None);
+    assert_eq!(status, 200);
+    let doomed = workers["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["name"] == "w-doomed")
+        .cloned()
+        .expect("the killed worker is still listed");
+    assert_eq!(doomed["lost"], true, "{doomed}");
+}
+
+#[test]
+fn a_stopped_worker_finishes_or_cancels_its_runs_and_leaves() {
+    let redis = RedisServer::start();
+    let scratch = scratch();
+    let marker = scratch.path().join("finally");
+    shared_file(&marker);
+    let server = serve(
+        &redis,
+        &[(
+            "long",
+            &format!(
+                "runs_on: [term]\nsteps:\n  - run: echo started; sleep 60\nfinally:\n  - run: echo cleaned >> {}\n",
+                marker.display()
+            ),
+        )],
+        &[],
+    );
+    let mut w = Worker::start(&redis.url(), "w-term", "term", &[("SKIFF_STOP_WAIT", "1s")]);
+    let id = server.trigger("long", json!({}));
+    server.wait_for_log(&id, "started");
+    assert_eq!(w.terminate(), Some(0));
+    let r = run(&server, &id);
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("marker"),
+        "cleaned\n"
+    );
+    let (_, workers) = server.api("GET", "/api/workers", None);
+    assert!(
+        !workers["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .any(|w| w["name"] == "w-term"),
+        "a worker that stopped cleanly leaves the registry: {workers}"
+    );
+    // A run queued after it left waits for the next worker with the label.
+    let next = server.trigger("long", json!({}));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(run(&server, &next)["status"], "queued");
+}
+
+#[test]
+fn two_servers_on_one_redis_serve_the_same_runs_and_tokens() {
+    let redis = RedisServer::start();
+    let pipelines = [("hello", "steps:\n  - run: echo hello\n")];
+    let a = serve(&redis, &pipelines, &[]);
+    let b = serve(&redis, &pipelines, &[]);
+    let (r, _) = a.run_and_wait("hello", json!({}));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    let id = r["id"].as_str().expect("id");
+    assert_eq!(run(&b, id)["status"], "succeeded");
+    let (status, token) = a.api(
+        "POST",
+        "/api/tokens",
+        Some(&json!({"name": "ci", "scope": "run"}).to_string()),
+    );
+    assert_eq!(status, 201, "{token}");
+    let secret = token["token"].as_str().expect("token");
+    let (status, _) = crate::harness::call(
+        "GET",
+        &b.url("/api/runs"),
+        None,
+        &[("authorization", &format!("Bearer {secret}"))],
+    );
+    assert_eq!(status, 200, "a token made on one server works on the other");
+    // A run started on one is followed live on the other.
+    let id = b.trigger("hello", json!({}));
+    let r = a.wait_for_end(&id);
+    assert_eq!(r["status"], "succeeded", "{r}");
+}
+
+#[test]
+fn queued_runs_outlive_a_redis_restart() {
+    let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let server = serve(
+        &redis,
+        &[("later", "runs_on: [later]\nsteps:\n  - run: echo ran\n")],
+        &[],
+    );
+    let ids: Vec<String> = (0..5).map(|_| server.trigger("later", json!({}))).collect();
+    // A graceful restart: SHUTDOWN writes the AOF out; the server comes back on the same files.
+    let redis = redis.restart();
+    let _w = Worker::start(&redis.url(), "w-later", "later", &[]);
+    for id in &ids {
+        let r = wait_run(&server, id, "ended", ended);
+        assert_eq!(r["status"], "succeeded", "{r}");
+    }
+}
+
+/// Redis ACL users as the deployment files make them: the server's sees every skiff key, the
+/// workers' only `skiff:d:*`.
+fn acl_users(redis: &RedisServer) {
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-s", redis.socket().to_str().expect("path")])
+            .args(args)
+            .output()
+            .expect("redis-cli (Debian's redis-tools)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for line in skiff_redis::acl::users("server-secret", "worker-secret") {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cli(&args), "OK", "{line}");
+    }
+    assert_eq!(cli(&["ACL", "SETUSER", "default", "off"]), "OK");
+}
+
+#[test]
+fn a_workers_redis_user_cannot_reach_credentials() {
+    let redis = RedisServer::start();
+    acl_users(&redis);
+    let base = redis.url();
+    let server_url = format!("{base}?user=skiff-server");
+    let worker_url = base + "?user=skiff-worker";
+    let server = Server::start_with(
+        &[("hello", "runs_on: [acl]\nsteps:\n  - run: echo hello\n")],
+        &[
+            ("SKIFF_REDIS", &server_url),
+            ("SKIFF_REDIS_PASSWORD", "server-secret"),
+            ("SKIFF_WORKERS", "1"),
+        ],
+    );
+    let _w = Worker::start(
+        &worker_url,
+        "w-acl",
+        "acl",
+        &[("SKIFF_REDIS_PASSWORD", "worker-secret")],
+    );
+    let (r, log) = server.run_and_wait("hello", json!({}));
+    assert_eq!(r["status"], "succeeded", "{r}\n{log}");
+    assert_eq!(r["worker"], "w-acl");
+    // What an attacker holding the worker's credential gets: no credentials.
+    let socket = redis.socket().to_str().expect("path").to_string();
+    let as_worker = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args([
+                "-s",
+                &socket,
+                "--user",
+                "skiff-worker",
+                "--pass",
+                "worker-secret",
+            ])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    for args in [
+        vec!["KEYS", "skiff:auth:*"],
+        vec!["GET", "skiff:auth:password"],
+        vec!["HGETALL", "skiff:auth:sessions"],
+        vec!["SCAN", "0", "MATCH", "skiff:auth:*"],
+        vec!["ACL", "LIST"],
+        vec!["CONFIG", "GET", "*"],
+    ] {
+        let out = as_worker(&args);
+        assert!(
+            out.contains("NOPERM")
+                || out.contains("no permissions")
+                || out.trim().is_empty() && args[0] == "SCAN",
+            "{args:?} as the worker: {out}"
+        );
+    }
+}
