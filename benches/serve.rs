@@ -1,6 +1,7 @@
 //! The server benchmark: trigger-to-first-step latency and the queue hop, trivial-run
 //! throughput, idle memory, time to the first HTTP answer, and a chatty step followed live.
-//! Run with `cargo bench --bench serve` (or `-- latency | throughput | idle | logs | ui`).
+//! Run with `cargo bench --bench serve` (or `-- latency | throughput | idle | logs | ui |
+//! distributed`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -51,6 +52,15 @@ fn serve(pipelines: &[(&str, &str)]) -> (Serve, Duration) {
 
 /// `serve`, with more environment variables.
 fn serve_with(pipelines: &[(&str, &str)], env: &[(&str, &str)]) -> (Serve, Duration) {
+    serve_args(pipelines, env, &[])
+}
+
+/// `serve_with`, with more arguments.
+fn serve_args(
+    pipelines: &[(&str, &str)],
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (Serve, Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let pdir = dir.path().join("pipelines");
     std::fs::create_dir(&pdir).expect("mkdir");
@@ -62,6 +72,7 @@ fn serve_with(pipelines: &[(&str, &str)], env: &[(&str, &str)]) -> (Serve, Durat
     let started = Instant::now();
     let child = Command::new(skiff())
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(args)
         .env(
             "SKIFF_WORKERS",
             std::env::var("BENCH_WORKERS").unwrap_or_else(|_| "2".into()),
@@ -230,6 +241,9 @@ fn main() {
     }
     if wanted("ui") {
         ui();
+    }
+    if wanted("distributed") {
+        distributed();
     }
 }
 
@@ -1306,4 +1320,268 @@ fn ui() {
         rendered[1],
         verdict(rendered[1] < 1000.0)
     );
+}
+
+/// A `skiff worker` process of the distributed benchmark.
+struct RemoteWorker {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RemoteWorker {
+    fn start(redis: &str, name: &str, labels: &str, concurrency: u32, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(skiff())
+            .args(["worker", "--name", name, "--labels", labels])
+            .args(["--concurrency", &concurrency.to_string()])
+            .env("SKIFF_REDIS", redis)
+            .env("SKIFF_WORKSPACES", dir.path().join("work"))
+            .envs(env.iter().copied())
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start skiff worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        for line in lines.by_ref() {
+            if line.expect("worker output").contains("takes runs") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        RemoteWorker { child, _dir: dir }
+    }
+
+    fn cpu_ms(&self) -> f64 {
+        let ms = stat_ms(&self.child.id().to_string());
+        ms(11) + ms(12)
+    }
+}
+
+impl Drop for RemoteWorker {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the Store counts `n` ended runs.
+fn wait_ended(s: &Serve, agent: &ureq::Agent, n: usize, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let metrics = s.get(agent, "/metrics");
+        let finished: usize = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("skiff_runs{status=\"succeeded\"}")
+                    || l.starts_with("skiff_runs{status=\"failed\"}")
+            })
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>() as usize;
+        if finished >= n {
+            return;
+        }
+        assert!(start.elapsed() < limit, "runs did not finish: {finished}/{n}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The distributed deployment: a real redis-server (its own, on a unix socket), `skiff serve
+/// --redis`, and `skiff worker` processes; every run needs the label `remote`, which only the
+/// worker processes have, so the server's in-process worker never takes one.
+fn distributed() {
+    let redis = skiff_redis::testing::RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let url = redis.url();
+    println!("\n[distributed] Redis (AOF everysec, unix socket), skiff serve --redis, skiff worker processes");
+
+    // Idle memory of a worker.
+    {
+        let w = RemoteWorker::start(&url, "idle", "remote", 2, &[]);
+        std::thread::sleep(Duration::from_secs(2));
+        let rss = status_kib(w.child.id(), "VmRSS:");
+        println!(
+            "  idle RSS of a skiff worker:     {:.1} MB   (target < 10 MB) {}",
+            rss as f64 / 1024.0,
+            verdict(rss < 10 * 1024)
+        );
+    }
+
+    // Trigger -> first step, one remote worker.
+    {
+        let (s, _) = serve_with(
+            &[("first", "runs_on: [remote]\nsteps:\n  - run: echo \"$EPOCHREALTIME\"\n")],
+            &[("SKIFF_REDIS", &url), ("SKIFF_WORKERS", "1")],
+        );
+        let _w = RemoteWorker::start(&url, "lat", "remote", 2, &[]);
+        let agent = agent();
+        let (samples, shell) = trigger_latencies(&s, &agent, 300);
+        let bash = percentile(&shell, 0.5);
+        let (p50, p99) = (
+            percentile(&samples, 0.5) - bash,
+            percentile(&samples, 0.99) - bash,
+        );
+        println!(
+            "  trigger -> first step started on a remote worker (300 sequential, bash's start-up {bash:.2} ms subtracted):"
+        );
+        println!(
+            "    p50 {p50:.2} ms (target < 3 ms) {}   p99 {p99:.2} ms (target < 10 ms) {}   (raw p50 {:.2}, p99 {:.2})",
+            verdict(p50 < 3.0),
+            verdict(p99 < 10.0),
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.99)
+        );
+    }
+
+    // Throughput: 2 worker processes.
+    {
+        const N: usize = 1500;
+        const CLIENTS: usize = 4;
+        let (s, _) = serve_with(
+            &[("trivial", "runs_on: [remote]\nsteps:\n  - run: \"true\"\n")],
+            &[("SKIFF_REDIS", &url), ("SKIFF_WORKERS", "1")],
+        );
+        let workers: Vec<RemoteWorker> = (0..2)
+            .map(|i| RemoteWorker::start(&url, &format!("tp{i}"), "remote", 2, &[]))
+            .collect();
+        let s = std::sync::Arc::new(s);
+        let before: f64 = workers.iter().map(RemoteWorker::cpu_ms).sum();
+        let (server_before, _) = s.cpu_ms();
+        let start = Instant::now();
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let agent = agent();
+                    for _ in 0..N / CLIENTS {
+                        s.post(&agent, "/api/pipelines/trivial/runs", json!({}));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("client");
+        }
+        let agent = agent();
+        wait_ended(&s, &agent, N, Duration::from_secs(300));
+        let took = start.elapsed();
+        let rate = N as f64 / took.as_secs_f64();
+        let after: f64 = workers.iter().map(RemoteWorker::cpu_ms).sum();
+        let (server_after, _) = s.cpu_ms();
+        println!(
+            "  {N} trivial runs from {CLIENTS} clients, 2 worker processes (2 slots each): {rate:.0} runs/s   (target >= 500) {}",
+            verdict(rate >= 500.0)
+        );
+        println!(
+            "    per run: workers' CPU {:.2} ms, server CPU {:.2} ms",
+            (after - before) / N as f64,
+            (server_after - server_before) / N as f64
+        );
+    }
+
+    // Leases: a worker holding 100 running runs.
+    {
+        let (s, _) = serve_with(
+            &[("hold", "runs_on: [remote]\nsteps:\n  - run: echo held; sleep 40\n")],
+            &[("SKIFF_REDIS", &url), ("SKIFF_WORKERS", "1")],
+        );
+        let w = RemoteWorker::start(&url, "hold", "remote", 100, &[]);
+        let agent = agent();
+        let ids: Vec<String> = (0..100)
+            .map(|_| {
+                s.post(&agent, "/api/pipelines/hold/runs", json!({}))["id"]
+                    .as_str()
+                    .expect("id")
+                    .to_string()
+            })
+            .collect();
+        let start = Instant::now();
+        loop {
+            let metrics = s.get(&agent, "/metrics");
+            let running = metrics
+                .lines()
+                .find(|l| l.starts_with("skiff_runs{status=\"running\"}"))
+                .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if running >= 100.0 {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "100 runs did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let before = w.cpu_ms();
+        let window = Duration::from_secs(15);
+        std::thread::sleep(window);
+        let used = (w.cpu_ms() - before) / window.as_secs_f64() / 10.0;
+        println!(
+            "  a worker holding 100 running runs (lease 15 s, renewed every 5 s; cancel checks every 1 s): {used:.2} % of a core   (target < 1 %) {}",
+            verdict(used < 1.0)
+        );
+        for id in &ids {
+            let _ = agent
+                .post(&format!("{}/api/runs/{id}/cancel", s.base))
+                .header("authorization", &format!("Bearer {TOKEN}"))
+                .send_empty();
+        }
+    }
+
+    // A lost worker: killed with SIGKILL mid-run; how long until its finally starts elsewhere.
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("finally");
+        std::fs::write(&marker, "").expect("marker");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let lease = "15s";
+        let (s, _) = serve_with(
+            &[(
+                "lost",
+                &format!(
+                    "runs_on: [remote]\nsteps:\n  - run: echo started; sleep 120\nfinally:\n  - run: echo \"$EPOCHREALTIME\" >> {}\n",
+                    marker.display()
+                ),
+            )],
+            &[("SKIFF_REDIS", &url), ("SKIFF_WORKERS", "1"), ("SKIFF_LEASE", lease)],
+        );
+        let agent = agent();
+        let mut doomed = RemoteWorker::start(&url, "doomed", "remote", 1, &[("SKIFF_LEASE", lease)]);
+        let id = s.post(&agent, "/api/pipelines/lost/runs", json!({}))["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        let start = Instant::now();
+        loop {
+            let run: Value =
+                serde_json::from_str(&s.get(&agent, &format!("/api/runs/{id}"))).expect("run");
+            if run["status"] == "running" {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "the run did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Another worker with the label, alive, to take the run over.
+        let _heir = RemoteWorker::start(&url, "heir", "remote", 1, &[("SKIFF_LEASE", lease)]);
+        std::thread::sleep(Duration::from_millis(300));
+        let killed_at = now_us();
+        let _ = doomed.child.kill();
+        let _ = doomed.child.wait();
+        let start = Instant::now();
+        let finally_at = loop {
+            let text = std::fs::read_to_string(&marker).unwrap_or_default();
+            if let Some(t) = text.lines().next().and_then(|l| l.trim().parse::<f64>().ok()) {
+                break t * 1e6;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "finally never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = (finally_at - killed_at) / 1e6;
+        println!(
+            "  a worker killed mid-run (lease {lease}): its finally started elsewhere {took:.2} s later   (target < lease + 2 s) {}",
+            verdict(took < 17.0)
+        );
+    }
 }

@@ -118,6 +118,11 @@ pub async fn finish_interrupted_runs(
             Err(StoreError::Held { .. } | StoreError::InvalidTransition { .. }) => continue,
             Err(e) => return Err(e.into()),
         };
+        let why = if when == TakeOver::Any {
+            skiff_worker::Interruption::SkiffStopped
+        } else {
+            skiff_worker::Interruption::WorkerLost(holder.clone())
+        };
         let reaped = skiff_worker::clean_up_interrupted(&handler.config.workspace_root, &run.id);
         eprintln!(
             "skiff: run {} #{} was interrupted ({}){}; running its finally steps",
@@ -143,6 +148,7 @@ pub async fn finish_interrupted_runs(
                 claim,
                 &handler.config,
                 &handler.stopping,
+                why,
             )
             .await
             {

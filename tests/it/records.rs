@@ -533,8 +533,8 @@ fn a_server_leaves_a_live_skiff_run_alone_and_finishes_it_when_it_dies() {
     assert!(
         run["reason"]
             .as_str()
-            .is_some_and(|r| r.starts_with("interrupted")),
-        "{run}"
+            .is_some_and(|r| r.starts_with("worker lost") && r.contains("another worker")),
+        "the reason names what happened: {run}"
     );
     assert_eq!(
         std::fs::read_to_string(&marker).expect("the finally step ran"),

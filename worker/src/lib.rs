@@ -19,4 +19,6 @@ pub use cgroup::{
     tracking as process_tracking,
 };
 pub use logs::RunObserver;
-pub use runner::{RunOptions, RunOutcome, clean_up_interrupted, execute_run, finish_interrupted};
+pub use runner::{
+    Interruption, RunOptions, RunOutcome, clean_up_interrupted, execute_run, finish_interrupted,
+};

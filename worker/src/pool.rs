@@ -152,6 +152,7 @@ pub async fn finish_interrupted_run(
     claim: skiff_core::store::Claim,
     config: &WorkerConfig,
     stopping: &Stopping,
+    why: crate::runner::Interruption,
 ) -> Result<RunStatus, JobError> {
     let Some(pipeline) = load_snapshot(store.as_ref(), run, &claim).await? else {
         return Ok(RunStatus::Failed);
@@ -164,6 +165,7 @@ pub async fn finish_interrupted_run(
         &pipeline,
         &opts,
         Arc::new(Quiet),
+        why,
     )
     .await?;
     metrics::counter!("skiff_runs_finished_total", "status" => outcome.status.as_str())

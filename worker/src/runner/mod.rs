@@ -160,9 +160,59 @@ pub async fn finish_interrupted(
     pipeline: &Pipeline,
     opts: &RunOptions,
     observer: Arc<dyn RunObserver>,
+    why: Interruption,
 ) -> Result<RunOutcome, RunnerError> {
     let stored = store.steps(&run.id).await?;
-    drive(store, run, claim, pipeline, opts, observer, Some(stored)).await
+    drive(store, run, claim, pipeline, opts, observer, Some((stored, why))).await
+}
+
+/// What interrupted a run that another worker (or skiff's next start) finishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interruption {
+    /// skiff stopped (a crash, a kill -9) while it ran, and this is its next start.
+    SkiffStopped,
+    /// Its worker (named) stopped renewing its claim: killed, cut off, its machine gone.
+    WorkerLost(String),
+}
+
+impl Interruption {
+    /// The run's reason.
+    fn reason(&self) -> String {
+        match self {
+            Interruption::SkiffStopped => INTERRUPTED.to_string(),
+            Interruption::WorkerLost(w) => {
+                format!("worker lost: {w} stopped renewing its claim while this run was running")
+            }
+        }
+    }
+
+    /// A main step's reason, when it was running.
+    fn step_reason(&self) -> &'static str {
+        match self {
+            Interruption::SkiffStopped => "interrupted: skiff stopped while this step was running",
+            Interruption::WorkerLost(_) => {
+                "interrupted: its worker was lost while this step was running"
+            }
+        }
+    }
+
+    /// The log's note.
+    fn note(&self) -> String {
+        match self {
+            Interruption::SkiffStopped => "skiff stopped while this run was running; its unfinished steps are ended and its finally steps run now".into(),
+            Interruption::WorkerLost(w) => format!(
+                "worker {w} was lost while this run was running (its claim ran out); its unfinished steps are ended and its finally steps run now, on another worker"
+            ),
+        }
+    }
+
+    /// Added to the reason when finally steps ran.
+    fn finally_ran(&self) -> &'static str {
+        match self {
+            Interruption::SkiffStopped => "its finally steps ran after the restart",
+            Interruption::WorkerLost(_) => "its finally steps ran on another worker",
+        }
+    }
 }
 
 async fn drive(
@@ -172,7 +222,7 @@ async fn drive(
     pipeline: &Pipeline,
     opts: &RunOptions,
     observer: Arc<dyn RunObserver>,
-    interrupted: Option<Vec<StepRecord>>,
+    interrupted: Option<(Vec<StepRecord>, Interruption)>,
 ) -> Result<RunOutcome, RunnerError> {
     if !opts.workspace_root.is_absolute() {
         // Steps run in their workspace, so a relative path would name another place for them.
@@ -248,7 +298,7 @@ async fn drive(
     };
     let outcome = match interrupted {
         None => runner.execute().await,
-        Some(stored) => runner.resume(stored).await,
+        Some((stored, why)) => runner.resume(stored, why).await,
     };
     timer.abort();
     let Runner {
@@ -353,16 +403,15 @@ impl Runner<'_> {
     }
 
     /// The second half of an interrupted run: see [`finish_interrupted`].
-    async fn resume(&mut self, stored: Vec<StepRecord>) -> Result<RunOutcome, RunnerError> {
+    async fn resume(
+        &mut self,
+        stored: Vec<StepRecord>,
+        why: Interruption,
+    ) -> Result<RunOutcome, RunnerError> {
         self.prepare_env().await;
-        self.log
-            .note(
-                None,
-                "skiff stopped while this run was running; its unfinished steps are ended and its finally steps run now",
-            )
-            .await;
+        self.log.note(None, &why.note()).await;
         self.failed = true;
-        self.first_failure = Some(INTERRUPTED.to_string());
+        self.first_failure = Some(why.reason());
         for record in stored {
             if let Some(slot) = self.records.get_mut(record.index as usize)
                 && slot.id == record.id
@@ -390,10 +439,7 @@ impl Runner<'_> {
                     continue;
                 }
                 (Phase::Finally, _) => continue,
-                (Phase::Main, StepStatus::Running) => (
-                    StepStatus::Failed,
-                    "interrupted: skiff stopped while this step was running",
-                ),
+                (Phase::Main, StepStatus::Running) => (StepStatus::Failed, why.step_reason()),
                 (Phase::Main, _) => (StepStatus::Skipped, "not run: the run was interrupted"),
             };
             record.status = status;
@@ -428,9 +474,9 @@ impl Runner<'_> {
         let mut outcome = self.outcome();
         if outcome.status == RunStatus::Failed {
             outcome.reason = Some(if ran == 0 {
-                INTERRUPTED.to_string()
+                why.reason()
             } else {
-                format!("{INTERRUPTED}; its finally steps ran after the restart")
+                format!("{}; {}", why.reason(), why.finally_ran())
             });
         }
         Ok(outcome)
