@@ -1329,7 +1329,13 @@ struct RemoteWorker {
 }
 
 impl RemoteWorker {
-    fn start(redis: &str, name: &str, labels: &str, concurrency: u32, env: &[(&str, &str)]) -> Self {
+    fn start(
+        redis: &str,
+        name: &str,
+        labels: &str,
+        concurrency: u32,
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(skiff())
             .args(["worker", "--name", name, "--labels", labels])
@@ -1384,7 +1390,10 @@ fn wait_ended(s: &Serve, agent: &ureq::Agent, n: usize, limit: Duration) {
         if finished >= n {
             return;
         }
-        assert!(start.elapsed() < limit, "runs did not finish: {finished}/{n}");
+        assert!(
+            start.elapsed() < limit,
+            "runs did not finish: {finished}/{n}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -1393,9 +1402,16 @@ fn wait_ended(s: &Serve, agent: &ureq::Agent, n: usize, limit: Duration) {
 /// --redis`, and `skiff worker` processes; every run needs the label `remote`, which only the
 /// worker processes have, so the server's in-process worker never takes one.
 fn distributed() {
-    let redis = skiff_redis::testing::RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let redis = skiff_redis::testing::RedisServer::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+    ]);
     let url = redis.url();
-    println!("\n[distributed] Redis (AOF everysec, unix socket), skiff serve --redis, skiff worker processes");
+    println!(
+        "\n[distributed] Redis (AOF everysec, unix socket), skiff serve --redis, skiff worker processes"
+    );
 
     // Idle memory of a worker.
     {
@@ -1412,7 +1428,10 @@ fn distributed() {
     // Trigger -> first step, one remote worker.
     {
         let (s, _) = serve_with(
-            &[("first", "runs_on: [remote]\nsteps:\n  - run: echo \"$EPOCHREALTIME\"\n")],
+            &[(
+                "first",
+                "runs_on: [remote]\nsteps:\n  - run: echo \"$EPOCHREALTIME\"\n",
+            )],
             &[("SKIFF_REDIS", &url), ("SKIFF_WORKERS", "1")],
         );
         let _w = RemoteWorker::start(&url, "lat", "remote", 2, &[]);
@@ -1484,7 +1503,10 @@ fn distributed() {
     // Leases: a worker holding 100 running runs.
     {
         let (s, _) = serve_with(
-            &[("hold", "runs_on: [remote]\nsteps:\n  - run: echo held; sleep 40\n")],
+            &[(
+                "hold",
+                "runs_on: [remote]\nsteps:\n  - run: echo held; sleep 40\n",
+            )],
             &[("SKIFF_REDIS", &url), ("SKIFF_WORKERS", "1")],
         );
         let w = RemoteWorker::start(&url, "hold", "remote", 100, &[]);
@@ -1508,7 +1530,10 @@ fn distributed() {
             if running >= 100.0 {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "100 runs did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "100 runs did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_secs(2));
@@ -1534,7 +1559,8 @@ fn distributed() {
         let marker = dir.path().join("finally");
         std::fs::write(&marker, "").expect("marker");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod");
         std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(0o666)).expect("chmod");
         let lease = "15s";
         let (s, _) = serve_with(
@@ -1545,10 +1571,15 @@ fn distributed() {
                     marker.display()
                 ),
             )],
-            &[("SKIFF_REDIS", &url), ("SKIFF_WORKERS", "1"), ("SKIFF_LEASE", lease)],
+            &[
+                ("SKIFF_REDIS", &url),
+                ("SKIFF_WORKERS", "1"),
+                ("SKIFF_LEASE", lease),
+            ],
         );
         let agent = agent();
-        let mut doomed = RemoteWorker::start(&url, "doomed", "remote", 1, &[("SKIFF_LEASE", lease)]);
+        let mut doomed =
+            RemoteWorker::start(&url, "doomed", "remote", 1, &[("SKIFF_LEASE", lease)]);
         let id = s.post(&agent, "/api/pipelines/lost/runs", json!({}))["id"]
             .as_str()
             .expect("id")
@@ -1560,7 +1591,10 @@ fn distributed() {
             if run["status"] == "running" {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "the run did not start");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the run did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // Another worker with the label, alive, to take the run over.
@@ -1572,10 +1606,17 @@ fn distributed() {
         let start = Instant::now();
         let finally_at = loop {
             let text = std::fs::read_to_string(&marker).unwrap_or_default();
-            if let Some(t) = text.lines().next().and_then(|l| l.trim().parse::<f64>().ok()) {
+            if let Some(t) = text
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<f64>().ok())
+            {
                 break t * 1e6;
             }
-            assert!(start.elapsed() < Duration::from_secs(60), "finally never ran");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "finally never ran"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         let took = (finally_at - killed_at) / 1e6;

@@ -452,3 +452,170 @@ fn a_workers_redis_user_cannot_reach_credentials() {
         );
     }
 }
+
+/// What the chaos tests' steps wrote: per run, when (epoch seconds) its main step and its
+/// finally step started and ended.
+#[derive(Default, Debug)]
+struct Marks {
+    main_start: Vec<f64>,
+    main_end: Vec<f64>,
+    fin_start: Vec<f64>,
+    fin_end: Vec<f64>,
+}
+
+fn marks(path: &Path) -> std::collections::HashMap<String, Marks> {
+    let mut out: std::collections::HashMap<String, Marks> = Default::default();
+    for line in std::fs::read_to_string(path).expect("marks").lines() {
+        let mut words = line.split_whitespace();
+        let (Some(run), Some(what), Some(at)) = (words.next(), words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(at) = at.parse::<f64>() else { continue };
+        let m = out.entry(run.to_string()).or_default();
+        match what {
+            "main-start" => m.main_start.push(at),
+            "main-end" => m.main_end.push(at),
+            "fin-start" => m.fin_start.push(at),
+            "fin-end" => m.fin_end.push(at),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// A pipeline whose main and finally steps write their starts and ends to `marks` (one line
+/// each, appended whole, with the time), each taking a random part of half a second.
+fn chaos_pipeline(marks: &Path, runs_on: &str) -> String {
+    let m = marks.display();
+    format!(
+        "{runs_on}steps:\n  - run: |\n      echo \"$SKIFF_RUN_ID main-start $EPOCHREALTIME\" >> {m}\n      sleep 0.$((RANDOM % 5))\n      echo \"$SKIFF_RUN_ID main-end $EPOCHREALTIME\" >> {m}\nfinally:\n  - run: |\n      echo \"$SKIFF_RUN_ID fin-start $EPOCHREALTIME\" >> {m}\n      sleep 0.$((RANDOM % 3))\n      echo \"$SKIFF_RUN_ID fin-end $EPOCHREALTIME\" >> {m}\n"
+    )
+}
+
+/// The promises a chaos test checks: every run ended; no main step started twice; every run
+/// whose main step started ran its finally step to its end, and started it again only where a
+/// worker was killed between the two starts.
+fn check_chaos(server: &Server, ids: &[String], marks_file: &Path, kills: &[f64]) {
+    let until = Instant::now() + Duration::from_secs(120);
+    for id in ids {
+        loop {
+            let r = run(server, id);
+            if ended(&r) {
+                break;
+            }
+            assert!(Instant::now() < until, "run {id} never ended: {r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // A step of a killed worker may still be writing its last line.
+    std::thread::sleep(Duration::from_millis(600));
+    let marks = marks(marks_file);
+    let mut again = 0;
+    for id in ids {
+        let r = run(server, id);
+        let Some(m) = marks.get(id) else {
+            continue;
+        };
+        assert!(
+            m.main_start.len() <= 1,
+            "run {id}'s main step started twice: {m:?} {r}"
+        );
+        if !m.main_start.is_empty() {
+            assert!(
+                !m.fin_end.is_empty(),
+                "run {id} started but its finally never ended: {m:?} {r}"
+            );
+        }
+        for pair in m.fin_start.windows(2) {
+            assert!(
+                kills.iter().any(|k| *k >= pair[0] && *k <= pair[1]),
+                "run {id}'s finally started again with no kill in between: {m:?}, kills {kills:?}"
+            );
+            again += 1;
+        }
+    }
+    eprintln!(
+        "chaos: {} runs ended, {} of them started, {again} finally starts repeated after a kill, {} kills",
+        ids.len(),
+        marks.len(),
+        kills.len()
+    );
+    assert!(
+        marks.len() >= ids.len() / 2,
+        "most runs started: {}",
+        marks.len()
+    );
+}
+
+#[test]
+fn workers_killed_at_random_lose_no_run_and_run_no_main_step_twice() {
+    let redis = RedisServer::start();
+    let scratch = scratch();
+    let marks_file = scratch.path().join("marks");
+    shared_file(&marks_file);
+    let lease = [("SKIFF_LEASE", "1s")];
+    let server = serve(
+        &redis,
+        &[("chaos", &chaos_pipeline(&marks_file, "runs_on: [chaos]\n"))],
+        &lease,
+    );
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|i| Worker::start(&redis.url(), &format!("c{i}"), "chaos", &lease))
+        .collect();
+    let ids: Vec<String> = (0..36)
+        .map(|_| server.trigger("chaos", json!({})))
+        .collect();
+    // Kill a worker every 200 to 600 ms, 8 times, each replaced by a new one.
+    let mut seed = u64::from(std::process::id());
+    let mut kills = Vec::new();
+    for next in 3..11 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(200 + (seed >> 33) % 400));
+        let victim = (seed >> 40) as usize % workers.len();
+        kills.push(epoch());
+        workers[victim].kill();
+        workers.remove(victim);
+        workers.push(Worker::start(
+            &redis.url(),
+            &format!("c{next}"),
+            "chaos",
+            &lease,
+        ));
+    }
+    check_chaos(&server, &ids, &marks_file, &kills);
+}
+
+#[test]
+fn an_embedded_server_killed_at_random_loses_no_run_and_runs_no_main_step_twice() {
+    let scratch = scratch();
+    let marks_file = scratch.path().join("marks");
+    shared_file(&marks_file);
+    let mut server = Server::start_with(
+        &[("chaos", &chaos_pipeline(&marks_file, ""))],
+        &[("SKIFF_LEASE", "1s"), ("SKIFF_WORKERS", "3")],
+    );
+    let ids: Vec<String> = (0..30)
+        .map(|_| server.trigger("chaos", json!({})))
+        .collect();
+    let mut seed = u64::from(std::process::id());
+    let mut kills = Vec::new();
+    for _ in 0..4 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(300 + (seed >> 33) % 500));
+        kills.push(epoch());
+        server.crash();
+        server = server.restart();
+    }
+    check_chaos(&server, &ids, &marks_file, &kills);
+}

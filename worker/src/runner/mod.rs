@@ -163,7 +163,16 @@ pub async fn finish_interrupted(
     why: Interruption,
 ) -> Result<RunOutcome, RunnerError> {
     let stored = store.steps(&run.id).await?;
-    drive(store, run, claim, pipeline, opts, observer, Some((stored, why))).await
+    drive(
+        store,
+        run,
+        claim,
+        pipeline,
+        opts,
+        observer,
+        Some((stored, why)),
+    )
+    .await
 }
 
 /// What interrupted a run that another worker (or skiff's next start) finishes.
