@@ -17,6 +17,10 @@ pub struct RedisArgs {
     /// A file (mode 600) holding the Redis user's password
     #[arg(long, env = "SKIFF_REDIS_PASSWORD_FILE", value_name = "FILE")]
     pub redis_password_file: Option<PathBuf>,
+    /// With rediss://: the certificate authority (PEM) that signed Redis's certificate, when it
+    /// is not one the system trusts
+    #[arg(long, env = "SKIFF_REDIS_CA_FILE", value_name = "FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 }
 
 /// Where Redis is and who skiff is there.
@@ -33,8 +37,8 @@ impl RedisArgs {
     pub fn resolve(&self) -> anyhow::Result<Option<Redis>> {
         let Some(url) = &self.redis else {
             anyhow::ensure!(
-                self.redis_password_file.is_none(),
-                "--redis-password-file needs --redis"
+                self.redis_password_file.is_none() && self.redis_ca_file.is_none(),
+                "--redis-password-file and --redis-ca-file need --redis"
             );
             return Ok(None);
         };
@@ -55,7 +59,25 @@ impl RedisArgs {
             settings = settings.set_password(p);
         }
         let info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).context("the Redis URL")?;
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let client = match &self.redis_ca_file {
+            Some(ca) => {
+                anyhow::ensure!(
+                    tls,
+                    "--redis-ca-file is for a TLS connection: use a rediss:// URL"
+                );
+                let root = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root),
+                    },
+                )
+                .with_context(|| format!("the certificate authority in {}", ca.display()))?
+            }
+            None => redis::Client::open(info).context("the Redis URL")?,
+        };
         Ok(Some(Redis {
             url: url.clone(),
             client,

@@ -11,6 +11,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     socket: PathBuf,
     args: Vec<String>,
+    /// With TLS: its port and the folder of its certificates.
+    tls: Option<(u16, tempfile::TempDir)>,
 }
 
 impl RedisServer {
@@ -49,9 +51,82 @@ impl RedisServer {
             dir,
             socket,
             args,
+            tls: None,
         };
         server.wait_ready();
         server
+    }
+
+    /// Starts a server that also listens with TLS on a loopback TCP port, its certificate
+    /// (for `localhost` and 127.0.0.1) signed by a certificate authority made for it with
+    /// openssl: see [`RedisServer::tls_url`] and [`RedisServer::ca_file`].
+    pub fn start_tls() -> Self {
+        let certs = tempfile::tempdir().expect("a temp folder for certificates");
+        let d = certs.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl (Debian's openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=skiff test CA", "-keyout", "ca.key", "-out", "ca.pem",
+        ]);
+        openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout",
+            "redis.key", "-out", "redis.csr",
+        ]);
+        std::fs::write(
+            d.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .expect("write san.ext");
+        openssl(&[
+            "x509", "-req", "-in", "redis.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "redis.pem",
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let path = |f: &str| d.join(f).to_str().expect("a UTF-8 temp path").to_string();
+        let args = [
+            "--tls-port".to_string(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--tls-cert-file".into(),
+            path("redis.pem"),
+            "--tls-key-file".into(),
+            path("redis.key"),
+            "--tls-ca-cert-file".into(),
+            path("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut server = Self::start_with(&args);
+        server.tls = Some((port, certs));
+        server
+    }
+
+    /// The TLS URL (`rediss://localhost:PORT`) of a server from [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|(port, _)| format!("rediss://localhost:{port}"))
+    }
+
+    /// The certificate authority (PEM) that signed its certificate.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|(_, d)| d.path().join("ca.pem"))
     }
 
     /// Stops the server gracefully (SIGTERM: it writes its AOF and RDB out, as a restart of

@@ -206,3 +206,33 @@ async fn a_waiting_run_whose_job_was_lost_gets_a_new_one() {
     let depths = queue.depths().await.expect("depths");
     assert_eq!(depths, vec![(vec!["docker".to_string()], 2)]);
 }
+
+#[tokio::test]
+async fn the_queue_works_over_tls_with_a_private_certificate_authority() {
+    let server = RedisServer::start_tls();
+    let url = server.tls_url().expect("tls");
+    let root = std::fs::read(server.ca_file().expect("ca")).expect("ca");
+    let client = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root),
+        },
+    )
+    .expect("client");
+    let conn = redis::aio::ConnectionManager::new(client.clone())
+        .await
+        .expect("a TLS connection");
+    let queue = RedisQueue::new(conn);
+    queue.push(job(&["tls"])).await.expect("push over TLS");
+    assert_eq!(
+        queue.depths().await.expect("depths"),
+        vec![(vec!["tls".to_string()], 1)]
+    );
+    // Without the authority, the certificate is refused.
+    let untrusted = redis::Client::open(url.as_str()).expect("client");
+    assert!(
+        untrusted.get_multiplexed_async_connection().await.is_err(),
+        "a certificate no trusted authority signed is refused"
+    );
+}
