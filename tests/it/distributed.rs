@@ -619,3 +619,25 @@ fn an_embedded_server_killed_at_random_loses_no_run_and_runs_no_main_step_twice(
     }
     check_chaos(&server, &ids, &marks_file, &kills);
 }
+
+#[test]
+fn a_worker_reaches_redis_over_tls() {
+    let redis = RedisServer::start_tls();
+    let server = serve(
+        &redis,
+        &[("hello", "runs_on: [tls]\nsteps:\n  - run: echo over tls\n")],
+        &[],
+    );
+    let ca = redis.ca_file().expect("ca");
+    let url = redis.tls_url().expect("tls url");
+    let _w = Worker::start(
+        &url,
+        "w-tls",
+        "tls",
+        &[("SKIFF_REDIS_CA_FILE", ca.to_str().expect("path"))],
+    );
+    let (r, log) = server.run_and_wait("hello", json!({}));
+    assert_eq!(r["status"], "succeeded", "{r}\n{log}");
+    assert_eq!(r["worker"], "w-tls");
+    assert!(log.contains("over tls"), "{log}");
+}
