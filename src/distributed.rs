@@ -194,3 +194,37 @@ impl skiff_server::workers::WorkersView for EmbeddedView {
         Ok(vec![me])
     }
 }
+
+/// The login throttle's counts in Redis, shared by every server on it.
+pub struct SharedAttempts(pub skiff_redis::throttle::Attempts);
+
+#[async_trait::async_trait]
+impl skiff_server::auth::AttemptLog for SharedAttempts {
+    async fn reserve(
+        &self,
+        key: &str,
+        id: &str,
+        allowed: usize,
+        window: Duration,
+    ) -> Result<Result<(), Duration>, String> {
+        self.0
+            .reserve(key, id, allowed, window)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn forget(&self, key: &str, id: &str) -> Result<(), String> {
+        self.0.forget(key, id).await.map_err(|e| e.to_string())
+    }
+
+    async fn failed(&self, id: &str, window: Duration) -> Result<(), String> {
+        self.0.failed(id, window).await.map_err(|e| e.to_string())
+    }
+
+    async fn recent_failures(&self, window: Duration) -> Result<usize, String> {
+        self.0
+            .recent_failures(window)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

@@ -66,7 +66,8 @@ impl RedisArgs {
                     tls,
                     "--redis-ca-file is for a TLS connection: use a rediss:// URL"
                 );
-                let root = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+                let root =
+                    std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
                 redis::Client::build_with_tls(
                     info,
                     redis::TlsCertificates {

@@ -418,7 +418,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }),
         metrics,
         shutdown: stopping.cancel.clone(),
-        login_throttle: Arc::default(),
+        login_throttle: match &backend {
+            Backend::Embedded { .. } => Arc::default(),
+            Backend::Redis { redis, .. } => Arc::new(skiff_server::auth::LoginThrottle::shared(
+                Arc::new(crate::distributed::SharedAttempts(
+                    skiff_redis::throttle::Attempts::new(crate::distributed::manager(redis).await?),
+                )),
+            )),
+        },
         secrets: Arc::new(handler.config.secrets.clone()),
         workers: Some(match &backend {
             Backend::Embedded { .. } => {

@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod queue;
 pub mod testing;
+pub mod throttle;
 pub mod workers;
 
 /// The Redis client library skiff-redis is built on (one version for the whole build).

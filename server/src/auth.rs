@@ -38,6 +38,30 @@ pub struct LoginThrottle {
     state: std::sync::Mutex<ThrottleState>,
     /// One argon2 check at a time.
     checking: tokio::sync::Mutex<()>,
+    /// Attempts counted where every server sees them (Redis, for servers that share it); the
+    /// counts in `state` stand in while it cannot be reached.
+    shared: Option<std::sync::Arc<dyn AttemptLog>>,
+}
+
+/// Password attempts counted outside the process, so that servers sharing a Store share the
+/// count: a guesser gains nothing by spreading guesses over them.
+#[async_trait::async_trait]
+pub trait AttemptLog: Send + Sync + 'static {
+    /// Counts an attempt (`id`) against `key` unless `allowed` were made within `window`:
+    /// `Ok(Err(wait))` then, with the time until the oldest leaves the window.
+    async fn reserve(
+        &self,
+        key: &str,
+        id: &str,
+        allowed: usize,
+        window: std::time::Duration,
+    ) -> Result<Result<(), std::time::Duration>, String>;
+    /// Takes an attempt back (a right password).
+    async fn forget(&self, key: &str, id: &str) -> Result<(), String>;
+    /// Counts a failed attempt, from anywhere.
+    async fn failed(&self, id: &str, window: std::time::Duration) -> Result<(), String>;
+    /// Failed attempts from anywhere within `window`.
+    async fn recent_failures(&self, window: std::time::Duration) -> Result<usize, String>;
 }
 
 #[derive(Default)]
@@ -54,6 +78,14 @@ struct Attempt {
 }
 
 impl LoginThrottle {
+    /// A throttle whose counts are kept in `log`, shared with other servers.
+    pub fn shared(log: std::sync::Arc<dyn AttemptLog>) -> Self {
+        LoginThrottle {
+            shared: Some(log),
+            ..Default::default()
+        }
+    }
+
     /// Checks `password` against `hash` (no password set: never right), counted against `addr`
     /// before the check; `Err(wait)` when that address has used its attempts. The one way a
     /// password is checked (sign-in, and the current password when changing it).
@@ -63,6 +95,32 @@ impl LoginThrottle {
         password: &str,
         hash: Option<&str>,
     ) -> Result<bool, std::time::Duration> {
+        if let Some(log) = &self.shared {
+            let key = client_key(addr).to_string();
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            match log.reserve(&key, &id, GUESSES_ALLOWED, GUESS_WINDOW).await {
+                Ok(Ok(())) => {
+                    let busy = log
+                        .recent_failures(GUESS_WINDOW)
+                        .await
+                        .is_ok_and(|n| n >= GLOBAL_FAILURES);
+                    let ok = self.check_password(password, hash, busy).await;
+                    let done = if ok {
+                        log.forget(&key, &id).await
+                    } else {
+                        log.failed(&id, GUESS_WINDOW).await
+                    };
+                    if let Err(e) = done {
+                        tracing::warn!(error = %e, "recording a password attempt failed");
+                    }
+                    return Ok(ok);
+                }
+                Ok(Err(wait)) => return Err(wait),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the shared login throttle cannot be reached; counting here");
+                }
+            }
+        }
         let attempt = self.reserve(addr)?;
         let ok = match hash {
             Some(h) => {
@@ -106,6 +164,19 @@ impl LoginThrottle {
         }
         q.push_back(now);
         Ok(Attempt { addr, at: now })
+    }
+
+    /// Checks a password (one check at a time; after a pause when `busy`).
+    async fn check_password(&self, password: &str, hash: Option<&str>, busy: bool) -> bool {
+        let Some(h) = hash else { return false };
+        let _one = self.checking.lock().await;
+        if busy {
+            tokio::time::sleep(GLOBAL_SLOWDOWN).await;
+        }
+        let (password, h) = (password.to_string(), h.to_string());
+        tokio::task::spawn_blocking(move || verify_password(&password, &h))
+            .await
+            .unwrap_or(false)
     }
 
     /// Runs a password check: one at a time, after a pause while many failed recently.

@@ -356,6 +356,22 @@ fn two_servers_on_one_redis_serve_the_same_runs_and_tokens() {
     let id = b.trigger("hello", json!({}));
     let r = a.wait_for_end(&id);
     assert_eq!(r["status"], "succeeded", "{r}");
+    // Password guesses spread over both servers count together.
+    let guess = |s: &Server| {
+        crate::harness::raw(
+            "POST",
+            &s.url("/login"),
+            Some("password=not-the-password"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .0
+    };
+    for i in 0..skiff_server::auth::GUESSES_ALLOWED {
+        let status = guess(if i % 2 == 0 { &a } else { &b });
+        assert_eq!(status, 401, "guess {i} is checked");
+    }
+    assert_eq!(guess(&a), 429, "the next guess is refused on one server");
+    assert_eq!(guess(&b), 429, "and on the other");
 }
 
 #[test]
