@@ -180,6 +180,35 @@ impl skiff_server::workers::WorkersView for RegistryView {
             })
             .collect())
     }
+
+    async fn metrics(&self) -> Vec<(String, String)> {
+        self.0.metrics().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the workers' metrics failed");
+            Vec::new()
+        })
+    }
+}
+
+/// Reports this worker's metrics to Redis every `every` until `stop` (a worker serves no HTTP:
+/// the server's `/metrics` carries them).
+pub async fn report_metrics(
+    registry: Registry,
+    name: String,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if let Err(e) = registry.report_metrics(&name, &handle.render()).await {
+            tracing::warn!(error = %e, "reporting the worker's metrics failed");
+        }
+    }
 }
 
 /// The Workers view of the embedded deployment: its own in-process workers, which take every

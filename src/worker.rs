@@ -106,6 +106,15 @@ async fn work(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     tokio::spawn(recover_abandoned_runs(handler.clone()));
+    if let Some(handle) = crate::metrics::install() {
+        tokio::spawn(crate::distributed::report_metrics(
+            skiff_redis::workers::Registry::new(crate::distributed::manager(&redis).await?),
+            name.clone(),
+            handle,
+            Duration::from_secs(5),
+            stop_taking.clone(),
+        ));
+    }
     eprintln!(
         "skiff: worker {name} takes runs for labels [{}], {} at once",
         labels.iter().cloned().collect::<Vec<_>>().join(", "),

@@ -18,6 +18,10 @@ pub const WORKERS: &str = "skiff:d:workers";
 pub const BEATS: &str = "skiff:d:workers:beat";
 /// A worker's poke list is this and its name.
 pub const POKE_PREFIX: &str = "skiff:d:poke:";
+/// A worker's last metrics (Prometheus text) are this and its name.
+pub const METRICS_PREFIX: &str = "skiff:d:metrics:";
+/// How long a worker's metrics are kept after its last report.
+const METRICS_KEPT: Duration = Duration::from_secs(60);
 /// How long a lost worker stays listed.
 const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -156,9 +160,43 @@ impl Registry {
             .hdel(WORKERS, name)
             .zrem(BEATS, name)
             .del(format!("{POKE_PREFIX}{name}"))
+            .del(format!("{METRICS_PREFIX}{name}"))
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Keeps a worker's metrics (its Prometheus text) for the server's `/metrics`.
+    pub async fn report_metrics(&self, name: &str, text: &str) -> Result<(), PresenceError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .set_ex(
+                format!("{METRICS_PREFIX}{name}"),
+                text,
+                METRICS_KEPT.as_secs(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The metrics of the registered workers that reported some lately: (name, text).
+    pub async fn metrics(&self) -> Result<Vec<(String, String)>, PresenceError> {
+        let mut conn = self.conn.clone();
+        let names: Vec<String> = conn.hkeys(WORKERS).await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = names
+            .iter()
+            .map(|n| format!("{METRICS_PREFIX}{n}"))
+            .collect();
+        let texts: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+        Ok(names
+            .into_iter()
+            .zip(texts)
+            .filter_map(|(n, t)| Some((n, t?)))
+            .collect())
     }
 
     /// Every registered worker, by name; workers lost for more than a day are forgotten here.

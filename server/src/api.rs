@@ -523,11 +523,22 @@ pub async fn metrics(_auth: Auth, State(state): State<AppState>) -> Result<Respo
         .find(|(s, _)| *s == RunStatus::Queued)
         .map_or(0, |(_, n)| *n);
     metrics::gauge!("skiff_queue_depth").set(queued as f64);
-    let text = state
+    let own = state
         .metrics
         .as_ref()
         .map(|h| h.render())
         .unwrap_or_default();
+    let text = match &state.workers {
+        Some(view) => {
+            let remote = view.metrics().await;
+            if remote.is_empty() {
+                own
+            } else {
+                crate::workers::merge_metrics(&own, &remote)
+            }
+        }
+        None => own,
+    };
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -40,6 +40,11 @@ pub struct Seen {
 #[async_trait]
 pub trait WorkersView: Send + Sync + 'static {
     async fn workers(&self) -> Result<Vec<Seen>, String>;
+    /// The metrics each remote worker last reported (name, Prometheus text); a worker never
+    /// serves HTTP, so the server's `/metrics` carries them.
+    async fn metrics(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -166,4 +171,107 @@ pub async fn waiting_for(state: &AppState, run: &Run) -> Option<String> {
             needs.into_iter().collect::<Vec<_>>().join(", ")
         )
     })
+}
+
+/// The server's own metrics with the workers' (each sample labelled `worker="NAME"`), every
+/// metric family's samples kept together under its one HELP and TYPE, as the text format
+/// requires.
+pub fn merge_metrics(own: &str, workers: &[(String, String)]) -> String {
+    #[derive(Default)]
+    struct Family {
+        help: Option<String>,
+        kind: Option<String>,
+        samples: Vec<String>,
+    }
+    let mut order: Vec<String> = Vec::new();
+    let mut families: std::collections::HashMap<String, Family> = Default::default();
+    let mut add = |text: &str, worker: Option<&str>| {
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            let line = line.trim_end();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+            {
+                let name = rest.split_whitespace().next().unwrap_or("").to_string();
+                if !families.contains_key(&name) {
+                    order.push(name.clone());
+                }
+                let f = families.entry(name.clone()).or_default();
+                if line.starts_with("# HELP ") {
+                    f.help.get_or_insert_with(|| line.to_string());
+                } else {
+                    f.kind.get_or_insert_with(|| line.to_string());
+                }
+                current = Some(name);
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+            let sample_name = &line[..name_end];
+            let family = match &current {
+                Some(c) if sample_name.starts_with(c.as_str()) => c.clone(),
+                _ => sample_name.to_string(),
+            };
+            if !families.contains_key(&family) {
+                order.push(family.clone());
+            }
+            let sample = match worker {
+                None => line.to_string(),
+                Some(w) => {
+                    let label = format!(
+                        "worker=\"{}\"",
+                        w.replace('\\', "\\\\")
+                            .replace('"', "\\\"")
+                            .replace('\n', "\\n")
+                    );
+                    let rest = &line[name_end..];
+                    match rest.strip_prefix('{') {
+                        Some(r) if r.starts_with('}') => {
+                            format!("{sample_name}{{{label}{r}")
+                        }
+                        Some(r) => format!("{sample_name}{{{label},{r}"),
+                        None => format!("{sample_name}{{{label}}}{rest}"),
+                    }
+                }
+            };
+            families.entry(family).or_default().samples.push(sample);
+        }
+    };
+    add(own, None);
+    for (worker, text) in workers {
+        add(text, Some(worker));
+    }
+    let mut out = String::with_capacity(own.len() * 2);
+    for name in order {
+        let Some(f) = families.remove(&name) else {
+            continue;
+        };
+        for line in f.help.iter().chain(f.kind.iter()).chain(f.samples.iter()) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_workers_samples_join_their_family_with_its_name() {
+        let own = "# HELP skiff_runs Runs.\n# TYPE skiff_runs gauge\nskiff_runs{status=\"queued\"} 1\n\n# TYPE skiff_step_duration_seconds histogram\nskiff_step_duration_seconds_bucket{le=\"1\"} 2\nskiff_step_duration_seconds_sum 0.5\nskiff_step_duration_seconds_count 2\n";
+        let w = "# TYPE skiff_step_duration_seconds histogram\nskiff_step_duration_seconds_bucket{le=\"1\"} 7\nskiff_step_duration_seconds_sum 1\nskiff_step_duration_seconds_count 7\n# TYPE skiff_runs_finished_total counter\nskiff_runs_finished_total{} 7\n";
+        let merged = merge_metrics(own, &[("w\"1".to_string(), w.to_string())]);
+        assert_eq!(
+            merged,
+            "# HELP skiff_runs Runs.\n# TYPE skiff_runs gauge\nskiff_runs{status=\"queued\"} 1\n# TYPE skiff_step_duration_seconds histogram\nskiff_step_duration_seconds_bucket{le=\"1\"} 2\nskiff_step_duration_seconds_sum 0.5\nskiff_step_duration_seconds_count 2\nskiff_step_duration_seconds_bucket{worker=\"w\\\"1\",le=\"1\"} 7\nskiff_step_duration_seconds_sum{worker=\"w\\\"1\"} 1\nskiff_step_duration_seconds_count{worker=\"w\\\"1\"} 7\n# TYPE skiff_runs_finished_total counter\nskiff_runs_finished_total{worker=\"w\\\"1\"} 7\n"
+        );
+    }
 }

@@ -162,6 +162,37 @@ fn runs_go_to_the_workers_whose_labels_they_need() {
     }
     let (r, _) = server.run_and_wait("anywhere", json!({}));
     assert_eq!(r["status"], "succeeded", "{r}");
+    // The workers' metrics reach the server's /metrics through Redis (a worker serves no HTTP),
+    // labelled with the worker, in a document promtool accepts.
+    let until = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let (_, _, text) = crate::harness::raw(
+            "GET",
+            &server.url("/metrics"),
+            None,
+            &[(
+                "authorization",
+                &format!("Bearer {}", crate::harness::ADMIN_TOKEN),
+            )],
+        );
+        if text.contains("skiff_runs_finished_total{worker=\"w-gpu\"")
+            && text.contains("skiff_runs_finished_total{worker=\"w-arm\"")
+        {
+            break text;
+        }
+        assert!(
+            Instant::now() < until,
+            "no worker metrics on /metrics:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (ok, out) = crate::edge::tool(
+        "promtool",
+        &["check", "metrics"],
+        Some(&text),
+        "Debian's prometheus",
+    );
+    assert!(ok, "promtool: {out}\n{text}");
     // No worker has `aws`: the run waits, and says for what.
     let id = server.trigger("on-aws", json!({}));
     std::thread::sleep(Duration::from_millis(500));

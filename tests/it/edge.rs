@@ -48,7 +48,7 @@ fn assert_json_error(
 }
 
 /// Runs a program that a test needs; a missing one fails the test with the package to install.
-fn tool(program: &str, args: &[&str], stdin: Option<&str>, package: &str) -> (bool, String) {
+pub fn tool(program: &str, args: &[&str], stdin: Option<&str>, package: &str) -> (bool, String) {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(if stdin.is_some() {
