@@ -63,7 +63,10 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not listen on {} within 10 s", self.socket.display());
+        panic!(
+            "redis-server did not listen on {} within 10 s",
+            self.socket.display()
+        );
     }
 
     /// The URL to reach it (`redis+unix:///.../redis.sock`).
