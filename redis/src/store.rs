@@ -152,6 +152,12 @@ impl RedisStore {
         }
         info = info.set_redis_settings(settings);
         let client = redis::Client::open(info).map_err(failed)?;
+        // The subscription first: one try, so a wrong address or password fails at once (the
+        // connection manager retries its first connection with a backoff).
+        let pubsub = tokio::time::timeout(config.connect_timeout, feed::subscribe(&client))
+            .await
+            .map_err(|_| StoreError::Backend(format!("connecting to Redis at {shown}: timed out")))?
+            .map_err(failed)?;
         let manager = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(config.connect_timeout));
@@ -162,14 +168,6 @@ impl RedisStore {
         .await
         .map_err(|_| StoreError::Backend(format!("connecting to Redis at {shown}: timed out")))?
         .map_err(failed)?;
-        let pubsub = tokio::time::timeout(config.connect_timeout, feed::subscribe(&client))
-            .await
-            .map_err(|_| {
-                StoreError::Backend(format!(
-                    "subscribing to skiff's change feed at {shown}: timed out"
-                ))
-            })?
-            .map_err(failed)?;
         let origin = uuid::Uuid::now_v7().simple().to_string();
         let feed = Arc::new(Feed::new());
         let stop = CancellationToken::new();
