@@ -17,14 +17,15 @@
 //!   `skiff:d:res:svc:{service}`), and the change channel (`skiff:d:changes`, pub/sub).
 //! - `skiff:s:*`: the server's own: webhook deliveries (`skiff:s:dlv:k:{key}`, indexed by time
 //!   in `skiff:s:dlv:time`, by hook in `skiff:s:dlv:hook:{hook}`, by the provider's delivery id
-//!   in `skiff:s:dlv:id:{id}`) and schedule marks (`skiff:s:schedules`).
+//!   in `skiff:s:dlv:id:{id}`) and schedule marks (`skiff:s:sched:{key}`).
 //!
 //! Workers get an ACL user limited to `~skiff:d:*` (keys) and `&skiff:d:*` (channels), so a
 //! worker, which runs untrusted builds, can never read sessions, tokens or deliveries. The Lua
 //! scripts take the record they work on in `KEYS` and derive the indexes they keep from the
 //! prefixes above (a single Redis, no cluster).
 //!
-//! Every record (a hash, or a JSON value) carries its schema version, `v` (now 1).
+//! Every record (a hash, a JSON value, a log stream's entry) carries its schema version, `v`
+//! (now 1); indexes and counters are derived from them.
 
 use skiff_core::run::RunId;
 
@@ -90,7 +91,9 @@ pub fn deliveries_with_id(id: &str) -> String {
     format!("{SERVER}dlv:id:{id}")
 }
 
-pub const SCHEDULES: &str = "skiff:s:schedules";
+pub fn schedule(key: &str) -> String {
+    format!("{SERVER}sched:{key}")
+}
 
 pub const ADMIN: &str = "skiff:auth:admin";
 pub const TOKENS: &str = "skiff:auth:tokens";

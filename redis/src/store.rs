@@ -622,10 +622,13 @@ impl Store for RedisStore {
 
     async fn append_logs(&self, claim: &Claim, chunks: &[LogChunk]) -> Result<u64> {
         let cap = self.inner.log_cap;
-        let note = format!(
-            "[skiff] the log reached its limit of {} bytes: the rest of it is not kept\n",
-            cap
-        );
+        let limit = if cap > 0 && cap.is_multiple_of(1 << 20) {
+            format!("{} MiB", cap >> 20)
+        } else {
+            format!("{cap} bytes")
+        };
+        let note =
+            format!("[skiff] the log reached its limit of {limit}: the rest of it is not kept\n");
         let mut invocation = APPEND_LOGS.prepare_invoke();
         invocation
             .key(keys::run(&claim.run))
@@ -733,6 +736,11 @@ impl Store for RedisStore {
                 });
             }
             "notfound" => return Err(StoreError::NotFound(id.clone())),
+            "version" => {
+                return Err(corrupt(format!(
+                    "a chunk of run {id}'s log has a schema version this skiff does not know"
+                )));
+            }
             other => return Err(corrupt(format!("read_logs answered `{other}`"))),
         };
         let mut chunks = Vec::new();
@@ -1029,18 +1037,12 @@ impl Store for RedisStore {
     }
 
     async fn schedule_mark(&self, key: &str) -> Result<Option<DateTime<Utc>>> {
-        let mark: Option<String> = self
-            .conn()
-            .hget(keys::SCHEDULES, key)
-            .await
-            .map_err(backend)?;
-        mark.map(|m| {
-            m.parse::<i64>()
-                .ok()
-                .and_then(from_millis)
-                .ok_or_else(|| corrupt(format!("schedule mark `{m}`")))
-        })
-        .transpose()
+        let fields = self.hgetall(&keys::schedule(key)).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        fields.version("a schedule mark")?;
+        fields.time("slot").map(Some)
     }
 
     async fn advance_schedule(
@@ -1050,8 +1052,7 @@ impl Store for RedisStore {
         slot: DateTime<Utc>,
     ) -> Result<bool> {
         let moved: i64 = ADVANCE_SCHEDULE
-            .key(keys::SCHEDULES)
-            .arg(key)
+            .key(keys::schedule(key))
             .arg(expected.map(|t| millis(t).to_string()).unwrap_or_default())
             .arg(millis(slot))
             .invoke_async(&mut self.conn())

@@ -14,13 +14,13 @@ for i = 6, #ARGV, 4 do
   local data = ARGV[i + 3]
   if not cut and #data > 0 then
     if len + #data > cap then
-      redis.call('XADD', KEYS[2], int(len) .. '-1', 's', '', 't', 'skiff', 'a', int(now_ms()),
+      redis.call('XADD', KEYS[2], int(len) .. '-1', 'v', '1', 's', '', 't', 'skiff', 'a', int(now_ms()),
         'd', ARGV[5])
       len = len + #ARGV[5]
       cut = true
       redis.call('HSET', KEYS[1], 'log_cut', '1')
     else
-      redis.call('XADD', KEYS[2], int(len) .. '-1', 's', ARGV[i], 't', ARGV[i + 1],
+      redis.call('XADD', KEYS[2], int(len) .. '-1', 'v', '1', 's', ARGV[i], 't', ARGV[i + 1],
         'a', ARGV[i + 2], 'd', data)
       len = len + #data
     end

@@ -20,6 +20,7 @@ while true do
     if start >= len then return out end
     local f = {}
     for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+    if f['v'] ~= '1' then return {'version', f['v'] or ''} end
     local data = f['d'] or ''
     local stop = math.min(start + #data, len)
     if stop > offset then
