@@ -17,15 +17,13 @@ use crate::redis_args::Redis;
 use crate::runs::{Handler, labels_of, runs_in};
 
 /// The Store on Redis (both its halves: runs and credentials).
-pub async fn open_store(redis: &Redis) -> anyhow::Result<skiff_redis::store::RedisStore> {
-    skiff_redis::store::RedisStore::connect(&skiff_redis::store::RedisConfig {
-        url: redis.url.clone(),
-        username: redis.username.clone(),
-        password: redis.password.clone(),
-        ..Default::default()
-    })
-    .await
-    .context("opening the Store on Redis")
+pub async fn open_store(redis: &Redis) -> anyhow::Result<skiff_redis::RedisStore> {
+    let mut config = skiff_redis::RedisConfig::new(redis.url.clone());
+    config.username = redis.username.clone();
+    config.password = redis.password.clone();
+    skiff_redis::RedisStore::connect_with(redis.client.clone(), &config)
+        .await
+        .context("opening the Store on Redis")
 }
 
 pub async fn manager(redis: &Redis) -> anyhow::Result<redis::aio::ConnectionManager> {

@@ -578,7 +578,7 @@ enum Backend {
     },
     /// Redis, shared with other servers and workers.
     Redis {
-        store: skiff_redis::store::RedisStore,
+        store: skiff_redis::RedisStore,
         queue: RedisQueue,
         redis: crate::redis_args::Redis,
     },
