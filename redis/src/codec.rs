@@ -13,8 +13,15 @@ use skiff_core::store::{Claim, StoreError};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A Redis failure, said plainly: away (no answer in time, or no connection) or refused.
 pub fn backend(e: redis::RedisError) -> StoreError {
-    StoreError::Backend(format!("redis: {e}"))
+    StoreError::Backend(if e.is_timeout() {
+        format!("redis: no answer in time ({e}): is Redis up and reachable?")
+    } else if e.is_connection_refusal() || e.is_connection_dropped() {
+        format!("redis: not connected ({e}): is Redis up and reachable?")
+    } else {
+        format!("redis: {e}")
+    })
 }
 
 pub fn corrupt(what: impl std::fmt::Display) -> StoreError {
