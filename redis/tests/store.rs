@@ -354,7 +354,7 @@ async fn corrupt_records_are_reported_not_panicked_on() {
         .expect("create")
         .run;
     let client = redis::Client::open(server.url()).expect("client");
-    let mut conn = client
+    let conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("connection");
