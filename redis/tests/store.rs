@@ -387,6 +387,17 @@ async fn corrupt_records_are_reported_not_panicked_on() {
         matches!(&err, StoreError::Corrupt(e) if e.contains("schema version 2")),
         "{err}"
     );
+    let _: () = redis::cmd("SET")
+        .arg(format!("skiff:d:run:{}:steps", run.id))
+        .arg("a string, not a hash")
+        .query_async(&mut conn.clone())
+        .await
+        .expect("SET");
+    let err = store
+        .steps(&run.id)
+        .await
+        .expect_err("a key of another type");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
     set(format!("skiff:d:run:{}", run.id), "v", b"1").await;
     set(format!("skiff:d:run:{}", run.id), "params", b"\xff\xfe").await;
     assert!(matches!(
