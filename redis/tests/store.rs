@@ -157,10 +157,17 @@ async fn leases_run_out_by_redis_time() {
         .await
         .expect("create")
         .run;
-    let (_, claim) = store
+    let (claimed, claim) = store
         .claim_run(&run.id, "w1", Duration::from_millis(300))
         .await
         .expect("claim");
+    assert_eq!(
+        claimed
+            .started_at
+            .map(|t| t + chrono::Duration::milliseconds(300)),
+        Some(claim.expires_at),
+        "the start and the lease are read from one clock, Redis's, at one moment"
+    );
     let err = store
         .take_over_run(&run.id, "w2", Duration::from_secs(30), TakeOver::Expired)
         .await
