@@ -13,8 +13,26 @@ use skiff_core::store::{Claim, StoreError};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// A Redis failure, said plainly: away (no answer in time, or no connection) or refused. A
+/// value that is not what skiff wrote (a key of another type, a reply of the wrong shape) is
+/// corrupt data, not a failure of Redis.
 pub fn backend(e: redis::RedisError) -> StoreError {
-    StoreError::Backend(format!("redis: {e}"))
+    let wrong_type = e.code() == Some("WRONGTYPE") || e.to_string().contains("WRONGTYPE");
+    if wrong_type
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::UnexpectedReturnType | redis::ErrorKind::Parse
+        )
+    {
+        return StoreError::Corrupt(format!("redis: {e}"));
+    }
+    StoreError::Backend(if e.is_timeout() {
+        format!("redis: no answer in time ({e}): is Redis up and reachable?")
+    } else if e.is_connection_refusal() || e.is_connection_dropped() {
+        format!("redis: not connected ({e}): is Redis up and reachable?")
+    } else {
+        format!("redis: {e}")
+    })
 }
 
 pub fn corrupt(what: impl std::fmt::Display) -> StoreError {

@@ -993,15 +993,28 @@ impl Store for RedisStore {
             (None, Some(hook)) => keys::deliveries_of_hook(hook),
             (None, None) => keys::DELIVERIES.to_string(),
         };
-        // Newest first: by time, then by key (a sorted set orders equal scores by member).
-        let keys_found: Vec<String> = self
-            .conn()
-            .zrevrange(&index, 0, -1)
-            .await
-            .map_err(backend)?;
+        // Newest first: by time, then by key (a sorted set orders equal scores by member), a
+        // page at a time (the log holds a week; a page of the UI wants 50).
+        let page = limit.max(50);
         let mut found = Vec::new();
-        for page in keys_found.chunks(limit.max(50)) {
-            let wanted: Vec<String> = page.iter().map(|k| keys::delivery(k)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut from = 0usize;
+        loop {
+            let keys_found: Vec<String> = self
+                .conn()
+                .zrevrange(&index, from as isize, (from + page - 1) as isize)
+                .await
+                .map_err(backend)?;
+            if keys_found.is_empty() {
+                break;
+            }
+            from += keys_found.len();
+            // A delivery logged meanwhile moves the ranks on by one: none is answered twice.
+            let wanted: Vec<String> = keys_found
+                .iter()
+                .filter(|k| seen.insert((*k).clone()))
+                .map(|k| keys::delivery(k))
+                .collect();
             for fields in self.hgetall_many(&wanted).await? {
                 if fields.is_empty() {
                     continue;

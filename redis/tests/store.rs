@@ -157,10 +157,17 @@ async fn leases_run_out_by_redis_time() {
         .await
         .expect("create")
         .run;
-    let (_, claim) = store
+    let (claimed, claim) = store
         .claim_run(&run.id, "w1", Duration::from_millis(300))
         .await
         .expect("claim");
+    assert_eq!(
+        claimed
+            .started_at
+            .map(|t| t + chrono::Duration::milliseconds(300)),
+        Some(claim.expires_at),
+        "the start and the lease are read from one clock, Redis's, at one moment"
+    );
     let err = store
         .take_over_run(&run.id, "w2", Duration::from_secs(30), TakeOver::Expired)
         .await
@@ -341,4 +348,110 @@ async fn the_change_feed_survives_a_redis_restart() {
     second.kill().expect("kill");
     let _ = second.wait();
     assert!(heard, "b hears of a's changes again after Redis restarted");
+}
+
+/// What Redis holds is never trusted: a record that does not parse is `Corrupt`, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_records_are_reported_not_panicked_on() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let run = store
+        .create_run(new_run("corrupt"))
+        .await
+        .expect("create")
+        .run;
+    let client = redis::Client::open(server.url()).expect("client");
+    let conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let set = |key: String, field: &'static str, value: &'static [u8]| {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("HSET")
+                .arg(key)
+                .arg(field)
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+                .expect("HSET");
+        }
+    };
+    set(format!("skiff:d:run:{}:steps", run.id), "s:0", b"{not json").await;
+    assert!(matches!(
+        store.steps(&run.id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    set(format!("skiff:d:run:{}", run.id), "status", b"sideways").await;
+    assert!(matches!(
+        store.get_run(&run.id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    set(format!("skiff:d:run:{}", run.id), "status", b"queued").await;
+    set(format!("skiff:d:run:{}", run.id), "v", b"2").await;
+    let err = store.get_run(&run.id).await.expect_err("a newer schema");
+    assert!(
+        matches!(&err, StoreError::Corrupt(e) if e.contains("schema version 2")),
+        "{err}"
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("skiff:d:run:{}:steps", run.id))
+        .arg("a string, not a hash")
+        .query_async(&mut conn.clone())
+        .await
+        .expect("SET");
+    let err = store
+        .steps(&run.id)
+        .await
+        .expect_err("a key of another type");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    set(format!("skiff:d:run:{}", run.id), "v", b"1").await;
+    set(format!("skiff:d:run:{}", run.id), "params", b"\xff\xfe").await;
+    assert!(matches!(
+        store.list_runs(&Default::default()).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+/// A Redis that is gone is a `Backend` error that says so, in bounded time; and once it is
+/// back, the same Store works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_is_gone_is_a_backend_error() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let run = store.create_run(new_run("gone")).await.expect("create").run;
+    nix_kill(server.pid(), "STOP");
+    let started = std::time::Instant::now();
+    let err = store.get_run(&run.id).await.expect_err("Redis is away");
+    assert!(
+        matches!(&err, StoreError::Backend(e) if e.starts_with("redis:")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the answer's timeout bounds the wait: {:?}",
+        started.elapsed()
+    );
+    nix_kill(server.pid(), "CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.get_run(&run.id).await {
+            Ok(Some(got)) => {
+                assert_eq!(got.id, run.id);
+                break;
+            }
+            other if std::time::Instant::now() > deadline => {
+                panic!("the Store works again once Redis is back: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
