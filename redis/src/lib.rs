@@ -5,6 +5,7 @@
 pub mod acl;
 mod auth;
 mod codec;
+mod conn;
 mod feed;
 pub mod keys;
 pub mod queue;

@@ -112,7 +112,7 @@ impl RedisQueue {
         if waiting.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let names: Vec<String> = conn.smembers(QUEUES).await.map_err(backend)?;
         let mut queued = HashSet::new();
         for name in names {
@@ -140,7 +140,7 @@ impl RedisQueue {
 
     /// How many jobs wait on each label set's list.
     pub async fn depths(&self) -> Result<Vec<(Vec<String>, u64)>, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let names: Vec<String> = conn.smembers(QUEUES).await.map_err(backend)?;
         let mut out = Vec::new();
         for name in names {
@@ -163,7 +163,7 @@ impl Queue for RedisQueue {
     async fn push(&self, job: RunJob) -> Result<(), QueueError> {
         let name = queue_name(&job.labels);
         let body = serde_json::to_string(&job).map_err(|e| QueueError(e.to_string()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let _: i64 = self
             .push
             .key(format!("{QUEUE_PREFIX}{name}"))

@@ -199,8 +199,8 @@ impl RedisStore {
         })
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+    pub(crate) fn conn(&self) -> crate::conn::Resending {
+        crate::conn::Resending(self.inner.conn.clone())
     }
 
     fn origin(&self) -> &str {

@@ -65,7 +65,7 @@ impl Attempts {
         allowed: usize,
         window: Duration,
     ) -> redis::RedisResult<Result<(), Duration>> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let wait: i64 = redis::Script::new(RESERVE)
             .key(format!("{ADDR_PREFIX}{key}"))
             .arg(ms(window))
@@ -81,7 +81,7 @@ impl Attempts {
     }
 
     pub async fn forget(&self, key: &str, id: &str) -> redis::RedisResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         redis::cmd("ZREM")
             .arg(format!("{ADDR_PREFIX}{key}"))
             .arg(id)
@@ -90,7 +90,7 @@ impl Attempts {
     }
 
     pub async fn failed(&self, id: &str, window: Duration) -> redis::RedisResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         redis::Script::new(FAILED)
             .key(FAILURES)
             .arg(ms(window))
@@ -100,7 +100,7 @@ impl Attempts {
     }
 
     pub async fn recent_failures(&self, window: Duration) -> redis::RedisResult<usize> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         redis::Script::new(RECENT)
             .key(FAILURES)
             .arg(ms(window))

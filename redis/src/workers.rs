@@ -121,7 +121,7 @@ impl Registry {
     pub async fn register(&self, info: &WorkerInfo, replace: bool) -> Result<(), PresenceError> {
         let record =
             serde_json::to_string(info).map_err(|e| PresenceError::Corrupt(e.to_string()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let got: i64 = redis::Script::new(REGISTER)
             .key(WORKERS)
             .key(BEATS)
@@ -139,7 +139,7 @@ impl Registry {
 
     /// Says the worker is alive.
     pub async fn beat(&self, name: &str) -> Result<(), PresenceError> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let got: i64 = redis::Script::new(BEAT)
             .key(WORKERS)
             .key(BEATS)
@@ -154,7 +154,7 @@ impl Registry {
 
     /// Removes a worker that stopped cleanly.
     pub async fn deregister(&self, name: &str) -> Result<(), PresenceError> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         redis::pipe()
             .atomic()
             .hdel(WORKERS, name)
@@ -168,7 +168,7 @@ impl Registry {
 
     /// Keeps a worker's metrics (its Prometheus text) for the server's `/metrics`.
     pub async fn report_metrics(&self, name: &str, text: &str) -> Result<(), PresenceError> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let _: () = conn
             .set_ex(
                 format!("{METRICS_PREFIX}{name}"),
@@ -181,7 +181,7 @@ impl Registry {
 
     /// The metrics of the registered workers that reported some lately: (name, text).
     pub async fn metrics(&self) -> Result<Vec<(String, String)>, PresenceError> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let names: Vec<String> = conn.hkeys(WORKERS).await?;
         if names.is_empty() {
             return Ok(Vec::new());
@@ -201,7 +201,7 @@ impl Registry {
 
     /// Every registered worker, by name; workers lost for more than a day are forgotten here.
     pub async fn list(&self) -> Result<Vec<Presence>, PresenceError> {
-        let mut conn = self.conn.clone();
+        let mut conn = crate::conn::Resending(self.conn.clone());
         let now: i64 = redis::Script::new(NOW).invoke_async(&mut conn).await?;
         let forget = now - FORGET_AFTER.as_millis() as i64;
         let gone: Vec<String> = conn.zrangebyscore(BEATS, "-inf", forget).await?;
