@@ -21,6 +21,9 @@ pub struct Handler {
     /// The labels of this process's workers: a run taken over must need no other. `None`: the
     /// embedded queue's workers, which take every run.
     pub labels: Option<BTreeSet<String>>,
+    /// Where a run taken over before any of its steps started goes back to (the distributed
+    /// queue): it then runs once, elsewhere. `None`: such a run is finished as interrupted.
+    pub requeue: Option<Arc<dyn skiff_core::dispatch::Queue>>,
 }
 
 #[async_trait::async_trait]
@@ -118,6 +121,12 @@ pub async fn finish_interrupted_runs(
             Err(StoreError::Held { .. } | StoreError::InvalidTransition { .. }) => continue,
             Err(e) => return Err(e.into()),
         };
+        if let Some(queue) = &handler.requeue
+            && when == TakeOver::Expired
+            && requeue_unstarted(store.as_ref(), queue.as_ref(), &run, &claim).await
+        {
+            continue;
+        }
         let why = if when == TakeOver::Any {
             skiff_worker::Interruption::SkiffStopped
         } else {
@@ -157,6 +166,36 @@ pub async fn finish_interrupted_runs(
         });
     }
     Ok(())
+}
+
+/// Gives a taken-over run back to the queue if none of its steps started (its worker died
+/// between claiming it and starting it); whether it did.
+async fn requeue_unstarted(
+    store: &dyn Store,
+    queue: &dyn skiff_core::dispatch::Queue,
+    run: &Run,
+    claim: &skiff_core::store::Claim,
+) -> bool {
+    match store.release_run(claim).await {
+        Ok(_) => {}
+        Err(StoreError::InvalidTransition { .. }) => return false,
+        Err(e) => {
+            tracing::warn!(run_id = %run.id, error = %e, "giving an unstarted run back failed");
+            return false;
+        }
+    }
+    let job = skiff_core::dispatch::RunJob::with_labels(&run.id, labels_of(run));
+    if let Err(e) = queue.push(job).await {
+        // The sweeper gives it a job once it has waited long enough.
+        tracing::warn!(run_id = %run.id, error = %e, "queueing a released run failed");
+    }
+    eprintln!(
+        "skiff: run {} #{} was claimed by {} but never started; it is queued again",
+        run.pipeline,
+        run.number,
+        run.claimed_by.as_deref().unwrap_or("a lost worker")
+    );
+    true
 }
 
 /// Looks for runs whose worker stopped renewing its claim, every third of a lease, until the

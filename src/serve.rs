@@ -345,6 +345,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         running: tokio_util::task::TaskTracker::new(),
         // The embedded queue has one list: its workers take every run. With Redis they take
         // the label sets their labels cover.
+        requeue: match &backend {
+            Backend::Embedded { .. } => None,
+            Backend::Redis { queue, .. } => Some(Arc::new(queue.clone())),
+        },
         labels: match &backend {
             Backend::Embedded { .. } => None,
             Backend::Redis { .. } => {

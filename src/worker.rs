@@ -95,6 +95,9 @@ async fn work(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         stopping: stopping.clone(),
         running: tokio_util::task::TaskTracker::new(),
         labels: Some(labels.clone()),
+        requeue: Some(Arc::new(skiff_redis::queue::RedisQueue::new(
+            crate::distributed::manager(&redis).await?,
+        ))),
     });
     let stop_taking = CancellationToken::new();
     let queue = crate::distributed::work(

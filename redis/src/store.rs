@@ -103,6 +103,7 @@ static CREATE_RUN: LazyLock<Script> = script!("create_run.lua");
 static CLAIM_RUN: LazyLock<Script> = script!("claim_run.lua");
 static TAKE_OVER_RUN: LazyLock<Script> = script!("take_over_run.lua");
 static RENEW_CLAIM: LazyLock<Script> = script!("renew_claim.lua");
+static RELEASE_RUN: LazyLock<Script> = script!("release_run.lua");
 static UPDATE_STEP: LazyLock<Script> = script!("update_step.lua");
 static FINISH_RUN: LazyLock<Script> = script!("finish_run.lua");
 static APPEND_LOGS: LazyLock<Script> = script!("append_logs.lua");
@@ -580,6 +581,31 @@ impl Store for RedisStore {
                 })
             }
             _ => Err(Self::not_moved(id, &code, rest, RunStatus::Running)),
+        }
+    }
+
+    async fn release_run(&self, claim: &Claim) -> Result<Run> {
+        let value: Value = RELEASE_RUN
+            .key(keys::run(&claim.run))
+            .key(keys::steps(&claim.run))
+            .arg(claim.run.as_str())
+            .arg(claim.token)
+            .arg(self.origin())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(backend)?;
+        let (code, rest) = reply(value)?;
+        match code.as_str() {
+            "ok" => {
+                self.changed(&claim.run, ChangeKind::Status);
+                run_from(&Self::answered_run(rest)?)
+            }
+            "started" => Err(StoreError::InvalidTransition {
+                id: claim.run.clone(),
+                from: RunStatus::Running,
+                to: RunStatus::Queued,
+            }),
+            other => Err(Self::refused(claim, other)),
         }
     }
 

@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use skiff_redis::redis;
 use skiff_redis::testing::RedisServer;
 
 use crate::harness::{DEADLINE, Server, scratch, shared_file};
@@ -687,4 +688,64 @@ fn a_worker_reaches_redis_over_tls() {
     assert_eq!(r["status"], "succeeded", "{r}\n{log}");
     assert_eq!(r["worker"], "w-tls");
     assert!(log.contains("over tls"), "{log}");
+}
+
+#[test]
+fn a_run_claimed_by_a_worker_that_died_before_starting_it_runs_once_elsewhere() {
+    let redis = RedisServer::start();
+    let scratch = scratch();
+    let marker = scratch.path().join("ran");
+    shared_file(&marker);
+    let server = serve(
+        &redis,
+        &[(
+            "once",
+            &format!(
+                "runs_on: [ghostly]\nsteps:\n  - run: echo $SKIFF_RUN_ID >> {}\n",
+                marker.display()
+            ),
+        )],
+        &[],
+    );
+    let id = server.trigger("once", json!({}));
+    // A worker takes the job and claims the run, then dies before its first step: its claim is
+    // left to run out, its job gone from the list.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        use skiff_core::store::Store;
+        let store = skiff_redis::RedisStore::connect(&skiff_redis::RedisConfig::new(redis.url()))
+            .await
+            .expect("store");
+        let run_id: skiff_core::run::RunId = id.parse().expect("id");
+        store
+            .claim_run(&run_id, "ghost", Duration::from_millis(500))
+            .await
+            .expect("the ghost claims it");
+        let client = redis::Client::open(redis.url()).expect("client");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: Option<String> = redis::cmd("LPOP")
+            .arg("skiff:d:q:v1:ghostly")
+            .query_async(&mut conn)
+            .await
+            .expect("take the job");
+    });
+    assert_eq!(run(&server, &id)["worker"], "ghost");
+    let _w = Worker::start(&redis.url(), "w-alive", "ghostly", &[("SKIFF_LEASE", "1s")]);
+    let r = wait_run(&server, &id, "ended", ended);
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["worker"], "w-alive");
+    assert_eq!(
+        std::fs::read_to_string(&marker)
+            .expect("marker")
+            .lines()
+            .count(),
+        1,
+        "it ran once"
+    );
 }

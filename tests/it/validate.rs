@@ -99,7 +99,15 @@ fn missing_path_is_a_clear_error() {
 #[test]
 fn help_is_complete() {
     let sb = Sandbox::new();
-    for sub in ["run", "validate", "serve", "worker", "trigger", "login-link", "token"] {
+    for sub in [
+        "run",
+        "validate",
+        "serve",
+        "worker",
+        "trigger",
+        "login-link",
+        "token",
+    ] {
         let mut cmd = sb.skiff(&[sub, "--help"]);
         cmd.env_remove("SKIFF_DATA")
             .env_remove("SKIFF_KILL_GRACE")

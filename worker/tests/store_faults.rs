@@ -66,6 +66,10 @@ impl Store for Flaky {
         self.check()?;
         self.inner.take_over_run(id, worker, lease, when).await
     }
+    async fn release_run(&self, claim: &Claim) -> Result<Run> {
+        self.check()?;
+        self.inner.release_run(claim).await
+    }
     async fn renew_claim(&self, claim: &Claim, lease: Duration) -> Result<Claim> {
         self.check()?;
         self.inner.renew_claim(claim, lease).await

@@ -58,6 +58,7 @@ pub async fn conformance(store: Arc<dyn Store>) {
     listing(&store).await;
     missing(&store).await;
     cancelling(&store).await;
+    releasing(store.clone()).await;
     counting(&store).await;
     pruning(&store).await;
     reading_while_appending(store.clone()).await;
@@ -658,6 +659,71 @@ async fn claims(store: Arc<dyn Store>) {
             Err(StoreError::InvalidTransition { .. })
         ),
         "an ended run is not taken over"
+    );
+}
+
+/// A claimed run whose steps have not started goes back to the queue with its claim dead, and
+/// is claimed again (once); after a step started it cannot go back.
+async fn releasing(store: Arc<dyn Store>) {
+    let run = store
+        .create_run(new_run("release", 2))
+        .await
+        .expect("create")
+        .run;
+    let first = claim(&store, &run.id).await;
+    let back = store.release_run(&first).await.expect("released");
+    assert_eq!(back.status, RunStatus::Queued, "{back:?}");
+    assert!(back.started_at.is_none(), "not started: {back:?}");
+    assert!(
+        matches!(
+            store.release_run(&first).await,
+            Err(StoreError::StaleClaim { .. })
+        ),
+        "a released claim is dead"
+    );
+    assert!(
+        matches!(
+            store.renew_claim(&first, LEASE).await,
+            Err(StoreError::StaleClaim { .. })
+        ),
+        "a released claim cannot be renewed"
+    );
+    let tries: Vec<_> = (0..5)
+        .map(|i| {
+            let (store, id) = (store.clone(), run.id.clone());
+            tokio::spawn(async move { store.claim_run(&id, &format!("again{i}"), LEASE).await })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for t in tries {
+        if let Ok((_, c)) = t.await.expect("task") {
+            won.push(c);
+        }
+    }
+    assert_eq!(won.len(), 1, "a released run is claimed again exactly once");
+    let second = won.remove(0);
+    assert!(second.token > first.token);
+    let mut step = store.steps(&run.id).await.expect("steps").remove(0);
+    step.status = StepStatus::Running;
+    store
+        .update_step(&second, &step)
+        .await
+        .expect("a step starts");
+    assert!(
+        matches!(
+            store.release_run(&second).await,
+            Err(StoreError::InvalidTransition { .. })
+        ),
+        "a run whose step started does not go back"
+    );
+    assert_eq!(
+        store
+            .get_run(&run.id)
+            .await
+            .expect("get")
+            .expect("run")
+            .status,
+        RunStatus::Running
     );
 }
 

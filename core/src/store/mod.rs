@@ -307,6 +307,11 @@ pub trait Store: Send + Sync + 'static {
         lease: std::time::Duration,
         when: TakeOver,
     ) -> Result<(Run, Claim)>;
+    /// Gives a claimed run back to the queue (running -> queued, its claim dead: the token
+    /// moves on) if none of its steps has started: a run its worker took but never began
+    /// (the worker died, or stopped) runs once, elsewhere. `InvalidTransition` (from running)
+    /// once a step started; `StaleClaim` when the claim is no longer the run's.
+    async fn release_run(&self, claim: &Claim) -> Result<Run>;
     /// Extends a claim's lease; `StaleClaim` when the claim is no longer the run's.
     async fn renew_claim(&self, claim: &Claim, lease: std::time::Duration) -> Result<Claim>;
     /// Writes a step's state, attempt, times, exit code, reason and outputs.

@@ -971,6 +971,47 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn release_run(&self, claim: &Claim) -> Result<Run> {
+        let row = sqlx::query(concat!(
+            "UPDATE runs SET status = 'queued', started_at = NULL, claim_token = claim_token + 1,
+                claimed_by = NULL, lease_until = NULL
+             WHERE id = ?1 AND status = 'running' AND claim_token = ?2
+               AND NOT EXISTS (SELECT 1 FROM steps WHERE run_id = ?1 AND status != 'pending')
+             RETURNING ",
+            run_columns!()
+        ))
+        .bind(claim.run.as_str())
+        .bind(token_of(claim))
+        .fetch_optional(&mut *self.writer.lock().await)
+        .await
+        .map_err(backend)?;
+        if let Some(row) = row {
+            self.changed(&claim.run, ChangeKind::Status);
+            return Ok(claim_from_row(&row)?.0);
+        }
+        // Not moved: a step started under this claim, or the claim is no longer the run's.
+        let now: Option<(String, i64)> =
+            sqlx::query_as("SELECT status, claim_token FROM runs WHERE id = ?1")
+                .bind(claim.run.as_str())
+                .fetch_optional(&self.readers)
+                .await
+                .map_err(backend)?;
+        match now {
+            None => Err(StoreError::NotFound(claim.run.clone())),
+            Some((status, token)) if status == "running" && token == token_of(claim) => {
+                Err(StoreError::InvalidTransition {
+                    id: claim.run.clone(),
+                    from: RunStatus::Running,
+                    to: RunStatus::Queued,
+                })
+            }
+            Some(_) => Err(StoreError::StaleClaim {
+                id: claim.run.clone(),
+                token: claim.token,
+            }),
+        }
+    }
+
     async fn renew_claim(&self, claim: &Claim, lease: std::time::Duration) -> Result<Claim> {
         let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         let done = sqlx::query(
