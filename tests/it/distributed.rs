@@ -749,3 +749,75 @@ fn a_run_claimed_by_a_worker_that_died_before_starting_it_runs_once_elsewhere() 
         "it ran once"
     );
 }
+
+#[test]
+fn a_job_delivered_twice_runs_its_run_once_and_a_slow_redis_kills_no_worker() {
+    let redis = RedisServer::start();
+    let scratch = scratch();
+    let marker = scratch.path().join("ran");
+    shared_file(&marker);
+    let server = serve(
+        &redis,
+        &[(
+            "twice",
+            &format!(
+                "runs_on: [dup]\nsteps:\n  - run: echo $SKIFF_RUN_ID >> {}; sleep 0.3\n",
+                marker.display()
+            ),
+        )],
+        &[],
+    );
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-s", redis.socket().to_str().expect("path")])
+            .args(args)
+            .output()
+            .expect("redis-cli (Debian's redis-tools)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Three runs whose jobs are each on the list twice (a job given back, a sweeper's copy).
+    let ids: Vec<String> = (0..3).map(|_| server.trigger("twice", json!({}))).collect();
+    let jobs = cli(&["LRANGE", "skiff:d:q:v1:dup", "0", "-1"]);
+    for job in jobs.lines() {
+        cli(&["RPUSH", "skiff:d:q:v1:dup", job]);
+    }
+    assert_eq!(cli(&["LLEN", "skiff:d:q:v1:dup"]), "6");
+    let _a = Worker::start(&redis.url(), "w-dup-a", "dup", &[]);
+    let _b = Worker::start(&redis.url(), "w-dup-b", "dup", &[]);
+    // Redis answers nothing for 2 s (stopped) while the runs go on: the workers wait, and
+    // carry on.
+    let pid = redis.pid().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    for id in &ids {
+        let r = wait_run(&server, id, "ended", ended);
+        assert_eq!(r["status"], "succeeded", "{r}");
+    }
+    let ran = std::fs::read_to_string(&marker).expect("marker");
+    for id in &ids {
+        assert_eq!(
+            ran.lines().filter(|l| l == id).count(),
+            1,
+            "{id} ran once: {ran}"
+        );
+    }
+    let again = server.trigger("twice", json!({}));
+    let r = wait_run(&server, &again, "ended", ended);
+    assert_eq!(
+        r["status"], "succeeded",
+        "the workers still take runs after the slow answer: {r}"
+    );
+}
