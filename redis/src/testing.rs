@@ -161,6 +161,17 @@ impl RedisServer {
         self.tls.as_ref().map(|(_, d)| d.path().join("ca.pem"))
     }
 
+    /// Kills the server (SIGKILL: what it had not written to its AOF is lost, as in a crash)
+    /// and starts it again on the same folder and socket.
+    pub fn crash_and_restart(mut self) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        self.child = spawn(&self.args);
+        self.wait_ready();
+        self
+    }
+
     /// Stops the server gracefully (SIGTERM: it writes its AOF and RDB out, as a restart of
     /// the service would) and starts it again on the same folder and socket.
     pub fn restart(mut self) -> Self {
