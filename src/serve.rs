@@ -45,8 +45,9 @@ pub struct ServeArgs {
         value_name = "DIR"
     )]
     pipelines: PathBuf,
-    /// How many runs the in-process workers execute at once
-    #[arg(long, env = "SKIFF_WORKERS", default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// How many runs the in-process workers execute at once (with --redis, 0: none, the server
+    /// only serves)
+    #[arg(long, env = "SKIFF_WORKERS", default_value_t = 2, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=256))]
     workers: u16,
     #[command(flatten)]
     data: DataArgs,
@@ -274,6 +275,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let view_tools = tools.clone();
     let backend = match args.redis.resolve()? {
         None => {
+            anyhow::ensure!(
+                args.workers > 0,
+                "--workers 0 leaves nobody to run anything: the embedded deployment needs at \
+                 least one in-process worker (0 is for a server on --redis, beside `skiff worker`s)"
+            );
             let data = args.data.open().await?;
             let lock = data.lock_for_serve()?;
             // A fetch may claim twice the worker's slots: the next jobs are at hand when a slot
@@ -372,8 +378,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             (workers, Arc::new(queue.clone()))
         }
         Backend::Redis { queue, redis, .. } => {
-            // Other servers' and workers' runs are theirs while their leases hold.
-            finish_interrupted_runs(&handler, Interrupted::Expired).await?;
             tokio::spawn(crate::distributed::keep_jobs(
                 store.clone(),
                 queue.clone(),
@@ -381,18 +385,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 SWEEP_JOBS,
                 stopping.cancel.clone(),
             ));
-            let workers = crate::distributed::work(
-                redis,
-                handler.clone(),
-                args.workers,
-                true,
-                queue_stop.clone(),
-            )
-            .await?;
+            let workers = if args.workers == 0 {
+                // No in-process workers: the workers take runs over, not this server.
+                tokio::spawn(async {})
+            } else {
+                // Other servers' and workers' runs are theirs while their leases hold.
+                finish_interrupted_runs(&handler, Interrupted::Expired).await?;
+                tokio::spawn(recover_abandoned_runs(handler.clone()));
+                crate::distributed::work(
+                    redis,
+                    handler.clone(),
+                    args.workers,
+                    true,
+                    queue_stop.clone(),
+                )
+                .await?
+            };
             (workers, Arc::new(queue.clone()))
         }
     };
-    tokio::spawn(recover_abandoned_runs(handler.clone()));
+    if matches!(backend, Backend::Embedded { .. }) {
+        tokio::spawn(recover_abandoned_runs(handler.clone()));
+    }
     tokio::spawn(keep_retention(
         store.clone(),
         catalog.clone(),

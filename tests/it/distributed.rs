@@ -671,10 +671,10 @@ fn an_embedded_server_killed_at_random_loses_no_run_and_runs_no_main_step_twice(
 #[test]
 fn a_worker_reaches_redis_over_tls() {
     let redis = RedisServer::start_tls();
-    let server = serve(
-        &redis,
-        &[("hello", "runs_on: [tls]\nsteps:\n  - run: echo over tls\n")],
-        &[],
+    // A server without in-process workers: a run without `runs_on` goes to the worker.
+    let server = Server::start_with(
+        &[("hello", "steps:\n  - run: echo over tls\n")],
+        &[("SKIFF_REDIS", &redis.url()), ("SKIFF_WORKERS", "0")],
     );
     let ca = redis.ca_file().expect("ca");
     let url = redis.tls_url().expect("tls url");
