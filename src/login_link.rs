@@ -1,5 +1,6 @@
-//! Credentials for whoever can read the data folder: `skiff login-link` (a one-time sign-in link
-//! for the web UI) and `skiff token` (an API token for scripts and `skiff trigger`).
+//! Credentials for whoever can read the data folder (or, distributed, holds the server's Redis
+//! credential): `skiff login-link` (a one-time sign-in link for the web UI) and `skiff token`
+//! (an API token for scripts and `skiff trigger`).
 
 use std::process::ExitCode;
 
@@ -9,6 +10,8 @@ use crate::DataArgs;
 pub struct LoginLinkArgs {
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    redis: crate::redis_args::RedisArgs,
     /// The URL the server is reached at (default: the URL of the server last started on the
     /// data folder, else http://127.0.0.1:8080)
     #[arg(long, env = "SKIFF_PUBLIC_URL", value_name = "URL")]
@@ -26,6 +29,29 @@ pub struct TokenArgs {
     scope: String,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    redis: crate::redis_args::RedisArgs,
+}
+
+/// Where the credentials are: the data folder's Store, or Redis (with `--redis`); and the data
+/// folder, when it is one.
+async fn credentials(
+    data: &DataArgs,
+    redis: &crate::redis_args::RedisArgs,
+) -> anyhow::Result<(
+    std::sync::Arc<dyn skiff_core::store::AuthStore>,
+    Option<std::path::PathBuf>,
+)> {
+    match redis.resolve()? {
+        Some(redis) => Ok((
+            std::sync::Arc::new(crate::distributed::open_store(&redis).await?),
+            None,
+        )),
+        None => {
+            let data = existing_store(data).await?;
+            Ok((std::sync::Arc::new(data.store.clone()), Some(data.dir)))
+        }
+    }
 }
 
 /// The data folder's Store, which must exist already (a folder with no skiff data is more
@@ -47,11 +73,11 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
 
 pub fn main(args: LoginLinkArgs) -> anyhow::Result<ExitCode> {
     current_thread()?.block_on(async {
-        let data = existing_store(&args.data).await?;
-        let token = skiff_server::auth::issue_login_link(&data.store).await?;
+        let (auth, dir) = credentials(&args.data, &args.redis).await?;
+        let token = skiff_server::auth::issue_login_link(auth.as_ref()).await?;
         let base = args
             .public_url
-            .or_else(|| crate::read_server_url(&data.dir))
+            .or_else(|| dir.as_deref().and_then(crate::read_server_url))
             .unwrap_or_else(|| "http://127.0.0.1:8080".to_string());
         println!("{}/login/link/{token}", base.trim_end_matches('/'));
         eprintln!(
@@ -68,11 +94,9 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         let scope: skiff_core::store::Scope =
             args.scope.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-        let data = existing_store(&args.data).await?;
+        let (auth, _) = credentials(&args.data, &args.redis).await?;
         let secret = skiff_server::auth::random_token("skiff_");
-        use skiff_core::store::AuthStore;
-        data.store
-            .create_token(&name, &skiff_server::auth::hash_secret(&secret), scope)
+        auth.create_token(&name, &skiff_server::auth::hash_secret(&secret), scope)
             .await?;
         println!("{secret}");
         eprintln!(

@@ -821,3 +821,35 @@ fn a_job_delivered_twice_runs_its_run_once_and_a_slow_redis_kills_no_worker() {
         "the workers still take runs after the slow answer: {r}"
     );
 }
+
+#[test]
+fn login_links_and_tokens_are_made_on_redis_from_the_command_line() {
+    let redis = RedisServer::start();
+    let server = serve(&redis, &[("hello", "steps:\n  - run: echo hi\n")], &[]);
+    let sb = crate::harness::Sandbox::new();
+    let out = sb.run(&["token", "ci", "--scope", "read", "--redis", &redis.url()]);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let secret = out.stdout.trim();
+    let (status, _) = crate::harness::call(
+        "GET",
+        &server.url("/api/runs"),
+        None,
+        &[("authorization", &format!("Bearer {secret}"))],
+    );
+    assert_eq!(status, 200, "a token made with --redis works on the server");
+    let out = sb.run(&[
+        "login-link",
+        "--redis",
+        &redis.url(),
+        "--public-url",
+        &server.base,
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let link = out.stdout.trim();
+    let (status, headers, _) = crate::harness::raw("GET", link, None, &[]);
+    assert_eq!(status, 303, "the link signs in");
+    assert!(
+        headers.iter().any(|(k, v)| k == "set-cookie" && v.contains("skiff_session")),
+        "{headers:?}"
+    );
+}
