@@ -449,8 +449,13 @@ fn a_workers_redis_user_cannot_reach_credentials() {
     let base = redis.url();
     let server_url = format!("{base}?user=skiff-server");
     let worker_url = base + "?user=skiff-worker";
+    // The step tries what a hostile build would: the worker's credential in its environment,
+    // in any process's environment it can read, and Redis itself through the worker's socket.
+    // (Read with bash builtins only, the needle built at run time: no process of the probe's
+    // own carries it.)
+    let probe = "runs_on: [acl]\nsteps:\n  - run: |\n      echo hello\n      needle=$(printf 'worker-%s' secret)\n      [[ \"$(env)\" == *\"$needle\"* ]] && echo LEAK-ENV\n      for p in /proc/[0-9]*; do for f in environ cmdline; do\n        [[ -r $p/$f ]] || continue\n        text=$( (tr '\\0' ' ' < $p/$f) 2>/dev/null )\n        [[ $text == *\"$needle\"* ]] && echo LEAK-$f $p\n      done; done\n      true\n";
     let server = Server::start_with(
-        &[("hello", "runs_on: [acl]\nsteps:\n  - run: echo hello\n")],
+        &[("hello", probe)],
         &[
             ("SKIFF_REDIS", &server_url),
             ("SKIFF_REDIS_PASSWORD", "server-secret"),
@@ -466,6 +471,11 @@ fn a_workers_redis_user_cannot_reach_credentials() {
     let (r, log) = server.run_and_wait("hello", json!({}));
     assert_eq!(r["status"], "succeeded", "{r}\n{log}");
     assert_eq!(r["worker"], "w-acl");
+    assert!(log.contains("hello"), "{log}");
+    assert!(
+        !log.contains("LEAK"),
+        "a step reached the worker's Redis password: {log}"
+    );
     // What an attacker holding the worker's credential gets: no credentials.
     let socket = redis.socket().to_str().expect("path").to_string();
     let as_worker = |args: &[&str]| {
@@ -849,7 +859,9 @@ fn login_links_and_tokens_are_made_on_redis_from_the_command_line() {
     let (status, headers, _) = crate::harness::raw("GET", link, None, &[]);
     assert_eq!(status, 303, "the link signs in");
     assert!(
-        headers.iter().any(|(k, v)| k == "set-cookie" && v.contains("skiff_session")),
+        headers
+            .iter()
+            .any(|(k, v)| k == "set-cookie" && v.contains("skiff_session")),
         "{headers:?}"
     );
 }
