@@ -35,11 +35,9 @@ pub struct Redis {
 impl RedisArgs {
     /// The Redis to use, if one was named.
     pub fn resolve(&self) -> anyhow::Result<Option<Redis>> {
+        // Without a URL the password and CA files are left alone: a container's environment
+        // (SKIFF_REDIS_PASSWORD_FILE) applies to every command run in it.
         let Some(url) = &self.redis else {
-            anyhow::ensure!(
-                self.redis_password_file.is_none() && self.redis_ca_file.is_none(),
-                "--redis-password-file and --redis-ca-file need --redis"
-            );
             return Ok(None);
         };
         let info = url

@@ -532,6 +532,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let app = skiff_server::app(state);
     let stop = stopping.cancel.clone();
+    crate::drop_start_up_code();
     skiff_server::listen::serve(
         listener,
         app,

@@ -123,6 +123,7 @@ async fn work(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         labels.iter().cloned().collect::<Vec<_>>().join(", "),
         args.concurrency
     );
+    crate::drop_start_up_code();
     wait_for_signal().await;
     eprintln!(
         "skiff: stopping: taking no more runs; running runs get {} to end",

@@ -8,7 +8,8 @@
 pub const SERVER_RULES: &str = "resetchannels ~skiff:* &skiff:* +@all -@dangerous";
 
 /// The workers' rules: `skiff:d:*` only, and nothing that lists keys.
-pub const WORKER_RULES: &str = "resetchannels ~skiff:d:* &skiff:d:* +@all -@dangerous -scan -randomkey";
+pub const WORKER_RULES: &str =
+    "resetchannels ~skiff:d:* &skiff:d:* +@all -@dangerous -scan -randomkey";
 
 /// The user names the deployment files use.
 pub const SERVER_USER: &str = "skiff-server";
@@ -48,6 +49,9 @@ mod tests {
                 .unwrap_or_else(|| panic!("make-secrets makes no {user}"));
             assert!(line.ends_with(rules), "{user}: {line} vs {rules}");
         }
-        assert!(script.contains("user default off"), "the default user is off");
+        assert!(
+            script.contains("user default off"),
+            "the default user is off"
+        );
     }
 }
