@@ -125,18 +125,12 @@ pub async fn keep_jobs(
     after: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
+    each(every, &stop, || async {
         let waiting = match runs_in(store.as_ref(), RunStatus::Queued).await {
             Ok(runs) => runs,
             Err(e) => {
                 tracing::warn!(error = %e, "listing the waiting runs failed");
-                continue;
+                return;
             }
         };
         let now = chrono::Utc::now();
@@ -150,6 +144,24 @@ pub async fn keep_jobs(
             Ok(n) => eprintln!("skiff: {n} waiting runs had lost their jobs; queued them again"),
             Err(e) => tracing::warn!(error = %e, "looking for lost jobs failed"),
         }
+    })
+    .await;
+}
+
+/// Calls `f` every `period` until `stop`.
+async fn each<F, Fut>(period: Duration, stop: &CancellationToken, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        f().await;
     }
 }
 
@@ -196,17 +208,12 @@ pub async fn report_metrics(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
+    each(every, &stop, || async {
         if let Err(e) = registry.report_metrics(&name, &handle.render()).await {
             tracing::warn!(error = %e, "reporting the worker's metrics failed");
         }
-    }
+    })
+    .await;
 }
 
 /// The Workers view of the embedded deployment: its own in-process workers, which take every

@@ -254,6 +254,41 @@ fn make_private(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A credential from the environment variable `var` or from a file only its owner can read (mode
+/// 600, its last line break not part of it), not both: the value and where it came from; `None`
+/// when neither is given. `flag` names the file's flag in messages.
+pub fn credential(
+    file: Option<&std::path::Path>,
+    var: &str,
+    flag: &str,
+    what: &str,
+) -> anyhow::Result<Option<(String, String)>> {
+    use anyhow::Context;
+    match (file, std::env::var(var)) {
+        (Some(_), Ok(_)) => anyhow::bail!("give {what} in {var} or in {flag}, not both"),
+        (Some(path), _) => {
+            use std::os::unix::fs::PermissionsExt;
+            let meta =
+                std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+            anyhow::ensure!(
+                meta.permissions().mode() & 0o077 == 0,
+                "{} is readable by others (mode {:o}): make it private (chmod 600)",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            );
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some((
+                text.trim_end_matches(['\n', '\r']).to_string(),
+                path.display().to_string(),
+            )))
+        }
+        (None, Ok(value)) => Ok(Some((value, var.to_string()))),
+        (None, Err(std::env::VarError::NotPresent)) => Ok(None),
+        (None, Err(std::env::VarError::NotUnicode(_))) => anyhow::bail!("{var} is not valid text"),
+    }
+}
+
 /// The Store's file in the data folder.
 const DB_FILE: &str = "skiff.db";
 

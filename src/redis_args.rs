@@ -88,30 +88,13 @@ impl RedisArgs {
 
 /// The password: from the file (mode 600) or SKIFF_REDIS_PASSWORD, not both.
 fn password(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    match (file, std::env::var("SKIFF_REDIS_PASSWORD")) {
-        (Some(_), Ok(_)) => anyhow::bail!(
-            "give the Redis password in SKIFF_REDIS_PASSWORD or in --redis-password-file, not both"
-        ),
-        (Some(path), _) => {
-            use std::os::unix::fs::PermissionsExt;
-            let meta =
-                std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-            anyhow::ensure!(
-                meta.permissions().mode() & 0o077 == 0,
-                "{} is readable by others (mode {:o}): make it private (chmod 600)",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            );
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
-        }
-        (None, Ok(p)) => Ok(Some(p)),
-        (None, Err(std::env::VarError::NotPresent)) => Ok(None),
-        (None, Err(std::env::VarError::NotUnicode(_))) => {
-            anyhow::bail!("SKIFF_REDIS_PASSWORD is not valid text")
-        }
-    }
+    Ok(crate::credential(
+        file,
+        "SKIFF_REDIS_PASSWORD",
+        "--redis-password-file",
+        "the Redis password",
+    )?
+    .map(|(password, _)| password))
 }
 
 /// The URL with whatever sits between `://` and `@` hidden (for an error message).

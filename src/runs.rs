@@ -7,7 +7,7 @@ use std::sync::Arc;
 use skiff_core::dispatch::RunJob;
 use skiff_core::queue::JobHandler;
 use skiff_core::run::{Run, RunStatus};
-use skiff_core::store::{RunQuery, Store, StoreError, TakeOver};
+use skiff_core::store::{Store, StoreError, TakeOver};
 use skiff_worker::pool::{Stopping, WorkerConfig, finish_interrupted_run, handle_job};
 
 /// The job handler of a process's workers.
@@ -44,25 +44,7 @@ impl JobHandler for Handler {
 
 /// Every run in `status`, oldest first.
 pub async fn runs_in(store: &dyn Store, status: RunStatus) -> anyhow::Result<Vec<Run>> {
-    let mut runs = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = store
-            .list_runs(&RunQuery {
-                status: Some(status),
-                limit: 500,
-                cursor,
-                ..RunQuery::default()
-            })
-            .await?;
-        runs.extend(page.runs);
-        match page.next {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    runs.reverse();
-    Ok(runs)
+    Ok(skiff_core::store::runs_in(store, status).await?)
 }
 
 /// The labels a run needs (its pipeline snapshot's `runs_on`); a snapshot that no longer loads

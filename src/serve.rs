@@ -182,32 +182,14 @@ async fn keep_retention(
 /// `Authorization: Bearer` header (too short, a space, a character outside printable ASCII) is a
 /// start error, not a silent lock-out.
 fn admin_token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let (token, from) = match (file, std::env::var("SKIFF_ADMIN_TOKEN")) {
-        (Some(_), Ok(_)) => anyhow::bail!(
-            "give the admin token in SKIFF_ADMIN_TOKEN or in --admin-token-file, not both"
-        ),
-        (Some(path), _) => {
-            use std::os::unix::fs::PermissionsExt;
-            let meta =
-                std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-            anyhow::ensure!(
-                meta.permissions().mode() & 0o077 == 0,
-                "{} is readable by others (mode {:o}): make it private (chmod 600)",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            );
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            (
-                text.trim_end_matches(['\n', '\r']).to_string(),
-                path.display().to_string(),
-            )
-        }
-        (None, Ok(t)) => (t, "SKIFF_ADMIN_TOKEN".to_string()),
-        (None, Err(std::env::VarError::NotPresent)) => return Ok(None),
-        (None, Err(std::env::VarError::NotUnicode(_))) => {
-            anyhow::bail!("SKIFF_ADMIN_TOKEN is not valid text")
-        }
+    let Some((token, from)) = crate::credential(
+        file,
+        "SKIFF_ADMIN_TOKEN",
+        "--admin-token-file",
+        "the admin token",
+    )?
+    else {
+        return Ok(None);
     };
     anyhow::ensure!(
         token.chars().count() >= 16,

@@ -100,7 +100,7 @@ pub async fn rows(state: &AppState) -> Result<Vec<WorkerDto>, ApiError> {
             format!("the worker registry cannot be read: {e}"),
         )
     })?;
-    let running = running_runs(state).await?;
+    let running = skiff_core::store::runs_in(state.store.as_ref(), RunStatus::Running).await?;
     Ok(seen
         .into_iter()
         .map(|w| WorkerDto {
@@ -122,27 +122,6 @@ pub async fn rows(state: &AppState) -> Result<Vec<WorkerDto>, ApiError> {
             lost: w.lost,
         })
         .collect())
-}
-
-async fn running_runs(state: &AppState) -> Result<Vec<Run>, ApiError> {
-    let mut runs = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = state
-            .store
-            .list_runs(&skiff_core::store::RunQuery {
-                status: Some(RunStatus::Running),
-                limit: 500,
-                cursor,
-                ..Default::default()
-            })
-            .await?;
-        runs.extend(page.runs);
-        match page.next {
-            Some(next) => cursor = Some(next),
-            None => return Ok(runs),
-        }
-    }
 }
 
 /// Why a queued run waits, when no live worker can take it: "a worker with labels aws, docker".

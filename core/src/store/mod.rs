@@ -380,6 +380,29 @@ pub trait Store: Send + Sync + 'static {
     fn changes(&self) -> tokio::sync::broadcast::Receiver<Change>;
 }
 
+/// Every run in `status`, oldest first (page after page).
+pub async fn runs_in(store: &dyn Store, status: RunStatus) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list_runs(&RunQuery {
+                status: Some(status),
+                limit: MAX_PAGE,
+                cursor,
+                ..RunQuery::default()
+            })
+            .await?;
+        runs.extend(page.runs);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    runs.reverse();
+    Ok(runs)
+}
+
 pub(crate) fn params_to_json(params: &BTreeMap<String, String>) -> String {
     serde_json::to_string(params).unwrap_or_else(|_| "{}".into())
 }
