@@ -81,7 +81,7 @@ pub async fn work(
     let consumer = Consumer {
         client: redis.client.clone(),
         name: info.name.clone(),
-        labels: info.labels.clone(),
+        labels: skiff_core::dispatch::offers(&info.labels, info.secrets.iter().map(String::as_str)),
         slots: usize::from(concurrency),
     };
     Ok(tokio::spawn(async move {

@@ -47,11 +47,11 @@ pub async fn runs_in(store: &dyn Store, status: RunStatus) -> anyhow::Result<Vec
     Ok(skiff_core::store::runs_in(store, status).await?)
 }
 
-/// The labels a run needs (its pipeline snapshot's `runs_on`); a snapshot that no longer loads
-/// needs none (any worker records its failure).
+/// The labels a run needs (its pipeline snapshot's `runs_on`, and `secret:NAME` for the secrets
+/// its steps use); a snapshot that no longer loads needs none (any worker records its failure).
 pub fn labels_of(run: &Run) -> Vec<String> {
     skiff_core::pipeline::load(&run.source, &run.pipeline)
-        .map(|p| skiff_core::dispatch::labels_of(p.runs_on))
+        .map(|p| skiff_core::dispatch::needs(&p))
         .unwrap_or_default()
 }
 
@@ -83,10 +83,11 @@ pub async fn finish_interrupted_runs(
         if holder == handler.config.name {
             continue;
         }
-        if let Some(labels) = &handler.labels
-            && !labels_of(&run).iter().all(|l| labels.contains(l))
-        {
-            continue;
+        if let Some(labels) = &handler.labels {
+            let offers = skiff_core::dispatch::offers(labels, handler.config.secrets.names());
+            if !labels_of(&run).iter().all(|l| offers.contains(l)) {
+                continue;
+            }
         }
         let when = match which {
             Interrupted::AtStart if holder.is_empty() || holder.starts_with(SERVE_WORKER) => {

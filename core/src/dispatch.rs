@@ -57,6 +57,62 @@ impl RunJob {
     }
 }
 
+/// How a secret a pipeline uses is named among the labels a run needs (`secret:NAME`): a run
+/// goes only to a worker that holds every secret its steps use.
+pub const SECRET_LABEL: &str = "secret:";
+
+/// What a worker needs to take a run of `pipeline`: its `runs_on` labels and, as `secret:NAME`,
+/// each secret its steps use; sorted, without repeats.
+pub fn needs(pipeline: &Pipeline) -> Vec<String> {
+    labels_of(
+        pipeline
+            .runs_on
+            .iter()
+            .cloned()
+            .chain(
+                pipeline
+                    .secrets
+                    .iter()
+                    .map(|s| format!("{SECRET_LABEL}{s}")),
+            )
+            .collect(),
+    )
+}
+
+/// What a worker offers: its labels and, as `secret:NAME`, each secret it holds.
+pub fn offers<'a>(
+    labels: impl IntoIterator<Item = &'a String>,
+    secrets: impl IntoIterator<Item = &'a str>,
+) -> std::collections::BTreeSet<String> {
+    labels
+        .into_iter()
+        .cloned()
+        .chain(secrets.into_iter().map(|s| format!("{SECRET_LABEL}{s}")))
+        .collect()
+}
+
+/// Says what a run that needs `needs` waits for: "a worker with labels aws, docker and the
+/// secrets DEPLOY_KEY".
+pub fn describe_needs(needs: &[String]) -> String {
+    let (secrets, labels): (Vec<&String>, Vec<&String>) =
+        needs.iter().partition(|n| n.starts_with(SECRET_LABEL));
+    let list =
+        |v: &[&String], strip: usize| v.iter().map(|s| &s[strip..]).collect::<Vec<_>>().join(", ");
+    match (labels.is_empty(), secrets.is_empty()) {
+        (true, true) => "a worker (none is alive)".to_string(),
+        (false, true) => format!("a worker with labels {}", list(&labels, 0)),
+        (true, false) => format!(
+            "a worker holding the secrets {}",
+            list(&secrets, SECRET_LABEL.len())
+        ),
+        (false, false) => format!(
+            "a worker with labels {} holding the secrets {}",
+            list(&labels, 0),
+            list(&secrets, SECRET_LABEL.len())
+        ),
+    }
+}
+
 /// A label set in its one spelling: sorted, without repeats (the distributed queue's name for it).
 pub fn labels_of(mut labels: Vec<String>) -> Vec<String> {
     labels.sort();
@@ -139,13 +195,9 @@ pub fn new_run(
     })
 }
 
-/// The labels a worker needs for a run of `entry` (its `runs_on`).
+/// The labels a worker needs for a run of `entry` (see [`needs`]).
 fn runs_on(entry: &Entry) -> Vec<String> {
-    entry
-        .pipeline
-        .as_ref()
-        .map(|p| p.runs_on.clone())
-        .unwrap_or_default()
+    entry.pipeline.as_deref().map(needs).unwrap_or_default()
 }
 
 /// What a built-in service run does.
@@ -215,7 +267,7 @@ impl Dispatcher {
                 rerun_of: Some(run.id.clone()),
                 idempotency_key: None,
             },
-            pipeline.runs_on.clone(),
+            needs(&pipeline),
         )
         .await
     }
@@ -253,7 +305,7 @@ impl Dispatcher {
                 rerun_of: None,
                 idempotency_key: None,
             },
-            loaded.runs_on.clone(),
+            needs(&loaded),
         )
         .await
     }
@@ -288,6 +340,25 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_needs_its_labels_and_the_secrets_its_steps_use_but_not_the_hooks() {
+        let p = crate::pipeline::load(
+            "runs_on: [linux, docker]\non:\n  webhook:\n    hook: h\n    secret: ${{ secrets.HOOK }}\nenv:\n  A: ${{ secrets.TOKEN }}\nsteps:\n  - run: echo\n    env:\n      K: ${{ secrets.DEPLOY_KEY }}\n",
+            "p",
+        )
+        .expect("valid");
+        assert_eq!(
+            needs(&p),
+            ["docker", "linux", "secret:DEPLOY_KEY", "secret:TOKEN"]
+        );
+        assert_eq!(
+            describe_needs(&needs(&p)),
+            "a worker with labels docker, linux holding the secrets DEPLOY_KEY, TOKEN"
+        );
+        let offered = offers(&["linux".to_string(), "docker".to_string()], ["TOKEN"]);
+        assert!(!needs(&p).iter().all(|n| offered.contains(n)));
+    }
 
     #[test]
     fn each_trigger_kind_needs_its_trigger_in_the_file() {

@@ -133,23 +133,21 @@ pub async fn waiting_for(state: &AppState, run: &Run) -> Option<String> {
     }
     let view = state.workers.as_ref()?;
     let seen = view.workers().await.ok()?;
-    let needs: BTreeSet<String> = skiff_core::pipeline::load(&run.source, &run.pipeline)
-        .map(|p| p.runs_on.into_iter().collect())
+    let needs: Vec<String> = skiff_core::pipeline::load(&run.source, &run.pipeline)
+        .map(|p| skiff_core::dispatch::needs(&p))
         .unwrap_or_default();
-    let served = seen
-        .iter()
-        .any(|w| !w.lost && (w.takes_all || needs.is_subset(&w.labels)));
+    let served = seen.iter().any(|w| {
+        !w.lost
+            && (w.takes_all || {
+                let offers =
+                    skiff_core::dispatch::offers(&w.labels, w.secrets.iter().map(String::as_str));
+                needs.iter().all(|n| offers.contains(n))
+            })
+    });
     if served {
         return None;
     }
-    Some(if needs.is_empty() {
-        "a worker (none is alive)".to_string()
-    } else {
-        format!(
-            "a worker with labels {}",
-            needs.into_iter().collect::<Vec<_>>().join(", ")
-        )
-    })
+    Some(skiff_core::dispatch::describe_needs(&needs))
 }
 
 /// The server's own metrics with the workers' (each sample labelled `worker="NAME"`), every

@@ -865,3 +865,50 @@ fn login_links_and_tokens_are_made_on_redis_from_the_command_line() {
         "{headers:?}"
     );
 }
+
+#[test]
+fn a_run_goes_only_to_a_worker_holding_the_secrets_its_steps_use() {
+    let redis = RedisServer::start();
+    let server = Server::start_with(
+        &[(
+            "deploy",
+            "steps:\n  - run: test -n \"$KEY\" && echo key held\n    env:\n      KEY: ${{ secrets.DEPLOY_KEY }}\n",
+        )],
+        &[("SKIFF_REDIS", &redis.url()), ("SKIFF_WORKERS", "0")],
+    );
+    let _without = Worker::start(&redis.url(), "w-plain", "", &[]);
+    let id = server.trigger("deploy", json!({}));
+    std::thread::sleep(Duration::from_millis(500));
+    let r = run(&server, &id);
+    assert_eq!(
+        r["status"], "queued",
+        "a worker without the secret leaves it: {r}"
+    );
+    assert_eq!(
+        r["waiting_for"], "a worker holding the secrets DEPLOY_KEY",
+        "{r}"
+    );
+    let _holder = Worker::start(
+        &redis.url(),
+        "w-keyed",
+        "",
+        &[("SKIFF_SECRET_DEPLOY_KEY", "s3cret-value")],
+    );
+    let r = wait_run(&server, &id, "ended", ended);
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["worker"], "w-keyed");
+    let (_, workers) = server.api("GET", "/api/workers", None);
+    let keyed = workers["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["name"] == "w-keyed")
+        .cloned()
+        .expect("listed");
+    assert_eq!(
+        keyed["secrets"],
+        json!(["DEPLOY_KEY"]),
+        "names, never values: {keyed}"
+    );
+    assert!(!workers.to_string().contains("s3cret-value"));
+}

@@ -30,6 +30,9 @@ pub struct Pipeline {
     /// What its steps may do beyond an isolated step's powers (granted only where the worker
     /// allows it too).
     pub permissions: Vec<Permission>,
+    /// The secrets its steps and env refer to (`secrets.NAME`), sorted: a worker must hold
+    /// them all to run it (the webhook's secret is the server's and is not among them).
+    pub secrets: Vec<String>,
 }
 
 /// A power a pipeline asks for on purpose.

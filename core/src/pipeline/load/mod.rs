@@ -114,12 +114,16 @@ pub fn load_with(
         suggest_budget: SUGGEST_BUDGET,
         registries: options.registries.as_deref(),
     };
-    let pipeline = cx.pipeline(&root, default_name);
+    let mut pipeline = cx.pipeline(&root, default_name);
     let sites = std::mem::take(&mut cx.sites);
     if let Some(p) = &pipeline {
         let mut refs = Refs::new(p);
         for site in &sites {
             cx.check_refs(&mut refs, site);
+        }
+        let secrets = refs.secrets();
+        if let Some(p) = &mut pipeline {
+            p.secrets = secrets;
         }
     }
     let mut diags = cx.diags;
@@ -512,6 +516,8 @@ impl<'s, 'n> Cx<'s, 'n> {
             finally,
             retention,
             permissions,
+            // Filled by the reference pass.
+            secrets: Vec::new(),
         })
     }
 

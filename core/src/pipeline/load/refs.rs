@@ -139,6 +139,8 @@ pub(super) struct Refs<'p> {
     steps: HashMap<&'p str, (Phase, usize)>,
     /// Candidate comparisons left for suggestions.
     suggest_budget: usize,
+    /// The secrets the steps and env refer to.
+    secrets: std::collections::BTreeSet<String>,
 }
 
 impl<'p> Refs<'p> {
@@ -163,7 +165,13 @@ impl<'p> Refs<'p> {
             finally_env: env_of(&p.finally),
             steps,
             suggest_budget: SUGGEST_BUDGET,
+            secrets: Default::default(),
         }
+    }
+
+    /// The secrets the pipeline's steps and env referred to, sorted.
+    pub(super) fn secrets(self) -> Vec<String> {
+        self.secrets.into_iter().collect()
     }
 
     fn did_you_mean<'a>(
@@ -247,6 +255,9 @@ impl<'p> Refs<'p> {
                         format!("`{}` is not a valid secret name", path[1]),
                         Some("use letters, digits and `_`".into()),
                     ));
+                }
+                if ctx != Ctx::WebhookSecret {
+                    self.secrets.insert(path[1].clone());
                 }
             }
             "env" => {
