@@ -136,7 +136,7 @@ pub async fn keep_jobs(
         let now = chrono::Utc::now();
         let old: Vec<(String, Vec<String>)> = waiting
             .iter()
-            .filter(|r| (now - r.created_at).to_std().unwrap_or_default() >= after)
+            .filter(|r| !r.held && (now - r.created_at).to_std().unwrap_or_default() >= after)
             .map(|r| (r.id.to_string(), labels_of(r)))
             .collect();
         match queue.requeue_missing(&old).await {

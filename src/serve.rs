@@ -349,8 +349,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // through the same connection it fetches with.
     let queue_stop = CancellationToken::new();
     let (workers, queue): (tokio::task::JoinHandle<()>, Arc<dyn Queue>) = match &backend {
-        Backend::Embedded { queue, .. } => {
+        Backend::Embedded { queue, data, .. } => {
             finish_interrupted_runs(&handler, Interrupted::AtStart).await?;
+            // A group whose runs all ended while its next one was held (a crash between the
+            // two) lets it go now.
+            data.store.release_stuck_groups().await?;
             requeue_waiting_runs(store.as_ref(), queue).await?;
             let workers = queue.spawn_workers(
                 usize::from(args.workers),
@@ -592,9 +595,11 @@ const SWEEP_JOBS: Duration = Duration::from_secs(10);
 /// Gives every run still `queued` in the Store a job, in the order the runs were created, in
 /// place of the jobs the last process left (see [`SqliteQueue::requeue_in_order`]).
 async fn requeue_waiting_runs(store: &dyn Store, queue: &SqliteQueue) -> anyhow::Result<()> {
+    // Held runs wait for their group: they get their job when it lets them go.
     let waiting: Vec<_> = runs_in(store, RunStatus::Queued)
         .await?
         .into_iter()
+        .filter(|r| !r.held)
         .map(|r| (r.id, r.created_at))
         .collect();
     queue.requeue_in_order(&waiting).await?;

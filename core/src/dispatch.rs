@@ -145,6 +145,9 @@ pub enum DispatchError {
     Params(Vec<ParamError>),
     #[error("the snapshot of run {0} no longer loads")]
     BadSnapshot(RunId),
+    /// The pipeline's `concurrency:` could not be worked out for these params.
+    #[error("pipeline `{pipeline}`: its concurrency group: {message}")]
+    Group { pipeline: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -187,6 +190,8 @@ pub fn new_run(
     Ok(NewRun {
         pipeline: pipeline.name.clone(),
         trigger,
+        group: group_of(pipeline, &params)?,
+        labels: needs(pipeline),
         params,
         source: entry.source.clone(),
         steps: pipeline.plan(),
@@ -195,9 +200,56 @@ pub fn new_run(
     })
 }
 
-/// The labels a worker needs for a run of `entry` (see [`needs`]).
-fn runs_on(entry: &Entry) -> Vec<String> {
-    entry.pipeline.as_deref().map(needs).unwrap_or_default()
+/// The concurrency group of a run of `pipeline` with `params`: its `concurrency:` evaluated
+/// (with the params only: the server holds no secrets and runs no step).
+pub fn group_of(
+    pipeline: &Pipeline,
+    params: &BTreeMap<String, String>,
+) -> Result<Option<String>, DispatchError> {
+    struct Params<'a>(&'a Pipeline, &'a BTreeMap<String, String>);
+    impl crate::expr::Scope for Params<'_> {
+        fn lookup(&self, path: &[String]) -> Result<crate::expr::Value, crate::expr::EvalError> {
+            let name = path.get(1).map(String::as_str).unwrap_or("");
+            match path.first().map(String::as_str) {
+                Some("params") => {
+                    let given = self.1.get(name).map(String::as_str);
+                    Ok(match self.0.param(name) {
+                        Some(p) => p.typed(given),
+                        None => given.map_or(crate::expr::Value::Null, |v| {
+                            crate::expr::Value::String(v.to_string())
+                        }),
+                    })
+                }
+                _ => Err(crate::expr::EvalError(format!(
+                    "`{}` is not known when a run is made: a concurrency group can use params only",
+                    path.join(".")
+                ))),
+            }
+        }
+        fn failed(&self) -> bool {
+            false
+        }
+        fn cancelled(&self) -> bool {
+            false
+        }
+    }
+    let Some(template) = &pipeline.concurrency else {
+        return Ok(None);
+    };
+    let group = template
+        .eval_string(&Params(pipeline, params))
+        .map_err(|e| DispatchError::Group {
+            pipeline: pipeline.name.clone(),
+            message: e.0,
+        })?;
+    let group = group.trim();
+    if group.is_empty() || group.len() > 200 {
+        return Err(DispatchError::Group {
+            pipeline: pipeline.name.clone(),
+            message: format!("`{group}` is not a group name (1 to 200 characters)"),
+        });
+    }
+    Ok(Some(group.to_string()))
 }
 
 /// What a built-in service run does.
@@ -221,8 +273,7 @@ impl Dispatcher {
         given: &BTreeMap<String, String>,
         trigger: Trigger,
     ) -> Result<Run, DispatchError> {
-        let labels = runs_on(entry);
-        self.start(new_run(entry, given, trigger)?, labels).await
+        self.start(new_run(entry, given, trigger)?).await
     }
 
     /// Starts a run once per `key` (a webhook delivery, a schedule's slot): a key the pipeline
@@ -236,7 +287,7 @@ impl Dispatcher {
     ) -> Result<crate::store::Created, DispatchError> {
         let mut new = new_run(entry, given, trigger)?;
         new.idempotency_key = Some(key);
-        self.create_and_push(new, runs_on(entry)).await
+        self.create_and_push(new).await
     }
 
     /// Starts a run of the current pipeline with the given params, recorded as a rerun of
@@ -250,25 +301,24 @@ impl Dispatcher {
     ) -> Result<Run, DispatchError> {
         let mut new = new_run(entry, given, trigger)?;
         new.rerun_of = Some(earlier.id.clone());
-        self.start(new, runs_on(entry)).await
+        self.start(new).await
     }
 
     /// Starts a new run with the same pipeline snapshot and params as `run`.
     pub async fn rerun(&self, run: &Run, trigger: Trigger) -> Result<Run, DispatchError> {
         let pipeline = crate::pipeline::load(&run.source, &run.pipeline)
             .map_err(|_| DispatchError::BadSnapshot(run.id.clone()))?;
-        self.start(
-            NewRun {
-                pipeline: run.pipeline.clone(),
-                trigger,
-                params: run.params.clone(),
-                source: run.source.clone(),
-                steps: pipeline.plan(),
-                rerun_of: Some(run.id.clone()),
-                idempotency_key: None,
-            },
-            needs(&pipeline),
-        )
+        self.start(NewRun {
+            pipeline: run.pipeline.clone(),
+            trigger,
+            group: group_of(&pipeline, &run.params)?,
+            labels: needs(&pipeline),
+            params: run.params.clone(),
+            source: run.source.clone(),
+            steps: pipeline.plan(),
+            rerun_of: Some(run.id.clone()),
+            idempotency_key: None,
+        })
         .await
     }
 
@@ -292,36 +342,33 @@ impl Dispatcher {
         );
         let loaded = crate::pipeline::load(&source, &pipeline)
             .map_err(|_| DispatchError::InvalidPipeline(pipeline.clone()))?;
-        self.start(
-            NewRun {
-                pipeline,
-                trigger: Trigger {
-                    kind: TriggerKind::Service,
-                    actor,
-                },
-                params: BTreeMap::new(),
-                source,
-                steps: loaded.plan(),
-                rerun_of: None,
-                idempotency_key: None,
+        self.start(NewRun {
+            pipeline,
+            trigger: Trigger {
+                kind: TriggerKind::Service,
+                actor,
             },
-            needs(&loaded),
-        )
+            group: None,
+            labels: needs(&loaded),
+            params: BTreeMap::new(),
+            source,
+            steps: loaded.plan(),
+            rerun_of: None,
+            idempotency_key: None,
+        })
         .await
     }
 
-    async fn start(&self, new: NewRun, labels: Vec<String>) -> Result<Run, DispatchError> {
-        Ok(self.create_and_push(new, labels).await?.run)
+    async fn start(&self, new: NewRun) -> Result<Run, DispatchError> {
+        Ok(self.create_and_push(new).await?.run)
     }
 
-    async fn create_and_push(
-        &self,
-        new: NewRun,
-        labels: Vec<String>,
-    ) -> Result<crate::store::Created, DispatchError> {
+    async fn create_and_push(&self, new: NewRun) -> Result<crate::store::Created, DispatchError> {
+        let labels = new.labels.clone();
         let created = self.store.create_run(new).await?;
-        if !created.created || created.queued {
-            // Its job was pushed when it was created, or written with it.
+        if !created.created || created.queued || created.run.held {
+            // Its job was pushed when it was created, or written with it; a held run gets its
+            // job from the Store when its group lets it go.
             return Ok(created);
         }
         let run = &created.run;

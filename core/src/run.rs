@@ -188,6 +188,12 @@ pub struct Run {
     pub lease_until: Option<DateTime<Utc>>,
     /// The key that makes creating this run idempotent (a webhook delivery, a schedule slot).
     pub idempotency_key: Option<String>,
+    /// Its concurrency group (the pipeline's `concurrency:`, evaluated when it was made): one
+    /// run of a group at a time, across every worker.
+    pub group: Option<String>,
+    /// Queued without a job: another run of its group was queued or running when it was made.
+    /// It gets its job when the runs before it in the group have ended (`finally` included).
+    pub held: bool,
 }
 
 /// A step of a run as planned when the run is created.
@@ -245,6 +251,11 @@ pub struct NewRun {
     /// Creating a second run of the pipeline with the same key creates nothing and answers the
     /// first (a webhook delivery id, a schedule slot).
     pub idempotency_key: Option<String>,
+    /// Its concurrency group, if its pipeline has one.
+    pub group: Option<String>,
+    /// What a worker needs to take it (`dispatch::needs`): the job a Store writes for it when
+    /// its group lets it go carries them.
+    pub labels: Vec<String>,
 }
 
 string_enum!(

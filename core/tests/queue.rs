@@ -143,6 +143,8 @@ fn new_run(key: Option<&str>) -> NewRun {
         }],
         rerun_of: None,
         idempotency_key: key.map(str::to_string),
+        group: None,
+        labels: Vec::new(),
     }
 }
 

@@ -201,6 +201,8 @@ pub fn run_from(f: &Fields) -> Result<Run> {
         claimed_by: f.opt_text("claimed_by")?,
         lease_until: f.opt_time("lease_until")?,
         idempotency_key: f.opt_text("idempotency_key")?,
+        group: f.opt_text("group")?,
+        held: f.opt_text("held")?.as_deref() == Some("1"),
     })
 }
 

@@ -419,6 +419,14 @@ impl Store for RedisStore {
         if let Some(rerun_of) = &new.rerun_of {
             fields.push(("rerun_of", rerun_of.to_string()));
         }
+        if let Some(group) = &new.group {
+            fields.push(("group", group.clone()));
+            // The job its group's release writes carries them.
+            fields.push((
+                "labels",
+                serde_json::to_string(&new.labels).unwrap_or_else(|_| "[]".into()),
+            ));
+        }
         let mut invocation = CREATE_RUN.prepare_invoke();
         invocation
             .key(keys::run(&id))

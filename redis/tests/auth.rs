@@ -222,6 +222,8 @@ async fn a_worker_user_reaches_runs_but_not_credentials() {
             }],
             rerun_of: None,
             idempotency_key: None,
+            group: None,
+            labels: Vec::new(),
         })
         .await
         .expect("create")

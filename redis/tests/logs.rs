@@ -29,6 +29,8 @@ fn new_run() -> NewRun {
             .collect(),
         rerun_of: None,
         idempotency_key: None,
+        group: None,
+        labels: Vec::new(),
     }
 }
 

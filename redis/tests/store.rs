@@ -34,6 +34,8 @@ fn new_run(pipeline: &str) -> NewRun {
         }],
         rerun_of: None,
         idempotency_key: None,
+        group: None,
+        labels: Vec::new(),
     }
 }
 

@@ -318,10 +318,14 @@ pub struct RunDto {
     pub reason: Option<String>,
     pub log_len: u64,
     pub cancel_requested: bool,
+    /// Its concurrency group (the pipeline's `concurrency:`), if any.
+    pub group: Option<String>,
+    /// Queued without a job: another run of its group is ahead of it.
+    pub held: bool,
     /// The worker that holds the run, or held it last (`null` before one took it).
     pub worker: Option<String>,
-    /// Only on `GET /api/runs/{id}`, for a queued run that no live worker can take: what it
-    /// waits for ("a worker with labels aws, docker").
+    /// Only on `GET /api/runs/{id}`, for a queued run that its concurrency group holds ("deploy
+    /// #12 of group app-deploy") or that no live worker can take ("a worker with labels aws").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
     /// Only on `GET /api/runs/{id}`.
@@ -351,6 +355,8 @@ pub fn run_dto(r: &Run, steps: Option<&[StepRecord]>) -> RunDto {
         reason: r.reason.clone(),
         log_len: r.log_len,
         cancel_requested: r.cancel_requested,
+        group: r.group.clone(),
+        held: r.held,
         worker: r.claimed_by.clone(),
         waiting_for: None,
         steps: steps.map(|s| s.iter().map(step_dto).collect()),

@@ -200,6 +200,11 @@ impl From<DispatchError> for ApiError {
                 "bad_snapshot",
                 format!("run {id}'s pipeline snapshot no longer loads"),
             ),
+            e @ DispatchError::Group { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_group",
+                e.to_string(),
+            ),
             DispatchError::Store(e) => e.into(),
             DispatchError::Queue(e) => ApiError::internal("queue", e),
         }

@@ -131,6 +131,24 @@ pub async fn waiting_for(state: &AppState, run: &Run) -> Option<String> {
     if run.status != RunStatus::Queued {
         return None;
     }
+    if let (true, Some(group)) = (run.held, &run.group) {
+        // The run of its group that holds it: the active one that is not held itself.
+        let mut ahead = None;
+        for status in [RunStatus::Running, RunStatus::Queued] {
+            if let Ok(runs) = skiff_core::store::runs_in(state.store.as_ref(), status).await
+                && let Some(r) = runs
+                    .into_iter()
+                    .find(|r| r.group.as_ref() == Some(group) && !r.held && r.id != run.id)
+            {
+                ahead = Some(r);
+                break;
+            }
+        }
+        return Some(match ahead {
+            Some(r) => format!("{} #{} of group {group}", r.pipeline, r.number),
+            None => format!("the runs ahead of it in group {group}"),
+        });
+    }
     let view = state.workers.as_ref()?;
     let seen = view.workers().await.ok()?;
     let needs: Vec<String> = skiff_core::pipeline::load(&run.source, &run.pipeline)

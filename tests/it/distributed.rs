@@ -912,3 +912,73 @@ fn a_run_goes_only_to_a_worker_holding_the_secrets_its_steps_use() {
     );
     assert!(!workers.to_string().contains("s3cret-value"));
 }
+
+/// Runs of one concurrency group, spread over two workers (and an embedded server's workers),
+/// run one at a time, in order, `finally` included; a held run says whom it waits for.
+fn check_group_runs_one_at_a_time(server: &Server, marks: &Path) {
+    let ids: Vec<String> = (0..4)
+        .map(|_| server.trigger("deploy", json!({})))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let last = run(server, &ids[3]);
+    assert_eq!(last["held"], true, "{last}");
+    assert_eq!(last["group"], "app-deploy");
+    assert!(
+        last["waiting_for"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("deploy #") && w.ends_with(" of group app-deploy")),
+        "{last}"
+    );
+    for id in &ids {
+        let r = wait_run(server, id, "ended", ended);
+        assert_eq!(r["status"], "succeeded", "{r}");
+    }
+    let lines: Vec<String> = std::fs::read_to_string(marks)
+        .expect("marks")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut expected = Vec::new();
+    for id in &ids {
+        expected.push(format!("{id} start"));
+        expected.push(format!("{id} finally"));
+    }
+    assert_eq!(
+        lines, expected,
+        "one run of the group at a time, in order, finally included"
+    );
+}
+
+fn group_pipeline(marks: &Path, runs_on: &str) -> String {
+    format!(
+        "{runs_on}concurrency: app-${{{{ params.what }}}}\nparams:\n  what: {{ default: deploy }}\nsteps:\n  - run: echo \"$SKIFF_RUN_ID start\" >> {m}; sleep 0.3\nfinally:\n  - run: sleep 0.2; echo \"$SKIFF_RUN_ID finally\" >> {m}\n",
+        m = marks.display()
+    )
+}
+
+#[test]
+fn a_concurrency_group_runs_one_at_a_time_across_workers() {
+    let redis = RedisServer::start();
+    let scratch = scratch();
+    let marks = scratch.path().join("marks");
+    shared_file(&marks);
+    let server = Server::start_with(
+        &[("deploy", &group_pipeline(&marks, "runs_on: [grp]\n"))],
+        &[("SKIFF_REDIS", &redis.url()), ("SKIFF_WORKERS", "0")],
+    );
+    let _a = Worker::start(&redis.url(), "w-g1", "grp", &[]);
+    let _b = Worker::start(&redis.url(), "w-g2", "grp", &[]);
+    check_group_runs_one_at_a_time(&server, &marks);
+}
+
+#[test]
+fn a_concurrency_group_runs_one_at_a_time_embedded() {
+    let scratch = scratch();
+    let marks = scratch.path().join("marks");
+    shared_file(&marks);
+    let server = Server::start_with(
+        &[("deploy", &group_pipeline(&marks, ""))],
+        &[("SKIFF_WORKERS", "3")],
+    );
+    check_group_runs_one_at_a_time(&server, &marks);
+}

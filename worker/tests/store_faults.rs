@@ -211,6 +211,8 @@ impl Setup {
                 steps: pipeline.plan(),
                 rerun_of: None,
                 idempotency_key: None,
+                group: None,
+                labels: Vec::new(),
             })
             .await
             .expect("create")

@@ -34,6 +34,8 @@ fn new_run(pipeline: &str, steps: usize) -> NewRun {
             .collect(),
         rerun_of: None,
         idempotency_key: None,
+        group: None,
+        labels: Vec::new(),
     }
 }
 
@@ -59,6 +61,7 @@ pub async fn conformance(store: Arc<dyn Store>) {
     missing(&store).await;
     cancelling(&store).await;
     releasing(store.clone()).await;
+    groups(store.clone()).await;
     counting(&store).await;
     pruning(&store).await;
     reading_while_appending(store.clone()).await;
@@ -659,6 +662,64 @@ async fn claims(store: Arc<dyn Store>) {
             Err(StoreError::InvalidTransition { .. })
         ),
         "an ended run is not taken over"
+    );
+}
+
+/// One run of a concurrency group at a time: a run made while another of its group is queued
+/// or running is held (queued, no job, cannot be claimed); when the group's active run ends (or
+/// is cancelled while queued), the oldest held run goes.
+async fn groups(store: Arc<dyn Store>) {
+    let make = |group: &str| {
+        let mut new = new_run("grouped", 2);
+        new.group = Some(group.to_string());
+        new
+    };
+    let a = store.create_run(make("g")).await.expect("create").run;
+    let b = store.create_run(make("g")).await.expect("create").run;
+    let c = store.create_run(make("g")).await.expect("create").run;
+    let other = store.create_run(make("h")).await.expect("create").run;
+    assert_eq!(a.group.as_deref(), Some("g"));
+    assert!(
+        !a.held && b.held && c.held && !other.held,
+        "{a:?} {b:?} {c:?} {other:?}"
+    );
+    assert!(
+        matches!(
+            store.claim_run(&b.id, "w", LEASE).await,
+            Err(StoreError::InvalidTransition { .. })
+        ),
+        "a held run cannot be claimed"
+    );
+    let held = |id: &RunId| {
+        let store = store.clone();
+        let id = id.clone();
+        async move { store.get_run(&id).await.expect("get").expect("run").held }
+    };
+    let first = claim(&store, &a.id).await;
+    assert!(held(&b.id).await, "the group is held while its run runs");
+    store
+        .finish_run(&first, &[], RunStatus::Succeeded, None)
+        .await
+        .expect("finish");
+    assert!(!held(&b.id).await, "the next run goes when the first ends");
+    assert!(held(&c.id).await, "one at a time");
+    store
+        .request_cancel(&b.id, "not needed")
+        .await
+        .expect("cancel");
+    assert!(
+        !held(&c.id).await,
+        "a run cancelled while queued lets the next go"
+    );
+    let third = claim(&store, &c.id).await;
+    store
+        .finish_run(&third, &[], RunStatus::Failed, Some("no"))
+        .await
+        .expect("finish");
+    let d = store.create_run(make("g")).await.expect("create").run;
+    assert!(
+        !d.held,
+        "a group with nothing active takes a new run at once"
     );
 }
 

@@ -29,7 +29,7 @@ use crate::run::{
     TriggerKind,
 };
 
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 /// How often the checkpointer copies the write-ahead log back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
@@ -88,6 +88,9 @@ const SCHEMA: &[&str] = &[
         claimed_by TEXT,
         lease_until INTEGER,
         idempotency_key TEXT,
+        grp TEXT,
+        held INTEGER NOT NULL DEFAULT 0,
+        labels TEXT,
         UNIQUE (pipeline, number)
     )",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
@@ -211,6 +214,14 @@ const UPGRADES: &[(i64, &str)] = &[
         7,
         "ALTER TABLE api_tokens ADD COLUMN legacy INTEGER NOT NULL DEFAULT 1",
     ),
+    // Concurrency groups: a run's group, whether it waits for it (queued without a job), and
+    // the labels its job carries when it goes.
+    (9, "ALTER TABLE runs ADD COLUMN grp TEXT"),
+    (
+        9,
+        "ALTER TABLE runs ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+    ),
+    (9, "ALTER TABLE runs ADD COLUMN labels TEXT"),
 ];
 
 /// The embedded Store. Run state lives in SQLite; log bytes live in one append-only file per
@@ -448,6 +459,64 @@ impl SqliteStore {
         &self.writer
     }
 
+    /// Lets the next run of `group` go, if no run of it is active any more: the oldest held run
+    /// is no longer held, and gets its job (with the embedded queue, in the same transaction).
+    async fn release_next(&self, conn: &mut SqliteConnection, group: &str) -> Result<()> {
+        let mut tx = write_tx(conn).await?;
+        let next: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM runs WHERE grp = ?1 AND status = 'queued' AND held = 1
+               AND NOT EXISTS (SELECT 1 FROM runs WHERE grp = ?1 AND status IN ('queued', 'running') AND held = 0)
+             ORDER BY seq LIMIT 1",
+        )
+        .bind(group)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(next) = next else {
+            return Ok(());
+        };
+        let id = RunId::from_str(&next).map_err(corrupt("run id"))?;
+        sqlx::query("UPDATE runs SET held = 0 WHERE id = ?1")
+            .bind(&next)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        let outbox = self.writer.jobs.get();
+        if let Some(outbox) = outbox {
+            let row = outbox
+                .row(&id)
+                .map_err(|e| StoreError::Backend(format!("the run's job: {e}")))?;
+            row.bind(sqlx::query(
+                "INSERT INTO Jobs SELECT ?1, ?2, ?3, 'Pending', 0, ?4, ?5, NULL, NULL, NULL, NULL, ?6, ?7, NULL",
+            ))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        if let Some(outbox) = outbox {
+            outbox.pushed();
+        }
+        self.changed(&id, ChangeKind::Status);
+        Ok(())
+    }
+
+    /// Lets go the groups whose runs all ended while a held run waits (a crash between a run's
+    /// end and the next run's release): at start, before the queue.
+    pub async fn release_stuck_groups(&self) -> Result<()> {
+        let groups: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT grp FROM runs WHERE held = 1 AND status = 'queued' AND grp IS NOT NULL",
+        )
+        .fetch_all(&self.readers)
+        .await
+        .map_err(backend)?;
+        for group in groups {
+            let mut conn = self.writer.lock().await;
+            self.release_next(&mut conn, &group).await?;
+        }
+        Ok(())
+    }
+
     /// For a clean stop, once nothing writes any more: copies the write-ahead log into the
     /// database and truncates it (a stopped skiff leaves no WAL behind), then closes the
     /// connections.
@@ -484,10 +553,12 @@ impl SqliteStore {
         // them from `SCHEMA`; version 0 is a new file).
         for (since, statement) in UPGRADES {
             if version != 0 && version < *since {
-                sqlx::query(*statement)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
+                match sqlx::query(*statement).execute(&mut *tx).await {
+                    Ok(_) => {}
+                    // A table made anew by `SCHEMA` just now has the column already.
+                    Err(e) if e.to_string().contains("duplicate column name") => {}
+                    Err(e) => return Err(backend(e)),
+                }
             }
         }
         sqlx::query(
@@ -511,7 +582,7 @@ impl SqliteStore {
         .await
         .map_err(backend)?;
         // SCHEMA_VERSION (a PRAGMA takes no bound value).
-        sqlx::query("PRAGMA user_version = 8")
+        sqlx::query("PRAGMA user_version = 9")
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
@@ -561,6 +632,8 @@ fn run_from_row(row: &SqliteRow) -> Result<Run> {
         claimed_by: row.try_get("claimed_by").map_err(backend)?,
         lease_until: from_millis(row.try_get("lease_until").map_err(backend)?),
         idempotency_key: row.try_get("idempotency_key").map_err(backend)?,
+        group: row.try_get("grp").map_err(backend)?,
+        held: row.try_get::<i64, _>("held").map_err(backend)? != 0,
     })
 }
 
@@ -592,7 +665,7 @@ macro_rules! run_columns {
         concat!(
             "seq, id, pipeline, number, status, trigger_kind, trigger_actor, params, source, ",
             "rerun_of, created_at, started_at, finished_at, reason, log_len, cancel_requested, ",
-            "cancel_reason, claim_token, claimed_by, lease_until, idempotency_key"
+            "cancel_reason, claim_token, claimed_by, lease_until, idempotency_key, grp, held"
         )
     };
 }
@@ -736,13 +809,16 @@ impl Store for SqliteStore {
         // seen inserts nothing.
         macro_rules! insert_run {
             () => {
-                "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key)
+                "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key, grp, held, labels)
                  VALUES (?1, ?2, 1 + MAX(
                      COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
                      COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
-                   'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                   'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
+                   CASE WHEN ?11 IS NULL THEN 0
+                        ELSE EXISTS (SELECT 1 FROM runs WHERE grp = ?11 AND status IN ('queued', 'running')) END,
+                   ?12)
                  ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                 RETURNING number"
+                 RETURNING number, held"
             };
         }
         // With the embedded queue on this writer, the run's job too (apalis-sqlite's own row,
@@ -752,8 +828,8 @@ impl Store for SqliteStore {
         const RUN_AND_JOB: &str = concat!(
             "BEGIN IMMEDIATE;\n",
             insert_run!(),
-            ";\nINSERT INTO Jobs SELECT ?11, ?12, ?13, 'Pending', 0, ?14, ?15, NULL, NULL, NULL, NULL, ?16, ?17, NULL
-             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1);
+            ";\nINSERT INTO Jobs SELECT ?13, ?14, ?15, 'Pending', 0, ?16, ?17, NULL, NULL, NULL, NULL, ?18, ?19, NULL
+             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND held = 0);
              COMMIT;"
         );
         let outbox = self.writer.jobs.get();
@@ -775,7 +851,9 @@ impl Store for SqliteStore {
         .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
         .bind(millis(now))
         .bind(serde_json::Value::Array(plan).to_string())
-        .bind(new.idempotency_key.as_deref());
+        .bind(new.idempotency_key.as_deref())
+        .bind(new.group.as_deref())
+        .bind(serde_json::to_string(&new.labels).unwrap_or_else(|_| "[]".into()));
         let query = match job {
             Some(job) => job.bind(query),
             None => query,
@@ -792,7 +870,10 @@ impl Store for SqliteStore {
                 return Err(backend(e));
             }
         };
-        let Some(number) = rows.first().map(|row| row.get::<i64, _>(0)) else {
+        let Some((number, held)) = rows
+            .first()
+            .map(|row| (row.get::<i64, _>(0), row.get::<i64, _>(1) != 0))
+        else {
             let row = sqlx::query(select_runs!("WHERE pipeline = ?1 AND idempotency_key = ?2"))
                 .bind(&new.pipeline)
                 .bind(new.idempotency_key.as_deref())
@@ -806,7 +887,9 @@ impl Store for SqliteStore {
             });
         };
         drop(conn);
-        if let Some(outbox) = outbox {
+        if let Some(outbox) = outbox
+            && !held
+        {
             // After the commit: the woken worker's fetch sees the job.
             outbox.pushed();
         }
@@ -831,9 +914,11 @@ impl Store for SqliteStore {
                 claimed_by: None,
                 lease_until: None,
                 idempotency_key: new.idempotency_key,
+                group: new.group,
+                held,
             },
             created: true,
-            queued: outbox.is_some(),
+            queued: outbox.is_some() && !held,
         })
     }
 
@@ -910,7 +995,7 @@ impl Store for SqliteStore {
         let row = sqlx::query(concat!(
             "UPDATE runs SET status = 'running', started_at = ?2, claim_token = claim_token + 1,
                 claimed_by = ?3, lease_until = ?4
-             WHERE id = ?1 AND status = 'queued' RETURNING ",
+             WHERE id = ?1 AND status = 'queued' AND held = 0 RETURNING ",
             run_columns!()
         ))
         .bind(id.as_str())
@@ -1107,17 +1192,21 @@ impl Store for SqliteStore {
                 return Err(backend(e));
             }
         };
-        drop(conn);
-        match rows.first() {
-            Some(row) => {
-                for _ in steps {
-                    self.changed(&claim.run, ChangeKind::Step);
-                }
-                self.changed(&claim.run, ChangeKind::Status);
-                run_from_row(row)
-            }
-            None => Err(self.stale(claim).await),
+        let Some(row) = rows.first() else {
+            drop(conn);
+            return Err(self.stale(claim).await);
+        };
+        let run = run_from_row(row)?;
+        for _ in steps {
+            self.changed(&claim.run, ChangeKind::Step);
         }
+        self.changed(&claim.run, ChangeKind::Status);
+        if let Some(group) = &run.group {
+            // Still holding the writer: the next run of the group goes before anything else
+            // is written (a crash in between is mended at the next start).
+            self.release_next(&mut conn, group).await?;
+        }
+        Ok(run)
     }
 
     async fn update_step(&self, claim: &Claim, step: &StepRecord) -> Result<()> {
@@ -1355,6 +1444,9 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(backend)?;
         self.changed(id, ChangeKind::Cancel);
+        if let (Some(group), RunStatus::Cancelled) = (&run.group, run.status) {
+            self.release_next(&mut conn, group).await?;
+        }
         Ok(run)
     }
 

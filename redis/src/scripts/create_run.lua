@@ -21,6 +21,15 @@ if idem ~= '' then
   fields[#fields + 1] = string.sub(idem, 2)
 end
 redis.call('HSET', KEYS[1], unpack(fields))
+-- Its concurrency group: held (queued without a job) while another run of it is active.
+local group = redis.call('HGET', KEYS[1], 'group')
+local held = '0'
+if group then
+  local gk = D .. 'grp:' .. group
+  if redis.call('ZCARD', gk) > 0 then held = '1' end
+  redis.call('ZADD', gk, seq, id)
+end
+redis.call('HSET', KEYS[1], 'held', held)
 local plan = {}
 for i = 6 + 2 * n, #ARGV, 2 do
   plan[#plan + 1] = 'p:' .. ARGV[i]

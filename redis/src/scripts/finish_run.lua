@@ -21,4 +21,5 @@ local r = redis.call('HMGET', KEYS[1], 'pipeline', 'seq')
 index_status(ARGV[1], r[1], r[2], 'running', ARGV[3])
 for _ = 1, written do publish(origin, 'step', 'r:' .. ARGV[1]) end
 publish(origin, 'status', 'r:' .. ARGV[1])
+release_group(ARGV[1], origin)
 return {'ok', redis.call('HGETALL', KEYS[1])}

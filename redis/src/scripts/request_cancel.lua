@@ -32,4 +32,5 @@ if r[1] == 'queued' then
   end
 end
 publish(ARGV[3], 'cancel', 'r:' .. ARGV[1])
+if r[1] == 'queued' then release_group(ARGV[1], ARGV[3]) end
 return {'ok', redis.call('HGETALL', KEYS[1])}
