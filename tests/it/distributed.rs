@@ -230,13 +230,16 @@ fn a_remote_workers_log_is_live_and_a_cancel_reaches_it() {
     let scratch = scratch();
     let marker = scratch.path().join("finally");
     shared_file(&marker);
+    let reached = scratch.path().join("reached");
+    shared_file(&reached);
     let server = serve(
         &redis,
         &[(
             "slow",
             &format!(
-                "runs_on: [far]\nsteps:\n  - run: echo started; sleep 30\nfinally:\n  - run: echo done >> {}\n",
-                marker.display()
+                "runs_on: [far]\nsteps:\n  - run: |\n      trap 'echo \"$EPOCHREALTIME\" >> {r}; exit 1' TERM\n      echo started\n      sleep 30 & wait\nfinally:\n  - run: echo done >> {m}\n",
+                r = reached.display(),
+                m = marker.display()
             ),
         )],
         &[],
@@ -246,12 +249,24 @@ fn a_remote_workers_log_is_live_and_a_cancel_reaches_it() {
     server.wait_for_log(&id, "started");
     assert_eq!(run(&server, &id)["status"], "running");
     let asked = Instant::now();
+    let asked_at = epoch();
     let (status, body) = server.api("POST", &format!("/api/runs/{id}/cancel"), None);
     assert!(status == 202 || status == 200, "{status} {body}");
     let r = wait_run(&server, &id, "ended", ended);
     let took = asked.elapsed();
     assert_eq!(r["status"], "cancelled", "{r}");
     assert_eq!(r["worker"], "w-far");
+    // The step on the other process got its SIGTERM within a second of the request.
+    let got: f64 = std::fs::read_to_string(&reached)
+        .expect("reached")
+        .trim()
+        .parse()
+        .expect("the step's trap wrote the time");
+    assert!(
+        got - asked_at < 1.0,
+        "the cancel reached the step {:.3} s after it was asked",
+        got - asked_at
+    );
     assert!(took < Duration::from_secs(4), "the cancel took {took:?}");
     assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "done\n");
 }
