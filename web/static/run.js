@@ -1,7 +1,8 @@
 // The run page: follows the run over Server-Sent Events, appending log lines as they come and
 // updating steps, status, durations and the tab's title. The page follows the end of the log
 // only while the reader is at the end of a live run; a finished run opens at its head (status,
-// steps, Rerun), which stays in view (sticky) while the log scrolls.
+// steps, Rerun), which stays in view (sticky) while the log scrolls; a failed run opens at its
+// failed step. Each step's lines are a section under a header that folds.
 (function () {
   "use strict";
   const log = document.getElementById("log");
@@ -11,13 +12,14 @@
   const followBtn = document.getElementById("follow");
   const head = document.getElementById("run-head");
   const BLOCK = 500; // lines per block; blocks off screen are not laid out
+  const FOLD_LINES = 500; // a finished log longer than this opens with succeeded steps folded
   const SYM = { succeeded: "✓", failed: "✗", running: "●", queued: "○", pending: "○", cancelled: "⊘", timed_out: "⏱", skipped: "–" };
   let live = log.dataset.active === "true";
   let lineNo = 0, block = null, blockCount = 0, lastStep = undefined, pending = [];
-  let stepNames = {};
-  document.querySelectorAll("#steps .step").forEach(function (li) {
-    stepNames[li.dataset.index] = li.querySelector(".name").textContent;
-  });
+  let body = null, secCount = 0;
+  const openedLive = live;
+  const stepLi = {};
+  document.querySelectorAll("#steps .step").forEach(function (li) { stepLi[li.dataset.index] = li; });
 
   // Anchors (#L123, a step) land below the sticky head, whatever its height.
   function measureHead() {
@@ -46,15 +48,66 @@
   });
 
   function newBlock() {
+    if (block && blockCount >= BLOCK) block.classList.add("full");
+    if (body === null) newSection(null);
     block = document.createElement("div");
     block.className = "block";
     blockCount = 0;
-    log.appendChild(block);
+    body.appendChild(block);
   }
 
-  function esc(t) {
-    return t.replace(/[&<>"]/g, function (c) { return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]; });
+  // A step's section: a header button (name, status, duration) that folds its lines.
+  function newSection(step) {
+    if (block && blockCount >= BLOCK) block.classList.add("full");
+    block = null;
+    const sec = document.createElement("section");
+    sec.className = "sec";
+    body = document.createElement("div");
+    body.className = "sec-body";
+    body.id = "B" + (++secCount);
+    if (step !== null) {
+      const li = stepLi[step];
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "step-head";
+      b.setAttribute("aria-expanded", "true");
+      b.setAttribute("aria-controls", body.id);
+      if (!document.getElementById("L-step-" + step)) b.id = "L-step-" + step;
+      b.innerHTML = '<span class="caret" aria-hidden="true">▾</span> <span class="sn"></span> <span class="ss"></span> <span class="took"></span>';
+      b.querySelector(".sn").textContent = li ? li.querySelector(".name").textContent : "step " + step;
+      sec.dataset.step = step;
+      sec.appendChild(b);
+      paintHead(sec);
+    }
+    sec.appendChild(body);
+    log.appendChild(sec);
   }
+
+  // A section's header shows its step's status and duration, as the list of steps does.
+  function paintHead(sec) {
+    const li = stepLi[sec.dataset.step], b = sec.firstChild;
+    if (!li) return;
+    const st = li.className.replace("step ", "");
+    sec.className = "sec " + st;
+    b.querySelector(".ss").textContent = st.replace("_", " ");
+    const t = li.querySelector(".took"), d = b.querySelector(".took");
+    d.className = "took" + (t.dataset.start ? " dur" : "");
+    d.dataset.start = t.dataset.start || "";
+    d.dataset.end = t.dataset.end || "";
+    d.textContent = t.textContent;
+  }
+
+  function fold(sec, open) {
+    const b = sec.querySelector(".step-head");
+    if (!b) return;
+    b.setAttribute("aria-expanded", String(open));
+    b.firstChild.textContent = open ? "▾" : "▸";
+    sec.lastChild.hidden = !open;
+  }
+  log.addEventListener("click", function (e) {
+    const b = e.target.closest(".step-head");
+    if (b) fold(b.parentNode, b.getAttribute("aria-expanded") !== "true");
+  });
 
   // Lines are added as one HTML string per block (the server's lines are escaped HTML already):
   // one parse per 500 lines instead of an element and a parse per line.
@@ -66,13 +119,9 @@
       if (html) { block.insertAdjacentHTML("beforeend", html); html = ""; }
     }
     for (const item of items) {
+      if (item.head !== undefined) { put(); newSection(item.head); continue; }
       if (block === null || blockCount >= BLOCK) { put(); newBlock(); }
       blockCount += 1;
-      if (item.head !== undefined) {
-        html += '<div class="step-head" id="L-step-' + item.head + '">▸ ' +
-          esc(stepNames[item.head] || ("step " + item.head)) + "</div>";
-        continue;
-      }
       lineNo += 1;
       html += '<div class="ln-row' + (item.note ? " skiff-note" : "") + '" id="L' + lineNo +
         '"><a class="ln" href="#L' + lineNo + '">' + lineNo + "</a><span>" + item.html + "</span></div>";
@@ -105,6 +154,7 @@
     sym.title = s.status;
     li.querySelector(".st").textContent = s.status.replace("_", " ");
     setDur(li.querySelector(".took"), s.started_at, s.finished_at);
+    log.querySelectorAll('.sec[data-step="' + s.index + '"]').forEach(paintHead);
     li.querySelector(".why").textContent = (s.attempt > 1 ? "attempt " + s.attempt + " " : "") + (s.reason || "");
   }
 
@@ -142,7 +192,7 @@
   ["log", "step", "run"].forEach(function (name) { source.addEventListener(name, firstEvent); });
   source.addEventListener("log", function (e) {
     const chunk = JSON.parse(e.data);
-    if (chunk.step !== lastStep && chunk.step !== null) {
+    if (chunk.step !== lastStep && (chunk.step !== null || lastStep !== undefined)) {
       pending.push({ head: chunk.step });
     }
     lastStep = chunk.step;
@@ -163,12 +213,25 @@
     flush();
     firstEvent();
     if (window.performance && performance.mark) performance.mark("skiff-log-end");
-    state.textContent = lineNo + " lines · run " + JSON.parse(e.data).status.replace("_", " ");
-    if (location.hash.startsWith("#L")) {
-      const target = document.getElementById(location.hash.slice(1));
-      if (target) { following = false; target.classList.add("hl"); target.scrollIntoView({ block: "center" }); }
+    const status = JSON.parse(e.data).status;
+    state.textContent = lineNo + " lines · run " + status.replace("_", " ");
+    const target = location.hash.startsWith("#L") ? document.getElementById(location.hash.slice(1)) : null;
+    // A finished run of many lines opens with its succeeded steps folded.
+    if (!openedLive && lineNo > FOLD_LINES) {
+      log.querySelectorAll(".sec.succeeded, .sec.skipped").forEach(function (sec) {
+        if (!(target && sec.contains(target))) fold(sec, false);
+      });
     }
+    if (target) {
+      following = false; target.classList.add("hl"); target.scrollIntoView({ block: target.classList.contains("step-head") ? "start" : "center" });
+    } else if (!openedLive && (status === "failed" || status === "timed_out")) {
+      // A failed run opens at its (first) failed step.
+      const sec = log.querySelector(".sec.failed, .sec.timed_out");
+      if (sec) sec.scrollIntoView({ block: "start" });
+    }
+    showFollow();
   });
+
   source.onerror = function () {
     if (source.readyState === EventSource.CONNECTING) state.textContent = "reconnecting…";
   };
