@@ -361,6 +361,19 @@ fn a_log_of_100000_lines_stays_usable() {
     let loaded = started.elapsed();
     let blocks = b.js("return document.querySelectorAll('#log .block').length;");
     assert_eq!(blocks, json!(200), "lines are grouped in blocks of 500");
+    // Search stays quick: a query matching every line is one pass, not a re-render.
+    let took = b.js("const f = document.getElementById('find'); f.value = 'of a long'; const t = performance.now(); f.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter' })); return [performance.now() - t, document.getElementById('found').textContent];");
+    assert_eq!(took[1], json!("1 of 100000"), "every line matches once");
+    let ms = took[0].as_f64().unwrap_or(f64::MAX);
+    assert!(ms < 1000.0, "searching 100,000 lines took {ms} ms");
+    b.type_into("#find", "line 099999 ");
+    b.wait_js(
+        "return document.getElementById('found').textContent;",
+        json!("1 of 1"),
+    );
+    let hit = b.js("const e = document.querySelector('#log .found'); const r = e.getBoundingClientRect(); return [e.id, r.top >= 0 && r.bottom <= window.innerHeight];");
+    assert_eq!(hit, json!(["L99999", true]), "the match is shown");
+    eprintln!("100,000-line log: searched in {ms:.0} ms");
     // Open a line far down by its link, as a shared link would.
     b.goto(&server.url("/"));
     let started = Instant::now();
@@ -1070,6 +1083,22 @@ impl Browser {
             Some(json!({ "text": text })),
         );
     }
+
+    /// Runs `script` until it returns `want`; panics with what it last returned.
+    fn wait_js(&self, script: &str, want: Value) {
+        let until = Instant::now() + WAIT;
+        loop {
+            let got = self.js(script);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "`{script}` returned {got}, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// The pipeline of the log viewer's tests: a long succeeded step, then a step with progress
@@ -1164,4 +1193,95 @@ fn a_failed_run_opens_at_its_failed_step_and_steps_fold() {
         "a step linked to opens unfolded"
     );
     b.screenshot("log-viewer-failed.png");
+}
+
+/// Search finds every match (case-insensitive), counts them, moves with Enter and Shift+Enter
+/// and unfolds the step a match is in; per-line times and wrapping are toggles remembered
+/// across reloads; log text stays text.
+#[test]
+fn the_log_searches_shows_times_and_wraps_on_demand() {
+    let server = Server::start(&[("viewer", LOG_VIEWER)]);
+    let id = server.trigger("viewer", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.wait_text("#log-state", "run failed");
+    assert_eq!(
+        b.js("return document.querySelector('#log i');"),
+        Value::Null,
+        "log text is never markup"
+    );
+
+    b.type_into("#find", "needle");
+    b.wait_text("#found", "1 of 3");
+    let current = "const r = document.querySelector('#log .ln-row.found'); return r ? r.lastChild.textContent : null;";
+    assert_eq!(b.js(current), json!("a needle here"));
+    let painted = b.js(
+        "return [CSS.highlights.get('find').size, CSS.highlights.get('find-cur').size, CSS.highlights.get('find-cur').values().next().value.toString()];",
+    );
+    assert_eq!(painted, json!([3, 1, "needle"]), "matches are highlighted");
+    b.keys("#find", "\u{E007}");
+    b.wait_text("#found", "2 of 3");
+    assert_eq!(b.js(current), json!("<i>needle</i> and NEEDLE"));
+    b.keys("#find", "\u{E007}");
+    b.wait_text("#found", "3 of 3");
+    b.keys("#find", "\u{E008}\u{E007}\u{E008}");
+    b.wait_text("#found", "2 of 3");
+    b.click("#find-next");
+    b.click("#find-next");
+    b.wait_text("#found", "1 of 3");
+    // A match in a folded step unfolds it and comes into view.
+    b.type_into("#find", "build line 321");
+    b.wait_text("#found", "1 of 1");
+    let shown = b.js("const r = document.getElementById('L321'); const b = r.getBoundingClientRect(); return [document.getElementById('L-step-0').getAttribute('aria-expanded'), r.classList.contains('found'), b.top >= 0 && b.bottom <= window.innerHeight];");
+    assert_eq!(shown, json!(["true", true, true]));
+    b.type_into("#find", "no such text");
+    b.wait_text("#found", "no match");
+
+    // Times: hidden, then shown beside every line, remembered.
+    let time = "return [document.getElementById('times').getAttribute('aria-pressed'), getComputedStyle(document.getElementById('L1'), '::before').content];";
+    let off = b.js(time);
+    assert_eq!(off[0], json!("false"));
+    assert!(
+        off[1] == json!("none") || off[1] == json!("normal"),
+        "no times by default: {off}"
+    );
+    b.click("#times");
+    let on = b.js(time);
+    let shown = on[1].as_str().unwrap_or("").to_string();
+    assert!(
+        on[0] == json!("true")
+            && shown.len() == 10
+            && shown[1..9].chars().filter(|c| c.is_ascii_digit()).count() == 6,
+        "each line shows the time it was read: {on}"
+    );
+    b.goto(&b.url());
+    b.wait_text("#log-state", "run failed");
+    assert_eq!(b.js(time)[0], json!("true"), "remembered across a reload");
+    b.click("#times");
+    assert_eq!(b.js(time)[0], json!("false"));
+
+    // Wrapping: on by default; off, the long line scrolls sideways; remembered.
+    let wrap = "const log = document.getElementById('log'); const row = Array.from(log.querySelectorAll('.ln-row')).find(r => r.lastChild.textContent.startsWith('yyyy')); const line = parseFloat(getComputedStyle(row).lineHeight); return [document.getElementById('wrap').getAttribute('aria-pressed'), row.getBoundingClientRect().height > 1.5 * line, log.scrollWidth > log.clientWidth];";
+    assert_eq!(b.js(wrap), json!(["true", true, false]), "long lines wrap");
+    b.click("#wrap");
+    assert_eq!(
+        b.js(wrap),
+        json!(["false", false, true]),
+        "unwrapped, a long line scrolls sideways"
+    );
+    b.goto(&b.url());
+    b.wait_text("#log-state", "run failed");
+    b.wait_js(
+        "const w = document.getElementById('wrap'); return w.getAttribute('aria-pressed') + ' ' + document.getElementById('log').classList.contains('nowrap');",
+        json!("false true"),
+    );
+    let sideways = b.js(SIDEWAYS);
+    assert_eq!(
+        sideways[0], sideways[1],
+        "the page itself does not scroll sideways: {sideways}"
+    );
+    b.screenshot("log-viewer-nowrap.png");
 }

@@ -2,7 +2,10 @@
 // updating steps, status, durations and the tab's title. The page follows the end of the log
 // only while the reader is at the end of a live run; a finished run opens at its head (status,
 // steps, Rerun), which stays in view (sticky) while the log scrolls; a failed run opens at its
-// failed step. Each step's lines are a section under a header that folds.
+// failed step. Each step's lines are a section under a header that folds; a search box finds
+// text in the log (one pass over plain text kept beside the DOM, matches painted with the CSS
+// Custom Highlight API, nothing re-rendered); per-line times and wrapping are toggles kept in
+// localStorage.
 (function () {
   "use strict";
   const log = document.getElementById("log");
@@ -18,15 +21,21 @@
   let lineNo = 0, block = null, blockCount = 0, lastStep = undefined, pending = [];
   let body = null, secCount = 0;
   const openedLive = live;
+  const lows = []; // each line's text, lower case, for the search
   const stepLi = {};
   document.querySelectorAll("#steps .step").forEach(function (li) { stepLi[li.dataset.index] = li; });
 
-  // Anchors (#L123, a step) land below the sticky head, whatever its height.
+  // Anchors (#L123, a step) land below the sticky head (and the log's bar, sticky on a wide
+  // screen), whatever their height.
+  const bar = document.querySelector(".log-bar");
   function measureHead() {
-    if (head) document.documentElement.style.setProperty("--sticky", (head.offsetHeight + 8) + "px");
+    if (!head) return;
+    const h = head.offsetHeight, root = document.documentElement.style;
+    root.setProperty("--head", h + "px");
+    root.setProperty("--sticky", (h + (getComputedStyle(bar).position === "sticky" ? bar.offsetHeight : 0) + 8) + "px");
   }
   measureHead();
-  if (head && window.ResizeObserver) new ResizeObserver(measureHead).observe(head);
+  if (head && window.ResizeObserver) { const ro = new ResizeObserver(measureHead); ro.observe(head); ro.observe(bar); }
 
   function atBottom() {
     return window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 40;
@@ -109,6 +118,16 @@
     if (b) fold(b.parentNode, b.getAttribute("aria-expanded") !== "true");
   });
 
+  const ENT = { "&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"', "&#39;": "'" };
+  function plain(html) {
+    return html.replace(/<[^>]*>/g, "").replace(/&(amp|lt|gt|quot|#39);/g, function (m) { return ENT[m]; });
+  }
+  const two = function (n) { return String(n).padStart(2, "0"); };
+  function clock(at) {
+    const d = new Date(at);
+    return isNaN(d) ? "" : two(d.getHours()) + ":" + two(d.getMinutes()) + ":" + two(d.getSeconds());
+  }
+
   // Lines are added as one HTML string per block (the server's lines are escaped HTML already):
   // one parse per 500 lines instead of an element and a parse per line.
   function flush() {
@@ -118,15 +137,18 @@
     function put() {
       if (html) { block.insertAdjacentHTML("beforeend", html); html = ""; }
     }
+    const from = lineNo;
     for (const item of items) {
       if (item.head !== undefined) { put(); newSection(item.head); continue; }
       if (block === null || blockCount >= BLOCK) { put(); newBlock(); }
       blockCount += 1;
       lineNo += 1;
       html += '<div class="ln-row' + (item.note ? " skiff-note" : "") + '" id="L' + lineNo +
-        '"><a class="ln" href="#L' + lineNo + '">' + lineNo + "</a><span>" + item.html + "</span></div>";
+        '" data-t="' + item.t + '"><a class="ln" href="#L' + lineNo + '">' + lineNo + "</a><span>" + item.html + "</span></div>";
+      lows.push(item.html.indexOf("<") < 0 && item.html.indexOf("&") < 0 ? item.html.toLowerCase() : plain(item.html).toLowerCase());
     }
     put();
+    if (query) { scan(from); count(); }
     if (following) window.scrollTo(0, document.documentElement.scrollHeight);
     showFollow();
   }
@@ -196,8 +218,9 @@
       pending.push({ head: chunk.step });
     }
     lastStep = chunk.step;
+    const t = clock(chunk.at);
     for (const html of chunk.html) {
-      pending.push({ html: html, note: chunk.stream === "skiff" || html.startsWith("[skiff] ") });
+      pending.push({ html: html, t: t, note: chunk.stream === "skiff" || html.startsWith("[skiff] ") });
     }
     state.textContent = lineNo + pending.length + " lines";
     schedule();
@@ -232,6 +255,105 @@
     showFollow();
   });
 
+  // ---- Search: one pass over the lines' text per query; Enter / Shift+Enter move.
+  const find = document.getElementById("find"), found = document.getElementById("found");
+  let query = "", mLine = [], mAt = [], cur = -1, timer = 0;
+  const HL = window.CSS && CSS.highlights && window.Highlight;
+  function scan(from) {
+    for (let i = from; i < lows.length; i++) {
+      const t = lows[i];
+      let at = t.indexOf(query);
+      while (at >= 0) { mLine.push(i + 1); mAt.push(at); at = t.indexOf(query, at + query.length); }
+    }
+  }
+  function count() {
+    const n = mLine.length;
+    found.textContent = !query ? "" : !n ? "no match" : cur < 0 ? n + (n === 1 ? " match" : " matches") : (cur + 1) + " of " + n;
+  }
+  function range(i) {
+    const row = document.getElementById("L" + mLine[i]);
+    if (!row) return null;
+    const w = document.createTreeWalker(row.lastChild, NodeFilter.SHOW_TEXT);
+    let start = mAt[i], end = start + query.length, r = document.createRange(), n, s = false;
+    while ((n = w.nextNode())) {
+      const len = n.length;
+      if (!s && start <= len) { r.setStart(n, start); s = true; }
+      if (s && end <= len) { r.setEnd(n, end); return r; }
+      start -= len; end -= len;
+    }
+    return null;
+  }
+  function paint() {
+    if (!HL) return;
+    CSS.highlights.delete("find"); CSS.highlights.delete("find-cur");
+    if (cur < 0) return;
+    // Matches near the current one only: a common word in 100,000 lines stays cheap.
+    const all = new Highlight();
+    for (let i = Math.max(0, cur - 200); i < Math.min(mLine.length, cur + 200); i++) {
+      const r = range(i);
+      if (r) all.add(r);
+    }
+    CSS.highlights.set("find", all);
+    const r = range(cur);
+    if (r) CSS.highlights.set("find-cur", new Highlight(r));
+  }
+  function go(i) {
+    const old = log.querySelector(".ln-row.found");
+    if (old) old.classList.remove("found");
+    cur = mLine.length ? (i + mLine.length) % mLine.length : -1;
+    count();
+    if (cur < 0) return paint();
+    const row = document.getElementById("L" + mLine[cur]);
+    const sec = row.closest(".sec");
+    if (sec.lastChild.hidden) fold(sec, true);
+    row.classList.add("found");
+    following = false;
+    row.scrollIntoView({ block: "center" });
+    paint();
+  }
+  function search() {
+    query = find.value.toLowerCase();
+    mLine = []; mAt = []; cur = -1;
+    if (query) scan(0);
+    go(0);
+  }
+  find.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(search, 150); });
+  find.addEventListener("keydown", function (e) {
+    if (e.key !== "Enter") return;
+    e.preventDefault();
+    if (find.value.toLowerCase() !== query) { clearTimeout(timer); search(); } else go(cur + (e.shiftKey ? -1 : 1));
+  });
+  // "/" anywhere but a field goes to the search box, as on GitHub.
+  document.addEventListener("keydown", function (e) {
+    if (e.key === "/" && !e.ctrlKey && !e.metaKey && !e.altKey && !/^(INPUT|SELECT|TEXTAREA)$/.test(e.target.tagName)) {
+      e.preventDefault(); find.focus(); find.select();
+    }
+  });
+  document.getElementById("find-prev").addEventListener("click", function () { go(cur - 1); });
+  document.getElementById("find-next").addEventListener("click", function () { go(cur + 1); });
+
+  // ---- Toggles kept in localStorage: per-line times (off), wrapping (on).
+  // `cls` is set while the toggle is on, `!cls` while it is off.
+  function toggle(id, key, cls, on) {
+    const off = cls[0] === "!";
+    if (off) cls = cls.slice(1);
+    const b = document.getElementById(id);
+    let v = on;
+    try { const s = localStorage.getItem(key); if (s !== null) v = s === "1"; } catch (_) { /* storage off */ }
+    function set(x) {
+      v = x;
+      b.setAttribute("aria-pressed", String(v));
+      log.classList.toggle(cls, off ? !v : v);
+    }
+    set(v);
+    b.addEventListener("click", function () {
+      set(!v);
+      try { localStorage.setItem(key, v ? "1" : "0"); } catch (_) { /* storage off */ }
+    });
+  }
+  toggle("times", "skiff.log.times", "times", false);
+  toggle("wrap", "skiff.log.wrap", "!nowrap", true);
+  document.getElementById("log-tools").hidden = false;
   source.onerror = function () {
     if (source.readyState === EventSource.CONNECTING) state.textContent = "reconnecting…";
   };
