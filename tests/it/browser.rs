@@ -359,6 +359,9 @@ fn a_log_of_100000_lines_stays_usable() {
     b.goto(&server.url(&format!("/runs/{id}")));
     b.wait_text("#log-state", "100000 lines");
     let loaded = started.elapsed();
+    let open =
+        b.js("return document.querySelector('#log .step-head').getAttribute('aria-expanded');");
+    assert_eq!(open, json!("true"), "a run's only step stays open");
     let blocks = b.js("return document.querySelectorAll('#log .block').length;");
     assert_eq!(blocks, json!(200), "lines are grouped in blocks of 500");
     // Search stays quick: a query matching every line is one pass, not a re-render.

@@ -239,8 +239,8 @@
     const status = JSON.parse(e.data).status;
     state.textContent = lineNo + " lines · run " + status.replace("_", " ");
     const target = location.hash.startsWith("#L") ? document.getElementById(location.hash.slice(1)) : null;
-    // A finished run of many lines opens with its succeeded steps folded.
-    if (!openedLive && lineNo > FOLD_LINES) {
+    // A finished run of many lines and more than one step opens with its succeeded steps folded.
+    if (!openedLive && lineNo > FOLD_LINES && log.querySelectorAll(".sec[data-step]").length > 1) {
       log.querySelectorAll(".sec.succeeded, .sec.skipped").forEach(function (sec) {
         if (!(target && sec.contains(target))) fold(sec, false);
       });
