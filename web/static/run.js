@@ -57,7 +57,6 @@
   });
 
   function newBlock() {
-    if (block && blockCount >= BLOCK) block.classList.add("full");
     if (body === null) newSection(null);
     block = document.createElement("div");
     block.className = "block";
@@ -67,7 +66,6 @@
 
   // A step's section: a header button (name, status, duration) that folds its lines.
   function newSection(step) {
-    if (block && blockCount >= BLOCK) block.classList.add("full");
     block = null;
     const sec = document.createElement("section");
     sec.className = "sec";
@@ -134,8 +132,9 @@
     if (pending.length === 0) return;
     const items = pending; pending = [];
     let html = "";
+    // A block off screen is as tall as its lines (`--n`) until it is laid out once.
     function put() {
-      if (html) { block.insertAdjacentHTML("beforeend", html); html = ""; }
+      if (html) { block.insertAdjacentHTML("beforeend", html); html = ""; block.style.setProperty("--n", blockCount); }
     }
     const from = lineNo;
     for (const item of items) {
