@@ -3,7 +3,9 @@
 //! strict Content-Security-Policy and the stylesheet themes the 16 colours for contrast; 256-colour
 //! and truecolor codes map to the nearest of the 16. Each line is converted whole; the state a
 //! line leaves open is carried to the next line, since a converter sees one line at a time.
-//! Other escape sequences (cursor moves, titles) are dropped.
+//! Other escape sequences (cursor moves, titles) are dropped. A carriage return inside a line
+//! (progress redrawn in place) keeps only what follows the last one, as the terminal ends up
+//! showing it; the stored log keeps the bytes.
 
 /// What is in force: colours (0-15) and styles.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,8 +168,21 @@ impl Carry {
         let mut run = String::new();
         let mut shown = self.style;
         let mut chars = line.chars().peekable();
+        // A carriage return starts the line over, as progress output means it to: what is
+        // shown is the text after the last one that more text follows.
+        let mut returned = false;
         while let Some(c) = chars.next() {
+            if c == '\r' {
+                returned = true;
+                continue;
+            }
             if c != '\x1b' {
+                if returned {
+                    returned = false;
+                    out.clear();
+                    run.clear();
+                    shown = self.style;
+                }
                 if self.style != shown {
                     flush(&mut out, &mut run, shown);
                     shown = self.style;
@@ -286,6 +301,15 @@ mod tests {
         // Inverse swaps; other sequences vanish; broken ones do no harm.
         assert_eq!(html("\x1b[7mx")[0], "<span class=\"f0 b7\">x</span>");
         assert_eq!(html("\x1b[2K\x1b]0;title\x07ok")[0], "ok");
+        // Progress redrawn with carriage returns shows its last state (the colour carried).
+        assert_eq!(
+            html("10%\r20%\r\x1b[32m30%\r")[0],
+            "<span class=\"f2\">30%</span>"
+        );
+        assert_eq!(
+            html("a\x1b[31mb\rc\r\n\x1b[0md\n"),
+            ["<span class=\"f1\">c</span>", "d"]
+        );
         assert_eq!(html("\x1b[38;5mx\x1b[38;2;1m\x1b")[0], "x");
         for line in html("\x1b[31;41;1;2;3;4;7;38;5;100;48;2;1;2;3mx") {
             assert!(!line.contains("style"), "{line}");

@@ -359,12 +359,24 @@ fn a_log_of_100000_lines_stays_usable() {
     b.goto(&server.url(&format!("/runs/{id}")));
     b.wait_text("#log-state", "100000 lines");
     let loaded = started.elapsed();
+    let open =
+        b.js("return document.querySelector('#log .step-head').getAttribute('aria-expanded');");
+    assert_eq!(open, json!("true"), "a run's only step stays open");
     let blocks = b.js("return document.querySelectorAll('#log .block').length;");
-    assert_eq!(
-        blocks,
-        json!(201),
-        "lines are grouped in blocks of 500 (and a step header)"
+    assert_eq!(blocks, json!(200), "lines are grouped in blocks of 500");
+    // Search stays quick: a query matching every line is one pass, not a re-render.
+    let took = b.js("const f = document.getElementById('find'); f.value = 'of a long'; const t = performance.now(); f.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter' })); return [performance.now() - t, document.getElementById('found').textContent];");
+    assert_eq!(took[1], json!("1 of 100000"), "every line matches once");
+    let ms = took[0].as_f64().unwrap_or(f64::MAX);
+    assert!(ms < 1000.0, "searching 100,000 lines took {ms} ms");
+    b.type_into("#find", "line 099999 ");
+    b.wait_js(
+        "return document.getElementById('found').textContent;",
+        json!("1 of 1"),
     );
+    let hit = b.js("const e = document.querySelector('#log .found'); const r = e.getBoundingClientRect(); return [e.id, r.top >= 0 && r.bottom <= window.innerHeight];");
+    assert_eq!(hit, json!(["L99999", true]), "the match is shown");
+    eprintln!("100,000-line log: searched in {ms:.0} ms");
     // Open a line far down by its link, as a shared link would.
     b.goto(&server.url("/"));
     let started = Instant::now();
@@ -1047,4 +1059,232 @@ fn descriptions_render_markdown_and_problems_are_counted_in_words() {
     b.goto(&server.url("/"));
     b.wait_text("main", "Invalid: 1 problem.");
     b.wait_text("main", "Invalid: 2 problems.");
+}
+
+impl Browser {
+    /// The browser's session cookie, for requests made beside it.
+    fn session_cookie(&self) -> String {
+        self.cmd("GET", "/cookie", None)
+            .as_array()
+            .and_then(|all| all.first().cloned())
+            .map(|c| {
+                format!(
+                    "{}={}",
+                    c["name"].as_str().unwrap_or(""),
+                    c["value"].as_str().unwrap_or("")
+                )
+            })
+            .expect("a session cookie")
+    }
+
+    /// Sends keys to the element (WebDriver key codes: \u{E007} is Enter, \u{E008} Shift).
+    fn keys(&self, css: &str, text: &str) {
+        let id = self.find(css);
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        );
+    }
+
+    /// Runs `script` until it returns `want`; panics with what it last returned.
+    fn wait_js(&self, script: &str, want: Value) {
+        let until = Instant::now() + WAIT;
+        loop {
+            let got = self.js(script);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "`{script}` returned {got}, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The pipeline of the log viewer's tests: a long succeeded step, then a step with progress
+/// redrawn with carriage returns, a long line, text to search for, and a failure.
+const LOG_VIEWER: &str = "steps:\n  - name: Build\n    run: seq -f 'build line %g' 1 800\n  - name: Test\n    run: |\n      echo downloading\n      printf '10%%\\r20%%\\r30%%\\n'\n      printf 'y%.0s' $(seq 1 600); echo\n      echo 'a needle here'\n      echo '<i>needle</i> and NEEDLE'\n      seq -f 'test line %g' 1 60\n      echo failing now\n      exit 1\n";
+
+/// A failed run opens at its failed step, whose header is red; the long succeeded step starts
+/// folded; headers fold by click and by keyboard; `\r` progress shows its last state while the
+/// raw log keeps the bytes.
+#[test]
+fn a_failed_run_opens_at_its_failed_step_and_steps_fold() {
+    let server = Server::start(&[("viewer", LOG_VIEWER)]);
+    let id = server.trigger("viewer", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.wait_text("#log-state", "run failed");
+    let at = b.js("const h = document.getElementById('L-step-1'); const r = h.getBoundingClientRect(); const head = document.getElementById('run-head').getBoundingClientRect(); return [window.scrollY > 0, r.top >= head.bottom - 1 && r.bottom <= window.innerHeight, h.parentNode.className, getComputedStyle(h).color, h.textContent.includes('failed')];");
+    assert_eq!(
+        at,
+        json!([true, true, "sec failed", "rgb(255, 123, 114)", true]),
+        "the page opens at the failed step, its header red and saying so"
+    );
+    let folded = "return ['L-step-0', 'L-step-1'].map(id => document.getElementById(id).getAttribute('aria-expanded')).concat([document.getElementById('L200').offsetParent !== null]);";
+    assert_eq!(
+        b.js(folded),
+        json!(["false", "true", false]),
+        "the long succeeded step starts folded, the failed one open"
+    );
+    // Below the sticky head (WebDriver scrolls a target only as far as the window's edge).
+    b.js("document.getElementById('L-step-0').scrollIntoView({ block: 'center' });");
+    b.click("#L-step-0");
+    assert_eq!(
+        b.js(folded),
+        json!(["true", "true", true]),
+        "a click unfolds"
+    );
+    b.js("document.getElementById('L-step-0').scrollIntoView({ block: 'center' });");
+    b.click("#L-step-0");
+    assert_eq!(b.js(folded), json!(["false", "true", false]), "and folds");
+    b.js("document.getElementById('L-step-1').scrollIntoView({ block: 'center' });");
+    b.keys("#L-step-1", "\u{E007}");
+    assert_eq!(
+        b.js(folded),
+        json!(["false", "false", false]),
+        "Enter on a header folds it"
+    );
+    b.keys("#L-step-1", " ");
+    assert_eq!(
+        b.js(folded),
+        json!(["false", "true", false]),
+        "Space unfolds it"
+    );
+    let focus = b.js("return document.activeElement.id;");
+    assert_eq!(focus, json!("L-step-1"), "the header keeps the focus");
+
+    // Progress redrawn with `\r` shows its last state; the raw log keeps every byte.
+    let progress = b.js("const rows = Array.from(document.querySelectorAll('#log .ln-row')); const i = rows.findIndex(r => r.lastChild.textContent === 'downloading'); return [rows[i + 1].lastChild.textContent, document.getElementById('log').textContent.includes('10%')];");
+    assert_eq!(
+        progress,
+        json!(["30%", false]),
+        "a line with carriage returns shows its last state"
+    );
+    let (status, _, raw) = crate::harness::raw(
+        "GET",
+        &server.url(&format!("/runs/{id}/log.txt")),
+        None,
+        &[("cookie", &b.session_cookie())],
+    );
+    assert_eq!(status, 200);
+    assert!(
+        raw.contains("downloading\n10%\r20%\r30%\n"),
+        "the raw log keeps the carriage returns"
+    );
+    // The script-free page shows the last state too.
+    b.goto(&server.url(&format!("/runs/{id}/log")));
+    let plain = b.js("return Array.from(document.querySelectorAll('#log .ln-row')).some(r => r.lastChild.textContent === '30%');");
+    assert_eq!(
+        plain,
+        json!(true),
+        "the page without script collapses `\\r`"
+    );
+
+    // A link to a step opens there, unfolded.
+    b.goto(&server.url(&format!("/runs/{id}#L-step-0")));
+    b.wait_text("#log-state", "run failed");
+    assert_eq!(
+        b.js("return document.getElementById('L-step-0').getAttribute('aria-expanded');"),
+        json!("true"),
+        "a step linked to opens unfolded"
+    );
+    b.screenshot("log-viewer-failed.png");
+}
+
+/// Search finds every match (case-insensitive), counts them, moves with Enter and Shift+Enter
+/// and unfolds the step a match is in; per-line times and wrapping are toggles remembered
+/// across reloads; log text stays text.
+#[test]
+fn the_log_searches_shows_times_and_wraps_on_demand() {
+    let server = Server::start(&[("viewer", LOG_VIEWER)]);
+    let id = server.trigger("viewer", json!({}));
+    server.follow(&id, None);
+    let b = Browser::start();
+    b.goto(&server.login_link);
+    b.find("main");
+    b.goto(&server.url(&format!("/runs/{id}")));
+    b.wait_text("#log-state", "run failed");
+    assert_eq!(
+        b.js("return document.querySelector('#log i');"),
+        Value::Null,
+        "log text is never markup"
+    );
+
+    b.type_into("#find", "needle");
+    b.wait_text("#found", "1 of 3");
+    let current = "const r = document.querySelector('#log .ln-row.found'); return r ? r.lastChild.textContent : null;";
+    assert_eq!(b.js(current), json!("a needle here"));
+    let painted = b.js(
+        "return [CSS.highlights.get('find').size, CSS.highlights.get('find-cur').size, CSS.highlights.get('find-cur').values().next().value.toString()];",
+    );
+    assert_eq!(painted, json!([3, 1, "needle"]), "matches are highlighted");
+    b.keys("#find", "\u{E007}");
+    b.wait_text("#found", "2 of 3");
+    assert_eq!(b.js(current), json!("<i>needle</i> and NEEDLE"));
+    b.keys("#find", "\u{E007}");
+    b.wait_text("#found", "3 of 3");
+    b.keys("#find", "\u{E008}\u{E007}\u{E008}");
+    b.wait_text("#found", "2 of 3");
+    b.click("#find-next");
+    b.click("#find-next");
+    b.wait_text("#found", "1 of 3");
+    // A match in a folded step unfolds it and comes into view.
+    b.type_into("#find", "build line 321");
+    b.wait_text("#found", "1 of 1");
+    let shown = b.js("const r = document.getElementById('L321'); const b = r.getBoundingClientRect(); return [document.getElementById('L-step-0').getAttribute('aria-expanded'), r.classList.contains('found'), b.top >= 0 && b.bottom <= window.innerHeight];");
+    assert_eq!(shown, json!(["true", true, true]));
+    b.type_into("#find", "no such text");
+    b.wait_text("#found", "no match");
+
+    // Times: hidden, then shown beside every line, remembered.
+    let time = "return [document.getElementById('times').getAttribute('aria-pressed'), getComputedStyle(document.getElementById('L1'), '::before').content];";
+    let off = b.js(time);
+    assert_eq!(off[0], json!("false"));
+    assert!(
+        off[1] == json!("none") || off[1] == json!("normal"),
+        "no times by default: {off}"
+    );
+    b.click("#times");
+    let on = b.js(time);
+    let shown = on[1].as_str().unwrap_or("").to_string();
+    assert!(
+        on[0] == json!("true")
+            && shown.len() == 10
+            && shown[1..9].chars().filter(|c| c.is_ascii_digit()).count() == 6,
+        "each line shows the time it was read: {on}"
+    );
+    b.goto(&b.url());
+    b.wait_text("#log-state", "run failed");
+    assert_eq!(b.js(time)[0], json!("true"), "remembered across a reload");
+    b.click("#times");
+    assert_eq!(b.js(time)[0], json!("false"));
+
+    // Wrapping: on by default; off, the long line scrolls sideways; remembered.
+    let wrap = "const log = document.getElementById('log'); const row = Array.from(log.querySelectorAll('.ln-row')).find(r => r.lastChild.textContent.startsWith('yyyy')); const line = parseFloat(getComputedStyle(row).lineHeight); return [document.getElementById('wrap').getAttribute('aria-pressed'), row.getBoundingClientRect().height > 1.5 * line, log.scrollWidth > log.clientWidth];";
+    assert_eq!(b.js(wrap), json!(["true", true, false]), "long lines wrap");
+    b.click("#wrap");
+    assert_eq!(
+        b.js(wrap),
+        json!(["false", false, true]),
+        "unwrapped, a long line scrolls sideways"
+    );
+    b.goto(&b.url());
+    b.wait_text("#log-state", "run failed");
+    b.wait_js(
+        "const w = document.getElementById('wrap'); return w.getAttribute('aria-pressed') + ' ' + document.getElementById('log').classList.contains('nowrap');",
+        json!("false true"),
+    );
+    let sideways = b.js(SIDEWAYS);
+    assert_eq!(
+        sideways[0], sideways[1],
+        "the page itself does not scroll sideways: {sideways}"
+    );
+    b.screenshot("log-viewer-nowrap.png");
 }
