@@ -1732,6 +1732,15 @@ pub struct LogRow {
     pub number: usize,
     pub html: String,
     pub head: String,
+    /// A step header's step status (`failed` makes it red).
+    pub status: &'static str,
+}
+
+impl LogRow {
+    /// The status in words (`timed out`).
+    pub fn status_word(&self) -> String {
+        self.status.replace('_', " ")
+    }
 }
 
 #[derive(Template, WebTemplate)]
@@ -1772,12 +1781,12 @@ pub async fn log_page(
                 ApiError::bad_request(format!("page must be a number from 1, not `{text}`"))
             })?,
     };
-    let names: BTreeMap<u32, String> = state
+    let names: BTreeMap<u32, (String, &'static str)> = state
         .store
         .steps(&run.id)
         .await?
         .into_iter()
-        .map(|s| (s.index, s.name))
+        .map(|s| (s.index, (s.name, s.status.as_str())))
         .collect();
     let first = (page - 1).saturating_mul(LOG_PAGE_LINES) + 1;
     let last = first.saturating_add(LOG_PAGE_LINES - 1);
@@ -1795,14 +1804,15 @@ pub async fn log_page(
                 if (first..=last).contains(&number)
                     && let Some(index) = chunk_step
                 {
-                    let name = names
+                    let (name, status) = names
                         .get(&index)
                         .cloned()
-                        .unwrap_or_else(|| format!("step {index}"));
+                        .unwrap_or_else(|| (format!("step {index}"), ""));
                     rows.push(LogRow {
                         number: 0,
                         html: String::new(),
                         head: name,
+                        status,
                     });
                 }
             }
@@ -1811,6 +1821,7 @@ pub async fn log_page(
                     number,
                     html,
                     head: String::new(),
+                    status: "",
                 });
             }
         }

@@ -835,7 +835,7 @@ fn the_log_reads_without_javascript_in_pages_and_downloads_raw() {
     let page1 = b.js("return [document.querySelectorAll('#log .ln-row').length, document.querySelector('#log .step-head').textContent, document.querySelector('#L1 .f1') && document.querySelector('#L1 .f1').textContent, !!document.querySelector('#L1 b')];");
     assert_eq!(
         page1,
-        json!([2000, "▸ Count", "red <b>", false]),
+        json!([2000, "▸ Count succeeded", "red <b>", false]),
         "a page of 2,000 lines, coloured and escaped"
     );
     b.click("a[rel=next]");
@@ -1185,6 +1185,14 @@ fn a_failed_run_opens_at_its_failed_step_and_steps_fold() {
         plain,
         json!(true),
         "the page without script collapses `\\r`"
+    );
+    let failed_head = b.js("const h = document.querySelector('#log .failed > .step-head'); return h && [h.textContent, getComputedStyle(h).color];");
+    assert!(
+        failed_head[0]
+            .as_str()
+            .is_some_and(|t| t.ends_with("failed"))
+            && failed_head[1] == "rgb(255, 123, 114)",
+        "the page without script shows the failed step's header, in red: {failed_head}"
     );
 
     // A link to a step opens there, unfolded.
