@@ -253,8 +253,9 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
     /// Its concurrency group, if its pipeline has one.
     pub group: Option<String>,
-    /// What a worker needs to take it (`dispatch::needs`): the job a Store writes for it when
-    /// its group lets it go carries them.
+    /// What a worker needs to take it (`dispatch::needs`): the Redis Store keeps them for a run
+    /// of a group, whose job it writes itself when the group lets it go (the embedded queue's
+    /// jobs carry no labels).
     pub labels: Vec<String>,
 }
 

@@ -90,7 +90,6 @@ const SCHEMA: &[&str] = &[
         idempotency_key TEXT,
         grp TEXT,
         held INTEGER NOT NULL DEFAULT 0,
-        labels TEXT,
         UNIQUE (pipeline, number)
     )",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
@@ -214,14 +213,12 @@ const UPGRADES: &[(i64, &str)] = &[
         7,
         "ALTER TABLE api_tokens ADD COLUMN legacy INTEGER NOT NULL DEFAULT 1",
     ),
-    // Concurrency groups: a run's group, whether it waits for it (queued without a job), and
-    // the labels its job carries when it goes.
+    // Concurrency groups: a run's group, and whether it waits for it (queued without a job).
     (9, "ALTER TABLE runs ADD COLUMN grp TEXT"),
     (
         9,
         "ALTER TABLE runs ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
     ),
-    (9, "ALTER TABLE runs ADD COLUMN labels TEXT"),
 ];
 
 /// The embedded Store. Run state lives in SQLite; log bytes live in one append-only file per
@@ -809,14 +806,13 @@ impl Store for SqliteStore {
         // seen inserts nothing.
         macro_rules! insert_run {
             () => {
-                "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key, grp, held, labels)
+                "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key, grp, held)
                  VALUES (?1, ?2, 1 + MAX(
                      COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
                      COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
                    'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
                    CASE WHEN ?11 IS NULL THEN 0
-                        ELSE EXISTS (SELECT 1 FROM runs WHERE grp = ?11 AND status IN ('queued', 'running')) END,
-                   ?12)
+                        ELSE EXISTS (SELECT 1 FROM runs WHERE grp = ?11 AND status IN ('queued', 'running')) END)
                  ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                  RETURNING number, held"
             };
@@ -828,7 +824,7 @@ impl Store for SqliteStore {
         const RUN_AND_JOB: &str = concat!(
             "BEGIN IMMEDIATE;\n",
             insert_run!(),
-            ";\nINSERT INTO Jobs SELECT ?13, ?14, ?15, 'Pending', 0, ?16, ?17, NULL, NULL, NULL, NULL, ?18, ?19, NULL
+            ";\nINSERT INTO Jobs SELECT ?12, ?13, ?14, 'Pending', 0, ?15, ?16, NULL, NULL, NULL, NULL, ?17, ?18, NULL
              WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND held = 0);
              COMMIT;"
         );
@@ -852,8 +848,7 @@ impl Store for SqliteStore {
         .bind(millis(now))
         .bind(serde_json::Value::Array(plan).to_string())
         .bind(new.idempotency_key.as_deref())
-        .bind(new.group.as_deref())
-        .bind(serde_json::to_string(&new.labels).unwrap_or_else(|_| "[]".into()));
+        .bind(new.group.as_deref());
         let query = match job {
             Some(job) => job.bind(query),
             None => query,
