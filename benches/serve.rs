@@ -968,42 +968,11 @@ fn throughput() {
     let (cpu_before, steps_before) = s.cpu_ms();
     let switches_before = s.context_switches();
     let start = Instant::now();
-    let handles: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                let agent = agent();
-                for _ in 0..N / CLIENTS {
-                    s.post(&agent, "/api/pipelines/trivial/runs", json!({}));
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("client");
-    }
+    trigger_from_clients(&s, CLIENTS, N / CLIENTS, "trivial");
     let triggered = start.elapsed();
     let agent = agent();
     let done = N / CLIENTS * CLIENTS;
-    loop {
-        let metrics = s.get(&agent, "/metrics");
-        let finished: usize = metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("skiff_runs{status=\"succeeded\"}")
-                    || l.starts_with("skiff_runs{status=\"failed\"}")
-            })
-            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .sum::<f64>() as usize;
-        if finished >= done {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "runs did not finish: {finished}/{done}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ended(&s, &agent, done, Duration::from_secs(120));
     let took = start.elapsed();
     let rate = done as f64 / took.as_secs_f64();
     let (cpu_after, steps_after) = s.cpu_ms();
@@ -1374,6 +1343,25 @@ impl Drop for RemoteWorker {
     }
 }
 
+/// `clients` threads each start `each` runs of `pipeline`, as fast as the server answers;
+/// returns when all have been answered.
+fn trigger_from_clients(s: &std::sync::Arc<Serve>, clients: usize, each: usize, pipeline: &str) {
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let (s, path) = (s.clone(), format!("/api/pipelines/{pipeline}/runs"));
+            std::thread::spawn(move || {
+                let agent = agent();
+                for _ in 0..each {
+                    s.post(&agent, &path, json!({}));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client");
+    }
+}
+
 /// Waits until the Store counts `n` ended runs.
 fn wait_ended(s: &Serve, agent: &ureq::Agent, n: usize, limit: Duration) {
     let start = Instant::now();
@@ -1469,20 +1457,7 @@ fn distributed() {
         let before: f64 = workers.iter().map(RemoteWorker::cpu_ms).sum();
         let (server_before, _) = s.cpu_ms();
         let start = Instant::now();
-        let handles: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    let agent = agent();
-                    for _ in 0..N / CLIENTS {
-                        s.post(&agent, "/api/pipelines/trivial/runs", json!({}));
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("client");
-        }
+        trigger_from_clients(&s, CLIENTS, N / CLIENTS, "trivial");
         let agent = agent();
         wait_ended(&s, &agent, N, Duration::from_secs(300));
         let took = start.elapsed();

@@ -14,7 +14,8 @@ use skiff_redis::workers::{Registry, WorkerInfo, keep_beating};
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_args::Redis;
-use crate::runs::{Handler, labels_of, runs_in};
+use crate::runs::{Handler, labels_of};
+use skiff_core::store::runs_in;
 
 /// The Store on Redis (both its halves: runs and credentials).
 pub async fn open_store(redis: &Redis) -> anyhow::Result<skiff_redis::RedisStore> {
@@ -165,6 +166,29 @@ where
     }
 }
 
+/// A registered worker as the Workers view shows it.
+pub fn seen(
+    info: WorkerInfo,
+    last_beat: chrono::DateTime<chrono::Utc>,
+    lost: bool,
+    takes_all: bool,
+) -> skiff_server::workers::Seen {
+    skiff_server::workers::Seen {
+        name: info.name,
+        host: info.host,
+        labels: info.labels,
+        version: info.version,
+        actions: info.actions,
+        secrets: info.secrets,
+        concurrency: info.concurrency,
+        embedded: info.embedded,
+        started_at: info.started_at,
+        last_beat,
+        lost,
+        takes_all,
+    }
+}
+
 /// The Workers view on the registry in Redis.
 pub struct RegistryView(pub Registry);
 
@@ -174,20 +198,7 @@ impl skiff_server::workers::WorkersView for RegistryView {
         let list = self.0.list().await.map_err(|e| e.to_string())?;
         Ok(list
             .into_iter()
-            .map(|p| skiff_server::workers::Seen {
-                name: p.info.name,
-                host: p.info.host,
-                labels: p.info.labels,
-                version: p.info.version,
-                actions: p.info.actions,
-                secrets: p.info.secrets,
-                concurrency: p.info.concurrency,
-                embedded: p.info.embedded,
-                started_at: p.info.started_at,
-                last_beat: p.last_beat,
-                lost: p.lost,
-                takes_all: false,
-            })
+            .map(|p| seen(p.info, p.last_beat, p.lost, false))
             .collect())
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use skiff_core::dispatch::RunJob;
 use skiff_core::queue::JobHandler;
 use skiff_core::run::{Run, RunStatus};
-use skiff_core::store::{Store, StoreError, TakeOver};
+use skiff_core::store::{Store, StoreError, TakeOver, runs_in};
 use skiff_worker::pool::{Stopping, WorkerConfig, finish_interrupted_run, handle_job};
 
 /// The job handler of a process's workers.
@@ -40,11 +40,6 @@ impl JobHandler for Handler {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
-}
-
-/// Every run in `status`, oldest first.
-pub async fn runs_in(store: &dyn Store, status: RunStatus) -> anyhow::Result<Vec<Run>> {
-    Ok(skiff_core::store::runs_in(store, status).await?)
 }
 
 /// The labels a run needs (its pipeline snapshot's `runs_on`, and `secret:NAME` for the secrets

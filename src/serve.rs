@@ -13,7 +13,7 @@ use skiff_core::dispatch::{Dispatcher, Queue};
 use skiff_core::queue::SqliteQueue;
 use skiff_core::retention::{Retention, SWEEP_EVERY, sweep};
 use skiff_core::run::RunStatus;
-use skiff_core::store::{AuthStore, Store};
+use skiff_core::store::{AuthStore, Store, runs_in};
 use skiff_redis::queue::RedisQueue;
 use skiff_server::{AppState, CatalogHandle, ServerConfig};
 use skiff_worker::pool::{Stopping, WorkerConfig};
@@ -24,7 +24,7 @@ use crate::DataArgs;
 use crate::cli_run::parse_duration;
 use crate::runs::{
     Handler, Interrupted, SERVE_WORKER, end_leftover_processes, finish_interrupted_runs,
-    recover_abandoned_runs, runs_in, wait_for_signal,
+    recover_abandoned_runs, wait_for_signal,
 };
 
 #[derive(clap::Args, Debug)]
@@ -433,22 +433,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         workers: Some(match &backend {
             Backend::Embedded { .. } => {
                 let info = crate::distributed::info(&handler, args.workers, true);
-                Arc::new(crate::distributed::EmbeddedView(
-                    skiff_server::workers::Seen {
-                        name: info.name,
-                        host: info.host,
-                        labels: info.labels,
-                        version: info.version,
-                        actions: info.actions,
-                        secrets: info.secrets,
-                        concurrency: info.concurrency,
-                        embedded: true,
-                        started_at: info.started_at,
-                        last_beat: info.started_at,
-                        lost: false,
-                        takes_all: true,
-                    },
-                ))
+                let started = info.started_at;
+                Arc::new(crate::distributed::EmbeddedView(crate::distributed::seen(
+                    info, started, false, true,
+                )))
             }
             Backend::Redis { redis, .. } => Arc::new(crate::distributed::RegistryView(
                 skiff_redis::workers::Registry::new(crate::distributed::manager(redis).await?),

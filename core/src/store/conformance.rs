@@ -47,6 +47,23 @@ async fn claim(store: &Arc<dyn Store>, id: &RunId) -> Claim {
     store.claim_run(id, "tester", LEASE).await.expect("claim").1
 }
 
+/// `n` workers (`PREFIX0`...) claim the run at once; the claims that won.
+async fn claim_race(store: &Arc<dyn Store>, id: &RunId, n: usize, prefix: &str) -> Vec<Claim> {
+    let tries: Vec<_> = (0..n)
+        .map(|i| {
+            let (store, id, worker) = (store.clone(), id.clone(), format!("{prefix}{i}"));
+            tokio::spawn(async move { store.claim_run(&id, &worker, LEASE).await })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for t in tries {
+        if let Ok((_, claim)) = t.await.expect("task") {
+            won.push(claim);
+        }
+    }
+    won
+}
+
 /// Runs the conformance suite against `store`, which must be empty, and panics with a message
 /// naming the broken rule.
 pub async fn conformance(store: Arc<dyn Store>) {
@@ -560,18 +577,7 @@ async fn claims(store: Arc<dyn Store>) {
         .await
         .expect("create")
         .run;
-    let tries: Vec<_> = (0..10)
-        .map(|i| {
-            let (store, id) = (store.clone(), run.id.clone());
-            tokio::spawn(async move { store.claim_run(&id, &format!("w{i}"), LEASE).await })
-        })
-        .collect();
-    let mut won = Vec::new();
-    for t in tries {
-        if let Ok((_, claim)) = t.await.expect("task") {
-            won.push(claim);
-        }
-    }
+    let mut won = claim_race(&store, &run.id, 10, "w").await;
     assert_eq!(won.len(), 1, "exactly one of ten concurrent claims wins");
     let first = won.remove(0);
 
@@ -749,18 +755,7 @@ async fn releasing(store: Arc<dyn Store>) {
         ),
         "a released claim cannot be renewed"
     );
-    let tries: Vec<_> = (0..5)
-        .map(|i| {
-            let (store, id) = (store.clone(), run.id.clone());
-            tokio::spawn(async move { store.claim_run(&id, &format!("again{i}"), LEASE).await })
-        })
-        .collect();
-    let mut won = Vec::new();
-    for t in tries {
-        if let Ok((_, c)) = t.await.expect("task") {
-            won.push(c);
-        }
-    }
+    let mut won = claim_race(&store, &run.id, 5, "again").await;
     assert_eq!(won.len(), 1, "a released run is claimed again exactly once");
     let second = won.remove(0);
     assert!(second.token > first.token);
