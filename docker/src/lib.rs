@@ -7,6 +7,7 @@
 pub mod context;
 pub mod engine;
 pub mod http;
+pub mod neighbour;
 pub mod remote;
 pub mod service;
 

@@ -375,26 +375,90 @@ impl Engine {
                 spec.name
             )));
         }
-        self.container(&created.id).await
+        let c = self.inspect(&created.id).await?;
+        self.announce(&c);
+        Ok(service_container(c))
     }
 
     /// One container's state and published ports.
     pub async fn container(&self, id: &str) -> Result<ServiceContainer, EngineError> {
-        let c = self.inspect(id).await?;
-        let ports = published_ports(&c);
-        Ok(ServiceContainer {
-            id: c.id.unwrap_or_default(),
-            name: c
-                .name
-                .unwrap_or_default()
-                .trim_start_matches('/')
-                .to_string(),
-            running: c.state.as_ref().and_then(|s| s.running).unwrap_or(false),
-            ports,
-            image_id: c.image.unwrap_or_default(),
-        })
+        Ok(service_container(self.inspect(id).await?))
     }
 
+    /// The addresses of a container of the local engine (none for another engine: its
+    /// containers are not on this host's interfaces).
+    fn local_endpoints(
+        &self,
+        c: &bollard::models::ContainerInspectResponse,
+    ) -> Vec<crate::neighbour::Endpoint> {
+        if !matches!(self.target, crate::remote::Target::Local) {
+            return Vec::new();
+        }
+        let networks = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref());
+        networks
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, net)| {
+                crate::neighbour::Endpoint::parse(
+                    net.ip_address.as_deref()?,
+                    net.mac_address.as_deref()?,
+                )
+            })
+            .collect()
+    }
+
+    /// Tells this host's kernel the addresses of a container that just started (see
+    /// [`crate::neighbour`]); where skiff may not, nothing changes.
+    fn announce(&self, c: &bollard::models::ContainerInspectResponse) {
+        for e in self.local_endpoints(c) {
+            if let Err(err) = crate::neighbour::announce(&e) {
+                tracing::debug!(ip = %e.ip, "container address not announced: {err}");
+            }
+        }
+    }
+
+    /// The addresses of a local container about to stop, to forget once it has.
+    async fn endpoints_before_stop(&self, id: &str) -> Vec<crate::neighbour::Endpoint> {
+        if !matches!(self.target, crate::remote::Target::Local) {
+            return Vec::new();
+        }
+        match self.client().inspect_container(id, None).await {
+            Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => {
+                self.local_endpoints(&c)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn forget(endpoints: Vec<crate::neighbour::Endpoint>) {
+        for e in endpoints {
+            if let Err(err) = crate::neighbour::forget(e.ip) {
+                tracing::debug!(ip = %e.ip, "stopped container's address not forgotten: {err}");
+            }
+        }
+    }
+}
+
+/// A container's state and published ports, from its inspection.
+fn service_container(c: bollard::models::ContainerInspectResponse) -> ServiceContainer {
+    let ports = published_ports(&c);
+    ServiceContainer {
+        id: c.id.unwrap_or_default(),
+        name: c
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        running: c.state.as_ref().and_then(|s| s.running).unwrap_or(false),
+        ports,
+        image_id: c.image.unwrap_or_default(),
+    }
+}
+
+impl Engine {
     /// What the engine says of a container now; None when it has no such container.
     pub async fn observe(&self, id: &str) -> Result<Option<ContainerView>, EngineError> {
         let c = match self.client().inspect_container(id, None).await {
@@ -462,12 +526,16 @@ impl Engine {
 
     /// Stops a container (SIGTERM, then SIGKILL after its stop timeout).
     pub async fn stop_container(&self, id: &str) -> Result<(), EngineError> {
+        let endpoints = self.endpoints_before_stop(id).await;
         match self
             .client()
             .stop_container(id, Some(StopContainerOptionsBuilder::new().build()))
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                Self::forget(endpoints);
+                Ok(())
+            }
             // Already stopped.
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 304, ..
@@ -480,11 +548,18 @@ impl Engine {
         self.client()
             .start_container(id, None)
             .await
-            .map_err(|e| EngineError::Failed(format!("starting container {id}: {e}")))
+            .map_err(|e| EngineError::Failed(format!("starting container {id}: {e}")))?;
+        if matches!(self.target, crate::remote::Target::Local)
+            && let Ok(c) = self.inspect(id).await
+        {
+            self.announce(&c);
+        }
+        Ok(())
     }
 
     /// Removes a container (stopping it first), with its anonymous volumes.
     pub async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
+        let endpoints = self.endpoints_before_stop(id).await;
         match self
             .client()
             .remove_container(
@@ -498,7 +573,10 @@ impl Engine {
             )
             .await
         {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                Self::forget(endpoints);
+                Ok(())
+            }
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(()),

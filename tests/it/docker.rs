@@ -829,6 +829,84 @@ fn a_deploy_cancelled_midway_leaves_the_old_version_serving() {
     );
 }
 
+/// The host's neighbour table follows a service's container: a stopped container's address is
+/// forgotten (a client's SYN to it would otherwise go to nobody and wait out TCP's first
+/// retransmit, a second), and a started one's is known before anything connects to it (a SYN
+/// waiting for the address would otherwise wait for the kernel's next ask, a second).
+#[test]
+fn the_neighbour_table_follows_a_services_container() {
+    let tag = unique("neigh");
+    let service = format!("neigh{}", std::process::id());
+    let _service = RemoveService(service.clone());
+    let port = free_port();
+    let stop = format!("steps:\n  - uses: docker/stop\n    with: {{ name: {service} }}\n");
+    let start = format!("steps:\n  - uses: docker/start\n    with: {{ name: {service} }}\n");
+    let s = Server::start(&[
+        ("web", &versioned_web(&tag, &service, port, "10s")),
+        ("stop", &stop),
+        ("start", &start),
+    ]);
+    let _images = Cleanup(vec![format!("{tag}:1")]);
+    let (run, log) = s.run_and_wait("web", json!({ "version": "1" }));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let container = format!("{service}-1-1");
+    let address = || {
+        let (ok, text) = docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.MacAddress}}{{end}}",
+            &container,
+        ]);
+        assert!(ok, "{text}");
+        let mut parts = text.split_whitespace().map(str::to_string);
+        (parts.next(), parts.next())
+    };
+    let entry = |ip: &str| {
+        let out = Command::new("ip")
+            .args(["-4", "neigh", "show", ip])
+            .output()
+            .expect("iproute2's `ip`");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Another test's container may take the address as soon as this one lets it go.
+    let held_by_another = |ip: &str| {
+        let (_, ids) = docker(&["ps", "-q"]);
+        ids.split_whitespace().any(|id| {
+            let (_, ips) = docker(&[
+                "inspect",
+                "-f",
+                "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+                id,
+            ]);
+            ips.split_whitespace().any(|x| x == ip)
+        })
+    };
+    let (Some(ip), Some(mac)) = address() else {
+        panic!("the service's container has no address on a bridge network");
+    };
+    assert!(entry(&ip).contains(&mac), "the probe reached it: {}", entry(&ip));
+
+    let (run, log) = s.run_and_wait("stop", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert!(
+        entry(&ip).is_empty() || held_by_another(&ip),
+        "a stopped container's address is forgotten: {}",
+        entry(&ip)
+    );
+
+    let (run, log) = s.run_and_wait("start", json!({}));
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    let (Some(ip), Some(mac)) = address() else {
+        panic!("the started container has no address");
+    };
+    // docker/start does not probe: only the announcement put the address there.
+    assert!(
+        entry(&ip).contains(&format!("lladdr {mac}")),
+        "a started container's address is known: {}",
+        entry(&ip)
+    );
+}
+
 /// The nightly teardown example, run by hand: every temporary service (deployed with a `ttl`)
 /// stops, a permanent one keeps serving, and the reaper runs; its schedule is 02:00 in Madrid.
 #[test]
