@@ -3,9 +3,10 @@
 //! strict Content-Security-Policy and the stylesheet themes the 16 colours for contrast; 256-colour
 //! and truecolor codes map to the nearest of the 16. Each line is converted whole; the state a
 //! line leaves open is carried to the next line, since a converter sees one line at a time.
-//! Other escape sequences (cursor moves, titles) are dropped. A carriage return inside a line
-//! (progress redrawn in place) keeps only what follows the last one, as the terminal ends up
-//! showing it; the stored log keeps the bytes.
+//! A line that moves its cursor back (carriage returns, backspaces, cursor moves: progress redrawn
+//! in place) shows what a terminal ends up showing, later text over earlier text column by column
+//! and erased where it was erased; other escape sequences (titles, cursor moves to other lines)
+//! are dropped. The stored log keeps the bytes.
 
 /// What is in force: colours (0-15) and styles.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,25 +165,17 @@ impl Carry {
     }
 
     fn line_to_html(&mut self, line: &str) -> String {
+        let moves_back = line.contains(['\r', '\x08'])
+            || (line.contains('\x1b') && line.contains(['D', 'G', 'K']));
+        if moves_back {
+            return self.redrawn_line_to_html(line);
+        }
         let mut out = String::with_capacity(line.len() + 16);
         let mut run = String::new();
         let mut shown = self.style;
         let mut chars = line.chars().peekable();
-        // A carriage return starts the line over, as progress output means it to: what is
-        // shown is the text after the last one that more text follows.
-        let mut returned = false;
         while let Some(c) = chars.next() {
-            if c == '\r' {
-                returned = true;
-                continue;
-            }
             if c != '\x1b' {
-                if returned {
-                    returned = false;
-                    out.clear();
-                    run.clear();
-                    shown = self.style;
-                }
                 if self.style != shown {
                     flush(&mut out, &mut run, shown);
                     shown = self.style;
@@ -190,47 +183,116 @@ impl Carry {
                 run.push(c);
                 continue;
             }
-            match chars.peek() {
-                Some('[') => {
-                    chars.next();
-                    let mut params = String::new();
-                    let mut end = None;
-                    for d in chars.by_ref() {
-                        if ('\x40'..='\x7e').contains(&d) {
-                            end = Some(d);
-                            break;
-                        }
-                        if params.len() < 64 {
-                            params.push(d);
-                        }
-                    }
-                    if end == Some('m') {
-                        self.style.apply(&params);
-                    }
-                }
-                Some(']') => {
-                    // OSC: up to BEL or ESC \.
-                    chars.next();
-                    while let Some(d) = chars.next() {
-                        if d == '\x07' {
-                            break;
-                        }
-                        if d == '\x1b' {
-                            if chars.peek() == Some(&'\\') {
-                                chars.next();
-                            }
-                            break;
-                        }
-                    }
-                }
-                Some(_) => {
-                    chars.next();
-                }
-                None => {}
+            if let Some((params, 'm')) = escape_sequence(&mut chars) {
+                self.style.apply(&params);
             }
         }
         flush(&mut out, &mut run, shown);
         out
+    }
+
+    /// A line that moves its cursor back (carriage returns, backspaces: progress redrawn in
+    /// place) shows what a terminal would end up showing: later text overwrites earlier text
+    /// column by column, and erasing (`ESC[K`, `ESC[1K`, `ESC[2K`) and moving the cursor
+    /// (`ESC[nG`, `ESC[nC`, `ESC[nD`) work as they do there.
+    fn redrawn_line_to_html(&mut self, line: &str) -> String {
+        let blank = (' ', Style::default());
+        let mut cells: Vec<(char, Style)> = Vec::with_capacity(line.len());
+        let mut col = 0usize;
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\r' => col = 0,
+                '\x08' => col = col.saturating_sub(1),
+                '\x1b' => {
+                    let Some((params, end)) = escape_sequence(&mut chars) else {
+                        continue;
+                    };
+                    // A line's cells are bounded by its length: a cursor moved further is
+                    // held there.
+                    let n = params.parse::<usize>().unwrap_or(1).clamp(1, line.len());
+                    match end {
+                        'm' => self.style.apply(&params),
+                        'K' => match params.as_str() {
+                            "1" => {
+                                let upto = (col + 1).min(cells.len());
+                                cells[..upto].fill(blank);
+                            }
+                            "2" => {
+                                cells.fill(blank);
+                                cells.truncate(col);
+                            }
+                            _ => cells.truncate(col),
+                        },
+                        'G' => col = n - 1,
+                        'C' => col = (col + n).min(line.len()),
+                        'D' => col = col.saturating_sub(n),
+                        _ => {}
+                    }
+                }
+                c => {
+                    if col < cells.len() {
+                        cells[col] = (c, self.style);
+                    } else {
+                        cells.resize(col, blank);
+                        cells.push((c, self.style));
+                    }
+                    col += 1;
+                }
+            }
+        }
+        let mut out = String::with_capacity(cells.len() + 16);
+        let mut run = String::new();
+        let mut shown = Style::default();
+        for (c, style) in cells {
+            if style != shown {
+                flush(&mut out, &mut run, shown);
+                shown = style;
+            }
+            run.push(c);
+        }
+        flush(&mut out, &mut run, shown);
+        out
+    }
+}
+
+/// What follows an ESC, consumed: a control sequence's parameters and final character, or None
+/// for anything else (an OSC, up to BEL or ESC \, or a single character).
+fn escape_sequence(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<(String, char)> {
+    match chars.peek() {
+        Some('[') => {
+            chars.next();
+            let mut params = String::new();
+            for d in chars.by_ref() {
+                if ('\x40'..='\x7e').contains(&d) {
+                    return Some((params, d));
+                }
+                if params.len() < 64 {
+                    params.push(d);
+                }
+            }
+            None
+        }
+        Some(']') => {
+            chars.next();
+            while let Some(d) = chars.next() {
+                if d == '\x07' {
+                    break;
+                }
+                if d == '\x1b' {
+                    if chars.peek() == Some(&'\\') {
+                        chars.next();
+                    }
+                    break;
+                }
+            }
+            None
+        }
+        Some(_) => {
+            chars.next();
+            None
+        }
+        None => None,
     }
 }
 
@@ -308,9 +370,38 @@ mod tests {
         );
         assert_eq!(
             html("a\x1b[31mb\rc\r\n\x1b[0md\n"),
-            ["<span class=\"f1\">c</span>", "d"]
+            ["<span class=\"f1\">cb</span>", "d"]
         );
         assert_eq!(html("\x1b[38;5mx\x1b[38;2;1m\x1b")[0], "x");
+    }
+
+    #[test]
+    fn a_redrawn_line_shows_what_a_terminal_would() {
+        // Later text overwrites earlier text column by column; what it does not reach stays.
+        assert_eq!(html("downloading 100%\rdone")[0], "doneloading 100%");
+        assert_eq!(
+            html("50% [=====     ]\r100% [==========]")[0],
+            "100% [==========]"
+        );
+        // Erased to the end of the line, as progress bars clear before they redraw.
+        assert_eq!(html("downloading 100%\rdone\x1b[K")[0], "done");
+        assert_eq!(html("downloading\r\x1b[2Kok")[0], "ok");
+        assert_eq!(html("abcdef\x1b[3D\x1b[1K!")[0], "   !ef");
+        assert_eq!(html("abc\x1b[3D\x1b[Kx")[0], "x");
+        // Backspaces and cursor moves; a cursor sent far away is held within the line.
+        assert_eq!(html("abc\x08\x08X")[0], "aXc");
+        assert_eq!(html("abc\x1b[1GZ\r\x1b[2CY")[0], "ZbY");
+        assert_eq!(html("ab\r\x1b[999999999999Cz").len(), 1);
+        assert_eq!(html("\x08\x08\rx")[0], "x");
+        // Colours stay with the cells they were written in, and carry to the next line.
+        assert_eq!(
+            html("\x1b[31mfailed\r\x1b[32mok\nnext")[..],
+            [
+                "<span class=\"f2\">ok</span><span class=\"f1\">iled</span>",
+                "<span class=\"f2\">next</span>"
+            ]
+        );
+        assert_eq!(html("a<b\r&")[0], "&amp;&lt;b");
         for line in html("\x1b[31;41;1;2;3;4;7;38;5;100;48;2;1;2;3mx") {
             assert!(!line.contains("style"), "{line}");
         }
