@@ -100,18 +100,22 @@ pub async fn receive(
     // The body's HMAC under the hook's secret is computed as the body arrives (a megabyte's
     // HMAC overlaps its reading); the signature is only compared once it is all there.
     let target = Hook::find(&state, &hook);
-    let mut mac = target
+    let mac = target
         .secret
         .as_ref()
         .and_then(|s| Hmac::<Sha256>::new_from_slice(s.as_bytes()).ok());
-    let body = read_body(body, length, limit, mac.as_mut())
-        .await
-        .map_err(|e| match e {
-            BodyError::TooLarge => too_large(),
-            BodyError::Read(e) => ApiError::bad_request(format!("reading the body: {e}")),
-        })?;
+    let (body, body_mac) = tokio::time::timeout(
+        crate::listen::BODY_TIMEOUT,
+        read_body(body, length, limit, mac),
+    )
+    .await
+    .map_err(|_| crate::listen::body_timeout())?
+    .map_err(|e| match e {
+        BodyError::TooLarge => too_large(),
+        BodyError::Read(e) => ApiError::bad_request(format!("reading the body: {e}")),
+    })?;
     let mut got = Received::new(hook, &headers, body);
-    got.body_mac = mac.map(|m| m.finalize().into_bytes().to_vec());
+    got.body_mac = body_mac;
     let delivery = handle(&state, &target, got, None).await;
     answer(&delivery)
 }
@@ -128,30 +132,62 @@ enum BodyError {
     Read(axum::Error),
 }
 
+/// From this size on (by its Content-Length), a body's HMAC is computed on another thread as
+/// its parts arrive: a megabyte's hash (0.7 ms here) then runs beside its reading instead of
+/// after each part, and ends a part after it. Smaller bodies hash inline (a thread hand-off
+/// costs more than their hash).
+const HASH_APART_FROM: usize = 128 << 10;
+
 /// The body, up to `limit` bytes, read into one buffer sized from its Content-Length (a
-/// megabyte copied once, not grown and copied again).
+/// megabyte copied once, not grown and copied again), and its HMAC under `mac`'s key.
 async fn read_body(
     body: Body,
     length: Option<usize>,
     limit: usize,
-    mut mac: Option<&mut Hmac<Sha256>>,
-) -> Result<Vec<u8>, BodyError> {
+    mac: Option<Hmac<Sha256>>,
+) -> Result<(Vec<u8>, Option<Vec<u8>>), BodyError> {
     use http_body_util::BodyExt;
     let mut body = body;
     let mut buf = Vec::with_capacity(length.unwrap_or(0).min(limit));
+    let finish = |m: Hmac<Sha256>| m.finalize().into_bytes().to_vec();
+    let (mut inline, apart) = match mac {
+        Some(m) if length.is_some_and(|n| n >= HASH_APART_FROM) => {
+            let (parts, arrive) = std::sync::mpsc::channel::<axum::body::Bytes>();
+            let hasher = tokio::task::spawn_blocking(move || {
+                let mut m = m;
+                for part in arrive {
+                    m.update(&part);
+                }
+                finish(m)
+            });
+            (None, Some((parts, hasher)))
+        }
+        m => (m, None),
+    };
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Read)?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(BodyError::TooLarge);
             }
-            if let Some(mac) = mac.as_deref_mut() {
-                mac.update(&data);
-            }
             buf.extend_from_slice(&data);
+            if let Some(m) = inline.as_mut() {
+                m.update(&data);
+            } else if let Some((parts, _)) = &apart {
+                // The hasher only stops when `parts` is dropped.
+                let _ = parts.send(data);
+            }
         }
     }
-    Ok(buf)
+    let tag = match (inline, apart) {
+        (Some(m), _) => Some(finish(m)),
+        (None, Some((parts, hasher))) => {
+            drop(parts);
+            hasher.await.ok()
+        }
+        (None, None) => None,
+    };
+    Ok((buf, tag))
 }
 
 /// The pipelines naming a hook, and the secret that checks its deliveries.

@@ -196,10 +196,7 @@ pub fn hooks_app(state: AppState) -> Router {
         .route("/hooks/{id}", post(hooks::receive))
         .fallback(api::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            listen::body_deadline,
-        ))
+        .layer(axum::middleware::from_fn(listen::body_deadline))
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(axum::middleware::from_fn(web::security_headers))
         .with_state(state)
@@ -213,10 +210,7 @@ pub fn hooks_app(state: AppState) -> Router {
 pub fn app(state: AppState) -> Router {
     routes()
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            listen::body_deadline,
-        ))
+        .layer(axum::middleware::from_fn(listen::body_deadline))
         .layer(axum::middleware::map_response(error::json_errors))
         .layer(axum::middleware::from_fn(web::html_errors))
         .layer(axum::middleware::from_fn(web::security_headers))

@@ -140,35 +140,35 @@ pub async fn serve(
     Ok(())
 }
 
-/// A request's body must arrive within [`BODY_TIMEOUT`] (and is at most [`crate::MAX_BODY`],
-/// or the hooks' own limit for `/hooks/*`): read here, whole, before the handler runs (a layer
-/// of `app`, inside its error pages).
+/// The answer to a body that did not arrive within [`BODY_TIMEOUT`].
+pub(crate) fn body_timeout() -> crate::error::ApiError {
+    crate::error::ApiError::new(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!(
+            "the request's body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ),
+    )
+}
+
+/// A request's body must arrive within [`BODY_TIMEOUT`] (and is at most [`crate::MAX_BODY`]):
+/// read here, whole, before the handler runs (a layer of `app`, inside its error pages). A
+/// webhook delivery (`/hooks/*`) passes as it comes: its handler reads it under the same
+/// deadline and its own limit, hashing each part as it arrives instead of after the whole.
 pub(crate) async fn body_deadline(
-    axum::extract::State(state): axum::extract::State<crate::AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
-    if !crate::auth::changes_state(req.method()) {
+    if !crate::auth::changes_state(req.method()) || req.uri().path().starts_with("/hooks/") {
         return next.run(req).await;
     }
-    let limit = if req.uri().path().starts_with("/hooks/") {
-        state.config.hooks_max_body
-    } else {
-        crate::MAX_BODY
-    };
+    let limit = crate::MAX_BODY;
     let (parts, body) = req.into_parts();
     match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
-        Err(_) => crate::error::ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!(
-                "the request's body did not arrive within {} s",
-                BODY_TIMEOUT.as_secs()
-            ),
-        )
-        .into_response(),
+        Err(_) => body_timeout().into_response(),
         Ok(Err(e)) if e.to_string().contains("length limit") => crate::error::ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",

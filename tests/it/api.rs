@@ -858,33 +858,42 @@ fn the_admin_token_is_checked_at_start_and_never_a_flag() {
 }
 
 /// A request whose body never comes is answered 408 once the body deadline (30 s) has passed,
-/// and the connection is let go.
+/// and the connection is let go: an API call, and a webhook delivery (whose body its handler
+/// reads as it comes, under the same deadline).
 #[test]
 fn a_body_that_never_comes_is_answered_408() {
     use std::io::{Read, Write};
     let s = Server::start(&[("hello", HELLO)]);
-    let mut c = connect_from(&s, [127, 0, 0, 11]);
+    let mut api = connect_from(&s, [127, 0, 0, 11]);
     write!(
-        c,
+        api,
         "POST /api/pipelines/hello/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
     )
     .expect("send");
-    c.set_read_timeout(Some(std::time::Duration::from_secs(45)))
-        .expect("timeout");
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = c.read(&mut buf) {
-        if n == 0 {
-            break;
+    let mut hook = connect_from(&s, [127, 0, 0, 12]);
+    write!(
+        hook,
+        "POST /hooks/repo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-GitHub-Event: push\r\nContent-Length: 100\r\n\r\n{{"
+    )
+    .expect("send");
+    for mut c in [api, hook] {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(45)))
+            .expect("timeout");
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
         }
-        answer.extend_from_slice(&buf[..n]);
-        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
-            break;
-        }
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("body_timeout"), "{text}");
     }
-    let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("body_timeout"), "{text}");
     let (_, runs) = s.api("GET", "/api/runs", None);
     assert_eq!(runs["runs"], json!([]), "no run was started");
 }

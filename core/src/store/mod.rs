@@ -355,7 +355,9 @@ pub trait Store: Send + Sync + 'static {
     /// Recorded resources, newest first.
     async fn resources(&self, query: &ResourceQuery) -> Result<Vec<Resource>>;
     /// Adds an entry to the deliveries log (by its `key`: recording a key again changes
-    /// nothing).
+    /// nothing). It is in the log for every read that starts after this returns; a backend may
+    /// commit it later (SQLite does, with the others waiting, so a webhook's answer does not
+    /// wait for it), and loses it only if the process dies first.
     async fn record_delivery(&self, delivery: &Delivery) -> Result<()>;
     /// Deliveries, newest first.
     async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<Delivery>>;

@@ -233,12 +233,12 @@ pub struct SqliteStore {
     pub(super) readers: SqlitePool,
     logs: PathBuf,
     changes: Arc<Feed>,
-    /// Deliveries waiting to be logged: whoever gets the writer next logs all of them in one
-    /// commit (under a burst of webhooks, one commit for many).
+    /// Deliveries waiting to be logged: whoever gets the writer next for them logs all of them
+    /// in one commit (under a burst of webhooks, one commit for many).
     pending_deliveries: Arc<std::sync::Mutex<Vec<PendingDelivery>>>,
 }
 
-type PendingDelivery = (Delivery, tokio::sync::oneshot::Sender<Result<()>>);
+type PendingDelivery = Delivery;
 
 /// The change feed: numbered in the order changes are announced.
 pub(super) struct Feed {
@@ -514,10 +514,34 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Logs the deliveries waiting to be, in one commit. Deliveries that fail to be written are
+    /// dropped with the error (a row that cannot be written would fail again); a caller that goes
+    /// away mid-write leaves them for the next.
+    async fn flush_deliveries(&self) -> Result<()> {
+        let pending = &*self.pending_deliveries;
+        if pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer.lock().await;
+        // Declared after the writer's guard, so dropped before it.
+        let mut batch = Batch {
+            items: std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner())),
+            pending,
+        };
+        // Empty: an earlier holder of the writer logged them.
+        if batch.items.is_empty() {
+            return Ok(());
+        }
+        let written = insert_deliveries(&mut conn, batch.items.iter()).await;
+        batch.items.clear();
+        written
+    }
+
     /// For a clean stop, once nothing writes any more: copies the write-ahead log into the
     /// database and truncates it (a stopped skiff leaves no WAL behind), then closes the
     /// connections.
     pub async fn close(&self) -> Result<()> {
+        self.flush_deliveries().await?;
         self.readers.close().await;
         let mut conn = self.writer.lock().await;
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1615,40 +1639,25 @@ impl Store for SqliteStore {
         rows.iter().map(resource_from_row).collect()
     }
 
+    /// Taken at once and written after the caller goes on (a webhook's answer does not wait
+    /// for its log entry's commit, which would queue behind the writes of the run it started):
+    /// every read of the log, and `close`, first writes what is waiting.
     async fn record_delivery(&self, delivery: &Delivery) -> Result<()> {
-        let (done, logged) = tokio::sync::oneshot::channel();
-        let pending = &self.pending_deliveries;
-        pending
+        self.pending_deliveries
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((delivery.clone(), done));
-        {
-            let mut conn = self.writer.lock().await;
-            // Declared after the writer's guard, so dropped before it: a caller that goes away
-            // mid-write (its client hung up) puts the batch back for the next holder of the
-            // writer, which every waiting caller is about to be.
-            let mut batch = Batch {
-                items: std::mem::take(&mut *pending.lock().unwrap_or_else(|e| e.into_inner())),
-                pending,
-            };
-            // Empty: an earlier holder of the writer logged this one with its own.
-            if !batch.items.is_empty() {
-                let written =
-                    insert_deliveries(&mut conn, batch.items.iter().map(|(d, _)| d)).await;
-                for (_, done) in batch.items.drain(..) {
-                    let _ = done.send(match &written {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(StoreError::Backend(e.to_string())),
-                    });
-                }
+            .push(delivery.clone());
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.flush_deliveries().await {
+                tracing::warn!(error = %e, "logging webhook deliveries failed");
             }
-        }
-        logged
-            .await
-            .unwrap_or_else(|_| Err(StoreError::Backend("the deliveries log was dropped".into())))
+        });
+        Ok(())
     }
 
     async fn deliveries(&self, query: &DeliveryQuery) -> Result<Vec<Delivery>> {
+        self.flush_deliveries().await?;
         let limit = match query.limit {
             0 => super::DEFAULT_PAGE,
             n => n.min(super::MAX_PAGE),
@@ -1667,6 +1676,7 @@ impl Store for SqliteStore {
     }
 
     async fn delivery(&self, key: &str) -> Result<Option<Delivery>> {
+        self.flush_deliveries().await?;
         let row = sqlx::query(select_deliveries!("WHERE key = ?1"))
             .bind(key)
             .fetch_optional(&self.readers)
@@ -1676,6 +1686,7 @@ impl Store for SqliteStore {
     }
 
     async fn prune_deliveries(&self, before: DateTime<Utc>) -> Result<u64> {
+        self.flush_deliveries().await?;
         let done = sqlx::query("DELETE FROM webhook_deliveries WHERE received_at < ?1")
             .bind(millis(before))
             .execute(&mut *self.writer.lock().await)
