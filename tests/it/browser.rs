@@ -515,7 +515,9 @@ fn the_run_page_keeps_its_head_in_view_and_its_times_tick() {
     ]);
     let (done, _) = server.run_and_wait("many", json!({}));
     let done = done["id"].as_str().expect("id").to_string();
-    let b = Browser::start();
+    // Notifications allowed, as a reader who said yes once would have them.
+    let b = Browser::start_with(json!({ "prefs": {
+        "profile.default_content_setting_values.notifications": 1 } }));
     b.goto(&server.login_link);
     b.find("main");
 
@@ -576,8 +578,30 @@ fn the_run_page_keeps_its_head_in_view_and_its_times_tick() {
     assert_ne!(took, later, "the duration ticks while the run runs");
     let cancel = b.js("const r = document.getElementById('cancel').getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight;");
     assert_eq!(cancel, json!(true), "Cancel is in reach");
-    b.click("#cancel");
+    // "Notify me when it ends": the reader looks away (the tab hidden), and the end of the run
+    // reaches them as a notification (recorded here where the system would show it).
+    b.click("#notify");
+    assert_eq!(
+        b.js("return document.getElementById('notify').getAttribute('aria-pressed');"),
+        json!("true")
+    );
+    b.js("Object.defineProperty(document, 'hidden', { get: () => true }); window.shown = []; window.Notification = function (title, o) { window.shown.push([title, o.body, o.tag]); }; window.Notification.permission = 'granted';");
+    // Cancelled from elsewhere (the Cancel button's form would reload this page).
+    let (status, _) = server.api("POST", &format!("/api/runs/{slow}/cancel"), None);
+    assert_eq!(status, 202);
     b.wait_text("#run-status", "cancelled");
+    let shown = b.js("return window.shown;");
+    assert!(
+        shown[0][0]
+            .as_str()
+            .is_some_and(|t| t.contains("slow #1 cancelled")),
+        "the end of the run is told: {shown}"
+    );
+    assert_eq!(shown.as_array().map(Vec::len), Some(1), "once: {shown}");
+    assert_eq!(
+        b.js("return document.getElementById('notify').hidden;"),
+        json!(true)
+    );
     let title = b.js("return document.title;");
     assert!(
         title.as_str().is_some_and(|t| t.contains("cancelled")),

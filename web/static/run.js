@@ -198,9 +198,41 @@
     }
     const ended = !(r.status === "queued" || r.status === "running");
     document.getElementById("cancel-form").hidden = ended;
+    if (ended) endNotice(r, word);
     const c = document.getElementById("cancelling");
     if (c && ended) c.remove();
     if (ended) { live = false; following = false; showFollow(); }
+  }
+
+  // "Notify me when it ends": a live run, in a browser that can show notifications, tells the
+  // reader (asked once for permission) when it ends, if they have looked away from its tab.
+  const notifyBtn = document.getElementById("notify");
+  let notify = false;
+  if (notifyBtn && live && "Notification" in window && Notification.permission !== "denied") {
+    notifyBtn.hidden = false;
+    notifyBtn.addEventListener("click", function () {
+      function set(on) {
+        notify = on;
+        notifyBtn.setAttribute("aria-pressed", String(on));
+        notifyBtn.textContent = on ? "Will notify you" : "Notify me when it ends";
+      }
+      if (notify) { set(false); return; }
+      if (Notification.permission === "granted") { set(true); return; }
+      Notification.requestPermission().then(function (p) {
+        set(p === "granted");
+        if (p === "denied") notifyBtn.hidden = true;
+      });
+    });
+  }
+  function endNotice(r, word) {
+    if (notifyBtn) notifyBtn.hidden = true;
+    if (!notify) return;
+    notify = false;
+    if (!document.hidden) return;
+    const n = new Notification((SYM[r.status] || "") + " " + baseTitle + " " + word, {
+      body: r.reason || "", tag: "skiff-run-" + runId, icon: "/static/icon-192.png"
+    });
+    n.onclick = function () { window.focus(); n.close(); };
   }
 
   const source = new EventSource("/api/runs/" + runId + "/logs/stream?format=html");

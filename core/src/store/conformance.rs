@@ -1399,6 +1399,19 @@ async fn deliveries_and_schedules(store: Arc<dyn Store>) {
         .await
         .expect("burst");
     assert_eq!(logged.len(), 40, "every delivery of a burst is logged once");
+    // A recorded delivery is in every read that starts after: read at once, each time (a
+    // backend that commits later must not answer a read while another flush holds it).
+    for i in 0..30 {
+        let key = format!("read-back-{i}");
+        store
+            .record_delivery(&delivery(&key, "read-back", chrono::Duration::zero()))
+            .await
+            .expect("record");
+        assert!(
+            store.delivery(&key).await.expect("read").is_some(),
+            "delivery {key} was recorded before this read"
+        );
+    }
 
     let key = "nightly/0";
     assert_eq!(store.schedule_mark(key).await.expect("mark"), None);

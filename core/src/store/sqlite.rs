@@ -516,12 +516,10 @@ impl SqliteStore {
 
     /// Logs the deliveries waiting to be, in one commit. Deliveries that fail to be written are
     /// dropped with the error (a row that cannot be written would fail again); a caller that goes
-    /// away mid-write leaves them for the next.
+    /// away mid-write leaves them for the next. Returns once every delivery recorded before the
+    /// call is committed: one taken by another flush is, once the writer is free again.
     async fn flush_deliveries(&self) -> Result<()> {
         let pending = &*self.pending_deliveries;
-        if pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
-            return Ok(());
-        }
         let mut conn = self.writer.lock().await;
         // Declared after the writer's guard, so dropped before it.
         let mut batch = Batch {
@@ -1649,6 +1647,15 @@ impl Store for SqliteStore {
             .push(delivery.clone());
         let store = self.clone();
         tokio::spawn(async move {
+            // Another flush took it already (under a burst, one for many).
+            if store
+                .pending_deliveries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                return;
+            }
             if let Err(e) = store.flush_deliveries().await {
                 tracing::warn!(error = %e, "logging webhook deliveries failed");
             }
