@@ -94,7 +94,10 @@ pub async fn receive(
         )
     };
     let length = content_length(&headers);
-    if length.is_some_and(|n| n > limit) {
+    // Far over the limit: answered at once (the client may see its connection closed before
+    // it has sent everything). A little over: read and thrown away first, so the client, done
+    // sending, reads the answer.
+    if length.is_some_and(|n| n > limit.saturating_add(DRAINED)) {
         return Err(too_large());
     }
     // The body's HMAC under the hook's secret is computed as the body arrives (a megabyte's
@@ -132,6 +135,9 @@ enum BodyError {
     Read(axum::Error),
 }
 
+/// How much of a body over the limit is read and thrown away before the 413 is answered.
+const DRAINED: usize = 4 << 20;
+
 /// From this size on (by its Content-Length), a body's HMAC is computed on another thread as
 /// its parts arrive: a megabyte's hash (0.7 ms here) then runs beside its reading instead of
 /// after each part, and ends a part after it. Smaller bodies hash inline (a thread hand-off
@@ -164,11 +170,17 @@ async fn read_body(
         }
         m => (m, None),
     };
+    let mut over = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(BodyError::Read)?;
         if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                return Err(BodyError::TooLarge);
+            if over > 0 || buf.len() + data.len() > limit {
+                // Too large: the rest is read (up to `DRAINED`) and thrown away.
+                over += data.len();
+                if over > DRAINED {
+                    break;
+                }
+                continue;
             }
             buf.extend_from_slice(&data);
             if let Some(m) = inline.as_mut() {
@@ -178,6 +190,9 @@ async fn read_body(
                 let _ = parts.send(data);
             }
         }
+    }
+    if over > 0 {
+        return Err(BodyError::TooLarge);
     }
     let tag = match (inline, apart) {
         (Some(m), _) => Some(finish(m)),
