@@ -1,5 +1,6 @@
-//! `skiff reap [--dry-run]`: removes from the local Docker engine what runs created and nobody
-//! keeps, deciding from the resources ledger of the data folder (see `skiff_worker::reap`).
+//! `skiff reap [--dry-run]`: removes from the local Docker engine, and from every remote engine
+//! skiff's config declares, what runs created and nobody keeps, deciding from the resources
+//! ledger of the data folder (see `skiff_worker::reap`).
 
 use std::process::ExitCode;
 
@@ -12,6 +13,8 @@ pub struct ReapArgs {
     dry_run: bool,
     #[command(flatten)]
     data: DataArgs,
+    #[command(flatten)]
+    config: crate::ConfigArgs,
 }
 
 pub fn main(args: ReapArgs) -> anyhow::Result<ExitCode> {
@@ -24,25 +27,72 @@ pub fn main(args: ReapArgs) -> anyhow::Result<ExitCode> {
             "no skiff data in {} (pass --data)",
             args.data.data.display()
         );
+        let config = args.config.read()?;
+        let mut targets: Vec<_> = skiff_worker::actions::engine_targets(&config)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .collect();
+        targets.sort_by(|a, b| a.0.cmp(&b.0));
         let data = args.data.open().await?;
-        let engine = skiff_docker::Engine::local()
-            .await
-            .map_err(anyhow::Error::msg)?;
-        let reaped = skiff_worker::reap::reap(&data.store, &engine, args.dry_run)
-            .await
-            .map_err(anyhow::Error::msg)?;
         let verb = if args.dry_run {
             "would remove"
         } else {
             "removed"
         };
-        for r in &reaped {
-            let gone = if r.existed { "" } else { " (already gone)" };
-            println!("{verb} {} {}{gone}: {}", r.kind, r.name, r.why);
+        // The local engine, then each declared one; one that cannot be reached is skipped (and
+        // the exit status says so), the others are reaped.
+        let mut engines = vec![(
+            None,
+            skiff_docker::Engine::local()
+                .await
+                .map_err(|e| e.to_string()),
+        )];
+        for (host, target) in targets {
+            let engine = skiff_docker::Engine::connect(target)
+                .await
+                .map_err(|e| e.to_string());
+            engines.push((Some(host), engine));
         }
-        if reaped.is_empty() {
-            println!("nothing to reap on {}", engine.endpoint);
+        // A declared engine out of reach fails the command (after the others are reaped); the
+        // local one only when it was the only one to reap.
+        let (mut missed, mut reached) = (0, Vec::new());
+        let only_local = engines.len() == 1;
+        for (host, engine) in engines {
+            let on = host
+                .as_deref()
+                .map(|h| format!(" on {h}"))
+                .unwrap_or_default();
+            let engine = match engine {
+                Ok(engine) => engine,
+                Err(e) => {
+                    let which = host.as_deref().unwrap_or("the local engine");
+                    eprintln!("skiff reap: skipping {which}: {e}");
+                    if host.is_some() || only_local {
+                        missed += 1;
+                    }
+                    continue;
+                }
+            };
+            // Two hosts can reach one engine (the local one among them).
+            if reached.contains(&engine.id) {
+                continue;
+            }
+            reached.push(engine.id.clone());
+            let reaped = skiff_worker::reap::reap(&data.store, &engine, args.dry_run)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            for r in &reaped {
+                let gone = if r.existed { "" } else { " (already gone)" };
+                println!("{verb} {} {}{on}{gone}: {}", r.kind, r.name, r.why);
+            }
+            if reaped.is_empty() {
+                println!("nothing to reap on {}", engine.endpoint);
+            }
         }
-        Ok(ExitCode::SUCCESS)
+        Ok(if missed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     })
 }

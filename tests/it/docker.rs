@@ -639,12 +639,21 @@ fn the_build_push_deploy_example_works_as_the_readme_says() {
 }
 
 fn skiff_reap(s: &Server, dry_run: bool) -> String {
+    skiff_reap_with(s, dry_run, &[], &[])
+}
+
+/// `skiff reap` on the server's data folder with more arguments and environment.
+fn skiff_reap_with(s: &Server, dry_run: bool, args: &[&str], env: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_skiff"));
     cmd.arg("reap").arg("--data").arg(s.data_dir());
     if dry_run {
         cmd.arg("--dry-run");
     }
-    let out = cmd.output().expect("skiff reap");
+    let out = cmd
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("skiff reap");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -884,7 +893,11 @@ fn the_neighbour_table_follows_a_services_container() {
     let (Some(ip), Some(mac)) = address() else {
         panic!("the service's container has no address on a bridge network");
     };
-    assert!(entry(&ip).contains(&mac), "the probe reached it: {}", entry(&ip));
+    assert!(
+        entry(&ip).contains(&mac),
+        "the probe reached it: {}",
+        entry(&ip)
+    );
 
     let (run, log) = s.run_and_wait("stop", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
@@ -1539,6 +1552,22 @@ fn deploy_stop_and_start_on_remote_engines_over_tls_and_ssh() {
     let (run, log) = s.run_and_wait("temporary", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     std::thread::sleep(std::time::Duration::from_millis(1200));
+    // `skiff reap` by hand reaches the engines the config declares (here both hosts reach one
+    // engine, reaped once, by the first), beside the local one (missing here, so skipped).
+    let said = skiff_reap_with(
+        &s,
+        true,
+        &["--config", config.to_str().expect("path")],
+        &[("DOCKER_HOST", &no_engine)],
+    );
+    assert!(
+        said.contains(&format!(
+            "would remove container {temporary}-1-1 on {ssh_host}"
+        )),
+        "{said}"
+    );
+    assert_eq!(said.matches("would remove container").count(), 1, "{said}");
+    assert!(said.contains("skipping the local engine"), "{said}");
     let (run, log) = s.run_and_wait("reap", json!({}));
     assert_eq!(run["status"], "succeeded", "{run}\n{log}");
     // The engine is reached by whichever declared host the ledger names first.

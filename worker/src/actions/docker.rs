@@ -22,6 +22,31 @@ use skiff_docker::{
 use super::{ActionContext, ActionError, Execute};
 use crate::secrets::Secrets;
 
+/// The remote engines `config` declares, by their `host`, and how each is reached.
+pub fn engine_targets(config: &Config) -> Result<HashMap<String, Target>, String> {
+    let mut targets = HashMap::new();
+    for e in &config.engines {
+        let target = match skiff_docker::remote::parse_host(&e.host)? {
+            HostUrl::Tcp { host, port } => Target::Tls {
+                host,
+                port,
+                ca: e.tls_ca.clone().unwrap_or_default(),
+                cert: e.tls_cert.clone().unwrap_or_default(),
+                key: e.tls_key.clone().unwrap_or_default(),
+            },
+            HostUrl::Ssh { user, host, port } => Target::Ssh(SshTarget {
+                user,
+                host,
+                port,
+                key: e.ssh_key.clone(),
+                known_hosts: e.known_hosts.clone().unwrap_or_default(),
+            }),
+        };
+        targets.insert(e.host.clone(), target);
+    }
+    Ok(targets)
+}
+
 /// What the worker's actions reach beyond the run: skiff's config (registries, with their
 /// passwords from the worker's secrets) and the local Docker engine (connected on first use).
 #[derive(Default)]
@@ -65,26 +90,7 @@ impl Tools {
                 },
             );
         }
-        let mut targets = HashMap::new();
-        for e in &config.engines {
-            let target = match skiff_docker::remote::parse_host(&e.host)? {
-                HostUrl::Tcp { host, port } => Target::Tls {
-                    host,
-                    port,
-                    ca: e.tls_ca.clone().unwrap_or_default(),
-                    cert: e.tls_cert.clone().unwrap_or_default(),
-                    key: e.tls_key.clone().unwrap_or_default(),
-                },
-                HostUrl::Ssh { user, host, port } => Target::Ssh(SshTarget {
-                    user,
-                    host,
-                    port,
-                    key: e.ssh_key.clone(),
-                    known_hosts: e.known_hosts.clone().unwrap_or_default(),
-                }),
-            };
-            targets.insert(e.host.clone(), target);
-        }
+        let targets = engine_targets(&config)?;
         Ok(Tools {
             config,
             credentials,

@@ -7,7 +7,7 @@ mod docker;
 mod git;
 mod http_wait;
 
-pub use docker::Tools;
+pub use docker::{Tools, engine_targets};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
