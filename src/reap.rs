@@ -28,11 +28,10 @@ pub fn main(args: ReapArgs) -> anyhow::Result<ExitCode> {
             args.data.data.display()
         );
         let config = args.config.read()?;
-        let mut targets: Vec<_> = skiff_worker::actions::engine_targets(&config)
-            .map_err(anyhow::Error::msg)?
-            .into_iter()
-            .collect();
-        targets.sort_by(|a, b| a.0.cmp(&b.0));
+        let targets = skiff_worker::actions::engine_targets(&config).map_err(anyhow::Error::msg)?;
+        // A declared engine out of reach fails the command (after the others are reaped); the
+        // local one only when it is the only one to reap.
+        let only_local = targets.is_empty();
         let data = args.data.open().await?;
         let verb = if args.dry_run {
             "would remove"
@@ -41,23 +40,23 @@ pub fn main(args: ReapArgs) -> anyhow::Result<ExitCode> {
         };
         // The local engine, then each declared one; one that cannot be reached is skipped (and
         // the exit status says so), the others are reaped.
-        let mut engines = vec![(
-            None,
-            skiff_docker::Engine::local()
-                .await
-                .map_err(|e| e.to_string()),
-        )];
-        for (host, target) in targets {
-            let engine = skiff_docker::Engine::connect(target)
-                .await
-                .map_err(|e| e.to_string());
-            engines.push((Some(host), engine));
-        }
-        // A declared engine out of reach fails the command (after the others are reaped); the
-        // local one only when it was the only one to reap.
         let (mut missed, mut reached) = (0, Vec::new());
-        let only_local = engines.len() == 1;
-        for (host, engine) in engines {
+        let hosts = std::iter::once(None).chain(targets.into_iter().map(Some));
+        for declared in hosts {
+            let (host, engine) = match declared {
+                None => (
+                    None,
+                    skiff_docker::Engine::local()
+                        .await
+                        .map_err(|e| e.to_string()),
+                ),
+                Some((host, target)) => (
+                    Some(host),
+                    skiff_docker::Engine::connect(target)
+                        .await
+                        .map_err(|e| e.to_string()),
+                ),
+            };
             let on = host
                 .as_deref()
                 .map(|h| format!(" on {h}"))

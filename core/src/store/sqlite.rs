@@ -330,7 +330,7 @@ fn corrupt(what: &str) -> impl FnOnce(String) -> StoreError + '_ {
     move |e| StoreError::Corrupt(format!("{what}: {e}"))
 }
 
-/// Deliveries taken to be logged; put back if they were not (see `record_delivery`).
+/// Deliveries taken to be logged; put back if they were not (see `flush_deliveries`).
 struct Batch<'a> {
     items: Vec<PendingDelivery>,
     pending: &'a std::sync::Mutex<Vec<PendingDelivery>>,

@@ -22,9 +22,9 @@ use skiff_docker::{
 use super::{ActionContext, ActionError, Execute};
 use crate::secrets::Secrets;
 
-/// The remote engines `config` declares, by their `host`, and how each is reached.
-pub fn engine_targets(config: &Config) -> Result<HashMap<String, Target>, String> {
-    let mut targets = HashMap::new();
+/// The remote engines `config` declares, by their `host` (in order), and how each is reached.
+pub fn engine_targets(config: &Config) -> Result<BTreeMap<String, Target>, String> {
+    let mut targets = BTreeMap::new();
     for e in &config.engines {
         let target = match skiff_docker::remote::parse_host(&e.host)? {
             HostUrl::Tcp { host, port } => Target::Tls {
@@ -55,7 +55,7 @@ pub struct Tools {
     credentials: HashMap<String, Credentials>,
     engine: tokio::sync::OnceCell<Engine>,
     /// The remote engines the config declares, by their `host`, and those connected so far.
-    targets: HashMap<String, Target>,
+    targets: BTreeMap<String, Target>,
     remotes: tokio::sync::Mutex<HashMap<String, Engine>>,
 }
 
