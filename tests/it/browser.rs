@@ -1132,11 +1132,9 @@ impl Browser {
 /// redrawn with carriage returns, a long line, text to search for, and a failure.
 const LOG_VIEWER: &str = "steps:\n  - name: Build\n    run: seq -f 'build line %g' 1 800\n  - name: Test\n    run: |\n      echo downloading\n      printf '10%%\\r20%%\\r30%%\\n'\n      printf 'y%.0s' $(seq 1 600); echo\n      echo 'a needle here'\n      echo '<i>needle</i> and NEEDLE'\n      seq -f 'test line %g' 1 60\n      echo failing now\n      exit 1\n";
 
-/// A failed run opens at its failed step, whose header is red; the long succeeded step starts
-/// folded; headers fold by click and by keyboard; `\r` progress shows its last state while the
-/// raw log keeps the bytes.
-#[test]
-fn a_failed_run_opens_at_its_failed_step_and_steps_fold() {
+/// A server with the log viewer's pipeline run to its end, and a signed-in browser on its run
+/// page once the whole log is in.
+fn open_log_viewer() -> (Server, String, Browser) {
     let server = Server::start(&[("viewer", LOG_VIEWER)]);
     let id = server.trigger("viewer", json!({}));
     server.follow(&id, None);
@@ -1145,6 +1143,15 @@ fn a_failed_run_opens_at_its_failed_step_and_steps_fold() {
     b.find("main");
     b.goto(&server.url(&format!("/runs/{id}")));
     b.wait_text("#log-state", "run failed");
+    (server, id, b)
+}
+
+/// A failed run opens at its failed step, whose header is red; the long succeeded step starts
+/// folded; headers fold by click and by keyboard; `\r` progress shows its last state while the
+/// raw log keeps the bytes.
+#[test]
+fn a_failed_run_opens_at_its_failed_step_and_steps_fold() {
+    let (server, id, b) = open_log_viewer();
     let at = b.js("const h = document.getElementById('L-step-1'); const r = h.getBoundingClientRect(); const head = document.getElementById('run-head').getBoundingClientRect(); return [window.scrollY > 0, r.top >= head.bottom - 1 && r.bottom <= window.innerHeight, h.parentNode.className, getComputedStyle(h).color, h.textContent.includes('failed')];");
     assert_eq!(
         at,
@@ -1235,14 +1242,7 @@ fn a_failed_run_opens_at_its_failed_step_and_steps_fold() {
 /// across reloads; log text stays text.
 #[test]
 fn the_log_searches_shows_times_and_wraps_on_demand() {
-    let server = Server::start(&[("viewer", LOG_VIEWER)]);
-    let id = server.trigger("viewer", json!({}));
-    server.follow(&id, None);
-    let b = Browser::start();
-    b.goto(&server.login_link);
-    b.find("main");
-    b.goto(&server.url(&format!("/runs/{id}")));
-    b.wait_text("#log-state", "run failed");
+    let (_server, _id, b) = open_log_viewer();
     assert_eq!(
         b.js("return document.querySelector('#log i');"),
         Value::Null,

@@ -323,13 +323,7 @@ fn a_killed_workers_run_fails_as_lost_and_its_finally_runs_elsewhere() {
     );
     let (status, workers) = server.api("GET", "/api/workers", None);
     assert_eq!(status, 200);
-    let doomed = workers["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .find(|w| w["name"] == "w-doomed")
-        .cloned()
-        .expect("the killed worker is still listed");
+    let doomed = listed_worker(&workers, "w-doomed").expect("the killed worker is still listed");
     assert_eq!(doomed["lost"], true, "{doomed}");
 }
 
@@ -362,11 +356,7 @@ fn a_stopped_worker_finishes_or_cancels_its_runs_and_leaves() {
     );
     let (_, workers) = server.api("GET", "/api/workers", None);
     assert!(
-        !workers["workers"]
-            .as_array()
-            .expect("workers")
-            .iter()
-            .any(|w| w["name"] == "w-term"),
+        listed_worker(&workers, "w-term").is_none(),
         "a worker that stopped cleanly leaves the registry: {workers}"
     );
     // A run queued after it left waits for the next worker with the label.
@@ -913,13 +903,7 @@ fn a_run_goes_only_to_a_worker_holding_the_secrets_its_steps_use() {
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(r["worker"], "w-keyed");
     let (_, workers) = server.api("GET", "/api/workers", None);
-    let keyed = workers["workers"]
-        .as_array()
-        .expect("workers")
-        .iter()
-        .find(|w| w["name"] == "w-keyed")
-        .cloned()
-        .expect("listed");
+    let keyed = listed_worker(&workers, "w-keyed").expect("listed");
     assert_eq!(
         keyed["secrets"],
         json!(["DEPLOY_KEY"]),
@@ -996,4 +980,14 @@ fn a_concurrency_group_runs_one_at_a_time_embedded() {
         &[("SKIFF_WORKERS", "3")],
     );
     check_group_runs_one_at_a_time(&server, &marks);
+}
+
+/// The worker named `name` in an answer of `GET /api/workers`, if it is listed.
+fn listed_worker(workers: &Value, name: &str) -> Option<Value> {
+    workers["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["name"] == name)
+        .cloned()
 }
