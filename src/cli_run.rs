@@ -174,6 +174,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .into(),
         lease: args.lease.lease,
         store_patience: skiff_worker::runner::DEFAULT_STORE_PATIENCE,
+        end_behind: None,
     };
     let started = std::time::Instant::now();
     let outcome = execute_run(store.clone(), &run, claim, &pipeline, &opts, term.clone()).await?;

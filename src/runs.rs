@@ -15,8 +15,9 @@ pub struct Handler {
     pub store: Arc<dyn Store>,
     pub config: WorkerConfig,
     pub stopping: Stopping,
-    /// Runs in progress, so that stopping waits for them (and their finally steps), not for the
-    /// queue worker's own shutdown.
+    /// Runs in progress, so that stopping waits for them (and their finally steps, and their
+    /// ends still being written: `stopping.ends`, the same tracker), not for the queue worker's
+    /// own shutdown.
     pub running: tokio_util::task::TaskTracker,
     /// The labels of this process's workers: a run taken over must need no other. `None`: the
     /// embedded queue's workers, which take every run.

@@ -330,7 +330,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             lease: args.lease.lease,
         },
         stopping: stopping.clone(),
-        running: tokio_util::task::TaskTracker::new(),
+        // The same tracker as the runs' ends written after their slots are freed.
+        running: stopping.ends.clone(),
         // The embedded queue has one list: its workers take every run. With Redis they take
         // the label sets their labels cover.
         requeue: match &backend {

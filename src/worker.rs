@@ -93,7 +93,8 @@ async fn work(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             lease: args.lease.lease,
         },
         stopping: stopping.clone(),
-        running: tokio_util::task::TaskTracker::new(),
+        // The same tracker as the runs' ends written after their slots are freed.
+        running: stopping.ends.clone(),
         labels: Some(labels.clone()),
         requeue: Some(Arc::new(skiff_redis::queue::RedisQueue::new(
             crate::distributed::manager(&redis).await?,

@@ -40,7 +40,10 @@ fn an_address_is_announced_as_stale_and_forgotten() {
     ip(&["link", "set", &name, "up"]);
 
     let e = Endpoint::parse("10.251.77.9", "02:42:0a:fb:4d:09").expect("an endpoint");
-    assert_eq!(ip(&["-4", "neigh", "show", "10.251.77.9", "dev", &name]).trim(), "");
+    assert_eq!(
+        ip(&["-4", "neigh", "show", "10.251.77.9", "dev", &name]).trim(),
+        ""
+    );
     neighbour::announce(&e).expect("announced");
     let entry = ip(&["-4", "neigh", "show", "10.251.77.9", "dev", &name]);
     assert!(
@@ -54,7 +57,10 @@ fn an_address_is_announced_as_stale_and_forgotten() {
     assert!(entry.contains("lladdr 02:42:0a:fb:4d:10"), "{entry}");
 
     neighbour::forget(e.ip).expect("forgotten");
-    assert_eq!(ip(&["-4", "neigh", "show", "10.251.77.9", "dev", &name]).trim(), "");
+    assert_eq!(
+        ip(&["-4", "neigh", "show", "10.251.77.9", "dev", &name]).trim(),
+        ""
+    );
     neighbour::forget(e.ip).expect("nothing to forget is no error");
 
     // An address on no network of this host's: refused, nothing written.

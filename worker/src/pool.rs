@@ -66,6 +66,9 @@ pub struct Stopping {
     pub cancel: CancellationToken,
     /// Stops the `finally` steps too (when they have had long enough).
     pub abort: CancellationToken,
+    /// The runs' ends still being written after their slots were freed (see
+    /// [`RunOptions::end_behind`]): a stopping worker waits for them.
+    pub ends: tokio_util::task::TaskTracker,
 }
 
 impl Stopping {
@@ -87,6 +90,7 @@ impl Stopping {
                     .into(),
             lease: config.lease,
             store_patience: crate::runner::DEFAULT_STORE_PATIENCE,
+            end_behind: Some(self.ends.clone()),
         }
     }
 }

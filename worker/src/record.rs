@@ -256,6 +256,32 @@ impl Recorder {
         }
     }
 
+    /// [`Recorder::step`] for a record the step's next one may supersede (its "running"): when
+    /// `superseded` fires before the Store has taken the write, the write is dropped. Only while
+    /// the Store is up: then the write's only await points are the Store call itself (dropped
+    /// before it is sent, nothing is written; after, the statement still runs, ahead of the
+    /// next write) and the pause between tries. While it is away, the record is held as usual.
+    pub async fn step_unless_superseded(
+        &self,
+        record: &StepRecord,
+        superseded: &CancellationToken,
+    ) {
+        if self.health() != Health::Up {
+            return self.step(record).await;
+        }
+        let store = &self.store;
+        let claim = &self.claim;
+        tokio::select! {
+            biased;
+            () = superseded.cancelled() => {}
+            written = self.attempt("a step", || store.update_step(claim, record)) => {
+                if written.is_none() && self.health() != Health::Lost {
+                    self.held().steps.insert(record.index, record.clone());
+                }
+            }
+        }
+    }
+
     /// Appends log chunks (or holds them back).
     pub async fn logs(&self, chunks: &[LogChunk]) {
         if chunks.is_empty() {

@@ -2,7 +2,7 @@
 //! Store (the point is the runner's behaviour, not the Store's).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,10 +18,26 @@ use skiff_worker::secrets::Secrets;
 use skiff_worker::{RunObserver, RunOptions, execute_run};
 use tokio_util::sync::CancellationToken;
 
-/// A Store that answers every call with an error while `down` is set.
+/// A Store that answers every call with an error while `down` is set, and takes `slow`'s time
+/// over the writes it names.
 struct Flaky {
     inner: SqliteStore,
     down: Arc<AtomicBool>,
+    slow: Arc<Slow>,
+}
+
+/// Milliseconds a write waits before it reaches the Store.
+#[derive(Default)]
+struct Slow {
+    running_steps: AtomicU64,
+    ends: AtomicU64,
+}
+
+async fn wait_out(ms: &AtomicU64) {
+    let ms = ms.load(Ordering::SeqCst);
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
 }
 
 impl Flaky {
@@ -75,6 +91,9 @@ impl Store for Flaky {
         self.inner.renew_claim(claim, lease).await
     }
     async fn update_step(&self, claim: &Claim, step: &StepRecord) -> Result<()> {
+        if step.status == StepStatus::Running {
+            wait_out(&self.slow.running_steps).await;
+        }
         self.check()?;
         self.inner.update_step(claim, step).await
     }
@@ -89,6 +108,7 @@ impl Store for Flaky {
         status: RunStatus,
         reason: Option<&str>,
     ) -> Result<Run> {
+        wait_out(&self.slow.ends).await;
         self.check()?;
         self.inner.finish_run(claim, steps, status, reason).await
     }
@@ -174,6 +194,7 @@ struct Setup {
     sqlite: SqliteStore,
     flaky: Arc<Flaky>,
     down: Arc<AtomicBool>,
+    slow: Arc<Slow>,
 }
 
 async fn setup() -> Setup {
@@ -182,15 +203,18 @@ async fn setup() -> Setup {
         .await
         .expect("open");
     let down = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(Slow::default());
     let flaky = Arc::new(Flaky {
         inner: sqlite.clone(),
         down: down.clone(),
+        slow: slow.clone(),
     });
     Setup {
         dir,
         sqlite,
         flaky,
         down,
+        slow,
     }
 }
 
@@ -242,6 +266,7 @@ impl Setup {
             abort_reason: "aborted".into(),
             lease: Duration::from_secs(30),
             store_patience: patience,
+            end_behind: None,
         }
     }
 
@@ -398,4 +423,79 @@ async fn a_run_taken_over_stops_and_its_old_worker_writes_nothing_more() {
         .finish_run(&new_claim, &[], RunStatus::Failed, Some("worker lost"))
         .await
         .expect("the new worker ends it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_record_the_steps_end_overtakes_is_not_waited_for() {
+    let s = setup().await;
+    let (run, claim, pipeline) = s
+        .start("steps:\n  - run: echo one\n  - run: echo two\n")
+        .await;
+    // The "running" writes wait behind (say) other runs' writes for longer than the steps take.
+    s.slow.running_steps.store(60_000, Ordering::SeqCst);
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        execute_run(
+            s.flaky.clone(),
+            &run,
+            claim,
+            &pipeline,
+            &s.options(Duration::from_secs(30)),
+            Arc::new(Quiet),
+        ),
+    )
+    .await
+    .expect("the run ended without waiting for its steps' superseded running records")
+    .expect("run");
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{outcome:?}");
+    let steps = s.sqlite.steps(&run.id).await.expect("steps");
+    assert!(
+        steps
+            .iter()
+            .all(|st| st.status == StepStatus::Succeeded && st.started_at.is_some()),
+        "each step's end was written, with its start: {steps:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frees_its_slot_before_the_runs_end_is_written_and_waits_for_it_when_stopping() {
+    let s = setup().await;
+    let (run, claim, pipeline) = s.start("steps:\n  - run: echo one\n").await;
+    s.slow.ends.store(1_500, Ordering::SeqCst);
+    let ends = tokio_util::task::TaskTracker::new();
+    let opts = RunOptions {
+        end_behind: Some(ends.clone()),
+        ..s.options(Duration::from_secs(30))
+    };
+    let started = std::time::Instant::now();
+    let outcome = execute_run(
+        s.flaky.clone(),
+        &run,
+        claim,
+        &pipeline,
+        &opts,
+        Arc::new(Quiet),
+    )
+    .await
+    .expect("run");
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{outcome:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1_200),
+        "the slot was freed before the end's write: {:?}",
+        started.elapsed()
+    );
+    let stored = s.sqlite.get_run(&run.id).await.expect("get").expect("run");
+    assert_eq!(
+        stored.status,
+        RunStatus::Running,
+        "the end is still being written, under the run's claim"
+    );
+    ends.close();
+    tokio::time::timeout(Duration::from_secs(20), ends.wait())
+        .await
+        .expect("the end's write ended");
+    let stored = s.sqlite.get_run(&run.id).await.expect("get").expect("run");
+    assert_eq!(stored.status, RunStatus::Succeeded);
+    let steps = s.sqlite.steps(&run.id).await.expect("steps");
+    assert_eq!(steps[0].status, StepStatus::Succeeded, "{steps:?}");
 }

@@ -72,6 +72,11 @@ pub struct RunOptions {
     /// How long a failed Store write is retried before the Store counts as away (the main
     /// steps stop, `finally` runs with its writes held back until the Store is back).
     pub store_patience: Duration,
+    /// Where the run's end is written, when not before [`execute_run`] returns: a worker frees
+    /// its slot for the next run once the steps are over, their processes ended and the
+    /// folders cleared, while the end's write waits its turn on the Store (the run keeps its
+    /// claim, renewed, until then). `None`: written before it returns.
+    pub end_behind: Option<tokio_util::task::TaskTracker>,
 }
 
 /// How long a claim holds unless renewed.
@@ -345,13 +350,20 @@ async fn drive(
     if !masker.is_empty() {
         outcome.reason = outcome.reason.map(|r| masker.mask_str(&r));
     }
-    if !rec
-        .finish(outcome.status, outcome.reason.as_deref(), &opts.abort)
-        .await
-    {
-        tracing::error!(run_id = %run.id, status = %outcome.status, "the run's end could not be stored (its claim was lost, or the store stayed away); whoever holds the run now finishes it");
+    let end = {
+        let (status, reason) = (outcome.status, outcome.reason.clone());
+        let (give_up, id) = (opts.abort.clone(), run.id.clone());
+        async move {
+            if !rec.finish(status, reason.as_deref(), &give_up).await {
+                tracing::error!(run_id = %id, %status, "the run's end could not be stored (its claim was lost, or the store stayed away); whoever holds the run now finishes it");
+            }
+            renewing.abort();
+        }
+    };
+    match &opts.end_behind {
+        Some(tracker) => drop(tracker.spawn(end)),
+        None => end.await,
     }
-    renewing.abort();
     Ok(outcome)
 }
 
@@ -793,11 +805,16 @@ impl Runner<'_> {
             record.exit_code = None;
             record.reason = None;
             // Write "running" while the step's process starts, not before: the write is off the
-            // path from trigger to first process. It is awaited before anything else is written
-            // about the step, so the stored states keep their order.
+            // path from trigger to first process. When the attempt ends before the Store took
+            // the write (it waits behind other runs' writes), the attempt's end supersedes it and
+            // it is dropped: under load a short step costs one write, not two. Either way it is
+            // done with before anything else is written about the step, so the stored states
+            // keep their order.
+            let superseded = CancellationToken::new();
             let saving = {
                 let (rec, record) = (self.rec.clone(), record.clone());
-                tokio::spawn(async move { rec.step(&record).await })
+                let superseded = superseded.clone();
+                tokio::spawn(async move { rec.step_unless_superseded(&record, &superseded).await })
             };
             self.log.step_changed(&self.records[index]).await;
             if attempt > 1 {
@@ -809,6 +826,7 @@ impl Runner<'_> {
                     .await;
             }
             let attempted = self.attempt(index, step, &env, status_text).await;
+            superseded.cancel();
             saving
                 .await
                 .map_err(|e| RunnerError::Store(StoreError::Backend(e.to_string())))?;
