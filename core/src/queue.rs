@@ -435,6 +435,21 @@ impl JobOutbox {
 }
 
 impl JobRow {
+    /// Adds the row's values, in the order of the Store's run-and-job statement's parameters.
+    pub(crate) fn add_to(
+        &self,
+        args: &mut sqlx::sqlite::SqliteArguments,
+    ) -> Result<(), sqlx::error::BoxDynError> {
+        use sqlx::Arguments;
+        args.add(self.args.as_slice())?;
+        args.add(self.id.as_str())?;
+        args.add(self.queue.as_str())?;
+        args.add(self.max_attempts)?;
+        args.add(self.run_at)?;
+        args.add(self.priority)?;
+        args.add(self.metadata.as_str())
+    }
+
     /// Binds the row as `?11` to `?17` of the Store's run-and-job statement.
     pub(crate) fn bind(
         self,

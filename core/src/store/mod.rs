@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod conformance;
+mod group_commit;
 mod sqlite;
 mod sqlite_auth;
 

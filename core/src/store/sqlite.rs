@@ -280,6 +280,8 @@ pub struct Writer {
     /// The embedded queue, once it is opened on this writer: a new run's job is then written in
     /// the run's own transaction (see [`Store::create_run`]).
     jobs: Arc<std::sync::OnceLock<crate::queue::JobOutbox>>,
+    /// The hot writes waiting for the next group commit (see `group_commit.rs`).
+    pub(super) queue: Arc<std::sync::Mutex<super::group_commit::Queue>>,
 }
 
 impl Writer {
@@ -287,6 +289,7 @@ impl Writer {
         Writer {
             conn: Arc::new(tokio::sync::Mutex::new(conn)),
             jobs: Arc::default(),
+            queue: Arc::default(),
         }
     }
 
@@ -811,6 +814,254 @@ fn token_of(claim: &Claim) -> i64 {
     i64::try_from(claim.token).unwrap_or(i64::MAX)
 }
 
+/// The hot writes, for the group commit (`group_commit.rs`): positional parameters only.
+mod hot {
+    use super::super::group_commit::{Answer, BindError, Write, add};
+    use super::Result;
+    use sqlx::sqlite::{SqliteArguments, SqliteRow};
+
+    /// The first row of the last statement's answer.
+    fn returned(mut answers: Vec<Answer>) -> Option<SqliteRow> {
+        answers.pop().and_then(|a| a.rows.into_iter().next())
+    }
+
+    /// A new run, and with the embedded queue its job, in the same transaction (never a run
+    /// without its job). The number is past every run of the pipeline and past `run_numbers`,
+    /// the high-water mark kept for numbers of runs that were deleted, so a number is never
+    /// given twice. A key the pipeline has seen inserts nothing (and no job: the job is
+    /// inserted only if its run was, and is not held).
+    pub(super) struct Create {
+        pub run: String,
+        pub pipeline: String,
+        pub kind: &'static str,
+        pub actor: String,
+        pub params: String,
+        pub source: String,
+        pub rerun_of: Option<String>,
+        pub created_at: i64,
+        pub plan: String,
+        pub key: Option<String>,
+        pub group: Option<String>,
+        pub job: Option<crate::queue::JobRow>,
+    }
+
+    macro_rules! insert_run {
+        () => {
+            "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key, grp, held)
+             VALUES (?, ?, 1 + MAX(
+                 COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?), 0),
+                 COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?), 0)),
+               'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?,
+               CASE WHEN ? IS NULL THEN 0
+                    ELSE EXISTS (SELECT 1 FROM runs WHERE grp = ? AND status IN ('queued', 'running')) END)
+             ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING number, held;\n"
+        };
+    }
+
+    impl Write for Create {
+        /// The run's number, and whether it is held behind its group; `None`: the key was seen.
+        type Out = Option<(i64, bool)>;
+
+        fn sql(&self) -> (&'static str, usize) {
+            match self.job {
+                None => (insert_run!(), 1),
+                Some(_) => (
+                    concat!(
+                        insert_run!(),
+                        "INSERT INTO Jobs SELECT ?, ?, ?, 'Pending', 0, ?, ?, NULL, NULL, NULL, NULL, ?, ?, NULL
+                         WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND held = 0);\n"
+                    ),
+                    2,
+                ),
+            }
+        }
+
+        fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            add(args, self.run.as_str())?;
+            for _ in 0..3 {
+                add(args, self.pipeline.as_str())?;
+            }
+            add(args, self.kind)?;
+            add(args, self.actor.as_str())?;
+            add(args, self.params.as_str())?;
+            add(args, self.source.as_str())?;
+            add(args, self.rerun_of.as_deref())?;
+            add(args, self.created_at)?;
+            add(args, self.plan.as_str())?;
+            add(args, self.key.as_deref())?;
+            for _ in 0..3 {
+                add(args, self.group.as_deref())?;
+            }
+            if let Some(job) = &self.job {
+                job.add_to(args)?;
+                add(args, self.run.as_str())?;
+            }
+            Ok(())
+        }
+
+        fn urgent(&self) -> bool {
+            false
+        }
+
+        fn read(self, mut answers: Vec<Answer>) -> Result<Self::Out> {
+            if self.job.is_some() {
+                answers.pop();
+            }
+            Ok(returned(answers).map(|row| {
+                use sqlx::Row;
+                (row.get::<i64, _>(0), row.get::<i64, _>(1) != 0)
+            }))
+        }
+    }
+
+    /// A queued run taken: one statement, from `queued` only.
+    pub(super) struct Claim {
+        pub run: String,
+        pub now: i64,
+        pub worker: String,
+        pub until: i64,
+    }
+
+    impl Write for Claim {
+        type Out = Option<SqliteRow>;
+
+        fn sql(&self) -> (&'static str, usize) {
+            (
+                concat!(
+                    "UPDATE runs SET status = 'running', started_at = ?, claim_token = claim_token + 1,
+                        claimed_by = ?, lease_until = ?
+                     WHERE id = ? AND status = 'queued' AND held = 0 RETURNING ",
+                    run_columns!(),
+                    ";\n"
+                ),
+                1,
+            )
+        }
+
+        fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            add(args, self.now)?;
+            add(args, self.worker.as_str())?;
+            add(args, self.until)?;
+            add(args, self.run.as_str())
+        }
+
+        fn read(self, answers: Vec<Answer>) -> Result<Self::Out> {
+            Ok(returned(answers))
+        }
+    }
+
+    /// A step's record, under the run's current claim.
+    pub(super) struct Step {
+        pub run: String,
+        pub token: i64,
+        pub index: i64,
+        pub status: &'static str,
+        pub attempt: i64,
+        pub exit_code: Option<i32>,
+        pub started_at: Option<i64>,
+        pub finished_at: Option<i64>,
+        pub reason: Option<String>,
+        pub outputs: String,
+    }
+
+    impl Write for Step {
+        /// Whether it was written (the claim held).
+        type Out = bool;
+
+        fn sql(&self) -> (&'static str, usize) {
+            (
+                "UPDATE steps SET status = ?, attempt = ?, exit_code = ?, started_at = ?, finished_at = ?,
+                    reason = ?, outputs = ?
+                 WHERE run_id = ? AND idx = ?
+                   AND EXISTS (SELECT 1 FROM runs WHERE id = ? AND status = 'running' AND claim_token = ?);\n",
+                1,
+            )
+        }
+
+        fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            add(args, self.status)?;
+            add(args, self.attempt)?;
+            add(args, self.exit_code)?;
+            add(args, self.started_at)?;
+            add(args, self.finished_at)?;
+            add(args, self.reason.as_deref())?;
+            add(args, self.outputs.as_str())?;
+            add(args, self.run.as_str())?;
+            add(args, self.index)?;
+            add(args, self.run.as_str())?;
+            add(args, self.token)
+        }
+
+        fn read(self, answers: Vec<Answer>) -> Result<Self::Out> {
+            Ok(answers.first().is_some_and(|a| a.changes > 0))
+        }
+    }
+
+    /// A run's end, with the step records held for it (a JSON array), both fenced by the claim.
+    pub(super) struct Finish {
+        pub run: String,
+        pub token: i64,
+        pub status: &'static str,
+        pub ended: i64,
+        pub reason: Option<String>,
+        pub steps: Option<String>,
+    }
+
+    macro_rules! finish {
+        () => {
+            concat!(
+                "UPDATE runs SET status = ?, finished_at = ?, reason = ?, lease_until = NULL
+                 WHERE id = ? AND status = 'running' AND claim_token = ? RETURNING ",
+                run_columns!(),
+                ";\n"
+            )
+        };
+    }
+
+    impl Write for Finish {
+        /// The run as ended; `None`: the claim did not hold.
+        type Out = Option<SqliteRow>;
+
+        fn sql(&self) -> (&'static str, usize) {
+            match self.steps {
+                None => (finish!(), 1),
+                Some(_) => (
+                    concat!(
+                        "UPDATE steps SET status = s.value ->> 'status', attempt = s.value ->> 'attempt',
+                            exit_code = s.value ->> 'exit_code', started_at = s.value ->> 'started_at',
+                            finished_at = s.value ->> 'finished_at', reason = s.value ->> 'reason',
+                            outputs = s.value ->> 'outputs'
+                         FROM json_each(?) AS s
+                         WHERE steps.run_id = ? AND steps.idx = s.value ->> 'idx'
+                           AND EXISTS (SELECT 1 FROM runs WHERE id = ? AND status = 'running' AND claim_token = ?);\n",
+                        finish!()
+                    ),
+                    2,
+                ),
+            }
+        }
+
+        fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            if let Some(steps) = &self.steps {
+                add(args, steps.as_str())?;
+                add(args, self.run.as_str())?;
+                add(args, self.run.as_str())?;
+                add(args, self.token)?;
+            }
+            add(args, self.status)?;
+            add(args, self.ended)?;
+            add(args, self.reason.as_deref())?;
+            add(args, self.run.as_str())?;
+            add(args, self.token)
+        }
+
+        fn read(self, answers: Vec<Answer>) -> Result<Self::Out> {
+            Ok(returned(answers))
+        }
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_run(&self, new: NewRun) -> Result<Created> {
@@ -822,79 +1073,37 @@ impl Store for SqliteStore {
             .iter()
             .map(|p| serde_json::json!({ "i": p.index, "id": p.id, "name": p.name, "phase": p.phase.as_str() }))
             .collect();
-        // The run, and through the trigger its steps, in one statement. The number is past
-        // every run of the pipeline and past `run_numbers`, the high-water mark kept for numbers
-        // of runs that were deleted, so a number is never given twice. A key the pipeline has
-        // seen inserts nothing.
-        macro_rules! insert_run {
-            () => {
-                "INSERT INTO runs (id, pipeline, number, status, trigger_kind, trigger_actor, params, source, rerun_of, created_at, plan, idempotency_key, grp, held)
-                 VALUES (?1, ?2, 1 + MAX(
-                     COALESCE((SELECT MAX(number) FROM runs WHERE pipeline = ?2), 0),
-                     COALESCE((SELECT last FROM run_numbers WHERE pipeline = ?2), 0)),
-                   'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
-                   CASE WHEN ?11 IS NULL THEN 0
-                        ELSE EXISTS (SELECT 1 FROM runs WHERE grp = ?11 AND status IN ('queued', 'running')) END)
-                 ON CONFLICT (pipeline, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-                 RETURNING number, held"
-            };
-        }
-        // With the embedded queue on this writer, the run's job too (apalis-sqlite's own row,
-        // as its `sink.sql` writes it), in the same transaction, sent as one query: one round
-        // trip and one commit, and never a run without its job. Nothing when the run was not
-        // inserted (its id is new, so it exists only if its INSERT happened).
-        const RUN_AND_JOB: &str = concat!(
-            "BEGIN IMMEDIATE;\n",
-            insert_run!(),
-            ";\nINSERT INTO Jobs SELECT ?12, ?13, ?14, 'Pending', 0, ?15, ?16, NULL, NULL, NULL, NULL, ?17, ?18, NULL
-             WHERE EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND held = 0);
-             COMMIT;"
-        );
+        // The run, and through the trigger its steps, in one statement; with the embedded queue
+        // on this writer, the run's job too (apalis-sqlite's own row, as its `sink.sql` writes
+        // it), in the same transaction.
         let outbox = self.writer.jobs.get();
         let job = outbox
             .map(|o| o.row(&id))
             .transpose()
             .map_err(|e| StoreError::Backend(format!("the run's job: {e}")))?;
-        let query = sqlx::query(if outbox.is_some() {
-            RUN_AND_JOB
-        } else {
-            insert_run!()
-        })
-        .bind(id.as_str())
-        .bind(&new.pipeline)
-        .bind(new.trigger.kind.as_str())
-        .bind(&new.trigger.actor)
-        .bind(params_to_json(&new.params))
-        .bind(&new.source)
-        .bind(new.rerun_of.as_ref().map(|r| r.as_str().to_string()))
-        .bind(millis(now))
-        .bind(serde_json::Value::Array(plan).to_string())
-        .bind(new.idempotency_key.as_deref())
-        .bind(new.group.as_deref());
-        let query = match job {
-            Some(job) => job.bind(query),
-            None => query,
-        };
-        let mut conn = self.writer.lock().await;
-        // Every statement runs (`fetch_all`: a limit of one row would stop before the COMMIT).
-        let rows = match query.fetch_all(&mut *conn).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                if outbox.is_some() {
-                    // A statement failed inside the transaction: nothing of it stays.
-                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                }
-                return Err(backend(e));
-            }
-        };
-        let Some((number, held)) = rows
-            .first()
-            .map(|row| (row.get::<i64, _>(0), row.get::<i64, _>(1) != 0))
-        else {
+        let inserted = self
+            .writer
+            .write(hot::Create {
+                run: id.to_string(),
+                pipeline: new.pipeline.clone(),
+                kind: new.trigger.kind.as_str(),
+                actor: new.trigger.actor.clone(),
+                params: params_to_json(&new.params),
+                source: new.source.clone(),
+                rerun_of: new.rerun_of.as_ref().map(|r| r.as_str().to_string()),
+                created_at: millis(now),
+                plan: serde_json::Value::Array(plan).to_string(),
+                key: new.idempotency_key.clone(),
+                group: new.group.clone(),
+                job,
+            })
+            .await?;
+        let Some((number, held)) = inserted else {
+            // A key the pipeline has seen: the run it made (committed before this answer).
             let row = sqlx::query(select_runs!("WHERE pipeline = ?1 AND idempotency_key = ?2"))
                 .bind(&new.pipeline)
                 .bind(new.idempotency_key.as_deref())
-                .fetch_one(&mut *conn)
+                .fetch_one(&self.readers)
                 .await
                 .map_err(backend)?;
             return Ok(Created {
@@ -903,7 +1112,6 @@ impl Store for SqliteStore {
                 queued: false,
             });
         };
-        drop(conn);
         if let Some(outbox) = outbox
             && !held
         {
@@ -1009,19 +1217,15 @@ impl Store for SqliteStore {
         // trigger to its first step, so it costs one round trip.
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        let row = sqlx::query(concat!(
-            "UPDATE runs SET status = 'running', started_at = ?2, claim_token = claim_token + 1,
-                claimed_by = ?3, lease_until = ?4
-             WHERE id = ?1 AND status = 'queued' AND held = 0 RETURNING ",
-            run_columns!()
-        ))
-        .bind(id.as_str())
-        .bind(millis(now))
-        .bind(worker)
-        .bind(millis(until))
-        .fetch_optional(&mut *self.writer.lock().await)
-        .await
-        .map_err(backend)?;
+        let row = self
+            .writer
+            .write(hot::Claim {
+                run: id.to_string(),
+                now: millis(now),
+                worker: worker.to_owned(),
+                until: millis(until),
+            })
+            .await?;
         match row {
             Some(row) => {
                 self.changed(id, ChangeKind::Status);
@@ -1148,28 +1352,6 @@ impl Store for SqliteStore {
                 to: status,
             });
         }
-        const FINISH: &str = concat!(
-            "UPDATE runs SET status = ?3, finished_at = ?4, reason = ?5, lease_until = NULL
-             WHERE id = ?1 AND status = 'running' AND claim_token = ?2 RETURNING ",
-            run_columns!()
-        );
-        // With steps: one transaction of two statements, sent as one query (one round trip to
-        // the connection's thread). Both are fenced by the claim: a stale one changes nothing.
-        const STEPS_AND_FINISH: &str = concat!(
-            "BEGIN IMMEDIATE;
-             UPDATE steps SET status = s.value ->> 'status', attempt = s.value ->> 'attempt',
-                exit_code = s.value ->> 'exit_code', started_at = s.value ->> 'started_at',
-                finished_at = s.value ->> 'finished_at', reason = s.value ->> 'reason',
-                outputs = s.value ->> 'outputs'
-             FROM json_each(?6) AS s
-             WHERE steps.run_id = ?1 AND steps.idx = s.value ->> 'idx'
-               AND EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND status = 'running' AND claim_token = ?2);
-             UPDATE runs SET status = ?3, finished_at = ?4, reason = ?5, lease_until = NULL
-             WHERE id = ?1 AND status = 'running' AND claim_token = ?2 RETURNING ",
-            run_columns!(),
-            ";
-             COMMIT;"
-        );
         let records: Vec<serde_json::Value> = steps
             .iter()
             .map(|step| {
@@ -1185,70 +1367,51 @@ impl Store for SqliteStore {
                 })
             })
             .collect();
-        let mut conn = self.writer.lock().await;
-        let query = sqlx::query(if steps.is_empty() {
-            FINISH
-        } else {
-            STEPS_AND_FINISH
-        })
-        .bind(claim.run.as_str())
-        .bind(token_of(claim))
-        .bind(status.as_str())
-        .bind(millis(Utc::now()))
-        .bind(reason)
-        .bind(serde_json::Value::Array(records).to_string());
-        // Every statement runs (`fetch_all`: a limit of one row would stop before the COMMIT).
-        let rows = match query.fetch_all(&mut *conn).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                if !steps.is_empty() {
-                    // A statement failed inside the transaction: nothing of it stays. (When the
-                    // BEGIN itself failed there is nothing to roll back, and this fails too.)
-                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                }
-                return Err(backend(e));
-            }
-        };
-        let Some(row) = rows.first() else {
-            drop(conn);
+        let row = self
+            .writer
+            .write(hot::Finish {
+                run: claim.run.to_string(),
+                token: token_of(claim),
+                status: status.as_str(),
+                ended: millis(Utc::now()),
+                reason: reason.map(str::to_owned),
+                steps: (!steps.is_empty()).then(|| serde_json::Value::Array(records).to_string()),
+            })
+            .await?;
+        let Some(row) = row else {
             return Err(self.stale(claim).await);
         };
-        let run = run_from_row(row)?;
+        let run = run_from_row(&row)?;
         for _ in steps {
             self.changed(&claim.run, ChangeKind::Step);
         }
         self.changed(&claim.run, ChangeKind::Status);
         if let Some(group) = &run.group {
-            // Still holding the writer: the next run of the group goes before anything else
-            // is written (a crash in between is mended at the next start).
+            // Right after the end's commit (a crash in between is mended at the next start).
+            let mut conn = self.writer.lock().await;
             self.release_next(&mut conn, group).await?;
         }
         Ok(run)
     }
 
     async fn update_step(&self, claim: &Claim, step: &StepRecord) -> Result<()> {
-        let outputs = params_to_json(&step.outputs);
         // Written only under the run's current claim.
-        let done = sqlx::query(
-            "UPDATE steps SET status = ?4, attempt = ?5, exit_code = ?6, started_at = ?7, finished_at = ?8,
-                reason = ?9, outputs = ?10
-             WHERE run_id = ?1 AND idx = ?3
-               AND EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND status = 'running' AND claim_token = ?2)",
-        )
-        .bind(claim.run.as_str())
-        .bind(token_of(claim))
-        .bind(i64::from(step.index))
-        .bind(step.status.as_str())
-        .bind(i64::from(step.attempt))
-        .bind(step.exit_code)
-        .bind(step.started_at.map(millis))
-        .bind(step.finished_at.map(millis))
-        .bind(step.reason.as_deref())
-        .bind(outputs)
-        .execute(&mut *self.writer.lock().await)
-        .await
-        .map_err(backend)?;
-        if done.rows_affected() == 0 {
+        let written = self
+            .writer
+            .write(hot::Step {
+                run: claim.run.to_string(),
+                token: token_of(claim),
+                index: i64::from(step.index),
+                status: step.status.as_str(),
+                attempt: i64::from(step.attempt),
+                exit_code: step.exit_code,
+                started_at: step.started_at.map(millis),
+                finished_at: step.finished_at.map(millis),
+                reason: step.reason.clone(),
+                outputs: params_to_json(&step.outputs),
+            })
+            .await?;
+        if !written {
             return Err(self.stale(claim).await);
         }
         self.changed(&claim.run, ChangeKind::Step);

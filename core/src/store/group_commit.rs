@@ -1,0 +1,386 @@
+//! Group commit on the embedded Store's one writer connection.
+//!
+//! Every statement sent to SQLite through sqlx is a round trip to the connection's own thread,
+//! and with one writer each write waits for the one before: the task holding the writer sends
+//! its statement, the connection's thread wakes, runs it and answers, the task wakes and hands
+//! the writer to the next task, which wakes and sends. On two busy cores each wake-up waits for
+//! a CPU, and under load (runs created, claimed and ended on two workers at once) a one-row
+//! write took half a millisecond, most of it this relay; every commit also wrote its own copies
+//! of the same pages (the runs table's last leaf, its status index) to the write-ahead log.
+//!
+//! The hot writes (a run's creation, claim, step records and end) are queued instead. The first
+//! write to find the queue idle starts a leader task; the leader takes the writer and everything
+//! queued, and sends it as one query: `BEGIN IMMEDIATE`, each write's statements in turn, `COMMIT`
+//! (one round trip, one commit), then answers each write and takes what queued meanwhile. A write
+//! alone in the queue is the same query with one write in it, so an idle Store answers about as
+//! fast as before.
+//!
+//! The statements use positional parameters (`?`) only: sqlx binds a query's arguments to its
+//! statements in turn, and numbered ones (`?12`) would refer to the whole query's list. When the
+//! query fails (one write's statement failed), the transaction is rolled back and each write run
+//! again as a query of its own, so one bad write never fails the others.
+
+use std::sync::Mutex;
+
+use futures_util::TryStreamExt;
+use sqlx::Executor;
+use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqliteRow};
+use sqlx::{Arguments, Either};
+use tokio::sync::oneshot;
+
+use super::sqlite::{Writer, backend};
+use super::{Result, StoreError};
+
+/// The most writes one commit takes; the rest wait for the next.
+const MOST: usize = 32;
+/// The most new runs a commit takes beside writes that running runs wait for.
+const NEW_ALONGSIDE: usize = 2;
+
+/// What one statement answered.
+pub(super) struct Answer {
+    pub rows: Vec<SqliteRow>,
+    pub changes: u64,
+}
+
+pub(super) type BindError = sqlx::error::BoxDynError;
+
+/// A write for the group commit.
+pub(super) trait Write: Send + Sync + 'static {
+    type Out: Send + 'static;
+    /// Its statements, each ending in `;\n`, with positional parameters only, and how many.
+    fn sql(&self) -> (&'static str, usize);
+    /// Adds its arguments, in the order of its parameters.
+    fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError>;
+    /// Its result, from its statements' answers (one per statement).
+    fn read(self, answers: Vec<Answer>) -> Result<Self::Out>;
+    /// Whether a running run waits for it (a claim, a step's record, an end), as opposed to a
+    /// new run: those go first (see [`take`]).
+    fn urgent(&self) -> bool {
+        true
+    }
+}
+
+trait Queued: Send + Sync {
+    fn urgent(&self) -> bool;
+    fn sql(&self) -> (&'static str, usize);
+    fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError>;
+    fn answer(self: Box<Self>, answers: Result<Vec<Answer>>);
+}
+
+struct Pending<W: Write> {
+    write: W,
+    reply: oneshot::Sender<Result<W::Out>>,
+}
+
+impl<W: Write> Queued for Pending<W> {
+    fn urgent(&self) -> bool {
+        self.write.urgent()
+    }
+
+    fn sql(&self) -> (&'static str, usize) {
+        self.write.sql()
+    }
+
+    fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+        self.write.bind(args)
+    }
+
+    fn answer(self: Box<Self>, answers: Result<Vec<Answer>>) {
+        let Pending { write, reply } = *self;
+        // The caller may have gone away: its write is done all the same.
+        let _ = reply.send(answers.and_then(|a| write.read(a)));
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Queue {
+    writes: Vec<Box<dyn Queued>>,
+    /// Whether a leader task is running (it takes whatever is queued before it stops).
+    leading: bool,
+    /// How many groups were taken.
+    groups: u64,
+}
+
+fn queue(q: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    match q.lock() {
+        Ok(q) => q,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Writer {
+    /// Queues `write` for the next group commit and waits for its answer, given once it is
+    /// committed (or failed).
+    pub(super) async fn write<W: Write>(&self, write: W) -> Result<W::Out> {
+        let (reply, answer) = oneshot::channel();
+        let lead = {
+            let mut q = queue(&self.queue);
+            q.writes.push(Box::new(Pending { write, reply }));
+            !std::mem::replace(&mut q.leading, true)
+        };
+        if lead {
+            // A task of its own: a caller that goes away must not take the leader with it.
+            let me = self.clone();
+            tokio::spawn(async move { me.lead().await });
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::Backend("the writer stopped before the write".into()))?
+    }
+
+    async fn lead(&self) {
+        loop {
+            let mut conn = self.lock().await;
+            let writes = {
+                let mut q = queue(&self.queue);
+                if q.writes.is_empty() {
+                    q.leading = false;
+                    return;
+                }
+                q.groups += 1;
+                take(&mut q.writes)
+            };
+            let answers = match commit(&mut conn, &writes).await {
+                Ok(answers) => answers.into_iter().map(Ok).collect(),
+                Err(e) if writes.len() == 1 => vec![Err(e)],
+                // Each on its own: only the one that fails fails.
+                Err(_) => {
+                    let mut answers = Vec::with_capacity(writes.len());
+                    for write in &writes {
+                        answers.push(
+                            commit(&mut conn, std::slice::from_ref(write))
+                                .await
+                                .map(|mut a| a.pop().unwrap_or_default()),
+                        );
+                    }
+                    answers
+                }
+            };
+            drop(conn);
+            for (write, answer) in writes.into_iter().zip(answers) {
+                write.answer(answer);
+            }
+        }
+    }
+}
+
+/// The writes for the next commit, out of `queued`: the urgent ones first, in their order, with
+/// at most [`NEW_ALONGSIDE`] others (new runs, in their order, which is their numbers' order);
+/// up to [`MOST`] new runs when nothing urgent waits. A burst of new runs (a script, a webhook
+/// storm) would otherwise put a commit of many runs' creation between every running run and its
+/// next write; the queue of runs holds work enough for the workers meanwhile.
+fn take(queued: &mut Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
+    let urgent = queued.iter().filter(|w| w.urgent()).count().min(MOST);
+    let mut others = if urgent == 0 { MOST } else { NEW_ALONGSIDE };
+    let mut urgent_left = urgent;
+    let mut taken = Vec::new();
+    let mut kept = Vec::new();
+    for write in queued.drain(..) {
+        if write.urgent() && urgent_left > 0 {
+            urgent_left -= 1;
+            taken.push(write);
+        } else if !write.urgent() && others > 0 {
+            others -= 1;
+            taken.push(write);
+        } else {
+            kept.push(write);
+        }
+    }
+    *queued = kept;
+    taken
+}
+
+/// Runs `writes` as one query in one transaction; each write's answers, or the first error
+/// (everything rolled back).
+async fn commit(
+    conn: &mut SqliteConnection,
+    writes: &[Box<dyn Queued>],
+) -> Result<Vec<Vec<Answer>>> {
+    let mut sql = String::from("BEGIN IMMEDIATE;\n");
+    let mut args = SqliteArguments::default();
+    for write in writes {
+        sql.push_str(write.sql().0);
+        write
+            .bind(&mut args)
+            .map_err(|e| StoreError::Backend(format!("binding a write: {e}")))?;
+    }
+    sql.push_str("COMMIT;\n");
+    let items: std::result::Result<Vec<_>, _> = conn
+        .fetch_many(sqlx::query_with(sqlx::AssertSqlSafe(sql), args))
+        .try_collect()
+        .await;
+    let items = match items {
+        Ok(items) => items,
+        Err(e) => {
+            // Nothing of it stays. (When the BEGIN itself failed there is nothing to roll
+            // back, and this fails too.)
+            let _ = conn.execute("ROLLBACK").await;
+            return Err(backend(e));
+        }
+    };
+    // BEGIN's answer, then each statement's rows and answer, then COMMIT's.
+    let mut items = items.into_iter();
+    let mut statement = move || {
+        let mut rows = Vec::new();
+        for item in items.by_ref() {
+            match item {
+                Either::Right(row) => rows.push(row),
+                Either::Left(done) => {
+                    return Some(Answer {
+                        rows,
+                        changes: done.rows_affected(),
+                    });
+                }
+            }
+        }
+        None
+    };
+    let missing =
+        || StoreError::Backend("a group commit answered fewer statements than it ran".into());
+    statement().ok_or_else(missing)?;
+    let mut answers = Vec::with_capacity(writes.len());
+    for write in writes {
+        let count = write.sql().1;
+        let mut own = Vec::with_capacity(count);
+        for _ in 0..count {
+            own.push(statement().ok_or_else(missing)?);
+        }
+        answers.push(own);
+    }
+    Ok(answers)
+}
+
+/// Adds `value` to `args` (for [`Write::bind`]).
+pub(super) fn add<'t, T: sqlx::Encode<'t, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>>(
+    args: &mut SqliteArguments,
+    value: T,
+) -> std::result::Result<(), BindError> {
+    args.add(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    /// Inserts `x` into the test's own table: a second insert of the same `x` fails.
+    struct Insert(i64);
+
+    impl Write for Insert {
+        type Out = u64;
+        fn sql(&self) -> (&'static str, usize) {
+            ("INSERT INTO group_commit_test (x) VALUES (?);\n", 1)
+        }
+        fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            add(args, self.0)
+        }
+        fn read(self, answers: Vec<Answer>) -> Result<u64> {
+            Ok(answers.iter().map(|a| a.changes).sum())
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_queued_together_commit_together_and_a_failing_one_fails_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("skiff.db"))
+            .await
+            .expect("open");
+        let writer = store.writer();
+        writer
+            .lock()
+            .await
+            .execute("CREATE TABLE group_commit_test (x INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        // Polled in one go, they are all queued before the leader runs: one group.
+        let answers = futures_util::future::join_all(
+            [1, 2, 2, 3].into_iter().map(|x| writer.write(Insert(x))),
+        )
+        .await;
+        assert_eq!(queue(&writer.queue).groups, 1, "one group took the four");
+        assert!(
+            matches!(answers[0], Ok(1)),
+            "{:?}",
+            answers[0].as_ref().err()
+        );
+        assert!(
+            matches!(answers[1], Ok(1)),
+            "{:?}",
+            answers[1].as_ref().err()
+        );
+        assert!(
+            matches!(&answers[2], Err(StoreError::Backend(e)) if e.contains("UNIQUE")),
+            "the second insert of 2 fails: {:?}",
+            answers[2].as_ref().ok()
+        );
+        assert!(
+            matches!(answers[3], Ok(1)),
+            "{:?}",
+            answers[3].as_ref().err()
+        );
+        let stored: Vec<i64> = sqlx::query_scalar("SELECT x FROM group_commit_test ORDER BY x")
+            .fetch_all(&mut *writer.lock().await)
+            .await
+            .expect("read");
+        assert_eq!(stored, vec![1, 2, 3], "the others committed, once each");
+        // And the writer is free for the next group.
+        assert!(matches!(writer.write(Insert(4)).await, Ok(1)));
+    }
+
+    /// A write that only says whether it is urgent, and which it is.
+    struct Tagged(i64, bool);
+
+    impl Write for Tagged {
+        type Out = i64;
+        fn sql(&self) -> (&'static str, usize) {
+            ("", 0)
+        }
+        fn bind(&self, _: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            Ok(())
+        }
+        fn read(self, _: Vec<Answer>) -> Result<i64> {
+            Ok(self.0)
+        }
+        fn urgent(&self) -> bool {
+            self.1
+        }
+    }
+
+    #[test]
+    fn running_runs_writes_go_first_with_a_few_new_runs_beside_them() {
+        let mut answers = Vec::new();
+        let mut queued: Vec<Box<dyn Queued>> = Vec::new();
+        for (tag, urgent) in [
+            (1, false),
+            (2, false),
+            (3, false),
+            (4, true),
+            (5, false),
+            (6, true),
+        ] {
+            let (reply, answer) = oneshot::channel();
+            queued.push(Box::new(Pending {
+                write: Tagged(tag, urgent),
+                reply,
+            }));
+            answers.push(answer);
+        }
+        let taken = take(&mut queued);
+        for write in taken {
+            write.answer(Ok(Vec::new()));
+        }
+        let got: Vec<i64> = answers
+            .iter_mut()
+            .filter_map(|a| a.try_recv().ok().and_then(|r| r.ok()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![1, 2, 4, 6],
+            "both urgent writes and the first two new runs"
+        );
+        assert_eq!(queued.len(), 2, "the other new runs wait, in order");
+        assert!(queued.iter().all(|w| !w.urgent()));
+        // With nothing urgent waiting, new runs go up to the most a group takes.
+        assert_eq!(take(&mut queued).len(), 2);
+    }
+}
