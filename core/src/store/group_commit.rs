@@ -33,7 +33,9 @@ use super::{Result, StoreError};
 
 /// The most writes one commit takes; the rest wait for the next.
 const MOST: usize = 32;
-/// The most new runs a commit takes beside writes that running runs wait for.
+/// The most new runs a commit takes when nothing else waits...
+const MOST_NEW: usize = 8;
+/// ...and beside writes that running runs wait for.
 const NEW_ALONGSIDE: usize = 2;
 
 /// What one statement answered.
@@ -58,10 +60,15 @@ pub(super) trait Write: Send + Sync + 'static {
     fn urgent(&self) -> bool {
         true
     }
+    /// Where it goes in its group: a group's writes are sent in this order (then by their
+    /// statements, then as queued), so that groups of the same writes are the same query and
+    /// sqlx's statement cache keeps a few queries, not one per order they came in.
+    fn rank(&self) -> u8;
 }
 
 trait Queued: Send + Sync {
     fn urgent(&self) -> bool;
+    fn rank(&self) -> u8;
     fn sql(&self) -> (&'static str, usize);
     fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError>;
     fn answer(self: Box<Self>, answers: Result<Vec<Answer>>);
@@ -75,6 +82,10 @@ struct Pending<W: Write> {
 impl<W: Write> Queued for Pending<W> {
     fn urgent(&self) -> bool {
         self.write.urgent()
+    }
+
+    fn rank(&self) -> u8 {
+        self.write.rank()
     }
 
     fn sql(&self) -> (&'static str, usize) {
@@ -164,14 +175,18 @@ impl Writer {
     }
 }
 
-/// The writes for the next commit, out of `queued`: the urgent ones first, in their order, with
-/// at most [`NEW_ALONGSIDE`] others (new runs, in their order, which is their numbers' order);
-/// up to [`MOST`] new runs when nothing urgent waits. A burst of new runs (a script, a webhook
+/// The writes for the next commit, out of `queued`: the urgent ones, with at most
+/// [`NEW_ALONGSIDE`] others (new runs, in their order, which is their numbers' order); up to
+/// [`MOST_NEW`] new runs when nothing urgent waits. A burst of new runs (a script, a webhook
 /// storm) would otherwise put a commit of many runs' creation between every running run and its
-/// next write; the queue of runs holds work enough for the workers meanwhile.
+/// next write; the queue of runs holds work enough for the workers meanwhile. The group is put in
+/// [`Write::rank`]'s order. Two writes of one run are never reordered: a run's writes come one
+/// after the other, but for a step's "running" record its end overtook (its caller went on), a
+/// `Step` queued before that end: it goes before a `Finish` by rank and before another `Step` by
+/// the queue's order (and a record written after the run's end would be refused by its claim).
 fn take(queued: &mut Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
     let urgent = queued.iter().filter(|w| w.urgent()).count().min(MOST);
-    let mut others = if urgent == 0 { MOST } else { NEW_ALONGSIDE };
+    let mut others = if urgent == 0 { MOST_NEW } else { NEW_ALONGSIDE };
     let mut urgent_left = urgent;
     let mut taken = Vec::new();
     let mut kept = Vec::new();
@@ -187,6 +202,8 @@ fn take(queued: &mut Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
         }
     }
     *queued = kept;
+    // Stable: writes of one rank and statements keep the queue's order.
+    taken.sort_by_key(|w| (w.rank(), w.sql().0.as_ptr() as usize));
     taken
 }
 
@@ -277,6 +294,9 @@ mod tests {
         fn read(self, answers: Vec<Answer>) -> Result<u64> {
             Ok(answers.iter().map(|a| a.changes).sum())
         }
+        fn rank(&self) -> u8 {
+            0
+        }
     }
 
     #[tokio::test]
@@ -344,6 +364,9 @@ mod tests {
         fn urgent(&self) -> bool {
             self.1
         }
+        fn rank(&self) -> u8 {
+            u8::from(!self.1)
+        }
     }
 
     #[test]
@@ -366,6 +389,10 @@ mod tests {
             answers.push(answer);
         }
         let taken = take(&mut queued);
+        assert!(
+            taken.windows(2).all(|w| w[0].rank() <= w[1].rank()),
+            "a group is sent in its writes' rank order"
+        );
         for write in taken {
             write.answer(Ok(Vec::new()));
         }

@@ -860,6 +860,10 @@ mod hot {
     }
 
     impl Write for Create {
+        fn rank(&self) -> u8 {
+            3
+        }
+
         /// The run's number, and whether it is held behind its group; `None`: the key was seen.
         type Out = Option<(i64, bool)>;
 
@@ -924,6 +928,10 @@ mod hot {
     }
 
     impl Write for Claim {
+        fn rank(&self) -> u8 {
+            0
+        }
+
         type Out = Option<SqliteRow>;
 
         fn sql(&self) -> (&'static str, usize) {
@@ -966,6 +974,10 @@ mod hot {
     }
 
     impl Write for Step {
+        fn rank(&self) -> u8 {
+            1
+        }
+
         /// Whether it was written (the claim held).
         type Out = bool;
 
@@ -1020,6 +1032,10 @@ mod hot {
     }
 
     impl Write for Finish {
+        fn rank(&self) -> u8 {
+            2
+        }
+
         /// The run as ended; `None`: the claim did not hold.
         type Out = Option<SqliteRow>;
 
