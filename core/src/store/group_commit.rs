@@ -140,12 +140,14 @@ impl Writer {
     }
 
     async fn lead(&self) {
+        // However the leader ends (a panic in a write's reading, the runtime shutting down), the
+        // queue does not stay with no leader and writes waiting.
+        let _leaving = Leaving(self);
         loop {
             let mut conn = self.lock().await;
             let writes = {
                 let mut q = queue(&self.queue);
                 if q.writes.is_empty() {
-                    q.leading = false;
                     return;
                 }
                 q.groups += 1;
@@ -205,6 +207,23 @@ fn take(queued: &mut Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
     // Stable: writes of one rank and statements keep the queue's order.
     taken.sort_by_key(|w| (w.rank(), w.sql().0.as_ptr() as usize));
     taken
+}
+
+/// Ends a leader's turn: the next write starts a new leader; writes already queued get one now.
+struct Leaving<'a>(&'a Writer);
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        let mut q = queue(&self.0.queue);
+        q.leading = false;
+        if !q.writes.is_empty()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            q.leading = true;
+            let me = self.0.clone();
+            runtime.spawn(async move { me.lead().await });
+        }
+    }
 }
 
 /// Runs `writes` as one query in one transaction; each write's answers, or the first error
@@ -409,5 +428,48 @@ mod tests {
         assert!(queued.iter().all(|w| !w.urgent()));
         // With nothing urgent waiting, new runs go up to the most a group takes.
         assert_eq!(take(&mut queued).len(), 2);
+    }
+
+    /// A write whose reading panics (a row that is not what the write expects).
+    struct Panics;
+
+    impl Write for Panics {
+        type Out = ();
+        fn sql(&self) -> (&'static str, usize) {
+            ("SELECT 1;\n", 1)
+        }
+        fn bind(&self, _: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            Ok(())
+        }
+        fn read(self, _: Vec<Answer>) -> Result<()> {
+            panic!("a write that panics while its answer is read (on purpose)")
+        }
+        fn rank(&self) -> u8 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_panics_leaves_the_queue_to_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("skiff.db"))
+            .await
+            .expect("open");
+        let writer = store.writer();
+        writer
+            .lock()
+            .await
+            .execute("CREATE TABLE group_commit_test (x INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        assert!(
+            matches!(writer.write(Panics).await, Err(StoreError::Backend(_))),
+            "its caller hears that the writer stopped"
+        );
+        let next =
+            tokio::time::timeout(std::time::Duration::from_secs(10), writer.write(Insert(1)))
+                .await
+                .expect("a write after the panic is answered");
+        assert!(matches!(next, Ok(1)), "{:?}", next.err());
     }
 }

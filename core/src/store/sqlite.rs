@@ -912,10 +912,15 @@ mod hot {
             if self.job.is_some() {
                 answers.pop();
             }
-            Ok(returned(answers).map(|row| {
-                use sqlx::Row;
-                (row.get::<i64, _>(0), row.get::<i64, _>(1) != 0)
-            }))
+            use sqlx::Row;
+            returned(answers)
+                .map(|row| {
+                    Ok((
+                        row.try_get::<i64, _>(0).map_err(super::backend)?,
+                        row.try_get::<i64, _>(1).map_err(super::backend)? != 0,
+                    ))
+                })
+                .transpose()
         }
     }
 
