@@ -259,8 +259,10 @@ impl Recorder {
     /// [`Recorder::step`] for a record the step's next one may supersede (its "running"): when
     /// `superseded` fires before the Store has taken the write, the write is dropped. Only while
     /// the Store is up: then the write's only await points are the Store call itself (dropped
-    /// before it is sent, nothing is written; after, the statement still runs, ahead of the
-    /// next write) and the pause between tries. While it is away, the record is held as usual.
+    /// before the Store took it, nothing is written: the embedded Store leaves out a step record
+    /// nobody waits for when its group commit is taken; after, it still runs, ahead of the next
+    /// write of the run) and the pause between tries. While it is away, the record is held as
+    /// usual.
     pub async fn step_unless_superseded(
         &self,
         record: &StepRecord,

@@ -60,6 +60,12 @@ pub(super) trait Write: Send + Sync + 'static {
     fn urgent(&self) -> bool {
         true
     }
+    /// Whether it is left out when its caller has gone away before its group is taken (a step's
+    /// "running" record its end overtook): nothing is written then, as when a caller goes away
+    /// before it reaches the writer.
+    fn droppable(&self) -> bool {
+        false
+    }
     /// Where it goes in its group: a group's writes are sent in this order (then by their
     /// statements, then as queued), so that groups of the same writes are the same query and
     /// sqlx's statement cache keeps a few queries, not one per order they came in.
@@ -67,6 +73,8 @@ pub(super) trait Write: Send + Sync + 'static {
 }
 
 trait Queued: Send + Sync {
+    /// Whether it can be left out: droppable, and nobody waits for it any more.
+    fn abandoned(&self) -> bool;
     fn urgent(&self) -> bool;
     fn rank(&self) -> u8;
     fn sql(&self) -> (&'static str, usize);
@@ -80,6 +88,10 @@ struct Pending<W: Write> {
 }
 
 impl<W: Write> Queued for Pending<W> {
+    fn abandoned(&self) -> bool {
+        self.write.droppable() && self.reply.is_closed()
+    }
+
     fn urgent(&self) -> bool {
         self.write.urgent()
     }
@@ -187,6 +199,7 @@ impl Writer {
 /// `Step` queued before that end: it goes before a `Finish` by rank and before another `Step` by
 /// the queue's order (and a record written after the run's end would be refused by its claim).
 fn take(queued: &mut Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
+    queued.retain(|w| !w.abandoned());
     let urgent = queued.iter().filter(|w| w.urgent()).count().min(MOST);
     let mut others = if urgent == 0 { MOST_NEW } else { NEW_ALONGSIDE };
     let mut urgent_left = urgent;
@@ -471,5 +484,56 @@ mod tests {
                 .await
                 .expect("a write after the panic is answered");
         assert!(matches!(next, Ok(1)), "{:?}", next.err());
+    }
+
+    /// [`Insert`], left out when nobody waits for it.
+    struct MayDrop(i64);
+
+    impl Write for MayDrop {
+        type Out = u64;
+        fn sql(&self) -> (&'static str, usize) {
+            Insert(self.0).sql()
+        }
+        fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
+            add(args, self.0)
+        }
+        fn read(self, answers: Vec<Answer>) -> Result<u64> {
+            Ok(answers.iter().map(|a| a.changes).sum())
+        }
+        fn rank(&self) -> u8 {
+            0
+        }
+        fn droppable(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_droppable_write_whose_caller_went_away_is_left_out() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("skiff.db"))
+            .await
+            .expect("open");
+        let writer = store.writer();
+        writer
+            .lock()
+            .await
+            .execute("CREATE TABLE group_commit_test (x INTEGER PRIMARY KEY)")
+            .await
+            .expect("table");
+        // Queued, then its caller goes away before the leader runs (one thread: it has not).
+        assert!(writer.write(MayDrop(5)).now_or_never().is_none());
+        assert!(writer.write(Insert(6)).now_or_never().is_none());
+        assert!(matches!(writer.write(Insert(7)).await, Ok(1)));
+        let stored: Vec<i64> = sqlx::query_scalar("SELECT x FROM group_commit_test ORDER BY x")
+            .fetch_all(&mut *writer.lock().await)
+            .await
+            .expect("read");
+        assert_eq!(
+            stored,
+            vec![6, 7],
+            "the abandoned droppable write is left out, an abandoned other one is written"
+        );
     }
 }

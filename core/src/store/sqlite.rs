@@ -979,6 +979,10 @@ mod hot {
     }
 
     impl Write for Step {
+        fn droppable(&self) -> bool {
+            true
+        }
+
         fn rank(&self) -> u8 {
             1
         }
