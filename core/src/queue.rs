@@ -435,7 +435,7 @@ impl JobOutbox {
 }
 
 impl JobRow {
-    /// Adds the row's values, in the order of the Store's run-and-job statement's parameters.
+    /// Adds the row's values, in the order of the Store's job statement's parameters.
     pub(crate) fn add_to(
         &self,
         args: &mut sqlx::sqlite::SqliteArguments,
@@ -448,21 +448,6 @@ impl JobRow {
         args.add(self.run_at)?;
         args.add(self.priority)?;
         args.add(self.metadata.as_str())
-    }
-
-    /// Binds the row as `?11` to `?17` of the Store's run-and-job statement.
-    pub(crate) fn bind(
-        self,
-        query: sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
-    ) -> sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-        query
-            .bind(self.args)
-            .bind(self.id)
-            .bind(self.queue)
-            .bind(self.max_attempts)
-            .bind(self.run_at)
-            .bind(self.priority)
-            .bind(self.metadata)
     }
 }
 

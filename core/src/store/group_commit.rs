@@ -331,19 +331,26 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn writes_queued_together_commit_together_and_a_failing_one_fails_alone() {
+    /// A Store in a folder of its own, with the tests' table.
+    async fn with_table() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("skiff.db"))
             .await
             .expect("open");
-        let writer = store.writer();
-        writer
+        store
+            .writer()
             .lock()
             .await
             .execute("CREATE TABLE group_commit_test (x INTEGER PRIMARY KEY)")
             .await
             .expect("table");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn writes_queued_together_commit_together_and_a_failing_one_fails_alone() {
+        let (_dir, store) = with_table().await;
+        let writer = store.writer();
         // Polled in one go, they are all queued before the leader runs: one group.
         let answers = futures_util::future::join_all(
             [1, 2, 2, 3].into_iter().map(|x| writer.write(Insert(x))),
@@ -464,17 +471,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_leader_that_panics_leaves_the_queue_to_the_next() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("skiff.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = with_table().await;
         let writer = store.writer();
-        writer
-            .lock()
-            .await
-            .execute("CREATE TABLE group_commit_test (x INTEGER PRIMARY KEY)")
-            .await
-            .expect("table");
         assert!(
             matches!(writer.write(Panics).await, Err(StoreError::Backend(_))),
             "its caller hears that the writer stopped"
@@ -487,21 +485,21 @@ mod tests {
     }
 
     /// [`Insert`], left out when nobody waits for it.
-    struct MayDrop(i64);
+    struct MayDrop(Insert);
 
     impl Write for MayDrop {
         type Out = u64;
         fn sql(&self) -> (&'static str, usize) {
-            Insert(self.0).sql()
+            self.0.sql()
         }
         fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError> {
-            add(args, self.0)
+            self.0.bind(args)
         }
         fn read(self, answers: Vec<Answer>) -> Result<u64> {
-            Ok(answers.iter().map(|a| a.changes).sum())
+            self.0.read(answers)
         }
         fn rank(&self) -> u8 {
-            0
+            self.0.rank()
         }
         fn droppable(&self) -> bool {
             true
@@ -511,19 +509,10 @@ mod tests {
     #[tokio::test]
     async fn a_droppable_write_whose_caller_went_away_is_left_out() {
         use futures_util::FutureExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SqliteStore::open(&dir.path().join("skiff.db"))
-            .await
-            .expect("open");
+        let (_dir, store) = with_table().await;
         let writer = store.writer();
-        writer
-            .lock()
-            .await
-            .execute("CREATE TABLE group_commit_test (x INTEGER PRIMARY KEY)")
-            .await
-            .expect("table");
         // Queued, then its caller goes away before the leader runs (one thread: it has not).
-        assert!(writer.write(MayDrop(5)).now_or_never().is_none());
+        assert!(writer.write(MayDrop(Insert(5))).now_or_never().is_none());
         assert!(writer.write(Insert(6)).now_or_never().is_none());
         assert!(matches!(writer.write(Insert(7)).await, Ok(1)));
         let stored: Vec<i64> = sqlx::query_scalar("SELECT x FROM group_commit_test ORDER BY x")

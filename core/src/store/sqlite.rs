@@ -30,6 +30,16 @@ use crate::run::{
 };
 
 const SCHEMA_VERSION: i64 = 9;
+
+/// A run's job in the embedded queue's table (apalis-sqlite's own row, as its `sink.sql` writes
+/// it; the values from `JobRow::add_to`, then the run's id), only if the run is there and not
+/// held behind its group.
+macro_rules! insert_job {
+    () => {
+        "INSERT INTO Jobs SELECT ?, ?, ?, 'Pending', 0, ?, ?, NULL, NULL, NULL, NULL, ?, ?, NULL
+         WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND held = 0);\n"
+    };
+}
 /// How often the checkpointer copies the write-ahead log back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// The log size (in pages) past which the writer checkpoints by itself.
@@ -486,12 +496,14 @@ impl SqliteStore {
             let row = outbox
                 .row(&id)
                 .map_err(|e| StoreError::Backend(format!("the run's job: {e}")))?;
-            row.bind(sqlx::query(
-                "INSERT INTO Jobs SELECT ?1, ?2, ?3, 'Pending', 0, ?4, ?5, NULL, NULL, NULL, NULL, ?6, ?7, NULL",
-            ))
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+            let mut args = sqlx::sqlite::SqliteArguments::default();
+            row.add_to(&mut args)
+                .and_then(|()| sqlx::Arguments::add(&mut args, next.as_str()))
+                .map_err(|e| StoreError::Backend(format!("the run's job: {e}")))?;
+            sqlx::query_with(insert_job!(), args)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
         }
         tx.commit().await.map_err(backend)?;
         if let Some(outbox) = outbox {
@@ -870,14 +882,7 @@ mod hot {
         fn sql(&self) -> (&'static str, usize) {
             match self.job {
                 None => (insert_run!(), 1),
-                Some(_) => (
-                    concat!(
-                        insert_run!(),
-                        "INSERT INTO Jobs SELECT ?, ?, ?, 'Pending', 0, ?, ?, NULL, NULL, NULL, NULL, ?, ?, NULL
-                         WHERE EXISTS (SELECT 1 FROM runs WHERE id = ? AND held = 0);\n"
-                    ),
-                    2,
-                ),
+                Some(_) => (concat!(insert_run!(), insert_job!()), 2),
             }
         }
 
