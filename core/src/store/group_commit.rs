@@ -55,28 +55,39 @@ pub(super) trait Write: Send + Sync + 'static {
     fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError>;
     /// Its result, from its statements' answers (one per statement).
     fn read(self, answers: Vec<Answer>) -> Result<Self::Out>;
-    /// Whether a running run waits for it (a claim, a step's record, an end), as opposed to a
-    /// new run: those go first (see [`take`]).
-    fn urgent(&self) -> bool {
-        true
-    }
+    /// What it writes: where it goes in its group, and whether a running run waits for it.
+    fn kind(&self) -> Kind;
     /// Whether it is left out when its caller has gone away before its group is taken (a step's
     /// "running" record its end overtook): nothing is written then, as when a caller goes away
     /// before it reaches the writer.
     fn droppable(&self) -> bool {
         false
     }
-    /// Where it goes in its group: a group's writes are sent in this order (then by their
-    /// statements, then as queued), so that groups of the same writes are the same query and
-    /// sqlx's statement cache keeps a few queries, not one per order they came in.
-    fn rank(&self) -> u8;
+}
+
+/// What a write writes. A group's writes are sent in this order (then by their statements, then
+/// as queued), so that groups of the same writes are the same query and sqlx's statement cache
+/// keeps a few queries, not one per order they came in.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub(super) enum Kind {
+    Claim,
+    Step,
+    Finish,
+    /// A new run: the others are what running runs wait for, and go first (see [`take`]).
+    NewRun,
+}
+
+impl Kind {
+    /// Whether a running run waits for it.
+    fn urgent(self) -> bool {
+        self != Kind::NewRun
+    }
 }
 
 trait Queued: Send + Sync {
     /// Whether it can be left out: droppable, and nobody waits for it any more.
     fn abandoned(&self) -> bool;
-    fn urgent(&self) -> bool;
-    fn rank(&self) -> u8;
+    fn kind(&self) -> Kind;
     fn sql(&self) -> (&'static str, usize);
     fn bind(&self, args: &mut SqliteArguments) -> std::result::Result<(), BindError>;
     fn answer(self: Box<Self>, answers: Result<Vec<Answer>>);
@@ -92,12 +103,8 @@ impl<W: Write> Queued for Pending<W> {
         self.write.droppable() && self.reply.is_closed()
     }
 
-    fn urgent(&self) -> bool {
-        self.write.urgent()
-    }
-
-    fn rank(&self) -> u8 {
-        self.write.rank()
+    fn kind(&self) -> Kind {
+        self.write.kind()
     }
 
     fn sql(&self) -> (&'static str, usize) {
@@ -189,27 +196,35 @@ impl Writer {
     }
 }
 
-/// The writes for the next commit, out of `queued`: the urgent ones, with at most
+/// The writes for the next commit, out of `queued`: the urgent ones (all but new runs), with at most
 /// [`NEW_ALONGSIDE`] others (new runs, in their order, which is their numbers' order); up to
 /// [`MOST_NEW`] new runs when nothing urgent waits. A burst of new runs (a script, a webhook
 /// storm) would otherwise put a commit of many runs' creation between every running run and its
 /// next write; the queue of runs holds work enough for the workers meanwhile. The group is put in
-/// [`Write::rank`]'s order. Two writes of one run are never reordered: a run's writes come one
+/// [`Kind`]'s order. Two writes of one run are never reordered: a run's writes come one
 /// after the other, but for a step's "running" record its end overtook (its caller went on), a
-/// `Step` queued before that end: it goes before a `Finish` by rank and before another `Step` by
+/// `Step` queued before that end: it goes before a `Finish` by kind and before another `Step` by
 /// the queue's order (and a record written after the run's end would be refused by its claim).
 fn take(queued: &mut Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
     queued.retain(|w| !w.abandoned());
-    let urgent = queued.iter().filter(|w| w.urgent()).count().min(MOST);
-    let mut others = if urgent == 0 { MOST_NEW } else { NEW_ALONGSIDE };
-    let mut urgent_left = urgent;
+    let urgent_count = queued
+        .iter()
+        .filter(|w| w.kind().urgent())
+        .count()
+        .min(MOST);
+    let mut others = if urgent_count == 0 {
+        MOST_NEW
+    } else {
+        NEW_ALONGSIDE
+    };
+    let mut urgent_left = urgent_count;
     let mut taken = Vec::new();
     let mut kept = Vec::new();
     for write in queued.drain(..) {
-        if write.urgent() && urgent_left > 0 {
+        if write.kind().urgent() && urgent_left > 0 {
             urgent_left -= 1;
             taken.push(write);
-        } else if !write.urgent() && others > 0 {
+        } else if !write.kind().urgent() && others > 0 {
             others -= 1;
             taken.push(write);
         } else {
@@ -217,8 +232,8 @@ fn take(queued: &mut Vec<Box<dyn Queued>>) -> Vec<Box<dyn Queued>> {
         }
     }
     *queued = kept;
-    // Stable: writes of one rank and statements keep the queue's order.
-    taken.sort_by_key(|w| (w.rank(), w.sql().0.as_ptr() as usize));
+    // Stable: writes of one kind and statements keep the queue's order.
+    taken.sort_by_key(|w| (w.kind(), w.sql().0.as_ptr() as usize));
     taken
 }
 
@@ -326,8 +341,8 @@ mod tests {
         fn read(self, answers: Vec<Answer>) -> Result<u64> {
             Ok(answers.iter().map(|a| a.changes).sum())
         }
-        fn rank(&self) -> u8 {
-            0
+        fn kind(&self) -> Kind {
+            Kind::Claim
         }
     }
 
@@ -386,8 +401,8 @@ mod tests {
         assert!(matches!(writer.write(Insert(4)).await, Ok(1)));
     }
 
-    /// A write that only says whether it is urgent, and which it is.
-    struct Tagged(i64, bool);
+    /// A write that only says which it is, and its kind.
+    struct Tagged(i64, Kind);
 
     impl Write for Tagged {
         type Out = i64;
@@ -400,11 +415,8 @@ mod tests {
         fn read(self, _: Vec<Answer>) -> Result<i64> {
             Ok(self.0)
         }
-        fn urgent(&self) -> bool {
+        fn kind(&self) -> Kind {
             self.1
-        }
-        fn rank(&self) -> u8 {
-            u8::from(!self.1)
         }
     }
 
@@ -412,25 +424,25 @@ mod tests {
     fn running_runs_writes_go_first_with_a_few_new_runs_beside_them() {
         let mut answers = Vec::new();
         let mut queued: Vec<Box<dyn Queued>> = Vec::new();
-        for (tag, urgent) in [
-            (1, false),
-            (2, false),
-            (3, false),
-            (4, true),
-            (5, false),
-            (6, true),
+        for (tag, kind) in [
+            (1, Kind::NewRun),
+            (2, Kind::NewRun),
+            (3, Kind::NewRun),
+            (4, Kind::Step),
+            (5, Kind::NewRun),
+            (6, Kind::Claim),
         ] {
             let (reply, answer) = oneshot::channel();
             queued.push(Box::new(Pending {
-                write: Tagged(tag, urgent),
+                write: Tagged(tag, kind),
                 reply,
             }));
             answers.push(answer);
         }
         let taken = take(&mut queued);
         assert!(
-            taken.windows(2).all(|w| w[0].rank() <= w[1].rank()),
-            "a group is sent in its writes' rank order"
+            taken.windows(2).all(|w| w[0].kind() <= w[1].kind()),
+            "a group is sent in its writes' kind order"
         );
         for write in taken {
             write.answer(Ok(Vec::new()));
@@ -445,7 +457,7 @@ mod tests {
             "both urgent writes and the first two new runs"
         );
         assert_eq!(queued.len(), 2, "the other new runs wait, in order");
-        assert!(queued.iter().all(|w| !w.urgent()));
+        assert!(queued.iter().all(|w| w.kind() == Kind::NewRun));
         // With nothing urgent waiting, new runs go up to the most a group takes.
         assert_eq!(take(&mut queued).len(), 2);
     }
@@ -464,8 +476,8 @@ mod tests {
         fn read(self, _: Vec<Answer>) -> Result<()> {
             panic!("a write that panics while its answer is read (on purpose)")
         }
-        fn rank(&self) -> u8 {
-            0
+        fn kind(&self) -> Kind {
+            Kind::Claim
         }
     }
 
@@ -498,8 +510,8 @@ mod tests {
         fn read(self, answers: Vec<Answer>) -> Result<u64> {
             self.0.read(answers)
         }
-        fn rank(&self) -> u8 {
-            self.0.rank()
+        fn kind(&self) -> Kind {
+            self.0.kind()
         }
         fn droppable(&self) -> bool {
             true

@@ -828,7 +828,7 @@ fn token_of(claim: &Claim) -> i64 {
 
 /// The hot writes, for the group commit (`group_commit.rs`): positional parameters only.
 mod hot {
-    use super::super::group_commit::{Answer, BindError, Write, add};
+    use super::super::group_commit::{Answer, BindError, Kind, Write, add};
     use super::Result;
     use sqlx::sqlite::{SqliteArguments, SqliteRow};
 
@@ -872,8 +872,8 @@ mod hot {
     }
 
     impl Write for Create {
-        fn rank(&self) -> u8 {
-            3
+        fn kind(&self) -> Kind {
+            Kind::NewRun
         }
 
         /// The run's number, and whether it is held behind its group; `None`: the key was seen.
@@ -909,10 +909,6 @@ mod hot {
             Ok(())
         }
 
-        fn urgent(&self) -> bool {
-            false
-        }
-
         fn read(self, mut answers: Vec<Answer>) -> Result<Self::Out> {
             if self.job.is_some() {
                 answers.pop();
@@ -938,8 +934,8 @@ mod hot {
     }
 
     impl Write for Claim {
-        fn rank(&self) -> u8 {
-            0
+        fn kind(&self) -> Kind {
+            Kind::Claim
         }
 
         type Out = Option<SqliteRow>;
@@ -988,8 +984,8 @@ mod hot {
             true
         }
 
-        fn rank(&self) -> u8 {
-            1
+        fn kind(&self) -> Kind {
+            Kind::Step
         }
 
         /// Whether it was written (the claim held).
@@ -1046,8 +1042,8 @@ mod hot {
     }
 
     impl Write for Finish {
-        fn rank(&self) -> u8 {
-            2
+        fn kind(&self) -> Kind {
+            Kind::Finish
         }
 
         /// The run as ended; `None`: the claim did not hold.
