@@ -15,10 +15,6 @@ pub struct Handler {
     pub store: Arc<dyn Store>,
     pub config: WorkerConfig,
     pub stopping: Stopping,
-    /// Runs in progress, so that stopping waits for them (and their finally steps, and their
-    /// ends still being written: `stopping.ends`, the same tracker), not for the queue worker's
-    /// own shutdown.
-    pub running: tokio_util::task::TaskTracker,
     /// The labels of this process's workers: a run taken over must need no other. `None`: the
     /// embedded queue's workers, which take every run.
     pub labels: Option<BTreeSet<String>>,
@@ -35,7 +31,7 @@ impl JobHandler for Handler {
             // start; distributed: the job goes back on its list for another worker).
             return Err("skiff is stopping; the run is left for the next worker".into());
         }
-        let _running = self.running.token();
+        let _running = self.stopping.running.token();
         handle_job(self.store.clone(), job, &self.config, &self.stopping)
             .await
             .map(|_| ())
@@ -127,7 +123,7 @@ pub async fn finish_interrupted_runs(
             }
         );
         let handler = handler.clone();
-        let token = handler.running.token();
+        let token = handler.stopping.running.token();
         tokio::spawn(async move {
             let _running = token;
             if let Err(e) = finish_interrupted_run(

@@ -334,8 +334,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             lease: args.lease.lease,
         },
         stopping: stopping.clone(),
-        // The same tracker as the runs' ends written after their slots are freed.
-        running: stopping.ends.clone(),
         // The embedded queue has one list: its workers take every run. With Redis they take
         // the label sets their labels cover.
         requeue: match &backend {
@@ -349,7 +347,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         },
     });
-    let running = handler.running.clone();
+    let running = stopping.running.clone();
     // The queue worker stops only after the runs it started have ended: embedded, they write
     // through the same connection it fetches with.
     let queue_stop = CancellationToken::new();

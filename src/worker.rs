@@ -93,8 +93,6 @@ async fn work(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             lease: args.lease.lease,
         },
         stopping: stopping.clone(),
-        // The same tracker as the runs' ends written after their slots are freed.
-        running: stopping.ends.clone(),
         labels: Some(labels.clone()),
         requeue: Some(Arc::new(skiff_redis::queue::RedisQueue::new(
             crate::distributed::manager(&redis).await?,
@@ -131,7 +129,7 @@ async fn work(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         skiff_core::duration::human(args.stop_wait)
     );
     stop_taking.cancel();
-    let running = handler.running.clone();
+    let running = stopping.running.clone();
     running.close();
     if tokio::time::timeout(args.stop_wait, running.wait())
         .await

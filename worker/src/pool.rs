@@ -66,9 +66,10 @@ pub struct Stopping {
     pub cancel: CancellationToken,
     /// Stops the `finally` steps too (when they have had long enough).
     pub abort: CancellationToken,
-    /// The runs' ends still being written after their slots were freed (see
-    /// [`RunOptions::end_behind`]): a stopping worker waits for them.
-    pub ends: tokio_util::task::TaskTracker,
+    /// The runs in progress, and their ends still being written after their slots were freed
+    /// (see [`RunOptions::end_behind`]): a stopping worker waits for them (and their finally
+    /// steps), not for the queue worker's own shutdown.
+    pub running: tokio_util::task::TaskTracker,
 }
 
 impl Stopping {
@@ -90,7 +91,7 @@ impl Stopping {
                     .into(),
             lease: config.lease,
             store_patience: crate::runner::DEFAULT_STORE_PATIENCE,
-            end_behind: Some(self.ends.clone()),
+            end_behind: Some(self.running.clone()),
         }
     }
 }
